@@ -1,0 +1,37 @@
+# The two set-up commands of the README. Both create .venv/ at the repository root when it is
+# missing and install the project into it; nothing is installed outside it except the system
+# services the tests need (through apt, as root).
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages the test suite needs; the SLURM, Java (pycocoevalcap) and ssh (ray up) issues
+# add theirs here.
+SYSTEM_PACKAGES :=
+
+.PHONY: venv system-deps test lint demo clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+system-deps:
+ifneq ($(strip $(SYSTEM_PACKAGES)),)
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES)
+endif
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv system-deps lint
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(VENV)/bin/lverse demo --output runs/demo
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,17 @@
+"""L-Verse models, single-device: distributed wrapping happens in the training stage.
+
+Modules:
+    augvae      AugVAE (ML and SL), presets, ML -> SL conversion, official checkpoint key map
+    vae_blocks  the VQGAN-style encoder and decoder AugVAE is made of
+    quantizer   the EMA codebook shared by all AugVAE levels
+    biart       BiART, the bidirectional transformer: sequences, loss, KV-cache generation
+    losses      the AugVAE training loss (MSE + LPIPS + commitment)
+    checkpoint  safetensors save/load with config, safe loading of foreign PyTorch checkpoints
+
+Public names: AugVAE, AugVAEConfig, ml_to_sl, BiART, BiARTConfig, save_model.
+"""
+
+from .augvae import AugVAE, AugVAEConfig, ml_to_sl
+from .checkpoint import save_model
+
+__all__ = ["AugVAE", "AugVAEConfig", "ml_to_sl", "save_model"]

@@ -1,0 +1,346 @@
+"""BiART: one decoder-only transformer that generates images from text and text from images.
+
+Kim et al. 2021, "L-Verse: Bidirectional Generation Between Image and Text" (arXiv:2111.11133),
+section 3.2. The transformer is minGPT's (github.com/karpathy/minGPT): pre-LayerNorm blocks,
+learned absolute positions, dropout on embeddings, residuals and attention.
+
+Sequences (``build_sequence``), with C = SOC, I = SOI:
+
+    text->image   [C] t_1 .. t_64 [I] v_1 .. v_1024     text is REF (the condition), image GEN
+    image->text   [I] v_1 .. v_1024 [C] t_1 .. t_64     image is REF, text GEN
+
+Ids: image codes 0..image_vocab-1, text pieces next, then PAD, SOC, SOI; all derived from the
+config. A [REF]/[GEN] segment embedding is added to every token, the start token of a block
+carrying its block's segment. Positions are learned per block, not per sequence index: image
+token k has the same position embedding in both directions (and so does text token k), so what
+one direction learns about the layout of an image or a caption serves the other. Training
+optimises both parts: ``loss = ref_weight * NLL(REF) + gen_weight * NLL(GEN)``; text after the
+first PAD is ignored, the first PAD being the end-of-text target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Direction(IntEnum):
+    T2I = 0  # text -> image
+    I2T = 1  # image -> text
+
+
+REF, GEN = 0, 1  # segment ids
+
+
+@dataclass(frozen=True)
+class BiARTConfig:
+    n_layer: int = 32  # transformer blocks
+    n_head: int = 16  # attention heads
+    n_embd: int = 1024  # model width
+    image_vocab: int = 8192  # AugVAE codebook size
+    text_vocab: int = 49808  # caption tokenizer pieces
+    text_len: int = 64  # text tokens per sequence (padded with PAD)
+    image_len: int = 1024  # image tokens per sequence (AugVAE-SL: 32x32)
+    embd_pdrop: float = 0.1  # dropout on the summed embeddings
+    resid_pdrop: float = 0.1  # dropout on each residual branch
+    attn_pdrop: float = 0.1  # dropout on attention probabilities
+    ref_loss_weight: float = 1.0  # weight of the condition part's NLL
+    gen_loss_weight: float = 1.0  # weight of the target part's NLL
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+
+    @property
+    def text_offset(self) -> int:
+        return self.image_vocab
+
+    @property
+    def pad_id(self) -> int:
+        return self.image_vocab + self.text_vocab
+
+    @property
+    def soc_id(self) -> int:
+        return self.pad_id + 1
+
+    @property
+    def soi_id(self) -> int:
+        return self.pad_id + 2
+
+    @property
+    def vocab_size(self) -> int:
+        return self.pad_id + 3
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens in a full sequence, both start tokens included."""
+        return self.text_len + self.image_len + 2
+
+    def spans(self, direction: Direction) -> dict[str, tuple[int, int]]:
+        """[start, end) of the text and image content tokens in a full sequence."""
+        first, second = (("text", self.text_len), ("image", self.image_len))[::1 if direction == Direction.T2I else -1]
+        return {first[0]: (1, 1 + first[1]), second[0]: (first[1] + 2, self.seq_len)}
+
+
+PRESETS: dict[str, BiARTConfig] = {
+    "biart-500m": BiARTConfig(),
+    # The paper's vocabulary and lengths on a narrow model: the sampling benchmark's preset.
+    "biart-mini": BiARTConfig(n_layer=4, n_head=4, n_embd=256),
+    # Seconds on a CPU: pairs with the AugVAE debug-sl preset (64 tokens of 512 codes).
+    "debug": BiARTConfig(n_layer=2, n_head=2, n_embd=64, image_vocab=512, text_vocab=256,
+                         text_len=16, image_len=64),
+}
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` positions."""
+
+    def __init__(self, cfg: BiARTConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.pos = 0  # positions filled so far
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: BiARTConfig):
+        super().__init__()
+        self.n_head, self.attn_pdrop = cfg.n_head, cfg.attn_pdrop
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.resid_pdrop)
+
+    def forward(self, x: Tensor, cache: KVCache | None, layer: int) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.append(layer, k, v)
+        if past and T > 1:
+            raise ValueError("a cached forward takes one token at a time after the prompt")
+        # Flash / memory-efficient kernels on CUDA, math on the CPU. With a cache and one query,
+        # every cached position is visible, so no mask is needed.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and T > 1,
+                                           dropout_p=self.attn_pdrop if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BiARTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
+                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd), nn.Dropout(cfg.resid_pdrop))
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class BiART(nn.Module):
+    def __init__(self, cfg: BiARTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.n_embd)  # text block then image block
+        self.wse = nn.Embedding(2, cfg.n_embd)  # REF, GEN
+        self.drop = nn.Dropout(cfg.embd_pdrop)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        pos, seg = self._layout()
+        self.register_buffer("pos_ids", pos, persistent=False)  # (2, seq_len) per direction
+        self.register_buffer("seg_ids", seg, persistent=False)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    def _layout(self) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        text = torch.arange(cfg.text_len + 1)  # start token + content
+        image = torch.arange(cfg.image_len + 1) + cfg.text_len + 1
+        pos = torch.stack([torch.cat([text, image]), torch.cat([image, text])])
+        seg = torch.stack([torch.cat([torch.full_like(text, REF), torch.full_like(image, GEN)]),
+                           torch.cat([torch.full_like(image, REF), torch.full_like(text, GEN)])])
+        return pos, seg
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: Tensor, direction: Direction, targets: Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
+        """Next-token logits for a sequence laid out for ``direction``.
+
+        Args:
+            idx: (B, T) token ids, the sequence's first T tokens (or, with ``cache``, the next T).
+            targets: (B, T) the next tokens (``seq[:, 1:]`` of a full sequence) for the loss.
+            cache: a KVCache to read and extend (generation).
+        Returns:
+            logits (B, T, vocab) with targets, else (B, 1, vocab) of the last position only;
+            losses {"loss", "ref", "gen"} with targets, else None.
+        """
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds seq_len {self.cfg.seq_len}")
+        pos, seg = self.pos_ids[direction, start:start + T], self.seg_ids[direction, start:start + T]
+        x = self.drop(self.wte(idx) + self.wpe(pos) + self.wse(seg))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)
+        if cache is not None:
+            cache.pos += T
+        x = self.ln_f(x)
+        if targets is None:
+            return self.lm_head(x[:, -1:]), None
+        logits = self.lm_head(x)
+        return logits, self.loss(logits, targets, direction)
+
+    def loss(self, logits: Tensor, targets: Tensor, direction: Direction) -> dict[str, Tensor]:
+        """Weighted NLL of the REF and GEN parts; start tokens and text after the first PAD are
+        not targets. ``targets[:, j]`` is sequence position j + 1."""
+        cfg = self.cfg
+        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        nll = nll.view(targets.shape)
+        spans = cfg.spans(direction)
+        masks = {}
+        for part, (a, b) in spans.items():
+            mask = torch.zeros_like(targets, dtype=torch.bool)
+            mask[:, a - 1:b - 1] = True
+            if part == "text":
+                is_pad = targets[:, a - 1:b - 1] == cfg.pad_id
+                mask[:, a - 1:b - 1] = (is_pad.cumsum(dim=1) - is_pad.long()) == 0  # up to 1st PAD
+            masks[part] = mask
+        ref, gen = ("text", "image") if direction == Direction.T2I else ("image", "text")
+        part_nll = {name: (nll * masks[part]).sum() / masks[part].sum().clamp_min(1)
+                    for name, part in (("ref", ref), ("gen", gen))}
+        total = cfg.ref_loss_weight * part_nll["ref"] + cfg.gen_loss_weight * part_nll["gen"]
+        return {"loss": total, **part_nll}
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: decay on Linear weights only, none on embeddings, biases and
+        LayerNorms (minGPT's rule)."""
+        decay = {f"{mn}.{pn}" if mn else pn for mn, m in self.named_modules()
+                 for pn, _ in m.named_parameters(recurse=False)
+                 if isinstance(m, nn.Linear) and pn == "weight"}
+        params = dict(self.named_parameters())
+        return [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
+                {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
+
+    def configure_optimizers(self, lr: float, weight_decay: float = 0.01,
+                             betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
+        """AdamW as in the paper; the fused CUDA kernel when the parameters are on a GPU."""
+        fused = next(self.parameters()).is_cuda
+        return torch.optim.AdamW(self.optim_groups(weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, direction: Direction, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+        """Sample the target block of ``direction`` after a condition prompt.
+
+        Call ``model.eval()`` first. ``temperature=0`` is greedy. Logits are masked to the target
+        modality (image codes for T2I; text pieces and PAD for I2T), so a token of the other
+        modality or a start token is never produced. In I2T a row stops at its first PAD
+        (end-of-text) and is PAD-filled after it; generation ends when every row has stopped.
+
+        Args:
+            prompt: (B, L) the condition block with both start tokens, as ``prompt_for`` builds.
+            max_new_tokens: tokens to generate (at most the target block's length).
+            use_cache: reuse keys and values (the fast path); ``False`` recomputes the whole
+                sequence at every step, which gives the same tokens.
+        Returns:
+            (B, max_new_tokens) generated ids.
+        """
+        cfg = self.cfg
+        if prompt.shape[1] + max_new_tokens - 1 > cfg.seq_len:
+            raise ValueError(f"{prompt.shape[1]} prompt + {max_new_tokens} new tokens exceed seq_len")
+        allowed = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=prompt.device)
+        text = direction == Direction.I2T
+        allowed[cfg.text_offset:cfg.pad_id + 1] = text
+        allowed[:cfg.image_vocab] = not text
+        cache = None
+        if use_cache:
+            cache = KVCache(cfg, prompt.shape[0], prompt.shape[1] + max_new_tokens, prompt.device,
+                            next(self.parameters()).dtype)
+        seq, step_input = prompt, prompt
+        done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        out = []
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_input if use_cache else seq, direction, cache=cache)
+            logits = logits[:, -1].float().masked_fill(~allowed, float("-inf"))
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if text:
+                nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)
+                done |= nxt == cfg.pad_id
+            out.append(nxt)
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            step_input = nxt[:, None]
+            if text and bool(done.all()):
+                break
+        gen = torch.stack(out, dim=1)
+        if gen.shape[1] < max_new_tokens:
+            gen = F.pad(gen, (0, max_new_tokens - gen.shape[1]), value=cfg.pad_id)
+        return gen
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from (B, V) logits: greedy at temperature 0, else top-k / top-p
+    (nucleus) filtered sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
+
+
+def build_sequence(text: Tensor, image: Tensor, direction: Direction, cfg: BiARTConfig) -> Tensor:
+    """(B, text_len) text ids (BiART range, PAD-filled) and (B, image_len) codes -> (B, seq_len)."""
+    B = text.shape[0]
+    if text.shape[1] != cfg.text_len or image.shape[1] != cfg.image_len:
+        raise ValueError(f"expected {cfg.text_len} text and {cfg.image_len} image tokens, got "
+                         f"{text.shape[1]} and {image.shape[1]}")
+    soc = torch.full((B, 1), cfg.soc_id, dtype=torch.long, device=text.device)
+    soi = torch.full((B, 1), cfg.soi_id, dtype=torch.long, device=text.device)
+    text, image = text.long(), image.long()
+    if direction == Direction.T2I:
+        return torch.cat([soc, text, soi, image], dim=1)
+    return torch.cat([soi, image, soc, text], dim=1)
+
+
+def prompt_for(condition: Tensor, direction: Direction, cfg: BiARTConfig) -> Tensor:
+    """Generation prompt: the condition block with its start token and the target's start token
+    (T2I: text -> [SOC] text [SOI]; I2T: image codes -> [SOI] image [SOC])."""
+    B = condition.shape[0]
+    first, second = (cfg.soc_id, cfg.soi_id) if direction == Direction.T2I else (cfg.soi_id, cfg.soc_id)
+    a = torch.full((B, 1), first, dtype=torch.long, device=condition.device)
+    b = torch.full((B, 1), second, dtype=torch.long, device=condition.device)
+    return torch.cat([a, condition.long(), b], dim=1)

@@ -1,0 +1,93 @@
+"""Checkpoint I/O for the models: our own format, and foreign PyTorch pickles loaded safely.
+
+Our format is one safetensors file: the state dict, plus the model's name and its config as JSON in
+the file's metadata, so a file alone rebuilds its model. Foreign checkpoints (the official
+Lightning ``.ckpt``) are read with ``torch.load(weights_only=True)``: no code in them runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+
+def save_model(model: nn.Module, path: str) -> None:
+    """Write ``model``'s state dict and config to ``path`` atomically (temporary file, rename)."""
+    meta = {"model": type(model).__name__, "config": json.dumps(dataclasses.asdict(model.cfg))}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_config(path: str, config_cls: type) -> Any:
+    """The config stored in a file written by ``save_model``."""
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path} has no lverse config in its metadata; was it written by "
+                         "lverse.model.checkpoint.save_model?")
+    fields = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    values = json.loads(meta["config"])
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f"{path}: config fields {unknown} are unknown to {config_cls.__name__}")
+    # JSON has no tuples; the configs are frozen dataclasses whose sequences are tuples.
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return config_cls(**values)
+
+
+def load_model(path: str, model_cls: type, config_cls: type) -> nn.Module:
+    """Rebuild a model from a file written by ``save_model``."""
+    model = model_cls(read_config(path, config_cls))
+    result = model.load_state_dict(load_file(path), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path} does not match {model_cls.__name__}: missing "
+                         f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
+    return model
+
+
+class _Inert:
+    """Stands in for any class a checkpoint's pickle names: keeps its arguments, runs nothing."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def load_torch_state_dict(path: str) -> dict[str, Tensor]:
+    """The tensors of a PyTorch checkpoint (``state_dict`` inside, as Lightning writes, or flat).
+
+    ``torch.load(weights_only=True)`` refuses pickles that name classes outside its allowlist,
+    such as the ``argparse.Namespace`` of Lightning's saved hyperparameters. Each such class is
+    mapped to an inert stand-in, so the file loads without importing or running any of them.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as e:  # not a zip-format torch file
+        raise ValueError(f"{path} is not a PyTorch checkpoint: {e}") from e
+    stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in names]
+    with torch.serialization.safe_globals(stand_ins):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
+    return state

@@ -1,0 +1,1 @@
+"""Stage drivers; filled in by the data-pipeline, training and inference stages."""

@@ -1,0 +1,1 @@
+"""Data preparation: the caption tokenizer and synthetic image-caption data."""

@@ -1,0 +1,46 @@
+"""lverse: a distributed pipeline that trains and runs L-Verse (AugVAE + BiART).
+
+The importable folders at the repository root install under one namespace, so nothing installs a
+bare top-level module called ``model``:
+
+    lverse               lverse/          CLI, run configuration
+    lverse.model         model/           AugVAE, BiART
+    lverse.pipeline      pipeline/        stage drivers (download, encode, train, ...)
+    lverse.preprocessing preprocessing/   caption tokenizer, synthetic data
+
+Exact version pins live in constraints.txt; install with ``pip install -c constraints.txt -e .[all]``.
+"""
+
+from setuptools import setup
+
+EXTRAS = {
+    # The AugVAE training loss (LPIPS) and image I/O need torchvision.
+    "vae": ["torchvision", "lpips>=0.1.4", "pillow"],
+    "dev": ["pytest>=8", "ruff>=0.6"],
+}
+EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "dev" for dep in deps})
+
+setup(
+    name="lverse",
+    version="0.1.0",
+    description="Train and run L-Verse (AugVAE + BiART) on web-scale image-text data",
+    python_requires=">=3.10",
+    packages=["lverse", "lverse.model", "lverse.pipeline", "lverse.preprocessing"],
+    package_dir={
+        "lverse": "lverse",
+        "lverse.model": "model",
+        "lverse.pipeline": "pipeline",
+        "lverse.preprocessing": "preprocessing",
+    },
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "safetensors",
+        "pyyaml",
+        "tqdm",
+        "sentencepiece>=0.2",
+        "ftfy",
+    ],
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["lverse=lverse.cli:main"]},
+)
