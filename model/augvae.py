@@ -16,6 +16,10 @@ convs share their weight but keep a bias per level, as in the official code. Whi
 where (the official detail that SL checkpoints depend on): pre-quant bias j belongs to quantized
 level j; post-quant bias i belongs to decoder i, which reads the level i-th from the coarse end.
 So SL indices come from the level-1 pre-quant bias and SL decoding uses the level-0 post-quant bias.
+
+One deliberate difference: the official SL model still quantizes the unused H/4 level, adds its
+commitment loss and feeds its statistics (80% of them) to the codebook EMA while fine-tuning. Ours
+quantizes only the level it keeps. Tokens and reconstructions are identical either way.
 """
 
 from __future__ import annotations

@@ -273,8 +273,13 @@ class BiART(nn.Module):
             (B, max_new_tokens) generated ids.
         """
         cfg = self.cfg
-        if prompt.shape[1] + max_new_tokens - 1 > cfg.seq_len:
-            raise ValueError(f"{prompt.shape[1]} prompt + {max_new_tokens} new tokens exceed seq_len")
+        target_len = cfg.image_len if direction == Direction.T2I else cfg.text_len
+        if not 0 < max_new_tokens <= target_len:
+            raise ValueError(f"max_new_tokens must be in 1..{target_len} (the target block) for "
+                             f"{direction.name}, got {max_new_tokens}")
+        if prompt.shape[1] + target_len + 1 != cfg.seq_len:
+            raise ValueError(f"a {direction.name} prompt has {cfg.seq_len - target_len - 1} tokens "
+                             f"(see prompt_for), got {prompt.shape[1]}")
         allowed = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=prompt.device)
         text = direction == Direction.I2T
         allowed[cfg.text_offset:cfg.pad_id + 1] = text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import tempfile
 from typing import Any
 
@@ -85,8 +86,11 @@ def load_torch_state_dict(path: str) -> dict[str, Tensor]:
     except Exception as e:  # not a zip-format torch file
         raise ValueError(f"{path} is not a PyTorch checkpoint: {e}") from e
     stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in names]
-    with torch.serialization.safe_globals(stand_ins):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(stand_ins):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # torch refuses os/sys globals even when allowlisted
+        raise ValueError(f"{path} was refused by the safe loader: {str(e).strip().splitlines()[-1]}") from e
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} holds no state dict of tensors")

@@ -107,3 +107,14 @@ class CaptionTokenizer:
             if self.offset <= i < self.pad_id:
                 pieces.append(i - self.offset)
         return normalize_caption(self.sp.decode(pieces))
+
+
+def iter_captions(path: str) -> Iterable[str]:
+    """Captions from a text file (one per line) or a Conceptual Captions TSV, either layout
+    (CC3M ``caption<TAB>url``, CC12M ``url<TAB>caption``: the field that is not a URL)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            text = next((x for x in fields if not x.startswith(("http://", "https://"))), "")
+            if text.strip():
+                yield text
