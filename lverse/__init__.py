@@ -1,3 +1,11 @@
-"""lverse: train and run L-Verse (AugVAE + BiART) on web-scale image-text data."""
+"""lverse: train and run L-Verse (AugVAE + BiART) on web-scale image-text data.
+
+Modules:
+    cli   the ``lverse`` command, one subcommand per stage
+    demo  ``lverse demo``: the pipeline end to end on synthetic data
+
+The models are in ``lverse.model``, data preparation in ``lverse.preprocessing``, stage drivers in
+``lverse.pipeline``.
+"""
 
 __version__ = "0.1.0"

@@ -8,10 +8,14 @@ Modules:
     losses      the AugVAE training loss (MSE + LPIPS + commitment)
     checkpoint  safetensors save/load with config, safe loading of foreign PyTorch checkpoints
 
-Public names: AugVAE, AugVAEConfig, ml_to_sl, BiART, BiARTConfig, save_model.
+Public names: AugVAE, AugVAEConfig, ml_to_sl, BiART, BiARTConfig, Direction, build_sequence,
+prompt_for, ReconstructionLoss, save_model, load_model. Presets: ``augvae.PRESETS``, ``biart.PRESETS``.
 """
 
 from .augvae import AugVAE, AugVAEConfig, ml_to_sl
-from .checkpoint import save_model
+from .biart import BiART, BiARTConfig, Direction, build_sequence, prompt_for
+from .checkpoint import load_model, save_model
+from .losses import ReconstructionLoss
 
-__all__ = ["AugVAE", "AugVAEConfig", "ml_to_sl", "save_model"]
+__all__ = ["AugVAE", "AugVAEConfig", "ml_to_sl", "BiART", "BiARTConfig", "Direction", "build_sequence",
+           "prompt_for", "ReconstructionLoss", "save_model", "load_model"]

@@ -200,7 +200,15 @@ class BiART(nn.Module):
             logits (B, T, vocab) with targets, else (B, 1, vocab) of the last position only;
             losses {"loss", "ref", "gen"} with targets, else None.
         """
-        B, T = idx.shape
+        x = self.hidden_states(idx, direction, cache)
+        if targets is None:
+            return self.lm_head(x[:, -1:]), None
+        logits = self.lm_head(x)
+        return logits, self.loss(logits, targets, direction)
+
+    def hidden_states(self, idx: Tensor, direction: Direction, cache: KVCache | None = None) -> Tensor:
+        """(B, T) ids -> (B, T, n_embd) final-LayerNorm outputs; extends ``cache`` when given."""
+        T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds seq_len {self.cfg.seq_len}")
@@ -210,11 +218,7 @@ class BiART(nn.Module):
             x = block(x, cache, layer)
         if cache is not None:
             cache.pos += T
-        x = self.ln_f(x)
-        if targets is None:
-            return self.lm_head(x[:, -1:]), None
-        logits = self.lm_head(x)
-        return logits, self.loss(logits, targets, direction)
+        return self.ln_f(x)
 
     def loss(self, logits: Tensor, targets: Tensor, direction: Direction) -> dict[str, Tensor]:
         """Weighted NLL of the REF and GEN parts; start tokens and text after the first PAD are
@@ -259,9 +263,10 @@ class BiART(nn.Module):
                  generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
         """Sample the target block of ``direction`` after a condition prompt.
 
-        Call ``model.eval()`` first. ``temperature=0`` is greedy. Logits are masked to the target
-        modality (image codes for T2I; text pieces and PAD for I2T), so a token of the other
-        modality or a start token is never produced. In I2T a row stops at its first PAD
+        Call ``model.eval()`` first. ``temperature=0`` is greedy. Logits are computed only for the
+        target modality's contiguous id range (image codes for T2I; text pieces and PAD for I2T),
+        so a token of the other modality or a start token is never produced; at batch 1 this
+        also spares reading most of ``lm_head`` at every step. In I2T a row stops at its first PAD
         (end-of-text) and is PAD-filled after it; generation ends when every row has stopped.
 
         Args:
@@ -277,13 +282,12 @@ class BiART(nn.Module):
         if not 0 < max_new_tokens <= target_len:
             raise ValueError(f"max_new_tokens must be in 1..{target_len} (the target block) for "
                              f"{direction.name}, got {max_new_tokens}")
-        if prompt.shape[1] + target_len + 1 != cfg.seq_len:
-            raise ValueError(f"a {direction.name} prompt has {cfg.seq_len - target_len - 1} tokens "
+        if prompt.shape[1] + target_len != cfg.seq_len:
+            raise ValueError(f"a {direction.name} prompt has {cfg.seq_len - target_len} tokens "
                              f"(see prompt_for), got {prompt.shape[1]}")
-        allowed = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=prompt.device)
         text = direction == Direction.I2T
-        allowed[cfg.text_offset:cfg.pad_id + 1] = text
-        allowed[:cfg.image_vocab] = not text
+        lo, hi = (cfg.text_offset, cfg.pad_id + 1) if text else (0, cfg.image_vocab)
+        head = self.lm_head.weight[lo:hi]
         cache = None
         if use_cache:
             cache = KVCache(cfg, prompt.shape[0], prompt.shape[1] + max_new_tokens, prompt.device,
@@ -292,9 +296,8 @@ class BiART(nn.Module):
         done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
         out = []
         for _ in range(max_new_tokens):
-            logits, _ = self(step_input if use_cache else seq, direction, cache=cache)
-            logits = logits[:, -1].float().masked_fill(~allowed, float("-inf"))
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            h = self.hidden_states(step_input if use_cache else seq, direction, cache)[:, -1]
+            nxt = lo + sample_next(F.linear(h, head).float(), temperature, top_k, top_p, generator)
             if text:
                 nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)
                 done |= nxt == cfg.pad_id

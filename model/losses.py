@@ -9,6 +9,7 @@ which serves tests and the offline demo, and a warning says so.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,9 @@ def _build_lpips(vgg_checkpoint: str | None) -> nn.Module:
         import lpips
     except ImportError as e:
         raise ImportError("the AugVAE loss needs lpips: pip install 'lverse[vae]'") from e
-    model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+    with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
     if vgg_checkpoint is None:
         log.warning("LPIPS uses a random VGG16 backbone: give a local vgg16 checkpoint for real training")
     else:

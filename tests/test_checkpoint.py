@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lverse.model.augvae import PRESETS as VAE_PRESETS
+from lverse.model.augvae import AugVAE
+from lverse.model.biart import PRESETS as BIART_PRESETS
+from lverse.model.biart import BiART, BiARTConfig, Direction, build_sequence
+from lverse.model.checkpoint import load_model, save_model
+
+
+def test_augvae_round_trip(tmp_path):
+    vae = AugVAE(VAE_PRESETS["debug-sl"])
+    vae.train()(torch.rand(2, 3, 64, 64) * 2 - 1)  # move the codebook buffers off their init
+    path = tmp_path / "vae.safetensors"
+    save_model(vae, str(path))
+    loaded = AugVAE.from_pretrained(str(path)).eval()
+    assert loaded.cfg == vae.cfg
+    for k, v in vae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert [p.name for p in tmp_path.iterdir()] == ["vae.safetensors"], "no temporary file left"
+
+
+def test_biart_round_trip(tmp_path):
+    model = BiART(BIART_PRESETS["debug"]).eval()
+    path = tmp_path / "biart.safetensors"
+    save_model(model, str(path))
+    loaded = load_model(str(path), BiART, BiARTConfig).eval()
+    seq = build_sequence(torch.full((1, 16), 600), torch.zeros(1, 64, dtype=torch.long), Direction.T2I, model.cfg)
+    assert torch.equal(loaded(seq[:, :-1], Direction.T2I)[0], model(seq[:, :-1], Direction.T2I)[0])
+
+
+def test_files_without_our_config_are_refused(tmp_path):
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(1)}, str(path))
+    with pytest.raises(ValueError, match="no lverse config"):
+        AugVAE.from_pretrained(str(path))
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"config": json.dumps({"bogus": 1})})
+    with pytest.raises(ValueError, match="unknown"):
+        AugVAE.from_pretrained(str(path))
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    path = tmp_path / "biart.safetensors"
+    save_model(BiART(BIART_PRESETS["debug"]), str(path))
+    with pytest.raises(ValueError):
+        load_model(str(path), AugVAE, type(VAE_PRESETS["debug-sl"]))
