@@ -53,6 +53,7 @@ class AugVAEConfig:
     ema_decay: float = 0.99  # codebook EMA decay
     ema_eps: float = 1e-5  # Laplace smoothing of the EMA cluster sizes
     commit_beta: float = 0.25  # weight of the commitment loss
+    codebook_data_init: bool = True  # first training step sets the codes from features (quantizer doc)
 
     def __post_init__(self):
         if self.variant not in ("ml", "sl"):
@@ -113,7 +114,7 @@ class AugVAE(nn.Module):
             enc(z, cfg.level_ch_mult) for _ in range(cfg.num_levels - 1)])
         self.pre_quant = SharedConv1x1(z, cfg.codebook_dim, nq)
         self.codebook = EMACodebook(cfg.codebook_size, cfg.codebook_dim, cfg.ema_decay,
-                                    cfg.ema_eps, cfg.commit_beta)
+                                    cfg.ema_eps, cfg.commit_beta, cfg.codebook_data_init)
         self.post_quant = SharedConv1x1(cfg.codebook_dim, z, nq)
         # Decoders run coarse to fine; every one but the ML coarsest reads 2*z channels
         # (a concatenation in ML, a connector's output in SL).
@@ -253,6 +254,7 @@ def convert_official_state_dict(official: dict[str, Tensor], model: AugVAE,
             f"{source} is not an official AugVAE-{cfg.variant.upper()} checkpoint: "
             f"missing keys {_abbrev(missing)}; unexpected keys {_abbrev(unexpected)}")
     out = {k: official[k] for k in same}
+    out["codebook.initialized"] = torch.tensor(True)  # a trained codebook: never re-initialise
     for ours, fam in _OFFICIAL_SHARED.items():
         copies = [official[fam.format(i)] for i in range(n_official)]
         if any(c.shape != copies[0].shape or not torch.equal(c, copies[0]) for c in copies[1:]):

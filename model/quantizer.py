@@ -11,6 +11,12 @@ Two changes from the official code, both deliberate:
   codebook (the official code lets them drift apart). Use ``broadcast_buffers=False`` under DDP:
   broadcasting rank 0's buffers would overwrite the reduced update with rank 0's alone.
 
+One addition: the codebook starts from data. The official code draws it from N(0, 1), far larger
+than a fresh encoder's features, so every feature picks the same smallest code and the others never
+come back (seen on the debug preset: 1 code of 512 in use after 120 steps). With ``data_init`` the
+first training update sets every code to a feature vector of that batch, drawn on rank 0 and
+broadcast. ``initialized`` is saved with the model, so loaded and resumed codebooks are left alone.
+
 Everything here runs in FP32 with autocast off: in half precision the squared distances of
 256-dimensional codes lose the bits that separate near neighbours, and the EMA sums underflow.
 """
@@ -35,7 +41,7 @@ class EMACodebook(nn.Module):
     """
 
     def __init__(self, num_codes: int, dim: int, decay: float = 0.99, eps: float = 1e-5,
-                 beta: float = 0.25):
+                 beta: float = 0.25, data_init: bool = True):
         super().__init__()
         self.num_codes, self.dim = num_codes, dim
         self.decay, self.eps, self.beta = decay, eps, beta
@@ -43,6 +49,7 @@ class EMACodebook(nn.Module):
         self.register_buffer("embed", embed)
         self.register_buffer("cluster_size", torch.zeros(num_codes))
         self.register_buffer("embed_avg", embed.clone())
+        self.register_buffer("initialized", torch.tensor(not data_init))
 
     def nearest(self, flat: Tensor) -> Tensor:
         """Index of the nearest code for each row of ``flat`` (N, dim) -> (N,)."""
@@ -95,10 +102,13 @@ class EMACodebook(nn.Module):
         with torch.autocast(device_type=self.embed.device.type, enabled=False):
             flat = torch.cat([f.float().permute(0, 2, 3, 1).reshape(-1, self.dim)
                               for f in features])
+            if not self.initialized:
+                self._init_from(flat)
+                return
             idx = torch.cat([i.reshape(-1) for i in indices])
             counts = torch.bincount(idx, minlength=self.num_codes).float()
             sums = torch.zeros_like(self.embed).index_add_(0, idx, flat)
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            if _distributed():
                 dist.all_reduce(counts)
                 dist.all_reduce(sums)
             self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -106,6 +116,21 @@ class EMACodebook(nn.Module):
             n = self.cluster_size.sum()
             smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
             self.embed.copy_(self.embed_avg / smoothed.unsqueeze(1))
+
+
+    def _init_from(self, flat: Tensor) -> None:
+        """Every code a feature vector of this batch (rank 0's, broadcast); this step's update."""
+        embed = flat[torch.randint(len(flat), (self.num_codes,), device=flat.device)]
+        if _distributed():
+            dist.broadcast(embed, src=0)
+        self.embed.copy_(embed)
+        self.embed_avg.copy_(embed)
+        self.cluster_size.fill_(1.0)
+        self.initialized.fill_(True)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def codebook_usage(indices: Tensor, num_codes: int) -> tuple[float, int]:

@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import os
 import pickle
 import re
@@ -197,26 +198,64 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
 def _ema_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.manual_seed(0)  # same initial model on every rank
-    vae = AugVAE(PRESETS["debug-sl"]).train()
-    for step in range(3):  # different data on every rank
-        vae(images(n=2, seed=100 * rank + step))
-    torch.save(vae.codebook.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+    for data_init in (True, False):
+        # With data init, ranks draw different random numbers: only the broadcast can make their
+        # codebooks agree. The weights start equal as they would under DDP: copied from rank 0.
+        torch.manual_seed(rank if data_init else 0)
+        vae = AugVAE(dataclasses.replace(PRESETS["debug-sl"], codebook_data_init=data_init)).train()
+        if data_init:
+            for p in vae.parameters():
+                dist.broadcast(p.data, src=0)
+        for step in range(3):  # different data on every rank
+            vae(images(n=2, seed=100 * rank + step))
+        torch.save(vae.codebook.state_dict(), os.path.join(out_dir, f"rank{rank}-{data_init}.pt"))
     dist.destroy_process_group()
 
 
 def test_two_ranks_keep_identical_codebooks(tmp_path):
     mp.start_processes(_ema_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"codebook {key} differs between ranks"
+    for data_init in (True, False):
+        a, b = (torch.load(tmp_path / f"rank{r}-{data_init}.pt", weights_only=True) for r in range(2))
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"codebook {key} differs between ranks (data_init={data_init})"
     # Two ranks must update exactly as one process that sees both ranks' images (GroupNorm is
     # per sample, so features do not depend on the batch): one EMA step from the union.
     torch.manual_seed(0)
-    union = AugVAE(PRESETS["debug-sl"]).train()
+    union = AugVAE(dataclasses.replace(PRESETS["debug-sl"], codebook_data_init=False)).train()
     for step in range(3):
         union(torch.cat([images(n=2, seed=step), images(n=2, seed=100 + step)]))
     for key, value in union.codebook.state_dict().items():
         torch.testing.assert_close(a[key], value, rtol=1e-5, atol=1e-6)
     assert a["cluster_size"].sum() > 0
+
+
+def test_first_training_step_sets_the_codebook_from_features():
+    vae = AugVAE(PRESETS["debug-sl"]).train()
+    assert not vae.codebook.initialized
+    x = images(n=4)
+    with torch.no_grad():
+        feats = vae.quantized_features(x)[0].permute(0, 2, 3, 1).reshape(-1, vae.cfg.codebook_dim)
+    vae(x)
+    assert vae.codebook.initialized
+    is_feature = (vae.codebook.embed[:, None, :] == feats[None]).all(dim=-1).any(dim=1)
+    assert is_feature.all(), "every code is one of the batch's feature vectors"
+    assert vae.codebook.embed.unique(dim=0).shape[0] > vae.cfg.codebook_size // 4
+    before = vae.codebook.embed.clone()
+    vae(images(n=4, seed=1))  # from now on, EMA updates
+    assert not torch.equal(before, vae.codebook.embed)
+    # EMA from the init's count of 1 per code: decay * 512 + (1 - decay) * 256 vectors this step
+    expected = 0.99 * vae.cfg.codebook_size + 0.01 * feats.shape[0]
+    assert vae.codebook.cluster_size.sum().item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_imported_codebook_is_never_reinitialised(tmp_path):
+    state = official_state_dict(reference_manifest("augvae_sl_keys.json"))
+    path = tmp_path / "official.ckpt"
+    save_lightning(path, state)
+    vae = AugVAE.from_official_checkpoint(str(path))
+    assert vae.codebook.initialized
+    ml = AugVAE(PRESETS["debug-ml"])
+    assert not ml_to_sl(ml).codebook.initialized
+    ml.train()(images())
+    assert ml_to_sl(ml).codebook.initialized, "ml_to_sl carries the trained codebook's flag over"
