@@ -226,14 +226,14 @@ class BiART(nn.Module):
         cfg = self.cfg
         nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         nll = nll.view(targets.shape)
-        spans = cfg.spans(direction)
         masks = {}
-        for part, (a, b) in spans.items():
+        for part, (a, b) in cfg.spans(direction).items():
             mask = torch.zeros_like(targets, dtype=torch.bool)
-            mask[:, a - 1:b - 1] = True
-            if part == "text":
+            if part == "text":  # up to and including the first PAD
                 is_pad = targets[:, a - 1:b - 1] == cfg.pad_id
-                mask[:, a - 1:b - 1] = (is_pad.cumsum(dim=1) - is_pad.long()) == 0  # up to 1st PAD
+                mask[:, a - 1:b - 1] = (is_pad.cumsum(dim=1) - is_pad.long()) == 0
+            else:
+                mask[:, a - 1:b - 1] = True
             masks[part] = mask
         ref, gen = ("text", "image") if direction == Direction.T2I else ("image", "text")
         part_nll = {name: (nll * masks[part]).sum() / masks[part].sum().clamp_min(1)
