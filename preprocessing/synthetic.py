@@ -37,7 +37,9 @@ def draw_sample(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, 
         draw.rectangle(box, fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    caption = f"a {names[color]} {shape} at the {place} on a {names[background]} background"
+    article = lambda word: "an" if word[0] in "aeiou" else "a"  # noqa: E731
+    caption = (f"{article(names[color])} {names[color]} {shape} at the {place} "
+               f"on {article(names[background])} {names[background]} background")
     return image, caption
 
 
