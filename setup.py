@@ -16,6 +16,8 @@ from setuptools import setup
 EXTRAS = {
     # The AugVAE training loss (LPIPS) and image I/O need torchvision.
     "vae": ["torchvision", "lpips>=0.1.4", "pillow"],
+    # img2dataset 1.47 pins webdataset<0.3 and albumentations<2 (constraints.txt pins webdataset).
+    "data": ["img2dataset>=1.45", "webdataset", "pyarrow", "ray[default]>=2.9", "pillow"],
     "dev": ["pytest>=8", "ruff>=0.6"],
 }
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "dev" for dep in deps})

@@ -7,9 +7,12 @@ starts, with a message that says what to change.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+
+from lverse.pipeline.executors import StageFailed
 
 log = logging.getLogger("lverse")
 
@@ -33,6 +36,30 @@ def _convert_vae(args: argparse.Namespace) -> None:
     save_model(vae, args.output)
     log.info("AugVAE-%s (%d tokens per image) written to %s", vae.cfg.variant.upper(),
              vae.cfg.num_tokens, args.output)
+
+
+def _download(args: argparse.Namespace) -> None:
+    from lverse.pipeline.download import DownloadConfig, run_download
+    summary = run_download(DownloadConfig(
+        input=args.input, output=args.output, input_format=args.format, url_col=args.url_col,
+        caption_col=args.caption_col, image_size=args.image_size, resize_mode=args.resize_mode,
+        samples_per_shard=args.samples_per_shard, threads=args.threads, timeout=args.timeout,
+        executor=args.executor, workers=args.workers, retries=args.retries, ray_address=args.ray_address))
+    print(json.dumps(summary, indent=2))
+    if summary["shards_failed"]:
+        raise StageFailed(f"{len(summary['shards_failed'])} shards failed after retries; rerun to retry them")
+
+
+def _synthetic_serve(args: argparse.Namespace) -> None:
+    from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
+    data = SyntheticSet(seed=args.seed, train=args.train, heldout=args.heldout, image_size=args.image_size)
+    with SyntheticServer(data, port=args.port) as server:
+        paths = server.write_tsv(args.output, bad_urls=not args.no_bad_urls)
+        log.info("serving %s; TSVs: %s (Ctrl-C to stop)", server.url, paths)
+        try:
+            server.thread.join()
+        except KeyboardInterrupt:
+            pass
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -82,6 +109,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-sl", action="store_true", help="convert an ML model to SL")
     p.set_defaults(func=_convert_vae)
 
+    p = sub.add_parser("download", help="fetch image-caption lists into webdataset shards (img2dataset)",
+                       description="Validate the input (malformed lines are counted, never fatal), split it "
+                       "into chunks of --samples-per-shard rows and fetch each chunk with img2dataset into "
+                       "one shard: NNNNN.tar (jpg, txt, json), NNNNN.parquet (every row with its status), "
+                       "NNNNN_stats.json (written last: the shard is done). A rerun fetches only missing "
+                       "shards and retries failed ones. Writes _summary.json.")
+    p.add_argument("--input", required=True, type=_existing_file,
+                   help="Conceptual Captions TSV (CC3M caption<TAB>url or CC12M url<TAB>caption, no header), "
+                   "or a .parquet / .csv with named columns")
+    p.add_argument("--output", required=True, help="output folder (storage every node sees, with Ray)")
+    p.add_argument("--format", default="auto", choices=["auto", "cc3m", "cc12m", "parquet", "csv"],
+                   help="input layout (default: by extension; a TSV's layout by which field is a URL)")
+    p.add_argument("--url-col", default="url", help="URL column of parquet/CSV input (default: url)")
+    p.add_argument("--caption-col", default="caption", help="caption column of parquet/CSV input (default: caption)")
+    p.add_argument("--image-size", type=_positive, default=256, help="shorter side in pixels (default: 256)")
+    p.add_argument("--resize-mode", default="keep_ratio", choices=["keep_ratio", "center_crop", "border"],
+                   help="keep_ratio (default) keeps the whole picture for training's random crops")
+    p.add_argument("--samples-per-shard", type=_positive, default=10000, help="rows per shard (default: 10000)")
+    p.add_argument("--threads", type=_positive, default=64, help="concurrent downloads per shard (default: 64)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per image (default: 10)")
+    p.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local processes (default) or one Ray task per shard")
+    p.add_argument("--workers", type=_positive, default=2, help="shards in flight, local executor (default: 2)")
+    p.add_argument("--retries", type=int, default=2, help="retries of a failed shard (default: 2)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto (default: start one)")
+    p.set_defaults(func=_download)
+
+    p = sub.add_parser("synthetic", help="serve the synthetic image-caption set on 127.0.0.1",
+                       description="Serve procedurally drawn image-caption pairs over HTTP on 127.0.0.1 (the "
+                       "offline stand-in for Conceptual Captions), with bad URLs (404, 500, timeout, truncated "
+                       "JPEG, HTML, redirect); writes train.tsv and heldout.tsv in CC3M layout.")
+    p.add_argument("action", choices=["serve"], help="serve")
+    p.add_argument("--output", required=True, help="folder for train.tsv and heldout.tsv")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.add_argument("--train", type=_positive, default=1000, help="train samples (default: 1000)")
+    p.add_argument("--heldout", type=_positive, default=100, help="held-out samples (default: 100)")
+    p.add_argument("--image-size", type=_positive, default=128, help="side of served images (default: 128)")
+    p.add_argument("--no-bad-urls", action="store_true", help="leave the bad URLs out of train.tsv")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=_synthetic_serve)
+
     p = sub.add_parser("demo", help="run the pipeline end to end on synthetic data (CPU)",
                        description="Interim demo: the models end to end on synthetic image-caption "
                        "pairs, in-process on a CPU, in a few minutes.")
@@ -100,9 +168,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what to change
         log.error("%s", e)
         return 2
+    except StageFailed as e:  # the rest is done and kept; a rerun retries what failed
+        log.error("%s", e)
+        return 1
     return 0
 
 

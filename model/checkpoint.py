@@ -11,28 +11,21 @@ import dataclasses
 import json
 import os
 import pickle
-import tempfile
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from lverse.files import atomic_output
+
 
 def save_model(model: nn.Module, path: str) -> None:
     """Write ``model``'s state dict and config to ``path`` atomically (temporary file, rename)."""
     meta = {"model": type(model).__name__, "config": json.dumps(dataclasses.asdict(model.cfg))}
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         save_file(state, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_config(path: str, config_cls: type) -> Any:

@@ -64,6 +64,7 @@ class SyntheticServer:
 
     def __init__(self, data: SyntheticSet, port: int = 0, slow_seconds: float = 20.0):
         self.data, self.slow_seconds = data, slow_seconds
+        self.requests: dict[str, int] = {}  # path -> times asked, for tests
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -103,6 +104,7 @@ class SyntheticServer:
 
             def do_GET(self):
                 path = self.path.split("?")[0]
+                server.requests[path] = server.requests.get(path, 0) + 1
                 if path.startswith("/img/"):
                     try:
                         split, name = path[len("/img/"):].split("/")

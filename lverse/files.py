@@ -1,0 +1,43 @@
+"""Atomic file output: write to a temporary name in the same folder, then rename into place.
+
+A reader (or a rerun deciding what is done) sees either the old file or the whole new one, never
+a half-written file, whatever kills the writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def atomic_output(path: str) -> Iterator[str]:
+    """Yields a temporary path beside ``path``; on success renames it to ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+
+
+def atomic_write_parquet(path: str, rows) -> None:
+    """A pyarrow Table, or (caption, url) pairs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    table = rows if isinstance(rows, pa.Table) else pa.table(
+        {"caption": [r[0] for r in rows], "url": [r[1] for r in rows]})
+    with atomic_output(path) as tmp:
+        pq.write_table(table, tmp)

@@ -1,0 +1,300 @@
+"""The download stage: image-caption lists -> webdataset shards, fetched with img2dataset.
+
+1. ``plan``: read the input (Conceptual Captions TSV in either layout, or parquet/CSV with named
+   columns), validate every line, and write the valid rows as chunks of ``samples_per_shard`` rows
+   (``_chunks/00000.parquet`` ...). img2dataset aborts a whole run on one line with a missing
+   field and silently drops every image of a shard when a caption is not UTF-8, and it reads
+   ``file://`` URLs from the local disk; so lines are checked here and malformed ones counted.
+2. ``download_chunk``: one chunk -> one shard. img2dataset runs into ``_tmp/NNNNN/``; the result is
+   re-keyed to the chunk's shard number, moved into place (``NNNNN.tar``, ``NNNNN.parquet``) and
+   ``NNNNN_stats.json`` is written last: it is the done marker (img2dataset's own convention), so
+   a killed run never leaves a truncated tar that looks finished.
+3. The driver runs chunks on an executor (local processes, Ray tasks, or one SLURM array task per
+   chunk), retries failed ones, and writes ``_summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from lverse.files import atomic_write_json, atomic_write_parquet
+
+from .executors import TaskResult, run_tasks
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "cc3m", "cc12m", "parquet", "csv")
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    input: str  # TSV (CC3M caption<TAB>url / CC12M url<TAB>caption), parquet or CSV
+    output: str  # folder for shards, chunks and the summary (shared storage on a cluster)
+    input_format: str = "auto"  # auto (by extension; TSV layout by which field is a URL) or one of FORMATS
+    url_col: str = "url"  # column of URLs (parquet/CSV)
+    caption_col: str = "caption"  # column of captions (parquet/CSV)
+    image_size: int = 256  # shorter side after resizing
+    # keep_ratio keeps the whole picture with its shorter side at image_size, so training's random
+    # crop (ratio 0.75) sees different parts of it; center_crop would throw the sides away here.
+    resize_mode: str = "keep_ratio"
+    samples_per_shard: int = 10000  # rows per chunk, so images per shard at most
+    threads: int = 64  # concurrent downloads within a chunk
+    timeout: float = 10.0  # seconds per image request
+    executor: str = "local"  # local or ray
+    workers: int = 2  # chunks in flight at once (local executor)
+    retries: int = 2  # times a failed chunk is tried again
+    ray_address: str | None = None  # Ray cluster to join (None: start a local one)
+
+    def __post_init__(self):
+        if self.input_format not in FORMATS:
+            raise ValueError(f"input_format must be one of {FORMATS}, got {self.input_format!r}")
+        if self.samples_per_shard <= 0 or self.image_size <= 0:
+            raise ValueError("samples_per_shard and image_size must be positive")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    index: int
+    rows: str  # parquet with url, caption
+    output: str
+    image_size: int
+    resize_mode: str
+    threads: int
+    timeout: float
+
+    @property
+    def name(self) -> str:
+        return f"{self.index:05d}"
+
+
+# -- 1. plan --------------------------------------------------------------------------------
+
+def iter_rows(cfg: DownloadConfig) -> Iterator[tuple[str, str] | str]:
+    """Valid (caption, url) pairs, and for each malformed line the reason as a string."""
+    fmt = cfg.input_format
+    if fmt == "auto":
+        ext = os.path.splitext(cfg.input)[1].lower()
+        fmt = {".parquet": "parquet", ".csv": "csv"}.get(ext, "tsv")
+    if fmt in ("parquet", "csv"):
+        yield from _iter_table(cfg, fmt)
+    else:
+        yield from _iter_tsv(cfg.input, fmt)
+
+
+def _iter_tsv(path: str, layout: str) -> Iterator[tuple[str, str] | str]:
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                yield "not_utf8"
+                continue
+            if not line.strip():
+                continue
+            if "\t" not in line:
+                yield "no_tab"
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                yield "wrong_field_count"
+                continue
+            if layout == "cc12m" or (layout == "tsv" and _is_url(fields[0]) and not _is_url(fields[1])):
+                fields.reverse()
+            yield _check(*fields)
+
+
+def _iter_table(cfg: DownloadConfig, fmt: str) -> Iterator[tuple[str, str] | str]:
+    import pyarrow.csv
+    import pyarrow.parquet
+    table = pyarrow.parquet.read_table(cfg.input) if fmt == "parquet" else pyarrow.csv.read_csv(cfg.input)
+    missing = [c for c in (cfg.url_col, cfg.caption_col) if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{cfg.input} has no column {missing}; its columns are {table.column_names} "
+                         "(choose with --url-col / --caption-col)")
+    for caption, url in zip(table.column(cfg.caption_col).to_pylist(), table.column(cfg.url_col).to_pylist()):
+        if caption is None or url is None:
+            yield "missing_field"
+        elif isinstance(caption, bytes) or isinstance(url, bytes):
+            yield "not_utf8"
+        else:
+            yield _check(str(caption), str(url))
+
+
+def _is_url(text: str) -> bool:
+    return text.startswith(("http://", "https://"))
+
+
+def _check(caption: str, url: str) -> tuple[str, str] | str:
+    caption, url = caption.strip(), url.strip()
+    if not caption:
+        return "empty_caption"
+    if not _is_url(url) or any(c.isspace() for c in url):
+        return "bad_url"  # also refuses file:// and ftp://, which img2dataset would fetch
+    return caption, url
+
+
+def plan(cfg: DownloadConfig) -> tuple[list[Chunk], dict]:
+    """Validate the input and write its chunks, once: a rerun reuses ``_chunks/_plan.json``
+    when the input file and chunking are unchanged."""
+    folder = os.path.join(cfg.output, "_chunks")
+    marker = os.path.join(folder, "_plan.json")
+    st = os.stat(cfg.input)
+    signature = {"input": os.path.abspath(cfg.input), "size": st.st_size, "mtime": st.st_mtime,
+                 "samples_per_shard": cfg.samples_per_shard, "input_format": cfg.input_format,
+                 "url_col": cfg.url_col, "caption_col": cfg.caption_col}
+    info = None
+    if os.path.exists(marker):
+        with open(marker) as f:
+            info = json.load(f)
+        if info["signature"] != signature:
+            raise ValueError(f"{cfg.output} holds a download of another input or chunking "
+                             f"({info['signature']['input']}); use a new --output folder")
+    else:
+        info = _write_chunks(cfg, folder, signature)
+        atomic_write_json(marker, info)
+    chunks = [Chunk(k, os.path.join(folder, f"{k:05d}.parquet"), cfg.output, cfg.image_size,
+                    cfg.resize_mode, cfg.threads, cfg.timeout) for k in range(info["chunks"])]
+    return chunks, info
+
+
+def _write_chunks(cfg: DownloadConfig, folder: str, signature: dict) -> dict:
+    os.makedirs(folder, exist_ok=True)
+    malformed, lines, valid, rows, k = Counter(), 0, 0, [], 0
+    for row in iter_rows(cfg):
+        lines += 1
+        if isinstance(row, str):
+            malformed[row] += 1
+            continue
+        valid += 1
+        rows.append(row)
+        if len(rows) == cfg.samples_per_shard:
+            atomic_write_parquet(os.path.join(folder, f"{k:05d}.parquet"), rows)
+            rows, k = [], k + 1
+    if rows:
+        atomic_write_parquet(os.path.join(folder, f"{k:05d}.parquet"), rows)
+        k += 1
+    if malformed:
+        log.warning("skipped %d malformed lines of %d: %s", sum(malformed.values()), lines, dict(malformed))
+    return {"signature": signature, "lines": lines, "valid": valid, "malformed": dict(malformed), "chunks": k}
+
+
+# -- 2. one chunk ---------------------------------------------------------------------------
+
+def download_chunk(chunk: Chunk) -> TaskResult:
+    """Fetch one chunk into shard ``NNNNN``; a no-op when its ``_stats.json`` exists."""
+    done = os.path.join(chunk.output, f"{chunk.name}_stats.json")
+    if os.path.exists(done):
+        return TaskResult(chunk.name, ok=True, skipped=True)
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
+    import pyarrow.parquet as pq
+    from img2dataset import download
+    tmp = os.path.join(chunk.output, "_tmp", chunk.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    # A fresh folder of its own; "incremental" because img2dataset's "overwrite" deletes the
+    # folder after creating its _tmp inside it (1.47).
+    os.makedirs(tmp)
+    download(url_list=chunk.rows, input_format="parquet", url_col="url", caption_col="caption",
+             output_format="webdataset", output_folder=tmp, processes_count=1, thread_count=chunk.threads,
+             image_size=chunk.image_size, resize_mode=chunk.resize_mode, timeout=chunk.timeout,
+             number_sample_per_shard=pq.ParquetFile(chunk.rows).metadata.num_rows, retries=0,
+             incremental_mode="incremental", disallowed_header_directives=[], enable_wandb=False)
+    produced = os.path.join(tmp, "00000_stats.json")
+    if not os.path.exists(produced):
+        return TaskResult(chunk.name, ok=False, reason="img2dataset finished without writing its stats")
+    _rekey_tar(os.path.join(tmp, "00000.tar"), os.path.join(chunk.output, f"{chunk.name}.tar"), chunk.name)
+    table = pq.read_table(os.path.join(tmp, "00000.parquet"))
+    keys = [chunk.name + k[5:] for k in table.column("key").to_pylist()]
+    table = table.set_column(table.column_names.index("key"), "key", [keys])
+    atomic_write_parquet(os.path.join(chunk.output, f"{chunk.name}.parquet"), table)
+    with open(produced) as f:
+        stats = json.load(f)
+    atomic_write_json(done, stats)  # last: the shard is done
+    shutil.rmtree(tmp, ignore_errors=True)
+    return TaskResult(chunk.name, ok=True, stats=stats)
+
+
+def _rekey_tar(src: str, dst: str, shard: str) -> None:
+    """Copy img2dataset's shard 00000 as shard ``shard``: keys renumbered (``00000xxxx`` ->
+    ``{shard}xxxx``, img2dataset's scheme), members sorted by key, then renamed into place."""
+    tmp = dst + ".tmp"
+    with tarfile.open(src) as tin, tarfile.open(tmp, "w") as tout:
+        for member in sorted(tin.getmembers(), key=lambda m: m.name):
+            data = tin.extractfile(member).read()
+            key, ext = member.name.split(".", 1)
+            if ext == "json":
+                meta = json.loads(data)
+                meta["key"] = shard + meta["key"][5:]
+                data = json.dumps(meta, indent=4).encode()
+            info = tarfile.TarInfo(f"{shard}{key[5:]}.{ext}")
+            info.size, info.mtime, info.mode = len(data), member.mtime, member.mode
+            tout.addfile(info, _bytes_io(data))
+    os.replace(tmp, dst)
+
+
+def _bytes_io(data: bytes):
+    import io
+    return io.BytesIO(data)
+
+
+# -- 3. driver ------------------------------------------------------------------------------
+
+def run_download(cfg: DownloadConfig) -> dict:
+    """Plan, fetch every chunk not yet done (retrying failures), and summarise."""
+    if not os.path.isfile(cfg.input):
+        raise FileNotFoundError(f"input {cfg.input} does not exist")
+    os.makedirs(cfg.output, exist_ok=True)
+    start = time.time()
+    chunks, info = plan(cfg)
+    log.info("%d valid lines of %d in %d chunks of up to %d", info["valid"], info["lines"], len(chunks),
+             cfg.samples_per_shard)
+    results = run_tasks(download_chunk, chunks, [c.name for c in chunks], executor=cfg.executor,
+                        workers=cfg.workers, retries=cfg.retries, desc="download", ray_address=cfg.ray_address)
+    with contextlib.suppress(OSError):  # empty unless a chunk is still failing
+        os.rmdir(os.path.join(cfg.output, "_tmp"))
+    summary = summarize(cfg, info, results, time.time() - start)
+    atomic_write_json(os.path.join(cfg.output, "_summary.json"), summary)
+    log.info("download summary: %s", json.dumps(summary))
+    return summary
+
+
+def summarize(cfg: DownloadConfig, info: dict, results: list[TaskResult], seconds: float) -> dict:
+    import pyarrow.parquet as pq
+    failed_by, written, attempted, fetched_now = Counter(), 0, 0, 0
+    for r in results:
+        path = os.path.join(cfg.output, f"{r.name}.parquet")
+        if not r.ok or not os.path.exists(path):
+            continue
+        table = pq.read_table(path, columns=["status", "error_message"]).to_pydict()
+        attempted += len(table["status"])
+        for status, message in zip(table["status"], table["error_message"]):
+            if status == "success":
+                written += 1
+                fetched_now += not r.skipped
+            else:
+                failed_by[failure_reason(message)] += 1
+    return {"lines": info["lines"], "malformed": sum(info["malformed"].values()),
+            "malformed_by_reason": info["malformed"], "attempted": attempted, "written": written,
+            "failed": sum(failed_by.values()), "failed_by_reason": dict(failed_by),
+            "shards": len(results), "shards_failed": [asdict(r) for r in results if not r.ok],
+            "seconds": round(seconds, 1), "images_per_second": round(fetched_now / max(seconds, 1e-9), 1)}
+
+
+def failure_reason(message: str | None) -> str:
+    """img2dataset's error message -> a reason to count: http_404, timeout, decode_error, ..."""
+    message = message or "unknown"
+    if message.startswith("HTTP Error "):
+        return "http_" + message.split()[2].rstrip(":")
+    if "timed out" in message:
+        return "timeout"
+    if "decoding error" in message.lower():
+        return "decode_error"
+    return message[:80]

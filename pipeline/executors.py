@@ -1,0 +1,104 @@
+"""Run one picklable task per shard on a swappable executor, retrying failures from the driver.
+
+A task is ``fn(item) -> TaskResult``; it reports a failure as a result with a reason rather than
+raising, and it is idempotent (it skips work already done), so running it again is always safe.
+Executors:
+
+- ``local``: a pool of spawned processes on this machine (not daemonic, so a task may start its
+  own pool, as img2dataset does).
+- ``ray``: one Ray task per item on a Ray cluster (``ray_address``; None starts a local one).
+
+The driver retries failed items up to ``retries`` times. Ray itself retries only system failures
+(a dead worker), which the driver sees as an exception and retries the same way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import multiprocessing as mp
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+class StageFailed(Exception):
+    """Some items of a stage still failed after every retry (the rest are done and kept)."""
+
+
+@dataclass
+class TaskResult:
+    name: str  # the item, for people: a shard or chunk name
+    ok: bool  # done (or found done)
+    reason: str = ""  # why not, when not ok
+    skipped: bool = False  # already done before this run
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _guarded(fn: Callable[[Any], TaskResult], item: Any, name: str) -> TaskResult:
+    try:
+        return fn(item)
+    except Exception as e:  # a bug or an unexpected failure in one item must not end the run
+        log.exception("task %s failed", name)
+        return TaskResult(name=name, ok=False, reason=f"{type(e).__name__}: {e}")
+
+
+def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str], *,
+              executor: str = "local", workers: int = 1, retries: int = 2, desc: str = "tasks",
+              ray_address: str | None = None, num_cpus: float = 1) -> list[TaskResult]:
+    """Run ``fn`` over ``items``; returns the last result of every item, in input order."""
+    if executor not in ("local", "ray"):
+        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+    results: dict[int, TaskResult] = {}
+    pending = list(range(len(items)))
+    submit = _ray_runner(fn, ray_address, num_cpus) if executor == "ray" else _local_runner(fn, workers)
+    with tqdm(total=len(items), desc=desc, unit="shard") as bar:
+        for attempt in range(retries + 1):
+            for i, result in submit([(i, items[i], names[i]) for i in pending]):
+                results[i] = result
+                if result.ok:
+                    bar.update(1)
+            pending = [i for i in pending if not results[i].ok]
+            if not pending:
+                break
+            if attempt < retries:
+                log.warning("%d of %d %s failed; retrying (%d of %d): %s", len(pending), len(items), desc,
+                            attempt + 1, retries, "; ".join(f"{results[i].name}: {results[i].reason}"
+                                                             for i in pending[:5]))
+    return [results[i] for i in range(len(items))]
+
+
+def _local_runner(fn, workers):
+    def submit(batch):
+        with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(_guarded, fn, item, name): (i, name) for i, item, name in batch}
+            for future in cf.as_completed(futures):
+                i, name = futures[future]
+                try:
+                    yield i, future.result()
+                except Exception as e:  # the worker process died
+                    yield i, TaskResult(name=name, ok=False, reason=f"worker died: {e}")
+    return submit
+
+
+def _ray_runner(fn, address, num_cpus):
+    import ray
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    remote = ray.remote(num_cpus=num_cpus, max_retries=1)(_guarded)
+
+    def submit(batch):
+        refs = {remote.remote(fn, item, name): (i, name) for i, item, name in batch}
+        waiting = list(refs)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            i, name = refs[done[0]]
+            try:
+                yield i, ray.get(done[0])
+            except Exception as e:  # worker or node lost after Ray's own retry
+                yield i, TaskResult(name=name, ok=False, reason=f"Ray task lost: {type(e).__name__}: {e}")
+    return submit

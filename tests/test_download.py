@@ -1,0 +1,115 @@
+"""The download stage against real img2dataset and the local synthetic server."""
+
+import json
+import os
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lverse.cli import main
+from lverse.pipeline.download import DownloadConfig, run_download
+from lverse.preprocessing.synthetic_server import BAD_PATHS, SyntheticServer, SyntheticSet
+
+MALFORMED = (b"no tab on this line\n"
+             b"\thttp://127.0.0.1:9/empty-caption.jpg\n"
+             b"a caption with an ftp url\tftp://127.0.0.1/x.jpg\n"
+             b"a caption that points at a local file\tfile:///etc/passwd\n"
+             b"caf\xe9 in latin-1\thttp://127.0.0.1:9/latin1.jpg\n"
+             b"three\tfields\there\n")
+EXPECTED_MALFORMED = {"no_tab": 1, "empty_caption": 1, "bad_url": 2, "not_utf8": 1, "wrong_field_count": 1}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with SyntheticServer(SyntheticSet(seed=1, train=12, heldout=2, image_size=64), slow_seconds=4) as srv:
+        yield srv
+
+
+@pytest.fixture()
+def tsv(server, tmp_path):
+    path = server.write_tsv(str(tmp_path / "in"))["train"]
+    with open(path, "ab") as f:
+        f.write(MALFORMED)
+    return path
+
+
+def read_shards(folder):
+    samples = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(folder, name)) as tar:
+                for m in tar.getmembers():
+                    key, ext = m.name.split(".", 1)
+                    assert key.startswith(name[:5]), f"{m.name} in shard {name}"
+                    samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return samples
+
+
+def config(tsv, out, **kw):
+    return DownloadConfig(input=tsv, output=str(out), samples_per_shard=6, image_size=64, timeout=1.5, threads=8, **kw)
+
+
+def test_download_counts_and_keeps_every_good_image(server, tsv, tmp_path):
+    out = tmp_path / "out"
+    summary = run_download(config(tsv, out))
+    assert summary["lines"] == 12 + len(BAD_PATHS) + 6
+    assert summary["malformed_by_reason"] == EXPECTED_MALFORMED
+    assert summary["attempted"] == 12 + len(BAD_PATHS) and summary["shards"] == 3
+    assert summary["written"] == 13  # 12 good images and the redirect
+    assert summary["failed_by_reason"] == {"http_404": 1, "http_500": 1, "timeout": 1, "decode_error": 2}
+    assert summary["shards_failed"] == []
+    assert json.load(open(out / "_summary.json")) == summary
+    assert not (out / "_tmp").exists()
+
+    captions = dict(line.rstrip("\n").split("\t")[::-1] for line in open(tsv, encoding="utf-8", errors="replace")
+                    if line.count("\t") == 1 and line.startswith(("a", "an")))
+    samples = read_shards(out)
+    assert len(samples) == 13
+    for key, files in samples.items():
+        meta = json.loads(files["json"])
+        assert meta["key"] == key and files["txt"].decode() == captions[meta["url"]]
+        assert files["jpg"][:2] == b"\xff\xd8"
+    assert {json.loads(f["json"])["url"].rsplit("/", 2)[-2] for f in samples.values()} == {"train", "bad"}
+
+    # A rerun fetches nothing; a shard whose done marker is gone is fetched again, alone.
+    before = dict(server.requests)
+    mtimes = {p: os.path.getmtime(out / p) for p in os.listdir(out) if p.endswith(".tar")}
+    assert run_download(config(tsv, out))["written"] == 13
+    assert server.requests == before
+    os.remove(out / "00001_stats.json")
+    assert run_download(config(tsv, out))["written"] == 13
+    assert sum(server.requests.values()) - sum(before.values()) == 6
+    assert os.path.getmtime(out / "00000.tar") == mtimes["00000.tar"]
+    assert read_shards(out).keys() == samples.keys()
+
+
+def test_cc12m_layout_parquet_input_and_ray(server, tmp_path):
+    lines = [f"{server.url}/img/train/{i}.jpg\t{server.data.sample('train', i)[1]}" for i in range(4)]
+    cc12m = tmp_path / "cc12m.tsv"
+    cc12m.write_text("\n".join(lines) + "\n")
+    assert run_download(config(str(cc12m), tmp_path / "a"))["written"] == 4
+
+    table = pa.table({"image_url": [f"{server.url}/img/train/{i}.jpg" for i in range(3)],
+                      "alt": [server.data.sample("train", i)[1] for i in range(3)]})
+    pq.write_table(table, tmp_path / "in.parquet")
+    cfg = config(str(tmp_path / "in.parquet"), tmp_path / "b", url_col="image_url", caption_col="alt",
+                 executor="ray")
+    try:
+        assert run_download(cfg)["written"] == 3
+    finally:
+        import ray
+        ray.shutdown()
+    with pytest.raises(ValueError, match="no column"):
+        run_download(config(str(tmp_path / "in.parquet"), tmp_path / "c"))
+
+
+def test_cli_and_changed_input(server, tsv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["download", "--input", tsv, "--output", str(out), "--samples-per-shard", "100",
+                 "--timeout", "1.5", "--image-size", "64"]) == 0
+    assert json.loads(capsys.readouterr().out)["written"] == 13
+    other = tmp_path / "other.tsv"
+    other.write_text(f"a caption\t{server.url}/img/train/0.jpg\n")
+    assert main(["download", "--input", str(other), "--output", str(out)]) == 2  # refused, not mixed
