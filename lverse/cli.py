@@ -50,6 +50,15 @@ def _download(args: argparse.Namespace) -> None:
         raise StageFailed(f"{len(summary['shards_failed'])} shards failed after retries; rerun to retry them")
 
 
+def _encode(args: argparse.Namespace) -> None:
+    from lverse.pipeline.encode import EncodeConfig, run_encode
+    summary = run_encode(EncodeConfig(
+        shards=args.shards, vae=args.vae, output=args.output, batch_size=args.batch_size,
+        decode_threads=args.decode_threads, executor="ray" if args.ray_address or args.ray else "local",
+        workers=args.workers, retries=args.retries, ray_address=args.ray_address, device=args.device))
+    print(json.dumps(summary, indent=2))
+
+
 def _synthetic_serve(args: argparse.Namespace) -> None:
     from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
     data = SyntheticSet(seed=args.seed, train=args.train, heldout=args.heldout, image_size=args.image_size)
@@ -135,6 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=2, help="retries of a failed shard (default: 2)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto (default: start one)")
     p.set_defaults(func=_download)
+
+    p = sub.add_parser("encode", help="turn image shards into AugVAE token shards (FP32)",
+                       description="Encode every image shard into a token shard of the same name (uint16 "
+                       "codes, raw caption, key; the AugVAE checkpoint's sha256 recorded) through a frozen "
+                       "AugVAE in FP32. Written atomically with a done marker per shard: a rerun skips "
+                       "finished shards. Corrupt images are skipped and counted; an unreadable shard fails "
+                       "alone and is retried. Writes _summary.json.")
+    p.add_argument("--shards", required=True,
+                   help="a folder of .tar shards, a glob ('raw/*.tar') or a range ('raw/{00000..00099}.tar')")
+    p.add_argument("--vae", required=True, type=_existing_file, help="AugVAE: lverse .safetensors or official .ckpt")
+    p.add_argument("--output", required=True, help="folder for the token shards")
+    p.add_argument("--batch-size", type=_positive, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--decode-threads", type=_positive, default=2, help="JPEG decode threads per worker (default: 2)")
+    p.add_argument("--workers", type=_positive, default=1,
+                   help="model replicas: local processes, or Ray actors (one GPU each when the cluster has GPUs)")
+    p.add_argument("--ray", action="store_true", help="run on Ray actors (a local Ray unless --ray-address)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto; implies --ray")
+    p.add_argument("--retries", type=int, default=1, help="retries of a failed shard (default: 1)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.set_defaults(func=_encode)
 
     p = sub.add_parser("synthetic", help="serve the synthetic image-caption set on 127.0.0.1",
                        description="Serve procedurally drawn image-caption pairs over HTTP on 127.0.0.1 (the "

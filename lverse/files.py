@@ -7,6 +7,7 @@ a half-written file, whatever kills the writer.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -18,7 +19,7 @@ def atomic_output(path: str) -> Iterator[str]:
     """Yields a temporary path beside ``path``; on success renames it to ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
@@ -26,6 +27,14 @@ def atomic_output(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_stale_temporaries(path: str) -> None:
+    """Delete what a killed writer of ``path`` left behind. Only the owner of ``path`` may call
+    this (tasks on other files may be writing beside it)."""
+    for tmp in glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))),
+                                      f".{glob.escape(os.path.basename(path))}.*.tmp")):
+        os.remove(tmp)
 
 
 def atomic_write_json(path: str, obj) -> None:

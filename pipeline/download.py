@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from lverse.files import atomic_write_json, atomic_write_parquet
+from lverse.files import atomic_output, atomic_write_json, atomic_write_parquet, remove_stale_temporaries
 
 from .executors import TaskResult, run_tasks
 
@@ -225,8 +226,8 @@ def download_chunk(chunk: Chunk) -> TaskResult:
 def _rekey_tar(src: str, dst: str, shard: str) -> None:
     """Copy img2dataset's shard 00000 as shard ``shard``: keys renumbered (``00000xxxx`` ->
     ``{shard}xxxx``, img2dataset's scheme), members sorted by key, then renamed into place."""
-    tmp = dst + ".tmp"
-    with tarfile.open(src) as tin, tarfile.open(tmp, "w") as tout:
+    remove_stale_temporaries(dst)
+    with atomic_output(dst) as tmp, tarfile.open(src) as tin, tarfile.open(tmp, "w") as tout:
         for member in sorted(tin.getmembers(), key=lambda m: m.name):
             data = tin.extractfile(member).read()
             key, ext = member.name.split(".", 1)
@@ -236,13 +237,7 @@ def _rekey_tar(src: str, dst: str, shard: str) -> None:
                 data = json.dumps(meta, indent=4).encode()
             info = tarfile.TarInfo(f"{shard}{key[5:]}.{ext}")
             info.size, info.mtime, info.mode = len(data), member.mtime, member.mode
-            tout.addfile(info, _bytes_io(data))
-    os.replace(tmp, dst)
-
-
-def _bytes_io(data: bytes):
-    import io
-    return io.BytesIO(data)
+            tout.addfile(info, io.BytesIO(data))
 
 
 # -- 3. driver ------------------------------------------------------------------------------

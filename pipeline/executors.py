@@ -6,7 +6,8 @@ Executors:
 
 - ``local``: a pool of spawned processes on this machine (not daemonic, so a task may start its
   own pool, as img2dataset does).
-- ``ray``: one Ray task per item on a Ray cluster (``ray_address``; None starts a local one).
+- ``ray``: one Ray task per item on a Ray cluster (``ray_address``; None starts a local one), or,
+  with ``actors``, a pool of that many actors that each keep their state (a model) between items.
 
 The driver retries failed items up to ``retries`` times. Ray itself retries only system failures
 (a dead worker), which the driver sees as an exception and retries the same way.
@@ -49,13 +50,23 @@ def _guarded(fn: Callable[[Any], TaskResult], item: Any, name: str) -> TaskResul
 
 def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str], *,
               executor: str = "local", workers: int = 1, retries: int = 2, desc: str = "tasks",
-              ray_address: str | None = None, num_cpus: float = 1) -> list[TaskResult]:
-    """Run ``fn`` over ``items``; returns the last result of every item, in input order."""
+              ray_address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
+              actors: int = 0) -> list[TaskResult]:
+    """Run ``fn`` over ``items``; returns the last result of every item, in input order.
+
+    ``num_cpus``/``num_gpus`` are Ray resources per task or actor; ``actors`` > 0 runs the items
+    on that many Ray actors, each handed a whole item at a time.
+    """
     if executor not in ("local", "ray"):
         raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
     results: dict[int, TaskResult] = {}
     pending = list(range(len(items)))
-    submit = _ray_runner(fn, ray_address, num_cpus) if executor == "ray" else _local_runner(fn, workers)
+    if executor == "local":
+        submit = _local_runner(fn, workers)
+    elif actors:
+        submit = _ray_actor_runner(fn, ray_address, num_cpus, num_gpus, actors)
+    else:
+        submit = _ray_runner(fn, ray_address, num_cpus)
     with tqdm(total=len(items), desc=desc, unit="shard") as bar:
         for attempt in range(retries + 1):
             for i, result in submit([(i, items[i], names[i]) for i in pending]):
@@ -85,10 +96,46 @@ def _local_runner(fn, workers):
     return submit
 
 
-def _ray_runner(fn, address, num_cpus):
+def _init_ray(address):
     import ray
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+class _Actor:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def run(self, item, name):
+        return _guarded(self.fn, item, name)
+
+
+def _ray_actor_runner(fn, address, num_cpus, num_gpus, count):
+    ray = _init_ray(address)
+    cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Actor)
+
+    def submit(batch):
+        queue, running, pool = list(batch), {}, [cls.remote(fn) for _ in range(min(count, len(batch)))]
+        idle = list(pool)
+        while queue or running:
+            while queue and idle:
+                actor = idle.pop()
+                i, item, name = queue.pop(0)
+                running[actor.run.remote(item, name)] = (i, name, actor)
+            done, _ = ray.wait(list(running), num_returns=1)
+            i, name, actor = running.pop(done[0])
+            try:
+                yield i, ray.get(done[0])
+                idle.append(actor)
+            except Exception as e:  # the actor died: report the item, start a fresh actor
+                yield i, TaskResult(name=name, ok=False, reason=f"Ray actor lost: {type(e).__name__}: {e}")
+                idle.append(cls.remote(fn))
+    return submit
+
+
+def _ray_runner(fn, address, num_cpus):
+    ray = _init_ray(address)
     remote = ray.remote(num_cpus=num_cpus, max_retries=1)(_guarded)
 
     def submit(batch):

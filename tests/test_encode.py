@@ -1,0 +1,151 @@
+"""The encode stage: raw webdataset shards -> token shards through a frozen AugVAE."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lverse.model import AugVAE, save_model
+from lverse.model.augvae import PRESETS
+from lverse.pipeline.encode import EncodeConfig, ShardEncoder, file_sha256, preprocess, read_samples, run_encode
+from lverse.pipeline.executors import StageFailed
+from lverse.preprocessing.synthetic import draw_sample
+
+
+def make_shard(path, shard, n, seed, corrupt=()):
+    """A raw shard as img2dataset writes it: {key}.jpg, .txt, .json."""
+    rng = np.random.default_rng(seed)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            key = f"{shard:05d}{i:04d}"
+            image, caption = draw_sample(rng, 80)
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG")
+            jpg = buf.getvalue()[:100] if i in corrupt else buf.getvalue()
+            meta = json.dumps({"key": key, "url": f"http://example.com/{key}.jpg"}).encode()
+            for ext, data in (("jpg", jpg), ("txt", caption.encode()), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
+    torch.manual_seed(0)
+    save_model(AugVAE(PRESETS["debug-sl"]), str(path))
+    return str(path)
+
+
+def raw_shards(folder, count=3, n=12, corrupt=None):
+    os.makedirs(folder, exist_ok=True)
+    for s in range(count):
+        make_shard(os.path.join(folder, f"{s:05d}.tar"), s, n, seed=s, corrupt=(corrupt or {}).get(s, ()))
+    return folder
+
+
+def token_samples(path):
+    return {key: files for key, files in read_samples(path)}
+
+
+def test_token_shards_hold_the_models_codes(tmp_path, vae_path):
+    raw = raw_shards(str(tmp_path / "raw"), corrupt={1: (3,)})
+    with open(os.path.join(raw, "00002.tar"), "rb") as f:
+        data = f.read()
+    with open(os.path.join(raw, "00003.tar"), "wb") as f:  # a shard cut in half
+        f.write(data[:len(data) // 2 // 512 * 512])
+    out = str(tmp_path / "tok")
+    with pytest.raises(StageFailed, match="00003.*truncated"):
+        run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out, workers=2, batch_size=5))
+    summary = json.load(open(os.path.join(out, "_summary.json")))
+    assert summary["encoded"] == 3 and [f["shard"] for f in summary["failed"]] == ["00003"]
+    assert summary["samples"] == 35 and summary["corrupt_samples"] == 1
+    assert not os.path.exists(os.path.join(out, "00003.tar")), "nothing half-written"
+
+    vae = AugVAE.from_pretrained(vae_path).eval()
+    vae_hash = file_sha256(vae_path)
+    raw_samples = token_samples(os.path.join(raw, "00001.tar"))
+    tokens = token_samples(os.path.join(out, "00001.tar"))
+    assert len(tokens) == 11 and "000010003" not in tokens
+    # Batched as the stage batches (5 at a time, in order): conv kernels round differently for
+    # other batch sizes, which can flip a near-tie code.
+    images = torch.from_numpy(np.stack([preprocess(raw_samples[k]["jpg"], 64) for k in tokens]))
+    expected = torch.cat([vae.encode(b) for b in images.split(5)]).numpy()
+    for (key, files), want in zip(tokens.items(), expected):
+        codes = np.load(io.BytesIO(files["codes.npy"]))
+        assert codes.dtype == np.uint16 and codes.shape == (64,)
+        assert np.array_equal(codes, want)
+        assert files["txt"] == raw_samples[key]["txt"]
+        meta = json.loads(files["json"])
+        assert meta == {"key": key, "url": f"http://example.com/{key}.jpg", "vae": vae_hash}
+
+    # A rerun skips what is done and leaves it untouched.
+    mtime = os.path.getmtime(os.path.join(out, "00000.tar"))
+    os.remove(os.path.join(raw, "00003.tar"))
+    summary = run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out))
+    assert summary["skipped"] == 3 and summary["encoded"] == 0
+    assert os.path.getmtime(os.path.join(out, "00000.tar")) == mtime
+
+
+def test_a_folder_of_another_vae_is_refused(tmp_path, vae_path):
+    raw = raw_shards(str(tmp_path / "raw"), count=1, n=2)
+    out = str(tmp_path / "tok")
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out))
+    other = str(tmp_path / "other.safetensors")
+    torch.manual_seed(1)  # other weights (the same weights would be the same checkpoint hash)
+    save_model(AugVAE(PRESETS["debug-sl"]), other)
+    with pytest.raises(ValueError, match="another AugVAE"):
+        run_encode(EncodeConfig(shards=raw, vae=other, output=out))
+
+
+def test_killed_then_resumed_equals_uninterrupted(tmp_path, vae_path):
+    raw = raw_shards(str(tmp_path / "raw"), count=4, n=60)
+    whole = str(tmp_path / "whole")
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=whole, batch_size=4))
+
+    out = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "lverse.cli", "encode", "--shards", raw, "--vae", vae_path, "--output", out,
+           "--batch-size", "4"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not os.path.exists(os.path.join(out, "00000_stats.json")) and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = sorted(n for n in os.listdir(out) if n.endswith("_stats.json"))
+    assert 1 <= len(done) < 4, f"the kill must land mid-run, found {done}"
+
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    for s in range(4):
+        with open(os.path.join(whole, f"{s:05d}.tar"), "rb") as a, open(os.path.join(out, f"{s:05d}.tar"), "rb") as b:
+            assert a.read() == b.read(), f"shard {s} differs after the resume"
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_ray_actors_write_the_same_shards(tmp_path, vae_path):
+    raw = raw_shards(str(tmp_path / "raw"), count=2, n=6)
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(tmp_path / "local")))
+    try:
+        summary = run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(tmp_path / "ray"), executor="ray"))
+    finally:
+        import ray
+        ray.shutdown()
+    assert summary["encoded"] == 2
+    for s in range(2):
+        name = f"{s:05d}.tar"
+        assert open(tmp_path / "local" / name, "rb").read() == open(tmp_path / "ray" / name, "rb").read()
+
+
+def test_shard_encoder_is_picklable_and_skips_done(tmp_path, vae_path):
+    import pickle
+    task = pickle.loads(pickle.dumps(ShardEncoder(vae_path, "h", str(tmp_path))))
+    (tmp_path / "00007_stats.json").write_text("{}")
+    assert task(str(tmp_path / "00007.tar")).skipped
