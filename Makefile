@@ -5,9 +5,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Debian packages the test suite needs; the SLURM, Java (pycocoevalcap) and ssh (ray up) issues
-# add theirs here.
-SYSTEM_PACKAGES :=
+# Debian packages the test suite needs: a private sshd, rsync and nc for the `ray up` test.
+SYSTEM_PACKAGES := openssh-server rsync netcat-openbsd
 
 .PHONY: venv system-deps test lint demo clean
 

@@ -43,6 +43,7 @@ setup(
         "sentencepiece>=0.2",
         "ftfy",
     ],
+    package_data={"lverse.pipeline": ["clusters/*.yaml"]},
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["lverse=lverse.cli:main"]},
 )

@@ -1,0 +1,177 @@
+"""The encode stage's throughput against the bare AugVAE's, same weights, same machine, one run.
+
+Writes synthetic raw shards (img2dataset's webdataset layout: ``{key}.jpg/.txt/.json``, JPEGs of
+``--image-size`` pixels) and an AugVAE checkpoint (``torch.manual_seed(0)``) into a temporary
+folder, then measures two paths over the same images:
+
+- bare model: ``vae.encode`` on images already read, decoded and preprocessed into tensors, batched
+  as the stage batches them (per shard, ``--batch-size`` at a time), after one warm-up batch;
+- stage: ``run_encode`` with the local executor and 1 worker, raw shards in, token shards out.
+
+The stage's figure is taken from the per-shard ``seconds`` in each ``{name}_stats.json`` done
+marker: reading the tar, JPEG decoding and resizing, batching, the model and writing the token
+tar, without the one-off start-up (hashing the checkpoint, spawning the worker, importing torch and
+loading the model there), which a real run pays once per worker over thousands of shards. That
+steady-state ratio is the last line; the end-to-end figure, start-up included, is printed above it
+with the start-up's seconds. The token shards are checked against the bare model's codes.
+
+    encode_pipeline_efficiency=<stage images/s (done markers) / bare model images/s>
+
+Goal: at least 0.8.
+
+Usage: python benchmarks/encode.py [--preset augvae-sl] [--shards 2] [--per-shard 8]
+       [--batch-size 4] [--image-size 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from lverse.model import AugVAE, save_model
+from lverse.model.augvae import PRESETS
+from lverse.pipeline.encode import EncodeConfig, preprocess, read_samples, run_encode
+from lverse.preprocessing.synthetic import draw_sample
+
+
+def make_raw_shards(folder: str, shards: int, per_shard: int, size: int) -> list[str]:
+    """Raw shards as img2dataset writes them, ``size`` x ``size`` JPEGs; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        rng = np.random.default_rng(s)
+        path = os.path.join(folder, f"{s:05d}.tar")
+        with tarfile.open(path, "w") as tar:
+            for i in range(per_shard):
+                key = f"{s:05d}{i:04d}"
+                image, caption = draw_sample(rng, size)
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG", quality=95)
+                meta = json.dumps({"key": key, "url": f"http://example.com/{key}.jpg"}).encode()
+                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return paths
+
+
+def shard_batches(paths: list[str], size: int, batch_size: int) -> list[list[torch.Tensor]]:
+    """Every shard's preprocessed images, batched as the stage batches them."""
+    out = []
+    for path in paths:
+        images = torch.from_numpy(np.stack([preprocess(files["jpg"], size) for _, files in read_samples(path)]))
+        out.append(list(images.split(batch_size)))
+    return out
+
+
+def time_bare_model(vae: AugVAE, batches: list[list[torch.Tensor]]) -> tuple[float, list[np.ndarray]]:
+    """(seconds over every batch, codes per shard)."""
+    codes, start = [], time.perf_counter()
+    for shard in batches:
+        codes.append(torch.cat([vae.encode(b) for b in shard]).numpy())
+    return time.perf_counter() - start, codes
+
+
+def time_parts(paths: list[str], size: int, codes: list[np.ndarray]) -> dict[str, float]:
+    """Seconds of the stage's non-model work, one thread, in this process: tar reading, JPEG
+    decoding + resizing, and writing the token tar (to memory)."""
+    start = time.perf_counter()
+    samples = [s for path in paths for s in read_samples(path)]
+    read = time.perf_counter() - start
+    start = time.perf_counter()
+    for _, files in samples:
+        preprocess(files["jpg"], size)
+    decode = time.perf_counter() - start
+    start = time.perf_counter()
+    with tarfile.open(fileobj=io.BytesIO(), mode="w") as out:
+        rows = (row for shard in codes for row in shard)
+        for (key, files), row in zip(samples, rows):
+            buf = io.BytesIO()
+            np.save(buf, row.astype(np.uint16))
+            meta = json.dumps({"key": key, "url": None, "vae": "0" * 64}, sort_keys=True).encode()
+            for name, data in ((f"{key}.codes.npy", buf.getvalue()), (f"{key}.txt", files["txt"]),
+                               (f"{key}.json", meta)):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                out.addfile(info, io.BytesIO(data))
+    return {"read tar": read, "decode + resize": decode, "write tar": time.perf_counter() - start}
+
+
+def run_stage(raw: str, vae_path: str, output: str, batch_size: int) -> tuple[float, list[float], list[np.ndarray]]:
+    """Encode every raw shard with ``run_encode`` (local executor, 1 worker).
+
+    Returns (wall seconds, the done markers' seconds per shard, the token shards' codes per shard).
+    """
+    start = time.perf_counter()
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=output, batch_size=batch_size,
+                            executor="local", workers=1))
+    wall = time.perf_counter() - start
+    names = sorted(n.removesuffix("_stats.json") for n in os.listdir(output) if n.endswith("_stats.json"))
+    seconds = []
+    for name in names:
+        with open(os.path.join(output, f"{name}_stats.json")) as f:
+            seconds.append(json.load(f)["seconds"])
+    codes = [np.stack([np.load(io.BytesIO(files["codes.npy"]))
+                       for _, files in read_samples(os.path.join(output, f"{n}.tar"))]) for n in names]
+    return wall, seconds, codes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="augvae-sl", choices=sorted(PRESETS))
+    parser.add_argument("--shards", type=int, default=2, help="raw shards")
+    parser.add_argument("--per-shard", type=int, default=8, help="images per raw shard")
+    parser.add_argument("--batch-size", type=int, default=4, help="images per forward pass, both paths")
+    parser.add_argument("--image-size", type=int, default=256,
+                        help="side of the served JPEGs (at least the preset's image_size)")
+    args = parser.parse_args(argv)
+    size, n = PRESETS[args.preset].image_size, args.shards * args.per_shard
+    if args.image_size < size:
+        parser.error(f"--image-size {args.image_size} is below {args.preset}'s image_size {size}")
+
+    with tempfile.TemporaryDirectory(prefix="lverse-encode-bench-") as tmp:
+        raw = os.path.join(tmp, "raw")
+        paths = make_raw_shards(raw, args.shards, args.per_shard, args.image_size)
+        vae_path = os.path.join(tmp, "vae.safetensors")
+        torch.manual_seed(0)
+        save_model(AugVAE(PRESETS[args.preset]), vae_path)
+        vae = AugVAE.from_pretrained(vae_path).eval().float().requires_grad_(False)  # as load_vae does
+        print(f"preset {args.preset}: {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters, "
+              f"{size}px model input from {args.image_size}px JPEGs, {args.shards} shards x {args.per_shard} "
+              f"images, batch {args.batch_size}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
+        batches = shard_batches(paths, size, args.batch_size)
+        start = time.perf_counter()
+        vae.encode(batches[0][0])
+        print(f"bare model warm-up (first batch): {time.perf_counter() - start:.2f}s")
+
+        # The bare model runs before and after the stage, and the stage is compared with their
+        # mean: on a shared machine the load drifts, and bracketing spreads the drift over both.
+        before, codes = time_bare_model(vae, batches)
+        wall, seconds, stage_codes = run_stage(raw, vae_path, os.path.join(tmp, "tokens"), args.batch_size)
+        after, _ = time_bare_model(vae, batches)
+        bare = (before + after) / 2
+        print(f"bare model: {before:.2f}s before the stage, {after:.2f}s after, for {n} images each "
+              f"({n / bare:.3f} images/s on their mean)")
+        parts = time_parts(paths, size, codes)
+        print("non-model work, one thread: " + ", ".join(f"{k} {v * 1000 / n:.1f} ms/image" for k, v in parts.items()))
+        print("stage per shard (done markers): " + ", ".join(f"{s:.2f}s" for s in seconds) +
+              f" ({n / sum(seconds):.3f} images/s; the bare model's time is {bare / sum(seconds):.0%} of it)")
+        print(f"stage end to end: {wall:.2f}s ({n / wall:.3f} images/s), of which start-up {wall - sum(seconds):.2f}s "
+              f"(hash the checkpoint, load it, spawn the worker, import torch and load it there)")
+        equal = len(stage_codes) == len(codes) and all(np.array_equal(a, b) for a, b in zip(stage_codes, codes))
+        print(f"codes_equal={str(equal).lower()}")
+        print(f"encode_pipeline_efficiency_end_to_end={bare / wall:.2f}")
+        print(f"encode_pipeline_efficiency={bare / sum(seconds):.2f}")
+
+
+if __name__ == "__main__":
+    main()
