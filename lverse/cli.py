@@ -59,6 +59,14 @@ def _encode(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _pipeline_run(args: argparse.Namespace) -> None:
+    from lverse.config import load_config
+    from lverse.pipeline.run import PipelineConfig, run_pipeline
+    cfg = load_config(args.config, PipelineConfig, {"ray_address": args.ray_address, "run_dir": args.run_dir})
+    results = run_pipeline(cfg)
+    log.info("pipeline finished in %s; stages run now: %s", cfg.run_dir, sorted(results) or "none")
+
+
 def _synthetic_serve(args: argparse.Namespace) -> None:
     from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
     data = SyntheticSet(seed=args.seed, train=args.train, heldout=args.heldout, image_size=args.image_size)
@@ -178,6 +186,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bad-urls", action="store_true", help="leave the bad URLs out of train.tsv")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_synthetic_serve)
+
+    p = sub.add_parser("pipeline", help="run the data stages in order: download, tokenizer, encode",
+                       description="Run download -> tokenizer -> encode from one YAML config on Ray, each stage "
+                       "once: a done marker per stage in the run folder, and a rerun continues where it "
+                       "stopped. Sections: run_dir, download (DownloadConfig: input, samples_per_shard, ...), "
+                       "tokenizer (vocab_size), encode (EncodeConfig: vae, batch_size, workers, ...), "
+                       "ray_address.")
+    p.add_argument("action", choices=["run"], help="run")
+    p.add_argument("config", type=_existing_file, help="pipeline YAML (see configs/pipeline_cc3m.yaml)")
+    p.add_argument("--run-dir", default=None, help="override run_dir of the config")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto (default: start one)")
+    p.set_defaults(func=_pipeline_run)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on synthetic data (CPU)",
                        description="Interim demo: the models end to end on synthetic image-caption "

@@ -97,9 +97,17 @@ def _local_runner(fn, workers):
 
 
 def _init_ray(address):
+    """Join ``address`` ("auto": the running cluster), else RAY_ADDRESS, else a private local Ray.
+
+    ``ray.init()`` with no address would attach to whatever `ray start` left on this machine;
+    "local" always starts a fresh one.
+    """
+    import os
+
     import ray
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 log_to_driver=False)
     return ray
 
 

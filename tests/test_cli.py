@@ -11,12 +11,15 @@ from lverse.model.checkpoint import save_model
 
 def test_every_subcommand_explains_itself(capsys):
     commands = build_parser()._subparsers._group_actions[0].choices
-    assert {"tokenizer", "convert-vae", "demo"} <= set(commands)
-    for name in commands:
+    assert {"tokenizer", "convert-vae", "download", "encode", "pipeline", "synthetic", "demo"} <= set(commands)
+    for name, sub in commands.items():
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])
         assert e.value.code == 0
-        assert "--output" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert sub.description and len(sub.description) > 60, f"{name} needs a description"
+        assert all(a.help for a in sub._actions), f"every option of {name} explains itself"
+        assert out.startswith(f"usage: lverse {name}")
 
 
 def test_console_entry_point():

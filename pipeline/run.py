@@ -1,0 +1,98 @@
+"""`lverse pipeline run`: the data stages in order, each once, on Ray.
+
+    download -> tokenizer -> encode
+
+Everything goes under ``run_dir``: ``config.yaml`` (the resolved config), ``shards/`` (image
+shards), ``tokenizer.model``, ``tokens/`` (token shards) and ``_done/{stage}.json``, the done
+marker of each stage, written when it finishes. A rerun skips finished stages; an unfinished one
+resumes, since every stage skips its finished shards. With no Ray address a local Ray is started;
+``auto`` joins a running cluster (``ray up``, or the SLURM template).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass, field
+
+from lverse.config import dump_config
+from lverse.files import atomic_output, atomic_write_json
+
+from .download import DownloadConfig, run_download
+from .encode import EncodeConfig, expand_shards, read_samples, run_encode
+from .executors import StageFailed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenizerStage:
+    vocab_size: int = 49808  # SentencePiece BPE pieces
+    max_sentences: int = 10_000_000  # captions sampled for fitting
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run_dir: str  # everything the pipeline writes
+    download: dict = field(default_factory=dict)  # DownloadConfig fields (input required; not output)
+    tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
+    encode: dict = field(default_factory=dict)  # EncodeConfig fields (vae required; not shards/output)
+    ray_address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+
+
+def _stage_config(cls, values: dict, where: str, **fixed):
+    clash = sorted(set(values) & set(fixed))
+    if clash:
+        raise ValueError(f"{where}: {clash} are set by the pipeline (from run_dir); remove them")
+    try:
+        return cls(**values, **fixed)
+    except TypeError as e:
+        known = sorted(f.name for f in dataclasses.fields(cls) if f.name not in fixed)
+        raise ValueError(f"{where}: {e}; known keys are {known}") from e
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict:
+    """Run the stages not yet done; returns each stage's result."""
+    run = cfg.run_dir
+    download = _stage_config(DownloadConfig, cfg.download, "download", output=os.path.join(run, "shards"),
+                             executor="ray", ray_address=cfg.ray_address)
+    encode = _stage_config(EncodeConfig, cfg.encode, "encode", shards=os.path.join(run, "shards"),
+                           output=os.path.join(run, "tokens"), executor="ray", ray_address=cfg.ray_address)
+    os.makedirs(run, exist_ok=True)
+    with atomic_output(os.path.join(run, "config.yaml")) as tmp, open(tmp, "w") as f:
+        f.write(dump_config(cfg))
+    stages = [("download", lambda: _checked(run_download(download))),
+              ("tokenizer", lambda: fit_tokenizer_on_shards(encode.shards, os.path.join(run, "tokenizer"),
+                                                            cfg.tokenizer)),
+              ("encode", lambda: run_encode(encode))]
+    results = {}
+    for name, stage in stages:
+        marker = os.path.join(run, "_done", f"{name}.json")
+        if os.path.exists(marker):
+            log.info("stage %s: done before, skipped", name)
+            continue
+        log.info("stage %s: starting", name)
+        results[name] = stage()
+        atomic_write_json(marker, results[name])
+    return results
+
+
+def _checked(summary: dict) -> dict:
+    if summary["shards_failed"]:
+        raise StageFailed(f"download: {len(summary['shards_failed'])} shards failed; rerun to retry them")
+    return summary
+
+
+def fit_tokenizer_on_shards(shards: str, prefix: str, stage: TokenizerStage) -> dict:
+    """Fit the caption tokenizer on the captions of the downloaded shards."""
+    from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+
+    def captions():
+        for shard in expand_shards(shards):
+            for _, files in read_samples(shard):
+                if "txt" in files:
+                    yield files["txt"].decode("utf-8", errors="replace")
+
+    tok = CaptionTokenizer.fit(captions(), prefix, vocab_size=stage.vocab_size, max_sentences=stage.max_sentences)
+    return {"model": tok.model_path, "vocab_size": tok.vocab_size}
