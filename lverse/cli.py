@@ -44,7 +44,8 @@ def _download(args: argparse.Namespace) -> None:
         input=args.input, output=args.output, input_format=args.format, url_col=args.url_col,
         caption_col=args.caption_col, image_size=args.image_size, resize_mode=args.resize_mode,
         samples_per_shard=args.samples_per_shard, threads=args.threads, timeout=args.timeout,
-        executor=args.executor, workers=args.workers, retries=args.retries, ray_address=args.ray_address))
+        executor="ray" if args.distributor == "ray" else "local", workers=args.workers, retries=args.retries,
+        ray_address=args.ray_address))
     print(json.dumps(summary, indent=2))
     if summary["shards_failed"]:
         raise StageFailed(f"{len(summary['shards_failed'])} shards failed after retries; rerun to retry them")
@@ -146,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=_positive, default=10000, help="rows per shard (default: 10000)")
     p.add_argument("--threads", type=_positive, default=64, help="concurrent downloads per shard (default: 64)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per image (default: 10)")
-    p.add_argument("--executor", default="local", choices=["local", "ray"],
-                   help="local processes (default) or one Ray task per shard")
-    p.add_argument("--workers", type=_positive, default=2, help="shards in flight, local executor (default: 2)")
+    p.add_argument("--distributor", default="multiprocessing", choices=["multiprocessing", "ray"],
+                   help="multiprocessing: local processes (default); ray: one Ray task per shard")
+    p.add_argument("--workers", type=_positive, default=2, help="shards in flight, multiprocessing (default: 2)")
     p.add_argument("--retries", type=int, default=2, help="retries of a failed shard (default: 2)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto (default: start one)")
     p.set_defaults(func=_download)
