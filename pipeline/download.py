@@ -34,6 +34,7 @@ from .executors import TaskResult, run_tasks
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "cc3m", "cc12m", "parquet", "csv")
+MAX_SHARDS = 100_000
 
 
 @dataclass(frozen=True)
@@ -178,14 +179,20 @@ def _write_chunks(cfg: DownloadConfig, folder: str, signature: dict) -> dict:
         valid += 1
         rows.append(row)
         if len(rows) == cfg.samples_per_shard:
-            atomic_write_parquet(os.path.join(folder, f"{k:05d}.parquet"), rows)
+            _write_chunk(folder, k, rows, cfg)
             rows, k = [], k + 1
     if rows:
-        atomic_write_parquet(os.path.join(folder, f"{k:05d}.parquet"), rows)
+        _write_chunk(folder, k, rows, cfg)
         k += 1
     if malformed:
         log.warning("skipped %d malformed lines of %d: %s", sum(malformed.values()), lines, dict(malformed))
     return {"signature": signature, "lines": lines, "valid": valid, "malformed": dict(malformed), "chunks": k}
+
+
+def _write_chunk(folder: str, k: int, rows: list, cfg: DownloadConfig) -> None:
+    if k >= MAX_SHARDS:  # shard names and keys have five digits, as img2dataset's
+        raise ValueError(f"more than {MAX_SHARDS} shards of {cfg.samples_per_shard} rows; raise samples_per_shard")
+    atomic_write_parquet(os.path.join(folder, f"{k:05d}.parquet"), rows)
 
 
 # -- 2. one chunk ---------------------------------------------------------------------------
