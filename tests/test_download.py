@@ -113,3 +113,12 @@ def test_cli_and_changed_input(server, tsv, tmp_path, capsys):
     other = tmp_path / "other.tsv"
     other.write_text(f"a caption\t{server.url}/img/train/0.jpg\n")
     assert main(["download", "--input", str(other), "--output", str(out)]) == 2  # refused, not mixed
+
+
+def test_too_many_shards_is_refused_before_any_download(tmp_path, monkeypatch):
+    import lverse.pipeline.download as download
+    monkeypatch.setattr(download, "MAX_SHARDS", 2)
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("".join(f"caption {i}\thttp://127.0.0.1:9/{i}.jpg\n" for i in range(5)))
+    with pytest.raises(ValueError, match="raise samples_per_shard"):
+        download.plan(DownloadConfig(input=str(tsv), output=str(tmp_path / "out"), samples_per_shard=2))
