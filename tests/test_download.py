@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lverse.cli import main
-from lverse.pipeline.download import DownloadConfig, run_download
+from lverse.pipeline.download import DownloadConfig, plan, run_download
 from lverse.preprocessing.synthetic_server import BAD_PATHS, SyntheticServer, SyntheticSet
 
 MALFORMED = (b"no tab on this line\n"
@@ -122,3 +122,17 @@ def test_too_many_shards_is_refused_before_any_download(tmp_path, monkeypatch):
     tsv.write_text("".join(f"caption {i}\thttp://127.0.0.1:9/{i}.jpg\n" for i in range(5)))
     with pytest.raises(ValueError, match="raise samples_per_shard"):
         download.plan(DownloadConfig(input=str(tsv), output=str(tmp_path / "out"), samples_per_shard=2))
+
+
+def test_a_shard_that_keeps_failing_raises_after_the_summary(server, tmp_path):
+    from lverse.pipeline.executors import StageFailed
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("".join(f"{server.data.sample('train', i)[1]}\t{server.url}/img/train/{i}.jpg\n" for i in range(4)))
+    cfg = config(str(tsv), tmp_path / "out", retries=0)
+    plan(cfg)
+    os.remove(tmp_path / "out" / "_chunks" / "00000.parquet")  # the chunk's rows are gone
+    with pytest.raises(StageFailed, match="1 shards failed"):
+        run_download(cfg)
+    summary = json.load(open(tmp_path / "out" / "_summary.json"))
+    assert [s["name"] for s in summary["shards_failed"]] == ["00000"]
+    assert not (tmp_path / "out" / "00000_stats.json").exists()
