@@ -42,11 +42,8 @@ def atomic_write_json(path: str, obj) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
 
 
-def atomic_write_parquet(path: str, rows) -> None:
-    """A pyarrow Table, or (caption, url) pairs."""
-    import pyarrow as pa
+def atomic_write_parquet(path: str, table) -> None:
+    """Write a pyarrow Table."""
     import pyarrow.parquet as pq
-    table = rows if isinstance(rows, pa.Table) else pa.table(
-        {"caption": [r[0] for r in rows], "url": [r[1] for r in rows]})
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp)

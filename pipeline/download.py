@@ -192,7 +192,9 @@ def _write_chunks(cfg: DownloadConfig, folder: str, signature: dict) -> dict:
 def _write_chunk(folder: str, k: int, rows: list, cfg: DownloadConfig) -> None:
     if k >= MAX_SHARDS:  # shard names and keys have five digits, as img2dataset's
         raise ValueError(f"more than {MAX_SHARDS} shards of {cfg.samples_per_shard} rows; raise samples_per_shard")
-    atomic_write_parquet(os.path.join(folder, f"{k:05d}.parquet"), rows)
+    import pyarrow as pa
+    table = pa.table({"caption": [r[0] for r in rows], "url": [r[1] for r in rows]})
+    atomic_write_parquet(os.path.join(folder, f"{k:05d}.parquet"), table)
 
 
 # -- 2. one chunk ---------------------------------------------------------------------------

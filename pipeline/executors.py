@@ -124,8 +124,8 @@ def _ray_actor_runner(fn, address, num_cpus, num_gpus, count):
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Actor)
 
     def submit(batch):
-        queue, running, pool = list(batch), {}, [cls.remote(fn) for _ in range(min(count, len(batch)))]
-        idle = list(pool)
+        queue, running = list(batch), {}
+        idle = [cls.remote(fn) for _ in range(min(count, len(batch)))]
         while queue or running:
             while queue and idle:
                 actor = idle.pop()
