@@ -265,6 +265,9 @@ def _refuse_other_vae(output: str, vae_hash: str) -> None:
     for marker in glob.glob(os.path.join(output, "*_stats.json")):
         with open(marker) as f:
             other = json.load(f).get("vae")
+        if other is None:  # e.g. img2dataset's own stats: --output points at the image shards
+            raise ValueError(f"{output} holds {os.path.basename(marker)}, which lverse encode did not "
+                             "write; encode into a new --output folder")
         if other != vae_hash:
             raise ValueError(f"{output} holds token shards of another AugVAE ({other[:12]}..., now "
                              f"{vae_hash[:12]}...); encode into a new --output folder")

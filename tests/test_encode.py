@@ -104,6 +104,10 @@ def test_a_folder_of_another_vae_is_refused(tmp_path, vae_path):
     save_model(AugVAE(PRESETS["debug-sl"]), other)
     with pytest.raises(ValueError, match="another AugVAE"):
         run_encode(EncodeConfig(shards=raw, vae=other, output=out))
+    with open(os.path.join(raw, "00000_stats.json"), "w") as f:  # as img2dataset leaves beside its shards
+        json.dump({"count": 2, "successes": 2}, f)
+    with pytest.raises(ValueError, match="did not write"):
+        run_encode(EncodeConfig(shards=raw, vae=vae_path, output=raw))
 
 
 def test_killed_then_resumed_equals_uninterrupted(tmp_path, vae_path):
