@@ -66,6 +66,19 @@ def _pipeline_run(args: argparse.Namespace) -> None:
     log.info("pipeline finished in %s; stages run now: %s", cfg.run_dir, sorted(results) or "none")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from lverse.config import load_config
+    from lverse.pipeline.train import TrainConfig, train
+    cfg = load_config(args.config, TrainConfig, {"deepspeed": args.deepspeed, "run_dir": args.run_dir,
+                                                 "steps": args.steps})
+    train(cfg)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from lverse.pipeline.train import export_checkpoint
+    export_checkpoint(args.run_dir, args.output, step=args.step)
+
+
 def _synthetic_serve(args: argparse.Namespace) -> None:
     from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
     data = SyntheticSet(seed=args.seed, train=args.train, heldout=args.heldout, image_size=args.image_size)
@@ -171,6 +184,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=1, help="retries of a failed shard (default: 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.set_defaults(func=_encode)
+
+    p = sub.add_parser("train", help="train BiART under DeepSpeed ZeRO (resumes by itself)",
+                       description="Train BiART on token shards, text->image on even steps and image->text on "
+                       "odd ones, under DeepSpeed ZeRO. Run it in every process of the job: `deepspeed "
+                       "--num_gpus N -m lverse.cli train ...` or torchrun on one node; `srun` (one task per "
+                       "GPU) under SLURM, whose variables are mapped for DeepSpeed. A run folder with a "
+                       "complete checkpoint is resumed exactly (model, optimizer, loss scale, lr, data "
+                       "position, RNG), also on another number of ranks. Sends SIGUSR1 (stop_signal) to "
+                       "checkpoint and stop at the next step.")
+    p.add_argument("--config", required=True, type=_existing_file, help="run YAML (see configs/train_debug.yaml)")
+    p.add_argument("--deepspeed", default=None, type=_existing_file,
+                   help="a ds_configs/*.json file (ZeRO stage, precision, offload); overrides the config's")
+    p.add_argument("--run-dir", default=None, help="override run_dir of the config")
+    p.add_argument("--steps", type=_positive, default=None, help="override steps of the config")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("export", help="write a training checkpoint as one safetensors file for inference",
+                       description="Gather the newest complete checkpoint of a training run (any ZeRO stage) into "
+                       "fp32 weights in one .safetensors file with the model config, in-process.")
+    p.add_argument("run_dir", help="the training run folder")
+    p.add_argument("--output", required=True, help="output .safetensors path")
+    p.add_argument("--step", type=_positive, default=None, help="a checkpoint's step (default: the newest)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("synthetic", help="serve the synthetic image-caption set on 127.0.0.1",
                        description="Serve procedurally drawn image-caption pairs over HTTP on 127.0.0.1 (the "

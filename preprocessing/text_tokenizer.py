@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterable
 
 import ftfy
+import numpy as np
 import sentencepiece as spm
 import torch
 from torch import Tensor
@@ -48,6 +49,9 @@ class CaptionTokenizer:
         self.sp = spm.SentencePieceProcessor(model_file=model_path)
         self.vocab_size = self.sp.get_piece_size()
         self.offset, self.dropout = offset, dropout
+        self._piece_ids = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
+                           if not (self.sp.is_control(i) or self.sp.is_unknown(i))}
+        self._scores = [self.sp.get_score(i) for i in range(self.vocab_size)]
 
     @property
     def pad_id(self) -> int:
@@ -83,18 +87,50 @@ class CaptionTokenizer:
         log.info("wrote %s.model (%d pieces)", output_prefix, vocab_size)
         return cls(output_prefix + ".model", **kwargs)
 
-    def pieces(self, text: str, training: bool = False) -> list[int]:
-        """SentencePiece ids of one caption; BPE-dropout only when ``training``."""
+    def pieces(self, text: str, training: bool = False, rng: np.random.Generator | None = None) -> list[int]:
+        """SentencePiece ids of one caption; BPE-dropout only when ``training``, drawn from ``rng``.
+
+        SentencePiece's own sampling cannot be reproduced across processes (the same seed gives
+        other pieces in another process: measured), and exact resume needs a caption's pieces to
+        depend only on its seed, so the dropout merges are done here (``_bpe_dropout``)."""
         text = normalize_caption(text)
         if training and self.dropout > 0:
-            return self.sp.encode(text, enable_sampling=True, alpha=self.dropout, nbest_size=-1)
+            return self._bpe_dropout(text, rng if rng is not None else np.random.default_rng())
         return self.sp.encode(text)
 
-    def encode(self, texts: list[str], length: int, training: bool = False) -> Tensor:
+    def _bpe_dropout(self, text: str, rng: np.random.Generator) -> list[int]:
+        """BPE with each candidate merge skipped with probability ``dropout`` at every step
+        (Provilkov et al. 2020, section 2): start from characters, repeatedly merge the adjacent
+        pair whose merged piece has the best score (SentencePiece's BPE scores are merge ranks)."""
+        sp = self.sp
+        symbols = [c for piece in sp.encode(text, out_type=str) for c in piece]  # normalised characters
+        while len(symbols) > 1:
+            best, best_score = None, None
+            skip = rng.random(len(symbols) - 1) < self.dropout
+            for i in range(len(symbols) - 1):
+                merged = symbols[i] + symbols[i + 1]
+                pid = self._piece_ids.get(merged)
+                if pid is None or skip[i]:
+                    continue
+                score = self._scores[pid]
+                if best_score is None or score > best_score:
+                    best, best_score = i, score
+            if best is None:
+                break
+            symbols[best:best + 2] = [symbols[best] + symbols[best + 1]]
+        unk, ids = sp.unk_id(), []
+        for sym in symbols:  # a run of unknown characters is one unknown piece, as in SentencePiece
+            pid = self._piece_ids.get(sym, unk)
+            if not (pid == unk and ids and ids[-1] == unk):
+                ids.append(pid)
+        return ids
+
+    def encode(self, texts: list[str], length: int, training: bool = False,
+               rngs: list[np.random.Generator] | None = None) -> Tensor:
         """(B, length) BiART ids: pieces shifted by ``offset``, truncated, PAD-filled."""
         out = torch.full((len(texts), length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
-            ids = self.pieces(text, training)[:length]
+            ids = self.pieces(text, training, None if rngs is None else rngs[row])[:length]
             out[row, :len(ids)] = torch.tensor(ids, dtype=torch.long) + self.offset
         return out
 

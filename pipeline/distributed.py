@@ -1,0 +1,76 @@
+"""Who am I in the job: rank, local rank and world size from torchrun, DeepSpeed or SLURM.
+
+torchrun and the ``deepspeed`` launcher export ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT``. ``srun`` exports only its own variables, and DeepSpeed's
+``init_distributed`` does not read them (it tries MPI next and fails on a missing ``mpi4py``), so
+``setup_env`` maps them before the process group starts: one task per GPU, rank = SLURM_PROCID,
+local rank = SLURM_LOCALID, world = SLURM_NTASKS, master = the first host of the job's node list
+(``scontrol show hostnames``), port derived from the job id so that two jobs sharing a node do not
+collide. A plain ``python`` process (no launcher) becomes a world of one on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    source: str  # "torchrun", "slurm" or "single"
+
+
+def world_info_from_env(env: dict | None = None) -> WorldInfo:
+    """Rank, local rank and world size; launcher variables win over SLURM's (a torchrun inside
+    an sbatch job sets both)."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return WorldInfo(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return WorldInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                         "slurm")
+    return WorldInfo(0, 0, 1, "single")
+
+
+def slurm_master_addr(nodelist: str) -> str:
+    """First host of a SLURM node list ("node[01-04],gpu7" -> "node01") via ``scontrol``."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
+                         text=True).stdout.split()
+    if not out:
+        raise RuntimeError(f"scontrol show hostnames {nodelist!r} returned no host")
+    return out[0]
+
+
+def setup_env(master_port: int | None = None) -> WorldInfo:
+    """Export the torch.distributed variables for this process (see the module doc); returns who
+    we are."""
+    info = world_info_from_env()
+    if info.source == "slurm":
+        os.environ.update(RANK=str(info.rank), LOCAL_RANK=str(info.local_rank), WORLD_SIZE=str(info.world_size))
+        os.environ.setdefault("MASTER_ADDR", slurm_master_addr(os.environ["SLURM_JOB_NODELIST"]))
+        # Every task must agree on the port without talking: derive it from the job id (and the
+        # array task, if any), inside the unprivileged range, so jobs sharing a node differ.
+        job = int(os.environ.get("SLURM_JOB_ID", "0")) + int(os.environ.get("SLURM_ARRAY_TASK_ID", "0") or 0)
+        os.environ.setdefault("MASTER_PORT", str(master_port or 20000 + job % 20000))
+    elif info.source == "single":
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(master_port or free_port()))
+    else:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(master_port or 29500))
+    return info
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,634 @@
+"""The train stage: BiART under DeepSpeed ZeRO, alternating directions, resumable to the step.
+
+``lverse train --config RUN.yaml [--deepspeed ds_configs/NAME.json]`` runs ``train(cfg)`` in every
+process of the job (``deepspeed``/torchrun on one node, ``srun`` one task per GPU under SLURM).
+
+The loop, in nanoGPT's order: set the lr (a pure function of the step) -> micro-steps (direction
+text->image on even steps, image->text on odd ones, the same on every rank) -> DeepSpeed's step
+(clipping, loss scaling, ZeRO) -> log -> samples -> checkpoint. What a run needs to continue
+exactly is in its checkpoint: model, optimizer, loss scaler (DeepSpeed's files) and the step. The
+rest is a function of the step: the lr; the RNG (reseeded from (seed, step, rank) before every
+step); the data position (``step x grad_accum`` micro-batches, see ``data.py``). A run killed at
+any moment and resumed therefore logs the same losses as an uninterrupted one.
+
+Checkpoints: ``run_dir/checkpoints/step_NNNNNNNN/`` written by DeepSpeed, then ``lverse.json``
+written into it last (atomically) once every rank has finished: a folder without it is a
+partial write and is never resumed from (nor counted among the ``keep_checkpoints`` kept).
+Resuming on another number of ranks converts the checkpoint to DeepSpeed's universal format
+first (``universal/step_NNNNNNNN/``); the data order then starts over from the new slots' position.
+
+Kernels: ``wrap`` is the one place where the single-device model meets the hardware, in this
+order: apex FusedLayerNorm (only when NVIDIA apex is importable) -> activation checkpointing ->
+optimizer (DeepSpeed FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, else torch
+AdamW) -> ``deepspeed.initialize``. Attention is SDPA, which picks flash kernels on CUDA. The
+choices are printed at start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lverse.config import dump_config
+from lverse.files import atomic_write_json
+
+from .distributed import setup_env
+
+log = logging.getLogger(__name__)
+
+DS_CONFIG_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                        "optimizer", "scheduler", "gradient_clipping")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "debug"  # a BiART preset (model/biart.py PRESETS): biart-500m, biart-mini, debug
+    overrides: dict = field(default_factory=dict)  # BiARTConfig fields to change, e.g. {n_layer: 4}
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # token shards: a folder, a glob or a {00000..00099} range
+    tokenizer: str = ""  # the caption tokenizer's .model file
+    vae: str = ""  # the AugVAE checkpoint the shards were encoded with (its hash is checked)
+    workers: int = 2  # DataLoader workers per rank
+    shuffle_shards: int = 4  # shards read and permuted together (the shuffle buffer)
+    resampled: bool = False  # draw shards with replacement instead of epochs
+    bpe_dropout: float = 0.1  # BPE-dropout on captions at load time
+
+
+@dataclass
+class OptimConfig:
+    lr: float | None = None  # peak lr; None: lr_per_sample x global batch (the paper's rule)
+    lr_per_sample: float = 4.5e-7  # the paper's lr per sample of global batch
+    weight_decay: float = 0.01  # AdamW, not on embeddings, biases, LayerNorms
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0  # linear warmup from 0
+    schedule: str = "cosine"  # "cosine" to min_lr_ratio x lr at the last step, or "constant"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # global grad-norm clip (0: off)
+    fused: bool = True  # FusedAdam on CUDA, DeepSpeedCPUAdam with offload (both compile on first use)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/biart"  # checkpoints, logs, samples, the resolved config
+    steps: int = 1000  # optimizer steps in all
+    micro_batch_size: int = 8  # sequences per rank per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    deepspeed: str = "ds_configs/zero2_bf16.json"  # ZeRO stage, precision, offload
+    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    seed: int = 0  # initialisation, data order, dropout
+    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 3  # newest complete checkpoints kept
+    log_every: int = 10  # steps between log lines / TensorBoard points
+    sample_every: int = 0  # steps between sample captions and images (0: never)
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measured at start
+    tensorboard: bool = True
+    wandb: bool = False  # also log to Weights & Biases (needs `wandb` installed)
+    wandb_project: str = "lverse"
+    export: bool = True  # write run_dir/biart.safetensors at the end
+    stop_signal: str = "SIGUSR1"  # checkpoint and stop at the next step when received (preemption)
+    master_port: int | None = None  # rendezvous port (None: from the launcher / SLURM job id)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed config, kernels and the one wrapping function
+
+def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
+    """A ds_configs/ file plus the values the run config owns (batch sizes, clipping)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DeepSpeed config {path} does not exist; see ds_configs/ for the named ones")
+    with open(path) as f:
+        ds = json.load(f)
+    owned = [k for k in DS_CONFIG_OWNED_KEYS if k in ds]
+    if owned:
+        raise ValueError(f"{path} sets {owned}; batch sizes, the optimizer, its schedule and clipping come "
+                         "from the run config only (micro_batch_size, grad_accum, optim.*): remove them")
+    ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
+              train_batch_size=cfg.micro_batch_size * cfg.grad_accum * world_size,
+              gradient_clipping=cfg.optim.grad_clip, steps_per_print=10**9, wall_clock_breakdown=False)
+    return ds
+
+
+def precision(ds: dict) -> str:
+    return "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, ds: dict, lr: float) -> tuple[torch.optim.Optimizer, str]:
+    """The fastest AdamW the hardware has, with a named CPU fallback (see the module doc)."""
+    groups = model.optim_groups(cfg.weight_decay)
+    kw = dict(lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
+    if offload and cfg.fused:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw), "DeepSpeedCPUAdam (offloaded optimizer states)"
+    if torch.cuda.is_available() and cfg.fused and not offload:
+        try:
+            from deepspeed.ops.adam import FusedAdam
+            return FusedAdam(groups, adam_w_mode=True, **kw), "DeepSpeed FusedAdam (CUDA)"
+        except Exception as e:  # the op could not be built (no nvcc, mismatched CUDA): say so
+            log.warning("FusedAdam unavailable (%s: %s); using torch's fused AdamW", type(e).__name__, e)
+            return torch.optim.AdamW(groups, fused=True, **kw), "torch AdamW fused=True (CUDA)"
+    if offload:  # DeepSpeed refuses a non-DeepSpeed optimizer with offload unless told it is meant
+        ds["zero_force_ds_cpu_optimizer"] = False
+    return torch.optim.AdamW(groups, foreach=True, **kw), "torch AdamW (foreach)" + (" on offloaded states" if offload else "")
+
+
+def apex_layernorm() -> type | None:
+    """NVIDIA apex's FusedLayerNorm when NVIDIA apex is installed (never PyPI's unrelated `apex`)."""
+    try:
+        from apex.normalization import FusedLayerNorm
+    except Exception:
+        return None
+    return FusedLayerNorm
+
+
+def wrap(model, cfg: TrainConfig, ds: dict, lr: float):
+    """Single-device model -> DeepSpeed engine; returns (engine, kernel choices)."""
+    import deepspeed
+    kernels = {}
+    cuda = torch.cuda.is_available()
+    fused_ln = apex_layernorm() if cuda else None
+    if fused_ln is not None:
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, torch.nn.LayerNorm):
+                    new = fused_ln(child.normalized_shape, eps=child.eps)
+                    new.load_state_dict(child.state_dict())
+                    setattr(parent, name, new)
+        kernels["layernorm"] = "apex FusedLayerNorm"
+    else:
+        kernels["layernorm"] = "torch LayerNorm" + ("" if cuda else " (CPU)") + " (NVIDIA apex not importable)" * cuda
+    if cfg.activation_checkpointing:
+        for block in model.blocks:
+            block.forward = _checkpointed(block.forward)
+    kernels["activation_checkpointing"] = "on" if cfg.activation_checkpointing else "off"
+    if cuda:
+        kernels["attention"] = ("SDPA, flash kernel available" if torch.backends.cuda.flash_sdp_enabled()
+                                else "SDPA, flash kernel disabled")
+    else:
+        kernels["attention"] = "SDPA (CPU kernels)"
+    optimizer, kernels["optimizer"] = build_optimizer(model, cfg.optim, ds, lr)
+    kernels["precision"] = precision(ds)
+    kernels["zero_stage"] = str(ds.get("zero_optimization", {}).get("stage", 0))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    return engine, kernels
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(x, cache=None, layer=0):
+        if cache is not None or not torch.is_grad_enabled():
+            return forward(x, cache, layer)
+        return checkpoint(forward, x, None, layer, use_reentrant=False)  # dropout replayed exactly
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule, FLOPs
+
+def lr_at(step: int, cfg: OptimConfig, peak: float, total: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): warmup, then constant or cosine."""
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps - 1)
+    floor = peak * cfg.min_lr_ratio
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def flops_per_token(model) -> float:
+    """Model FLOPs of one training token (forward + backward), PaLM appendix B: 6N for the matmul
+    weights (embedding lookups excluded) + 12 * layers * width * sequence length for attention."""
+    c = model.cfg
+    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("wte", "wpe", "wse")))
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.seq_len
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of a large square matmul on ``device``: the attainable peak MFU is measured against
+    when no peak is configured."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, folder) of every checkpoint whose ``lverse.json`` exists, oldest first."""
+    found = []
+    for marker in glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step_*", "lverse.json")):
+        folder = os.path.dirname(marker)
+        found.append((int(os.path.basename(folder).removeprefix("step_")), folder))
+    return sorted(found)
+
+
+def read_checkpoint_meta(folder: str) -> dict:
+    with open(os.path.join(folder, "lverse.json")) as f:
+        return json.load(f)
+
+
+def save_checkpoint(engine, cfg: TrainConfig, step: int, meta: dict, rank: int) -> str:
+    import deepspeed.comm as dist
+    root = os.path.join(cfg.run_dir, "checkpoints")
+    tag = f"step_{step:08d}"
+    engine.save_checkpoint(root, tag=tag, save_latest=False)
+    dist.barrier()  # every rank's files are on disk before the marker says so
+    folder = os.path.join(root, tag)
+    if rank == 0:
+        atomic_write_json(os.path.join(folder, "lverse.json"), {**meta, "step": step})
+        for _, old in complete_checkpoints(cfg.run_dir)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(os.path.join(cfg.run_dir, "universal", os.path.basename(old)), ignore_errors=True)
+        log.info("checkpoint %s written", folder)
+    dist.barrier()
+    return folder
+
+
+def to_universal(folder: str, run_dir: str) -> str:
+    """Convert a ZeRO checkpoint for loading on another number of ranks (rank 0 only)."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    out = os.path.join(run_dir, "universal", os.path.basename(folder))
+    if not os.path.isfile(os.path.join(out, "lverse.json")):
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(input_folder=folder, output_folder=out, num_extract_workers=1,
+                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                           inject_missing_state=False))
+        shutil.copy(os.path.join(folder, "lverse.json"), os.path.join(out, "lverse.json"))  # last: complete
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+def build_model_config(cfg: TrainConfig):
+    """The preset's transformer with the vocabulary and lengths of this run's tokenizer and AugVAE."""
+    from lverse.model.augvae import AugVAEConfig
+    from lverse.model.biart import PRESETS, BiARTConfig
+    from lverse.model.checkpoint import read_config
+    from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+    if cfg.model.preset not in PRESETS:
+        raise ValueError(f"model.preset {cfg.model.preset!r} is not one of {sorted(PRESETS)}")
+    for name, path in (("data.tokenizer", cfg.data.tokenizer), ("data.vae", cfg.data.vae)):
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(f"{name} {path!r} does not exist")
+    derived = {"text_vocab": CaptionTokenizer(cfg.data.tokenizer).vocab_size}
+    if cfg.data.vae.endswith(".safetensors"):
+        vae = read_config(cfg.data.vae, AugVAEConfig)
+        derived.update(image_vocab=vae.codebook_size, image_len=vae.num_tokens)
+    clash = {k: (v, derived[k]) for k, v in cfg.model.overrides.items() if k in derived and derived[k] != v}
+    if clash:
+        raise ValueError(f"model.overrides {clash} (given, from the data) disagree with the tokenizer / AugVAE; "
+                         "drop them: they are read from data.tokenizer and data.vae")
+    try:
+        return dataclasses.replace(PRESETS[cfg.model.preset], **{**cfg.model.overrides, **derived})
+    except TypeError as e:
+        raise ValueError(f"model.overrides: {e}; the fields are those of BiARTConfig") from e
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training in this process; returns the last logged metrics."""
+    info = setup_env(cfg.master_port)
+    import deepspeed
+    import deepspeed.comm as dist
+
+    from lverse.model.biart import BiART, Direction, build_sequence
+    from lverse.pipeline.data import Batches, Stream, TokenBatch, token_shard_counts
+    from lverse.pipeline.encode import expand_shards, file_sha256
+
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+    bcfg = build_model_config(cfg)
+    shards = expand_shards(cfg.data.shards)
+    if not shards:
+        raise FileNotFoundError(f"data.shards {cfg.data.shards!r} matches no token shard")
+    counts = token_shard_counts(shards, file_sha256(cfg.data.vae))
+    ds_path = cfg.deepspeed
+    ds = load_ds_config(ds_path, cfg, world)
+    if precision(ds) == "fp16" and not torch.cuda.is_available():
+        raise ValueError(f"{ds_path} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
+                         "has no fp16); use a bf16 or fp32 config on a CPU")
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.lr_per_sample * global_batch
+    if cfg.optim.schedule not in ("cosine", "constant"):
+        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
+
+    resume = complete_checkpoints(cfg.run_dir)
+    meta = read_checkpoint_meta(resume[-1][1]) if resume else None
+    if meta and meta["world_size"] != world:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = BiART(bcfg)
+    from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {"universal_checkpoint_version": 0.2})
+    engine, kernels = wrap(model, cfg, ds, peak_lr)
+
+    start_step = 0
+    if meta:
+        folder = resume[-1][1]
+        if meta["world_size"] != world:
+            if rank == 0:
+                log.info("checkpoint of %d ranks, now %d: converting to a universal checkpoint",
+                         meta["world_size"], world)
+                to_universal(folder, cfg.run_dir)
+            dist.barrier()
+            folder = os.path.join(cfg.run_dir, "universal", os.path.basename(folder))
+        load_path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder),
+                                              load_module_strict=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load {folder}")
+        start_step = meta["step"]
+        if rank == 0:
+            log.info("resumed from %s at step %d", folder, start_step)
+
+    data_key = {"world_size": world, "workers": cfg.data.workers, "micro_batch_size": cfg.micro_batch_size,
+                "seed": cfg.seed, "shuffle_shards": cfg.data.shuffle_shards, "resampled": cfg.data.resampled,
+                "shards": [os.path.basename(s) for s in shards]}
+    start_batches = start_step * cfg.grad_accum
+    if meta and meta.get("data") != data_key:
+        start_batches = meta["samples"] // (world * cfg.micro_batch_size)
+        if rank == 0:
+            log.warning("the data layout changed since the checkpoint (ranks, workers, batch, seed or "
+                        "shards): resuming the data order approximately, at micro-batch %d per rank", start_batches)
+    stream = Stream(tuple(shards), tuple(counts), cfg.seed, cfg.data.shuffle_shards, cfg.data.resampled)
+    make_batch = TokenBatch(cfg.data.tokenizer, bcfg.text_offset, bcfg.text_len, bcfg.image_len,
+                            bcfg.image_vocab, cfg.data.bpe_dropout)
+    batches = Batches(stream, make_batch, cfg.micro_batch_size, rank, world, cfg.data.workers, start_batches)
+    loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.workers,
+                                              prefetch_factor=4 if cfg.data.workers else None))
+
+    fpt = flops_per_token(model)
+    peak = cfg.peak_flops or measure_peak_flops(
+        device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision(ds)]
+        if device.type == "cuda" else torch.float32)
+    if rank == 0:
+        os.makedirs(cfg.run_dir, exist_ok=True)
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
+        with open(os.path.join(cfg.run_dir, "ds_config.json"), "w") as f:
+            json.dump(ds, f, indent=2)
+        log.info("BiART %s: %.1fM parameters, %d ranks, global batch %d, peak lr %.3g, %d steps",
+                 cfg.model.preset, sum(p.numel() for p in model.parameters()) / 1e6, world, global_batch,
+                 peak_lr, cfg.steps)
+        log.info("kernels: %s", "; ".join(f"{k}: {v}" for k, v in kernels.items()))
+        log.info("MFU against %.3g FLOP/s per device (%s)", peak, "configured" if cfg.peak_flops else "measured")
+    logger = MetricsLogger(cfg, rank)
+    sampler = Sampler(cfg, bcfg, shards[0], rank) if cfg.sample_every else None
+
+    stop = _StopFlag(cfg.stop_signal)
+    sums = {d: torch.zeros(4, device=device) for d in Direction}  # loss, ref, gen, steps
+    tokens_per_step = global_batch * (bcfg.seq_len - 1)
+    last, t0, metrics = start_step, time.time(), {}
+    step = start_step
+    for step in range(start_step, cfg.steps):
+        lr = lr_at(step, cfg.optim, peak_lr, cfg.steps)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
+        direction = Direction(step % 2)  # text->image on even steps, image->text on odd: all ranks agree
+        for _ in range(cfg.grad_accum):
+            batch = next(loader)
+            seq = build_sequence(batch["text"], batch["image"], direction, bcfg).to(device, non_blocking=True)
+            _, losses = engine(seq[:, :-1], direction, targets=seq[:, 1:])
+            engine.backward(losses["loss"])
+            engine.step()
+            sums[direction] += torch.stack([losses["loss"].detach(), losses["ref"].detach(),
+                                            losses["gen"].detach(), torch.ones((), device=device)]) / cfg.grad_accum
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            dt = time.time() - t0
+            metrics = _gather_metrics(sums, world)
+            metrics.update(step=done, lr=lr, grad_norm=_float(engine.get_global_grad_norm()),
+                           loss_scale=_loss_scale(engine), tokens_per_s=tokens_per_step * (done - last) / dt,
+                           samples_per_s=global_batch * (done - last) / dt)
+            metrics["mfu"] = fpt * metrics["tokens_per_s"] / (peak * world)
+            logger.log(metrics)
+            sums = {d: torch.zeros(4, device=device) for d in Direction}
+            last, t0 = done, time.time()
+        if sampler and done % cfg.sample_every == 0:
+            sampler.run(engine, done, logger, ds)
+        stopping = stop.agreed(device)
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+            save_checkpoint(engine, cfg, done, {"world_size": world, "data": data_key,
+                                                "samples": done * global_batch}, rank)
+        if stopping:
+            if rank == 0:
+                log.warning("%s received: checkpointed at step %d and stopping", cfg.stop_signal, done)
+            logger.close()
+            return {**metrics, "stopped_at": done}
+    if cfg.export:
+        export_checkpoint(cfg.run_dir, os.path.join(cfg.run_dir, "biart.safetensors"), rank=rank)
+    logger.close()
+    return metrics
+
+
+def _gather_metrics(sums: dict, world: int) -> dict:
+    import deepspeed.comm as dist
+    from lverse.model.biart import Direction
+    stacked = torch.stack([sums[d] for d in Direction])
+    dist.all_reduce(stacked)
+    out = {}
+    for d, row in zip(Direction, stacked.tolist()):
+        if row[3]:
+            name = d.name.lower()
+            out.update({f"{name}/loss": row[0] / row[3], f"{name}/ref": row[1] / row[3], f"{name}/gen": row[2] / row[3]})
+    return out
+
+
+def _float(x) -> float | None:
+    return None if x is None else float(x)
+
+
+def _loss_scale(engine) -> float | None:
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 0.0)))
+
+
+class _StopFlag:
+    """Set by a signal (SLURM's warning before a time limit or preemption); every rank stops at the
+    same step because the flag is all-reduced (a signal may reach the ranks at different steps)."""
+
+    def __init__(self, name: str | None):
+        self.set = False
+        if name:
+            signal.signal(getattr(signal, name), self._handler)
+
+    def _handler(self, signum, frame):
+        self.set = True
+
+    def agreed(self, device) -> bool:
+        import deepspeed.comm as dist
+        flag = torch.tensor([float(self.set)], device=device)
+        dist.all_reduce(flag)
+        return bool(flag.item())
+
+
+class MetricsLogger:
+    """Rank 0 writes ``metrics.jsonl`` (every logged step), TensorBoard and, when asked, W&B."""
+
+    def __init__(self, cfg: TrainConfig, rank: int):
+        self.rank, self.tb, self.wandb = rank, None, None
+        if rank:
+            return
+        self.path = os.path.join(cfg.run_dir, "metrics.jsonl")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("wandb: true needs `pip install wandb`") from e
+            self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.run_dir, config=dataclasses.asdict(cfg),
+                                    resume="allow", id=os.path.basename(os.path.abspath(cfg.run_dir)))
+
+    def log(self, metrics: dict) -> None:
+        if self.rank:
+            return
+        step = metrics["step"]
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        parts = [f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("/ref", "/gen"))]
+        log.info("step %d | %s | lr %.3g | %.0f tok/s | MFU %.3f%s", step, " ".join(parts), metrics["lr"],
+                 metrics["tokens_per_s"], metrics["mfu"],
+                 f" | scale {metrics['loss_scale']:.0f}" if metrics.get("loss_scale") else "")
+        for k, v in metrics.items():
+            if self.tb and k != "step" and v is not None:
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def image(self, tag: str, array: np.ndarray, step: int) -> None:
+        if self.tb:
+            self.tb.add_image(tag, array, step, dataformats="HWC")
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        if self.tb:
+            self.tb.add_text(tag, text, step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Sampler:
+    """Sample captions and images every ``sample_every`` steps from a few fixed samples of the
+    first shard; every rank takes part (ZeRO-3 gathers parameters collectively), rank 0 writes."""
+
+    def __init__(self, cfg: TrainConfig, bcfg, first_shard: str, rank: int, n: int = 4):
+        from lverse.pipeline.data import TokenBatch, read_tar
+        samples = read_tar(first_shard)[:n]
+        make = TokenBatch(cfg.data.tokenizer, bcfg.text_offset, bcfg.text_len, bcfg.image_len, bcfg.image_vocab, 0.0)
+        self.batch = make(samples, [np.random.default_rng(0)] * len(samples))
+        self.captions = [s.get("txt", b"").decode("utf-8", "replace") for s in samples]
+        self.cfg, self.bcfg, self.rank = cfg, bcfg, rank
+        self.vae = None
+
+    def run(self, engine, step: int, logger: MetricsLogger, ds: dict) -> None:
+        from lverse.model.biart import Direction, prompt_for
+        from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+        model, device = engine.module, engine.device
+        gather = contextlib.nullcontext()
+        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+            import deepspeed
+            gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
+        model.eval()
+        gen = torch.Generator(device=device).manual_seed(0)
+        with gather, torch.no_grad():
+            text = model.generate(prompt_for(self.batch["image"].to(device), Direction.I2T, self.bcfg),
+                                  Direction.I2T, self.bcfg.text_len, temperature=0)
+            image = model.generate(prompt_for(self.batch["text"].to(device), Direction.T2I, self.bcfg),
+                                   Direction.T2I, self.bcfg.image_len, temperature=1.0, top_k=64, generator=gen)
+        model.train()
+        if self.rank:
+            return
+        from PIL import Image
+
+        from lverse.pipeline.encode import load_vae
+        tok = CaptionTokenizer(self.cfg.data.tokenizer, offset=self.bcfg.text_offset)
+        lines = [f"{truth!r} -> {tok.decode(ids.cpu())!r}" for truth, ids in zip(self.captions, text)]
+        folder = os.path.join(self.cfg.run_dir, "samples")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"step_{step:08d}.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        logger.text("samples/captions", "\n\n".join(lines), step)
+        self.vae = self.vae or load_vae(self.cfg.data.vae)
+        pictures = self.vae.decode(image.cpu().long()).clamp(-1, 1)
+        grid = ((torch.cat(list(pictures), dim=2) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(grid).save(os.path.join(folder, f"step_{step:08d}.png"))
+        logger.image("samples/text_to_image", grid, step)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: int = 0) -> str:
+    """The newest complete checkpoint (or ``step``'s) -> one safetensors file of fp32 weights with
+    the model config, in-process; works for every ZeRO stage. Only ``rank`` 0 writes."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from lverse.config import from_dict
+    from lverse.model.biart import BiART
+    from lverse.model.checkpoint import save_model
+    found = dict(complete_checkpoints(run_dir))
+    if not found:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/step_*/lverse.json)")
+    step = max(found) if step is None else step
+    if step not in found:
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint of step {step}; it has {sorted(found)}")
+    if rank:
+        return output
+    import yaml
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        cfg = from_dict(TrainConfig, yaml.safe_load(f), os.path.join(run_dir, "config.yaml"))
+    folder = found[step]
+    state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+    model = BiART(build_model_config(cfg))
+    model.load_state_dict(state, strict=True)
+    save_model(model, output)
+    log.info("exported step %d of %s to %s", step, run_dir, output)
+    return output
