@@ -74,6 +74,12 @@ def _train(args: argparse.Namespace) -> None:
     train(cfg)
 
 
+def _train_vae(args: argparse.Namespace) -> None:
+    from lverse.config import load_config
+    from lverse.pipeline.train_vae import VAETrainConfig, train_vae
+    train_vae(load_config(args.config, VAETrainConfig, {"run_dir": args.run_dir}))
+
+
 def _export(args: argparse.Namespace) -> None:
     from lverse.pipeline.train import export_checkpoint
     export_checkpoint(args.run_dir, args.output, step=args.step)
@@ -199,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="override run_dir of the config")
     p.add_argument("--steps", type=_positive, default=None, help="override steps of the config")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("train-vae", help="train AugVAE: ML, conversion to SL, SL fine-tuning (resumes by itself)",
+                       description="Train AugVAE-ML on image shards, convert it to SL and fine-tune it, "
+                       "data-parallel (torchrun / deepspeed launcher / srun, like train) with the EMA codebook "
+                       "all-reduced so every rank holds the same one. Writes augvae-ml.safetensors and "
+                       "augvae-sl.safetensors into the run folder; resumes from its newest checkpoint.")
+    p.add_argument("--config", required=True, type=_existing_file, help="run YAML (see configs/train_vae_debug.yaml)")
+    p.add_argument("--run-dir", default=None, help="override run_dir of the config")
+    p.set_defaults(func=_train_vae)
 
     p = sub.add_parser("export", help="write a training checkpoint as one safetensors file for inference",
                        description="Gather the newest complete checkpoint of a training run (any ZeRO stage) into "

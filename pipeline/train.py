@@ -45,6 +45,7 @@ from lverse.config import dump_config
 from lverse.files import atomic_write_json
 
 from .distributed import setup_env
+from .metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,8 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, ds: dict, lr: floa
             return torch.optim.AdamW(groups, fused=True, **kw), "torch AdamW fused=True (CUDA)"
     if offload:  # DeepSpeed refuses a non-DeepSpeed optimizer with offload unless told it is meant
         ds["zero_force_ds_cpu_optimizer"] = False
-    return torch.optim.AdamW(groups, foreach=True, **kw), "torch AdamW (foreach)" + (" on offloaded states" if offload else "")
+    name = "torch AdamW (foreach)" + (" on offloaded states" if offload else "")
+    return torch.optim.AdamW(groups, foreach=True, **kw), name
 
 
 def apex_layernorm() -> type | None:
@@ -299,7 +301,7 @@ def to_universal(folder: str, run_dir: str) -> str:
 def build_model_config(cfg: TrainConfig):
     """The preset's transformer with the vocabulary and lengths of this run's tokenizer and AugVAE."""
     from lverse.model.augvae import AugVAEConfig
-    from lverse.model.biart import PRESETS, BiARTConfig
+    from lverse.model.biart import PRESETS
     from lverse.model.checkpoint import read_config
     from lverse.preprocessing.text_tokenizer import CaptionTokenizer
     if cfg.model.preset not in PRESETS:
@@ -412,7 +414,7 @@ def train(cfg: TrainConfig) -> dict:
                  peak_lr, cfg.steps)
         log.info("kernels: %s", "; ".join(f"{k}: {v}" for k, v in kernels.items()))
         log.info("MFU against %.3g FLOP/s per device (%s)", peak, "configured" if cfg.peak_flops else "measured")
-    logger = MetricsLogger(cfg, rank)
+    logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project)
     sampler = Sampler(cfg, bcfg, shards[0], rank) if cfg.sample_every else None
 
     stop = _StopFlag(cfg.stop_signal)
@@ -464,6 +466,7 @@ def train(cfg: TrainConfig) -> dict:
 
 def _gather_metrics(sums: dict, world: int) -> dict:
     import deepspeed.comm as dist
+
     from lverse.model.biart import Direction
     stacked = torch.stack([sums[d] for d in Direction])
     dist.all_reduce(stacked)
@@ -471,7 +474,7 @@ def _gather_metrics(sums: dict, world: int) -> dict:
     for d, row in zip(Direction, stacked.tolist()):
         if row[3]:
             name = d.name.lower()
-            out.update({f"{name}/loss": row[0] / row[3], f"{name}/ref": row[1] / row[3], f"{name}/gen": row[2] / row[3]})
+            out.update({f"{name}/{part}": row[i] / row[3] for i, part in enumerate(("loss", "ref", "gen"))})
     return out
 
 
@@ -503,56 +506,6 @@ class _StopFlag:
         flag = torch.tensor([float(self.set)], device=device)
         dist.all_reduce(flag)
         return bool(flag.item())
-
-
-class MetricsLogger:
-    """Rank 0 writes ``metrics.jsonl`` (every logged step), TensorBoard and, when asked, W&B."""
-
-    def __init__(self, cfg: TrainConfig, rank: int):
-        self.rank, self.tb, self.wandb = rank, None, None
-        if rank:
-            return
-        self.path = os.path.join(cfg.run_dir, "metrics.jsonl")
-        if cfg.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(cfg.run_dir, "tensorboard"))
-        if cfg.wandb:
-            try:
-                import wandb
-            except ImportError as e:
-                raise ImportError("wandb: true needs `pip install wandb`") from e
-            self.wandb = wandb.init(project=cfg.wandb_project, dir=cfg.run_dir, config=dataclasses.asdict(cfg),
-                                    resume="allow", id=os.path.basename(os.path.abspath(cfg.run_dir)))
-
-    def log(self, metrics: dict) -> None:
-        if self.rank:
-            return
-        step = metrics["step"]
-        with open(self.path, "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        parts = [f"{k} {v:.4f}" for k, v in metrics.items() if k.endswith(("/ref", "/gen"))]
-        log.info("step %d | %s | lr %.3g | %.0f tok/s | MFU %.3f%s", step, " ".join(parts), metrics["lr"],
-                 metrics["tokens_per_s"], metrics["mfu"],
-                 f" | scale {metrics['loss_scale']:.0f}" if metrics.get("loss_scale") else "")
-        for k, v in metrics.items():
-            if self.tb and k != "step" and v is not None:
-                self.tb.add_scalar(k, v, step)
-        if self.wandb:
-            self.wandb.log({k: v for k, v in metrics.items() if v is not None}, step=step)
-
-    def image(self, tag: str, array: np.ndarray, step: int) -> None:
-        if self.tb:
-            self.tb.add_image(tag, array, step, dataformats="HWC")
-
-    def text(self, tag: str, text: str, step: int) -> None:
-        if self.tb:
-            self.tb.add_text(tag, text, step)
-
-    def close(self) -> None:
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
 
 
 class Sampler:

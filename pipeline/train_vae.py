@@ -1,0 +1,256 @@
+"""The train-vae stage: AugVAE-ML training, conversion to SL, SL fine-tuning; data-parallel.
+
+``lverse train-vae --config VAE.yaml`` runs ``train_vae(cfg)`` in every process of the job
+(torchrun, ``deepspeed``, or ``srun`` one task per GPU; see ``distributed.py``). Steps
+``[0, ml_steps)`` train the ML model; at ``ml_steps`` it is converted to SL (``ml_to_sl``: fresh
+connectors) and steps ``[ml_steps, ml_steps + sl_steps)`` fine-tune it. ``augvae-ml.safetensors``
+and ``augvae-sl.safetensors`` are written into the run folder at the end of each phase.
+
+Data-parallel with DistributedDataParallel, ``broadcast_buffers=False``: the EMA codebook is not
+copied from rank 0 each step but kept identical by the quantizer itself, which all-reduces its
+counts and sums (DESIGN.md section 3); the run checks that the codebooks agree across ranks at
+every log step and logs the largest difference (``codebook_max_diff``, expected 0).
+
+Loss: MSE + 0.1 LPIPS(VGG) + commitment (``model/losses.py``); AdamW betas (0.9, 0.999), weight
+decay 1e-5, lr 4.5e-6 x global batch (the paper's), constant after an optional warmup: the paper
+halves it on plateau, which makes the lr depend on the loss history; a pure function of the step
+keeps resume exact. Images: a random square crop of 75-100% of the shorter side, resized to the
+model's size, in [-1, 1] (the paper's "random crop ratio 0.75").
+
+Resume, checkpoints and data order work as in BiART training (``train.py``): a checkpoint folder
+counts once its ``lverse.json`` is written, RNG reseeded from (seed, step, rank), the data position
+is ``step`` micro-batches. Codebook usage (perplexity, dead codes) is counted with ``bincount``,
+never a one-hot.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lverse.config import dump_config
+from lverse.files import atomic_output, atomic_write_json
+
+from .distributed import setup_env
+from .metrics import MetricsLogger
+from .train import complete_checkpoints, read_checkpoint_meta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VAETrainConfig:
+    run_dir: str = "runs/augvae"  # checkpoints, logs, reconstructions, the exported models
+    shards: str = ""  # image shards of `lverse download` (img2dataset webdataset tars)
+    preset: str = "debug-ml"  # an AugVAE ML preset (model/augvae.py PRESETS): augvae-ml, debug-ml
+    init: str | None = None  # an ML .safetensors to start from (ml_steps: 0 fine-tunes SL only)
+    ml_steps: int = 1000  # ML training steps
+    sl_steps: int = 1000  # SL fine-tuning steps after the conversion
+    batch_size: int = 8  # images per rank per step
+    lr: float | None = None  # None: lr_per_sample x global batch
+    lr_per_sample: float = 4.5e-6  # the paper's lr per image of global batch
+    warmup_steps: int = 0  # linear warmup at the start of each phase
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-5
+    crop_ratio: float = 0.75  # smallest random crop, as a fraction of the shorter side
+    perceptual_weight: float = 0.1  # LPIPS weight (0: MSE and commitment only)
+    vgg_checkpoint: str | None = None  # torchvision vgg16 weights for LPIPS (None: random VGG, tests only)
+    workers: int = 2  # DataLoader workers per rank
+    shuffle_shards: int = 4  # shards read and permuted together
+    resampled: bool = False  # draw shards with replacement instead of epochs
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # steps between reconstruction grids (0: never)
+    tensorboard: bool = True
+    master_port: int | None = None
+
+
+class ImageBatch:
+    """img2dataset samples -> (B, 3, size, size) float32 in [-1, 1], a random crop per sample drawn
+    from the sample's own RNG. A sample that does not decode is left out (and logged)."""
+
+    def __init__(self, size: int, crop_ratio: float):
+        self.size, self.crop_ratio = size, crop_ratio
+
+    def __call__(self, samples: list[dict], rngs: list[np.random.Generator]) -> torch.Tensor:
+        out = [im for im in (self._one(s, r) for s, r in zip(samples, rngs)) if im is not None]
+        if not out:
+            raise ValueError(f"no image of samples {[s['__key__'] for s in samples]} decodes")
+        return torch.from_numpy(np.stack(out))
+
+    def _one(self, sample: dict, rng: np.random.Generator) -> np.ndarray | None:
+        from PIL import Image
+        try:
+            with Image.open(io.BytesIO(sample.get("jpg", b""))) as im:
+                im = im.convert("RGB")
+                side = int(min(im.size) * rng.uniform(self.crop_ratio, 1.0))
+                left = int(rng.integers(im.width - side + 1))
+                top = int(rng.integers(im.height - side + 1))
+                im = im.crop((left, top, left + side, top + side)).resize((self.size, self.size), Image.BICUBIC)
+                return np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            log.warning("sample %s does not decode (%s); left out of its batch", sample.get("__key__"), e)
+            return None
+
+
+def _phase_model(cfg: VAETrainConfig, step: int, trained_ml, resume: list):
+    """The model to train from ``step`` on: ML before ``ml_steps``; after, the SL conversion of the
+    ML model just trained (``trained_ml``), or of the one checkpointed at the switch, or the SL
+    structure a later checkpoint is loaded into. Connectors are drawn from ``seed`` every time,
+    so a run resumed at the switch converts exactly as an uninterrupted one."""
+    from lverse.model.augvae import PRESETS, AugVAE, ml_to_sl
+    if cfg.preset not in PRESETS or PRESETS[cfg.preset].variant != "ml":
+        raise ValueError(f"preset {cfg.preset!r} must be an ML preset: "
+                         f"{sorted(k for k, v in PRESETS.items() if v.variant == 'ml')}")
+    ml = trained_ml
+    if ml is None:
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        ml = AugVAE.from_pretrained(cfg.init) if cfg.init else AugVAE(PRESETS[cfg.preset])
+        if ml.cfg.variant != "ml":
+            raise ValueError(f"init {cfg.init} is an SL model; train-vae starts from an ML model")
+        if step >= cfg.ml_steps and resume and resume[-1][0] == cfg.ml_steps and cfg.ml_steps > 0:
+            state = torch.load(os.path.join(resume[-1][1], "state.pt"), map_location="cpu", weights_only=True)
+            ml.load_state_dict(state["model"])
+    if step < cfg.ml_steps:
+        return ml
+    torch.manual_seed(cfg.seed + 1)
+    return ml_to_sl(ml.cpu())
+
+
+def train_vae(cfg: VAETrainConfig) -> dict:
+    """Run (or resume) AugVAE training in this process; returns the last logged metrics."""
+    import torch.distributed as dist
+
+    from lverse.model.checkpoint import save_model
+    from lverse.model.losses import ReconstructionLoss
+    from lverse.model.quantizer import codebook_usage
+
+    from .data import Batches, Stream, image_shard_counts, read_tar
+    from .encode import expand_shards
+
+    info = setup_env(cfg.master_port)
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    shards = expand_shards(cfg.shards)
+    if not shards:
+        raise FileNotFoundError(f"shards {cfg.shards!r} matches no image shard")
+    total = cfg.ml_steps + cfg.sl_steps
+    if total <= 0:
+        raise ValueError("ml_steps + sl_steps must be positive")
+    stream = Stream(tuple(shards), tuple(image_shard_counts(shards)), cfg.seed, cfg.shuffle_shards, cfg.resampled)
+
+    resume = complete_checkpoints(cfg.run_dir)
+    step = read_checkpoint_meta(resume[-1][1])["step"] if resume else 0
+    torch.manual_seed(cfg.seed)  # LPIPS without a VGG checkpoint is random: the same one on every run
+    loss_fn = ReconstructionLoss(cfg.perceptual_weight, cfg.vgg_checkpoint).to(device)
+    phase, model = None, None
+    logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard)
+    if rank == 0:
+        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
+    metrics, sums, last, t0 = {}, torch.zeros(4, device=device), step, time.time()
+    global_batch = cfg.batch_size * world
+    peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_sample * global_batch
+    while step < total:
+        if phase != ("ml" if step < cfg.ml_steps else "sl"):  # start (or resume) a phase
+            phase = "ml" if step < cfg.ml_steps else "sl"
+            model = _phase_model(cfg, step, model if phase == "sl" else None, resume).to(device)
+            opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=tuple(cfg.betas),
+                                    weight_decay=cfg.weight_decay)
+            if resume and resume[-1][0] == step and step != cfg.ml_steps:
+                state = torch.load(os.path.join(resume[-1][1], "state.pt"), map_location=device, weights_only=True)
+                model.load_state_dict(state["model"])
+                opt.load_state_dict(state["optimizer"])
+                if rank == 0:
+                    log.info("resumed from %s at step %d (%s)", resume[-1][1], step, phase)
+            ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            batches = Batches(stream, ImageBatch(model.cfg.image_size, cfg.crop_ratio), cfg.batch_size, rank,
+                              world, cfg.workers, start_batches=step, read=read_tar)
+            loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.workers,
+                                                      prefetch_factor=4 if cfg.workers else None))
+            phase_start, phase_end = (0, cfg.ml_steps) if phase == "ml" else (cfg.ml_steps, total)
+            if rank == 0:
+                log.info("AugVAE-%s: %.1fM parameters, %d tokens per image, %d ranks, global batch %d, "
+                         "lr %.3g, steps %d-%d", phase.upper(), sum(p.numel() for p in model.parameters()) / 1e6,
+                         model.cfg.num_tokens, world, global_batch, peak_lr, phase_start + 1, phase_end)
+        k = step - phase_start
+        lr = peak_lr * min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else peak_lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
+        images = next(loader).to(device, non_blocking=True)
+        recon, commit, indices = ddp(images)
+        losses = loss_fn(recon, images, commit)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        sums += torch.stack([losses["loss"].detach(), losses["mse"], losses["lpips"], losses["commit"]])
+        step += 1
+        if step % cfg.log_every == 0 or step == phase_end:
+            dist.all_reduce(sums)
+            usage = indices.detach()
+            perplexity, dead = codebook_usage(usage, model.cfg.codebook_size)
+            mean = (sums / (world * (step - last))).tolist()
+            metrics = {"step": step, "phase": phase, "loss": mean[0], "mse": mean[1], "lpips": mean[2],
+                       "commit": mean[3], "lr": lr, "perplexity": perplexity, "dead_codes": dead,
+                       "codebook_max_diff": _codebook_spread(model, world),
+                       "images_per_s": global_batch * (step - last) / (time.time() - t0)}
+            logger.log(metrics)
+            sums, last, t0 = torch.zeros(4, device=device), step, time.time()
+        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
+            _log_reconstructions(images[:4], recon[:4], step, cfg.run_dir, logger)
+        if step % cfg.checkpoint_every == 0 or step == phase_end:
+            _save(cfg, model, opt, step, rank)
+        if step == phase_end and rank == 0:
+            save_model(model, os.path.join(cfg.run_dir, f"augvae-{phase}.safetensors"))
+            log.info("wrote %s", os.path.join(cfg.run_dir, f"augvae-{phase}.safetensors"))
+    dist.barrier()
+    logger.close()
+    return metrics
+
+
+def _codebook_spread(model, world: int) -> float:
+    """Largest difference between this rank's codebook and any other rank's (0 when in sync)."""
+    import torch.distributed as dist
+    embed = model.codebook.embed.detach()
+    lo, hi = embed.clone(), embed.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return float((hi - lo).abs().max())
+
+
+def _save(cfg: VAETrainConfig, model, opt, step: int, rank: int) -> None:
+    import torch.distributed as dist
+    folder = os.path.join(cfg.run_dir, "checkpoints", f"step_{step:08d}")
+    if rank == 0:  # ranks hold identical replicas (DDP; codebook all-reduced)
+        os.makedirs(folder, exist_ok=True)
+        with atomic_output(os.path.join(folder, "state.pt")) as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
+        atomic_write_json(os.path.join(folder, "lverse.json"), {"step": step, "variant": model.cfg.variant})
+        for _, old in complete_checkpoints(cfg.run_dir)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _log_reconstructions(images, recon, step: int, run_dir: str, logger: MetricsLogger) -> None:
+    from PIL import Image
+    pair = torch.cat([images, recon.detach().float()], dim=2).clamp(-1, 1)  # originals above reconstructions
+    grid = ((torch.cat(list(pair), dim=2) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    folder = os.path.join(run_dir, "samples")
+    os.makedirs(folder, exist_ok=True)
+    Image.fromarray(grid).save(os.path.join(folder, f"recon_{step:08d}.png"))
+    logger.image("reconstructions", grid, step)
