@@ -1,0 +1,319 @@
+"""BiART training under DeepSpeed (real launcher processes, gloo on the CPU) and AugVAE training.
+
+The data is real: image shards -> ``run_encode`` with a debug AugVAE -> token shards, and a fitted
+caption tokenizer. Multi-rank runs go through torchrun, as a user launches them.
+"""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lverse.model import AugVAE, BiART, save_model
+from lverse.model.augvae import PRESETS
+from lverse.model.biart import BiARTConfig, Direction
+from lverse.model.checkpoint import load_model
+from lverse.pipeline.data import Batches, Stream, TokenBatch, read_tar, token_shard_counts
+from lverse.pipeline.distributed import world_info_from_env
+from lverse.pipeline.encode import EncodeConfig, file_sha256, read_samples, run_encode
+from lverse.pipeline.train import TrainConfig, load_ds_config
+from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+
+from .conftest import free_port
+from .test_encode import raw_shards
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
+SHARDS, PER_SHARD = 4, 16
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    raw = raw_shards(str(root / "raw"), count=SHARDS, n=PER_SHARD)
+    for s in range(SHARDS):  # img2dataset's done marker, which train-vae counts samples from
+        with open(os.path.join(raw, f"{s:05d}_stats.json"), "w") as f:
+            json.dump({"successes": PER_SHARD}, f)
+    torch.manual_seed(0)
+    vae = str(root / "vae.safetensors")
+    save_model(AugVAE(PRESETS["debug-sl"]), vae)
+    run_encode(EncodeConfig(shards=raw, vae=vae, output=str(root / "tokens")))
+    captions = [f["txt"].decode() for s in range(SHARDS) for _, f in read_samples(os.path.join(raw, f"{s:05d}.tar"))]
+    CaptionTokenizer.fit(captions, str(root / "tok"), vocab_size=64, offset=512)
+    return {"raw": raw, "tokens": str(root / "tokens"), "vae": vae, "tokenizer": str(root / "tok.model")}
+
+
+def train_config(path, data, run_dir, **over):
+    cfg = {"run_dir": str(run_dir), "steps": 8, "micro_batch_size": 4, "deepspeed": os.path.join(REPO, "ds_configs",
+           "zero2_bf16.json"), "checkpoint_every": 4, "log_every": 1, "model": {"preset": "debug",
+           "overrides": {"text_len": 24}}, "data": {"shards": data["tokens"], "tokenizer": data["tokenizer"],
+           "vae": data["vae"], "workers": 2}, "optim": {"lr": 3e-3, "warmup_steps": 2}}
+    for key, value in over.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def launch(nproc, *args, **kw):
+    """``torchrun --nproc_per_node nproc -m lverse.cli ARGS`` (a real multi-process DeepSpeed job)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), "-m", "lverse.cli", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kw)
+
+
+def run_job(nproc, *args, timeout=300):
+    proc = launch(nproc, *args)
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def metrics(run_dir):
+    """step -> every metrics line logged for it (a resumed run logs some steps twice)."""
+    lines = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            m = json.loads(line)
+            lines.setdefault(m["step"], []).append(m)
+    return lines
+
+
+def losses(entry):
+    return {k: v for k, v in entry.items() if k.endswith(("/loss", "/ref", "/gen"))}
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def _stream(data, **kw):
+    shards = sorted(glob.glob(os.path.join(data["tokens"], "*.tar")))
+    return Stream(tuple(shards), tuple(token_shard_counts(shards, file_sha256(data["vae"]))), 0, **kw)
+
+
+def _batches(data, rank, world, workers, start=0, n=4, **kw):
+    make = TokenBatch(data["tokenizer"], 512, 24, 64, 512, 0.1)
+    ds = Batches(_stream(data, **kw), make, 4, rank, world, workers, start)
+    it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
+    return [next(it) for _ in range(n)]
+
+
+def test_no_sample_seen_twice_in_an_epoch(data):
+    """2 ranks x 2 workers over 4 shards: one epoch's batches hold every sample exactly once."""
+    seen = []
+    for rank in range(2):
+        ds = Batches(_stream(data, shuffle_shards=2), _keys, 4, rank, 2, 2)
+        it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+        for _ in range(SHARDS * PER_SHARD // (2 * 4)):
+            seen += next(it)
+    assert len(seen) == len(set(seen)) == SHARDS * PER_SHARD
+
+
+def _keys(samples, rngs):
+    return [s["__key__"] for s in samples]
+
+
+def test_resumed_stream_continues_exactly(data):
+    """Micro-batch k onwards of a stream started at k equals the uninterrupted stream's, captions
+    (with BPE-dropout) included, across DataLoader worker processes."""
+    full = _batches(data, rank=1, world=2, workers=2, n=9)
+    for start in (3, 4):
+        resumed = _batches(data, rank=1, world=2, workers=2, start=start, n=9 - start)
+        for a, b in zip(full[start:], resumed):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
+
+
+def test_too_few_shards_for_the_readers_is_a_clear_error(data):
+    with pytest.raises(ValueError, match="4 shards for 6 readers"):
+        Batches(_stream(data), lambda s, r: s, 4, 0, 3, 2)
+
+
+def test_token_shards_of_another_vae_are_refused(data, tmp_path):
+    shards = sorted(glob.glob(os.path.join(data["tokens"], "*.tar")))
+    with pytest.raises(ValueError, match="encoded by another AugVAE"):
+        token_shard_counts(shards, "0" * 64)
+    with pytest.raises(ValueError, match="not a token shard"):
+        token_shard_counts(sorted(glob.glob(os.path.join(data["raw"], "*.tar"))), None)
+
+
+def test_ds_config_may_not_set_batch_or_optimizer(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 64}))
+    with pytest.raises(ValueError, match="come from the run config"):
+        load_ds_config(str(bad), TrainConfig(), 1)
+
+
+def test_slurm_variables_give_rank_and_world():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n[1-2]"}
+    info = world_info_from_env(env)
+    assert (info.rank, info.local_rank, info.world_size, info.source) == (5, 1, 8, "slurm")
+    assert world_info_from_env({**env, "RANK": "2", "WORLD_SIZE": "4"}).source == "torchrun"
+    assert world_info_from_env({}).world_size == 1
+
+
+# --- BiART under DeepSpeed --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_rank_run(data, tmp_path_factory):
+    """2 ranks, ZeRO-2, bf16, gloo: 40 steps with checkpoints at 20 and 40."""
+    root = tmp_path_factory.mktemp("two_rank")
+    cfg = train_config(root / "run.yaml", data, root / "run", steps=40, checkpoint_every=20, sample_every=20)
+    out = run_job(2, "train", "--config", cfg)
+    return {"run_dir": str(root / "run"), "config": cfg, "log": out}
+
+
+def test_two_rank_zero2_bf16_training_learns_both_directions(two_rank_run):
+    run, m = two_rank_run["run_dir"], metrics(two_rank_run["run_dir"])
+    assert sorted(m) == list(range(1, 41))
+    for d in ("t2i", "i2t"):
+        values = [m[s][0][f"{d}/gen"] for s in sorted(m) if f"{d}/gen" in m[s][0]]
+        assert len(values) == 20  # alternating: one direction per step
+        assert np.mean(values[-4:]) < np.mean(values[:2]) - 0.5, (d, values)
+    last = m[40][0]
+    assert last["tokens_per_s"] > 0 and 0 < last["mfu"] < 1 and last["grad_norm"] > 0
+    assert "kernels: " in two_rank_run["log"] and "optimizer: torch AdamW" in two_rank_run["log"]
+    assert [os.path.basename(p) for p in sorted(glob.glob(os.path.join(run, "checkpoints", "step_*")))] == \
+        ["step_00000020", "step_00000040"]
+    assert glob.glob(os.path.join(run, "tensorboard", "events.*"))
+    assert os.path.isfile(os.path.join(run, "samples", "step_00000040.png"))
+    model = load_model(os.path.join(run, "biart.safetensors"), BiART, BiARTConfig)
+    assert model.cfg.text_len == 24 and model.cfg.image_vocab == 512
+
+
+def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path):
+    """The 2-rank ZeRO-2 checkpoint of step 40 continues on 1 rank through a universal checkpoint:
+    one more step at lr 0 leaves exactly the weights the 2-rank run exported."""
+    run = tmp_path / "run"
+    shutil.copytree(two_rank_run["run_dir"], run)
+    with open(two_rank_run["config"]) as f:
+        cfg = yaml.safe_load(f)
+    cfg.update(run_dir=str(run), steps=41, export=True, sample_every=0)
+    cfg["optim"].update(lr=0.0, warmup_steps=0, schedule="constant")
+    with open(tmp_path / "run.yaml", "w") as f:
+        yaml.safe_dump(cfg, f)
+    out = run_job(1, "train", "--config", str(tmp_path / "run.yaml"))
+    assert "converting to a universal checkpoint" in out and "resumed from" in out
+    before = load_model(os.path.join(two_rank_run["run_dir"], "biart.safetensors"), BiART, BiARTConfig)
+    after = load_model(os.path.join(run, "biart.safetensors"), BiART, BiARTConfig)
+    for (name, a), b in zip(before.state_dict().items(), after.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert json.load(open(run / "checkpoints" / "step_00000041" / "lverse.json"))["world_size"] == 1
+
+
+def test_sigkilled_run_resumes_with_the_same_losses(data, tmp_path):
+    """A 2-rank run killed with SIGKILL after its step-4 checkpoint and started again logs exactly
+    the losses of an uninterrupted run (model, optimizer, lr, data position and RNG restored)."""
+    full = tmp_path / "full"
+    run_job(2, "train", "--config", train_config(tmp_path / "full.yaml", data, full, export=False))
+    killed = tmp_path / "killed"
+    cfg = train_config(tmp_path / "killed.yaml", data, killed, export=False)
+    proc = launch(2, "train", "--config", cfg)
+    deadline = time.time() + 240
+    while time.time() < deadline and not os.path.isfile(killed / "checkpoints" / "step_00000004" / "lverse.json"):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.isfile(killed / "checkpoints" / "step_00000004" / "lverse.json")
+    assert not os.path.isfile(killed / "checkpoints" / "step_00000008" / "lverse.json")
+    run_job(2, "train", "--config", cfg)
+    a, b = metrics(full), metrics(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert len(b[5]) >= 1
+    for step in a:
+        for entry in b[step]:  # steps logged before the kill and again after it: all equal
+            assert losses(entry) == losses(a[step][0]), step
+
+
+@pytest.mark.parametrize("ds_config", DS_CONFIGS, ids=os.path.basename)
+def test_every_ds_config_trains_one_step(ds_config, data, tmp_path):
+    fp16_on_cpu = json.load(open(ds_config)).get("fp16", {}).get("enabled") and not torch.cuda.is_available()
+    cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=1, export=False)
+    proc = subprocess.run([sys.executable, "-m", "lverse.cli", "train", "--config", cfg, "--deepspeed", ds_config],
+                          capture_output=True, text=True, timeout=300)
+    if fp16_on_cpu:  # DeepSpeed's CPU accelerator has no fp16: refused before any work, with the fix
+        assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr, proc.stderr[-3000:]
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(tmp_path / "run" / "checkpoints" / "step_00000001" / "lverse.json"))["step"] == 1
+    if "offload" in ds_config:
+        assert "DeepSpeedCPUAdam" in proc.stderr
+
+
+@pytest.mark.parametrize("ds_config", ["zero2_fp32.json", "zero3_bf16.json"])
+def test_exported_weights_give_the_engines_logits(ds_config, data, tmp_path):
+    cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=2,
+                       deepspeed=os.path.join(REPO, "ds_configs", ds_config))
+    run_job(2, "train", "--config", cfg)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), os.path.join(REPO, "tests", "engine_logits.py"), str(tmp_path / "run"),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    engine = torch.load(tmp_path / "logits.pt", weights_only=True)
+    model = load_model(str(tmp_path / "run" / "biart.safetensors"), BiART, BiARTConfig).eval()
+    dtype = torch.bfloat16 if "bf16" in ds_config else torch.float32  # the engine's copies of the fp32 masters
+    for name, p in model.named_parameters():
+        assert torch.equal(p.to(dtype), engine["weights"][name]), name
+    model = model.to(dtype)
+    with torch.no_grad():
+        for d in Direction:
+            logits = model(engine["seq"], d, targets=engine["seq"])[0].float()
+            if "zero3" in ds_config:
+                # ZeRO-3 swaps F.linear for its own matmul + bias (no fused addmm): the same bf16
+                # weights round differently, by a few bf16 ulps.
+                torch.testing.assert_close(logits, engine[d.name], atol=2e-2, rtol=2e-2)
+            else:
+                assert torch.equal(logits, engine[d.name]), d
+
+
+# --- AugVAE -----------------------------------------------------------------------------------
+
+def vae_config(path, data, run_dir, **over):
+    cfg = {"run_dir": str(run_dir), "shards": data["raw"], "preset": "debug-ml", "ml_steps": 3, "sl_steps": 3,
+           "batch_size": 4, "lr": 1e-3, "log_every": 1, "checkpoint_every": 2, "workers": 1, **over}
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def test_two_rank_vae_training_keeps_the_codebooks_identical(data, tmp_path):
+    run_job(2, "train-vae", "--config", vae_config(tmp_path / "vae.yaml", data, tmp_path / "run"))
+    m = metrics(tmp_path / "run")
+    assert sorted(m) == list(range(1, 7))
+    assert [m[s][0]["phase"] for s in sorted(m)] == ["ml"] * 3 + ["sl"] * 3
+    assert all(m[s][0]["codebook_max_diff"] == 0.0 for s in m)  # all-reduced across the 2 ranks
+    assert all(m[s][0]["perplexity"] > 1 for s in m)
+    ml = AugVAE.from_pretrained(str(tmp_path / "run" / "augvae-ml.safetensors"))
+    sl = AugVAE.from_pretrained(str(tmp_path / "run" / "augvae-sl.safetensors"))
+    assert (ml.cfg.variant, sl.cfg.variant, sl.cfg.num_tokens) == ("ml", "sl", 64)
+
+
+def test_vae_training_resumes_with_the_same_losses(data, tmp_path):
+    """Across the ML -> SL switch: the checkpoint of step 3 (the last ML step) resumes into SL."""
+    cfg = vae_config(tmp_path / "vae.yaml", data, tmp_path / "run", checkpoint_every=3)
+    run_job(1, "train-vae", "--config", cfg)
+    full = metrics(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000006")
+    os.remove(tmp_path / "run" / "metrics.jsonl")
+    run_job(1, "train-vae", "--config", cfg)
+    resumed = metrics(tmp_path / "run")
+    assert sorted(resumed) == [4, 5, 6]
+    for step in resumed:
+        for key in ("loss", "mse", "lpips", "commit", "perplexity"):
+            assert resumed[step][0][key] == full[step][0][key], (step, key)
+
+
+def test_read_tar_reads_every_sample(data):
+    samples = read_tar(os.path.join(data["tokens"], "00000.tar"))
+    assert len(samples) == PER_SHARD and all("codes.npy" in s and "txt" in s for s in samples)
