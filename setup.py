@@ -18,6 +18,9 @@ EXTRAS = {
     "vae": ["torchvision", "lpips>=0.1.4", "pillow"],
     # img2dataset 1.47 pins webdataset<0.3 and albumentations<2 (constraints.txt pins webdataset).
     "data": ["img2dataset>=1.45", "webdataset", "pyarrow", "ray[default]>=2.9", "pillow"],
+    # BiART training. DeepSpeed compiles its ops (FusedAdam, cpu_adam) on first use; NVIDIA apex is
+    # optional and never comes from PyPI (the PyPI package `apex` is unrelated).
+    "train": ["deepspeed>=0.16", "tensorboard"],
     "dev": ["pytest>=8", "ruff>=0.6"],
 }
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "dev" for dep in deps})

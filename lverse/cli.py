@@ -119,6 +119,8 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lverse", description=__doc__.split("\n")[0])
+    # The `deepspeed` launcher passes --local_rank=N before the subcommand (LOCAL_RANK is read instead).
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tokenizer", help="fit the SentencePiece BPE caption tokenizer",
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train BiART under DeepSpeed ZeRO (resumes by itself)",
                        description="Train BiART on token shards, text->image on even steps and image->text on "
                        "odd ones, under DeepSpeed ZeRO. Run it in every process of the job: `deepspeed "
-                       "--num_gpus N -m lverse.cli train ...` or torchrun on one node; `srun` (one task per "
+                       "--num_gpus N --module lverse.cli train ...` or torchrun on one node; `srun` (one task per "
                        "GPU) under SLURM, whose variables are mapped for DeepSpeed. A run folder with a "
                        "complete checkpoint is resumed exactly (model, optimizer, loss scale, lr, data "
                        "position, RNG), also on another number of ranks. Sends SIGUSR1 (stop_signal) to "

@@ -1,7 +1,7 @@
 """`lverse demo`: the largest end-to-end piece of the pipeline that exists, on synthetic data.
 
-Until the data-pipeline, training and inference stages land (issues 3-7), the demo runs the models
-in-process on a CPU: draw image-caption pairs -> fit the caption tokenizer -> train a debug AugVAE-ML,
+Until the inference stages land and the demo is wired through the stage commands (issues 6-7), it
+runs the models in-process on a CPU: draw image-caption pairs -> fit the caption tokenizer -> train a debug AugVAE-ML,
 convert it to SL and fine-tune it -> encode every image to tokens -> train a debug BiART with
 alternating directions -> caption a few images and generate images for a few captions. It says so
 when it starts. Everything it writes goes under ``--output``.
@@ -44,8 +44,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, float]:
     """Run the demo; returns the first and last losses of each model."""
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.output, exist_ok=True)
-    log.info("interim demo: the download, encode-with-Ray, DeepSpeed, CLIP and report stages are "
-             "not built yet; this runs the models in-process on synthetic data")
+    log.info("interim demo: runs the models in-process on synthetic data; the stage-by-stage demo "
+             "(download, encode with Ray, DeepSpeed training, CLIP reranking, report) is not wired yet")
     rng = np.random.default_rng(cfg.seed)
     pairs = [draw_sample(rng, size=64) for _ in range(cfg.samples)]
     images = torch.from_numpy(np.stack([image_to_tensor_array(im) for im, _ in pairs]))

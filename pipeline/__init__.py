@@ -6,5 +6,11 @@ Modules:
     download   Conceptual Captions -> webdataset shards with img2dataset (DownloadConfig, run_download)
     encode     image shards -> AugVAE token shards (EncodeConfig, run_encode, read_samples)
     run        `lverse pipeline run`: download -> tokenizer -> encode (PipelineConfig, run_pipeline)
+    data       training streams: shards per (rank, worker), resumable to the micro-batch (Stream,
+               Batches, TokenBatch, token_shard_counts, image_shard_counts, read_tar)
+    distributed rank / world from torchrun, DeepSpeed or SLURM (world_info_from_env, setup_env)
+    train      `lverse train`: BiART under DeepSpeed ZeRO (TrainConfig, train, wrap, export_checkpoint)
+    train_vae  `lverse train-vae`: AugVAE ML -> SL, data-parallel (VAETrainConfig, train_vae)
+    metrics    MetricsLogger: metrics.jsonl, log lines, TensorBoard, W&B
     clusters/  `ray up` configs: local.yaml (on-premise), aws.yaml
 """

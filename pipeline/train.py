@@ -447,12 +447,14 @@ def train(cfg: TrainConfig) -> dict:
             logger.log(metrics)
             sums = {d: torch.zeros(4, device=device) for d in Direction}
             last, t0 = done, time.time()
+        paused = time.time()  # samples and checkpoints are left out of tokens/s
         if sampler and done % cfg.sample_every == 0:
             sampler.run(engine, done, logger, ds)
         stopping = stop.agreed(device)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
             save_checkpoint(engine, cfg, done, {"world_size": world, "data": data_key,
                                                 "samples": done * global_batch}, rank)
+        t0 += time.time() - paused
         if stopping:
             if rank == 0:
                 log.warning("%s received: checkpointed at step %d and stopping", cfg.stop_signal, done)

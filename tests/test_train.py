@@ -67,16 +67,19 @@ def train_config(path, data, run_dir, **over):
     return str(path)
 
 
-def launch(nproc, *args, **kw):
-    """``torchrun --nproc_per_node nproc -m lverse.cli ARGS`` (a real multi-process DeepSpeed job)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_port", str(free_port()), "-m", "lverse.cli", *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, **kw)
+def launch(nproc, *args, launcher="torchrun"):
+    """``torchrun --nproc_per_node N -m lverse.cli ARGS``, or the same through the ``deepspeed``
+    launcher: a real multi-process job, in a session of its own (so a test can kill all of it)."""
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    else:
+        cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc)]
+    cmd += ["--master_port", str(free_port()), "--module" if launcher == "deepspeed" else "-m", "lverse.cli", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def run_job(nproc, *args, timeout=300):
-    proc = launch(nproc, *args)
+def run_job(nproc, *args, timeout=300, launcher="torchrun"):
+    proc = launch(nproc, *args, launcher=launcher)
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out[-4000:]
     return out
@@ -167,10 +170,11 @@ def test_slurm_variables_give_rank_and_world():
 
 @pytest.fixture(scope="module")
 def two_rank_run(data, tmp_path_factory):
-    """2 ranks, ZeRO-2, bf16, gloo: 40 steps with checkpoints at 20 and 40."""
+    """2 ranks, ZeRO-2, bf16, gloo, through the ``deepspeed`` launcher: 40 steps with checkpoints
+    at 20 and 40."""
     root = tmp_path_factory.mktemp("two_rank")
     cfg = train_config(root / "run.yaml", data, root / "run", steps=40, checkpoint_every=20, sample_every=20)
-    out = run_job(2, "train", "--config", cfg)
+    out = run_job(2, "train", "--config", cfg, launcher="deepspeed")
     return {"run_dir": str(root / "run"), "config": cfg, "log": out}
 
 
