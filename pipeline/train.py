@@ -258,6 +258,14 @@ def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def remove_partial_checkpoints(run_dir: str) -> None:
+    """Delete checkpoint folders without ``lverse.json``: what a run killed mid-write left."""
+    for folder in glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step_*")):
+        if not os.path.isfile(os.path.join(folder, "lverse.json")):
+            log.warning("removing %s: a partial checkpoint (its run stopped while writing it)", folder)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def read_checkpoint_meta(folder: str) -> dict:
     with open(os.path.join(folder, "lverse.json")) as f:
         return json.load(f)
@@ -355,6 +363,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.optim.schedule not in ("cosine", "constant"):
         raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
 
+    if rank == 0:
+        remove_partial_checkpoints(cfg.run_dir)
+    dist.barrier()
     resume = complete_checkpoints(cfg.run_dir)
     meta = read_checkpoint_meta(resume[-1][1]) if resume else None
     if meta and meta["world_size"] != world:

@@ -40,7 +40,7 @@ from lverse.files import atomic_output, atomic_write_json
 
 from .distributed import setup_env
 from .metrics import MetricsLogger
-from .train import complete_checkpoints, read_checkpoint_meta
+from .train import complete_checkpoints, read_checkpoint_meta, remove_partial_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,9 @@ def train_vae(cfg: VAETrainConfig) -> dict:
         raise ValueError("ml_steps + sl_steps must be positive")
     stream = Stream(tuple(shards), tuple(image_shard_counts(shards)), cfg.seed, cfg.shuffle_shards, cfg.resampled)
 
+    if rank == 0:
+        remove_partial_checkpoints(cfg.run_dir)
+    dist.barrier()
     resume = complete_checkpoints(cfg.run_dir)
     step = read_checkpoint_meta(resume[-1][1])["step"] if resume else 0
     torch.manual_seed(cfg.seed)  # LPIPS without a VGG checkpoint is random: the same one on every run

@@ -128,12 +128,13 @@ def _keys(samples, rngs):
     return [s["__key__"] for s in samples]
 
 
-def test_resumed_stream_continues_exactly(data):
+@pytest.mark.parametrize("resampled", [False, True], ids=["epochs", "resampled"])
+def test_resumed_stream_continues_exactly(data, resampled):
     """Micro-batch k onwards of a stream started at k equals the uninterrupted stream's, captions
     (with BPE-dropout) included, across DataLoader worker processes."""
-    full = _batches(data, rank=1, world=2, workers=2, n=9)
+    full = _batches(data, rank=1, world=2, workers=2, n=9, resampled=resampled)
     for start in (3, 4):
-        resumed = _batches(data, rank=1, world=2, workers=2, start=start, n=9 - start)
+        resumed = _batches(data, rank=1, world=2, workers=2, start=start, n=9 - start, resampled=resampled)
         for a, b in zip(full[start:], resumed):
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
 
@@ -222,7 +223,7 @@ def test_sigkilled_run_resumes_with_the_same_losses(data, tmp_path):
     full = tmp_path / "full"
     run_job(2, "train", "--config", train_config(tmp_path / "full.yaml", data, full, export=False))
     killed = tmp_path / "killed"
-    cfg = train_config(tmp_path / "killed.yaml", data, killed, export=False)
+    cfg = train_config(tmp_path / "killed.yaml", data, killed, export=False, keep_checkpoints=1)
     proc = launch(2, "train", "--config", cfg)
     deadline = time.time() + 240
     while time.time() < deadline and not os.path.isfile(killed / "checkpoints" / "step_00000004" / "lverse.json"):
@@ -231,7 +232,13 @@ def test_sigkilled_run_resumes_with_the_same_losses(data, tmp_path):
     proc.wait()
     assert os.path.isfile(killed / "checkpoints" / "step_00000004" / "lverse.json")
     assert not os.path.isfile(killed / "checkpoints" / "step_00000008" / "lverse.json")
+    partial = killed / "checkpoints" / "step_00000008"  # as if killed while writing step 8
+    partial.mkdir(exist_ok=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
     run_job(2, "train", "--config", cfg)
+    kept = sorted(p.name for p in (killed / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000008"]  # keep_checkpoints: 1
+    assert os.path.isfile(partial / "lverse.json")
     a, b = metrics(full), metrics(killed)
     assert sorted(a) == sorted(b) == list(range(1, 9))
     assert len(b[5]) >= 1
@@ -253,6 +260,22 @@ def test_every_ds_config_trains_one_step(ds_config, data, tmp_path):
     assert json.load(open(tmp_path / "run" / "checkpoints" / "step_00000001" / "lverse.json"))["step"] == 1
     if "offload" in ds_config:
         assert "DeepSpeedCPUAdam" in proc.stderr
+
+
+def test_activation_checkpointing_gives_the_same_step(data, tmp_path):
+    """Recomputing each block in the backward pass changes memory, not the numbers."""
+    results = {}
+    for flag in (False, True):
+        cfg = train_config(tmp_path / f"{flag}.yaml", data, tmp_path / f"run{flag}", steps=2, export=False,
+                           activation_checkpointing=flag)
+        proc = subprocess.run([sys.executable, "-m", "lverse.cli", "train", "--config", cfg], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"activation_checkpointing: {'on' if flag else 'off'}" in proc.stderr
+        results[flag] = metrics(tmp_path / f"run{flag}")
+    for step in (1, 2):
+        a, b = results[False][step][0], results[True][step][0]
+        assert losses(a) == losses(b) and a["grad_norm"] == b["grad_norm"]
 
 
 @pytest.mark.parametrize("ds_config", ["zero2_fp32.json", "zero3_bf16.json"])
