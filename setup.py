@@ -7,6 +7,7 @@ bare top-level module called ``model``:
     lverse.model         model/           AugVAE, BiART
     lverse.pipeline      pipeline/        stage drivers (download, encode, train, ...)
     lverse.preprocessing preprocessing/   caption tokenizer, synthetic data
+    lverse.slurm         slurm/           SLURM job templates (`lverse slurm submit`)
 
 Exact version pins live in constraints.txt; install with ``pip install -c constraints.txt -e .[all]``.
 """
@@ -30,12 +31,13 @@ setup(
     version="0.1.0",
     description="Train and run L-Verse (AugVAE + BiART) on web-scale image-text data",
     python_requires=">=3.10",
-    packages=["lverse", "lverse.model", "lverse.pipeline", "lverse.preprocessing"],
+    packages=["lverse", "lverse.model", "lverse.pipeline", "lverse.preprocessing", "lverse.slurm"],
     package_dir={
         "lverse": "lverse",
         "lverse.model": "model",
         "lverse.pipeline": "pipeline",
         "lverse.preprocessing": "preprocessing",
+        "lverse.slurm": "slurm",
     },
     install_requires=[
         "torch>=2.4",
@@ -46,7 +48,7 @@ setup(
         "sentencepiece>=0.2",
         "ftfy",
     ],
-    package_data={"lverse.pipeline": ["clusters/*.yaml"]},
+    package_data={"lverse.pipeline": ["clusters/*.yaml"], "lverse.slurm": ["*.sbatch"]},
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["lverse=lverse.cli:main"]},
 )

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 
 from lverse.pipeline.executors import StageFailed
@@ -60,8 +61,14 @@ def _encode(args: argparse.Namespace) -> None:
 
 def _pipeline_run(args: argparse.Namespace) -> None:
     from lverse.config import load_config
-    from lverse.pipeline.run import PipelineConfig, run_pipeline
+    from lverse.pipeline.run import PipelineConfig, run_pipeline, run_stage_task
     cfg = load_config(args.config, PipelineConfig, {"ray_address": args.ray_address, "run_dir": args.run_dir})
+    if args.stage or args.task_index is not None:
+        if not (args.stage and args.task_index is not None and args.num_tasks):
+            raise ValueError("--stage, --task-index and --num-tasks go together (one SLURM array task)")
+        summary = run_stage_task(cfg, args.stage, args.task_index, args.num_tasks, args.workers)
+        print(json.dumps(summary, indent=2))
+        return
     results = run_pipeline(cfg)
     log.info("pipeline finished in %s; stages run now: %s", cfg.run_dir, sorted(results) or "none")
 
@@ -83,6 +90,23 @@ def _train_vae(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from lverse.pipeline.train import export_checkpoint
     export_checkpoint(args.run_dir, args.output, step=args.step)
+
+
+def _slurm_submit(args: argparse.Namespace) -> None:
+    from lverse.pipeline.slurm import SubmitOptions, submit
+    command = shlex.split(args.command) if args.command else []
+    path, job = submit(SubmitOptions(
+        stage=args.stage, config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+        ntasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
+        time=args.time, array=args.array,
+        job_name=args.job_name, command=command, run_dir=args.run_dir, dry_run=args.dry_run))
+    if job is None:
+        with open(path) as f:
+            print(f.read(), end="")
+        log.info("dry run: script kept at %s, not submitted", path)
+    else:
+        print(job)
+        log.info("submitted job %s (script: %s)", job, path)
 
 
 def _synthetic_serve(args: argparse.Namespace) -> None:
@@ -199,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "--num_gpus N --module lverse.cli train ...` or torchrun on one node; `srun` (one task per "
                        "GPU) under SLURM, whose variables are mapped for DeepSpeed. A run folder with a "
                        "complete checkpoint is resumed exactly (model, optimizer, loss scale, lr, data "
-                       "position, RNG), also on another number of ranks. Sends SIGUSR1 (stop_signal) to "
-                       "checkpoint and stop at the next step.")
+                       "position, RNG), also on another number of ranks. SIGUSR1 (stop_signal) makes it "
+                       "checkpoint, write RUN_DIR/stopped.json and stop at the next step.")
     p.add_argument("--config", required=True, type=_existing_file, help="run YAML (see configs/train_debug.yaml)")
     p.add_argument("--deepspeed", default=None, type=_existing_file,
                    help="a ds_configs/*.json file (ZeRO stage, precision, offload); overrides the config's")
@@ -249,7 +273,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=_existing_file, help="pipeline YAML (see configs/pipeline_cc3m.yaml)")
     p.add_argument("--run-dir", default=None, help="override run_dir of the config")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto (default: start one)")
+    p.add_argument("--stage", choices=["download", "encode"], default=None,
+                   help="run only this stage's block of work as one SLURM array task (with --task-index, "
+                   "--num-tasks), in local processes; the slurm templates call this")
+    p.add_argument("--task-index", type=int, default=None, help="this array task's index (0-based)")
+    p.add_argument("--num-tasks", type=_positive, default=None, help="the number of array tasks")
+    p.add_argument("--workers", type=_positive, default=None, help="encode: model replicas in this task")
     p.set_defaults(func=_pipeline_run)
+
+    p = sub.add_parser("slurm", help="submit a stage as a SLURM job from its template (slurm/*.sbatch)",
+                       description="Render the stage's SLURM template with this run's values (validated and "
+                       "shell-quoted), keep the script in RUN_DIR/slurm/, and submit it with sbatch (the job id "
+                       "is printed). download and encode are job arrays over input chunks / shard blocks "
+                       "(planned now; a task skips finished shards, so a requeued one redoes only the rest); "
+                       "train runs one task per GPU through srun and requeues itself after checkpointing on "
+                       "the time-limit warning; ray starts a Ray cluster in the allocation and runs --command.")
+    p.add_argument("action", choices=["submit"], help="submit")
+    p.add_argument("stage", choices=["download", "encode", "train", "ray"], help="which template")
+    p.add_argument("--config", default=None,
+                   help="the run config: pipeline YAML (download, encode) or training YAML (train)")
+    p.add_argument("--nodes", type=_positive, default=1, help="nodes (train, ray; default: 1)")
+    p.add_argument("--gpus-per-node", type=int, default=0,
+                   help="GPUs per node: train starts one task per GPU, encode one model per GPU (default: 0)")
+    p.add_argument("--ntasks-per-node", type=_positive, default=None,
+                   help="train: processes per node (default: one per GPU; 1 without GPUs)")
+    p.add_argument("--cpus-per-task", type=_positive, default=2, help="CPUs per task (default: 2)")
+    p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
+    p.add_argument("--time", default="24:00:00", help="time limit, [days-]hours:minutes:seconds (default: 24:00:00)")
+    p.add_argument("--array", default=None,
+                   help="download/encode: which array tasks, e.g. 0-99%%10 (throttle) or 3,7 (default: all)")
+    p.add_argument("--job-name", default=None, help="job name: letters, digits, '.', '_', '-' (default: lverse-STAGE)")
+    p.add_argument("--run-dir", default=None, help="where the script is kept (default: the config's run_dir)")
+    p.add_argument("--dry-run", action="store_true", help="print the script and keep it, do not submit")
+    p.add_argument("--command", default=None,
+                   help="ray: the command to run on the Ray cluster, one string, e.g. \"lverse pipeline run "
+                   "cfg.yaml --ray-address auto\" (split like a shell would; every word is quoted again)")
+    p.set_defaults(func=_slurm_submit)
 
     p = sub.add_parser("demo", help="run the pipeline end to end on synthetic data (CPU)",
                        description="Interim demo: the models end to end on synthetic image-caption "

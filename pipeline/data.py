@@ -160,6 +160,14 @@ class Batches(torch.utils.data.IterableDataset):
             yield self.make_batch([s for s, _ in chunk], [r for _, r in chunk])
 
 
+def ignore_signal(name: str, worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: SLURM signals every process of a job step, DataLoader workers
+    included, and a worker killed by the stop signal ends training before it can checkpoint; with
+    ``functools.partial(ignore_signal, "SIGUSR1")`` only the training process handles it."""
+    import signal
+    signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 class TokenBatch:
     """Token-shard samples -> {"text": (B, text_len), "image": (B, image_len)} BiART ids, with
     BPE-dropout seeded per sample (picklable; the tokenizer loads once per worker)."""

@@ -55,6 +55,8 @@ class DownloadConfig:
     workers: int = 2  # chunks in flight at once (local executor)
     retries: int = 2  # times a failed chunk is tried again
     ray_address: str | None = None  # Ray cluster to join (None: start a local one)
+    task_index: int | None = None  # as array task i of num_tasks: only its block of chunks
+    num_tasks: int = 1
 
     def __post_init__(self):
         if self.input_format not in FORMATS:
@@ -261,12 +263,18 @@ def run_download(cfg: DownloadConfig) -> dict:
     chunks, info = plan(cfg)
     log.info("%d valid lines of %d in %d chunks of up to %d", info["valid"], info["lines"], len(chunks),
              cfg.samples_per_shard)
+    summary_name = "_summary.json"
+    if cfg.task_index is not None:  # one SLURM array task: its own block, its own summary
+        from .slurm import array_block
+        chunks = [chunks[i] for i in array_block(len(chunks), cfg.task_index, cfg.num_tasks)]
+        summary_name = f"_summary.task{cfg.task_index:05d}.json"
+        log.info("array task %d of %d: chunks %s", cfg.task_index, cfg.num_tasks, [c.name for c in chunks])
     results = run_tasks(download_chunk, chunks, [c.name for c in chunks], executor=cfg.executor,
                         workers=cfg.workers, retries=cfg.retries, desc="download", ray_address=cfg.ray_address)
     with contextlib.suppress(OSError):  # empty unless a chunk is still failing
         os.rmdir(os.path.join(cfg.output, "_tmp"))
     summary = summarize(cfg, info, results, time.time() - start)
-    atomic_write_json(os.path.join(cfg.output, "_summary.json"), summary)
+    atomic_write_json(os.path.join(cfg.output, summary_name), summary)
     log.info("download summary: %s", json.dumps(summary))
     if summary["shards_failed"]:
         raise StageFailed(f"{len(summary['shards_failed'])} shards failed after retries (see "

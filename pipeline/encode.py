@@ -55,6 +55,8 @@ class EncodeConfig:
     retries: int = 1  # times a failed shard is tried again
     ray_address: str | None = None  # Ray cluster to join (None: start a local one)
     device: str = "auto"  # cuda when available, else cpu
+    task_index: int | None = None  # as array task i of num_tasks: only its block of shards
+    num_tasks: int = 1
 
 
 def expand_shards(spec: str) -> list[str]:
@@ -237,6 +239,11 @@ def run_encode(cfg: EncodeConfig) -> dict:
     _refuse_other_vae(cfg.output, vae_hash)
     load_vae(cfg.vae)  # a bad checkpoint fails here, once, with its message
     os.makedirs(cfg.output, exist_ok=True)
+    summary_name = "_summary.json"
+    if cfg.task_index is not None:  # one SLURM array task: its own block, its own summary
+        from .slurm import array_block
+        shards = [shards[i] for i in array_block(len(shards), cfg.task_index, cfg.num_tasks)]
+        summary_name = f"_summary.task{cfg.task_index:05d}.json"
     task = ShardEncoder(cfg.vae, vae_hash, cfg.output, cfg.batch_size, cfg.decode_threads, cfg.device)
     names = [os.path.basename(s).removesuffix(".tar") for s in shards]
     start = time.time()
@@ -248,12 +255,13 @@ def run_encode(cfg: EncodeConfig) -> dict:
     seconds = time.time() - start
     encoded = sum(r.stats.get("samples", 0) for r in results if not r.skipped)
     summary = {"shards": len(results), "encoded": sum(r.ok and not r.skipped for r in results),
+               "encoded_shards": [r.name for r in results if r.ok and not r.skipped],
                "skipped": sum(r.skipped for r in results),
                "failed": [{"shard": r.name, "reason": r.reason} for r in results if not r.ok],
                "samples": encoded, "corrupt_samples": sum(r.stats.get("corrupt", 0) for r in results),
                "vae": vae_hash, "seconds": round(seconds, 1),
                "images_per_second": round(encoded / max(seconds, 1e-9), 1)}
-    atomic_write_json(os.path.join(cfg.output, "_summary.json"), summary)
+    atomic_write_json(os.path.join(cfg.output, summary_name), summary)
     log.info("encode summary: %s", json.dumps(summary))
     if summary["failed"]:
         raise StageFailed(f"{len(summary['failed'])} shards failed: " +

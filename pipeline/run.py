@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from lverse.config import dump_config
 from lverse.files import atomic_output, atomic_write_json
 
-from .download import DownloadConfig, run_download
+from .download import DownloadConfig, plan, run_download
 from .encode import EncodeConfig, expand_shards, read_samples, run_encode
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,49 @@ def _stage_config(cls, values: dict, where: str, **fixed):
         raise ValueError(f"{where}: {e}; known keys are {known}") from e
 
 
+def stage_configs(cfg: PipelineConfig, task: tuple[int, int] | None = None,
+                  workers: int | None = None) -> tuple[DownloadConfig, EncodeConfig]:
+    """The download and encode stage configs of a pipeline config: on Ray, or, as SLURM array
+    task ``task = (index, count)``, in local processes on the task's block of the work."""
+    run = cfg.run_dir
+    where = {"executor": "ray", "ray_address": cfg.ray_address}
+    if task is not None:
+        where = {"executor": "local", "ray_address": None, "task_index": task[0], "num_tasks": task[1]}
+    download = _stage_config(DownloadConfig, cfg.download, "download", output=os.path.join(run, "shards"), **where)
+    encode = _stage_config(EncodeConfig, cfg.encode, "encode", shards=os.path.join(run, "shards"),
+                           output=os.path.join(run, "tokens"), **where)
+    if workers:
+        encode = dataclasses.replace(encode, workers=workers)
+    return download, encode
+
+
+def stage_items(cfg: PipelineConfig, stage: str) -> list:
+    """What a stage's array tasks split between them: download chunks (planned now, which
+    validates the input) or image shards to encode."""
+    download, encode = stage_configs(cfg)
+    if stage == "download":
+        if not os.path.isfile(download.input):
+            raise FileNotFoundError(f"download.input {download.input} does not exist")
+        os.makedirs(download.output, exist_ok=True)
+        return plan(download)[0]
+    return expand_shards(encode.shards) if os.path.isdir(encode.shards) else []
+
+
+def run_stage_task(cfg: PipelineConfig, stage: str, task_index: int, num_tasks: int, workers: int | None = None):
+    """One SLURM array task of ``stage``; idempotent, no stage marker (the array as a whole is
+    done when every task is)."""
+    download, encode = stage_configs(cfg, (task_index, num_tasks), workers)
+    if stage == "download":
+        return run_download(download)
+    if stage == "encode":
+        return run_encode(encode)
+    raise ValueError(f"--stage must be download or encode, got {stage!r}")
+
+
 def run_pipeline(cfg: PipelineConfig) -> dict:
     """Run the stages not yet done; returns each stage's result."""
     run = cfg.run_dir
-    download = _stage_config(DownloadConfig, cfg.download, "download", output=os.path.join(run, "shards"),
-                             executor="ray", ray_address=cfg.ray_address)
-    encode = _stage_config(EncodeConfig, cfg.encode, "encode", shards=os.path.join(run, "shards"),
-                           output=os.path.join(run, "tokens"), executor="ray", ray_address=cfg.ray_address)
+    download, encode = stage_configs(cfg)
     os.makedirs(run, exist_ok=True)
     with atomic_output(os.path.join(run, "config.yaml")) as tmp, open(tmp, "w") as f:
         f.write(dump_config(cfg))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -102,7 +103,7 @@ class TrainConfig:
     wandb: bool = False  # also log to Weights & Biases (needs `wandb` installed)
     wandb_project: str = "lverse"
     export: bool = True  # write run_dir/biart.safetensors at the end
-    stop_signal: str = "SIGUSR1"  # checkpoint and stop at the next step when received (preemption)
+    stop_signal: str = "SIGUSR1"  # checkpoint, write run_dir/stopped.json and stop at the next step when received
     master_port: int | None = None  # rendezvous port (None: from the launcher / SLURM job id)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -338,7 +339,7 @@ def train(cfg: TrainConfig) -> dict:
     import deepspeed.comm as dist
 
     from lverse.model.biart import BiART, Direction, build_sequence
-    from lverse.pipeline.data import Batches, Stream, TokenBatch, token_shard_counts
+    from lverse.pipeline.data import Batches, Stream, TokenBatch, ignore_signal, token_shard_counts
     from lverse.pipeline.encode import expand_shards, file_sha256
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
@@ -363,8 +364,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.optim.schedule not in ("cosine", "constant"):
         raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
 
+    stopped_marker = os.path.join(cfg.run_dir, "stopped.json")
     if rank == 0:
         remove_partial_checkpoints(cfg.run_dir)
+        if os.path.exists(stopped_marker):  # a previous job stopped on its signal: this is its restart
+            os.remove(stopped_marker)
     dist.barrier()
     resume = complete_checkpoints(cfg.run_dir)
     meta = read_checkpoint_meta(resume[-1][1]) if resume else None
@@ -407,8 +411,9 @@ def train(cfg: TrainConfig) -> dict:
     make_batch = TokenBatch(cfg.data.tokenizer, bcfg.text_offset, bcfg.text_len, bcfg.image_len,
                             bcfg.image_vocab, cfg.data.bpe_dropout)
     batches = Batches(stream, make_batch, cfg.micro_batch_size, rank, world, cfg.data.workers, start_batches)
-    loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.workers,
-                                              prefetch_factor=4 if cfg.data.workers else None))
+    loader = iter(torch.utils.data.DataLoader(
+        batches, batch_size=None, num_workers=cfg.data.workers, prefetch_factor=4 if cfg.data.workers else None,
+        worker_init_fn=functools.partial(ignore_signal, cfg.stop_signal) if cfg.stop_signal else None))
 
     fpt = flops_per_token(model)
     peak = cfg.peak_flops or measure_peak_flops(
@@ -467,8 +472,10 @@ def train(cfg: TrainConfig) -> dict:
                                                 "samples": done * global_batch}, rank)
         t0 += time.time() - paused
         if stopping:
-            if rank == 0:
+            if rank == 0:  # the job script requeues the job when it finds this (slurm/train.sbatch)
+                atomic_write_json(stopped_marker, {"step": done, "signal": cfg.stop_signal})
                 log.warning("%s received: checkpointed at step %d and stopping", cfg.stop_signal, done)
+            dist.barrier()
             logger.close()
             return {**metrics, "stopped_at": done}
     if cfg.export:

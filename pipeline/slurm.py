@@ -1,0 +1,151 @@
+"""`lverse slurm submit STAGE`: render a ``slurm/`` template with the run's values and sbatch it.
+
+One template per launch shape (``slurm/*.sbatch``): ``download`` and ``encode`` (job arrays over
+chunks / shard blocks), ``train`` (one task per GPU through ``srun``), ``ray`` (a Ray cluster in an
+allocation, then a command); ``caption`` arrives with the inference stage. The rendered script is
+written into the run folder (``{run_dir}/slurm/{stage}-{time}.sbatch``) and kept: it is exactly what
+ran. Every value is validated before rendering and inserted shell-quoted, so a job name, path or
+command cannot inject shell code: names outside ``[A-Za-z0-9._-]`` are refused, paths and command
+words are ``shlex.quote``d.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from importlib import resources
+
+STAGES = ("download", "encode", "train", "ray")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_TIME = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
+_ARRAY = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*(%\d+)?")
+MAX_ARRAY_TASKS = 1000  # SLURM's default MaxArraySize is 1001
+
+
+@dataclasses.dataclass
+class SubmitOptions:
+    stage: str
+    config: str | None = None  # the run config (pipeline YAML for download/encode, train YAML for train)
+    nodes: int = 1
+    gpus_per_node: int = 0
+    ntasks_per_node: int | None = None  # train: tasks per node (default: one per GPU, or 1)
+    cpus_per_task: int = 2
+    partition: str | None = None
+    time: str = "24:00:00"
+    array: str | None = None  # a subset / throttle of the stage's array ("0-99%10", "3,7")
+    job_name: str | None = None
+    command: list[str] = dataclasses.field(default_factory=list)  # ray: what to run on the cluster
+    run_dir: str | None = None  # where the script is kept (default: the config's run_dir)
+    dry_run: bool = False
+
+
+def check(opts: SubmitOptions) -> None:
+    """Refuse values that would not be safe or meaningful in an sbatch script."""
+    if opts.stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {opts.stage!r}")
+    if opts.job_name is not None and not _NAME.fullmatch(opts.job_name):
+        raise ValueError(f"--job-name {opts.job_name!r}: use 1-64 of letters, digits, '.', '_', '-'")
+    if opts.partition is not None and not _NAME.fullmatch(opts.partition):
+        raise ValueError(f"--partition {opts.partition!r}: use letters, digits, '.', '_', '-'")
+    if not _TIME.fullmatch(opts.time):
+        raise ValueError(f"--time {opts.time!r}: use SLURM's [days-]hours:minutes:seconds, e.g. 12:00:00")
+    if opts.array is not None and not _ARRAY.fullmatch(opts.array):
+        raise ValueError(f"--array {opts.array!r}: use indices and ranges with an optional %throttle, e.g. 0-99%10")
+    for name in ("nodes", "cpus_per_task"):
+        if getattr(opts, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if opts.gpus_per_node < 0:
+        raise ValueError("--gpus-per-node must be 0 or more")
+    if opts.stage == "ray" and not opts.command:
+        raise ValueError('the ray stage runs a command on the cluster: lverse slurm submit ray --command "..."')
+    if opts.stage != "ray" and not opts.config:
+        raise ValueError(f"the {opts.stage} stage needs --config")
+    if opts.config and not os.path.isfile(opts.config):
+        raise FileNotFoundError(f"--config {opts.config} does not exist")
+
+
+def _array_tasks(spec: str | None, count: int) -> tuple[str, int]:
+    """The --array value and the number of tasks the work is split into."""
+    tasks = min(count, MAX_ARRAY_TASKS)
+    if spec is None:
+        return f"0-{tasks - 1}", tasks
+    top = max(int(part.split("-")[-1]) for part in spec.split("%")[0].split(","))
+    if top >= tasks:
+        raise ValueError(f"--array {spec}: the stage has {tasks} tasks (0-{tasks - 1})")
+    return spec, tasks
+
+
+def render(opts: SubmitOptions) -> tuple[str, str]:
+    """(script text, run folder) for ``opts``; raises ValueError on bad values."""
+    check(opts)
+    from lverse.config import load_config
+    lverse = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "lverse")
+    values = {"LVERSE": shlex.quote(lverse), "TIME": opts.time, "CPUS_PER_TASK": str(opts.cpus_per_task),
+              "NODES": str(opts.nodes), "PARTITION_LINE": f"#SBATCH --partition={opts.partition}"
+              if opts.partition else "", "CONFIG": shlex.quote(os.path.abspath(opts.config or "")),
+              "GPU_LINE": f"#SBATCH --gpus-per-node={opts.gpus_per_node}" if opts.gpus_per_node else ""}
+    if opts.stage in ("download", "encode"):
+        from .run import PipelineConfig, stage_items
+        cfg = load_config(opts.config, PipelineConfig)
+        run_dir = opts.run_dir or cfg.run_dir
+        count = len(stage_items(cfg, opts.stage))
+        if count == 0:
+            raise ValueError(f"the {opts.stage} stage of {opts.config} has nothing to do (no input shards yet?)")
+        values["ARRAY"], tasks = _array_tasks(opts.array, count)
+        values["NUM_TASKS"] = str(tasks)
+        values["WORKERS"] = str(max(1, opts.gpus_per_node))
+    elif opts.stage == "train":
+        from .train import TrainConfig
+        run_dir = load_config(opts.config, TrainConfig).run_dir  # the job's own run folder
+        values["STOPPED"] = shlex.quote(os.path.join(os.path.abspath(run_dir), "stopped.json"))
+        run_dir = opts.run_dir or run_dir
+        values["TASKS_PER_NODE"] = str(opts.ntasks_per_node or max(1, opts.gpus_per_node))
+        values["SIGNAL_SECONDS"] = "300"
+        if opts.gpus_per_node:
+            values["GPU_LINE"] = f"#SBATCH --gpus-per-task=1\n#SBATCH --gpus-per-node={opts.gpus_per_node}"
+    else:
+        run_dir = opts.run_dir or os.getcwd()
+        values["RAY"] = shlex.quote(os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "ray"))
+        values["COMMAND"] = shlex.join(opts.command)
+    run_dir = os.path.abspath(run_dir)
+    values["JOB_NAME"] = opts.job_name or f"lverse-{opts.stage}"
+    values["LOG_DIR"] = shlex.quote(os.path.join(run_dir, "slurm"))
+    template = resources.files("lverse.slurm").joinpath(f"{opts.stage}.sbatch").read_text()
+    script = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], template)
+    return "\n".join(line for line in script.splitlines() if line != "") + "\n", run_dir
+
+
+def submit(opts: SubmitOptions) -> tuple[str, str | None]:
+    """Render, keep the script in the run folder, and (unless dry_run) sbatch it.
+    Returns (script path, job id or None)."""
+    script, run_dir = render(opts)
+    folder = os.path.join(run_dir, "slurm")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{opts.stage}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
+    with open(path, "w") as f:
+        f.write(script)
+    if opts.dry_run:
+        return path, None
+    if shutil.which("sbatch") is None:
+        raise FileNotFoundError("sbatch is not on PATH: run this on a SLURM login node (or use --dry-run)")
+    out = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
+    if out.returncode:
+        raise ValueError(f"sbatch refused {path}: {out.stderr.strip()}")
+    return path, out.stdout.strip().split(";")[0]
+
+
+def array_block(count: int, task_index: int, num_tasks: int) -> range:
+    """Items of array task ``task_index`` of ``num_tasks`` over ``count`` items: a contiguous block,
+    the first ``count % num_tasks`` blocks one longer."""
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is not in 0..{num_tasks - 1}")
+    size, extra = divmod(count, num_tasks)
+    start = task_index * size + min(task_index, extra)
+    return range(start, start + size + (task_index < extra))
+

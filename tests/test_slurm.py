@@ -1,0 +1,161 @@
+"""SLURM templates against a real one-node SLURM cluster (munged, slurmctld, slurmd; private).
+
+Jobs are submitted with ``lverse slurm submit`` exactly as a user would, with ``SLURM_CONF``
+pointing at the test cluster.
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from lverse.model import AugVAE, save_model
+from lverse.model.augvae import PRESETS
+from lverse.pipeline.slurm import SubmitOptions, array_block, render
+
+from .slurm_cluster import SlurmCluster
+from .test_encode import raw_shards
+from .test_train import data, train_config  # noqa: F401  (the token-shard fixture)
+
+HOSTILE = "dir with $(touch PWNED) `touch PWNED` and 'quotes'"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
+    if cluster.missing():
+        message = f"SLURM binaries missing: {cluster.missing()} (make test installs them)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+def lverse(cluster, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lverse.cli", *args], env=cluster.env, capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
+
+
+def submit(cluster, *args):
+    out = lverse(cluster, "slurm", "submit", *args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_array_blocks_cover_every_item_once():
+    for count in (1, 4, 7, 100):
+        for tasks in range(1, min(count, 9) + 1):
+            items = [i for t in range(tasks) for i in array_block(count, t, tasks)]
+            assert items == list(range(count))
+
+
+def test_encode_array_writes_each_shard_from_its_own_task(slurm, tmp_path):
+    """4 image shards, a 4-task array: every token shard written, each by a different task. The
+    run folder's path is hostile shell text; it stays inert."""
+    root = tmp_path / HOSTILE
+    raw_shards(str(root / "run" / "shards"), count=4, n=6)
+    torch.manual_seed(0)
+    save_model(AugVAE(PRESETS["debug-sl"]), str(root / "vae.safetensors"))
+    config = root / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(root / "run"), "download": {"input": str(root / "none.tsv")},
+                                      "encode": {"vae": str(root / "vae.safetensors"), "batch_size": 4}}))
+    job = submit(slurm, "encode", "--config", str(config), "--cpus-per-task", "1", "--job-name", "enc")
+    states = slurm.wait_job(job)
+    logs = "".join(open(p).read() for p in glob.glob(str(root / "run" / "slurm" / "*.out")))
+    assert sorted(states.values()) == ["COMPLETED"] * 4, (states, logs[-3000:])
+    tokens = root / "run" / "tokens"
+    assert sorted(os.path.basename(p) for p in glob.glob(str(tokens / "*.tar"))) == [f"{i:05d}.tar" for i in range(4)]
+    by_task = {}
+    for i in range(4):
+        with open(tokens / f"_summary.task{i:05d}.json") as f:
+            by_task[i] = json.load(f)["encoded_shards"]
+    assert by_task == {i: [f"{i:05d}"] for i in range(4)}
+    assert not glob.glob(str(tmp_path / "**" / "PWNED"), recursive=True) and not os.path.exists("PWNED")
+    scripts = glob.glob(str(root / "run" / "slurm" / "encode-*.sbatch"))
+    assert len(scripts) == 1 and "--array=0-3" in open(scripts[0]).read()
+
+
+def test_two_task_srun_training_finishes_and_checkpoints(slurm, data, tmp_path):  # noqa: F811
+    cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run", steps=6, checkpoint_every=3)
+    job = submit(slurm, "train", "--config", cfg, "--ntasks-per-node", "2", "--cpus-per-task", "1")
+    states = slurm.wait_job(job)
+    log = "".join(open(p).read() for p in glob.glob(str(tmp_path / "run" / "slurm" / "*.out")))
+    assert list(states.values()) == ["COMPLETED"], log[-3000:]
+    meta = json.load(open(tmp_path / "run" / "checkpoints" / "step_00000006" / "lverse.json"))
+    assert meta["world_size"] == 2 and meta["step"] == 6
+    assert os.path.isfile(tmp_path / "run" / "biart.safetensors")
+
+
+def test_training_job_checkpoints_requeues_and_completes_on_its_warning_signal(slurm, data, tmp_path):  # noqa: F811
+    steps = 400
+    cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run", steps=steps, checkpoint_every=1000,
+                       log_every=1, export=False)
+    job = submit(slurm, "train", "--config", cfg, "--ntasks-per-node", "2", "--cpus-per-task", "1")
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    assert metrics.exists(), slurm.states(job)
+    # What --signal=USR1@300 does before the time limit: USR1 to every task of the job's steps.
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm.env, check=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and "Restarts=1" not in _show(slurm, job):
+        time.sleep(0.5)
+    assert "Restarts=1" in _show(slurm, job), _show(slurm, job)
+    states = slurm.wait_job(job, timeout=400)
+    log = "".join(open(p).read() for p in glob.glob(str(tmp_path / "run" / "slurm" / "*.out")))
+    assert list(states.values()) == ["COMPLETED"], log[-3000:]
+    checkpoints = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "checkpoints" / "step_*")))
+    stopped = int(checkpoints[0].removeprefix("step_"))
+    assert 5 <= stopped < steps and checkpoints[-1] == f"step_{steps:08d}", checkpoints
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert logged[-1] == steps and sorted(set(logged)) == list(range(1, steps + 1))
+    assert f"checkpointed at step {stopped}" in log or "requeueing job" in log
+
+
+def _show(cluster, job):
+    return subprocess.run(["scontrol", "show", "job", job], env=cluster.env, capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("name", ['x"; touch PWNED; echo "', "a b", "$(touch PWNED)", "x\n#SBATCH --uid=0", ""])
+def test_hostile_job_names_are_refused(slurm, data, tmp_path, name):  # noqa: F811
+    cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run")
+    out = lverse(slurm, "slurm", "submit", "train", "--config", cfg, "--job-name", name, cwd=tmp_path)
+    assert out.returncode == 2 and "--job-name" in out.stderr
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "run" / "slurm").exists()
+
+
+def test_dry_run_keeps_the_script_and_quotes_every_value(data, tmp_path):  # noqa: F811
+    folder = tmp_path / HOSTILE
+    folder.mkdir()
+    cfg = train_config(folder / "train.yaml", data, folder / "run")
+    script, run_dir = render(SubmitOptions("train", config=cfg, nodes=2, gpus_per_node=8, partition="gpu",
+                                           time="2-00:00:00", job_name="biart.500m"))
+    assert run_dir == str(folder / "run")
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=8" in script
+    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --partition=gpu" in script
+    config_word = script.split("train --config ", 1)[1].splitlines()[0]
+    assert config_word.startswith("'") and "$(touch PWNED)" in config_word  # single-quoted: inert
+    ray, _ = render(SubmitOptions("ray", nodes=3, command=["lverse", "pipeline", "run", "x.yaml", "--ray-address",
+                                                           "auto", ";", "rm", "-rf", "/"]))
+    assert "lverse pipeline run x.yaml --ray-address auto ';' rm -rf /" in ray
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    for bad in (dict(time="1h"), dict(partition="gpu;rm"), dict(array="0-3;x")):
+        with pytest.raises(ValueError):
+            render(SubmitOptions("train", config=cfg, **bad))
+
+
+def test_templates_parse_as_bash():
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
+    for path in glob.glob(os.path.join(folder, "*.sbatch")):
+        assert subprocess.run(["bash", "-n", path]).returncode == 0, path
+    assert shutil.which("bash")
