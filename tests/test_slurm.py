@@ -122,6 +122,17 @@ def test_training_job_checkpoints_requeues_and_completes_on_its_warning_signal(s
     assert f"checkpointed at step {stopped}" in log or "requeueing job" in log
 
 
+def test_ray_job_starts_a_cluster_and_runs_the_command(slurm, tmp_path):
+    code = "import ray; ray.init(address='auto'); print('CPUS', ray.cluster_resources()['CPU'])"
+    job = submit(slurm, "ray", "--cpus-per-task", "2", "--run-dir", str(tmp_path), "--job-name", "ray",
+                 "--command", f"{sys.executable} -c \"{code}\"")
+    states = slurm.wait_job(job, timeout=180)
+    log = "".join(open(p).read() for p in glob.glob(str(tmp_path / "slurm" / "ray-*.out")))
+    assert list(states.values()) == ["COMPLETED"], log[-3000:]
+    assert "CPUS 2.0" in log and "state-dump" not in log  # Ray's own logs are kept apart
+    assert glob.glob(str(tmp_path / "slurm" / "ray-*-*.log"))
+
+
 def _show(cluster, job):
     return subprocess.run(["scontrol", "show", "job", job], env=cluster.env, capture_output=True, text=True).stdout
 
