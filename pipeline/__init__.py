@@ -12,5 +12,7 @@ Modules:
     train      `lverse train`: BiART under DeepSpeed ZeRO (TrainConfig, train, wrap, export_checkpoint)
     train_vae  `lverse train-vae`: AugVAE ML -> SL, data-parallel (VAETrainConfig, train_vae)
     metrics    MetricsLogger: metrics.jsonl, log lines, TensorBoard, W&B
+    slurm      `lverse slurm submit`: render slurm/*.sbatch, keep and sbatch it (SubmitOptions,
+               render, submit, array_block)
     clusters/  `ray up` configs: local.yaml (on-premise), aws.yaml
 """

@@ -165,6 +165,21 @@ def test_dry_run_keeps_the_script_and_quotes_every_value(data, tmp_path):  # noq
             render(SubmitOptions("train", config=cfg, **bad))
 
 
+def test_download_array_has_one_task_per_chunk(tmp_path):
+    tsv = tmp_path / "cc3m.tsv"
+    tsv.write_text("".join(f"caption {i}\thttp://127.0.0.1:9/{i}.jpg\n" for i in range(5)) + "no tab here\n")
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
+                                      "download": {"input": str(tsv), "samples_per_shard": 2},
+                                      "encode": {"vae": "unused.safetensors"}}))
+    script, _ = render(SubmitOptions("download", config=str(config)))
+    assert "#SBATCH --array=0-2" in script and "--num-tasks 3" in script  # 5 valid lines in chunks of 2
+    script, _ = render(SubmitOptions("download", config=str(config), array="1%1"))
+    assert "#SBATCH --array=1%1" in script and "--num-tasks 3" in script
+    with pytest.raises(ValueError, match="has 3 tasks"):
+        render(SubmitOptions("download", config=str(config), array="0-5"))
+
+
 def test_templates_parse_as_bash():
     folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
     for path in glob.glob(os.path.join(folder, "*.sbatch")):

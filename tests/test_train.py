@@ -344,3 +344,11 @@ def test_vae_training_resumes_with_the_same_losses(data, tmp_path):
 def test_read_tar_reads_every_sample(data):
     samples = read_tar(os.path.join(data["tokens"], "00000.tar"))
     assert len(samples) == PER_SHARD and all("codes.npy" in s and "txt" in s for s in samples)
+
+
+def test_shipped_run_configs_parse():
+    from lverse.config import load_config
+    from lverse.pipeline.train_vae import VAETrainConfig
+    for name in ("train_debug.yaml", "train_cc3m.yaml"):
+        assert load_config(os.path.join(REPO, "configs", name), TrainConfig).steps > 0
+    assert load_config(os.path.join(REPO, "configs", "train_vae_debug.yaml"), VAETrainConfig).ml_steps > 0
