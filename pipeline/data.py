@@ -96,17 +96,21 @@ def read_tar(path: str) -> list[dict]:
     return list(wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
 
 
+def _shard_stats(shard: str, unfinished: str) -> dict:
+    """The stats file beside ``shard`` (its done marker); ``unfinished`` says what to do without it."""
+    path = shard.removesuffix(".tar") + "_stats.json"
+    if not os.path.isfile(path):
+        raise ValueError(f"{shard} has no {os.path.basename(path)}: {unfinished}")
+    with open(path) as f:
+        return json.load(f)
+
+
 def token_shard_counts(shards: Sequence[str], vae_hash: str | None) -> list[int]:
     """Samples per token shard from the stats files ``lverse encode`` wrote; refuses unfinished
     shards and (when ``vae_hash`` is given) shards of another AugVAE."""
     counts = []
     for shard in shards:
-        stats_path = shard.removesuffix(".tar") + "_stats.json"
-        if not os.path.isfile(stats_path):
-            raise ValueError(f"{shard} has no {os.path.basename(stats_path)}: not a finished token shard; "
-                             "run (or resume) `lverse encode` on its image shards")
-        with open(stats_path) as f:
-            stats = json.load(f)
+        stats = _shard_stats(shard, "not a finished token shard; run (or resume) `lverse encode` on its image shards")
         if "vae" not in stats:
             raise ValueError(f"{shard} is not a token shard (no AugVAE hash in its stats); point "
                              "data.shards at the output of `lverse encode`")
@@ -120,15 +124,8 @@ def token_shard_counts(shards: Sequence[str], vae_hash: str | None) -> list[int]
 
 def image_shard_counts(shards: Sequence[str]) -> list[int]:
     """Samples per img2dataset shard, from its ``_stats.json`` (``successes``)."""
-    counts = []
-    for shard in shards:
-        stats_path = shard.removesuffix(".tar") + "_stats.json"
-        if not os.path.isfile(stats_path):
-            raise ValueError(f"{shard} has no {os.path.basename(stats_path)}: an unfinished download "
-                             "shard; resume `lverse download`")
-        with open(stats_path) as f:
-            counts.append(int(json.load(f)["successes"]))
-    return counts
+    return [int(_shard_stats(shard, "an unfinished download shard; resume `lverse download`")["successes"])
+            for shard in shards]
 
 
 class Batches(torch.utils.data.IterableDataset):
