@@ -22,6 +22,8 @@ EXTRAS = {
     # BiART training. DeepSpeed compiles its ops (FusedAdam, cpu_adam) on first use; NVIDIA apex is
     # optional and never comes from PyPI (the PyPI package `apex` is unrelated).
     "train": ["deepspeed>=0.16", "tensorboard"],
+    # Batch inference: CLIP reranking (open_clip; weights are local files, never downloaded).
+    "infer": ["open_clip_torch>=2.20", "pyarrow", "pillow"],
     "dev": ["pytest>=8", "ruff>=0.6"],
 }
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "dev" for dep in deps})
@@ -48,7 +50,8 @@ setup(
         "sentencepiece>=0.2",
         "ftfy",
     ],
-    package_data={"lverse.pipeline": ["clusters/*.yaml"], "lverse.slurm": ["*.sbatch"]},
+    package_data={"lverse.pipeline": ["clusters/*.yaml"], "lverse.slurm": ["*.sbatch"],
+                  "lverse.model": ["clip_configs/*.json"]},
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["lverse=lverse.cli:main"]},
 )

@@ -73,6 +73,19 @@ def _pipeline_run(args: argparse.Namespace) -> None:
     log.info("pipeline finished in %s; stages run now: %s", cfg.run_dir, sorted(results) or "none")
 
 
+def _caption(args: argparse.Namespace) -> None:
+    from lverse.pipeline.caption import CaptionConfig, run_caption
+    summary = run_caption(CaptionConfig(
+        shards=args.shards, checkpoint=args.checkpoint, vae=args.vae, tokenizer=args.tokenizer, output=args.output,
+        candidates=args.candidates, max_tokens=args.max_tokens, batch_size=args.batch_size,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, clip=args.clip,
+        clip_checkpoint=args.clip_checkpoint, keep_candidates=args.keep_candidates,
+        executor="ray" if args.ray_address or args.ray else "local", workers=args.workers,
+        ray_address=args.ray_address, device=args.device, seed=args.seed, task_index=args.task_index,
+        num_tasks=args.num_tasks))
+    print(json.dumps(summary, indent=2))
+
+
 def _train(args: argparse.Namespace) -> None:
     from lverse.config import load_config
     from lverse.pipeline.train import TrainConfig, train
@@ -216,6 +229,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retries", type=int, default=1, help="retries of a failed shard (default: 1)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.set_defaults(func=_encode)
+
+    p = sub.add_parser("caption", help="caption every image of a webdataset corpus (BiART + CLIP reranking)",
+                       description="Caption every image of image shards (img2dataset) or token shards (lverse "
+                       "encode): CANDIDATES captions of up to MAX_TOKENS text tokens sampled per image with the KV "
+                       "cache, each cut after its first full stop, the best kept by CLIP. One parquet per input "
+                       "shard (key, url, caption, clip_score, error), written atomically; a rerun skips finished "
+                       "shards. Writes _summary.json.")
+    p.add_argument("--shards", required=True, help="a folder of .tar shards, a glob, or a {00000..00099} range")
+    p.add_argument("--checkpoint", required=True, type=_existing_file, help="BiART .safetensors (lverse export)")
+    p.add_argument("--vae", required=True, type=_existing_file, help="the AugVAE the model was trained with")
+    p.add_argument("--tokenizer", required=True, type=_existing_file, help="the caption tokenizer's .model")
+    p.add_argument("--output", required=True, help="folder for the parquet files")
+    p.add_argument("--candidates", type=_positive, default=64,
+                   help="captions sampled per image (1: no CLIP; default 64)")
+    p.add_argument("--max-tokens", type=_positive, default=32, help="text tokens per candidate (default: 32)")
+    p.add_argument("--batch-size", type=_positive, default=4, help="images per generation batch (default: 4)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=_positive, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip architecture (default: ViT-B-32)")
+    p.add_argument("--clip-checkpoint", default=None, type=_existing_file,
+                   help="its weights, a local file (none: random weights, tests only)")
+    p.add_argument("--keep-candidates", action="store_true", help="also store every candidate and its score")
+    p.add_argument("--workers", type=_positive, default=1, help="model replicas (processes or Ray actors)")
+    p.add_argument("--ray", action="store_true", help="run on Ray actors (a local Ray unless --ray-address)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto; implies --ray")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per shard)")
+    p.add_argument("--task-index", type=int, default=None, help="as SLURM array task i: only its block of shards")
+    p.add_argument("--num-tasks", type=_positive, default=1, help="the number of array tasks")
+    p.set_defaults(func=_caption)
 
     p = sub.add_parser("train", help="train BiART under DeepSpeed ZeRO (resumes by itself)",
                        description="Train BiART on token shards, text->image on even steps and image->text on "

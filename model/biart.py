@@ -106,6 +106,11 @@ class KVCache:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.pos = 0  # positions filled so far
 
+    def repeat_interleave(self, n: int) -> None:
+        """Each row n times, in place: a prompt's keys and values computed once serve n samples."""
+        self.k = [t.repeat_interleave(n, dim=0) for t in self.k]
+        self.v = [t.repeat_interleave(n, dim=0) for t in self.v]
+
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.pos + k.shape[2]
         self.k[layer][:, :, self.pos:end] = k
@@ -260,7 +265,7 @@ class BiART(nn.Module):
     @torch.no_grad()
     def generate(self, prompt: Tensor, direction: Direction, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True, num_samples: int = 1) -> Tensor:
         """Sample the target block of ``direction`` after a condition prompt.
 
         Call ``model.eval()`` first. ``temperature=0`` is greedy. Logits are computed only for the
@@ -274,8 +279,11 @@ class BiART(nn.Module):
             max_new_tokens: tokens to generate (at most the target block's length).
             use_cache: reuse keys and values (the fast path); ``False`` recomputes the whole
                 sequence at every step, which gives the same tokens.
+            num_samples: samples per prompt; with the cache the prompt is run once and its keys
+                and values are shared by its samples.
         Returns:
-            (B, max_new_tokens) generated ids.
+            (B * num_samples, max_new_tokens) generated ids, the samples of prompt i in rows
+            ``i * num_samples ...``.
         """
         cfg = self.cfg
         target_len = cfg.image_len if direction == Direction.T2I else cfg.text_len
@@ -292,11 +300,15 @@ class BiART(nn.Module):
         if use_cache:
             cache = KVCache(cfg, prompt.shape[0], prompt.shape[1] + max_new_tokens, prompt.device,
                             next(self.parameters()).dtype)
-        seq, step_input = prompt, prompt
-        done = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
+        rows = prompt.shape[0] * num_samples
+        seq, step_input = prompt.repeat_interleave(num_samples, dim=0), prompt
+        done = torch.zeros(rows, dtype=torch.bool, device=prompt.device)
         out = []
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             h = self.hidden_states(step_input if use_cache else seq, direction, cache)[:, -1]
+            if step == 0 and use_cache and num_samples > 1:  # the prompt ran once per prompt
+                h = h.repeat_interleave(num_samples, dim=0)
+                cache.repeat_interleave(num_samples)
             nxt = lo + sample_next(F.linear(h, head).float(), temperature, top_k, top_p, generator)
             if text:
                 nxt = torch.where(done, torch.full_like(nxt, cfg.pad_id), nxt)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import multiprocessing as mp
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,11 +52,12 @@ def _guarded(fn: Callable[[Any], TaskResult], item: Any, name: str) -> TaskResul
 def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str], *,
               executor: str = "local", workers: int = 1, retries: int = 2, desc: str = "tasks",
               ray_address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
-              actors: int = 0) -> list[TaskResult]:
+              actors: int = 0, rate_of: str | None = None) -> list[TaskResult]:
     """Run ``fn`` over ``items``; returns the last result of every item, in input order.
 
     ``num_cpus``/``num_gpus`` are Ray resources per task or actor; ``actors`` > 0 runs the items
-    on that many Ray actors, each handed a whole item at a time.
+    on that many Ray actors, each handed a whole item at a time. ``rate_of``: a count in the
+    results' stats (e.g. "images") whose rate the progress bar shows.
     """
     if executor not in ("local", "ray"):
         raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
@@ -67,12 +69,16 @@ def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequ
         submit = _ray_actor_runner(fn, ray_address, num_cpus, num_gpus, actors)
     else:
         submit = _ray_runner(fn, ray_address, num_cpus)
+    done_units, started = 0, time.time()
     with tqdm(total=len(items), desc=desc, unit="shard") as bar:
         for attempt in range(retries + 1):
             for i, result in submit([(i, items[i], names[i]) for i in pending]):
                 results[i] = result
                 if result.ok:
                     bar.update(1)
+                if rate_of and result.ok and not result.skipped:
+                    done_units += result.stats.get(rate_of, 0)
+                    bar.set_postfix({f"{rate_of}/s": f"{done_units / (time.time() - started):.2f}"})
             pending = [i for i in pending if not results[i].ok]
             if not pending:
                 break

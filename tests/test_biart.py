@@ -104,6 +104,12 @@ def test_kv_cache_generation_equals_full_recomputation(direction):
                               generator=torch.Generator().manual_seed(7)) for c in (True, False)]
     assert torch.equal(*sampled)
     assert sampled[0].shape == (3, n)
+    # num_samples: the prompt runs once and its cache serves every sample; the same draws as
+    # repeating the prompt without a cache.
+    many = [model.generate(prompt, direction, n, temperature=1.0, top_k=40, use_cache=c, num_samples=4,
+                           generator=torch.Generator().manual_seed(3)) for c in (True, False)]
+    assert torch.equal(*many) and many[0].shape == (12, n)
+    assert len({tuple(r) for r in many[0][:4].tolist()}) > 1  # samples of one prompt differ
 
 
 def test_the_wrong_modality_is_never_produced():

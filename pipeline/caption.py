@@ -1,0 +1,246 @@
+"""The caption stage: every image of a webdataset corpus -> a caption, offline, in batches.
+
+One input shard (img2dataset's image shards, or lverse's token shards) in, one parquet out,
+``{name}.parquet`` with a row per image: key, url, caption, clip_score (and, with
+``keep_candidates``, every candidate and its score; an image that does not decode gets a row with
+its error). Written atomically; a rerun skips shards whose parquet exists.
+
+Per batch of images: image tokens (the AugVAE encodes raw images in FP32; token shards carry
+them), then BiART samples ``candidates`` captions per image of up to ``max_tokens`` text tokens
+with the KV cache, the image prompt run once and shared by its candidates (``generate(...,
+num_samples=...)``); each candidate is cut after its first full stop, and CLIP (open_clip) keeps
+the one closest to the image (for token shards the image CLIP sees is the AugVAE's decoding of the
+tokens). ``candidates=1`` skips CLIP. Sampling is seeded per shard, so a shard captioned again
+gets the same captions.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lverse.files import atomic_write_parquet
+
+from .executors import StageFailed, TaskResult, run_tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    shards: str  # image shards or token shards: a folder, a glob or a {00000..00099} range
+    checkpoint: str  # BiART .safetensors (`lverse export`)
+    vae: str  # the AugVAE (encodes raw images; token shards must come from it)
+    tokenizer: str  # the caption tokenizer's .model
+    output: str  # folder for one parquet per input shard
+    candidates: int = 64  # captions sampled per image, CLIP keeps one
+    max_tokens: int = 32  # text tokens sampled per candidate
+    batch_size: int = 4  # images per generation batch (batch_size x candidates sequences)
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = 0.9
+    clip: str = "ViT-B-32"  # open_clip architecture
+    clip_checkpoint: str | None = None  # its weights, a local file
+    keep_candidates: bool = False  # also store every candidate and its CLIP score
+    executor: str = "local"  # local processes or Ray actors
+    workers: int = 1  # model replicas
+    retries: int = 1
+    ray_address: str | None = None
+    device: str = "auto"
+    seed: int = 0
+    task_index: int | None = None  # as SLURM array task i of num_tasks: only its block of shards
+    num_tasks: int = 1
+
+
+def cut_at_full_stop(text: str) -> str:
+    """The caption up to and including its first full stop (all of it when there is none)."""
+    end = text.find(".")
+    return (text if end < 0 else text[:end + 1]).strip()
+
+
+@torch.no_grad()
+def sample_captions(model, tok, codes: torch.Tensor, candidates: int, max_tokens: int, *, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, generator=None,
+                    use_cache: bool = True) -> list[list[str]]:
+    """(B, image_len) codes -> B lists of ``candidates`` captions (cut at the first full stop)."""
+    from lverse.model.biart import Direction, prompt_for
+    prompt = prompt_for(codes.to(next(model.parameters()).device), Direction.I2T, model.cfg)
+    ids = model.generate(prompt, Direction.I2T, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator, use_cache=use_cache, num_samples=candidates).cpu()
+    texts = [cut_at_full_stop(tok.decode(row)) for row in ids]
+    return [texts[i * candidates:(i + 1) * candidates] for i in range(codes.shape[0])]
+
+
+_MODELS: dict = {}  # per worker process: loaded once, reused for every shard
+
+
+def _models(cfg: CaptionConfig, device: str):
+    key = (cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.clip, cfg.clip_checkpoint, cfg.candidates > 1, device)
+    if key not in _MODELS:
+        from lverse.model.biart import BiART, BiARTConfig
+        from lverse.model.checkpoint import load_model
+        from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+
+        from .encode import load_vae
+        model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
+        tok = CaptionTokenizer(cfg.tokenizer, offset=model.cfg.text_offset)
+        if tok.vocab_size != model.cfg.text_vocab:
+            raise ValueError(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} pieces, {cfg.checkpoint} was trained "
+                             f"with {model.cfg.text_vocab}: give the tokenizer of its training run")
+        vae = load_vae(cfg.vae, device)
+        clip = None
+        if cfg.candidates > 1:
+            from lverse.model.clip import ClipScorer
+            clip = ClipScorer(cfg.clip, cfg.clip_checkpoint, device)
+        _MODELS.clear()
+        _MODELS[key] = (model, tok, vae, clip)
+    return _MODELS[key]
+
+
+@dataclass(frozen=True)
+class ShardCaptioner:
+    """The per-shard task (picklable; models are loaded once per worker process)."""
+
+    cfg: CaptionConfig
+
+    def __call__(self, shard: str) -> TaskResult:
+        cfg = self.cfg
+        name = os.path.basename(shard).removesuffix(".tar")
+        target = os.path.join(cfg.output, f"{name}.parquet")
+        if os.path.exists(target):
+            return TaskResult(name, ok=True, skipped=True)
+        from .data import read_tar
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        model, tok, vae, clip = _models(cfg, device)
+        start = time.time()
+        try:
+            samples = read_tar(shard)
+        except (OSError, ValueError, EOFError) as e:
+            return TaskResult(name, ok=False, reason=f"unreadable shard {shard}: {type(e).__name__}: {e}")
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + zlib.crc32(name.encode()))
+        rows = []
+        for i in range(0, len(samples), cfg.batch_size):
+            rows += self._batch(samples[i:i + cfg.batch_size], model, tok, vae, clip, gen, device)
+        atomic_write_parquet(target, _table(rows, cfg.keep_candidates))
+        seconds = time.time() - start
+        failed = sum(r["error"] is not None for r in rows)
+        return TaskResult(name, ok=True, stats={"images": len(rows), "failed": failed, "seconds": round(seconds, 2)})
+
+    def _batch(self, samples, model, tok, vae, clip, gen, device) -> list[dict]:
+        from lverse.model.clip import to_pil
+        cfg = self.cfg
+        rows, good, codes, pictures = [], [], [], []
+        for s in samples:
+            meta = json.loads(s.get("json", b"{}") or b"{}")
+            row = {"key": s["__key__"], "url": meta.get("url"), "caption": None, "clip_score": None, "error": None,
+                   "candidates": None, "candidate_scores": None}
+            rows.append(row)
+            if "codes.npy" in s:
+                codes.append(torch.from_numpy(np.load(io.BytesIO(s["codes.npy"])).astype(np.int64)))
+                good.append(row)
+                continue
+            image = _decode(s.get("jpg", b""), vae.cfg.image_size)
+            if image is None:
+                row["error"] = "image does not decode"
+                continue
+            good.append(row)
+            pictures.append(image)
+        if not good:
+            return rows
+        if pictures:  # raw images: tokens from the AugVAE, CLIP sees the image itself
+            batch = torch.from_numpy(np.stack([p[0] for p in pictures])).to(device)
+            codes = list(vae.encode(batch).cpu())
+            pil = [p[1] for p in pictures]
+        codes = torch.stack(codes)
+        if not pictures and clip is not None:  # token shards: CLIP sees the AugVAE's decoding
+            pil = to_pil(vae.decode(codes.to(device)))
+        texts = sample_captions(model, tok, codes, cfg.candidates, cfg.max_tokens, temperature=cfg.temperature,
+                                top_k=cfg.top_k, top_p=cfg.top_p, generator=gen)
+        if clip is None:
+            for row, cand in zip(good, texts):
+                row["caption"] = cand[0]
+            return rows
+        best, scores = clip.best_captions(pil, texts)
+        for row, cand, b, sc in zip(good, texts, best, scores.tolist()):
+            row.update(caption=cand[b], clip_score=sc[b])
+            if cfg.keep_candidates:
+                row.update(candidates=cand, candidate_scores=sc)
+        return rows
+
+
+def _decode(jpg: bytes, size: int):
+    """JPEG bytes -> (AugVAE input array, PIL image), or None."""
+    from PIL import Image
+
+    from .encode import preprocess
+    array = preprocess(jpg, size)
+    if array is None:
+        return None
+    with Image.open(io.BytesIO(jpg)) as im:
+        return array, im.convert("RGB")
+
+
+def _table(rows: list[dict], keep_candidates: bool):
+    import pyarrow as pa
+    columns = ["key", "url", "caption", "clip_score", "error"] + (["candidates", "candidate_scores"]
+                                                                   if keep_candidates else [])
+    return pa.table({c: [r[c] for r in rows] for c in columns})
+
+
+def run_caption(cfg: CaptionConfig) -> dict:
+    """Caption every shard not yet done; returns (and writes) the summary."""
+    from .encode import expand_shards, file_sha256
+    shards = expand_shards(cfg.shards)
+    if not shards:
+        raise FileNotFoundError(f"no shards match {cfg.shards}")
+    for name, path in (("checkpoint", cfg.checkpoint), ("vae", cfg.vae), ("tokenizer", cfg.tokenizer)):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--{name} {path} does not exist")
+    if cfg.candidates < 1 or cfg.max_tokens < 1:
+        raise ValueError("--candidates and --max-tokens must be at least 1")
+    _refuse_other_vae(shards, file_sha256(cfg.vae))
+    summary_name = "_summary.json"
+    if cfg.task_index is not None:
+        from .slurm import array_block
+        shards = [shards[i] for i in array_block(len(shards), cfg.task_index, cfg.num_tasks)]
+        summary_name = f"_summary.task{cfg.task_index:05d}.json"
+    os.makedirs(cfg.output, exist_ok=True)
+    names = [os.path.basename(s).removesuffix(".tar") for s in shards]
+    start = time.time()
+    kwargs = {"actors": cfg.workers} if cfg.executor == "ray" else {}
+    results = run_tasks(ShardCaptioner(cfg), shards, names, executor=cfg.executor, workers=cfg.workers,
+                        retries=cfg.retries, desc="caption", ray_address=cfg.ray_address, rate_of="images", **kwargs)
+    seconds = time.time() - start
+    images = sum(r.stats.get("images", 0) for r in results if not r.skipped)
+    summary = {"shards": len(results), "captioned": sum(r.ok and not r.skipped for r in results),
+               "skipped": sum(r.skipped for r in results), "images": images,
+               "undecodable": sum(r.stats.get("failed", 0) for r in results),
+               "failed": [{"shard": r.name, "reason": r.reason} for r in results if not r.ok],
+               "seconds": round(seconds, 1), "images_per_second": round(images / max(seconds, 1e-9), 2)}
+    from lverse.files import atomic_write_json
+    atomic_write_json(os.path.join(cfg.output, summary_name), summary)
+    log.info("caption summary: %s", json.dumps(summary))
+    if summary["failed"]:
+        raise StageFailed(f"{len(summary['failed'])} shards failed: " +
+                          "; ".join(f"{f['shard']}: {f['reason']}" for f in summary["failed"]))
+    return summary
+
+
+def _refuse_other_vae(shards: list[str], vae_hash: str) -> None:
+    """Token shards (those with lverse's stats beside them) must come from ``vae``."""
+    for shard in shards:
+        stats = shard.removesuffix(".tar") + "_stats.json"
+        if os.path.isfile(stats):
+            with open(stats) as f:
+                other = json.load(f).get("vae")
+            if other is not None and other != vae_hash:
+                raise ValueError(f"{shard} holds tokens of another AugVAE ({other[:12]}...) than --vae "
+                                 f"({vae_hash[:12]}...): give the AugVAE the shards were encoded with")

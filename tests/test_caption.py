@@ -1,0 +1,108 @@
+"""Offline batch captioning: real shards, a debug BiART, the debug AugVAE, a tiny random CLIP."""
+
+import glob
+import io
+import os
+import shutil
+import tarfile
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from lverse.model import BiART, save_model
+from lverse.model.biart import PRESETS, BiARTConfig
+from lverse.model.clip import ClipScorer
+from lverse.pipeline.caption import CaptionConfig, cut_at_full_stop, run_caption
+from lverse.pipeline.data import read_tar
+from lverse.pipeline.encode import read_samples
+from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+
+from .test_train import PER_SHARD, SHARDS, data  # noqa: F401  (the shards fixture)
+
+
+@pytest.fixture(scope="module")
+def biart(data, tmp_path_factory):  # noqa: F811
+    tok = CaptionTokenizer(data["tokenizer"], offset=512)
+    cfg = BiARTConfig(**{**PRESETS["debug"].__dict__, "text_vocab": tok.vocab_size, "text_len": 24})
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("biart") / "biart.safetensors")
+    save_model(BiART(cfg), path)
+    return path
+
+
+def config(data, biart, output, **over):  # noqa: F811
+    base = dict(shards=data["tokens"], checkpoint=biart, vae=data["vae"], tokenizer=data["tokenizer"],
+                output=str(output), candidates=4, max_tokens=8, batch_size=3, clip="lverse-tiny")
+    return CaptionConfig(**{**base, **over})
+
+
+def test_cut_at_the_first_full_stop():
+    assert cut_at_full_stop("a red circle. on blue. x") == "a red circle."
+    assert cut_at_full_stop(" no stop here ") == "no stop here"
+
+
+def test_captions_every_image_once_and_a_rerun_writes_nothing(data, biart, tmp_path):  # noqa: F811
+    summary = run_caption(config(data, biart, tmp_path / "out", keep_candidates=True))
+    assert (summary["shards"], summary["captioned"], summary["images"]) == (SHARDS, SHARDS, SHARDS * PER_SHARD)
+    files = sorted(glob.glob(str(tmp_path / "out" / "*.parquet")))
+    assert [os.path.basename(f) for f in files] == [f"{i:05d}.parquet" for i in range(SHARDS)]
+    for i, f in enumerate(files):
+        table = pq.read_table(f).to_pydict()
+        keys = [s["__key__"] for s in read_tar(os.path.join(data["tokens"], f"{i:05d}.tar"))]
+        assert table["key"] == keys  # one row per image, in shard order
+        assert all(isinstance(c, str) and c.count(".") <= 1 and (c.endswith(".") or "." not in c)
+                   for c in table["caption"])
+        assert all(len(c) == 4 for c in table["candidates"])
+    mtimes = {f: os.stat(f).st_mtime_ns for f in files}
+    again = run_caption(config(data, biart, tmp_path / "out", keep_candidates=True))
+    assert (again["captioned"], again["skipped"], again["images"]) == (0, SHARDS, 0)
+    assert mtimes == {f: os.stat(f).st_mtime_ns for f in files}
+
+
+def test_reranking_keeps_the_candidate_clip_scores_highest(data, biart, tmp_path):  # noqa: F811
+    run_caption(config(data, biart, tmp_path / "out", keep_candidates=True, shards=os.path.join(data["raw"],
+                                                                                                 "00000.tar")))
+    table = pq.read_table(tmp_path / "out" / "00000.parquet").to_pydict()
+    for caption, score, cands, scores in zip(table["caption"], table["clip_score"], table["candidates"],
+                                             table["candidate_scores"]):
+        assert caption == cands[int(np.argmax(scores))] and score == max(scores)
+    # The scores are CLIP's: recomputed here for the first image and its candidates.
+    import io
+
+    first = next(read_samples(os.path.join(data["raw"], "00000.tar")))[1]
+    image = Image.open(io.BytesIO(first["jpg"])).convert("RGB")
+    clip = ClipScorer("lverse-tiny")
+    expected = clip.scores([image] * 4, table["candidates"][0])
+    np.testing.assert_allclose(table["candidate_scores"][0], expected.numpy(), rtol=1e-4, atol=1e-5)
+    assert len(set(table["candidates"][0])) > 1  # there was a choice to make
+
+
+def test_one_candidate_skips_clip_and_bad_images_get_a_row(data, biart, tmp_path):  # noqa: F811
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    src = os.path.join(data["raw"], "00001.tar")
+    with tarfile.open(src) as tin, tarfile.open(raw / "00001.tar", "w") as tout:
+        for member in tin.getmembers():
+            payload = tin.extractfile(member).read()
+            if member.name.endswith("0003.jpg"):
+                payload = payload[:50]  # a truncated JPEG
+            member.size = len(payload)
+            tout.addfile(member, io.BytesIO(payload))
+    shutil.copy(src.removesuffix(".tar") + "_stats.json", raw / "00001_stats.json")
+    summary = run_caption(config(data, biart, tmp_path / "out", shards=str(raw), candidates=1))
+    table = pq.read_table(tmp_path / "out" / "00001.parquet").to_pydict()
+    assert len(table["key"]) == PER_SHARD and summary["undecodable"] == 1
+    bad = table["key"].index("000010003")
+    assert table["error"][bad] == "image does not decode" and table["caption"][bad] is None
+    assert all(s is None for s in table["clip_score"])
+    assert all(c for i, c in enumerate(table["caption"]) if i != bad)
+
+
+def test_token_shards_of_another_vae_are_refused(data, biart, tmp_path):  # noqa: F811
+    other = tmp_path / "other.safetensors"  # another file: another sha256
+    other.write_bytes(open(data["vae"], "rb").read() + b"\0")
+    with pytest.raises(ValueError, match="another AugVAE"):
+        run_caption(config(data, biart, tmp_path / "out", vae=str(other)))
