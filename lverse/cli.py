@@ -74,16 +74,23 @@ def _pipeline_run(args: argparse.Namespace) -> None:
 
 
 def _caption(args: argparse.Namespace) -> None:
+    from lverse.config import load_config
     from lverse.pipeline.caption import CaptionConfig, run_caption
-    summary = run_caption(CaptionConfig(
-        shards=args.shards, checkpoint=args.checkpoint, vae=args.vae, tokenizer=args.tokenizer, output=args.output,
-        candidates=args.candidates, max_tokens=args.max_tokens, batch_size=args.batch_size,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, clip=args.clip,
-        clip_checkpoint=args.clip_checkpoint, keep_candidates=args.keep_candidates,
-        executor="ray" if args.ray_address or args.ray else "local", workers=args.workers,
-        ray_address=args.ray_address, device=args.device, seed=args.seed, task_index=args.task_index,
-        num_tasks=args.num_tasks))
-    print(json.dumps(summary, indent=2))
+    task = {"task_index": args.task_index, "num_tasks": args.num_tasks}
+    if args.config:  # the SLURM template's way: every value from the file
+        cfg = load_config(args.config, CaptionConfig, task)
+    else:
+        missing = [f"--{n}" for n in ("shards", "checkpoint", "vae", "tokenizer", "output") if getattr(args, n) is None]
+        if missing:
+            raise ValueError(f"give --config CAPTION.yaml, or {', '.join(missing)}")
+        cfg = CaptionConfig(
+            shards=args.shards, checkpoint=args.checkpoint, vae=args.vae, tokenizer=args.tokenizer,
+            output=args.output, candidates=args.candidates, max_tokens=args.max_tokens, batch_size=args.batch_size,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, clip=args.clip,
+            clip_checkpoint=args.clip_checkpoint, keep_candidates=args.keep_candidates,
+            executor="ray" if args.ray_address or args.ray else "local", workers=args.workers,
+            ray_address=args.ray_address, device=args.device, seed=args.seed, **task)
+    print(json.dumps(run_caption(cfg), indent=2))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -236,11 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "cache, each cut after its first full stop, the best kept by CLIP. One parquet per input "
                        "shard (key, url, caption, clip_score, error), written atomically; a rerun skips finished "
                        "shards. Writes _summary.json.")
-    p.add_argument("--shards", required=True, help="a folder of .tar shards, a glob, or a {00000..00099} range")
-    p.add_argument("--checkpoint", required=True, type=_existing_file, help="BiART .safetensors (lverse export)")
-    p.add_argument("--vae", required=True, type=_existing_file, help="the AugVAE the model was trained with")
-    p.add_argument("--tokenizer", required=True, type=_existing_file, help="the caption tokenizer's .model")
-    p.add_argument("--output", required=True, help="folder for the parquet files")
+    p.add_argument("--config", default=None, type=_existing_file,
+                   help="a YAML of the options below (CaptionConfig fields); the other options are then ignored")
+    p.add_argument("--shards", help="a folder of .tar shards, a glob, or a {00000..00099} range")
+    p.add_argument("--checkpoint", type=_existing_file, help="BiART .safetensors (lverse export)")
+    p.add_argument("--vae", type=_existing_file, help="the AugVAE the model was trained with")
+    p.add_argument("--tokenizer", type=_existing_file, help="the caption tokenizer's .model")
+    p.add_argument("--output", help="folder for the parquet files")
     p.add_argument("--candidates", type=_positive, default=64,
                    help="captions sampled per image (1: no CLIP; default 64)")
     p.add_argument("--max-tokens", type=_positive, default=32, help="text tokens per candidate (default: 32)")
@@ -333,9 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "train runs one task per GPU through srun and requeues itself after checkpointing on "
                        "the time-limit warning; ray starts a Ray cluster in the allocation and runs --command.")
     p.add_argument("action", choices=["submit"], help="submit")
-    p.add_argument("stage", choices=["download", "encode", "train", "ray"], help="which template")
+    p.add_argument("stage", choices=["download", "encode", "train", "caption", "ray"], help="which template")
     p.add_argument("--config", default=None,
-                   help="the run config: pipeline YAML (download, encode) or training YAML (train)")
+                   help="the run config: pipeline YAML (download, encode), training YAML (train), caption YAML "
+                   "(caption: the options of `lverse caption`)")
     p.add_argument("--nodes", type=_positive, default=1, help="nodes (train, ray; default: 1)")
     p.add_argument("--gpus-per-node", type=int, default=0,
                    help="GPUs per node: train starts one task per GPU, encode one model per GPU (default: 0)")
@@ -345,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's)")
     p.add_argument("--time", default="24:00:00", help="time limit, [days-]hours:minutes:seconds (default: 24:00:00)")
     p.add_argument("--array", default=None,
-                   help="download/encode: which array tasks, e.g. 0-99%%10 (throttle) or 3,7 (default: all)")
+                   help="download/encode/caption: which array tasks, e.g. 0-99%%10 (throttle) or 3,7 (default: all)")
     p.add_argument("--job-name", default=None, help="job name: letters, digits, '.', '_', '-' (default: lverse-STAGE)")
     p.add_argument("--run-dir", default=None, help="where the script is kept (default: the config's run_dir)")
     p.add_argument("--dry-run", action="store_true", help="print the script and keep it, do not submit")

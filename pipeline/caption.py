@@ -221,6 +221,7 @@ def run_caption(cfg: CaptionConfig) -> dict:
     seconds = time.time() - start
     images = sum(r.stats.get("images", 0) for r in results if not r.skipped)
     summary = {"shards": len(results), "captioned": sum(r.ok and not r.skipped for r in results),
+               "captioned_shards": [r.name for r in results if r.ok and not r.skipped],
                "skipped": sum(r.skipped for r in results), "images": images,
                "undecodable": sum(r.stats.get("failed", 0) for r in results),
                "failed": [{"shard": r.name, "reason": r.reason} for r in results if not r.ok],

@@ -2,7 +2,7 @@
 
 One template per launch shape (``slurm/*.sbatch``): ``download`` and ``encode`` (job arrays over
 chunks / shard blocks), ``train`` (one task per GPU through ``srun``), ``ray`` (a Ray cluster in an
-allocation, then a command); ``caption`` arrives with the inference stage. The rendered script is
+allocation, then a command), ``caption`` (job array over shard blocks). The rendered script is
 written into the run folder (``{run_dir}/slurm/{stage}-{time}.sbatch``) and kept: it is exactly what
 ran. Every value is validated before rendering and inserted shell-quoted, so a job name, path or
 command cannot inject shell code: names outside ``[A-Za-z0-9._-]`` are refused, paths and command
@@ -21,7 +21,7 @@ import sys
 import time
 from importlib import resources
 
-STAGES = ("download", "encode", "train", "ray")
+STAGES = ("download", "encode", "train", "caption", "ray")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TIME = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
 _ARRAY = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*(%\d+)?")
@@ -100,6 +100,16 @@ def render(opts: SubmitOptions) -> tuple[str, str]:
         values["ARRAY"], tasks = _array_tasks(opts.array, count)
         values["NUM_TASKS"] = str(tasks)
         values["WORKERS"] = str(max(1, opts.gpus_per_node))
+    elif opts.stage == "caption":
+        from .caption import CaptionConfig
+        from .encode import expand_shards
+        cfg = load_config(opts.config, CaptionConfig)
+        run_dir = opts.run_dir or cfg.output
+        count = len(expand_shards(cfg.shards))
+        if count == 0:
+            raise ValueError(f"caption: no shards match {cfg.shards}")
+        values["ARRAY"], tasks = _array_tasks(opts.array, count)
+        values["NUM_TASKS"] = str(tasks)
     elif opts.stage == "train":
         from .train import TrainConfig
         run_dir = load_config(opts.config, TrainConfig).run_dir  # the job's own run folder

@@ -21,6 +21,7 @@ from lverse.model.augvae import PRESETS
 from lverse.pipeline.slurm import SubmitOptions, array_block, render
 
 from .slurm_cluster import SlurmCluster
+from .test_caption import biart  # noqa: F401  (a debug BiART checkpoint)
 from .test_encode import raw_shards
 from .test_train import data, train_config  # noqa: F401  (the token-shard fixture)
 
@@ -82,6 +83,21 @@ def test_encode_array_writes_each_shard_from_its_own_task(slurm, tmp_path):
     assert not glob.glob(str(tmp_path / "**" / "PWNED"), recursive=True) and not os.path.exists("PWNED")
     scripts = glob.glob(str(root / "run" / "slurm" / "encode-*.sbatch"))
     assert len(scripts) == 1 and "--array=0-3" in open(scripts[0]).read()
+
+
+def test_caption_array_captions_each_shard_from_its_own_task(slurm, data, biart, tmp_path):  # noqa: F811
+    config = tmp_path / "caption.yaml"
+    config.write_text(yaml.safe_dump({"shards": data["tokens"], "checkpoint": biart, "vae": data["vae"],
+                                      "tokenizer": data["tokenizer"], "output": str(tmp_path / "captions"),
+                                      "candidates": 2, "max_tokens": 4, "clip": "lverse-tiny"}))
+    job = submit(slurm, "caption", "--config", str(config), "--cpus-per-task", "1")
+    states = slurm.wait_job(job)
+    logs = "".join(open(p).read() for p in glob.glob(str(tmp_path / "captions" / "slurm" / "*.out")))
+    assert sorted(states.values()) == ["COMPLETED"] * 4, (states, logs[-3000:])
+    for i in range(4):
+        with open(tmp_path / "captions" / f"_summary.task{i:05d}.json") as f:
+            assert json.load(f)["captioned_shards"] == [f"{i:05d}"]
+        assert (tmp_path / "captions" / f"{i:05d}.parquet").is_file()
 
 
 def test_two_task_srun_training_finishes_and_checkpoints(slurm, data, tmp_path):  # noqa: F811

@@ -1,0 +1,76 @@
+"""Batched KV-cache captioning against one image at a time without a cache, same model and candidates.
+
+The captioner's sampling function (``pipeline.caption.sample_captions``) runs twice on the same
+images: batched (``--batch`` images at once, the KV cache, each image's prompt run once and shared
+by its candidates) and one image at a time with the cache off (every step recomputes the whole
+sequence of all its candidates). The model is ``biart-mini``'s transformer (4 layers, width 256,
+1024 image tokens, 64 text tokens) with the vocabulary of a small caption tokenizer fitted on
+synthetic captions; weights are random, so captions run to ``--max-tokens``, the worst case.
+CLIP reranking is left out of both: it costs the same either way. The last line is
+
+    batched_caption_speedup=<images/s batched with cache / images/s one at a time without>  (goal: 10)
+
+Usage: python benchmarks/caption.py [--images 4] [--candidates 8] [--max-tokens 32] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from lverse.model.biart import PRESETS, BiART
+from lverse.pipeline.caption import sample_captions
+from lverse.preprocessing.synthetic import draw_sample
+from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--candidates", type=int, default=8, help="captions per image (the paper: 64)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=4, help="images per batch on the batched path")
+    args = parser.parse_args(argv)
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = CaptionTokenizer.fit([draw_sample(rng, 32)[1] for _ in range(500)], os.path.join(tmp, "tok"),
+                                   vocab_size=128, offset=PRESETS["biart-mini"].image_vocab)
+    torch.manual_seed(0)
+    model = BiART(dataclasses.replace(PRESETS["biart-mini"], text_vocab=tok.vocab_size)).eval()
+    codes = torch.randint(model.cfg.image_vocab, (args.images, model.cfg.image_len), generator=torch.Generator()
+                          .manual_seed(0))
+    kw = dict(candidates=args.candidates, max_tokens=args.max_tokens, temperature=1.0, top_p=0.9)
+
+    start = time.perf_counter()
+    batched = []
+    for i in range(0, args.images, args.batch):
+        batched += sample_captions(model, tok, codes[i:i + args.batch], generator=torch.Generator().manual_seed(i),
+                                   **kw)
+    t_batched = time.perf_counter() - start
+
+    start = time.perf_counter()
+    single = []
+    for i in range(args.images):
+        single += sample_captions(model, tok, codes[i:i + 1], use_cache=False,
+                                  generator=torch.Generator().manual_seed(i), **kw)
+    t_single = time.perf_counter() - start
+
+    assert len(batched) == len(single) == args.images and all(len(c) == args.candidates for c in batched)
+    print(f"device: cpu ({os.cpu_count()} cores), torch threads {torch.get_num_threads()}; biart-mini transformer, "
+          f"text vocab {tok.vocab_size}; {args.images} images x {args.candidates} candidates x "
+          f"{args.max_tokens} tokens")
+    print(f"batched, KV cache (batch {args.batch}): {t_batched:.2f} s ({args.images / t_batched:.3f} images/s)")
+    print(f"one image at a time, no cache: {t_single:.2f} s ({args.images / t_single:.3f} images/s)")
+    print(f"example caption: {batched[0][0]!r}")
+    print(f"batched_caption_speedup={t_single / t_batched:.1f}")
+
+
+if __name__ == "__main__":
+    main()
