@@ -29,7 +29,7 @@ import torch
 
 from lverse.files import atomic_write_parquet
 
-from .executors import StageFailed, TaskResult, run_tasks
+from .executors import TaskResult, finish_stage, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +226,7 @@ def run_caption(cfg: CaptionConfig) -> dict:
                "undecodable": sum(r.stats.get("failed", 0) for r in results),
                "failed": [{"shard": r.name, "reason": r.reason} for r in results if not r.ok],
                "seconds": round(seconds, 1), "images_per_second": round(images / max(seconds, 1e-9), 2)}
-    from lverse.files import atomic_write_json
-    atomic_write_json(os.path.join(cfg.output, summary_name), summary)
-    log.info("caption summary: %s", json.dumps(summary))
-    if summary["failed"]:
-        raise StageFailed(f"{len(summary['failed'])} shards failed: " +
-                          "; ".join(f"{f['shard']}: {f['reason']}" for f in summary["failed"]))
-    return summary
+    return finish_stage("caption", os.path.join(cfg.output, summary_name), summary)
 
 
 def _refuse_other_vae(shards: list[str], vae_hash: str) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 
 from lverse.files import atomic_output, atomic_write_json, remove_stale_temporaries
 
-from .executors import StageFailed, TaskResult, run_tasks
+from .executors import TaskResult, finish_stage, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -261,12 +261,7 @@ def run_encode(cfg: EncodeConfig) -> dict:
                "samples": encoded, "corrupt_samples": sum(r.stats.get("corrupt", 0) for r in results),
                "vae": vae_hash, "seconds": round(seconds, 1),
                "images_per_second": round(encoded / max(seconds, 1e-9), 1)}
-    atomic_write_json(os.path.join(cfg.output, summary_name), summary)
-    log.info("encode summary: %s", json.dumps(summary))
-    if summary["failed"]:
-        raise StageFailed(f"{len(summary['failed'])} shards failed: " +
-                          "; ".join(f"{f['shard']}: {f['reason']}" for f in summary["failed"]))
-    return summary
+    return finish_stage("encode", os.path.join(cfg.output, summary_name), summary)
 
 
 def _refuse_other_vae(output: str, vae_hash: str) -> None:

@@ -41,6 +41,20 @@ class TaskResult:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def finish_stage(stage: str, path: str, summary: dict) -> dict:
+    """Write a per-shard stage's summary atomically and log it; raise StageFailed (after writing)
+    when ``summary["failed"]`` lists shards, so the rest stays done and a rerun retries them."""
+    import json
+
+    from lverse.files import atomic_write_json
+    atomic_write_json(path, summary)
+    log.info("%s summary: %s", stage, json.dumps(summary))
+    if summary["failed"]:
+        raise StageFailed(f"{len(summary['failed'])} shards failed: " +
+                          "; ".join(f"{f['shard']}: {f['reason']}" for f in summary["failed"]))
+    return summary
+
+
 def _guarded(fn: Callable[[Any], TaskResult], item: Any, name: str) -> TaskResult:
     try:
         return fn(item)
