@@ -93,6 +93,15 @@ def _caption(args: argparse.Namespace) -> None:
     print(json.dumps(run_caption(cfg), indent=2))
 
 
+def _generate(args: argparse.Namespace) -> None:
+    from lverse.pipeline.generate import GenerateConfig, run_generate
+    summary = run_generate(GenerateConfig(
+        prompts=args.prompts, checkpoint=args.checkpoint, vae=args.vae, tokenizer=args.tokenizer, output=args.output,
+        candidates=args.candidates, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        clip=args.clip, clip_checkpoint=args.clip_checkpoint, device=args.device, seed=args.seed))
+    print(json.dumps(summary, indent=2))
+
+
 def _train(args: argparse.Namespace) -> None:
     from lverse.config import load_config
     from lverse.pipeline.train import TrainConfig, train
@@ -269,6 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task-index", type=int, default=None, help="as SLURM array task i: only its block of shards")
     p.add_argument("--num-tasks", type=_positive, default=1, help="the number of array tasks")
     p.set_defaults(func=_caption)
+
+    p = sub.add_parser("generate", help="text-to-image: N candidates per prompt, the best by CLIP",
+                       description="For each prompt (one per line) sample CANDIDATES images with the KV cache, decode "
+                       "them with the AugVAE in FP32 and keep the one CLIP scores highest. Writes OUTPUT/NNNNN/ "
+                       "per prompt: best.png, candidates/, sheet.png (a contact sheet, the chosen one framed) and "
+                       "result.json (last: a rerun skips finished prompts).")
+    p.add_argument("--prompts", required=True, type=_existing_file, help="a text file, one prompt per line")
+    p.add_argument("--checkpoint", required=True, type=_existing_file, help="BiART .safetensors (lverse export)")
+    p.add_argument("--vae", required=True, type=_existing_file, help="the AugVAE the model was trained with")
+    p.add_argument("--tokenizer", required=True, type=_existing_file, help="the caption tokenizer's .model")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--candidates", type=_positive, default=64, help="images per prompt (1: no CLIP; default 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=_positive, default=256, help="sample from the k most likely codes (default: 256)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip architecture (default: ViT-B-32)")
+    p.add_argument("--clip-checkpoint", default=None, type=_existing_file,
+                   help="its weights, a local file (none: random weights, tests only)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt)")
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("train", help="train BiART under DeepSpeed ZeRO (resumes by itself)",
                        description="Train BiART on token shards, text->image on even steps and image->text on "

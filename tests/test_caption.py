@@ -2,6 +2,7 @@
 
 import glob
 import io
+import json
 import os
 import shutil
 import tarfile
@@ -106,3 +107,23 @@ def test_token_shards_of_another_vae_are_refused(data, biart, tmp_path):  # noqa
     other.write_bytes(open(data["vae"], "rb").read() + b"\0")
     with pytest.raises(ValueError, match="another AugVAE"):
         run_caption(config(data, biart, tmp_path / "out", vae=str(other)))
+
+
+def test_generate_keeps_the_best_candidate_by_clip_and_resumes(data, biart, tmp_path):  # noqa: F811
+    from lverse.pipeline.generate import GenerateConfig, run_generate
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle at the top on a blue background\n\nan orange square at the left\n")
+    cfg = GenerateConfig(prompts=str(prompts), checkpoint=biart, vae=data["vae"], tokenizer=data["tokenizer"],
+                         output=str(tmp_path / "out"), candidates=3, clip="lverse-tiny")
+    assert run_generate(cfg)["generated"] == 2
+    for i, text in enumerate(["a red circle at the top on a blue background", "an orange square at the left"]):
+        folder = tmp_path / "out" / f"{i:05d}"
+        result = json.loads((folder / "result.json").read_text())
+        assert result["prompt"] == text and result["best"] == int(np.argmax(result["scores"]))
+        best = Image.open(folder / "best.png")
+        assert best.size == (64, 64) and len(list((folder / "candidates").glob("*.png"))) == 3
+        chosen = Image.open(folder / "candidates" / f"{result['best']:02d}.png")
+        assert np.array_equal(np.asarray(best), np.asarray(chosen))
+        assert Image.open(folder / "sheet.png").size[0] > 64 * 2
+    again = run_generate(cfg)
+    assert (again["generated"], again["skipped"]) == (0, 2)
