@@ -6,8 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs: a private sshd, rsync and nc for the `ray up` test; SLURM
-# and munge for the one-node SLURM cluster the SLURM tests start (tests/slurm_cluster.py).
-SYSTEM_PACKAGES := openssh-server rsync netcat-openbsd slurmctld slurmd slurm-client munge
+# and munge for the one-node SLURM cluster the SLURM tests start (tests/slurm_cluster.py); Java for
+# pycocoevalcap's tokenizer and METEOR.
+SYSTEM_PACKAGES := openssh-server rsync netcat-openbsd slurmctld slurmd slurm-client munge default-jre-headless
 
 .PHONY: venv system-deps test lint demo clean
 

@@ -102,6 +102,27 @@ def _generate(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from lverse.pipeline import evaluate as ev
+    if args.what == "captions":
+        if not (args.predictions and args.references):
+            raise ValueError("evaluate captions needs --predictions and --references")
+        metrics = ev.caption_metrics(ev.load_predictions(args.predictions), ev.load_references(args.references))
+    elif args.what == "reconstruction":
+        if not (args.shards and args.vae):
+            raise ValueError("evaluate reconstruction needs --shards and --vae")
+        metrics = ev.reconstruction_metrics(args.shards, args.vae, limit=args.limit, vgg_checkpoint=args.vgg_checkpoint,
+                                            device=args.device)
+    else:
+        if not args.generations:
+            raise ValueError("evaluate generations needs --generations")
+        metrics = ev.generation_clip_score(args.generations)
+    if args.output:
+        from lverse.files import atomic_write_json
+        atomic_write_json(args.output, metrics)
+    print(json.dumps(metrics, indent=2))
+
+
 def _train(args: argparse.Namespace) -> None:
     from lverse.config import load_config
     from lverse.pipeline.train import TrainConfig, train
@@ -299,6 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt)")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("evaluate", help="caption metrics, reconstruction metrics, CLIP score of generations",
+                       description="captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, Java) and SPICE "
+                       "when its Stanford models are present, of predictions (COCO results json or a `lverse "
+                       "caption` output folder) against COCO-format references. reconstruction: PSNR, SSIM, "
+                       "LPIPS of AugVAE reconstructions of image shards. generations: CLIP score of `lverse "
+                       "generate` output.")
+    p.add_argument("what", choices=["captions", "reconstruction", "generations"], help="what to evaluate")
+    p.add_argument("--predictions", default=None, help="captions: COCO results json or a caption output folder")
+    p.add_argument("--references", default=None, type=_existing_file, help="captions: COCO-format captions json")
+    p.add_argument("--shards", default=None, help="reconstruction: image shards")
+    p.add_argument("--vae", default=None, type=_existing_file, help="reconstruction: the AugVAE")
+    p.add_argument("--limit", type=_positive, default=None, help="reconstruction: at most this many images")
+    p.add_argument("--vgg-checkpoint", default=None, type=_existing_file,
+                   help="reconstruction: torchvision VGG16 weights for LPIPS (none: random features, tests only)")
+    p.add_argument("--device", default="cpu", help="reconstruction: cpu or cuda (default: cpu)")
+    p.add_argument("--generations", default=None, help="generations: a `lverse generate` output folder")
+    p.add_argument("--output", default=None, help="also write the metrics to this json file")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("train", help="train BiART under DeepSpeed ZeRO (resumes by itself)",
                        description="Train BiART on token shards, text->image on even steps and image->text on "

@@ -1,0 +1,71 @@
+"""Evaluation: caption metrics against values worked out by hand, reconstruction and CLIP-score
+metrics on known inputs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from lverse.pipeline.evaluate import (
+    caption_metrics,
+    generation_clip_score,
+    load_predictions,
+    load_references,
+    psnr,
+    ssim,
+)
+
+from .test_train import data  # noqa: F401  (image shards and a debug AugVAE)
+
+
+def test_bleu_and_rouge_l_match_values_worked_out_by_hand(tmp_path):
+    """Prediction "a red circle on blue" (5 tokens) against "a red circle on a blue background" (7):
+    n-gram precisions 5/5, 3/4, 2/3, 1/2; brevity penalty exp(1 - 7/5). ROUGE-L: LCS 5, precision
+    5/5, recall 5/7, F with beta 1.2 = (1 + 1.44) P R / (R + 1.44 P)."""
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"images": [{"id": 1}], "annotations": [
+        {"image_id": 1, "id": 10, "caption": "A red circle on a blue background."}]}))
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([{"image_id": 1, "caption": "a red circle on blue"}]))
+    m = caption_metrics(load_predictions(str(preds)), load_references(str(refs)))
+    bp = math.exp(1 - 7 / 5)
+    precisions = [1.0, 3 / 4, 2 / 3, 1 / 2]
+    for n in range(1, 5):
+        expected = bp * math.prod(precisions[:n]) ** (1 / n)
+        assert m[f"BLEU-{n}"] == pytest.approx(expected, rel=1e-6), n
+    p, r = 1.0, 5 / 7
+    assert m["ROUGE-L"] == pytest.approx(2.44 * p * r / (r + 1.44 * p), rel=1e-6)
+    assert 0 < m["METEOR"] <= 1 and m["images"] == 1
+    assert isinstance(m["SPICE"], (float, str))  # a number, or why not (no Stanford models offline)
+
+
+def test_a_perfect_caption_scores_one_and_mismatched_ids_are_refused(tmp_path):
+    refs = {"1": ["a red circle at the top"], "2": ["a blue square at the left"]}
+    m = caption_metrics({"1": "a red circle at the top", "2": "a blue square at the left"}, refs)
+    assert m["BLEU-4"] == pytest.approx(1.0, rel=1e-6) and m["ROUGE-L"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="ids match"):
+        caption_metrics({"7": "x"}, refs)
+
+
+def test_psnr_and_ssim():
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(ssim(x, x), torch.ones(2))
+    noisy = (x + 0.1).clamp(0, 1)
+    assert (ssim(x, noisy) < 1).all()
+    y = torch.full((1, 3, 8, 8), 0.5)
+    assert psnr(y, y + 0.1).item() == pytest.approx(20.0, rel=1e-4)  # 10 log10(1 / 0.01)
+
+
+def test_generation_clip_score(tmp_path):
+    for i, score in enumerate([0.3, -0.1]):
+        (tmp_path / f"{i:05d}").mkdir()
+        (tmp_path / f"{i:05d}" / "result.json").write_text(json.dumps({"prompt": "p", "clip_score": score}))
+    m = generation_clip_score(str(tmp_path))
+    assert m["prompts"] == 2 and m["clip_score"] == pytest.approx(15.0) and m["clip_cosine"] == pytest.approx(0.1)
+
+
+def test_reconstruction_metrics_of_the_augvae(data):  # noqa: F811
+    from lverse.pipeline.evaluate import reconstruction_metrics
+    m = reconstruction_metrics(data["raw"], data["vae"], limit=10, batch_size=4)
+    assert m["images"] == 10 and m["PSNR"] > 0 and -1 <= m["SSIM"] <= 1 and m["LPIPS"] >= 0
