@@ -123,6 +123,13 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(metrics, indent=2))
 
 
+def _report(args: argparse.Namespace) -> None:
+    from lverse.pipeline.report import write_report
+    path = write_report(args.run_dir, images=args.images, max_captions=args.max_captions)
+    print(path)
+    log.info("report written: open %s in a browser (no server needed)", path)
+
+
 def _train(args: argparse.Namespace) -> None:
     from lverse.config import load_config
     from lverse.pipeline.train import TrainConfig, train
@@ -339,6 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--generations", default=None, help="generations: a `lverse generate` output folder")
     p.add_argument("--output", default=None, help="also write the metrics to this json file")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("report", help="write a static HTML report of a run folder",
+                       description="Gather what the stages left under RUN_DIR (training curves from metrics.jsonl, "
+                       "evaluation json, AugVAE reconstructions, generated images with their prompts, captions "
+                       "beside their images) into RUN_DIR/report/index.html with its images in report/assets/; "
+                       "it opens from disk in a browser, no server.")
+    p.add_argument("run_dir", help="the run folder")
+    p.add_argument("--images", default=None, help="image shards to show captioned images from (looked up by key)")
+    p.add_argument("--max-captions", type=_positive, default=24, help="captions shown (default: 24)")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("train", help="train BiART under DeepSpeed ZeRO (resumes by itself)",
                        description="Train BiART on token shards, text->image on even steps and image->text on "

@@ -1,0 +1,218 @@
+"""`lverse report RUN_DIR`: one static HTML page of a run, opened from disk with no server.
+
+It gathers what the stages left under RUN_DIR (any depth):
+
+- training curves from every ``metrics.jsonl`` (BiART: loss per direction and segment; AugVAE:
+  loss, perplexity), drawn as inline SVG (no plotting library);
+- metrics from ``evaluate*.json`` / ``metrics*.json`` files (``lverse evaluate --output``) and a
+  ``demo_results.json`` when present;
+- reconstructions: the newest ``samples/recon_*.png`` of an AugVAE run;
+- generated images with their prompts: ``*/result.json`` of ``lverse generate`` (the chosen image,
+  and its contact sheet);
+- captions beside their images: the parquet files of ``lverse caption``, with the images looked up
+  by key in ``--images`` (image shards), up to ``--max-captions``.
+
+Images are copied to ``RUN_DIR/report/assets/`` and referenced relatively; the page is
+``RUN_DIR/report/index.html``. A small script marks on load how many images loaded
+(``data-images-loaded`` / ``data-images-total`` on ``<body>``), which the test reads in Chromium.
+"""
+
+from __future__ import annotations
+
+import glob
+import html
+import json
+import os
+import shutil
+
+SKIP = ("report",)  # our own output is not input
+
+
+def _find(run_dir: str, pattern: str) -> list[str]:
+    found = glob.glob(os.path.join(glob.escape(run_dir), "**", pattern), recursive=True)
+    return sorted(p for p in found if os.path.relpath(p, run_dir).split(os.sep)[0] not in SKIP)
+
+
+def svg_plot(series: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 220) -> str:
+    """Line plot of named (x, y) series as inline SVG, axes labelled with their ranges."""
+    points = [p for s in series.values() for p in s]
+    if not points:
+        return ""
+    x0, x1 = min(p[0] for p in points), max(p[0] for p in points)
+    y0, y1 = min(p[1] for p in points), max(p[1] for p in points)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+    pad, colors = 36, ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"]
+    sx = lambda x: pad + (x - x0) / (x1 - x0) * (width - 2 * pad)  # noqa: E731
+    sy = lambda y: height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="plot">',
+             f'<rect x="{pad}" y="{pad}" width="{width - 2 * pad}" height="{height - 2 * pad}" fill="none" '
+             'stroke="#bbb"/>',
+             f'<text x="{pad}" y="{height - 8}" font-size="11">step {x0:g}</text>',
+             f'<text x="{width - pad}" y="{height - 8}" font-size="11" text-anchor="end">{x1:g}</text>',
+             f'<text x="2" y="{pad + 4}" font-size="11">{y1:.3g}</text>',
+             f'<text x="2" y="{height - pad}" font-size="11">{y0:.3g}</text>']
+    for k, (name, pts) in enumerate(series.items()):
+        color = colors[k % len(colors)]
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
+        parts.append(f'<text x="{width - pad - 4}" y="{pad + 14 + 13 * k}" font-size="11" fill="{color}" '
+                     f'text-anchor="end">{html.escape(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _curves(path: str) -> str:
+    series: dict[str, list[tuple[float, float]]] = {}
+    with open(path) as f:
+        for line in f:
+            m = json.loads(line)
+            for key, value in m.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                        key.endswith(("/ref", "/gen")) or key in ("loss", "perplexity")):
+                    series.setdefault(key, []).append((m["step"], float(value)))
+    plots = []
+    losses = {k: v for k, v in series.items() if k != "perplexity"}
+    if losses:
+        plots.append(svg_plot(losses))
+    if "perplexity" in series:
+        plots.append(svg_plot({"codebook perplexity": series["perplexity"]}))
+    return "".join(plots)
+
+
+class _Assets:
+    def __init__(self, folder: str):
+        self.folder, self.n = folder, 0
+        os.makedirs(folder, exist_ok=True)
+
+    def copy(self, src: str) -> str:
+        self.n += 1
+        name = f"{self.n:04d}{os.path.splitext(src)[1]}"
+        shutil.copy(src, os.path.join(self.folder, name))
+        return f"assets/{name}"
+
+    def write(self, data: bytes, ext: str) -> str:
+        self.n += 1
+        name = f"{self.n:04d}{ext}"
+        with open(os.path.join(self.folder, name), "wb") as f:
+            f.write(data)
+        return f"assets/{name}"
+
+
+def _images_by_key(shards: str | None, keys: set[str]) -> dict[str, bytes]:
+    if not shards or not keys:
+        return {}
+    from .encode import expand_shards, read_samples
+    found = {}
+    for shard in expand_shards(shards):
+        for key, files in read_samples(shard):
+            if key in keys and "jpg" in files:
+                found[key] = files["jpg"]
+        if len(found) == len(keys):
+            break
+    return found
+
+
+def write_report(run_dir: str, images: str | None = None, max_captions: int = 24, title: str | None = None) -> str:
+    """Write RUN_DIR/report/index.html; returns its path."""
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a folder")
+    out = os.path.join(run_dir, "report")
+    shutil.rmtree(os.path.join(out, "assets"), ignore_errors=True)
+    assets = _Assets(os.path.join(out, "assets"))
+    esc = html.escape
+    sections = []
+
+    metrics = []
+    found = [p for pattern in ("demo_results.json", "evaluate*.json", "metrics*.json") for p in _find(run_dir, pattern)]
+    for path in found:
+        with open(path) as f:
+            data = json.load(f)
+        rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(_fmt(v))}</td></tr>" for k, v in data.items()
+                       if not isinstance(v, (dict, list)))
+        metrics.append(f"<h3>{esc(os.path.relpath(path, run_dir))}</h3><table>{rows}</table>")
+    if metrics:
+        sections.append("<h2>Metrics</h2>" + "".join(metrics))
+
+    curves = [(p, _curves(p)) for p in _find(run_dir, "metrics.jsonl")]
+    if any(svg for _, svg in curves):
+        sections.append("<h2>Training curves</h2>" + "".join(
+            f"<h3>{esc(os.path.relpath(os.path.dirname(p), run_dir) or '.')}</h3>{svg}" for p, svg in curves if svg))
+
+    recons = _find(run_dir, "recon_*.png")
+    if recons:
+        sections.append("<h2>Reconstructions</h2><p>originals above, AugVAE reconstructions below</p>"
+                        f'<img src="{assets.copy(recons[-1])}" alt="reconstructions">')
+
+    generated = []
+    for path in _find(run_dir, "result.json"):
+        folder = os.path.dirname(path)
+        with open(path) as f:
+            result = json.load(f)
+        if "prompt" not in result or not os.path.isfile(os.path.join(folder, "best.png")):
+            continue
+        score = "" if result.get("clip_score") is None else f" (CLIP {result['clip_score']:.3f})"
+        first = os.path.join(folder, "candidates", "00.png")
+        pair = f'<img src="{assets.copy(os.path.join(folder, "best.png"))}" alt="reranked" title="reranked">'
+        if os.path.isfile(first):
+            pair = (f'<img src="{assets.copy(first)}" alt="first candidate" title="first candidate">' + pair)
+        generated.append(f'<figure>{pair}<figcaption>{esc(result["prompt"])}{esc(score)}</figcaption></figure>')
+    if generated:
+        sections.append("<h2>Text to image</h2><p>first candidate, then the one CLIP chose</p>"
+                        f'<div class="grid">{"".join(generated)}</div>')
+
+    caption_rows = []
+    for path in _find(run_dir, "*.parquet"):
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        if not {"key", "caption"} <= set(table.column_names):
+            continue
+        caption_rows += [r for r in table.to_pylist() if r.get("caption")]
+    if caption_rows:
+        caption_rows = caption_rows[:max_captions]
+        pictures = _images_by_key(images, {r["key"] for r in caption_rows})
+        figures = []
+        for r in caption_rows:
+            img = (f'<img src="{assets.write(pictures[r["key"]], ".jpg")}" alt="{esc(r["key"])}">'
+                   if r["key"] in pictures else "")
+            extra = f" — truth: {esc(r['reference'])}" if r.get("reference") else ""
+            figures.append(f"<figure>{img}<figcaption>{esc(r['caption'])}{extra}</figcaption></figure>")
+        sections.append(f'<h2>Image to text</h2><div class="grid">{"".join(figures)}</div>')
+
+    if not sections:
+        raise ValueError(f"{run_dir} holds nothing to report (no metrics.jsonl, evaluation json, generations, "
+                         "captions or reconstructions)")
+    page = _PAGE.format(title=esc(title or f"lverse run {os.path.basename(os.path.abspath(run_dir))}"),
+                        body="\n".join(sections))
+    path = os.path.join(out, "index.html")
+    from lverse.files import atomic_output
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.write(page)
+    return path
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; margin-bottom: 1em; }}
+td {{ border: 1px solid #ddd; padding: 2px 8px; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+figure {{ margin: 0; width: 180px; font-size: 13px; }}
+figure img {{ width: 84px; image-rendering: pixelated; margin-right: 4px; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+{body}
+<script>
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  document.body.dataset.imagesTotal = images.length;
+  document.body.dataset.imagesLoaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script>
+</body></html>
+"""
