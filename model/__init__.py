@@ -7,6 +7,7 @@ Modules:
     biart       BiART, the bidirectional transformer: sequences, loss, KV-cache generation
     losses      the AugVAE training loss (MSE + LPIPS + commitment)
     checkpoint  safetensors save/load with config, safe loading of foreign PyTorch checkpoints
+    clip        ClipScorer: open_clip reranking (clip_configs/lverse-tiny.json for tests and the demo)
 
 Public names: AugVAE, AugVAEConfig, ml_to_sl, BiART, BiARTConfig, Direction, build_sequence,
 prompt_for, ReconstructionLoss, save_model, load_model. Presets: ``augvae.PRESETS``, ``biart.PRESETS``.

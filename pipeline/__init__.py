@@ -12,6 +12,11 @@ Modules:
     train      `lverse train`: BiART under DeepSpeed ZeRO (TrainConfig, train, wrap, export_checkpoint)
     train_vae  `lverse train-vae`: AugVAE ML -> SL, data-parallel (VAETrainConfig, train_vae)
     metrics    MetricsLogger: metrics.jsonl, log lines, TensorBoard, W&B
+    caption    `lverse caption`: batch captioning with CLIP reranking (CaptionConfig, run_caption,
+               sample_captions)
+    generate   `lverse generate`: text-to-image with CLIP reranking (GenerateConfig, run_generate)
+    evaluate   `lverse evaluate`: caption_metrics, reconstruction_metrics, generation_clip_score
+    report     `lverse report`: write_report (static HTML)
     slurm      `lverse slurm submit`: render slurm/*.sbatch, keep and sbatch it (SubmitOptions,
                render, submit, array_block)
     clusters/  `ray up` configs: local.yaml (on-premise), aws.yaml
