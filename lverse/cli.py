@@ -198,6 +198,19 @@ def _positive(text: str) -> int:
     return value
 
 
+def _sampling_options(p: argparse.ArgumentParser, top_k: int | None, top_p: float | None) -> None:
+    """Sampling, CLIP and device options shared by caption and generate."""
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-k", type=_positive, default=top_k, help=f"sample from the k most likely tokens "
+                   f"(default: {top_k or 'off'})")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling mass (default: {top_p or 'off'})")
+    p.add_argument("--clip", default="ViT-B-32", help="open_clip architecture (default: ViT-B-32)")
+    p.add_argument("--clip-checkpoint", default=None, type=_existing_file,
+                   help="its weights, a local file (none: random weights, tests only)")
+    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (drawn per shard / per prompt)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lverse", description=__doc__.split("\n")[0])
     # The `deepspeed` launcher passes --local_rank=N before the subcommand (LOCAL_RANK is read instead).
@@ -291,18 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="captions sampled per image (1: no CLIP; default 64)")
     p.add_argument("--max-tokens", type=_positive, default=32, help="text tokens per candidate (default: 32)")
     p.add_argument("--batch-size", type=_positive, default=4, help="images per generation batch (default: 4)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=_positive, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
-    p.add_argument("--clip", default="ViT-B-32", help="open_clip architecture (default: ViT-B-32)")
-    p.add_argument("--clip-checkpoint", default=None, type=_existing_file,
-                   help="its weights, a local file (none: random weights, tests only)")
+    _sampling_options(p, top_k=None, top_p=0.9)
     p.add_argument("--keep-candidates", action="store_true", help="also store every candidate and its score")
     p.add_argument("--workers", type=_positive, default=1, help="model replicas (processes or Ray actors)")
     p.add_argument("--ray", action="store_true", help="run on Ray actors (a local Ray unless --ray-address)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto; implies --ray")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (per shard)")
     p.add_argument("--task-index", type=int, default=None, help="as SLURM array task i: only its block of shards")
     p.add_argument("--num-tasks", type=_positive, default=1, help="the number of array tasks")
     p.set_defaults(func=_caption)
@@ -318,14 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, type=_existing_file, help="the caption tokenizer's .model")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--candidates", type=_positive, default=64, help="images per prompt (1: no CLIP; default 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
-    p.add_argument("--top-k", type=_positive, default=256, help="sample from the k most likely codes (default: 256)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (default: off)")
-    p.add_argument("--clip", default="ViT-B-32", help="open_clip architecture (default: ViT-B-32)")
-    p.add_argument("--clip-checkpoint", default=None, type=_existing_file,
-                   help="its weights, a local file (none: random weights, tests only)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu or cuda")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt)")
+    _sampling_options(p, top_k=256, top_p=None)
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("evaluate", help="caption metrics, reconstruction metrics, CLIP score of generations",
