@@ -1,7 +1,9 @@
 """Run configuration: YAML files onto dataclasses, in one place.
 
 Precedence is command line > file > dataclass defaults. Unknown keys are refused with the list of
-known ones, so a typo never silently falls back to a default.
+known ones, so a typo never silently falls back to a default. PyYAML follows YAML 1.1, which reads
+``3e-4`` (no dot) as a string: a number field takes such a string as the number it spells, and
+refuses any other string.
 """
 
 from __future__ import annotations
@@ -24,11 +26,32 @@ def from_dict(cls: type, data: dict, where: str):
     values = {}
     for key, value in data.items():
         kind = hints[key]
-        values[key] = from_dict(kind, value, f"{where}.{key}") if dataclasses.is_dataclass(kind) else value
+        if dataclasses.is_dataclass(kind):
+            values[key] = from_dict(kind, value, f"{where}.{key}")
+        else:
+            values[key] = _number(kind, value, f"{where}.{key}")
     try:
         return cls(**values)
     except TypeError as e:  # a required key is missing
         raise ValueError(f"{where}: {e}") from e
+
+
+def _number(kind, value, where: str):
+    """``value`` for a field typed ``kind``: a string where the field is a number is parsed."""
+    if not isinstance(value, str):
+        return value
+    allowed = set(typing.get_args(kind) or (kind,))
+    if str in allowed or not allowed & {int, float}:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{where}: expected a number, got {value!r}") from None
+    if float in allowed:
+        return number
+    if not number.is_integer():
+        raise ValueError(f"{where}: expected an integer, got {value!r}")
+    return int(number)
 
 
 def load_config(path: str, cls: type, overrides: dict | None = None):
