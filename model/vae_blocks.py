@@ -19,19 +19,26 @@ def swish(x: Tensor) -> Tensor:
     return x * torch.sigmoid(x)
 
 
-def normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """taming's GroupNorm: 32 groups, or AugVAEConfig.norm_groups.
+
+    GroupNorm's statistics are per image and group: on an image that is mostly one flat colour (the
+    demo's synthetic shapes) the background is nearly the group mean and normalises to about zero
+    whatever its colour. With few channels per group that loses colour: on the demo's data and
+    preset (width 16, ML 300 + SL 500 steps), 4 groups decoded 88% of backgrounds and 37% of shapes
+    in their own colour, 1 group 100% and 62%; no normalisation at all did not learn (MSE 0.51)."""
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm -> swish -> conv3x3 -> GroupNorm -> swish -> dropout -> conv3x3, plus a 1x1
     ``nin_shortcut`` on the residual when the channel count changes."""
 
-    def __init__(self, in_ch: int, out_ch: int, dropout: float):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.norm1 = normalize(in_ch)
+        self.norm1 = normalize(in_ch, groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.norm2 = normalize(out_ch)
+        self.norm2 = normalize(out_ch, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -66,10 +73,10 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-def _mid(ch: int, dropout: float) -> nn.Module:
+def _mid(ch: int, dropout: float, groups: int) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(ch, ch, dropout)
-    mid.block_2 = ResnetBlock(ch, ch, dropout)
+    mid.block_1 = ResnetBlock(ch, ch, dropout, groups)
+    mid.block_2 = ResnetBlock(ch, ch, dropout, groups)
     return mid
 
 
@@ -78,7 +85,7 @@ class Encoder(nn.Module):
     then GroupNorm -> swish -> conv3x3 to ``z_channels``."""
 
     def __init__(self, in_channels: int, hidden: int, ch_mult: tuple[int, ...], num_blocks: int,
-                 z_channels: int, dropout: float = 0.0):
+                 z_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         self.conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1)
         in_mult = (1,) + tuple(ch_mult)
@@ -87,13 +94,13 @@ class Encoder(nn.Module):
             ch_in, ch_out = hidden * in_mult[level], hidden * mult
             stage = nn.Module()
             stage.block = nn.ModuleList(
-                [ResnetBlock(ch_in if j == 0 else ch_out, ch_out, dropout) for j in range(num_blocks)])
+                [ResnetBlock(ch_in if j == 0 else ch_out, ch_out, dropout, groups) for j in range(num_blocks)])
             if level != len(ch_mult) - 1:
                 stage.downsample = Downsample(ch_out)
             self.down.append(stage)
         ch = hidden * ch_mult[-1]
-        self.mid = _mid(ch, dropout)
-        self.norm_out = normalize(ch)
+        self.mid = _mid(ch, dropout, groups)
+        self.norm_out = normalize(ch, groups)
         self.conv_out = nn.Conv2d(ch, z_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,23 +120,23 @@ class Decoder(nn.Module):
     to ``out_channels``. ``up`` is indexed fine to coarse, as in taming."""
 
     def __init__(self, in_channels: int, hidden: int, ch_mult: tuple[int, ...], num_blocks: int,
-                 out_channels: int, dropout: float = 0.0):
+                 out_channels: int, dropout: float = 0.0, groups: int = 32):
         super().__init__()
         ch = hidden * ch_mult[-1]
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
-        self.mid = _mid(ch, dropout)
+        self.mid = _mid(ch, dropout, groups)
         up = []
         for level in reversed(range(len(ch_mult))):
             ch_out = hidden * ch_mult[level]
             stage = nn.Module()
             stage.block = nn.ModuleList(
-                [ResnetBlock(ch if j == 0 else ch_out, ch_out, dropout) for j in range(num_blocks)])
+                [ResnetBlock(ch if j == 0 else ch_out, ch_out, dropout, groups) for j in range(num_blocks)])
             ch = ch_out
             if level != 0:
                 stage.upsample = Upsample(ch)
             up.insert(0, stage)
         self.up = nn.ModuleList(up)
-        self.norm_out = normalize(ch)
+        self.norm_out = normalize(ch, groups)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:

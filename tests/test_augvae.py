@@ -195,30 +195,36 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
 
 # -- the EMA codebook across data-parallel ranks ---------------------------------------------
 
+EMA_CASES = {"data-init": dict(codebook_data_init=True), "no-init": dict(codebook_data_init=False),
+             "restart": dict(codebook_data_init=True, codebook_restart=1.0)}
+
+
 def _ema_worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for data_init in (True, False):
-        # With data init, ranks draw different random numbers: only the broadcast can make their
-        # codebooks agree. The weights start equal as they would under DDP: copied from rank 0.
-        torch.manual_seed(rank if data_init else 0)
-        vae = AugVAE(dataclasses.replace(PRESETS["debug-sl"], codebook_data_init=data_init)).train()
-        if data_init:
+    for name, change in EMA_CASES.items():
+        # With data init or restarts, ranks draw different random numbers: only the broadcast can
+        # make their codebooks agree. The weights start equal as they would under DDP: from rank 0.
+        random_draws = change["codebook_data_init"]
+        torch.manual_seed(rank if random_draws else 0)
+        vae = AugVAE(dataclasses.replace(PRESETS["debug-sl"], **change)).train()
+        if random_draws:
             for p in vae.parameters():
                 dist.broadcast(p.data, src=0)
         for step in range(3):  # different data on every rank
             vae(images(n=2, seed=100 * rank + step))
-        torch.save(vae.codebook.state_dict(), os.path.join(out_dir, f"rank{rank}-{data_init}.pt"))
+        torch.save(vae.codebook.state_dict(), os.path.join(out_dir, f"rank{rank}-{name}.pt"))
     dist.destroy_process_group()
 
 
 def test_two_ranks_keep_identical_codebooks(tmp_path):
     mp.start_processes(_ema_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
-    for data_init in (True, False):
-        a, b = (torch.load(tmp_path / f"rank{r}-{data_init}.pt", weights_only=True) for r in range(2))
+    for name in EMA_CASES:
+        a, b = (torch.load(tmp_path / f"rank{r}-{name}.pt", weights_only=True) for r in range(2))
         for key in a:
-            assert torch.equal(a[key], b[key]), f"codebook {key} differs between ranks (data_init={data_init})"
+            assert torch.equal(a[key], b[key]), f"codebook {key} differs between ranks ({name})"
+    a = torch.load(tmp_path / "rank0-no-init.pt", weights_only=True)
     # Two ranks must update exactly as one process that sees both ranks' images (GroupNorm is
     # per sample, so features do not depend on the batch): one EMA step from the union.
     torch.manual_seed(0)
@@ -247,6 +253,25 @@ def test_first_training_step_sets_the_codebook_from_features():
     # EMA from the init's count of 1 per code: decay * 512 + (1 - decay) * 256 vectors this step
     expected = 0.99 * vae.cfg.codebook_size + 0.01 * feats.shape[0]
     assert vae.codebook.cluster_size.sum().item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dead_codes_restart_from_the_batch_and_live_ones_follow_the_ema():
+    torch.manual_seed(0)
+    vae = AugVAE(dataclasses.replace(PRESETS["debug-sl"], codebook_restart=1.0)).train()
+    vae(images(n=4))  # data init: every count 1
+    book = vae.codebook
+    x = images(n=4, seed=1)
+    with torch.no_grad():
+        feats = vae.quantized_features(x)[0].permute(0, 2, 3, 1).reshape(-1, vae.cfg.codebook_dim)
+    used = torch.zeros(book.num_codes, dtype=torch.bool)
+    used[book.nearest(feats)] = True
+    vae(x)
+    # an unused code's count decays from 1 to 0.99 < 1: it restarts as one of this batch's features
+    assert (~used).any() and (book.cluster_size[~used] == 1.0).all()
+    is_feature = (book.embed[:, None, :] == feats[None]).all(dim=-1).any(dim=1)
+    assert is_feature[~used].all()
+    assert (book.cluster_size[used] > 0.99).all(), "codes in use keep their EMA counts"
+    assert torch.equal(book.embed_avg[~used], book.embed[~used])
 
 
 def test_an_imported_codebook_is_never_reinitialised(tmp_path):
