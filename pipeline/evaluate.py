@@ -151,7 +151,10 @@ def reconstruction_metrics(shards: str, vae_path: str, limit: int | None = None,
         flush()
     if n == 0:
         raise ValueError(f"no decodable image in {shards}")
-    return {"images": n, **{k: v / n for k, v in sums.items()}}
+    metrics = {"images": n, **{k: v / n for k, v in sums.items()}}
+    if vgg_checkpoint is None:  # a random VGG's distance is no LPIPS: say so in the name
+        metrics["LPIPS_random_vgg"] = metrics.pop("LPIPS")
+    return metrics
 
 
 # --- generations -------------------------------------------------------------------------------

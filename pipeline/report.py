@@ -9,8 +9,9 @@ It gathers what the stages left under RUN_DIR (any depth):
 - reconstructions: the newest ``samples/recon_*.png`` of an AugVAE run;
 - generated images with their prompts: ``*/result.json`` of ``lverse generate`` (the chosen image,
   and its contact sheet);
-- captions beside their images: the parquet files of ``lverse caption``, with the images looked up
-  by key in ``--images`` (image shards), up to ``--max-captions``.
+- captions beside their images: the parquet files of ``lverse caption`` (those with a
+  ``clip_score`` column), with the images and their own captions looked up by key in ``--images``
+  (image shards), up to ``--max-captions``; the first candidate too when it was kept and differs.
 
 Images are copied to ``RUN_DIR/report/assets/`` and referenced relatively; the page is
 ``RUN_DIR/report/index.html``. A small script marks on load how many images loaded
@@ -98,15 +99,16 @@ class _Assets:
         return f"assets/{name}"
 
 
-def _images_by_key(shards: str | None, keys: set[str]) -> dict[str, bytes]:
+def _samples_by_key(shards: str | None, keys: set[str]) -> dict[str, dict[str, bytes]]:
+    """The image-shard samples (jpg, txt, ...) of the given keys."""
     if not shards or not keys:
         return {}
     from .encode import expand_shards, read_samples
     found = {}
     for shard in expand_shards(shards):
         for key, files in read_samples(shard):
-            if key in keys and "jpg" in files:
-                found[key] = files["jpg"]
+            if key in keys:
+                found[key] = files
         if len(found) == len(keys):
             break
     return found
@@ -164,19 +166,24 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
     for path in _find(run_dir, "*.parquet"):
         import pyarrow.parquet as pq
         table = pq.read_table(path)
-        if not {"key", "caption"} <= set(table.column_names):
+        if not {"key", "caption", "clip_score"} <= set(table.column_names):  # not `lverse caption` output
             continue
         caption_rows += [r for r in table.to_pylist() if r.get("caption")]
     if caption_rows:
         caption_rows = caption_rows[:max_captions]
-        pictures = _images_by_key(images, {r["key"] for r in caption_rows})
+        samples = _samples_by_key(images, {r["key"] for r in caption_rows})
         figures = []
         for r in caption_rows:
-            img = (f'<img src="{assets.write(pictures[r["key"]], ".jpg")}" alt="{esc(r["key"])}">'
-                   if r["key"] in pictures else "")
-            extra = f" — truth: {esc(r['reference'])}" if r.get("reference") else ""
-            figures.append(f"<figure>{img}<figcaption>{esc(r['caption'])}{extra}</figcaption></figure>")
-        sections.append(f'<h2>Image to text</h2><div class="grid">{"".join(figures)}</div>')
+            files = samples.get(r["key"], {})
+            img = f'<img src="{assets.write(files["jpg"], ".jpg")}" alt="{esc(r["key"])}">' if "jpg" in files else ""
+            text = f"<b>{esc(r['caption'])}</b>"
+            if r.get("candidates") and r["candidates"][0] != r["caption"]:
+                text += f"<br>first candidate: {esc(r['candidates'][0])}"
+            if "txt" in files:
+                text += f"<br>truth: {esc(files['txt'].decode('utf-8', errors='replace'))}"
+            figures.append(f"<figure>{img}<figcaption>{text}</figcaption></figure>")
+        sections.append("<h2>Image to text</h2><p>the caption CLIP chose (the first candidate below it when "
+                        f'that differs), and the image\'s own caption</p><div class="grid">{"".join(figures)}</div>')
 
     if not sections:
         raise ValueError(f"{run_dir} holds nothing to report (no metrics.jsonl, evaluation json, generations, "

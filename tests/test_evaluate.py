@@ -68,4 +68,4 @@ def test_generation_clip_score(tmp_path):
 def test_reconstruction_metrics_of_the_augvae(data):  # noqa: F811
     from lverse.pipeline.evaluate import reconstruction_metrics
     m = reconstruction_metrics(data["raw"], data["vae"], limit=10, batch_size=4)
-    assert m["images"] == 10 and m["PSNR"] > 0 and -1 <= m["SSIM"] <= 1 and m["LPIPS"] >= 0
+    assert m["images"] == 10 and m["PSNR"] > 0 and -1 <= m["SSIM"] <= 1 and m["LPIPS_random_vgg"] >= 0
