@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_configs")
 
 
-def _register() -> None:
+def register_configs() -> None:
     """Make our model configs (``clip_configs/*.json``) known to open_clip."""
     import open_clip
     if "lverse-tiny" not in open_clip.list_models():
@@ -33,7 +33,7 @@ def _register() -> None:
 class ClipScorer:
     def __init__(self, model: str = "ViT-B-32", checkpoint: str | None = None, device: str | torch.device = "cpu"):
         import open_clip
-        _register()
+        register_configs()
         if checkpoint is None:
             log.warning("CLIP %s has random weights (no --clip-checkpoint): reranking is meaningless "
                         "except in tests", model)
