@@ -31,7 +31,9 @@ lint: venv
 test: venv system-deps lint
 	$(PY) -m pytest -q tests
 
+# The demo needs only Java of the system packages (pycocoevalcap's tokenizer and METEOR).
 demo: venv
+	command -v java >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless)
 	$(VENV)/bin/lverse demo --output runs/demo
 
 clean:

@@ -144,6 +144,14 @@ def _train_vae(args: argparse.Namespace) -> None:
     train_vae(load_config(args.config, VAETrainConfig, {"run_dir": args.run_dir}))
 
 
+def _train_clip(args: argparse.Namespace) -> None:
+    from lverse.pipeline.train_clip import ClipTrainConfig, train_clip
+    result = train_clip(ClipTrainConfig(
+        shards=args.shards, output=args.output, model=args.model, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, eval_shards=args.eval_shards, seed=args.seed))
+    print(json.dumps(result, indent=2))
+
+
 def _export(args: argparse.Namespace) -> None:
     from lverse.pipeline.train import export_checkpoint
     export_checkpoint(args.run_dir, args.output, step=args.step)
@@ -179,10 +187,25 @@ def _synthetic_serve(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from lverse.demo import DemoConfig, run_demo
-    run_demo(DemoConfig(output=args.output, samples=args.samples, vae_steps=args.vae_steps,
-                        biart_steps=args.biart_steps, seed=args.seed))
-    log.info("demo finished; everything it wrote is in %s", args.output)
+    from lverse.demo import Demo, DemoConfig
+    cfg = DemoConfig(output=args.output, train=args.train, heldout=args.heldout, prompts=args.prompts,
+                     vae_ml_steps=args.vae_ml_steps, vae_sl_steps=args.vae_sl_steps,
+                     biart_steps=args.biart_steps, clip_steps=args.clip_steps,
+                     caption_candidates=args.caption_candidates, image_candidates=args.image_candidates,
+                     seed=args.seed, min_accuracy=args.min_accuracy)
+    results = Demo(cfg).run()
+    log.info("demo finished in %d s; the report: %s", results["seconds"], results["report"])
+    print(f"report={results['report']}")
+    print(f"caption_accuracy={results['caption_accuracy']:.3f}")
+    print(f"t2i_color_accuracy={results['t2i_color_accuracy']:.3f}")
+    low = [k for k in ("caption_accuracy", "t2i_color_accuracy") if results[k] < cfg.min_accuracy]
+    if low:
+        raise DemoBelowTarget(f"{' and '.join(low)} below --min-accuracy {cfg.min_accuracy}: the models did not "
+                              "learn enough (more steps?)")
+
+
+class DemoBelowTarget(Exception):
+    pass
 
 
 def _existing_file(path: str) -> str:
@@ -380,6 +403,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", default=None, help="override run_dir of the config")
     p.set_defaults(func=_train_vae)
 
+    p = sub.add_parser("train-clip", help="train a small open_clip model from scratch (no pretrained CLIP at hand)",
+                       description="Contrastive training (open_clip's model and ClipLoss, one process) on the "
+                       "image-caption pairs of image shards, all held in memory: for small corpora such as the "
+                       "demo's, where no pretrained CLIP can be downloaded. Writes one .safetensors file for "
+                       "--clip MODEL --clip-checkpoint FILE of caption and generate.")
+    p.add_argument("--shards", required=True, help="image shards (folder, glob or {00000..00009} range)")
+    p.add_argument("--output", required=True, help="output .safetensors path")
+    p.add_argument("--model", default="lverse-tiny", help="open_clip architecture (default: lverse-tiny, 64x64)")
+    p.add_argument("--steps", type=_positive, default=600, help="optimizer steps (default: 600)")
+    p.add_argument("--batch-size", type=_positive, default=128, help="pairs per step (default: 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    p.add_argument("--eval-shards", default=None, help="held-out image shards: top-1 image->text accuracy after")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=_train_clip)
+
     p = sub.add_parser("export", help="write a training checkpoint as one safetensors file for inference",
                        description="Gather the newest complete checkpoint of a training run (any ZeRO stage) into "
                        "fp32 weights in one .safetensors file with the model config, in-process.")
@@ -450,14 +488,34 @@ def build_parser() -> argparse.ArgumentParser:
                    "cfg.yaml --ray-address auto\" (split like a shell would; every word is quoted again)")
     p.set_defaults(func=_slurm_submit)
 
-    p = sub.add_parser("demo", help="run the pipeline end to end on synthetic data (CPU)",
-                       description="Interim demo: the models end to end on synthetic image-caption "
-                       "pairs, in-process on a CPU, in a few minutes.")
-    p.add_argument("--output", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--samples", type=_positive, default=512, help="synthetic pairs (default: 512)")
-    p.add_argument("--vae-steps", type=_positive, default=60, help="AugVAE steps per phase (default: 60)")
-    p.add_argument("--biart-steps", type=_positive, default=300, help="BiART steps (default: 300)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    from lverse.demo import DemoConfig
+    d = DemoConfig()
+    p = sub.add_parser("demo", help="run the whole pipeline on synthetic data, on a CPU, in about 15 minutes",
+                       description="Serve synthetic image-caption pairs on 127.0.0.1 and run every stage on them as "
+                       "the command a user would type (each is printed): download (img2dataset), tokenizer, "
+                       "train-vae, encode (Ray), train (BiART, DeepSpeed, both directions), train-clip, caption "
+                       "and generate (CLIP-reranked), evaluate, report. A rerun skips finished stages. Ends with "
+                       "the report's path and the held-out caption_accuracy and t2i_color_accuracy (lverse/demo.py "
+                       "says how they are judged); exits 1 if either is below --min-accuracy.")
+    p.add_argument("--output", default=d.output, help=f"output folder (default: {d.output})")
+    p.add_argument("--train", type=_positive, default=d.train, help=f"synthetic training pairs (default: {d.train})")
+    p.add_argument("--heldout", type=_positive, default=d.heldout, help=f"held-out pairs (default: {d.heldout})")
+    p.add_argument("--prompts", type=_positive, default=d.prompts,
+                   help=f"held-out captions to generate images for (default: {d.prompts})")
+    p.add_argument("--vae-ml-steps", type=_positive, default=d.vae_ml_steps,
+                   help=f"AugVAE-ML training steps (default: {d.vae_ml_steps})")
+    p.add_argument("--vae-sl-steps", type=_positive, default=d.vae_sl_steps,
+                   help=f"AugVAE-SL fine-tuning steps (default: {d.vae_sl_steps})")
+    p.add_argument("--biart-steps", type=_positive, default=d.biart_steps,
+                   help=f"BiART steps (default: {d.biart_steps})")
+    p.add_argument("--clip-steps", type=_positive, default=d.clip_steps, help=f"CLIP steps (default: {d.clip_steps})")
+    p.add_argument("--caption-candidates", type=_positive, default=d.caption_candidates,
+                   help=f"captions per image, CLIP keeps one (default: {d.caption_candidates})")
+    p.add_argument("--image-candidates", type=_positive, default=d.image_candidates,
+                   help=f"images per prompt, CLIP keeps one (default: {d.image_candidates})")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
+    p.add_argument("--min-accuracy", type=float, default=d.min_accuracy,
+                   help=f"exit 1 when either accuracy is below this (default: {d.min_accuracy}; 0: never)")
     p.set_defaults(func=_demo)
     return parser
 
@@ -471,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: say what to change
         log.error("%s", e)
         return 2
-    except StageFailed as e:  # the rest is done and kept; a rerun retries what failed
+    except (StageFailed, DemoBelowTarget) as e:  # the rest is done and kept; a rerun retries what failed
         log.error("%s", e)
         return 1
     return 0

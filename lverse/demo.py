@@ -1,131 +1,305 @@
-"""`lverse demo`: the largest end-to-end piece of the pipeline that exists, on synthetic data.
+"""`lverse demo`: the whole pipeline on the synthetic stand-in for Conceptual Captions, on a CPU.
 
-Until the inference stages land and the demo is wired through the stage commands (issues 6-7), it
-runs the models in-process on a CPU: draw image-caption pairs -> fit the caption tokenizer -> train a debug AugVAE-ML,
-convert it to SL and fine-tune it -> encode every image to tokens -> train a debug BiART with
-alternating directions -> caption a few images and generate images for a few captions. It says so
-when it starts. Everything it writes goes under ``--output``.
+Every stage runs as the real command a user would type (``python -m lverse.cli STAGE ...``, each
+logged with ``$`` so it can be copied), in order:
+
+    serve -> download (img2dataset, train and held-out) -> tokenizer -> train-vae -> encode (Ray)
+    -> train (BiART, DeepSpeed, both directions) -> train-clip -> caption -> generate
+    -> evaluate -> accuracy -> report
+
+A stage that finishes writes ``OUTPUT/_done/{stage}.json`` (its command and seconds); a rerun
+skips finished stages and resumes the others (each stage resumes by itself). A stage run before
+with other options is refused: use another ``--output``.
+
+The sizes (``DemoConfig``) are set so that both directions really learn on 2 CPU cores in about
+15 minutes, and the two accuracies below come out of the run:
+
+- ``caption_accuracy``: the share of held-out images whose caption (CLIP-reranked) contains
+  "<colour> <shape>" of the image's true caption, e.g. "red circle".
+- ``t2i_color_accuracy``: the share of held-out prompts whose generated image (CLIP-reranked)
+  shows the prompted colour, judged by pixel statistics: every pixel is assigned to the nearest
+  of the 8 palette colours (RGB distance); the most frequent class is the background; the shape's
+  colour is the most frequent other class, and counts only if it covers at least
+  ``MIN_SHAPE_SHARE`` of the image. Correct iff it is the prompted shape colour.
+
+Both are also computed for the first candidate (no reranking), and written with the run's facts to
+``OUTPUT/demo_results.json``, which the report shows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
+import json
 import logging
 import os
+import re
+import shlex
+import subprocess
+import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import numpy as np
-import torch
-from PIL import Image
+import yaml
 
-from lverse.model.augvae import PRESETS as VAE_PRESETS
-from lverse.model.augvae import AugVAE, ml_to_sl
-from lverse.model.biart import PRESETS as BIART_PRESETS
-from lverse.model.biart import BiART, Direction, build_sequence, prompt_for
-from lverse.model.checkpoint import save_model
-from lverse.model.losses import ReconstructionLoss
-from lverse.preprocessing.synthetic import draw_sample, image_to_tensor_array
-from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+from lverse.files import atomic_output, atomic_write_json
+from lverse.pipeline.executors import StageFailed
 
 log = logging.getLogger("lverse.demo")
 
+MIN_SHAPE_SHARE = 0.03  # of the pixels; the synthetic shapes cover 5-20%
 
-@dataclasses.dataclass
+
+@dataclass(frozen=True)
 class DemoConfig:
-    output: str = "runs/demo"  # folder for everything the demo writes
-    samples: int = 512  # synthetic image-caption pairs
-    vae_steps: int = 60  # AugVAE-ML steps, then as many SL fine-tuning steps
-    biart_steps: int = 300  # BiART steps, directions alternating
-    batch_size: int = 16  # images per step, both models
-    seed: int = 0  # data, initialisation and sampling
+    output: str = "runs/demo"  # everything the demo writes
+    train: int = 2000  # synthetic training pairs served
+    heldout: int = 100  # held-out pairs: images to caption; their captions are the prompts
+    prompts: int = 50  # held-out captions to generate images for
+    image_size: int = 64  # pixels of the served and downloaded images (the AugVAE resizes to its 32)
+    vocab_size: int = 96  # caption tokenizer pieces (the synthetic captions use ~40 words)
+    vae_ml_steps: int = 300  # AugVAE-ML steps
+    vae_sl_steps: int = 500  # AugVAE-SL fine-tuning steps after the conversion
+    biart_steps: int = 800  # BiART steps, directions alternating
+    clip_steps: int = 300  # tiny open_clip steps
+    caption_candidates: int = 16  # captions sampled per held-out image, CLIP keeps one
+    image_candidates: int = 8  # images sampled per prompt, CLIP keeps one
+    seed: int = 0
+    min_accuracy: float = 0.8  # exit non-zero when either accuracy is below (0: never)
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, float]:
-    """Run the demo; returns the first and last losses of each model."""
-    torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.output, exist_ok=True)
-    log.info("interim demo: runs the models in-process on synthetic data; the stage-by-stage demo "
-             "(download, encode with Ray, DeepSpeed training, CLIP reranking, report) is not wired yet")
-    rng = np.random.default_rng(cfg.seed)
-    pairs = [draw_sample(rng, size=64) for _ in range(cfg.samples)]
-    images = torch.from_numpy(np.stack([image_to_tensor_array(im) for im, _ in pairs]))
-    captions = [c for _, c in pairs]
+class Demo:
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.out = cfg.output
+        self.path = lambda *parts: os.path.join(self.out, *parts)  # noqa: E731
 
-    tok = CaptionTokenizer.fit(captions, os.path.join(cfg.output, "tokenizer"), vocab_size=64,
-                               offset=VAE_PRESETS["debug-sl"].codebook_size)
-    stats = {}
-    vae = _train_vae(AugVAE(VAE_PRESETS["debug-ml"]), images, cfg, "augvae-ml", stats)
-    vae = _train_vae(ml_to_sl(vae), images, cfg, "augvae-sl", stats).eval()
-    save_model(vae, os.path.join(cfg.output, "augvae-sl.safetensors"))
-    codes = torch.cat([vae.encode(b) for b in images.split(64)])
-    log.info("encoded %d images to %d tokens each", len(codes), codes.shape[1])
+    # -- running one stage ----------------------------------------------------------------------
 
-    # The synthetic captions take up to 25 pieces of a 64-piece vocabulary, 36 with BPE-dropout.
-    bcfg = dataclasses.replace(BIART_PRESETS["debug"], text_vocab=tok.vocab_size, text_len=40,
-                               image_vocab=vae.cfg.codebook_size, image_len=vae.cfg.num_tokens)
-    biart = _train_biart(BiART(bcfg), tok, codes, captions, cfg, stats).eval()
-    save_model(biart, os.path.join(cfg.output, "biart.safetensors"))
-    _sample(biart, vae, tok, codes[:4], captions[:4], cfg.output)
-    for name, (first, last) in stats.items():
-        log.info("%s loss: %.3f at the first step -> %.3f at the last", name, first, last)
-    return {f"{name}_{when}": v for name, pair in stats.items() for when, v in zip(("first", "last"), pair)}
+    def stage(self, name: str, args: list[str], config: tuple[str, dict] | None = None) -> None:
+        """Run ``lverse ARGS`` unless the stage is done; refuse one done with other arguments.
+        ``config`` is (path, values) of a YAML file the stage reads, written just before it runs."""
+        marker = self.path("_done", f"{name}.json")
+        record = {"command": ["lverse", *args], "config": config and config[1]}
+        if os.path.exists(marker):
+            with open(marker) as f:
+                done = json.load(f)
+            if {k: done.get(k) for k in record} != record:
+                raise ValueError(f"stage {name} of {self.out} ran with other options ({shlex.join(done['command'])}); "
+                                 "use another --output, or delete the folder")
+            log.info("stage %s: done before (%.0f s), skipped", name, done["seconds"])
+            return
+        if config:
+            with atomic_output(config[0]) as tmp, open(tmp, "w") as f:
+                yaml.safe_dump(config[1], f, sort_keys=False)
+        log.info("stage %s\n$ %s", name, shlex.join(record["command"]))
+        t0 = time.time()
+        # The stage's own log goes straight to this terminal: its progress bars and lines.
+        rc = subprocess.run([sys.executable, "-m", "lverse.cli", *args]).returncode
+        if rc != 0:
+            raise StageFailed(f"stage {name} failed (exit status {rc}); fix what it said and run the demo "
+                              f"again: finished stages are kept")
+        atomic_write_json(marker, {**record, "seconds": round(time.time() - t0, 1)})
+        log.info("stage %s: done in %.0f s", name, time.time() - t0)
+
+    def check_settings(self) -> None:
+        """Refuse to continue a demo folder made with other settings (another seed, other sizes)."""
+        path = self.path("demo_config.json")
+        settings = {k: v for k, v in dataclasses.asdict(self.cfg).items() if k not in ("output", "min_accuracy")}
+        if os.path.exists(path):
+            with open(path) as f:
+                before = json.load(f)
+            if before != settings:
+                changed = sorted(k for k in settings if before.get(k) != settings[k])
+                raise ValueError(f"{self.out} holds a demo run with other settings ({', '.join(changed)}); use "
+                                 "another --output, or delete the folder")
+        atomic_write_json(path, settings)
+
+    # -- the pipeline ---------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, p = self.cfg, self.path
+        t0 = time.time()
+        os.makedirs(self.out, exist_ok=True)
+        self.check_settings()
+        tsv = {split: p("data", f"{split}.tsv") for split in ("train", "heldout")}
+        download = ["--image-size", str(cfg.image_size), "--resize-mode", "center_crop", "--samples-per-shard",
+                    "500", "--threads", "16", "--timeout", "3", "--workers", "2", "--retries", "1"]
+        with self.server(tsv) or nullcontext():
+            self.stage("download", ["download", "--input", tsv["train"], "--output", p("images"), *download])
+            self.stage("download-heldout", ["download", "--input", tsv["heldout"], "--output",
+                                            p("heldout", "images"), *download])
+        self.stage("tokenizer", ["tokenizer", "--captions", tsv["train"], "--output", p("tokenizer"),
+                                 "--vocab-size", str(cfg.vocab_size)])
+
+        vae_config = p("configs", "augvae.yaml")
+        vae_values = {
+            "run_dir": p("augvae"), "shards": p("images"), "preset": "tiny-ml", "ml_steps": cfg.vae_ml_steps,
+            "sl_steps": cfg.vae_sl_steps, "batch_size": 16, "lr": 1e-3, "warmup_steps": 20, "crop_ratio": 0.9,
+            # LPIPS needs VGG weights, which cannot be downloaded here; a random VGG's "perceptual"
+            # loss is noise that costs a second a step. Flat synthetic shapes need only MSE.
+            "perceptual_weight": 0.0, "workers": 1, "seed": cfg.seed, "log_every": 25, "sample_every": 100,
+            "checkpoint_every": 200, "keep_checkpoints": 1}
+        self.stage("train-vae", ["train-vae", "--config", vae_config], (vae_config, vae_values))
+        vae = p("augvae", "augvae-sl.safetensors")
+        self.stage("encode", ["encode", "--shards", p("images"), "--vae", vae, "--output", p("tokens"), "--ray",
+                              "--workers", "2", "--batch-size", "64", "--decode-threads", "1"])
+
+        biart_config = p("configs", "biart.yaml")
+        biart_values = {
+            "run_dir": p("biart"), "steps": cfg.biart_steps, "micro_batch_size": 32,
+            "deepspeed": _ds_config("zero2_fp32.json"), "seed": cfg.seed, "checkpoint_every": cfg.biart_steps,
+            "keep_checkpoints": 1, "log_every": 50, "sample_every": 0, "tensorboard": True,
+            "model": {"preset": "debug", "overrides": {"n_layer": 4, "n_head": 4, "n_embd": 128, "text_len": 32}},
+            "data": {"shards": p("tokens"), "tokenizer": p("tokenizer.model"), "vae": vae, "workers": 1,
+                     "shuffle_shards": 4, "resampled": True},
+            "optim": {"lr": 3e-3, "warmup_steps": 50, "schedule": "cosine", "weight_decay": 0.01}}
+        self.stage("train", ["train", "--config", biart_config], (biart_config, biart_values))
+        biart = p("biart", "biart.safetensors")
+        clip = p("clip", "lverse-tiny.safetensors")
+        self.stage("train-clip", ["train-clip", "--shards", p("images"), "--output", clip, "--eval-shards",
+                                  p("heldout", "images"), "--steps", str(cfg.clip_steps), "--seed", str(cfg.seed)])
+
+        models = ["--checkpoint", biart, "--vae", vae, "--tokenizer", p("tokenizer.model"),
+                  "--clip", "lverse-tiny", "--clip-checkpoint", clip, "--seed", str(cfg.seed)]
+        self.stage("caption", ["caption", "--shards", p("heldout", "images"), "--output", p("captions"), *models,
+                               "--candidates", str(cfg.caption_candidates), "--temperature", "0.7",
+                               "--batch-size", "16", "--keep-candidates"])
+        references = self.references()
+        prompts = p("data", "prompts.txt")
+        if not os.path.exists(prompts):
+            with atomic_output(prompts) as tmp, open(tmp, "w") as f:
+                f.write("\n".join(sorted(set(references.values()))[:cfg.prompts]) + "\n")
+        self.stage("generate", ["generate", "--prompts", prompts, "--output", p("generated"), *models,
+                                "--candidates", str(cfg.image_candidates), "--temperature", "0.7",
+                                "--top-k", "16"])
+        refs_json = p("data", "heldout_references.json")
+        atomic_write_json(refs_json, {
+            "images": [{"id": k} for k in references],
+            "annotations": [{"image_id": k, "id": i, "caption": c} for i, (k, c) in enumerate(references.items())]})
+        self.stage("evaluate-captions", ["evaluate", "captions", "--predictions", p("captions"), "--references",
+                                         refs_json, "--output", p("evaluate_captions.json")])
+        self.stage("evaluate-generations", ["evaluate", "generations", "--generations", p("generated"),
+                                            "--output", p("evaluate_generations.json")])
+        self.stage("evaluate-reconstruction", ["evaluate", "reconstruction", "--shards", p("heldout", "images"),
+                                               "--vae", vae, "--output", p("evaluate_reconstruction.json")])
+
+        results = {**caption_accuracy(p("captions"), references), **t2i_color_accuracy(p("generated")),
+                   "heldout_images": len(references), "train_pairs": cfg.train, "seconds": round(time.time() - t0)}
+        atomic_write_json(p("demo_results.json"), results)
+        # The report is rewritten on every run: it shows the results just computed.
+        log.info("report\n$ %s", shlex.join(["lverse", "report", self.out, "--images", p("heldout", "images")]))
+        from lverse.pipeline.report import write_report
+        results["report"] = write_report(self.out, images=p("heldout", "images"), title="lverse demo")
+        return results
+
+    def server(self, tsv: dict[str, str]):
+        """The synthetic set's HTTP server, for the download stages (None when both are done).
+
+        The TSVs name the server's port; a rerun keeps them (download refuses a changed input in
+        the same folder) and serves on the same port again."""
+        from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
+        if all(os.path.exists(self.path("_done", f"{s}.json")) for s in ("download", "download-heldout")):
+            return None
+        data = SyntheticSet(seed=self.cfg.seed, train=self.cfg.train, heldout=self.cfg.heldout,
+                            image_size=self.cfg.image_size)
+        port = 0
+        if os.path.exists(tsv["train"]):
+            with open(tsv["train"], encoding="utf-8") as f:
+                port = urlparse(f.readline().rstrip("\n").split("\t")[1]).port
+        try:
+            server = SyntheticServer(data, port=port, slow_seconds=6.0)
+        except OSError as e:
+            raise ValueError(f"port {port} of the synthetic server (named in {tsv['train']}) is taken ({e}); "
+                               "free it, or use another --output") from e
+        if not port:
+            server.write_tsv(self.path("data"), bad_urls=True)
+        log.info("serving %d train and %d held-out synthetic pairs on %s (plus a few bad URLs, to show how they "
+                 "are counted)", data.train, data.heldout, server.url)
+        return server
+
+    def references(self) -> dict[str, str]:
+        """key -> caption of every downloaded held-out image."""
+        from lverse.pipeline.encode import expand_shards, read_samples
+        refs = {}
+        for shard in expand_shards(self.path("heldout", "images")):
+            for key, files in read_samples(shard):
+                if "txt" in files:
+                    refs[key] = files["txt"].decode("utf-8")
+        if not refs:
+            raise ValueError(f"no held-out images were downloaded into {self.path('heldout', 'images')}")
+        return refs
 
 
-def _train_vae(vae: AugVAE, images: torch.Tensor, cfg: DemoConfig, name: str, stats: dict) -> AugVAE:
-    loss_fn = ReconstructionLoss(perceptual_weight=0.1)
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-5)
-    vae.train()
-    losses, t0 = [], time.time()
-    for step in range(cfg.vae_steps):
-        batch = images[torch.randint(len(images), (cfg.batch_size,))]
-        recon, commit, _ = vae(batch)
-        loss = loss_fn(recon, batch, commit)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % 20 == 0 or step == cfg.vae_steps - 1:
-            log.info("%s step %d/%d loss %.4f (%.1fs)", name, step + 1, cfg.vae_steps, loss.item(), time.time() - t0)
-    stats[name] = (losses[0], float(np.mean(losses[-5:])))
-    return vae
+def _ds_config(name: str) -> str:
+    """A file of the repository's ds_configs/, wherever the demo is run from."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.join(root, "ds_configs", name)
 
 
-def _train_biart(model: BiART, tok: CaptionTokenizer, codes: torch.Tensor, captions: list[str],
-                 cfg: DemoConfig, stats: dict) -> BiART:
-    opt = model.configure_optimizers(lr=3e-3)
-    model.train()
-    losses, t0 = {d: [] for d in Direction}, time.time()
-    for step in range(cfg.biart_steps):
-        direction = Direction(step % 2)  # text->image on even steps, image->text on odd
-        rows = torch.randint(len(codes), (cfg.batch_size,))
-        text = tok.encode([captions[i] for i in rows], model.cfg.text_len, training=True)
-        seq = build_sequence(text, codes[rows], direction, model.cfg)
-        _, loss = model(seq[:, :-1], direction, targets=seq[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses[direction].append(loss["gen"].item())
-        if step % 50 == 0 or step == cfg.biart_steps - 1:
-            log.info("biart step %d/%d %s ref %.3f gen %.3f (%.1fs)", step + 1, cfg.biart_steps,
-                     direction.name, loss["ref"].item(), loss["gen"].item(), time.time() - t0)
-    for d, values in losses.items():
-        stats[f"biart-{d.name.lower()}-gen"] = (values[0], float(np.mean(values[-5:])))
-    return model
+# -- the two accuracies ------------------------------------------------------------------------
+
+def _truth(caption: str) -> tuple[str, str] | None:
+    from lverse.preprocessing.synthetic import COLORS, SHAPES
+    m = re.match(rf"an? ({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) ", caption)
+    return (m.group(1), m.group(2)) if m else None
 
 
-def _sample(biart: BiART, vae: AugVAE, tok: CaptionTokenizer, codes: torch.Tensor,
-            captions: list[str], output: str) -> None:
-    cfg = biart.cfg
-    text_ids = biart.generate(prompt_for(codes, Direction.I2T, cfg), Direction.I2T, cfg.text_len, temperature=0)
-    for truth, ids in zip(captions, text_ids):
-        log.info("caption: %r  (drawn as %r)", tok.decode(ids), truth)
-    prompts = tok.encode(captions, cfg.text_len)
-    image_ids = biart.generate(prompt_for(prompts, Direction.T2I, cfg), Direction.T2I, cfg.image_len,
-                               temperature=1.0, top_k=32)
-    pictures = ((vae.decode(image_ids).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1)
-    folder = os.path.join(output, "generated")
-    os.makedirs(folder, exist_ok=True)
-    for i, (caption, pic) in enumerate(zip(captions, pictures)):
-        Image.fromarray(pic.numpy()).save(os.path.join(folder, f"{i}.png"))
-        log.info("generated %s for %r", os.path.join(folder, f"{i}.png"), caption)
+def caption_accuracy(folder: str, references: dict[str, str]) -> dict:
+    """Share of held-out images whose caption names their colour and shape (module doc); of the
+    reranked caption and of the first candidate."""
+    import pyarrow.parquet as pq
+    rows = [r for path in sorted(glob.glob(os.path.join(folder, "*.parquet"))) for r in pq.read_table(path).to_pylist()]
+    right = {"caption_accuracy": 0, "caption_accuracy_first_candidate": 0}
+    judged = 0
+    for r in rows:
+        truth = _truth(references.get(r["key"], ""))
+        if truth is None:
+            continue
+        judged += 1
+        phrase = re.compile(rf"\b{truth[0]} {truth[1]}\b")
+        right["caption_accuracy"] += bool(r["caption"] and phrase.search(r["caption"]))
+        first = (r.get("candidates") or [r["caption"]])[0]
+        right["caption_accuracy_first_candidate"] += bool(first and phrase.search(first))
+    if not judged:
+        raise ValueError(f"no caption of {folder} matches a held-out reference")
+    return {k: v / judged for k, v in right.items()} | {"captions_judged": judged}
+
+
+def shape_color(image: np.ndarray) -> str | None:
+    """The colour of the shape in an (H, W, 3) uint8 picture by the rule of the module doc, or
+    None when no second colour covers MIN_SHAPE_SHARE of it."""
+    from lverse.preprocessing.synthetic import COLORS
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], dtype=np.float32)
+    pixels = image.reshape(-1, 3).astype(np.float32)
+    nearest = ((pixels[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(nearest, minlength=len(names))
+    background = counts.argmax()
+    counts[background] = 0
+    shape = counts.argmax()
+    return names[shape] if counts[shape] >= MIN_SHAPE_SHARE * len(pixels) else None
+
+
+def t2i_color_accuracy(folder: str) -> dict:
+    """Share of prompts whose generated image shows the prompted colour (module doc); of the
+    reranked image and of the first candidate."""
+    from PIL import Image
+    right = {"t2i_color_accuracy": 0, "t2i_color_accuracy_first_candidate": 0}
+    judged = 0
+    for path in sorted(glob.glob(os.path.join(folder, "*", "result.json"))):
+        with open(path) as f:
+            truth = _truth(json.load(f)["prompt"])
+        if truth is None:
+            continue
+        judged += 1
+        for key, name in (("t2i_color_accuracy", "best.png"),
+                          ("t2i_color_accuracy_first_candidate", os.path.join("candidates", "00.png"))):
+            with Image.open(os.path.join(os.path.dirname(path), name)) as im:
+                right[key] += shape_color(np.asarray(im.convert("RGB"))) == truth[0]
+    if not judged:
+        raise ValueError(f"{folder} holds no generated image of a synthetic prompt")
+    return {k: v / judged for k, v in right.items()} | {"prompts_judged": judged}

@@ -1,0 +1,54 @@
+"""`lverse demo` end to end at a tiny scale: every stage runs for real (img2dataset, Ray, DeepSpeed,
+open_clip, pycocoevalcap), a few steps each. Whether the models learn is `make demo`'s job (it
+exits 1 below 80%); here: every stage leaves its output, the metric lines come from the run's
+results file, a rerun skips every finished stage, and a rerun with other options is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+SMALL = ["--train", "48", "--heldout", "6", "--prompts", "3", "--vae-ml-steps", "4", "--vae-sl-steps", "4",
+         "--biart-steps", "10", "--clip-steps", "5", "--caption-candidates", "2", "--image-candidates", "2",
+         "--min-accuracy", "0"]
+
+
+def demo(out, *extra):
+    return subprocess.run([sys.executable, "-m", "lverse.cli", "demo", "--output", str(out), *SMALL, *extra],
+                          capture_output=True, text=True, timeout=1200)
+
+
+def test_demo_runs_every_stage_and_reports_accuracies_from_the_run(tmp_path):
+    out = tmp_path / "demo"
+    first = demo(out)
+    assert first.returncode == 0, first.stderr[-4000:]
+    lines = first.stdout.strip().splitlines()
+    assert re.fullmatch(r"caption_accuracy=\d\.\d{3}", lines[-2]) and re.fullmatch(r"t2i_color_accuracy=\d\.\d{3}",
+                                                                                      lines[-1]), lines[-3:]
+    results = json.loads((out / "demo_results.json").read_text())
+    assert lines[-2] == f"caption_accuracy={results['caption_accuracy']:.3f}"
+    assert lines[-1] == f"t2i_color_accuracy={results['t2i_color_accuracy']:.3f}"
+    assert results["captions_judged"] == 6 and results["prompts_judged"] == 3
+    report = out / "report" / "index.html"
+    assert lines[-3] == f"report={report}" and "caption_accuracy" in report.read_text()
+
+    stages = ["download", "download-heldout", "tokenizer", "train-vae", "encode", "train", "train-clip", "caption",
+              "generate", "evaluate-captions", "evaluate-generations", "evaluate-reconstruction"]
+    assert sorted(os.listdir(out / "_done")) == sorted(f"{s}.json" for s in stages)
+    for path in ("augvae/augvae-sl.safetensors", "biart/biart.safetensors", "clip/lverse-tiny.safetensors",
+                 "captions/00000.parquet", "generated/00002/best.png", "evaluate_captions.json"):
+        assert (out / path).is_file(), path
+    assert "$ lverse train --config" in first.stderr, "each stage's command is shown"
+
+    t0 = time.time()
+    again = demo(out)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stderr.count("done before") == len(stages) and time.time() - t0 < 120
+    assert again.stdout.strip().splitlines()[-2:] == lines[-2:]
+
+    changed = demo(out, "--seed", "1")
+    assert changed.returncode != 0 and "with other settings (seed)" in changed.stderr
