@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from lverse.demo import DemoConfig
     d = DemoConfig()
-    p = sub.add_parser("demo", help="run the whole pipeline on synthetic data, on a CPU, in about 15 minutes",
+    p = sub.add_parser("demo", help="run the whole pipeline on synthetic data, on a CPU, in under 20 minutes",
                        description="Serve synthetic image-caption pairs on 127.0.0.1 and run every stage on them as "
                        "the command a user would type (each is printed): download (img2dataset), tokenizer, "
                        "train-vae, encode (Ray), train (BiART, DeepSpeed, both directions), train-clip, caption "
