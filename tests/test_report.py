@@ -39,13 +39,17 @@ def test_report_renders_in_chromium_with_every_image_loaded(data, biart, tmp_pat
     shutil.copy(run / "generations" / "00000" / "sheet.png", run / "samples" / "recon_00000010.png")
     (run / "evaluate_captions.json").write_text(json.dumps({"BLEU-4": 0.25, "CIDEr": 0.5}))
     # img2dataset's parquet has key and caption columns too: it is input, not captions to show
-    shutil.copy(os.path.join(data["raw"], "00000.parquet"), run / "download.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"key": ["00000000"], "caption": ["a download row"], "status": ["success"]}),
+                   run / "download.parquet")
 
     page = write_report(str(run), images=data["raw"], max_captions=5)
     text = open(page).read()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>alert(1)" not in text  # escaped
     assert "<svg" in text and "BLEU-4" in text
     assert text.count("truth: ") == 5  # each captioned image with its own caption from the shard
+    assert "a download row" not in text
     dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
                           "--virtual-time-budget=10000", "--dump-dom", f"file://{page}"],
                          capture_output=True, text=True, timeout=120).stdout
