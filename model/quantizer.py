@@ -23,8 +23,8 @@ step every code whose EMA count fell below ``restart_below`` becomes a feature v
 batch (drawn on rank 0 and broadcast, so ranks stay identical) with count 1. With about as many
 features per step as codes (the demo's SL phase) a threshold of 1 restarts many codes every step;
 on the demo's data that churn measured better (more codes in use, lower MSE) than thresholds
-relative to the mean count. Without it a small
-model on a small, uniform dataset (the demo's flat shapes) ends up using a few dozen of its codes.
+relative to the mean count. Without it a small model on a small, uniform dataset (the demo's flat
+shapes) ends up using a few dozen of its codes.
 
 Everything here runs in FP32 with autocast off: in half precision the squared distances of
 256-dimensional codes lose the bits that separate near neighbours, and the EMA sums underflow.
@@ -134,18 +134,21 @@ class EMACodebook(nn.Module):
         dead = self.cluster_size < self.restart_below  # the same on every rank: counts are all-reduced
         if not dead.any():
             return
-        fresh = flat[torch.randint(len(flat), (self.num_codes,), device=flat.device)]
-        if _distributed():
-            dist.broadcast(fresh, src=0)
+        fresh = self._batch_features(flat)
         self.embed[dead] = fresh[dead]
         self.embed_avg[dead] = fresh[dead]
         self.cluster_size[dead] = 1.0
 
+    def _batch_features(self, flat: Tensor) -> Tensor:
+        """``num_codes`` feature vectors drawn from rank 0's batch, the same on every rank."""
+        drawn = flat[torch.randint(len(flat), (self.num_codes,), device=flat.device)]
+        if _distributed():
+            dist.broadcast(drawn, src=0)
+        return drawn
+
     def _init_from(self, flat: Tensor) -> None:
         """Every code a feature vector of this batch (rank 0's, broadcast); this step's update."""
-        embed = flat[torch.randint(len(flat), (self.num_codes,), device=flat.device)]
-        if _distributed():
-            dist.broadcast(embed, src=0)
+        embed = self._batch_features(flat)
         self.embed.copy_(embed)
         self.embed_avg.copy_(embed)
         self.cluster_size.fill_(1.0)

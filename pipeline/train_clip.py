@@ -8,8 +8,8 @@ CC3M: for real data use a pretrained checkpoint with ``--clip-checkpoint``.
 
 The weights are written (atomically) as one ``.safetensors`` file that ``--clip MODEL
 --clip-checkpoint FILE`` of caption and generate loads. Held-out shards, when given, are scored
-after training: image->text top-1 accuracy among the held-out captions, and the same among
-distinct captions only (duplicates make the plain figure a lower bound).
+after training: image->text top-1 accuracy among the distinct held-out captions (an image counts
+as right when the chosen caption equals its own).
 """
 
 from __future__ import annotations
