@@ -1,0 +1,30 @@
+"""`lverse train-clip`: a tiny open_clip model learns from image shards, and caption/generate's
+CLIP scorer loads what it wrote."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lverse.model.clip import ClipScorer
+from lverse.pipeline.train_clip import ClipTrainConfig, train_clip
+
+from .test_encode import raw_shards
+
+
+def test_train_clip_lowers_its_loss_and_the_scorer_loads_the_weights(tmp_path):
+    shards = raw_shards(str(tmp_path / "raw"), count=2, n=16)
+    out = tmp_path / "clip.safetensors"
+    result = train_clip(ClipTrainConfig(shards=shards, output=str(out), steps=40, batch_size=32, warmup_steps=5,
+                                        eval_shards=shards))
+    assert result["pairs"] == 32 and result["last_loss"] < result["first_loss"]
+    assert 0 <= result["heldout"]["image_to_text_top1_distinct"] <= 1
+    scorer = ClipScorer("lverse-tiny", checkpoint=str(out))
+    from safetensors.torch import load_file
+    saved = load_file(str(out))
+    assert all(torch.equal(v, saved[k]) for k, v in scorer.model.state_dict().items())
+
+
+def test_train_clip_refuses_shards_that_do_not_exist(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        train_clip(ClipTrainConfig(shards=str(tmp_path / "none"), output=str(tmp_path / "c.safetensors"), steps=1))
