@@ -52,3 +52,38 @@ def test_demo_runs_every_stage_and_reports_accuracies_from_the_run(tmp_path):
 
     changed = demo(out, "--seed", "1")
     assert changed.returncode != 0 and "with other settings (seed)" in changed.stderr
+
+
+def test_shape_color_judges_every_drawn_sample_right_and_a_plain_picture_as_none():
+    import numpy as np
+
+    from lverse.demo import _truth, shape_color
+    from lverse.preprocessing.synthetic import COLORS, draw_sample
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        image, caption = draw_sample(rng, 64)
+        assert shape_color(np.asarray(image)) == _truth(caption)[0], caption
+    plain = np.full((32, 32, 3), COLORS["red"], dtype=np.uint8)
+    assert shape_color(plain) is None
+    plain[:2, :2] = COLORS["blue"]  # 4 of 1024 pixels: below MIN_SHAPE_SHARE
+    assert shape_color(plain) is None
+
+
+def test_caption_accuracy_needs_colour_and_shape_together(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lverse.demo import caption_accuracy
+
+    refs = {"a": "a red circle at the left on a blue background",
+            "b": "a green square at the top on a white background",
+            "c": "a black triangle at the center on a yellow background"}
+    rows = [{"key": "a", "caption": "a red circle at the right on a blue background",
+             "candidates": ["a blue circle at the left", "a red circle at the right on a blue background"]},
+            {"key": "b", "caption": "a green triangle at the top on a white background",
+             "candidates": ["a green square at the top on a white background"]},
+            {"key": "c", "caption": "a blacktriangle on a yellow background", "candidates": []}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "00000.parquet")
+    got = caption_accuracy(str(tmp_path), refs)
+    assert got == {"caption_accuracy": 1 / 3, "caption_accuracy_first_candidate": 1 / 3, "captions_judged": 3}
