@@ -89,11 +89,11 @@ PRESETS: dict[str, AugVAEConfig] = {
     "debug-sl": AugVAEConfig(variant="sl", num_levels=2, image_size=64, hidden=32, z_channels=64,
                              codebook_dim=64, codebook_size=512),
     # The demo's (lverse/demo.py): 32x32 images, width 16, one ResnetBlock per level, 3 levels (the
-    # fewest ML->SL conversion takes), 1 GroupNorm group (vae_blocks.normalize says why), dead codes
-    # restarted (quantizer doc); SL makes 8x8 = 64 tokens. About 0.2 s a step of 16 on 2 CPU cores.
+    # fewest ML->SL conversion takes), 1 GroupNorm group (vae_blocks.normalize says why), no dead-code
+    # restarts (quantizer doc says why); SL makes 8x8 = 64 tokens. About 0.2 s a step of 16 on 2 CPU cores.
     "tiny-ml": AugVAEConfig(variant="ml", num_levels=3, image_size=32, first_ch_mult=(1, 2), hidden=16,
                             z_channels=32, codebook_dim=32, codebook_size=512, enc_blocks=1, dec_blocks=1,
-                            norm_groups=1, codebook_restart=1.0),
+                            norm_groups=1),
 }
 
 
