@@ -50,7 +50,7 @@ from lverse.pipeline.executors import StageFailed
 
 log = logging.getLogger("lverse.demo")
 
-MIN_SHAPE_SHARE = 0.03  # of the pixels; the synthetic shapes cover 5-20%
+MIN_SHAPE_SHARE = 0.03  # of the pixels; the synthetic shapes cover 12-40%
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,10 @@ class DemoConfig:
     vocab_size: int = 96  # caption tokenizer pieces (the synthetic captions use ~40 words)
     vae_ml_steps: int = 100  # AugVAE-ML steps (SL starts over after the conversion: README, The demo)
     vae_sl_steps: int = 1500  # AugVAE-SL fine-tuning steps after the conversion
-    biart_steps: int = 800  # BiART steps, directions alternating
-    clip_steps: int = 300  # tiny open_clip steps
+    biart_steps: int = 1200  # BiART steps, directions alternating
+    clip_steps: int = 600  # tiny open_clip steps
     caption_candidates: int = 16  # captions sampled per held-out image, CLIP keeps one
-    image_candidates: int = 8  # images sampled per prompt, CLIP keeps one
+    image_candidates: int = 16  # images sampled per prompt, CLIP keeps one
     seed: int = 0
     min_accuracy: float = 0.8  # exit non-zero when either accuracy is below (0: never)
 
