@@ -73,7 +73,8 @@ def load_pairs(shards: str, preprocess) -> tuple[torch.Tensor, list[str]]:
 
 @torch.no_grad()
 def retrieval_accuracy(model, tokenizer, images: torch.Tensor, captions: list[str]) -> dict:
-    """Image->text top-1 accuracy: among all captions, and among the distinct ones."""
+    """Image->text top-1 accuracy among the distinct captions (an image is right when the caption it
+    picks equals its own)."""
     model.eval()
     img = torch.nn.functional.normalize(torch.cat([model.encode_image(b) for b in images.split(256)]), dim=-1)
     distinct = sorted(set(captions))
