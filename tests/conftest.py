@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch
 
-REFERENCE = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "shared", "reference")
+DATA = os.path.join(os.path.dirname(__file__), "data")
 
 
 def pytest_configure(config):
@@ -38,13 +38,8 @@ def free_port() -> int:
 
 
 def reference_manifest(name: str) -> dict[str, list[int]]:
-    """Keys and shapes of an official AugVAE checkpoint (``shared/reference/``).
-
-    The manifests sit beside the repository (CI checks out shared/ next to it; a skip there fails).
-    """
-    path = os.path.join(REFERENCE, name)
-    if not os.path.isfile(path):
-        pytest.skip(f"{path} not found")
+    """Keys and shapes of an official AugVAE checkpoint's modules (``tests/data/``): every key of the
+    released Lightning ``state_dict`` that the model holds, with its shape."""
     import json
-    with open(path) as f:
+    with open(os.path.join(DATA, name)) as f:
         return json.load(f)

@@ -1,7 +1,7 @@
 """A private one-node SLURM cluster for the tests: real munged, slurmctld and slurmd, everything in
 one temporary folder with its own ports, so a SLURM set-up on the machine is never touched.
 
-Clients reach it through ``SLURM_CONF`` (``cluster.env``). DESIGN.md section 6 describes the recipe.
+Clients reach it through ``SLURM_CONF`` (``cluster.env``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`ray up` for real: Ray's local node provider on 127.0.0.1, over a private sshd (DESIGN.md 6).
+"""`ray up` for real: Ray's local node provider on 127.0.0.1, over a private sshd.
 
 The machine's own ssh set-up is left alone: the test starts ``sshd -f CONFIG`` on a free loopback
 port with its own host key and authorized keys in a temporary folder, and the cluster config
