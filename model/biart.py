@@ -256,12 +256,6 @@ class BiART(nn.Module):
         return [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
                 {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
 
-    def configure_optimizers(self, lr: float, weight_decay: float = 0.01,
-                             betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.Optimizer:
-        """AdamW as in the paper; the fused CUDA kernel when the parameters are on a GPU."""
-        fused = next(self.parameters()).is_cuda
-        return torch.optim.AdamW(self.optim_groups(weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
-
     @torch.no_grad()
     def generate(self, prompt: Tensor, direction: Direction, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,

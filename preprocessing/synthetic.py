@@ -45,7 +45,3 @@ def draw_sample(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, 
                f"on {article(names[background])} {names[background]} background")
     return image, caption
 
-
-def image_to_tensor_array(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 image -> (3, H, W) float32 in [-1, 1], AugVAE's input range."""
-    return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0
