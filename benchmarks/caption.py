@@ -10,7 +10,13 @@ CLIP reranking is left out of both: it costs the same either way. The last line 
 
     batched_caption_speedup=<images/s batched with cache / images/s one at a time without>  (goal: 10)
 
+Then ``run_caption`` on image shards (debug BiART and AugVAE, random weights, 8 candidates, a random
+tiny CLIP) end to end with one worker and with as many workers as cores, alternating:
+
+    caption_workers_scaling=<images/s with `cores` workers / images/s with 1 worker>  (goal: 0.95)
+
 Usage: python benchmarks/caption.py [--images 4] [--candidates 8] [--max-tokens 32] [--batch 4]
+       [--shards 4] [--per-shard 8] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -23,9 +29,13 @@ import time
 
 import numpy as np
 import torch
+from encode import make_raw_shards
 
+from lverse.model import AugVAE, save_model
+from lverse.model.augvae import PRESETS as VAE_PRESETS
 from lverse.model.biart import PRESETS, BiART
-from lverse.pipeline.caption import sample_captions
+from lverse.pipeline.caption import CaptionConfig, run_caption, sample_captions
+from lverse.pipeline.resources import available_cores
 from lverse.preprocessing.synthetic import draw_sample
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 
@@ -36,6 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", type=int, default=8, help="captions per image (the paper: 64)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4, help="images per batch on the batched path")
+    parser.add_argument("--shards", type=int, default=4, help="image shards of the workers scaling run")
+    parser.add_argument("--per-shard", type=int, default=8, help="images per shard of the workers scaling run")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each worker count, alternating")
     args = parser.parse_args(argv)
 
     rng = np.random.default_rng(0)
@@ -70,6 +83,34 @@ def main(argv: list[str] | None = None) -> None:
     print(f"one image at a time, no cache: {t_single:.2f} s ({args.images / t_single:.3f} images/s)")
     print(f"example caption: {batched[0][0]!r}")
     print(f"batched_caption_speedup={t_single / t_batched:.1f}")
+    workers_scaling(args.shards, args.per_shard, args.repeats)
+
+
+def workers_scaling(shards: int, per_shard: int, repeats: int) -> None:
+    """``run_caption`` end to end (start-up included) with 1 worker and with as many as cores,
+    alternating; each worker runs its share of the threads (``pipeline/resources.py``)."""
+    cores = available_cores()
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = CaptionTokenizer.fit([draw_sample(rng, 32)[1] for _ in range(500)], os.path.join(tmp, "tok"),
+                                   vocab_size=128, offset=PRESETS["debug"].image_vocab)
+        torch.manual_seed(0)
+        vae, biart = os.path.join(tmp, "vae.safetensors"), os.path.join(tmp, "biart.safetensors")
+        save_model(AugVAE(VAE_PRESETS["debug-sl"]), vae)  # 64px, 64 tokens, 512 codes: the debug BiART's
+        save_model(BiART(dataclasses.replace(PRESETS["debug"], text_vocab=tok.vocab_size, text_len=24)), biart)
+        raw = os.path.join(tmp, "raw")
+        make_raw_shards(raw, shards, per_shard, 64)
+        base = CaptionConfig(shards=raw, checkpoint=biart, vae=vae, tokenizer=os.path.join(tmp, "tok.model"),
+                             output="", candidates=8, max_tokens=16, batch_size=4, clip="lverse-tiny")
+        one, many = [], []
+        for r in range(repeats):
+            for n, times in ((1, one), (cores, many)):
+                start = time.perf_counter()
+                run_caption(dataclasses.replace(base, output=os.path.join(tmp, f"out{n}-{r}"), workers=n))
+                times.append(time.perf_counter() - start)
+            print(f"run {r + 1}: 1 worker x {cores} threads {one[-1]:.2f}s, {cores} workers x 1 thread "
+                  f"{many[-1]:.2f}s ({shards} shards x {per_shard} images, debug BiART, 8 candidates, end to end)")
+    print(f"caption_workers_scaling={min(one) / min(many):.2f}")
 
 
 if __name__ == "__main__":

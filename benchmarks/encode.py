@@ -23,6 +23,13 @@ machine other load comes and goes, and the fastest run is the least disturbed on
 
 Goal: at least 0.8.
 
+Then the same stage end to end (start-up included) with one worker and with as many workers as
+cores, each worker with its share of the threads (``pipeline/resources.py``), alternating:
+
+    encode_workers_scaling=<images/s with `cores` workers / images/s with 1 worker>
+
+Goal: at least 0.95 (more workers are never slower). Give at least as many shards as cores.
+
 Usage: python benchmarks/encode.py [--preset augvae-sl] [--shards 2] [--per-shard 8]
        [--batch-size 4] [--image-size 256] [--repeats 2]
 """
@@ -43,6 +50,7 @@ import torch
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
 from lverse.pipeline.encode import EncodeConfig, preprocess, read_samples, run_encode
+from lverse.pipeline.resources import available_cores
 from lverse.preprocessing.synthetic import draw_sample
 
 
@@ -112,14 +120,16 @@ def time_parts(paths: list[str], size: int, codes: list[np.ndarray]) -> dict[str
     return {"read tar": read, "decode + resize": decode, "write tar": time.perf_counter() - start}
 
 
-def run_stage(raw: str, vae_path: str, output: str, batch_size: int) -> tuple[float, list[float], list[np.ndarray]]:
-    """Encode every raw shard with ``run_encode`` (local executor, 1 worker).
+def run_stage(raw: str, vae_path: str, output: str, batch_size: int,
+              workers: int = 1) -> tuple[float, list[float], list[np.ndarray]]:
+    """Encode every raw shard with ``run_encode`` (local executor, ``workers`` processes, each its
+    share of the cores).
 
     Returns (wall seconds, the done markers' seconds per shard, the token shards' codes per shard).
     """
     start = time.perf_counter()
     run_encode(EncodeConfig(shards=raw, vae=vae_path, output=output, batch_size=batch_size,
-                            executor="local", workers=1))
+                            executor="local", workers=workers))
     wall = time.perf_counter() - start
     names = sorted(n.removesuffix("_stats.json") for n in os.listdir(output) if n.endswith("_stats.json"))
     seconds = []
@@ -185,6 +195,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"codes_equal={str(equal).lower()}")
         print(f"encode_pipeline_efficiency_end_to_end={bare_s / min(walls):.2f}")
         print(f"encode_pipeline_efficiency={bare_s / stage_s:.2f}")
+
+        cores = available_cores()
+        one, many = [], []
+        for r in range(args.repeats):
+            one.append(run_stage(raw, vae_path, os.path.join(tmp, f"one{r}"), args.batch_size, 1)[0])
+            many.append(run_stage(raw, vae_path, os.path.join(tmp, f"many{r}"), args.batch_size, cores)[0])
+            print(f"run {r + 1}: 1 worker x {cores} threads {one[-1]:.2f}s, {cores} workers x 1 thread "
+                  f"{many[-1]:.2f}s (end to end)")
+        print(f"encode_workers_scaling={min(one) / min(many):.2f}")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import torch
 from lverse.files import atomic_write_parquet
 
 from .executors import TaskResult, finish_stage, run_tasks
+from .resources import default_workers, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class CaptionConfig:
     clip_checkpoint: str | None = None  # its weights, a local file
     keep_candidates: bool = False  # also store every candidate and its CLIP score
     executor: str = "local"  # local processes or Ray actors
-    workers: int = 1  # model replicas
+    workers: int | None = None  # model replicas, local processes or Ray actors (None: one per GPU, else 1)
+    threads: int | None = None  # compute threads per worker (None: its share of the cores; resources.py)
     retries: int = 1
     ray_address: str | None = None
     device: str = "auto"
@@ -118,7 +120,7 @@ class ShardCaptioner:
         if os.path.exists(target):
             return TaskResult(name, ok=True, skipped=True)
         from .data import read_tar
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        device = resolve_device(cfg.device)
         model, tok, vae, clip = _models(cfg, device)
         start = time.time()
         try:
@@ -215,9 +217,11 @@ def run_caption(cfg: CaptionConfig) -> dict:
     os.makedirs(cfg.output, exist_ok=True)
     names = [os.path.basename(s).removesuffix(".tar") for s in shards]
     start = time.time()
-    kwargs = {"actors": cfg.workers} if cfg.executor == "ray" else {}
-    results = run_tasks(ShardCaptioner(cfg), shards, names, executor=cfg.executor, workers=cfg.workers,
-                        retries=cfg.retries, desc="caption", ray_address=cfg.ray_address, rate_of="images", **kwargs)
+    workers = cfg.workers or default_workers(cfg.device)
+    kwargs = {"actors": workers} if cfg.executor == "ray" else {}
+    results = run_tasks(ShardCaptioner(cfg), shards, names, executor=cfg.executor, workers=workers,
+                        threads=cfg.threads, retries=cfg.retries, desc="caption", ray_address=cfg.ray_address,
+                        rate_of="images", **kwargs)
     seconds = time.time() - start
     images = sum(r.stats.get("images", 0) for r in results if not r.skipped)
     summary = {"shards": len(results), "captioned": sum(r.ok and not r.skipped for r in results),

@@ -7,15 +7,23 @@ torchrun and the ``deepspeed`` launcher export ``RANK``, ``LOCAL_RANK``, ``WORLD
 local rank = SLURM_LOCALID, world = SLURM_NTASKS, master = the first host of the job's node list
 (``scontrol show hostnames``), port derived from the job id so that two jobs sharing a node do not
 collide. A plain ``python`` process (no launcher) becomes a world of one on 127.0.0.1.
+
+It also sizes this rank's threads (``resources.py``): the ranks on one node share its cores, unless
+the launcher already bound each rank to cores of its own (an affinity mask smaller than the
+machine), in which case the rank takes its mask. torchrun's and DeepSpeed's own OMP_NUM_THREADS
+count as the user's.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import subprocess
 from dataclasses import dataclass
+
+from .resources import apply_threads, available_cores, plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,17 @@ def world_info_from_env(env: dict | None = None) -> WorldInfo:
         return WorldInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                          "slurm")
     return WorldInfo(0, 0, 1, "single")
+
+
+def local_world_size(env: dict | None = None) -> int:
+    """Ranks of this job on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's
+    LOCAL_SIZE, else SLURM's tasks per node (the first node's, "4(x2)" -> 4), else 1."""
+    env = os.environ if env is None else env
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+        m = re.match(r"\d+", env.get(name, ""))
+        if m:
+            return max(1, int(m.group()))
+    return 1
 
 
 def slurm_master_addr(nodelist: str) -> str:
@@ -67,6 +86,11 @@ def setup_env(master_port: int | None = None) -> WorldInfo:
     else:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(master_port or 29500))
+    cores = available_cores()
+    bound = cores < (os.cpu_count() or cores)
+    plan = plan_threads(1 if bound else local_world_size(), cores)
+    apply_threads(plan.threads)
+    log.info("rank %d: %d threads (%s)", info.rank, plan.threads, plan.describe())
     return info
 
 

@@ -15,7 +15,8 @@ encoded after a crash is byte-identical to one from an uninterrupted run. A samp
 is skipped and counted; a shard that cannot be read fails alone, with its reason, and is retried.
 
 Workers (Ray actors, or local processes) load the model once and keep it. JPEG decoding and
-resizing run on a thread pool while the model encodes the previous batch.
+resizing run on a thread pool while the model encodes the previous batch. Each worker runs its
+share of the cores (``resources.py``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from lverse.files import atomic_output, atomic_write_json, remove_stale_temporaries
 
 from .executors import TaskResult, finish_stage, run_tasks
+from .resources import default_workers, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,10 @@ class EncodeConfig:
     vae: str  # AugVAE checkpoint: lverse .safetensors or the official .ckpt
     output: str  # folder for token shards and _summary.json
     batch_size: int = 32  # images per forward pass
-    decode_threads: int = 2  # JPEG decode + resize threads per worker
+    decode_threads: int | None = None  # JPEG decode + resize threads per worker (None: its thread share)
     executor: str = "local"  # local processes or Ray actors
-    workers: int = 1  # model replicas (local processes or Ray actors; one GPU each when present)
+    workers: int | None = None  # model replicas, local processes or Ray actors (None: one per GPU, else 1)
+    threads: int | None = None  # compute threads per worker (None: its share of the cores; resources.py)
     retries: int = 1  # times a failed shard is tried again
     ray_address: str | None = None  # Ray cluster to join (None: start a local one)
     device: str = "auto"  # cuda when available, else cpu
@@ -166,7 +169,7 @@ class ShardEncoder:
     vae_hash: str
     output: str
     batch_size: int = 32
-    decode_threads: int = 2
+    decode_threads: int | None = None  # None: as many as the worker's compute threads
     device: str = "auto"
 
     def __call__(self, shard: str) -> TaskResult:
@@ -174,8 +177,7 @@ class ShardEncoder:
         done = os.path.join(self.output, f"{name}_stats.json")
         if os.path.exists(done):
             return TaskResult(name, ok=True, skipped=True)
-        import torch
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        device = resolve_device(self.device)
         vae = load_vae(self.vae, device)
         start, stats = time.time(), {"samples": 0, "corrupt": 0}
         target = os.path.join(self.output, f"{name}.tar")
@@ -194,7 +196,8 @@ class ShardEncoder:
         size = vae.cfg.image_size
         decode = lambda s: preprocess(s[1].get("jpg", b""), size)  # noqa: E731
         batch = []
-        with ThreadPoolExecutor(self.decode_threads) as pool:
+        # Decoding overlaps the model's previous batch: both use the worker's share of the cores.
+        with ThreadPoolExecutor(self.decode_threads or torch.get_num_threads()) as pool:
             for (key, files), image in _ordered_prefetch(pool, decode, read_samples(shard), 2 * self.batch_size):
                 if image is None:
                     stats["corrupt"] += 1
@@ -247,11 +250,13 @@ def run_encode(cfg: EncodeConfig) -> dict:
     task = ShardEncoder(cfg.vae, vae_hash, cfg.output, cfg.batch_size, cfg.decode_threads, cfg.device)
     names = [os.path.basename(s).removesuffix(".tar") for s in shards]
     start = time.time()
-    kwargs = {}
+    workers, kwargs = cfg.workers or default_workers(cfg.device), {}
     if cfg.executor == "ray":
-        kwargs = {"actors": cfg.workers, "num_gpus": 1 if _cluster_has_gpus(cfg.ray_address) else 0}
-    results = run_tasks(task, shards, names, executor=cfg.executor, workers=cfg.workers, retries=cfg.retries,
-                        desc="encode", ray_address=cfg.ray_address, **kwargs)
+        gpus = _cluster_gpus(cfg.ray_address)
+        workers = cfg.workers or gpus or 1
+        kwargs = {"actors": workers, "num_gpus": 1 if gpus else 0}
+    results = run_tasks(task, shards, names, executor=cfg.executor, workers=workers, retries=cfg.retries,
+                        desc="encode", ray_address=cfg.ray_address, threads=cfg.threads, **kwargs)
     seconds = time.time() - start
     encoded = sum(r.stats.get("samples", 0) for r in results if not r.skipped)
     summary = {"shards": len(results), "encoded": sum(r.ok and not r.skipped for r in results),
@@ -276,6 +281,6 @@ def _refuse_other_vae(output: str, vae_hash: str) -> None:
                              f"{vae_hash[:12]}...); encode into a new --output folder")
 
 
-def _cluster_has_gpus(address: str | None) -> bool:
+def _cluster_gpus(address: str | None) -> int:
     from .executors import _init_ray
-    return _init_ray(address).cluster_resources().get("GPU", 0) > 0
+    return int(_init_ray(address).cluster_resources().get("GPU", 0))

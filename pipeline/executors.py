@@ -9,6 +9,9 @@ Executors:
 - ``ray``: one Ray task per item on a Ray cluster (``ray_address``; None starts a local one), or,
   with ``actors``, a pool of that many actors that each keep their state (a model) between items.
 
+Every worker process or actor runs its share of the CPU's threads (``resources.py``): on the local
+executor ``cores // workers``, on Ray the CPUs Ray gives it, unless the user set a number.
+
 The driver retries failed items up to ``retries`` times. Ray itself retries only system failures
 (a dead worker), which the driver sees as an exception and retries the same way.
 """
@@ -24,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
+
+from .resources import apply_threads, plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +71,28 @@ def _guarded(fn: Callable[[Any], TaskResult], item: Any, name: str) -> TaskResul
 def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str], *,
               executor: str = "local", workers: int = 1, retries: int = 2, desc: str = "tasks",
               ray_address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
-              actors: int = 0, rate_of: str | None = None) -> list[TaskResult]:
+              actors: int = 0, rate_of: str | None = None, threads: int | None = None) -> list[TaskResult]:
     """Run ``fn`` over ``items``; returns the last result of every item, in input order.
 
     ``num_cpus``/``num_gpus`` are Ray resources per task or actor; ``actors`` > 0 runs the items
     on that many Ray actors, each handed a whole item at a time. ``rate_of``: a count in the
-    results' stats (e.g. "images") whose rate the progress bar shows.
+    results' stats (e.g. "images") whose rate the progress bar shows. ``threads``: compute threads
+    per worker (None: its share, see the module doc).
     """
     if executor not in ("local", "ray"):
         raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
     results: dict[int, TaskResult] = {}
     pending = list(range(len(items)))
     if executor == "local":
-        submit = _local_runner(fn, workers)
-    elif actors:
-        submit = _ray_actor_runner(fn, ray_address, num_cpus, num_gpus, actors)
+        plan = plan_threads(min(workers, len(items)), threads=threads)
+        log.info("%s: %s", desc, plan.describe())
+        submit = _local_runner(fn, workers, plan.threads)
     else:
-        submit = _ray_runner(fn, ray_address, num_cpus)
+        per_worker = plan_threads(1, cores=max(1, int(num_cpus)), threads=threads).threads
+        log.info("%s: %s threads in each Ray %s (%s CPUs each)", desc, per_worker, "actor" if actors else "task",
+                 num_cpus)
+        submit = (_ray_actor_runner(fn, ray_address, num_cpus, num_gpus, actors, per_worker) if actors
+                  else _ray_runner(fn, ray_address, num_cpus, per_worker))
     done_units, started = 0, time.time()
     with tqdm(total=len(items), desc=desc, unit="shard") as bar:
         for attempt in range(retries + 1):
@@ -103,9 +113,11 @@ def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequ
     return [results[i] for i in range(len(items))]
 
 
-def _local_runner(fn, workers):
+def _local_runner(fn, workers, threads):
     def submit(batch):
-        with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn")) as pool:
+        # apply_threads runs in each fresh process before the task (and torch) is unpickled there.
+        with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
+                                    initializer=apply_threads, initargs=(threads,)) as pool:
             futures = {pool.submit(_guarded, fn, item, name): (i, name) for i, item, name in batch}
             for future in cf.as_completed(futures):
                 i, name = futures[future]
@@ -132,20 +144,21 @@ def _init_ray(address):
 
 
 class _Actor:
-    def __init__(self, fn):
+    def __init__(self, fn, threads):
+        apply_threads(threads)
         self.fn = fn
 
     def run(self, item, name):
         return _guarded(self.fn, item, name)
 
 
-def _ray_actor_runner(fn, address, num_cpus, num_gpus, count):
+def _ray_actor_runner(fn, address, num_cpus, num_gpus, count, threads):
     ray = _init_ray(address)
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Actor)
 
     def submit(batch):
         queue, running = list(batch), {}
-        idle = [cls.remote(fn) for _ in range(min(count, len(batch)))]
+        idle = [cls.remote(fn, threads) for _ in range(min(count, len(batch)))]
         while queue or running:
             while queue and idle:
                 actor = idle.pop()
@@ -158,16 +171,21 @@ def _ray_actor_runner(fn, address, num_cpus, num_gpus, count):
                 idle.append(actor)
             except Exception as e:  # the actor died: report the item, start a fresh actor
                 yield i, TaskResult(name=name, ok=False, reason=f"Ray actor lost: {type(e).__name__}: {e}")
-                idle.append(cls.remote(fn))
+                idle.append(cls.remote(fn, threads))
     return submit
 
 
-def _ray_runner(fn, address, num_cpus):
+def _threaded(threads, fn, item, name):
+    apply_threads(threads)
+    return _guarded(fn, item, name)
+
+
+def _ray_runner(fn, address, num_cpus, threads):
     ray = _init_ray(address)
-    remote = ray.remote(num_cpus=num_cpus, max_retries=1)(_guarded)
+    remote = ray.remote(num_cpus=num_cpus, max_retries=1)(_threaded)
 
     def submit(batch):
-        refs = {remote.remote(fn, item, name): (i, name) for i, item, name in batch}
+        refs = {remote.remote(threads, fn, item, name): (i, name) for i, item, name in batch}
         waiting = list(refs)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)

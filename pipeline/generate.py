@@ -21,6 +21,8 @@ import torch
 
 from lverse.files import atomic_write_json
 
+from .resources import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--{name} {path} does not exist")
     prompts = read_prompts(cfg.prompts)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
     vae = AugVAE.from_pretrained(cfg.vae).to(device).eval()
     if vae.cfg.num_tokens != model.cfg.image_len or vae.cfg.codebook_size != model.cfg.image_vocab:
