@@ -209,7 +209,8 @@ def _checkpointed(forward):
 # schedule, FLOPs
 
 def lr_at(step: int, cfg: OptimConfig, peak: float, total: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): warmup, then constant or cosine."""
+    """Learning rate of optimizer step ``step`` (0-based) of ``total``: warmup, then constant or
+    cosine (``cfg``: any config with ``warmup_steps``, ``schedule`` and ``min_lr_ratio``)."""
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":

@@ -8,19 +8,27 @@ and ``augvae-sl.safetensors`` are written into the run folder at the end of each
 
 Data-parallel with DistributedDataParallel, ``broadcast_buffers=False``: the EMA codebook is not
 copied from rank 0 each step but kept identical by the quantizer itself, which all-reduces its
-counts and sums (DESIGN.md section 3); the run checks that the codebooks agree across ranks at
+counts and sums (``model/quantizer.py``); the run checks that the codebooks agree across ranks at
 every log step and logs the largest difference (``codebook_max_diff``, expected 0).
 
 Loss: MSE + 0.1 LPIPS(VGG) + commitment (``model/losses.py``); AdamW betas (0.9, 0.999), weight
-decay 1e-5, lr 4.5e-6 x global batch (the paper's), constant after an optional warmup: the paper
-halves it on plateau, which makes the lr depend on the loss history; a pure function of the step
-keeps resume exact. Images: a random square crop of 75-100% of the shorter side, resized to the
-model's size, in [-1, 1] (the paper's "random crop ratio 0.75").
+decay 1e-5, lr 4.5e-6 x global batch (the paper's), constant after an optional warmup, or a cosine
+decay over each phase (``schedule``; BiART's ``lr_at``): the paper halves it on plateau, which makes
+the lr depend on the loss history; a pure function of the step keeps resume exact. Images: a random
+square crop of 75-100% of the shorter side, resized to the model's size, in [-1, 1] (the paper's
+"random crop ratio 0.75").
 
 Resume, checkpoints and data order work as in BiART training (``train.py``): a checkpoint folder
 counts once its ``lverse.json`` is written, RNG reseeded from (seed, step, rank), the data position
 is ``step`` micro-batches. Codebook usage (perplexity, dead codes) is counted with ``bincount``,
 never a one-hot.
+
+Held-out evaluation (``eval_shards``): every ``eval_every`` steps and at the end of each phase,
+rank 0 reconstructs the first ``eval_images`` held-out images and logs their mean PSNR
+(``eval_psnr``). With ``target_psnr`` the SL phase ends at the first evaluation that reaches it,
+so ``sl_steps`` becomes a ceiling: small models train with a loss that still jumps about at the
+end, and how many steps one needs differs between seeds and machines (README, "The demo"). The
+checkpoint written there records ``reached_target``, so a rerun does not train on.
 """
 
 from __future__ import annotations
@@ -40,7 +48,7 @@ from lverse.files import atomic_output, atomic_write_json
 
 from .distributed import setup_env
 from .metrics import MetricsLogger
-from .train import complete_checkpoints, read_checkpoint_meta, remove_partial_checkpoints
+from .train import complete_checkpoints, lr_at, read_checkpoint_meta, remove_partial_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,8 @@ class VAETrainConfig:
     lr: float | None = None  # None: lr_per_sample x global batch
     lr_per_sample: float = 4.5e-6  # the paper's lr per image of global batch
     warmup_steps: int = 0  # linear warmup at the start of each phase
+    schedule: str = "constant"  # after warmup, per phase: "constant", or "cosine" to min_lr_ratio x lr at its end
+    min_lr_ratio: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-5
     crop_ratio: float = 0.75  # smallest random crop, as a fraction of the shorter side
@@ -70,6 +80,10 @@ class VAETrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 10
     sample_every: int = 0  # steps between reconstruction grids (0: never)
+    eval_shards: str = ""  # held-out image shards: PSNR of their reconstructions is logged ("": none)
+    eval_every: int = 100  # steps between held-out evaluations
+    eval_images: int = 256  # held-out images evaluated (the first of eval_shards, centre crops)
+    target_psnr: float | None = None  # end SL once the held-out PSNR reaches this; sl_steps is then a ceiling
     tensorboard: bool = True
     master_port: int | None = None
 
@@ -151,13 +165,18 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     total = cfg.ml_steps + cfg.sl_steps
     if total <= 0:
         raise ValueError("ml_steps + sl_steps must be positive")
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     stream = Stream(tuple(shards), tuple(image_shard_counts(shards)), cfg.seed, cfg.shuffle_shards, cfg.resampled)
 
     if rank == 0:
         remove_partial_checkpoints(cfg.run_dir)
     dist.barrier()
     resume = complete_checkpoints(cfg.run_dir)
-    step = read_checkpoint_meta(resume[-1][1])["step"] if resume else 0
+    meta = read_checkpoint_meta(resume[-1][1]) if resume else {"step": 0}
+    step = meta["step"]
+    if meta.get("reached_target"):  # ended at target_psnr before: the SL model is written
+        total = step
     torch.manual_seed(cfg.seed)  # LPIPS without a VGG checkpoint is random: the same one on every run
     loss_fn = ReconstructionLoss(cfg.perceptual_weight, cfg.vgg_checkpoint).to(device)
     phase, model = None, None
@@ -165,6 +184,7 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     if rank == 0:
         with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
+    held_out = _eval_images(cfg, device) if rank == 0 and cfg.eval_shards else None
     metrics, sums, last, t0 = {}, torch.zeros(4, device=device), step, time.time()
     global_batch = cfg.batch_size * world
     peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_sample * global_batch
@@ -190,8 +210,7 @@ def train_vae(cfg: VAETrainConfig) -> dict:
                 log.info("AugVAE-%s: %.1fM parameters, %d tokens per image, %d ranks, global batch %d, "
                          "lr %.3g, steps %d-%d", phase.upper(), sum(p.numel() for p in model.parameters()) / 1e6,
                          model.cfg.num_tokens, world, global_batch, peak_lr, phase_start + 1, phase_end)
-        k = step - phase_start
-        lr = peak_lr * min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else peak_lr
+        lr = lr_at(step - phase_start, cfg, peak_lr, phase_end - phase_start)
         for group in opt.param_groups:
             group["lr"] = lr
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
@@ -216,8 +235,18 @@ def train_vae(cfg: VAETrainConfig) -> dict:
             sums, last, t0 = torch.zeros(4, device=device), step, time.time()
         if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
             _log_reconstructions(images[:4], recon[:4], step, cfg.run_dir, logger)
+        reached = False
+        if cfg.eval_shards and (step % cfg.eval_every == 0 or step == phase_end):
+            psnr = _eval_psnr(model, held_out, device)
+            logger.log({"step": step, "phase": phase, "eval_psnr": psnr})
+            reached = phase == "sl" and cfg.target_psnr is not None and psnr >= cfg.target_psnr
+            if reached and step < phase_end:
+                if rank == 0:
+                    log.info("held-out PSNR %.2f dB reached target_psnr %.2f at step %d: SL ends here",
+                             psnr, cfg.target_psnr, step)
+                phase_end = total = step
         if step % cfg.checkpoint_every == 0 or step == phase_end:
-            _save(cfg, model, opt, step, rank)
+            _save(cfg, model, opt, step, rank, reached)
         if step == phase_end and rank == 0:
             save_model(model, os.path.join(cfg.run_dir, f"augvae-{phase}.safetensors"))
             log.info("wrote %s", os.path.join(cfg.run_dir, f"augvae-{phase}.safetensors"))
@@ -236,17 +265,52 @@ def _codebook_spread(model, world: int) -> float:
     return float((hi - lo).abs().max())
 
 
-def _save(cfg: VAETrainConfig, model, opt, step: int, rank: int) -> None:
+def _save(cfg: VAETrainConfig, model, opt, step: int, rank: int, reached_target: bool = False) -> None:
     import torch.distributed as dist
     folder = os.path.join(cfg.run_dir, "checkpoints", f"step_{step:08d}")
     if rank == 0:  # ranks hold identical replicas (DDP; codebook all-reduced)
         os.makedirs(folder, exist_ok=True)
         with atomic_output(os.path.join(folder, "state.pt")) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
-        atomic_write_json(os.path.join(folder, "lverse.json"), {"step": step, "variant": model.cfg.variant})
+        atomic_write_json(os.path.join(folder, "lverse.json"), {"step": step, "variant": model.cfg.variant,
+                                                                 "reached_target": reached_target})
         for _, old in complete_checkpoints(cfg.run_dir)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
+
+
+def _eval_images(cfg: VAETrainConfig, device) -> torch.Tensor:
+    """The first ``eval_images`` decodable held-out images, centre crops at the model's size."""
+    from lverse.model.augvae import PRESETS
+
+    from .encode import expand_shards, preprocess, read_samples
+    size, images = PRESETS[cfg.preset].image_size, []
+    for shard in expand_shards(cfg.eval_shards):
+        for _, files in read_samples(shard):
+            image = preprocess(files.get("jpg", b""), size)
+            if image is not None:
+                images.append(torch.from_numpy(image))
+            if len(images) == cfg.eval_images:
+                return torch.stack(images).to(device)
+    if not images:
+        raise ValueError(f"eval_shards {cfg.eval_shards!r} holds no decodable image")
+    return torch.stack(images).to(device)
+
+
+def _eval_psnr(model, images: torch.Tensor | None, device) -> float:
+    """Mean PSNR of ``images``' reconstructions on rank 0, the same number on every rank."""
+    import torch.distributed as dist
+
+    from .evaluate import psnr
+    value = torch.zeros(1, device=device)
+    if images is not None:
+        model.eval()
+        with torch.no_grad():
+            recon = torch.cat([model.decode(model.encode(b)).clamp(-1, 1) for b in images.split(64)])
+        model.train()
+        value[0] = psnr((images + 1) / 2, (recon + 1) / 2).mean()
+    dist.broadcast(value, src=0)
+    return float(value)
 
 
 def _log_reconstructions(images, recon, step: int, run_dir: str, logger: MetricsLogger) -> None:

@@ -341,6 +341,26 @@ def test_vae_training_resumes_with_the_same_losses(data, tmp_path):
             assert resumed[step][0][key] == full[step][0][key], (step, key)
 
 
+def test_vae_sl_ends_at_its_target_psnr_and_a_rerun_does_not_train_on(data, tmp_path):
+    """target_psnr makes sl_steps a ceiling; a target no model misses ends SL at its first evaluation."""
+    evaluated = dict(eval_shards=data["raw"], eval_every=1, eval_images=6)
+    run_job(1, "train-vae", "--config", vae_config(tmp_path / "vae.yaml", data, tmp_path / "run", target_psnr=-1.0,
+                                                   **evaluated))
+    m = metrics(tmp_path / "run")
+    assert max(m) == 4, "SL (steps 4-6) ends at step 4, its first evaluation"
+    assert all(any("eval_psnr" in line for line in m[s]) for s in range(1, 5))
+    with open(tmp_path / "run" / "checkpoints" / "step_00000004" / "lverse.json") as f:
+        assert json.load(f)["reached_target"] is True
+    assert AugVAE.from_pretrained(str(tmp_path / "run" / "augvae-sl.safetensors")).cfg.variant == "sl"
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text()
+    run_job(1, "train-vae", "--config", str(tmp_path / "vae.yaml"))
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == lines, "a rerun trains no further"
+
+    run_job(1, "train-vae", "--config", vae_config(tmp_path / "vae2.yaml", data, tmp_path / "run2", target_psnr=999.0,
+                                                   **evaluated))
+    assert max(metrics(tmp_path / "run2")) == 6, "an unreached target: sl_steps is the ceiling"
+
+
 def test_read_tar_reads_every_sample(data):
     samples = read_tar(os.path.join(data["tokens"], "00000.tar"))
     assert len(samples) == PER_SHARD and all("codes.npy" in s and "txt" in s for s in samples)
