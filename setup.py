@@ -35,13 +35,15 @@ setup(
     version="0.1.0",
     description="Train and run L-Verse (AugVAE + BiART) on web-scale image-text data",
     python_requires=">=3.10",
-    packages=["lverse", "lverse.model", "lverse.pipeline", "lverse.preprocessing", "lverse.slurm"],
+    packages=["lverse", "lverse.model", "lverse.pipeline", "lverse.preprocessing", "lverse.slurm",
+              "lverse.ds_configs"],
     package_dir={
         "lverse": "lverse",
         "lverse.model": "model",
         "lverse.pipeline": "pipeline",
         "lverse.preprocessing": "preprocessing",
         "lverse.slurm": "slurm",
+        "lverse.ds_configs": "ds_configs",
     },
     install_requires=[
         "torch>=2.4",
@@ -53,7 +55,7 @@ setup(
         "ftfy",
     ],
     package_data={"lverse.pipeline": ["clusters/*.yaml"], "lverse.slurm": ["*.sbatch"],
-                  "lverse.model": ["clip_configs/*.json"]},
+                  "lverse.model": ["clip_configs/*.json"], "lverse.ds_configs": ["*.json"]},
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["lverse=lverse.cli:main"]},
 )

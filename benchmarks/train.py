@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round and loop")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
-    parser.add_argument("--deepspeed", default="ds_configs/zero2_fp32.json",
+    parser.add_argument("--deepspeed", default="zero2_fp32",
                         help="a ZeRO-2 ds_config; its precision is used for both loops")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

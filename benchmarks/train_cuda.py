@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="append", metavar="PRESET:B1,B2,...",
                         help="a preset and its micro-batch sizes (repeatable; default biart-500m:4,8,16,32 "
                              "and biart-mini:16,64)")
-    parser.add_argument("--deepspeed", default="ds_configs/zero2_bf16.json", help="ds_config of the sweep")
+    parser.add_argument("--deepspeed", default="zero2_bf16", help="ds_config of the sweep")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)

@@ -1,6 +1,6 @@
 """The train stage: BiART under DeepSpeed ZeRO, alternating directions, resumable to the step.
 
-``lverse train --config RUN.yaml [--deepspeed ds_configs/NAME.json]`` runs ``train(cfg)`` in every
+``lverse train --config RUN.yaml [--deepspeed NAME]`` runs ``train(cfg)`` in every
 process of the job (``deepspeed``/torchrun on one node, ``srun`` one task per GPU under SLURM).
 
 The loop, in nanoGPT's order: set the lr (a pure function of the step) -> micro-steps (direction
@@ -91,7 +91,7 @@ class TrainConfig:
     steps: int = 1000  # optimizer steps in all
     micro_batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
-    deepspeed: str = "ds_configs/zero2_bf16.json"  # ZeRO stage, precision, offload
+    deepspeed: str = "zero2_bf16"  # ZeRO stage, precision, offload: a shipped ds_configs/ name or a path
     activation_checkpointing: bool = False  # recompute each block in the backward pass
     seed: int = 0  # initialisation, data order, dropout
     checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
@@ -113,10 +113,23 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed config, kernels and the one wrapping function
 
+def ds_config_path(value: str) -> str:
+    """A DeepSpeed config by path, or by the name of one shipped in ds_configs/ (``zero2_bf16`` or
+    ``zero2_bf16.json``), which installs with the package, so names work from any folder."""
+    if os.path.isfile(value):
+        return value
+    from importlib.resources import files
+    shipped = files("lverse.ds_configs")
+    names = sorted(p.name.removesuffix(".json") for p in shipped.iterdir() if p.name.endswith(".json"))
+    if os.sep not in value and value.removesuffix(".json") in names:
+        return str(shipped / f"{value.removesuffix('.json')}.json")
+    raise FileNotFoundError(f"DeepSpeed config {value} is neither a file nor a shipped name ({', '.join(names)})")
+
+
 def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
-    """A ds_configs/ file plus the values the run config owns (batch sizes, clipping)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DeepSpeed config {path} does not exist; see ds_configs/ for the named ones")
+    """A ds_configs/ file (a path or a shipped name) plus the values the run config owns (batch
+    sizes, clipping)."""
+    path = ds_config_path(path)
     with open(path) as f:
         ds = json.load(f)
     owned = [k for k in DS_CONFIG_OWNED_KEYS if k in ds]

@@ -366,6 +366,17 @@ def test_read_tar_reads_every_sample(data):
     assert len(samples) == PER_SHARD and all("codes.npy" in s and "txt" in s for s in samples)
 
 
+def test_deepspeed_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
+    from lverse.pipeline.train import ds_config_path
+    monkeypatch.chdir(tmp_path)
+    for path in DS_CONFIGS:
+        name = os.path.basename(path).removesuffix(".json")
+        with open(ds_config_path(name)) as a, open(ds_config_path(f"{name}.json")) as b, open(path) as c:
+            assert json.load(a) == json.load(b) == json.load(c)
+    with pytest.raises(FileNotFoundError, match="neither a file nor a shipped name .*zero2_bf16"):
+        ds_config_path("zero9_bf16")
+
+
 def test_shipped_run_configs_parse():
     from lverse.config import load_config
     from lverse.pipeline.train_vae import VAETrainConfig
