@@ -55,7 +55,8 @@ def _encode(args: argparse.Namespace) -> None:
     summary = run_encode(EncodeConfig(
         shards=args.shards, vae=args.vae, output=args.output, batch_size=args.batch_size,
         decode_threads=args.decode_threads, executor="ray" if args.ray_address or args.ray else "local",
-        workers=args.workers, retries=args.retries, ray_address=args.ray_address, device=args.device))
+        workers=args.workers, threads=args.threads, retries=args.retries, ray_address=args.ray_address,
+        device=args.device))
     print(json.dumps(summary, indent=2))
 
 
@@ -89,7 +90,7 @@ def _caption(args: argparse.Namespace) -> None:
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, clip=args.clip,
             clip_checkpoint=args.clip_checkpoint, keep_candidates=args.keep_candidates,
             executor="ray" if args.ray_address or args.ray else "local", workers=args.workers,
-            ray_address=args.ray_address, device=args.device, seed=args.seed, **task)
+            threads=args.threads, ray_address=args.ray_address, device=args.device, seed=args.seed, **task)
     print(json.dumps(run_caption(cfg), indent=2))
 
 
@@ -221,6 +222,12 @@ def _positive(text: str) -> int:
     return value
 
 
+def _threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="compute threads per worker (default: OMP_NUM_THREADS when set, else the worker's share of "
+                   "the cores: cores // workers locally, its CPUs on Ray)")
+
+
 def _sampling_options(p: argparse.ArgumentParser, top_k: int | None, top_p: float | None) -> None:
     """Sampling, CLIP and device options shared by caption and generate."""
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0: greedy)")
@@ -301,9 +308,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", required=True, type=_existing_file, help="AugVAE: lverse .safetensors or official .ckpt")
     p.add_argument("--output", required=True, help="folder for the token shards")
     p.add_argument("--batch-size", type=_positive, default=32, help="images per forward pass (default: 32)")
-    p.add_argument("--decode-threads", type=_positive, default=2, help="JPEG decode threads per worker (default: 2)")
-    p.add_argument("--workers", type=_positive, default=1,
-                   help="model replicas: local processes, or Ray actors (one GPU each when the cluster has GPUs)")
+    p.add_argument("--decode-threads", type=_positive, default=None,
+                   help="JPEG decode threads per worker (default: as many as its compute threads)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="model replicas: local processes, or Ray actors (one GPU each when the cluster has GPUs); "
+                   "default: one per GPU, else 1 (pipeline/resources.py says why)")
+    _threads_option(p)
     p.add_argument("--ray", action="store_true", help="run on Ray actors (a local Ray unless --ray-address)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto; implies --ray")
     p.add_argument("--retries", type=int, default=1, help="retries of a failed shard (default: 1)")
@@ -329,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive, default=4, help="images per generation batch (default: 4)")
     _sampling_options(p, top_k=None, top_p=0.9)
     p.add_argument("--keep-candidates", action="store_true", help="also store every candidate and its score")
-    p.add_argument("--workers", type=_positive, default=1, help="model replicas (processes or Ray actors)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="model replicas, processes or Ray actors (default: one per GPU, else 1)")
+    _threads_option(p)
     p.add_argument("--ray", action="store_true", help="run on Ray actors (a local Ray unless --ray-address)")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto; implies --ray")
     p.add_argument("--task-index", type=int, default=None, help="as SLURM array task i: only its block of shards")
@@ -388,8 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "position, RNG), also on another number of ranks. SIGUSR1 (stop_signal) makes it "
                        "checkpoint, write RUN_DIR/stopped.json and stop at the next step.")
     p.add_argument("--config", required=True, type=_existing_file, help="run YAML (see configs/train_debug.yaml)")
-    p.add_argument("--deepspeed", default=None, type=_existing_file,
-                   help="a ds_configs/*.json file (ZeRO stage, precision, offload); overrides the config's")
+    p.add_argument("--deepspeed", default=None,
+                   help="a shipped DeepSpeed config by name (zero2_bf16, zero3_bf16_offload, ...: ds_configs/) or a "
+                   "path (ZeRO stage, precision, offload); overrides the config's")
     p.add_argument("--run-dir", default=None, help="override run_dir of the config")
     p.add_argument("--steps", type=_positive, default=None, help="override steps of the config")
     p.set_defaults(func=_train)
@@ -488,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "cfg.yaml --ray-address auto\" (split like a shell would; every word is quoted again)")
     p.set_defaults(func=_slurm_submit)
 
-    from lverse.demo import DemoConfig
+    from lverse.demo import VAE_TARGET_PSNR, DemoConfig
     d = DemoConfig()
     p = sub.add_parser("demo", help="run the whole pipeline on synthetic data, on a CPU, in under 20 minutes",
                        description="Serve synthetic image-caption pairs on 127.0.0.1 and run every stage on them as "
@@ -496,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "train-vae, encode (Ray), train (BiART, DeepSpeed, both directions), train-clip, caption "
                        "and generate (CLIP-reranked), evaluate, report. A rerun skips finished stages. Ends with "
                        "the report's path and the held-out caption_accuracy and t2i_color_accuracy (lverse/demo.py "
-                       "says how they are judged); exits 1 if either is below --min-accuracy.")
+                       "says how they are judged); exits 1 if either is below --min-accuracy. Before BiART trains, "
+                       "the AugVAE must keep the shapes' colours in the held-out reconstructions (lverse/demo.py "
+                       "VAE_GATE), or the demo stops there.")
     p.add_argument("--output", default=d.output, help=f"output folder (default: {d.output})")
     p.add_argument("--train", type=_positive, default=d.train, help=f"synthetic training pairs (default: {d.train})")
     p.add_argument("--heldout", type=_positive, default=d.heldout, help=f"held-out pairs (default: {d.heldout})")
@@ -505,7 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-ml-steps", type=_positive, default=d.vae_ml_steps,
                    help=f"AugVAE-ML training steps (default: {d.vae_ml_steps})")
     p.add_argument("--vae-sl-steps", type=_positive, default=d.vae_sl_steps,
-                   help=f"AugVAE-SL fine-tuning steps (default: {d.vae_sl_steps})")
+                   help=f"AugVAE-SL fine-tuning steps at most: it ends once a training shard's reconstructions "
+                   f"reach {VAE_TARGET_PSNR} dB PSNR (default: {d.vae_sl_steps})")
     p.add_argument("--biart-steps", type=_positive, default=d.biart_steps,
                    help=f"BiART steps (default: {d.biart_steps})")
     p.add_argument("--clip-steps", type=_positive, default=d.clip_steps, help=f"CLIP steps (default: {d.clip_steps})")
@@ -515,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"images per prompt, CLIP keeps one (default: {d.image_candidates})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"random seed (default: {d.seed})")
     p.add_argument("--min-accuracy", type=float, default=d.min_accuracy,
-                   help=f"exit 1 when either accuracy is below this (default: {d.min_accuracy}; 0: never)")
+                   help=f"exit 1 when either accuracy is below this (default: {d.min_accuracy}; 0: never, and no "
+                   "AugVAE gate)")
     p.set_defaults(func=_demo)
     return parser
 

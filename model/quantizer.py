@@ -20,13 +20,11 @@ broadcast. ``initialized`` is saved with the model, so loaded and resumed codebo
 One option, off by default (the paper's models train without it): ``restart_below`` > 0 restarts
 dead codes during training, as Jukebox does (Dhariwal et al. 2020, section 2.3): after each EMA
 step every code whose EMA count fell below ``restart_below`` becomes a feature vector of this
-batch (drawn on rank 0 and broadcast, so ranks stay identical) with count 1. With about as many
-features per step as codes a threshold of 1 restarts many codes every step. That churn keeps every
-code in use, but the demo does better without it: on its flat shapes the SL phase without restarts
-settles on ~20 codes and reconstructs better (2026-11-23: held-out MSE 0.013 against 0.035, shape
-colour kept for 99% of images against 73%), and tokens that vary less for the same colour are
-easier for BiART to predict. Small runs that do collapse to a handful of codes are what the option
-is for.
+batch (drawn on rank 0 and broadcast, so ranks stay identical) with count 1. The threshold sets the
+churn: with about as many features per step as codes, a threshold of 1 restarts many codes every
+step, spreading one flat colour over many codes; a threshold of 0.05 restarts a code only after
+about 300 steps unused (0.99^300 = 0.05), which brings dead codes back without churn. Small
+codebooks that collapse to a handful of codes are what the option is for (the demo's ``tiny-ml``).
 
 Everything here runs in FP32 with autocast off: in half precision the squared distances of
 256-dimensional codes lose the bits that separate near neighbours, and the EMA sums underflow.

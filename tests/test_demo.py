@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import yaml
+
 SMALL = ["--train", "48", "--heldout", "6", "--prompts", "3", "--vae-ml-steps", "4", "--vae-sl-steps", "4",
          "--biart-steps", "10", "--clip-steps", "5", "--caption-candidates", "2", "--image-candidates", "2",
          "--min-accuracy", "0"]
@@ -43,12 +45,19 @@ def test_demo_runs_every_stage_and_reports_accuracies_from_the_run(tmp_path):
                  "captions/00000.parquet", "generated/00002/best.png", "evaluate_captions.json"):
         assert (out / path).is_file(), path
     assert "$ lverse train --config" in first.stderr, "each stage's command is shown"
+    debug = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "train_debug.yaml")))
+    for key in ("shards", "tokenizer", "vae"):  # the debug config trains on what `make demo` writes
+        assert os.path.exists(debug["data"][key].replace("runs/demo", str(out))), debug["data"][key]
 
     t0 = time.time()
     again = demo(out)
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stderr.count("done before") == len(stages) and time.time() - t0 < 120
     assert again.stdout.strip().splitlines()[-2:] == lines[-2:]
+
+    gated = demo(out, "--min-accuracy", "0.8")  # the same folder, now judged: 4+4 AugVAE steps learn nothing
+    assert gated.returncode != 0 and "is too weak for text-to-image (vae_color_kept" in gated.stderr
+    assert "stage encode: done before" not in gated.stderr, "the gate stops the demo before BiART's stages"
 
     changed = demo(out, "--seed", "1")
     assert changed.returncode != 0 and "with other settings (seed)" in changed.stderr
