@@ -47,7 +47,8 @@ def vae_spread(output: str, seeds: list[int], threads: list[int]) -> list[dict]:
     for seed in seeds:
         for n in threads:
             run = Demo(DemoConfig(output=os.path.join(output, f"vae-seed{seed}-threads{n}"), seed=seed))
-            values = {**run.vae_values(), "shards": data.path("images")}
+            values = {**run.vae_values(), "shards": data.path("images"),
+                      "eval_shards": data.path("images", "00000.tar")}
             config = run.path("augvae.yaml")
             env = {**os.environ, "OMP_NUM_THREADS": str(n)}
             t0 = time.time()

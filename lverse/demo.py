@@ -337,8 +337,8 @@ def check_vae_gate(quality: dict, vae: str, gate: dict = VAE_GATE) -> None:
     if short:
         raise StageFailed(
             f"the AugVAE {vae} is too weak for text-to-image ({', '.join(short)} on the held-out images): "
-            "BiART would learn colours its tokens do not keep. Train it longer (--vae-sl-steps) or try another "
-            "--seed, with another --output")
+            "BiART would learn colours its tokens do not keep. Run the demo with another --seed and another "
+            "--output (README, \"The demo\", says how often this was measured to happen)")
 
 
 def vae_quality(vae_path: str, shards: str) -> dict:

@@ -40,10 +40,12 @@ def resolve_device(name: str) -> str:
 def default_workers(device: str = "auto") -> int:
     """Model replicas a stage starts on this machine when the user names none.
 
-    On CUDA one per visible GPU. On a CPU one worker with every core's threads: torch's kernels
-    already spread one batch over the cores, and on the 2-core machine one worker x 2 threads
-    encoded as fast as 2 workers x 1 thread (benchmarks/README.md, encode_workers_scaling), while
-    every extra worker holds another copy of the model.
+    On CUDA one per visible GPU. On a CPU one worker with every core's threads. Measured on the
+    2-core machine (2026-12-01, benchmarks/README.md): two workers x one thread encoded 1.07x as
+    fast as one worker x two threads (``encode_workers_scaling``) and captioned as fast (0.99,
+    ``caption_workers_scaling``). Every worker holds its own copy of the model (450 MB for
+    augvae-sl, more for BiART + CLIP), and one per core on a 64-core node would hold 64; for a
+    7% gain the default stays one, and ``--workers`` raises it where memory allows.
     """
     if resolve_device(device) == "cuda":
         import torch

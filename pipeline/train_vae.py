@@ -285,7 +285,10 @@ def _eval_images(cfg: VAETrainConfig, device) -> torch.Tensor:
 
     from .encode import expand_shards, preprocess, read_samples
     size, images = PRESETS[cfg.preset].image_size, []
-    for shard in expand_shards(cfg.eval_shards):
+    shards = expand_shards(cfg.eval_shards)
+    if not shards:
+        raise FileNotFoundError(f"eval_shards {cfg.eval_shards!r} matches no image shard")
+    for shard in shards:
         for _, files in read_samples(shard):
             image = preprocess(files.get("jpg", b""), size)
             if image is not None:
