@@ -6,7 +6,7 @@ every stage uses). Workers: one per GPU on CUDA; one on a CPU (``default_workers
 
 torch starts as many intra-op threads as the machine has cores, in every process. N worker
 processes on C cores then run N x C busy threads that fight over C cores: on 2 cores, `lverse
-encode --workers 2` ran 5x slower than `--workers 1` (2026-12-01). So every process a stage
+encode --workers 2` was reported 5x slower than `--workers 1` (2026-12-01). So every process a stage
 starts gets ``cores // workers`` threads (at least 1), set in the process before torch does any
 work: the thread variables for libraries that read them once at start (OpenMP, MKL, OpenBLAS),
 and torch's own pools. ``cores`` are those this process may run on (its CPU affinity: SLURM's
