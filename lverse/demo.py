@@ -348,7 +348,7 @@ def vae_quality(vae_path: str, shards: str) -> dict:
     import torch
 
     from lverse.pipeline.encode import expand_shards, load_vae, preprocess, read_samples
-    from lverse.pipeline.evaluate import psnr
+    from lverse.pipeline.evaluate import psnr, reconstruct
     vae = load_vae(vae_path, "cpu")
     images, truths = [], []
     for shard in expand_shards(shards):
@@ -361,8 +361,7 @@ def vae_quality(vae_path: str, shards: str) -> dict:
     if not images:
         raise ValueError(f"no held-out image of a synthetic caption in {shards}")
     x = torch.stack(images)
-    with torch.no_grad():
-        recon = torch.cat([vae.decode(vae.encode(b)).clamp(-1, 1) for b in x.split(64)])
+    recon = reconstruct(vae, x)
     pictures = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     kept = sum(shape_color(p) == t for p, t in zip(pictures, truths))
     return {"vae_psnr": float(psnr((x + 1) / 2, (recon + 1) / 2).mean()), "vae_color_kept": kept / len(truths),

@@ -250,11 +250,12 @@ def run_encode(cfg: EncodeConfig) -> dict:
     task = ShardEncoder(cfg.vae, vae_hash, cfg.output, cfg.batch_size, cfg.decode_threads, cfg.device)
     names = [os.path.basename(s).removesuffix(".tar") for s in shards]
     start = time.time()
-    workers, kwargs = cfg.workers or default_workers(cfg.device), {}
-    if cfg.executor == "ray":
+    if cfg.executor == "ray":  # the cluster's GPUs, not this machine's
         gpus = _cluster_gpus(cfg.ray_address)
         workers = cfg.workers or gpus or 1
         kwargs = {"actors": workers, "num_gpus": 1 if gpus else 0}
+    else:
+        workers, kwargs = cfg.workers or default_workers(cfg.device), {}
     results = run_tasks(task, shards, names, executor=cfg.executor, workers=workers, retries=cfg.retries,
                         desc="encode", ray_address=cfg.ray_address, threads=cfg.threads, **kwargs)
     seconds = time.time() - start

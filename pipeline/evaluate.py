@@ -101,6 +101,12 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """``decode(encode(images))`` in [-1, 1], ``batch_size`` images at a time: (B, 3, H, W)."""
+    return torch.cat([vae.decode(vae.encode(b)).clamp(-1, 1) for b in images.split(batch_size)])
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per image, images in [0, 1] (Wang et al. 2004): (B,)."""
     c1, c2 = 0.01 ** 2, 0.03 ** 2
@@ -127,7 +133,7 @@ def reconstruction_metrics(shards: str, vae_path: str, limit: int | None = None,
     def flush():
         nonlocal n
         x = torch.stack(batch).to(device)
-        recon = vae.decode(vae.encode(x)).clamp(-1, 1)
+        recon = reconstruct(vae, x, batch_size)
         a, b = (x + 1) / 2, (recon + 1) / 2
         sums["PSNR"] += float(psnr(a, b).sum())
         sums["SSIM"] += float(ssim(a, b).sum())

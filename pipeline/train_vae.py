@@ -304,12 +304,11 @@ def _eval_psnr(model, images: torch.Tensor | None, device) -> float:
     """Mean PSNR of ``images``' reconstructions on rank 0, the same number on every rank."""
     import torch.distributed as dist
 
-    from .evaluate import psnr
+    from .evaluate import psnr, reconstruct
     value = torch.zeros(1, device=device)
     if images is not None:
         model.eval()
-        with torch.no_grad():
-            recon = torch.cat([model.decode(model.encode(b)).clamp(-1, 1) for b in images.split(64)])
+        recon = reconstruct(model, images)
         model.train()
         value[0] = psnr((images + 1) / 2, (recon + 1) / 2).mean()
     dist.broadcast(value, src=0)
