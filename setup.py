@@ -3,11 +3,14 @@
 The importable folders at the repository root install under one namespace, so nothing installs a
 bare top-level module called ``model``:
 
-    lverse               lverse/          CLI, run configuration
-    lverse.model         model/           AugVAE, BiART
-    lverse.pipeline      pipeline/        stage drivers (download, encode, train, ...)
+    lverse               lverse/          the CLI, `pipeline run`, the demo (top layer)
+    lverse.slurm         slurm/           SLURM job templates and their renderer (launcher)
+    lverse.pipeline      pipeline/        the stages (download, encode, train, caption, ...)
+    lverse.runtime       runtime/         executors, the shard-stage runner, ranks, training core
+    lverse.model         model/           AugVAE, BiART, CLIP scoring
     lverse.preprocessing preprocessing/   caption tokenizer, synthetic data
-    lverse.slurm         slurm/           SLURM job templates (`lverse slurm submit`)
+    lverse.core          core/            files, configs, shards, devices (imports no other layer)
+    lverse.ds_configs    ds_configs/      DeepSpeed configs, found by name
 
 Exact version pins live in constraints.txt; install with ``pip install -c constraints.txt -e .[all]``.
 """
@@ -35,10 +38,12 @@ setup(
     version="0.1.0",
     description="Train and run L-Verse (AugVAE + BiART) on web-scale image-text data",
     python_requires=">=3.10",
-    packages=["lverse", "lverse.model", "lverse.pipeline", "lverse.preprocessing", "lverse.slurm",
-              "lverse.ds_configs"],
+    packages=["lverse", "lverse.core", "lverse.model", "lverse.runtime", "lverse.pipeline", "lverse.preprocessing",
+              "lverse.slurm", "lverse.ds_configs"],
     package_dir={
         "lverse": "lverse",
+        "lverse.core": "core",
+        "lverse.runtime": "runtime",
         "lverse.model": "model",
         "lverse.pipeline": "pipeline",
         "lverse.preprocessing": "preprocessing",

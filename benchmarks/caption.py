@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from encode import make_raw_shards
 
+from lverse.core.resources import available_cores
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS as VAE_PRESETS
 from lverse.model.biart import PRESETS, BiART
 from lverse.pipeline.caption import CaptionConfig, run_caption, sample_captions
-from lverse.pipeline.resources import available_cores
 from lverse.preprocessing.synthetic import draw_sample
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 

@@ -47,10 +47,12 @@ import time
 import numpy as np
 import torch
 
+from lverse.core.images import preprocess
+from lverse.core.resources import available_cores
+from lverse.core.shards import iter_samples
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
-from lverse.pipeline.encode import EncodeConfig, preprocess, read_samples, run_encode
-from lverse.pipeline.resources import available_cores
+from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.preprocessing.synthetic import draw_sample
 
 
@@ -80,7 +82,7 @@ def shard_batches(paths: list[str], size: int, batch_size: int) -> list[list[tor
     """Every shard's preprocessed images, batched as the stage batches them."""
     out = []
     for path in paths:
-        images = torch.from_numpy(np.stack([preprocess(files["jpg"], size) for _, files in read_samples(path)]))
+        images = torch.from_numpy(np.stack([preprocess(files["jpg"], size) for files in iter_samples(path)]))
         out.append(list(images.split(batch_size)))
     return out
 
@@ -99,16 +101,17 @@ def time_parts(paths: list[str], size: int, codes: list[np.ndarray]) -> dict[str
     """Seconds of the stage's non-model work, one thread, in this process: tar reading, JPEG
     decoding + resizing, and writing the token tar (to memory)."""
     start = time.perf_counter()
-    samples = [s for path in paths for s in read_samples(path)]
+    samples = [s for path in paths for s in iter_samples(path)]
     read = time.perf_counter() - start
     start = time.perf_counter()
-    for _, files in samples:
+    for files in samples:
         preprocess(files["jpg"], size)
     decode = time.perf_counter() - start
     start = time.perf_counter()
     with tarfile.open(fileobj=io.BytesIO(), mode="w") as out:
         rows = (row for shard in codes for row in shard)
-        for (key, files), row in zip(samples, rows):
+        for files, row in zip(samples, rows):
+            key = files["__key__"]
             buf = io.BytesIO()
             np.save(buf, row.astype(np.uint16))
             meta = json.dumps({"key": key, "url": None, "vae": "0" * 64}, sort_keys=True).encode()
@@ -137,7 +140,7 @@ def run_stage(raw: str, vae_path: str, output: str, batch_size: int,
         with open(os.path.join(output, f"{name}_stats.json")) as f:
             seconds.append(json.load(f)["seconds"])
     codes = [np.stack([np.load(io.BytesIO(files["codes.npy"]))
-                       for _, files in read_samples(os.path.join(output, f"{n}.tar"))]) for n in names]
+                       for files in iter_samples(os.path.join(output, f"{n}.tar"))]) for n in names]
     return wall, seconds, codes
 
 

@@ -25,7 +25,6 @@ import time
 import torch
 
 from lverse.model.biart import PRESETS, BiART, Direction
-from lverse.pipeline.distributed import setup_env
 from lverse.pipeline.train import (
     TrainConfig,
     build_optimizer,
@@ -35,6 +34,7 @@ from lverse.pipeline.train import (
     precision,
     wrap,
 )
+from lverse.runtime.distributed import setup_env
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

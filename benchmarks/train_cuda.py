@@ -50,8 +50,8 @@ import time
 import torch
 
 from lverse.model.biart import PRESETS, BiART, Direction, build_sequence, prompt_for
-from lverse.pipeline.distributed import setup_env
 from lverse.pipeline.train import TrainConfig, _loss_scale, flops_per_token, load_ds_config, wrap
+from lverse.runtime.distributed import setup_env
 
 H100_BF16_DENSE = 989e12
 

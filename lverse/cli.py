@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 
-from lverse.pipeline.executors import StageFailed
+from lverse.runtime.executors import StageFailed
 
 log = logging.getLogger("lverse")
 
@@ -44,7 +44,7 @@ def _download(args: argparse.Namespace) -> None:
     summary = run_download(DownloadConfig(
         input=args.input, output=args.output, input_format=args.format, url_col=args.url_col,
         caption_col=args.caption_col, image_size=args.image_size, resize_mode=args.resize_mode,
-        samples_per_shard=args.samples_per_shard, threads=args.threads, timeout=args.timeout,
+        samples_per_shard=args.samples_per_shard, download_threads=args.threads, timeout=args.timeout,
         executor="ray" if args.distributor == "ray" else "local", workers=args.workers, retries=args.retries,
         ray_address=args.ray_address))
     print(json.dumps(summary, indent=2))
@@ -61,8 +61,8 @@ def _encode(args: argparse.Namespace) -> None:
 
 
 def _pipeline_run(args: argparse.Namespace) -> None:
-    from lverse.config import load_config
-    from lverse.pipeline.run import PipelineConfig, run_pipeline, run_stage_task
+    from lverse.core.config import load_config
+    from lverse.run import PipelineConfig, run_pipeline, run_stage_task
     cfg = load_config(args.config, PipelineConfig, {"ray_address": args.ray_address, "run_dir": args.run_dir})
     if args.stage or args.task_index is not None:
         if not (args.stage and args.task_index is not None and args.num_tasks):
@@ -75,7 +75,7 @@ def _pipeline_run(args: argparse.Namespace) -> None:
 
 
 def _caption(args: argparse.Namespace) -> None:
-    from lverse.config import load_config
+    from lverse.core.config import load_config
     from lverse.pipeline.caption import CaptionConfig, run_caption
     task = {"task_index": args.task_index, "num_tasks": args.num_tasks}
     if args.config:  # the SLURM template's way: every value from the file
@@ -119,7 +119,7 @@ def _evaluate(args: argparse.Namespace) -> None:
             raise ValueError("evaluate generations needs --generations")
         metrics = ev.generation_clip_score(args.generations)
     if args.output:
-        from lverse.files import atomic_write_json
+        from lverse.core.files import atomic_write_json
         atomic_write_json(args.output, metrics)
     print(json.dumps(metrics, indent=2))
 
@@ -132,7 +132,7 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from lverse.config import load_config
+    from lverse.core.config import load_config
     from lverse.pipeline.train import TrainConfig, train
     cfg = load_config(args.config, TrainConfig, {"deepspeed": args.deepspeed, "run_dir": args.run_dir,
                                                  "steps": args.steps})
@@ -140,7 +140,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _train_vae(args: argparse.Namespace) -> None:
-    from lverse.config import load_config
+    from lverse.core.config import load_config
     from lverse.pipeline.train_vae import VAETrainConfig, train_vae
     train_vae(load_config(args.config, VAETrainConfig, {"run_dir": args.run_dir}))
 
@@ -159,13 +159,16 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _slurm_submit(args: argparse.Namespace) -> None:
-    from lverse.pipeline.slurm import SubmitOptions, submit
+    from lverse.plans import plan
+    from lverse.slurm.render import SubmitOptions, check, submit
     command = shlex.split(args.command) if args.command else []
-    path, job = submit(SubmitOptions(
+    opts = SubmitOptions(
         stage=args.stage, config=args.config, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
         ntasks_per_node=args.ntasks_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
         time=args.time, array=args.array,
-        job_name=args.job_name, command=command, run_dir=args.run_dir, dry_run=args.dry_run))
+        job_name=args.job_name, command=command, run_dir=args.run_dir, dry_run=args.dry_run)
+    check(opts)
+    path, job = submit(opts, plan(opts.stage, opts.config))
     if job is None:
         with open(path) as f:
             print(f.read(), end="")

@@ -45,8 +45,8 @@ from urllib.parse import urlparse
 import numpy as np
 import yaml
 
-from lverse.files import atomic_output, atomic_write_json
-from lverse.pipeline.executors import StageFailed
+from lverse.core.files import atomic_output, atomic_write_json
+from lverse.runtime.executors import StageFailed
 
 log = logging.getLogger("lverse.demo")
 
@@ -255,12 +255,12 @@ class Demo:
 
     def references(self) -> dict[str, str]:
         """key -> caption of every downloaded held-out image."""
-        from lverse.pipeline.encode import expand_shards, read_samples
+        from lverse.core.shards import expand_shards, iter_samples
         refs = {}
         for shard in expand_shards(self.path("heldout", "images")):
-            for key, files in read_samples(shard):
-                if "txt" in files:
-                    refs[key] = files["txt"].decode("utf-8")
+            for sample in iter_samples(shard):
+                if "txt" in sample:
+                    refs[sample["__key__"]] = sample["txt"].decode("utf-8")
         if not refs:
             raise ValueError(f"no held-out images were downloaded into {self.path('heldout', 'images')}")
         return refs
@@ -347,21 +347,20 @@ def vae_quality(vae_path: str, shards: str) -> dict:
     colour of the caption (``shape_color``, the same judge as ``t2i_color_accuracy``)."""
     import torch
 
-    from lverse.pipeline.encode import expand_shards, load_vae, preprocess, read_samples
-    from lverse.pipeline.evaluate import psnr, reconstruct
+    from lverse.core.images import decodable_images
+    from lverse.model.cache import load_vae
+    from lverse.model.losses import psnr
     vae = load_vae(vae_path, "cpu")
     images, truths = [], []
-    for shard in expand_shards(shards):
-        for _, files in read_samples(shard):
-            truth = _truth(files.get("txt", b"").decode("utf-8"))
-            image = preprocess(files.get("jpg", b""), vae.cfg.image_size)
-            if truth is not None and image is not None:
-                images.append(torch.from_numpy(image))
-                truths.append(truth[0])
+    for sample, image in decodable_images(shards, vae.cfg.image_size):
+        truth = _truth(sample.get("txt", b"").decode("utf-8"))
+        if truth is not None:
+            images.append(torch.from_numpy(image))
+            truths.append(truth[0])
     if not images:
         raise ValueError(f"no held-out image of a synthetic caption in {shards}")
     x = torch.stack(images)
-    recon = reconstruct(vae, x)
+    recon = vae.reconstruct(x)
     pictures = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     kept = sum(shape_color(p) == t for p, t in zip(pictures, truths))
     return {"vae_psnr": float(psnr((x + 1) / 2, (recon + 1) / 2).mean()), "vae_color_kept": kept / len(truths),

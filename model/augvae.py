@@ -195,10 +195,20 @@ class AugVAE(nn.Module):
         with torch.autocast(device_type=indices.device.type, enabled=False):
             return self.decode_codes([self.codebook.lookup(p, (s, s)) for p, s in zip(parts, sides)])
 
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor, batch_size: int = 64) -> Tensor:
+        """``decode(encode(images))`` in [-1, 1], ``batch_size`` images at a time: (B, 3, H, W)."""
+        return torch.cat([self.decode(self.encode(b)).clamp(-1, 1) for b in images.split(batch_size)])
+
     def _check_fp32(self) -> None:
         if self.codebook.embed.dtype != torch.float32 or self.pre_quant.weight.dtype != torch.float32:
             raise TypeError("AugVAE encodes and decodes in FP32 (the quantizer underflows in half "
                             "precision); keep the model in float32, e.g. model.float()")
+
+    @classmethod
+    def load(cls, path: str) -> AugVAE:
+        """An lverse ``.safetensors`` file, or else the authors' released ``.ckpt``."""
+        return cls.from_pretrained(path) if path.endswith(".safetensors") else cls.from_official_checkpoint(path)
 
     @classmethod
     def from_pretrained(cls, path: str) -> AugVAE:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
-from lverse.files import atomic_output
+from lverse.core.files import atomic_output
 
 
 def save_model(model: nn.Module, path: str) -> None:

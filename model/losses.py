@@ -52,6 +52,12 @@ class ReconstructionLoss(nn.Module):
         return {"loss": loss, "mse": mse.detach(), "lpips": lp.detach(), "commit": commit.detach()}
 
 
+def psnr(x: Tensor, y: Tensor) -> Tensor:
+    """Peak signal-to-noise ratio in dB per image, images in [0, 1]: (B,)."""
+    mse = ((x - y) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(1.0 / mse)
+
+
 def _build_lpips(vgg_checkpoint: str | None) -> nn.Module:
     try:
         import lpips

@@ -16,6 +16,7 @@ gets the same captions.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -27,16 +28,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lverse.files import atomic_write_parquet
-
-from .executors import TaskResult, finish_stage, run_tasks
-from .resources import default_workers, resolve_device
+from lverse.core.files import atomic_write_parquet, read_json
+from lverse.core.images import preprocess
+from lverse.core.resources import default_workers, resolve_device
+from lverse.core.shards import check_vae, expand_shards, file_sha256, read_tar, shard_name, stats_path
+from lverse.model.cache import cached, load_vae
+from lverse.runtime.executors import TaskResult
+from lverse.runtime.stage import Execution, rate, run_shard_stage
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class CaptionConfig:
+@dataclass(frozen=True, kw_only=True)
+class CaptionConfig(Execution):
     shards: str  # image shards or token shards: a folder, a glob or a {00000..00099} range
     checkpoint: str  # BiART .safetensors (`lverse export`)
     vae: str  # the AugVAE (encodes raw images; token shards must come from it)
@@ -51,15 +55,8 @@ class CaptionConfig:
     clip: str = "ViT-B-32"  # open_clip architecture
     clip_checkpoint: str | None = None  # its weights, a local file
     keep_candidates: bool = False  # also store every candidate and its CLIP score
-    executor: str = "local"  # local processes or Ray actors
-    workers: int | None = None  # model replicas, local processes or Ray actors (None: one per GPU, else 1)
-    threads: int | None = None  # compute threads per worker (None: its share of the cores; resources.py)
-    retries: int = 1
-    ray_address: str | None = None
-    device: str = "auto"
-    seed: int = 0
-    task_index: int | None = None  # as SLURM array task i of num_tasks: only its block of shards
-    num_tasks: int = 1
+    device: str = "auto"  # cuda when available, else cpu
+    seed: int = 0  # sampling seed (drawn per shard)
 
 
 def cut_at_full_stop(text: str) -> str:
@@ -81,30 +78,25 @@ def sample_captions(model, tok, codes: torch.Tensor, candidates: int, max_tokens
     return [texts[i * candidates:(i + 1) * candidates] for i in range(codes.shape[0])]
 
 
-_MODELS: dict = {}  # per worker process: loaded once, reused for every shard
-
-
 def _models(cfg: CaptionConfig, device: str):
-    key = (cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.clip, cfg.clip_checkpoint, cfg.candidates > 1, device)
-    if key not in _MODELS:
+    """(BiART, tokenizer, AugVAE, CLIP or None) of ``cfg``, loaded once per worker process."""
+    def load():
         from lverse.model.biart import BiART, BiARTConfig
         from lverse.model.checkpoint import load_model
         from lverse.preprocessing.text_tokenizer import CaptionTokenizer
-
-        from .encode import load_vae
         model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
         tok = CaptionTokenizer(cfg.tokenizer, offset=model.cfg.text_offset)
         if tok.vocab_size != model.cfg.text_vocab:
             raise ValueError(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} pieces, {cfg.checkpoint} was trained "
                              f"with {model.cfg.text_vocab}: give the tokenizer of its training run")
-        vae = load_vae(cfg.vae, device)
         clip = None
         if cfg.candidates > 1:
             from lverse.model.clip import ClipScorer
             clip = ClipScorer(cfg.clip, cfg.clip_checkpoint, device)
-        _MODELS.clear()
-        _MODELS[key] = (model, tok, vae, clip)
-    return _MODELS[key]
+        return model, tok, clip
+    key = (cfg.checkpoint, cfg.tokenizer, cfg.clip, cfg.clip_checkpoint, cfg.candidates > 1, device)
+    model, tok, clip = cached("captioner", key, load)
+    return model, tok, load_vae(cfg.vae, device), clip
 
 
 @dataclass(frozen=True)
@@ -115,11 +107,10 @@ class ShardCaptioner:
 
     def __call__(self, shard: str) -> TaskResult:
         cfg = self.cfg
-        name = os.path.basename(shard).removesuffix(".tar")
+        name = shard_name(shard)
         target = os.path.join(cfg.output, f"{name}.parquet")
         if os.path.exists(target):
             return TaskResult(name, ok=True, skipped=True)
-        from .data import read_tar
         device = resolve_device(cfg.device)
         model, tok, vae, clip = _models(cfg, device)
         start = time.time()
@@ -181,8 +172,6 @@ class ShardCaptioner:
 def _decode(jpg: bytes, size: int):
     """JPEG bytes -> (AugVAE input array, PIL image), or None."""
     from PIL import Image
-
-    from .encode import preprocess
     array = preprocess(jpg, size)
     if array is None:
         return None
@@ -199,7 +188,6 @@ def _table(rows: list[dict], keep_candidates: bool):
 
 def run_caption(cfg: CaptionConfig) -> dict:
     """Caption every shard not yet done; returns (and writes) the summary."""
-    from .encode import expand_shards, file_sha256
     shards = expand_shards(cfg.shards)
     if not shards:
         raise FileNotFoundError(f"no shards match {cfg.shards}")
@@ -208,38 +196,16 @@ def run_caption(cfg: CaptionConfig) -> dict:
             raise FileNotFoundError(f"--{name} {path} does not exist")
     if cfg.candidates < 1 or cfg.max_tokens < 1:
         raise ValueError("--candidates and --max-tokens must be at least 1")
-    _refuse_other_vae(shards, file_sha256(cfg.vae))
-    summary_name = "_summary.json"
-    if cfg.task_index is not None:
-        from .slurm import array_block
-        shards = [shards[i] for i in array_block(len(shards), cfg.task_index, cfg.num_tasks)]
-        summary_name = f"_summary.task{cfg.task_index:05d}.json"
+    token_shards = [(s, read_json(stats_path(s))) for s in shards if os.path.isfile(stats_path(s))]
+    check_vae(token_shards, file_sha256(cfg.vae), image_shards="",
+              other_vae="give --vae the AugVAE the shards were encoded with")
     os.makedirs(cfg.output, exist_ok=True)
-    names = [os.path.basename(s).removesuffix(".tar") for s in shards]
-    start = time.time()
-    workers = cfg.workers or default_workers(cfg.device)
-    kwargs = {"actors": workers} if cfg.executor == "ray" else {}
-    results = run_tasks(ShardCaptioner(cfg), shards, names, executor=cfg.executor, workers=workers,
-                        threads=cfg.threads, retries=cfg.retries, desc="caption", ray_address=cfg.ray_address,
-                        rate_of="images", **kwargs)
-    seconds = time.time() - start
-    images = sum(r.stats.get("images", 0) for r in results if not r.skipped)
-    summary = {"shards": len(results), "captioned": sum(r.ok and not r.skipped for r in results),
-               "captioned_shards": [r.name for r in results if r.ok and not r.skipped],
-               "skipped": sum(r.skipped for r in results), "images": images,
-               "undecodable": sum(r.stats.get("failed", 0) for r in results),
-               "failed": [{"shard": r.name, "reason": r.reason} for r in results if not r.ok],
-               "seconds": round(seconds, 1), "images_per_second": round(images / max(seconds, 1e-9), 2)}
-    return finish_stage("caption", os.path.join(cfg.output, summary_name), summary)
+    run = dataclasses.replace(cfg, workers=cfg.workers or default_workers(cfg.device))
 
+    def totals(results, seconds):
+        images = sum(r.stats.get("images", 0) for r in results if not r.skipped)
+        return {"images": images, "undecodable": sum(r.stats.get("failed", 0) for r in results),
+                "images_per_second": rate(images, seconds)}
+    return run_shard_stage("caption", ShardCaptioner(cfg), shards, [shard_name(s) for s in shards], cfg.output,
+                           run, totals=totals, actors=True, rate_of="images")
 
-def _refuse_other_vae(shards: list[str], vae_hash: str) -> None:
-    """Token shards (those with lverse's stats beside them) must come from ``vae``."""
-    for shard in shards:
-        stats = shard.removesuffix(".tar") + "_stats.json"
-        if os.path.isfile(stats):
-            with open(stats) as f:
-                other = json.load(f).get("vae")
-            if other is not None and other != vae_hash:
-                raise ValueError(f"{shard} holds tokens of another AugVAE ({other[:12]}...) than --vae "
-                                 f"({vae_hash[:12]}...): give the AugVAE the shards were encoded with")

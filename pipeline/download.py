@@ -22,14 +22,13 @@ import logging
 import os
 import shutil
 import tarfile
-import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from lverse.files import atomic_output, atomic_write_json, atomic_write_parquet, remove_stale_temporaries
-
-from .executors import StageFailed, TaskResult, run_tasks
+from lverse.core.files import atomic_output, atomic_write_json, atomic_write_parquet, remove_stale_temporaries
+from lverse.runtime.executors import TaskResult
+from lverse.runtime.stage import Execution, rate, run_shard_stage
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +36,8 @@ FORMATS = ("auto", "cc3m", "cc12m", "parquet", "csv")
 MAX_SHARDS = 100_000
 
 
-@dataclass(frozen=True)
-class DownloadConfig:
+@dataclass(frozen=True, kw_only=True)
+class DownloadConfig(Execution):
     input: str  # TSV (CC3M caption<TAB>url / CC12M url<TAB>caption), parquet or CSV
     output: str  # folder for shards, chunks and the summary (shared storage on a cluster)
     input_format: str = "auto"  # auto (by extension; TSV layout by which field is a URL) or one of FORMATS
@@ -49,14 +48,10 @@ class DownloadConfig:
     # crop (ratio 0.75) sees different parts of it; center_crop would throw the sides away here.
     resize_mode: str = "keep_ratio"
     samples_per_shard: int = 10000  # rows per chunk, so images per shard at most
-    threads: int = 64  # concurrent downloads within a chunk
+    download_threads: int = 64  # concurrent downloads within a chunk
     timeout: float = 10.0  # seconds per image request
-    executor: str = "local"  # local or ray
     workers: int = 2  # chunks in flight at once (local executor)
     retries: int = 2  # times a failed chunk is tried again
-    ray_address: str | None = None  # Ray cluster to join (None: start a local one)
-    task_index: int | None = None  # as array task i of num_tasks: only its block of chunks
-    num_tasks: int = 1
 
     def __post_init__(self):
         if self.input_format not in FORMATS:
@@ -166,7 +161,7 @@ def plan(cfg: DownloadConfig) -> tuple[list[Chunk], dict]:
         info = _write_chunks(cfg, folder, signature)
         atomic_write_json(marker, info)
     chunks = [Chunk(k, os.path.join(folder, f"{k:05d}.parquet"), cfg.output, cfg.image_size,
-                    cfg.resize_mode, cfg.threads, cfg.timeout) for k in range(info["chunks"])]
+                    cfg.resize_mode, cfg.download_threads, cfg.timeout) for k in range(info["chunks"])]
     return chunks, info
 
 
@@ -259,34 +254,23 @@ def run_download(cfg: DownloadConfig) -> dict:
     if not os.path.isfile(cfg.input):
         raise FileNotFoundError(f"input {cfg.input} does not exist")
     os.makedirs(cfg.output, exist_ok=True)
-    start = time.time()
     chunks, info = plan(cfg)
     log.info("%d valid lines of %d in %d chunks of up to %d", info["valid"], info["lines"], len(chunks),
              cfg.samples_per_shard)
-    summary_name = "_summary.json"
-    if cfg.task_index is not None:  # one SLURM array task: its own block, its own summary
-        from .slurm import array_block
-        chunks = [chunks[i] for i in array_block(len(chunks), cfg.task_index, cfg.num_tasks)]
-        summary_name = f"_summary.task{cfg.task_index:05d}.json"
-        log.info("array task %d of %d: chunks %s", cfg.task_index, cfg.num_tasks, [c.name for c in chunks])
-    results = run_tasks(download_chunk, chunks, [c.name for c in chunks], executor=cfg.executor,
-                        workers=cfg.workers, retries=cfg.retries, desc="download", ray_address=cfg.ray_address)
-    with contextlib.suppress(OSError):  # empty unless a chunk is still failing
-        os.rmdir(os.path.join(cfg.output, "_tmp"))
-    summary = summarize(cfg, info, results, time.time() - start)
-    atomic_write_json(os.path.join(cfg.output, summary_name), summary)
-    log.info("download summary: %s", json.dumps(summary))
-    if summary["shards_failed"]:
-        raise StageFailed(f"{len(summary['shards_failed'])} shards failed after retries (see "
-                          f"{cfg.output}/_summary.json); rerun to retry them")
-    return summary
+    try:
+        return run_shard_stage("download", download_chunk, chunks, [c.name for c in chunks], cfg.output, cfg,
+                               totals=lambda results, seconds: image_totals(cfg.output, info, results, seconds))
+    finally:
+        with contextlib.suppress(OSError):  # empty unless a chunk is still failing
+            os.rmdir(os.path.join(cfg.output, "_tmp"))
 
 
-def summarize(cfg: DownloadConfig, info: dict, results: list[TaskResult], seconds: float) -> dict:
+def image_totals(output: str, info: dict, results: list[TaskResult], seconds: float) -> dict:
+    """Lines and images of the shards in ``results``, from the input plan and each shard's parquet."""
     import pyarrow.parquet as pq
     failed_by, written, attempted, fetched_now = Counter(), 0, 0, 0
     for r in results:
-        path = os.path.join(cfg.output, f"{r.name}.parquet")
+        path = os.path.join(output, f"{r.name}.parquet")
         if not r.ok or not os.path.exists(path):
             continue
         table = pq.read_table(path, columns=["status", "error_message"]).to_pydict()
@@ -299,9 +283,8 @@ def summarize(cfg: DownloadConfig, info: dict, results: list[TaskResult], second
                 failed_by[failure_reason(message)] += 1
     return {"lines": info["lines"], "malformed": sum(info["malformed"].values()),
             "malformed_by_reason": info["malformed"], "attempted": attempted, "written": written,
-            "failed": sum(failed_by.values()), "failed_by_reason": dict(failed_by),
-            "shards": len(results), "shards_failed": [asdict(r) for r in results if not r.ok],
-            "seconds": round(seconds, 1), "images_per_second": round(fetched_now / max(seconds, 1e-9), 1)}
+            "images_failed": sum(failed_by.values()), "images_failed_by_reason": dict(failed_by),
+            "images_per_second": rate(fetched_now, seconds)}
 
 
 def failure_reason(message: str | None) -> str:

@@ -17,11 +17,13 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import logging
 import math
 import os
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,18 +97,6 @@ def _spice(gts, res):
 
 # --- reconstruction ----------------------------------------------------------------------------
 
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per image, images in [0, 1]: (B,)."""
-    mse = ((x - y) ** 2).flatten(1).mean(1).clamp_min(1e-12)
-    return 10 * torch.log10(1.0 / mse)
-
-
-@torch.no_grad()
-def reconstruct(vae, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """``decode(encode(images))`` in [-1, 1], ``batch_size`` images at a time: (B, 3, H, W)."""
-    return torch.cat([vae.decode(vae.encode(b)).clamp(-1, 1) for b in images.split(batch_size)])
-
-
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Per image, images in [0, 1] (Wang et al. 2004): (B,)."""
     c1, c2 = 0.01 ** 2, 0.03 ** 2
@@ -123,44 +113,31 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
 @torch.no_grad()
 def reconstruction_metrics(shards: str, vae_path: str, limit: int | None = None, batch_size: int = 16,
                            vgg_checkpoint: str | None = None, device: str = "cpu") -> dict:
-    from lverse.model.losses import _build_lpips
-
-    from .encode import expand_shards, load_vae, preprocess, read_samples
+    from lverse.core.images import decodable_images
+    from lverse.model.cache import load_vae
+    from lverse.model.losses import _build_lpips, psnr
     vae = load_vae(vae_path, device)
     lpips = _build_lpips(vgg_checkpoint).to(device)
-    sums, n, batch = {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}, 0, []
-
-    def flush():
-        nonlocal n
-        x = torch.stack(batch).to(device)
-        recon = reconstruct(vae, x, batch_size)
+    sums, n = {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}, 0
+    for batch in _batches(itertools.islice(decodable_images(shards, vae.cfg.image_size), limit), batch_size):
+        x = torch.from_numpy(np.stack([image for _, image in batch])).to(device)
+        recon = vae.reconstruct(x, batch_size)
         a, b = (x + 1) / 2, (recon + 1) / 2
         sums["PSNR"] += float(psnr(a, b).sum())
         sums["SSIM"] += float(ssim(a, b).sum())
         sums["LPIPS"] += float(lpips(recon, x).sum())
         n += len(batch)
-        batch.clear()
-
-    for shard in expand_shards(shards):
-        for _, files in read_samples(shard):
-            image = preprocess(files.get("jpg", b""), vae.cfg.image_size)
-            if image is None:
-                continue
-            batch.append(torch.from_numpy(image))
-            if len(batch) == batch_size:
-                flush()
-            if limit and n + len(batch) >= limit:
-                break
-        if limit and n + len(batch) >= limit:
-            break
-    if batch:
-        flush()
     if n == 0:
         raise ValueError(f"no decodable image in {shards}")
     metrics = {"images": n, **{k: v / n for k, v in sums.items()}}
     if vgg_checkpoint is None:  # a random VGG's distance is no LPIPS: say so in the name
         metrics["LPIPS_random_vgg"] = metrics.pop("LPIPS")
     return metrics
+
+
+def _batches(items, size: int):
+    while batch := list(itertools.islice(items, size)):
+        yield batch
 
 
 # --- generations -------------------------------------------------------------------------------

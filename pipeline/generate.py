@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lverse.files import atomic_write_json
-
-from .resources import resolve_device
+from lverse.core.files import atomic_write_json
+from lverse.core.resources import resolve_device
 
 log = logging.getLogger(__name__)
 

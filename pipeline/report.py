@@ -103,12 +103,12 @@ def _samples_by_key(shards: str | None, keys: set[str]) -> dict[str, dict[str, b
     """The image-shard samples (jpg, txt, ...) of the given keys."""
     if not shards or not keys:
         return {}
-    from .encode import expand_shards, read_samples
+    from lverse.core.shards import expand_shards, iter_samples
     found = {}
     for shard in expand_shards(shards):
-        for key, files in read_samples(shard):
-            if key in keys:
-                found[key] = files
+        for sample in iter_samples(shard):
+            if sample["__key__"] in keys:
+                found[sample["__key__"]] = sample
         if len(found) == len(keys):
             break
     return found
@@ -191,7 +191,7 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
     page = _PAGE.format(title=esc(title or f"lverse run {os.path.basename(os.path.abspath(run_dir))}"),
                         body="\n".join(sections))
     path = os.path.join(out, "index.html")
-    from lverse.files import atomic_output
+    from lverse.core.files import atomic_output
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         f.write(page)
     return path

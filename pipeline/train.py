@@ -42,11 +42,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lverse.config import dump_config
-from lverse.files import atomic_write_json
-
-from .distributed import setup_env
-from .metrics import MetricsLogger
+from lverse.core.config import dump_config
+from lverse.core.files import atomic_write_json
+from lverse.runtime.distributed import setup_env
+from lverse.runtime.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -352,9 +351,9 @@ def train(cfg: TrainConfig) -> dict:
     import deepspeed
     import deepspeed.comm as dist
 
+    from lverse.core.shards import expand_shards, file_sha256, token_shard_counts
     from lverse.model.biart import BiART, Direction, build_sequence
-    from lverse.pipeline.data import Batches, Stream, TokenBatch, ignore_signal, token_shard_counts
-    from lverse.pipeline.encode import expand_shards, file_sha256
+    from lverse.runtime.data import Batches, Stream, TokenBatch, ignore_signal
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
@@ -547,7 +546,8 @@ class Sampler:
     first shard; every rank takes part (ZeRO-3 gathers parameters collectively), rank 0 writes."""
 
     def __init__(self, cfg: TrainConfig, bcfg, first_shard: str, rank: int, n: int = 4):
-        from lverse.pipeline.data import TokenBatch, read_tar
+        from lverse.core.shards import read_tar
+        from lverse.runtime.data import TokenBatch
         samples = read_tar(first_shard)[:n]
         make = TokenBatch(cfg.data.tokenizer, bcfg.text_offset, bcfg.text_len, bcfg.image_len, bcfg.image_vocab, 0.0)
         self.batch = make(samples, [np.random.default_rng(0)] * len(samples))
@@ -575,7 +575,7 @@ class Sampler:
             return
         from PIL import Image
 
-        from lverse.pipeline.encode import load_vae
+        from lverse.model.cache import load_vae
         tok = CaptionTokenizer(self.cfg.data.tokenizer, offset=self.bcfg.text_offset)
         lines = [f"{truth!r} -> {tok.decode(ids.cpu())!r}" for truth, ids in zip(self.captions, text)]
         folder = os.path.join(self.cfg.run_dir, "samples")
@@ -598,7 +598,7 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
     the model config, in-process; works for every ZeRO stage. Only ``rank`` 0 writes."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from lverse.config import from_dict
+    from lverse.core.config import from_dict
     from lverse.model.biart import BiART
     from lverse.model.checkpoint import save_model
     found = dict(complete_checkpoints(run_dir))

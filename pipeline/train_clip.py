@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lverse.files import atomic_output
-
-from .encode import expand_shards, read_samples
+from lverse.core.files import atomic_output
+from lverse.core.shards import expand_shards, iter_samples
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ def load_pairs(shards: str, preprocess) -> tuple[torch.Tensor, list[str]]:
         raise FileNotFoundError(f"no .tar shards match {shards}")
     images, captions, skipped = [], [], 0
     for path in paths:
-        for _, files in read_samples(path):
+        for files in iter_samples(path):
             if "jpg" not in files or "txt" not in files:
                 skipped += 1
                 continue

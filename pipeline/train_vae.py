@@ -34,6 +34,7 @@ checkpoint written there records ``reached_target``, so a rerun does not train o
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import shutil
@@ -43,11 +44,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lverse.config import dump_config
-from lverse.files import atomic_output, atomic_write_json
+from lverse.core.config import dump_config
+from lverse.core.files import atomic_output, atomic_write_json
+from lverse.runtime.distributed import setup_env
+from lverse.runtime.metrics import MetricsLogger
 
-from .distributed import setup_env
-from .metrics import MetricsLogger
 from .train import complete_checkpoints, lr_at, read_checkpoint_meta, remove_partial_checkpoints
 
 log = logging.getLogger(__name__)
@@ -144,12 +145,11 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     """Run (or resume) AugVAE training in this process; returns the last logged metrics."""
     import torch.distributed as dist
 
+    from lverse.core.shards import expand_shards, image_shard_counts, read_tar
     from lverse.model.checkpoint import save_model
     from lverse.model.losses import ReconstructionLoss
     from lverse.model.quantizer import codebook_usage
-
-    from .data import Batches, Stream, image_shard_counts, read_tar
-    from .encode import expand_shards
+    from lverse.runtime.data import Batches, Stream
 
     info = setup_env(cfg.master_port)
     cuda = torch.cuda.is_available()
@@ -281,20 +281,13 @@ def _save(cfg: VAETrainConfig, model, opt, step: int, rank: int, reached_target:
 
 def _eval_images(cfg: VAETrainConfig, device) -> torch.Tensor:
     """The first ``eval_images`` decodable held-out images, centre crops at the model's size."""
+    from lverse.core.images import decodable_images
+    from lverse.core.shards import expand_shards
     from lverse.model.augvae import PRESETS
-
-    from .encode import expand_shards, preprocess, read_samples
-    size, images = PRESETS[cfg.preset].image_size, []
-    shards = expand_shards(cfg.eval_shards)
-    if not shards:
+    if not expand_shards(cfg.eval_shards):
         raise FileNotFoundError(f"eval_shards {cfg.eval_shards!r} matches no image shard")
-    for shard in shards:
-        for _, files in read_samples(shard):
-            image = preprocess(files.get("jpg", b""), size)
-            if image is not None:
-                images.append(torch.from_numpy(image))
-            if len(images) == cfg.eval_images:
-                return torch.stack(images).to(device)
+    images = [torch.from_numpy(image) for _, image in
+              itertools.islice(decodable_images(cfg.eval_shards, PRESETS[cfg.preset].image_size), cfg.eval_images)]
     if not images:
         raise ValueError(f"eval_shards {cfg.eval_shards!r} holds no decodable image")
     return torch.stack(images).to(device)
@@ -304,11 +297,11 @@ def _eval_psnr(model, images: torch.Tensor | None, device) -> float:
     """Mean PSNR of ``images``' reconstructions on rank 0, the same number on every rank."""
     import torch.distributed as dist
 
-    from .evaluate import psnr, reconstruct
+    from lverse.model.losses import psnr
     value = torch.zeros(1, device=device)
     if images is not None:
         model.eval()
-        recon = reconstruct(model, images)
+        recon = model.reconstruct(images)
         model.train()
         value[0] = psnr((images + 1) / 2, (recon + 1) / 2).mean()
     dist.broadcast(value, src=0)

@@ -11,10 +11,10 @@ import sys
 import torch
 import yaml
 
-from lverse.config import from_dict
+from lverse.core.config import from_dict
 from lverse.model.biart import BiART, Direction
-from lverse.pipeline.distributed import setup_env
 from lverse.pipeline.train import TrainConfig, build_model_config, complete_checkpoints, load_ds_config, wrap
+from lverse.runtime.distributed import setup_env
 
 
 def main(run_dir: str, out: str) -> None:

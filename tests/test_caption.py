@@ -13,12 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from lverse.core.shards import iter_samples, read_tar
 from lverse.model import BiART, save_model
 from lverse.model.biart import PRESETS, BiARTConfig
 from lverse.model.clip import ClipScorer
 from lverse.pipeline.caption import CaptionConfig, cut_at_full_stop, run_caption
-from lverse.pipeline.data import read_tar
-from lverse.pipeline.encode import read_samples
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 
 from .test_train import PER_SHARD, SHARDS, data  # noqa: F401  (the shards fixture)
@@ -47,7 +46,7 @@ def test_cut_at_the_first_full_stop():
 
 def test_captions_every_image_once_and_a_rerun_writes_nothing(data, biart, tmp_path):  # noqa: F811
     summary = run_caption(config(data, biart, tmp_path / "out", keep_candidates=True))
-    assert (summary["shards"], summary["captioned"], summary["images"]) == (SHARDS, SHARDS, SHARDS * PER_SHARD)
+    assert (summary["shards"], summary["done"], summary["images"]) == (SHARDS, SHARDS, SHARDS * PER_SHARD)
     files = sorted(glob.glob(str(tmp_path / "out" / "*.parquet")))
     assert [os.path.basename(f) for f in files] == [f"{i:05d}.parquet" for i in range(SHARDS)]
     for i, f in enumerate(files):
@@ -59,7 +58,7 @@ def test_captions_every_image_once_and_a_rerun_writes_nothing(data, biart, tmp_p
         assert all(len(c) == 4 for c in table["candidates"])
     mtimes = {f: os.stat(f).st_mtime_ns for f in files}
     again = run_caption(config(data, biart, tmp_path / "out", keep_candidates=True))
-    assert (again["captioned"], again["skipped"], again["images"]) == (0, SHARDS, 0)
+    assert (again["done"], again["skipped"], again["images"]) == (0, SHARDS, 0)
     assert mtimes == {f: os.stat(f).st_mtime_ns for f in files}
 
 
@@ -73,7 +72,7 @@ def test_reranking_keeps_the_candidate_clip_scores_highest(data, biart, tmp_path
     # The scores are CLIP's: recomputed here for the first image and its candidates.
     import io
 
-    first = next(read_samples(os.path.join(data["raw"], "00000.tar")))[1]
+    first = next(iter_samples(os.path.join(data["raw"], "00000.tar")))
     image = Image.open(io.BytesIO(first["jpg"])).convert("RGB")
     clip = ClipScorer("lverse-tiny")
     expected = clip.scores([image] * 4, table["candidates"][0])

@@ -58,7 +58,7 @@ def test_convert_vae_ml_to_sl(tmp_path):
 
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     # YAML 1.1 (PyYAML) reads 3e-4 as a string; the config loader turns it into the number
-    from lverse.config import load_config
+    from lverse.core.config import load_config
     from lverse.pipeline.train import TrainConfig
     path = tmp_path / "run.yaml"
     path.write_text("steps: 1e3\npeak_flops: 989e12\noptim:\n  lr: 3e-4\n")

@@ -48,7 +48,8 @@ def read_shards(folder):
 
 
 def config(tsv, out, **kw):
-    return DownloadConfig(input=tsv, output=str(out), samples_per_shard=6, image_size=64, timeout=1.5, threads=8, **kw)
+    return DownloadConfig(input=tsv, output=str(out), samples_per_shard=6, image_size=64, timeout=1.5,
+                          download_threads=8, **kw)
 
 
 def test_download_counts_and_keeps_every_good_image(server, tsv, tmp_path):
@@ -58,8 +59,8 @@ def test_download_counts_and_keeps_every_good_image(server, tsv, tmp_path):
     assert summary["malformed_by_reason"] == EXPECTED_MALFORMED
     assert summary["attempted"] == 12 + len(BAD_PATHS) and summary["shards"] == 3
     assert summary["written"] == 13  # 12 good images and the redirect
-    assert summary["failed_by_reason"] == {"http_404": 1, "http_500": 1, "timeout": 1, "decode_error": 2}
-    assert summary["shards_failed"] == []
+    assert summary["images_failed_by_reason"] == {"http_404": 1, "http_500": 1, "timeout": 1, "decode_error": 2}
+    assert summary["failed"] == []
     assert json.load(open(out / "_summary.json")) == summary
     assert not (out / "_tmp").exists()
 
@@ -125,7 +126,7 @@ def test_too_many_shards_is_refused_before_any_download(tmp_path, monkeypatch):
 
 
 def test_a_shard_that_keeps_failing_raises_after_the_summary(server, tmp_path):
-    from lverse.pipeline.executors import StageFailed
+    from lverse.runtime.executors import StageFailed
     tsv = tmp_path / "in.tsv"
     tsv.write_text("".join(f"{server.data.sample('train', i)[1]}\t{server.url}/img/train/{i}.jpg\n" for i in range(4)))
     cfg = config(str(tsv), tmp_path / "out", retries=0)
@@ -134,5 +135,5 @@ def test_a_shard_that_keeps_failing_raises_after_the_summary(server, tmp_path):
     with pytest.raises(StageFailed, match="1 shards failed"):
         run_download(cfg)
     summary = json.load(open(tmp_path / "out" / "_summary.json"))
-    assert [s["name"] for s in summary["shards_failed"]] == ["00000"]
+    assert [s["shard"] for s in summary["failed"]] == ["00000"]
     assert not (tmp_path / "out" / "00000_stats.json").exists()

@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
+from lverse.core.images import preprocess
+from lverse.core.shards import file_sha256, iter_samples
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
-from lverse.pipeline.encode import EncodeConfig, ShardEncoder, file_sha256, preprocess, read_samples, run_encode
-from lverse.pipeline.executors import StageFailed
+from lverse.pipeline.encode import EncodeConfig, ShardEncoder, run_encode
 from lverse.preprocessing.synthetic import draw_sample
+from lverse.runtime.executors import StageFailed
 
 
 def make_shard(path, shard, n, seed, corrupt=()):
@@ -53,7 +55,7 @@ def raw_shards(folder, count=3, n=12, corrupt=None):
 
 
 def token_samples(path):
-    return {key: files for key, files in read_samples(path)}
+    return {s.pop("__key__"): s for s in iter_samples(path)}
 
 
 def test_token_shards_hold_the_models_codes(tmp_path, vae_path):
@@ -66,7 +68,7 @@ def test_token_shards_hold_the_models_codes(tmp_path, vae_path):
     with pytest.raises(StageFailed, match="00003.*truncated"):
         run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out, workers=2, batch_size=5))
     summary = json.load(open(os.path.join(out, "_summary.json")))
-    assert summary["encoded"] == 3 and [f["shard"] for f in summary["failed"]] == ["00003"]
+    assert summary["done"] == 3 and [f["shard"] for f in summary["failed"]] == ["00003"]
     assert summary["samples"] == 35 and summary["corrupt_samples"] == 1
     assert not os.path.exists(os.path.join(out, "00003.tar")), "nothing half-written"
 
@@ -91,7 +93,7 @@ def test_token_shards_hold_the_models_codes(tmp_path, vae_path):
     mtime = os.path.getmtime(os.path.join(out, "00000.tar"))
     os.remove(os.path.join(raw, "00003.tar"))
     summary = run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out))
-    assert summary["skipped"] == 3 and summary["encoded"] == 0
+    assert summary["skipped"] == 3 and summary["done"] == 0
     assert os.path.getmtime(os.path.join(out, "00000.tar")) == mtime
 
 
@@ -142,7 +144,7 @@ def test_ray_actors_write_the_same_shards(tmp_path, vae_path):
     finally:
         import ray
         ray.shutdown()
-    assert summary["encoded"] == 2
+    assert summary["done"] == 2
     for s in range(2):
         name = f"{s:05d}.tar"
         assert open(tmp_path / "local" / name, "rb").read() == open(tmp_path / "ray" / name, "rb").read()

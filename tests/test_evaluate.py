@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
+from lverse.model.losses import psnr
 from lverse.pipeline.evaluate import (
     caption_metrics,
     generation_clip_score,
     load_predictions,
     load_references,
-    psnr,
     ssim,
 )
 

@@ -29,7 +29,7 @@ def test_pipeline_runs_each_stage_once(tmp_path, ray_cleanup):
         config = tmp_path / "pipeline.yaml"
         config.write_text(yaml.safe_dump({
             "run_dir": str(tmp_path / "run"),
-            "download": {"input": tsv, "samples_per_shard": 8, "image_size": 64, "timeout": 5, "threads": 8},
+            "download": {"input": tsv, "samples_per_shard": 8, "image_size": 64, "timeout": 5, "download_threads": 8},
             "tokenizer": {"vocab_size": 60},
             "encode": {"vae": vae, "batch_size": 4}}))
         assert main(["pipeline", "run", str(config)]) == 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from lverse.pipeline.distributed import local_world_size
-from lverse.pipeline.executors import TaskResult, run_tasks
-from lverse.pipeline.resources import plan_threads
+from lverse.core.resources import plan_threads
+from lverse.runtime.distributed import local_world_size
+from lverse.runtime.executors import TaskResult, run_tasks
 
 
 @pytest.mark.parametrize("cores, workers, threads", [(64, 4, 16), (64, 8, 8), (2, 2, 1), (2, 1, 2), (3, 2, 1),
@@ -43,7 +43,7 @@ def report_threads(item):
 
 def test_local_workers_run_with_their_share(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr("lverse.pipeline.resources.available_cores", lambda: 4)  # the driver plans for 4 cores
+    monkeypatch.setattr("lverse.core.resources.available_cores", lambda: 4)  # the driver plans for 4 cores
     results = run_tasks(report_threads, [0, 1], ["a", "b"], workers=2, retries=0)
     assert [r.stats for r in results] == [{"torch": 2, "omp": "2"}] * 2
     results = run_tasks(report_threads, [0, 1], ["a", "b"], workers=2, retries=0, threads=1)

@@ -18,7 +18,9 @@ import yaml
 
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
-from lverse.pipeline.slurm import SubmitOptions, array_block, render
+from lverse.plans import plan
+from lverse.runtime.stage import array_block
+from lverse.slurm.render import SubmitOptions, check
 
 from .slurm_cluster import SlurmCluster
 from .test_caption import biart  # noqa: F401  (a debug BiART checkpoint)
@@ -44,6 +46,12 @@ def slurm(tmp_path_factory):
 def lverse(cluster, *args, cwd=None):
     return subprocess.run([sys.executable, "-m", "lverse.cli", *args], env=cluster.env, capture_output=True,
                           text=True, timeout=120, cwd=cwd)
+
+
+def render(opts):
+    from lverse.slurm.render import render
+    check(opts)
+    return render(opts, plan(opts.stage, opts.config))
 
 
 def submit(cluster, *args):
@@ -78,7 +86,7 @@ def test_encode_array_writes_each_shard_from_its_own_task(slurm, tmp_path):
     by_task = {}
     for i in range(4):
         with open(tokens / f"_summary.task{i:05d}.json") as f:
-            by_task[i] = json.load(f)["encoded_shards"]
+            by_task[i] = json.load(f)["done_shards"]
     assert by_task == {i: [f"{i:05d}"] for i in range(4)}
     assert not glob.glob(str(tmp_path / "**" / "PWNED"), recursive=True) and not os.path.exists("PWNED")
     scripts = glob.glob(str(root / "run" / "slurm" / "encode-*.sbatch"))
@@ -96,7 +104,7 @@ def test_caption_array_captions_each_shard_from_its_own_task(slurm, data, biart,
     assert sorted(states.values()) == ["COMPLETED"] * 4, (states, logs[-3000:])
     for i in range(4):
         with open(tmp_path / "captions" / f"_summary.task{i:05d}.json") as f:
-            assert json.load(f)["captioned_shards"] == [f"{i:05d}"]
+            assert json.load(f)["done_shards"] == [f"{i:05d}"]
         assert (tmp_path / "captions" / f"{i:05d}.parquet").is_file()
 
 

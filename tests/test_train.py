@@ -18,15 +18,16 @@ import pytest
 import torch
 import yaml
 
+from lverse.core.shards import file_sha256, iter_samples, read_tar, token_shard_counts
 from lverse.model import AugVAE, BiART, save_model
 from lverse.model.augvae import PRESETS
 from lverse.model.biart import BiARTConfig, Direction
 from lverse.model.checkpoint import load_model
-from lverse.pipeline.data import Batches, Stream, TokenBatch, read_tar, token_shard_counts
-from lverse.pipeline.distributed import world_info_from_env
-from lverse.pipeline.encode import EncodeConfig, file_sha256, read_samples, run_encode
+from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.pipeline.train import TrainConfig, load_ds_config
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+from lverse.runtime.data import Batches, Stream, TokenBatch
+from lverse.runtime.distributed import world_info_from_env
 
 from .conftest import free_port
 from .test_encode import raw_shards
@@ -47,7 +48,7 @@ def data(tmp_path_factory):
     vae = str(root / "vae.safetensors")
     save_model(AugVAE(PRESETS["debug-sl"]), vae)
     run_encode(EncodeConfig(shards=raw, vae=vae, output=str(root / "tokens")))
-    captions = [f["txt"].decode() for s in range(SHARDS) for _, f in read_samples(os.path.join(raw, f"{s:05d}.tar"))]
+    captions = [f["txt"].decode() for s in range(SHARDS) for f in iter_samples(os.path.join(raw, f"{s:05d}.tar"))]
     CaptionTokenizer.fit(captions, str(root / "tok"), vocab_size=64, offset=512)
     return {"raw": raw, "tokens": str(root / "tokens"), "vae": vae, "tokenizer": str(root / "tok.model")}
 
@@ -378,7 +379,7 @@ def test_deepspeed_configs_are_found_by_name_from_any_folder(tmp_path, monkeypat
 
 
 def test_shipped_run_configs_parse():
-    from lverse.config import load_config
+    from lverse.core.config import load_config
     from lverse.pipeline.train_vae import VAETrainConfig
     for name in ("train_debug.yaml", "train_cc3m.yaml"):
         assert load_config(os.path.join(REPO, "configs", name), TrainConfig).steps > 0

@@ -23,7 +23,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-from .resources import apply_threads, available_cores, plan_threads
+from lverse.core.resources import apply_threads, available_cores, plan_threads
 
 log = logging.getLogger(__name__)
 

@@ -16,11 +16,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from lverse.config import dump_config
-from lverse.files import atomic_output, atomic_write_json
-
-from .download import DownloadConfig, plan, run_download
-from .encode import EncodeConfig, expand_shards, read_samples, run_encode
+from lverse.core.config import dump_config
+from lverse.core.files import atomic_output, atomic_write_json
+from lverse.core.shards import expand_shards, iter_samples
+from lverse.pipeline.download import DownloadConfig, plan, run_download
+from lverse.pipeline.encode import EncodeConfig, run_encode
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ def fit_tokenizer_on_shards(shards: str, prefix: str, stage: TokenizerStage) -> 
 
     def captions():
         for shard in expand_shards(shards):
-            for _, files in read_samples(shard):
-                if "txt" in files:
-                    yield files["txt"].decode("utf-8", errors="replace")
+            for sample in iter_samples(shard):
+                if "txt" in sample:
+                    yield sample["txt"].decode("utf-8", errors="replace")
 
     tok = CaptionTokenizer.fit(captions(), prefix, vocab_size=stage.vocab_size, max_sentences=stage.max_sentences)
     return {"model": tok.model_path, "vocab_size": tok.vocab_size}

@@ -23,17 +23,15 @@ data position. Tars are read with webdataset's tar expander.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
-import os
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .encode import check_complete_tar
+from lverse.core.shards import read_tar
 
 log = logging.getLogger(__name__)
 
@@ -87,45 +85,6 @@ def _checked(samples: list[dict], shard: str, expected: int) -> list[dict]:
         raise ValueError(f"{shard} holds {len(samples)} samples but its stats file says {expected}: the "
                          "shard changed after it was written; re-run the stage that made it")
     return samples
-
-
-def read_tar(path: str) -> list[dict]:
-    """Every sample of a webdataset tar as {"__key__", ext: bytes}, in file order."""
-    import webdataset as wds
-    check_complete_tar(path)
-    return list(wds.DataPipeline(wds.SimpleShardList([path]), wds.tarfile_to_samples()))
-
-
-def _shard_stats(shard: str, unfinished: str) -> dict:
-    """The stats file beside ``shard`` (its done marker); ``unfinished`` says what to do without it."""
-    path = shard.removesuffix(".tar") + "_stats.json"
-    if not os.path.isfile(path):
-        raise ValueError(f"{shard} has no {os.path.basename(path)}: {unfinished}")
-    with open(path) as f:
-        return json.load(f)
-
-
-def token_shard_counts(shards: Sequence[str], vae_hash: str | None) -> list[int]:
-    """Samples per token shard from the stats files ``lverse encode`` wrote; refuses unfinished
-    shards and (when ``vae_hash`` is given) shards of another AugVAE."""
-    counts = []
-    for shard in shards:
-        stats = _shard_stats(shard, "not a finished token shard; run (or resume) `lverse encode` on its image shards")
-        if "vae" not in stats:
-            raise ValueError(f"{shard} is not a token shard (no AugVAE hash in its stats); point "
-                             "data.shards at the output of `lverse encode`")
-        if vae_hash is not None and stats["vae"] != vae_hash:
-            raise ValueError(f"{shard} was encoded by another AugVAE ({stats['vae'][:12]}...) than "
-                             f"the one this run names ({vae_hash[:12]}...); encode the images with that "
-                             "checkpoint or name the checkpoint the shards came from")
-        counts.append(int(stats["samples"]))
-    return counts
-
-
-def image_shard_counts(shards: Sequence[str]) -> list[int]:
-    """Samples per img2dataset shard, from its ``_stats.json`` (``successes``)."""
-    return [int(_shard_stats(shard, "an unfinished download shard; resume `lverse download`")["successes"])
-            for shard in shards]
 
 
 class Batches(torch.utils.data.IterableDataset):

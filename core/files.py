@@ -47,3 +47,8 @@ def atomic_write_parquet(path: str, table) -> None:
     import pyarrow.parquet as pq
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp)
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)

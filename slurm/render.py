@@ -81,48 +81,38 @@ def _array_tasks(spec: str | None, count: int) -> tuple[str, int]:
     return spec, tasks
 
 
-def render(opts: SubmitOptions) -> tuple[str, str]:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the launcher needs to know of a stage's run config (``lverse.plans`` makes one per stage)."""
+
+    run_dir: str  # the config's run folder: the script is kept there unless --run-dir says otherwise
+    items: int | None = None  # array stages: how many items (chunks, shards) the array tasks split
+
+
+def render(opts: SubmitOptions, plan: Plan) -> tuple[str, str]:
     """(script text, run folder) for ``opts``; raises ValueError on bad values."""
     check(opts)
-    from lverse.config import load_config
     lverse = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "lverse")
     values = {"LVERSE": shlex.quote(lverse), "TIME": opts.time, "CPUS_PER_TASK": str(opts.cpus_per_task),
               "NODES": str(opts.nodes), "PARTITION_LINE": f"#SBATCH --partition={opts.partition}"
               if opts.partition else "", "CONFIG": shlex.quote(os.path.abspath(opts.config or "")),
-              "GPU_LINE": f"#SBATCH --gpus-per-node={opts.gpus_per_node}" if opts.gpus_per_node else ""}
-    if opts.stage in ("download", "encode"):
-        from .run import PipelineConfig, stage_items
-        cfg = load_config(opts.config, PipelineConfig)
-        run_dir = opts.run_dir or cfg.run_dir
-        count = len(stage_items(cfg, opts.stage))
-        if count == 0:
+              "GPU_LINE": f"#SBATCH --gpus-per-node={opts.gpus_per_node}" if opts.gpus_per_node else "",
+              "WORKERS": str(max(1, opts.gpus_per_node))}
+    if plan.items is not None:
+        if plan.items == 0:
             raise ValueError(f"the {opts.stage} stage of {opts.config} has nothing to do (no input shards yet?)")
-        values["ARRAY"], tasks = _array_tasks(opts.array, count)
+        values["ARRAY"], tasks = _array_tasks(opts.array, plan.items)
         values["NUM_TASKS"] = str(tasks)
-        values["WORKERS"] = str(max(1, opts.gpus_per_node))
-    elif opts.stage == "caption":
-        from .caption import CaptionConfig
-        from .encode import expand_shards
-        cfg = load_config(opts.config, CaptionConfig)
-        run_dir = opts.run_dir or cfg.output
-        count = len(expand_shards(cfg.shards))
-        if count == 0:
-            raise ValueError(f"caption: no shards match {cfg.shards}")
-        values["ARRAY"], tasks = _array_tasks(opts.array, count)
-        values["NUM_TASKS"] = str(tasks)
-    elif opts.stage == "train":
-        from .train import TrainConfig
-        run_dir = load_config(opts.config, TrainConfig).run_dir  # the job's own run folder
-        values["STOPPED"] = shlex.quote(os.path.join(os.path.abspath(run_dir), "stopped.json"))
-        run_dir = opts.run_dir or run_dir
+    if opts.stage == "train":
+        values["STOPPED"] = shlex.quote(os.path.join(os.path.abspath(plan.run_dir), "stopped.json"))
         values["TASKS_PER_NODE"] = str(opts.ntasks_per_node or max(1, opts.gpus_per_node))
         values["SIGNAL_SECONDS"] = "300"
         if opts.gpus_per_node:
             values["GPU_LINE"] = f"#SBATCH --gpus-per-task=1\n#SBATCH --gpus-per-node={opts.gpus_per_node}"
-    else:
-        run_dir = opts.run_dir or os.getcwd()
+    if opts.stage == "ray":
         values["RAY"] = shlex.quote(os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "ray"))
         values["COMMAND"] = shlex.join(opts.command)
+    run_dir = opts.run_dir or plan.run_dir
     run_dir = os.path.abspath(run_dir)
     values["JOB_NAME"] = opts.job_name or f"lverse-{opts.stage}"
     values["LOG_DIR"] = shlex.quote(os.path.join(run_dir, "slurm"))
@@ -131,10 +121,10 @@ def render(opts: SubmitOptions) -> tuple[str, str]:
     return "\n".join(line for line in script.splitlines() if line != "") + "\n", run_dir
 
 
-def submit(opts: SubmitOptions) -> tuple[str, str | None]:
+def submit(opts: SubmitOptions, plan: Plan) -> tuple[str, str | None]:
     """Render, keep the script in the run folder, and (unless dry_run) sbatch it.
     Returns (script path, job id or None)."""
-    script, run_dir = render(opts)
+    script, run_dir = render(opts, plan)
     folder = os.path.join(run_dir, "slurm")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{opts.stage}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch")
@@ -148,14 +138,3 @@ def submit(opts: SubmitOptions) -> tuple[str, str | None]:
     if out.returncode:
         raise ValueError(f"sbatch refused {path}: {out.stderr.strip()}")
     return path, out.stdout.strip().split(";")[0]
-
-
-def array_block(count: int, task_index: int, num_tasks: int) -> range:
-    """Items of array task ``task_index`` of ``num_tasks`` over ``count`` items: a contiguous block,
-    the first ``count % num_tasks`` blocks one longer."""
-    if not 0 <= task_index < num_tasks:
-        raise ValueError(f"task index {task_index} is not in 0..{num_tasks - 1}")
-    size, extra = divmod(count, num_tasks)
-    start = task_index * size + min(task_index, extra)
-    return range(start, start + size + (task_index < extra))
-

@@ -28,7 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .resources import apply_threads, plan_threads
+from lverse.core.resources import apply_threads, plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +44,6 @@ class TaskResult:
     reason: str = ""  # why not, when not ok
     skipped: bool = False  # already done before this run
     stats: dict[str, Any] = field(default_factory=dict)
-
-
-def finish_stage(stage: str, path: str, summary: dict) -> dict:
-    """Write a per-shard stage's summary atomically and log it; raise StageFailed (after writing)
-    when ``summary["failed"]`` lists shards, so the rest stays done and a rerun retries them."""
-    import json
-
-    from lverse.files import atomic_write_json
-    atomic_write_json(path, summary)
-    log.info("%s summary: %s", stage, json.dumps(summary))
-    if summary["failed"]:
-        raise StageFailed(f"{len(summary['failed'])} shards failed: " +
-                          "; ".join(f"{f['shard']}: {f['reason']}" for f in summary["failed"]))
-    return summary
 
 
 def _guarded(fn: Callable[[Any], TaskResult], item: Any, name: str) -> TaskResult:
@@ -141,6 +127,11 @@ def _init_ray(address):
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  log_to_driver=False)
     return ray
+
+
+def cluster_gpus(address: str | None) -> int:
+    """GPUs of the Ray cluster at ``address`` (joined, or started, as ``run_tasks`` would)."""
+    return int(_init_ray(address).cluster_resources().get("GPU", 0))
 
 
 class _Actor:

@@ -1,0 +1,136 @@
+"""Webdataset shards on disk: listing them, reading them, and the stats file beside each one.
+
+A shard is a tar of samples, members grouped by key (``{key}.jpg``, ``{key}.txt``, ...). Every
+stage that writes a shard writes ``{name}_stats.json`` beside it last: that file is the shard's
+done marker (img2dataset's convention, kept by lverse's token shards) and records how many
+samples it holds. Token shards' stats also record ``vae``, the sha256 of the AugVAE checkpoint
+that encoded them; ``check_vae`` is the one place that compares it.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator
+
+SUMMARY = "_summary.json"  # a stage's summary in its output folder
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard paths of a folder, a glob, or a ``{00000..00099}`` range, sorted."""
+    if os.path.isdir(spec):
+        return sorted(glob.glob(os.path.join(spec, "*.tar")))
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
+    if m:
+        width, lo, hi = len(m.group(1)), int(m.group(1)), int(m.group(2))
+        paths = [spec[:m.start()] + f"{i:0{width}d}" + spec[m.end():] for i in range(lo, hi + 1)]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} shards of {spec} do not exist, e.g. {missing[0]}")
+        return paths
+    return sorted(glob.glob(spec))
+
+
+def shard_name(path: str) -> str:
+    """``/data/00012.tar`` -> ``00012``: the name a shard's outputs and stats carry."""
+    return os.path.basename(path).removesuffix(".tar")
+
+
+def stats_path(shard: str) -> str:
+    """The done marker beside a shard (or beside where a shard will be)."""
+    return shard.removesuffix(".tar") + "_stats.json"
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_complete_tar(path: str) -> None:
+    """Raise ValueError unless the tar ends with its end-of-archive marker (two zero blocks).
+
+    Python's tarfile takes an end of file at a member boundary for the end of the archive, so a
+    tar cut short there (a killed writer, a partial copy) would otherwise read as a smaller shard.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if size < 1024 or size % 512 or tail.count(0) != 1024:
+        raise ValueError(f"{path} is truncated (no end-of-archive marker; {size} bytes)")
+
+
+def iter_samples(path: str) -> Iterator[dict]:
+    """The samples of a webdataset tar in file order, each ``{"__key__": key, ext: bytes}``.
+
+    Members are grouped by the part of their name before the first dot, extensions lower-cased
+    (webdataset's rule). The tar is streamed, one sample in memory at a time; a truncated tar is
+    refused before the first sample (``check_complete_tar``).
+    """
+    check_complete_tar(path)
+    with tarfile.open(path, "r|") as tar:
+        sample = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = member.name.split(".", 1)
+            if sample and key != sample["__key__"]:
+                yield sample
+                sample = {}
+            sample["__key__"] = key
+            sample[ext.lower()] = tar.extractfile(member).read()
+        if sample:
+            yield sample
+
+
+def read_tar(path: str) -> list[dict]:
+    """Every sample of a webdataset tar (``iter_samples``), as a list."""
+    return list(iter_samples(path))
+
+
+def read_stats(shard: str, unfinished: str) -> dict:
+    """The stats file beside ``shard``; ``unfinished`` says what to do when it is missing."""
+    path = stats_path(shard)
+    if not os.path.isfile(path):
+        raise ValueError(f"{shard} has no {os.path.basename(path)}: {unfinished}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_vae(stats: Iterable[tuple[str, dict]], vae_hash: str | None, *, image_shards: str, other_vae: str) -> None:
+    """Refuse token shards of another AugVAE than ``vae_hash`` (None: any AugVAE).
+
+    ``stats`` holds (shard, its stats) pairs. Stats without a ``vae`` are image shards': ``image_shards``
+    is what to say about them ("" lets them pass); ``other_vae`` is what to do about a mismatch.
+    """
+    for shard, values in stats:
+        other = values.get("vae")
+        if other is None:
+            if image_shards:
+                raise ValueError(f"{shard} is not a token shard (no AugVAE hash in its stats): {image_shards}")
+        elif vae_hash is not None and other != vae_hash:
+            raise ValueError(f"{shard} was encoded by another AugVAE ({other[:12]}...) than this one "
+                             f"({vae_hash[:12]}...): {other_vae}")
+
+
+def token_shard_counts(shards: list[str], vae_hash: str | None) -> list[int]:
+    """Samples per token shard from the stats files ``lverse encode`` wrote; refuses unfinished
+    shards and (when ``vae_hash`` is given) shards of another AugVAE."""
+    stats = [(s, read_stats(s, "not a finished token shard; run (or resume) `lverse encode` on its image shards"))
+             for s in shards]
+    check_vae(stats, vae_hash, image_shards="point data.shards at the output of `lverse encode`",
+              other_vae="encode the images with this checkpoint or name the checkpoint the shards came from")
+    return [int(values["samples"]) for _, values in stats]
+
+
+def image_shard_counts(shards: list[str]) -> list[int]:
+    """Samples per img2dataset shard, from its ``_stats.json`` (``successes``)."""
+    return [int(read_stats(shard, "an unfinished download shard; resume `lverse download`")["successes"])
+            for shard in shards]

@@ -1,0 +1,43 @@
+"""The registry of planners: what a stage's SLURM job is planned from.
+
+The launcher (``lverse.slurm.render``) knows no stage; it renders the template of a launch shape
+from a ``Plan``. Each planner here reads a stage's run config and says where the run writes and,
+for job arrays, how many items the array tasks split (planned now, so bad input fails at submit).
+"""
+
+from __future__ import annotations
+
+import os
+
+from lverse.core.config import load_config
+from lverse.core.shards import expand_shards
+from lverse.slurm.render import Plan
+
+
+def _pipeline_stage(stage: str):
+    def planner(config: str) -> Plan:
+        from lverse.run import PipelineConfig, stage_items
+        cfg = load_config(config, PipelineConfig)
+        return Plan(run_dir=cfg.run_dir, items=len(stage_items(cfg, stage)))
+    return planner
+
+
+def _caption(config: str) -> Plan:
+    from lverse.pipeline.caption import CaptionConfig
+    cfg = load_config(config, CaptionConfig)
+    return Plan(run_dir=cfg.output, items=len(expand_shards(cfg.shards)))
+
+
+def _train(config: str) -> Plan:
+    from lverse.pipeline.train import TrainConfig
+    return Plan(run_dir=load_config(config, TrainConfig).run_dir)
+
+
+PLANNERS = {"download": _pipeline_stage("download"), "encode": _pipeline_stage("encode"), "caption": _caption,
+            "train": _train, "ray": lambda config: Plan(run_dir=os.getcwd())}
+
+
+def plan(stage: str, config: str | None) -> Plan:
+    if stage not in PLANNERS:
+        raise ValueError(f"stage must be one of {sorted(PLANNERS)}, got {stage!r}")
+    return PLANNERS[stage](config)

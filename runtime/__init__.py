@@ -1,0 +1,11 @@
+"""The runtime: how stages run, shared by all of them; knows no stage.
+
+Modules:
+    executors    run_tasks: one task per item on local processes, Ray tasks or Ray actors, with
+                 driver-side retries (TaskResult, StageFailed)
+    stage        the shard-stage runner of download, encode and caption: array block, executor,
+                 one ``_summary.json`` schema (Execution, run_shard_stage, array_block)
+    distributed  rank / world from torchrun, DeepSpeed or SLURM (world_info_from_env, setup_env)
+    data         training streams: shards per (rank, worker), resumable to the micro-batch
+    metrics      MetricsLogger: metrics.jsonl, log lines, TensorBoard, W&B
+"""

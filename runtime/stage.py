@@ -1,0 +1,96 @@
+"""The shard-stage runner: download, encode and caption are each one of these.
+
+A shard stage turns items (chunks of an input list, or shards) into outputs, one task per item.
+The task is idempotent (it returns ``skipped`` for an item whose done marker exists), so the
+runner's part is the same for every stage:
+
+1. as SLURM array task ``task_index`` of ``num_tasks``, keep only the task's block of items
+   (``array_block``); the task then writes its own ``_summary.taskNNNNN.json``;
+2. run the tasks on the executor (local processes, Ray tasks or Ray actors), retrying failures;
+3. write the summary, one schema for every stage (``summarize``), atomically;
+4. raise StageFailed after writing it when items still fail: the rest stays done, a rerun
+   retries only what failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lverse.core.files import atomic_write_json
+from lverse.core.shards import SUMMARY
+
+from .executors import StageFailed, TaskResult, run_tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where and how a stage runs its tasks (the fields every shard stage's config has)."""
+
+    executor: str = "local"  # local processes or Ray (tasks, or actors for stages that keep a model)
+    workers: int = 1  # tasks in flight: local processes or Ray actors
+    threads: int | None = None  # compute threads per worker (None: its share; core/resources.py)
+    retries: int = 1  # times a failed item is tried again
+    ray_address: str | None = None  # Ray cluster to join (None: start a local one)
+    task_index: int | None = None  # as SLURM array task i of num_tasks: only its block of items
+    num_tasks: int = 1
+
+
+def array_block(count: int, task_index: int, num_tasks: int) -> range:
+    """Items of array task ``task_index`` of ``num_tasks`` over ``count`` items: a contiguous block,
+    the first ``count % num_tasks`` blocks one longer."""
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is not in 0..{num_tasks - 1}")
+    size, extra = divmod(count, num_tasks)
+    start = task_index * size + min(task_index, extra)
+    return range(start, start + size + (task_index < extra))
+
+
+def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str],
+                    output: str, run: Execution, *, totals: Callable[[list[TaskResult], float], dict],
+                    actors: bool = False, num_gpus: float = 0, rate_of: str | None = None) -> dict:
+    """Run ``task`` over ``items`` (or the array task's block of them) and write the summary.
+
+    ``totals(results, seconds)`` adds the stage's own figures to the summary. ``actors``: on Ray,
+    keep ``run.workers`` actors (each loads its model once) instead of one task per item.
+    """
+    summary_path = os.path.join(output, SUMMARY)
+    if run.task_index is not None:
+        block = array_block(len(items), run.task_index, run.num_tasks)
+        items, names = [items[i] for i in block], [names[i] for i in block]
+        summary_path = os.path.join(output, f"_summary.task{run.task_index:05d}.json")
+        log.info("array task %d of %d: %s", run.task_index, run.num_tasks, list(names))
+    kwargs = {"actors": run.workers, "num_gpus": num_gpus} if actors and run.executor == "ray" else {}
+    start = time.time()
+    results = run_tasks(task, items, names, executor=run.executor, workers=run.workers, retries=run.retries,
+                        desc=stage, ray_address=run.ray_address, threads=run.threads, rate_of=rate_of, **kwargs)
+    seconds = time.time() - start
+    summary = summarize(stage, results, seconds) | totals(results, seconds)
+    atomic_write_json(summary_path, summary)
+    log.info("%s summary: %s", stage, json.dumps(summary))
+    if summary["failed"]:
+        raise StageFailed(f"{stage}: {len(summary['failed'])} of {len(results)} shards failed after retries (see "
+                          f"{summary_path}; a rerun retries them): " +
+                          "; ".join(f"{f['shard']}: {f['reason']}" for f in summary["failed"][:5]))
+    return summary
+
+
+def summarize(stage: str, results: list[TaskResult], seconds: float) -> dict:
+    """The part of ``_summary.json`` every shard stage writes."""
+    return {"stage": stage, "shards": len(results),
+            "done": sum(r.ok and not r.skipped for r in results),
+            "done_shards": [r.name for r in results if r.ok and not r.skipped],
+            "skipped": sum(r.skipped for r in results),
+            "failed": [{"shard": r.name, "reason": r.reason} for r in results if not r.ok],
+            "seconds": round(seconds, 1)}
+
+
+def rate(count: float, seconds: float) -> float:
+    return round(count / max(seconds, 1e-9), 2)
