@@ -13,16 +13,18 @@ import typing
 
 import yaml
 
+from .errors import InputError
+
 
 def from_dict(cls: type, data: dict, where: str):
     """Build dataclass ``cls`` from a dict; nested dataclass fields from nested dicts."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise InputError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; known keys are {sorted(names)}")
+        raise InputError(f"{where}: unknown keys {unknown}; known keys are {sorted(names)}")
     values = {}
     for key, value in data.items():
         kind = hints[key]
@@ -33,7 +35,7 @@ def from_dict(cls: type, data: dict, where: str):
     try:
         return cls(**values)
     except TypeError as e:  # a required key is missing
-        raise ValueError(f"{where}: {e}") from e
+        raise InputError(f"{where}: {e}") from e
 
 
 def _number(kind, value, where: str):
@@ -46,11 +48,11 @@ def _number(kind, value, where: str):
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"{where}: expected a number, got {value!r}") from None
+        raise InputError(f"{where}: expected a number, got {value!r}") from None
     if float in allowed:
         return number
     if not number.is_integer():
-        raise ValueError(f"{where}: expected an integer, got {value!r}")
+        raise InputError(f"{where}: expected an integer, got {value!r}")
     return int(number)
 
 

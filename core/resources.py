@@ -24,6 +24,8 @@ import os
 import sys
 from dataclasses import dataclass
 
+from .errors import InputError
+
 log = logging.getLogger(__name__)
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -81,12 +83,12 @@ def plan_threads(workers: int, cores: int | None = None, threads: int | None = N
     workers, cores = max(1, workers), cores or available_cores()
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {threads}")
+            raise InputError(f"--threads must be at least 1, got {threads}")
         return ThreadPlan(workers, threads, cores, "--threads")
     given = env.get("OMP_NUM_THREADS", "").strip()
     if given:
         if not given.isdigit() or int(given) < 1:
-            raise ValueError(f"OMP_NUM_THREADS={given!r} is not a positive whole number; unset it or fix it")
+            raise InputError(f"OMP_NUM_THREADS={given!r} is not a positive whole number; unset it or fix it")
         return ThreadPlan(workers, int(given), cores, "OMP_NUM_THREADS")
     return ThreadPlan(workers, max(1, cores // workers), cores, "share")
 

@@ -17,6 +17,8 @@ import re
 import tarfile
 from collections.abc import Iterable, Iterator
 
+from .errors import InputError
+
 SUMMARY = "_summary.json"  # a stage's summary in its output folder
 
 
@@ -64,7 +66,7 @@ def check_complete_tar(path: str) -> None:
         f.seek(max(0, size - 1024))
         tail = f.read()
     if size < 1024 or size % 512 or tail.count(0) != 1024:
-        raise ValueError(f"{path} is truncated (no end-of-archive marker; {size} bytes)")
+        raise InputError(f"{path} is truncated (no end-of-archive marker; {size} bytes)")
 
 
 def iter_samples(path: str) -> Iterator[dict]:
@@ -99,7 +101,7 @@ def read_stats(shard: str, unfinished: str) -> dict:
     """The stats file beside ``shard``; ``unfinished`` says what to do when it is missing."""
     path = stats_path(shard)
     if not os.path.isfile(path):
-        raise ValueError(f"{shard} has no {os.path.basename(path)}: {unfinished}")
+        raise InputError(f"{shard} has no {os.path.basename(path)}: {unfinished}")
     with open(path) as f:
         return json.load(f)
 
@@ -114,9 +116,9 @@ def check_vae(stats: Iterable[tuple[str, dict]], vae_hash: str | None, *, image_
         other = values.get("vae")
         if other is None:
             if image_shards:
-                raise ValueError(f"{shard} is not a token shard (no AugVAE hash in its stats): {image_shards}")
+                raise InputError(f"{shard} is not a token shard (no AugVAE hash in its stats): {image_shards}")
         elif vae_hash is not None and other != vae_hash:
-            raise ValueError(f"{shard} was encoded by another AugVAE ({other[:12]}...) than this one "
+            raise InputError(f"{shard} was encoded by another AugVAE ({other[:12]}...) than this one "
                              f"({vae_hash[:12]}...): {other_vae}")
 
 

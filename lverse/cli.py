@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 
+from lverse.core.errors import InputError
 from lverse.runtime.executors import StageFailed
 
 log = logging.getLogger("lverse")
@@ -66,7 +67,7 @@ def _pipeline_run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, PipelineConfig, {"ray_address": args.ray_address, "run_dir": args.run_dir})
     if args.stage or args.task_index is not None:
         if not (args.stage and args.task_index is not None and args.num_tasks):
-            raise ValueError("--stage, --task-index and --num-tasks go together (one SLURM array task)")
+            raise InputError("--stage, --task-index and --num-tasks go together (one SLURM array task)")
         summary = run_stage_task(cfg, args.stage, args.task_index, args.num_tasks, args.workers)
         print(json.dumps(summary, indent=2))
         return
@@ -83,7 +84,7 @@ def _caption(args: argparse.Namespace) -> None:
     else:
         missing = [f"--{n}" for n in ("shards", "checkpoint", "vae", "tokenizer", "output") if getattr(args, n) is None]
         if missing:
-            raise ValueError(f"give --config CAPTION.yaml, or {', '.join(missing)}")
+            raise InputError(f"give --config CAPTION.yaml, or {', '.join(missing)}")
         cfg = CaptionConfig(
             shards=args.shards, checkpoint=args.checkpoint, vae=args.vae, tokenizer=args.tokenizer,
             output=args.output, candidates=args.candidates, max_tokens=args.max_tokens, batch_size=args.batch_size,
@@ -107,16 +108,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     from lverse.pipeline import evaluate as ev
     if args.what == "captions":
         if not (args.predictions and args.references):
-            raise ValueError("evaluate captions needs --predictions and --references")
+            raise InputError("evaluate captions needs --predictions and --references")
         metrics = ev.caption_metrics(ev.load_predictions(args.predictions), ev.load_references(args.references))
     elif args.what == "reconstruction":
         if not (args.shards and args.vae):
-            raise ValueError("evaluate reconstruction needs --shards and --vae")
+            raise InputError("evaluate reconstruction needs --shards and --vae")
         metrics = ev.reconstruction_metrics(args.shards, args.vae, limit=args.limit, vgg_checkpoint=args.vgg_checkpoint,
                                             device=args.device)
     else:
         if not args.generations:
-            raise ValueError("evaluate generations needs --generations")
+            raise InputError("evaluate generations needs --generations")
         metrics = ev.generation_clip_score(args.generations)
     if args.output:
         from lverse.core.files import atomic_write_json

@@ -45,6 +45,7 @@ from urllib.parse import urlparse
 import numpy as np
 import yaml
 
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json
 from lverse.runtime.executors import StageFailed
 
@@ -97,7 +98,7 @@ class Demo:
             with open(marker) as f:
                 done = json.load(f)
             if {k: done.get(k) for k in record} != record:
-                raise ValueError(f"stage {name} of {self.out} ran with other options ({shlex.join(done['command'])}); "
+                raise InputError(f"stage {name} of {self.out} ran with other options ({shlex.join(done['command'])}); "
                                  "use another --output, or delete the folder")
             log.info("stage %s: done before (%.0f s), skipped", name, done["seconds"])
             return
@@ -123,7 +124,7 @@ class Demo:
                 before = json.load(f)
             if before != settings:
                 changed = sorted(k for k in settings if before.get(k) != settings[k])
-                raise ValueError(f"{self.out} holds a demo run with other settings ({', '.join(changed)}); use "
+                raise InputError(f"{self.out} holds a demo run with other settings ({', '.join(changed)}); use "
                                  "another --output, or delete the folder")
         atomic_write_json(path, settings)
 
@@ -245,7 +246,7 @@ class Demo:
         try:
             server = SyntheticServer(data, port=port, slow_seconds=6.0)
         except OSError as e:
-            raise ValueError(f"port {port} of the synthetic server (named in {tsv['train']}) is taken ({e}); "
+            raise InputError(f"port {port} of the synthetic server (named in {tsv['train']}) is taken ({e}); "
                                "free it, or use another --output") from e
         if not port:
             server.write_tsv(self.path("data"), bad_urls=True)
@@ -262,7 +263,7 @@ class Demo:
                 if "txt" in sample:
                     refs[sample["__key__"]] = sample["txt"].decode("utf-8")
         if not refs:
-            raise ValueError(f"no held-out images were downloaded into {self.path('heldout', 'images')}")
+            raise InputError(f"no held-out images were downloaded into {self.path('heldout', 'images')}")
         return refs
 
 
@@ -291,7 +292,7 @@ def caption_accuracy(folder: str, references: dict[str, str]) -> dict:
         first = (r.get("candidates") or [r["caption"]])[0]
         right["caption_accuracy_first_candidate"] += bool(first and phrase.search(first))
     if not judged:
-        raise ValueError(f"no caption of {folder} matches a held-out reference")
+        raise InputError(f"no caption of {folder} matches a held-out reference")
     return {k: v / judged for k, v in right.items()} | {"captions_judged": judged}
 
 
@@ -327,7 +328,7 @@ def t2i_color_accuracy(folder: str) -> dict:
             with Image.open(os.path.join(os.path.dirname(path), name)) as im:
                 right[key] += shape_color(np.asarray(im.convert("RGB"))) == truth[0]
     if not judged:
-        raise ValueError(f"{folder} holds no generated image of a synthetic prompt")
+        raise InputError(f"{folder} holds no generated image of a synthetic prompt")
     return {k: v / judged for k, v in right.items()} | {"prompts_judged": judged}
 
 
@@ -358,7 +359,7 @@ def vae_quality(vae_path: str, shards: str) -> dict:
             images.append(torch.from_numpy(image))
             truths.append(truth[0])
     if not images:
-        raise ValueError(f"no held-out image of a synthetic caption in {shards}")
+        raise InputError(f"no held-out image of a synthetic caption in {shards}")
     x = torch.stack(images)
     recon = vae.reconstruct(x)
     pictures = ((recon + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 from lverse.core.config import load_config
+from lverse.core.errors import InputError
 from lverse.core.shards import expand_shards
 from lverse.slurm.render import Plan
 
@@ -39,5 +40,5 @@ PLANNERS = {"download": _pipeline_stage("download"), "encode": _pipeline_stage("
 
 def plan(stage: str, config: str | None) -> Plan:
     if stage not in PLANNERS:
-        raise ValueError(f"stage must be one of {sorted(PLANNERS)}, got {stage!r}")
+        raise InputError(f"stage must be one of {sorted(PLANNERS)}, got {stage!r}")
     return PLANNERS[stage](config)

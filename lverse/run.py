@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 
 from lverse.core.config import dump_config
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.pipeline.download import DownloadConfig, plan, run_download
@@ -43,12 +44,12 @@ class PipelineConfig:
 def _stage_config(cls, values: dict, where: str, **fixed):
     clash = sorted(set(values) & set(fixed))
     if clash:
-        raise ValueError(f"{where}: {clash} are set by the pipeline (from run_dir); remove them")
+        raise InputError(f"{where}: {clash} are set by the pipeline (from run_dir); remove them")
     try:
         return cls(**values, **fixed)
     except TypeError as e:
         known = sorted(f.name for f in dataclasses.fields(cls) if f.name not in fixed)
-        raise ValueError(f"{where}: {e}; known keys are {known}") from e
+        raise InputError(f"{where}: {e}; known keys are {known}") from e
 
 
 def stage_configs(cfg: PipelineConfig, task: tuple[int, int] | None = None,
@@ -87,7 +88,7 @@ def run_stage_task(cfg: PipelineConfig, stage: str, task_index: int, num_tasks: 
         return run_download(download)
     if stage == "encode":
         return run_encode(encode)
-    raise ValueError(f"--stage must be download or encode, got {stage!r}")
+    raise InputError(f"--stage must be download or encode, got {stage!r}")
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict:

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lverse.core.errors import InputError
+
 from .quantizer import EMACodebook
 from .vae_blocks import Decoder, Encoder
 
@@ -59,9 +61,9 @@ class AugVAEConfig:
 
     def __post_init__(self):
         if self.variant not in ("ml", "sl"):
-            raise ValueError(f"AugVAE variant must be 'ml' or 'sl', got {self.variant!r}")
+            raise InputError(f"AugVAE variant must be 'ml' or 'sl', got {self.variant!r}")
         if self.image_size % (1 << (len(self.first_ch_mult) - 1 + self.num_levels - 1)):
-            raise ValueError(f"image_size {self.image_size} is not divisible by the total "
+            raise InputError(f"image_size {self.image_size} is not divisible by the total "
                              f"downsampling of {self.num_levels} levels")
 
     @property
@@ -189,7 +191,7 @@ class AugVAE(nn.Module):
         """(B, num_tokens) indices -> (B, C, H, W) images, in FP32."""
         self._check_fp32()
         if indices.shape[1] != self.cfg.num_tokens:
-            raise ValueError(f"expected {self.cfg.num_tokens} tokens per image, got {indices.shape[1]}")
+            raise InputError(f"expected {self.cfg.num_tokens} tokens per image, got {indices.shape[1]}")
         sides = [self.cfg.level_sizes[lvl] for lvl in self.cfg.quant_levels]
         parts = indices.long().split([s * s for s in sides], dim=1)
         with torch.autocast(device_type=indices.device.type, enabled=False):
@@ -231,7 +233,7 @@ def ml_to_sl(ml: AugVAE, keep_levels: int = 2) -> AugVAE:
     """AugVAE-SL from a trained ML model: its first ``keep_levels`` encoders, its finest
     ``keep_levels`` decoders, the shared codebook and convs, and fresh connectors."""
     if ml.cfg.variant != "ml" or not 1 <= keep_levels < ml.cfg.num_levels:
-        raise ValueError(f"need an ML model with more than {keep_levels} levels")
+        raise InputError(f"need an ML model with more than {keep_levels} levels")
     sl = AugVAE(replace(ml.cfg, variant="sl", num_levels=keep_levels))
     sl.encoders.load_state_dict(nn.ModuleList(list(ml.encoders)[:keep_levels]).state_dict())
     sl.decoders.load_state_dict(nn.ModuleList(list(ml.decoders)[-keep_levels:]).state_dict())
@@ -271,7 +273,7 @@ def convert_official_state_dict(official: dict[str, Tensor], model: AugVAE,
                             + ["pre_quants.{}.bias", "post_quants.{}.bias"] for i in range(n_official)}
     missing, unexpected = sorted(expected - set(official)), sorted(set(official) - expected)
     if missing or unexpected:
-        raise ValueError(
+        raise InputError(
             f"{source} is not an official AugVAE-{cfg.variant.upper()} checkpoint: "
             f"missing keys {_abbrev(missing)}; unexpected keys {_abbrev(unexpected)}")
     out = {k: official[k] for k in same}
@@ -279,7 +281,7 @@ def convert_official_state_dict(official: dict[str, Tensor], model: AugVAE,
     for ours, fam in _OFFICIAL_SHARED.items():
         copies = [official[fam.format(i)] for i in range(n_official)]
         if any(c.shape != copies[0].shape or not torch.equal(c, copies[0]) for c in copies[1:]):
-            raise ValueError(f"{source}: the per-level copies of {fam.format('*')} differ, but "
+            raise InputError(f"{source}: the per-level copies of {fam.format('*')} differ, but "
                              "AugVAE shares that tensor across levels")
         out[ours] = copies[0]
     out["pre_quant.bias"] = torch.stack([official[f"pre_quants.{lvl}.bias"] for lvl in cfg.quant_levels])
@@ -288,7 +290,7 @@ def convert_official_state_dict(official: dict[str, Tensor], model: AugVAE,
     bad = [f"{k} {tuple(v.shape)} != {tuple(model.state_dict()[k].shape)}"
            for k, v in out.items() if v.shape != model.state_dict()[k].shape]
     if bad:
-        raise ValueError(f"{source}: shapes do not match AugVAE-{cfg.variant.upper()}: {_abbrev(bad)}")
+        raise InputError(f"{source}: shapes do not match AugVAE-{cfg.variant.upper()}: {_abbrev(bad)}")
     return out
 
 

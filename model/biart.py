@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lverse.core.errors import InputError
+
 
 class Direction(IntEnum):
     T2I = 0  # text -> image
@@ -54,7 +56,7 @@ class BiARTConfig:
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+            raise InputError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
 
     @property
     def text_offset(self) -> int:
@@ -135,7 +137,7 @@ class CausalSelfAttention(nn.Module):
             past = cache.pos
             k, v = cache.append(layer, k, v)
         if past and T > 1:
-            raise ValueError("a cached forward takes one token at a time after the prompt")
+            raise InputError("a cached forward takes one token at a time after the prompt")
         # Flash / memory-efficient kernels on CUDA, math on the CPU. With a cache and one query,
         # every cached position is visible, so no mask is needed.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and T > 1,
@@ -216,7 +218,7 @@ class BiART(nn.Module):
         T = idx.shape[1]
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds seq_len {self.cfg.seq_len}")
+            raise InputError(f"sequence of {start + T} tokens exceeds seq_len {self.cfg.seq_len}")
         pos, seg = self.pos_ids[direction, start:start + T], self.seg_ids[direction, start:start + T]
         x = self.drop(self.wte(idx) + self.wpe(pos) + self.wse(seg))
         for layer, block in enumerate(self.blocks):
@@ -282,10 +284,10 @@ class BiART(nn.Module):
         cfg = self.cfg
         target_len = cfg.image_len if direction == Direction.T2I else cfg.text_len
         if not 0 < max_new_tokens <= target_len:
-            raise ValueError(f"max_new_tokens must be in 1..{target_len} (the target block) for "
+            raise InputError(f"max_new_tokens must be in 1..{target_len} (the target block) for "
                              f"{direction.name}, got {max_new_tokens}")
         if prompt.shape[1] + target_len != cfg.seq_len:
-            raise ValueError(f"a {direction.name} prompt has {cfg.seq_len - target_len} tokens "
+            raise InputError(f"a {direction.name} prompt has {cfg.seq_len - target_len} tokens "
                              f"(see prompt_for), got {prompt.shape[1]}")
         text = direction == Direction.I2T
         lo, hi = (cfg.text_offset, cfg.pad_id + 1) if text else (0, cfg.image_vocab)
@@ -340,7 +342,7 @@ def build_sequence(text: Tensor, image: Tensor, direction: Direction, cfg: BiART
     """(B, text_len) text ids (BiART range, PAD-filled) and (B, image_len) codes -> (B, seq_len)."""
     B = text.shape[0]
     if text.shape[1] != cfg.text_len or image.shape[1] != cfg.image_len:
-        raise ValueError(f"expected {cfg.text_len} text and {cfg.image_len} image tokens, got "
+        raise InputError(f"expected {cfg.text_len} text and {cfg.image_len} image tokens, got "
                          f"{text.shape[1]} and {image.shape[1]}")
     soc = torch.full((B, 1), cfg.soc_id, dtype=torch.long, device=text.device)
     soi = torch.full((B, 1), cfg.soi_id, dtype=torch.long, device=text.device)

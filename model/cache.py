@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
+from lverse.core.errors import InputError
+
 T = TypeVar("T")
 _HELD: dict[str, tuple[Hashable, object]] = {}
 
@@ -29,6 +31,6 @@ def load_vae(path: str, device: str = "cpu"):
         from .augvae import AugVAE
         vae = AugVAE.load(path)
         if vae.cfg.codebook_size > 1 << 16:
-            raise ValueError(f"{vae.cfg.codebook_size} codes do not fit the token shards' uint16")
+            raise InputError(f"{vae.cfg.codebook_size} codes do not fit the token shards' uint16")
         return vae.eval().float().requires_grad_(False).to(device)
     return cached("vae", (path, device), load)

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
 
 
@@ -33,13 +34,13 @@ def read_config(path: str, config_cls: type) -> Any:
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     if "config" not in meta:
-        raise ValueError(f"{path} has no lverse config in its metadata; was it written by "
+        raise InputError(f"{path} has no lverse config in its metadata; was it written by "
                          "lverse.model.checkpoint.save_model?")
     fields = {f.name: f.type for f in dataclasses.fields(config_cls)}
     values = json.loads(meta["config"])
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(f"{path}: config fields {unknown} are unknown to {config_cls.__name__}")
+        raise InputError(f"{path}: config fields {unknown} are unknown to {config_cls.__name__}")
     # JSON has no tuples; the configs are frozen dataclasses whose sequences are tuples.
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return config_cls(**values)
@@ -50,7 +51,7 @@ def load_model(path: str, model_cls: type, config_cls: type) -> nn.Module:
     model = model_cls(read_config(path, config_cls))
     result = model.load_state_dict(load_file(path), strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path} does not match {model_cls.__name__}: missing "
+        raise InputError(f"{path} does not match {model_cls.__name__}: missing "
                          f"{result.missing_keys[:8]}, unexpected {result.unexpected_keys[:8]}")
     return model
 
@@ -77,14 +78,14 @@ def load_torch_state_dict(path: str) -> dict[str, Tensor]:
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as e:  # not a zip-format torch file
-        raise ValueError(f"{path} is not a PyTorch checkpoint: {e}") from e
+        raise InputError(f"{path} is not a PyTorch checkpoint: {e}") from e
     stand_ins = [(type(name.rsplit(".", 1)[-1], (_Inert,), {}), name) for name in names]
     try:
         with torch.serialization.safe_globals(stand_ins):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:  # torch refuses os/sys globals even when allowlisted
-        raise ValueError(f"{path} was refused by the safe loader: {str(e).strip().splitlines()[-1]}") from e
+        raise InputError(f"{path} was refused by the safe loader: {str(e).strip().splitlines()[-1]}") from e
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds no state dict of tensors")
+        raise InputError(f"{path} holds no state dict of tensors")
     return state

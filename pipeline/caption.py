@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_parquet, read_json
 from lverse.core.images import preprocess
 from lverse.core.resources import default_workers, resolve_device
@@ -87,7 +88,7 @@ def _models(cfg: CaptionConfig, device: str):
         model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
         tok = CaptionTokenizer(cfg.tokenizer, offset=model.cfg.text_offset)
         if tok.vocab_size != model.cfg.text_vocab:
-            raise ValueError(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} pieces, {cfg.checkpoint} was trained "
+            raise InputError(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} pieces, {cfg.checkpoint} was trained "
                              f"with {model.cfg.text_vocab}: give the tokenizer of its training run")
         clip = None
         if cfg.candidates > 1:
@@ -195,7 +196,7 @@ def run_caption(cfg: CaptionConfig) -> dict:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--{name} {path} does not exist")
     if cfg.candidates < 1 or cfg.max_tokens < 1:
-        raise ValueError("--candidates and --max-tokens must be at least 1")
+        raise InputError("--candidates and --max-tokens must be at least 1")
     token_shards = [(s, read_json(stats_path(s))) for s in shards if os.path.isfile(stats_path(s))]
     check_vae(token_shards, file_sha256(cfg.vae), image_shards="",
               other_vae="give --vae the AugVAE the shards were encoded with")

@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json, atomic_write_parquet, remove_stale_temporaries
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import Execution, rate, run_shard_stage
@@ -55,9 +56,9 @@ class DownloadConfig(Execution):
 
     def __post_init__(self):
         if self.input_format not in FORMATS:
-            raise ValueError(f"input_format must be one of {FORMATS}, got {self.input_format!r}")
+            raise InputError(f"input_format must be one of {FORMATS}, got {self.input_format!r}")
         if self.samples_per_shard <= 0 or self.image_size <= 0:
-            raise ValueError("samples_per_shard and image_size must be positive")
+            raise InputError("samples_per_shard and image_size must be positive")
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def _iter_table(cfg: DownloadConfig, fmt: str) -> Iterator[tuple[str, str] | str
     table = pyarrow.parquet.read_table(cfg.input) if fmt == "parquet" else pyarrow.csv.read_csv(cfg.input)
     missing = [c for c in (cfg.url_col, cfg.caption_col) if c not in table.column_names]
     if missing:
-        raise ValueError(f"{cfg.input} has no column {missing}; its columns are {table.column_names} "
+        raise InputError(f"{cfg.input} has no column {missing}; its columns are {table.column_names} "
                          "(choose with --url-col / --caption-col)")
     for caption, url in zip(table.column(cfg.caption_col).to_pylist(), table.column(cfg.url_col).to_pylist()):
         if caption is None or url is None:
@@ -155,7 +156,7 @@ def plan(cfg: DownloadConfig) -> tuple[list[Chunk], dict]:
         with open(marker) as f:
             info = json.load(f)
         if info["signature"] != signature:
-            raise ValueError(f"{cfg.output} holds a download of another input or chunking "
+            raise InputError(f"{cfg.output} holds a download of another input or chunking "
                              f"({info['signature']['input']}); use a new --output folder")
     else:
         info = _write_chunks(cfg, folder, signature)
@@ -188,7 +189,7 @@ def _write_chunks(cfg: DownloadConfig, folder: str, signature: dict) -> dict:
 
 def _write_chunk(folder: str, k: int, rows: list, cfg: DownloadConfig) -> None:
     if k >= MAX_SHARDS:  # shard names and keys have five digits, as img2dataset's
-        raise ValueError(f"more than {MAX_SHARDS} shards of {cfg.samples_per_shard} rows; raise samples_per_shard")
+        raise InputError(f"more than {MAX_SHARDS} shards of {cfg.samples_per_shard} rows; raise samples_per_shard")
     import pyarrow as pa
     table = pa.table({"caption": [r[0] for r in rows], "url": [r[1] for r in rows]})
     atomic_write_parquet(os.path.join(folder, f"{k:05d}.parquet"), table)

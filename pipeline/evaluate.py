@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lverse.core.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ def load_references(path: str) -> dict[str, list[str]]:
     with open(path) as f:
         coco = json.load(f)
     if not isinstance(coco, dict) or "annotations" not in coco:
-        raise ValueError(f"{path} is not COCO-format caption json (a dict with 'annotations')")
+        raise InputError(f"{path} is not COCO-format caption json (a dict with 'annotations')")
     refs: dict[str, list[str]] = {}
     for ann in coco["annotations"]:
         refs.setdefault(str(ann["image_id"]), []).append(ann["caption"])
@@ -52,12 +54,12 @@ def load_predictions(path: str) -> dict[str, str]:
             table = pq.read_table(f, columns=["key", "caption"]).to_pydict()
             preds.update({k: c for k, c in zip(table["key"], table["caption"]) if c is not None})
         if not preds:
-            raise ValueError(f"{path} holds no captions (*.parquet of `lverse caption`)")
+            raise InputError(f"{path} holds no captions (*.parquet of `lverse caption`)")
         return preds
     with open(path) as f:
         results = json.load(f)
     if not isinstance(results, list):
-        raise ValueError(f"{path} is not COCO results json (a list of {{'image_id', 'caption'}})")
+        raise InputError(f"{path} is not COCO results json (a list of {{'image_id', 'caption'}})")
     return {str(r["image_id"]): r["caption"] for r in results}
 
 
@@ -70,7 +72,7 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     ids = sorted(set(predictions) & set(references))
     if not ids:
-        raise ValueError("no image has both a prediction and references: check that the ids match")
+        raise InputError("no image has both a prediction and references: check that the ids match")
     missing = len(set(references) - set(predictions))
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
@@ -128,7 +130,7 @@ def reconstruction_metrics(shards: str, vae_path: str, limit: int | None = None,
         sums["LPIPS"] += float(lpips(recon, x).sum())
         n += len(batch)
     if n == 0:
-        raise ValueError(f"no decodable image in {shards}")
+        raise InputError(f"no decodable image in {shards}")
     metrics = {"images": n, **{k: v / n for k, v in sums.items()}}
     if vgg_checkpoint is None:  # a random VGG's distance is no LPIPS: say so in the name
         metrics["LPIPS_random_vgg"] = metrics.pop("LPIPS")
@@ -149,10 +151,10 @@ def generation_clip_score(folder: str) -> dict:
         with open(path) as f:
             score = json.load(f)["clip_score"]
         if score is None:
-            raise ValueError(f"{path} has no CLIP score (generated with --candidates 1)")
+            raise InputError(f"{path} has no CLIP score (generated with --candidates 1)")
         scores.append(score)
     if not scores:
-        raise ValueError(f"{folder} holds no generations (*/result.json of `lverse generate`)")
+        raise InputError(f"{folder} holds no generations (*/result.json of `lverse generate`)")
     mean = sum(scores) / len(scores)
     return {"prompts": len(scores), "clip_cosine": mean,
             "clip_score": 100 * sum(max(s, 0.0) for s in scores) / len(scores),

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.resources import resolve_device
 
@@ -47,7 +48,7 @@ def read_prompts(path: str) -> list[str]:
     with open(path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise ValueError(f"{path} holds no prompt (one per line)")
+        raise InputError(f"{path} holds no prompt (one per line)")
     return prompts
 
 
@@ -67,7 +68,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
     vae = AugVAE.from_pretrained(cfg.vae).to(device).eval()
     if vae.cfg.num_tokens != model.cfg.image_len or vae.cfg.codebook_size != model.cfg.image_vocab:
-        raise ValueError(f"{cfg.vae} makes {vae.cfg.num_tokens} tokens of {vae.cfg.codebook_size} codes, "
+        raise InputError(f"{cfg.vae} makes {vae.cfg.num_tokens} tokens of {vae.cfg.codebook_size} codes, "
                          f"{cfg.checkpoint} generates {model.cfg.image_len} of {model.cfg.image_vocab}: "
                          "give the AugVAE the model was trained with")
     tok = CaptionTokenizer(cfg.tokenizer, offset=model.cfg.text_offset)

@@ -26,6 +26,8 @@ import json
 import os
 import shutil
 
+from lverse.core.errors import InputError
+
 SKIP = ("report",)  # our own output is not input
 
 
@@ -186,7 +188,7 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
                         f'that differs), and the image\'s own caption</p><div class="grid">{"".join(figures)}</div>')
 
     if not sections:
-        raise ValueError(f"{run_dir} holds nothing to report (no metrics.jsonl, evaluation json, generations, "
+        raise InputError(f"{run_dir} holds nothing to report (no metrics.jsonl, evaluation json, generations, "
                          "captions or reconstructions)")
     page = _PAGE.format(title=esc(title or f"lverse run {os.path.basename(os.path.abspath(run_dir))}"),
                         body="\n".join(sections))

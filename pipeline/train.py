@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from lverse.core.config import dump_config
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.runtime.distributed import setup_env
 from lverse.runtime.metrics import MetricsLogger
@@ -133,7 +134,7 @@ def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
         ds = json.load(f)
     owned = [k for k in DS_CONFIG_OWNED_KEYS if k in ds]
     if owned:
-        raise ValueError(f"{path} sets {owned}; batch sizes, the optimizer, its schedule and clipping come "
+        raise InputError(f"{path} sets {owned}; batch sizes, the optimizer, its schedule and clipping come "
                          "from the run config only (micro_batch_size, grad_accum, optim.*): remove them")
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
               train_batch_size=cfg.micro_batch_size * cfg.grad_accum * world_size,
@@ -327,7 +328,7 @@ def build_model_config(cfg: TrainConfig):
     from lverse.model.checkpoint import read_config
     from lverse.preprocessing.text_tokenizer import CaptionTokenizer
     if cfg.model.preset not in PRESETS:
-        raise ValueError(f"model.preset {cfg.model.preset!r} is not one of {sorted(PRESETS)}")
+        raise InputError(f"model.preset {cfg.model.preset!r} is not one of {sorted(PRESETS)}")
     for name, path in (("data.tokenizer", cfg.data.tokenizer), ("data.vae", cfg.data.vae)):
         if not path or not os.path.isfile(path):
             raise FileNotFoundError(f"{name} {path!r} does not exist")
@@ -337,12 +338,12 @@ def build_model_config(cfg: TrainConfig):
         derived.update(image_vocab=vae.codebook_size, image_len=vae.num_tokens)
     clash = {k: (v, derived[k]) for k, v in cfg.model.overrides.items() if k in derived and derived[k] != v}
     if clash:
-        raise ValueError(f"model.overrides {clash} (given, from the data) disagree with the tokenizer / AugVAE; "
+        raise InputError(f"model.overrides {clash} (given, from the data) disagree with the tokenizer / AugVAE; "
                          "drop them: they are read from data.tokenizer and data.vae")
     try:
         return dataclasses.replace(PRESETS[cfg.model.preset], **{**cfg.model.overrides, **derived})
     except TypeError as e:
-        raise ValueError(f"model.overrides: {e}; the fields are those of BiARTConfig") from e
+        raise InputError(f"model.overrides: {e}; the fields are those of BiARTConfig") from e
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -370,12 +371,12 @@ def train(cfg: TrainConfig) -> dict:
     ds_path = cfg.deepspeed
     ds = load_ds_config(ds_path, cfg, world)
     if precision(ds) == "fp16" and not torch.cuda.is_available():
-        raise ValueError(f"{ds_path} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
+        raise InputError(f"{ds_path} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
                          "has no fp16); use a bf16 or fp32 config on a CPU")
     global_batch = cfg.micro_batch_size * cfg.grad_accum * world
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.lr_per_sample * global_batch
     if cfg.optim.schedule not in ("cosine", "constant"):
-        raise ValueError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
+        raise InputError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
 
     stopped_marker = os.path.join(cfg.run_dir, "stopped.json")
     if rank == 0:

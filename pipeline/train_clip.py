@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
 from lverse.core.shards import expand_shards, iter_samples
 
@@ -64,7 +65,7 @@ def load_pairs(shards: str, preprocess) -> tuple[torch.Tensor, list[str]]:
                 continue
             captions.append(files["txt"].decode("utf-8", errors="replace"))
     if not images:
-        raise ValueError(f"{shards} holds no image-caption pairs")
+        raise InputError(f"{shards} holds no image-caption pairs")
     if skipped:
         log.warning("%d samples without a decodable image and a caption skipped", skipped)
     return torch.stack(images), captions

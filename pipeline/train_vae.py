@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from lverse.core.config import dump_config
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json
 from lverse.runtime.distributed import setup_env
 from lverse.runtime.metrics import MetricsLogger
@@ -99,7 +100,7 @@ class ImageBatch:
     def __call__(self, samples: list[dict], rngs: list[np.random.Generator]) -> torch.Tensor:
         out = [im for im in (self._one(s, r) for s, r in zip(samples, rngs)) if im is not None]
         if not out:
-            raise ValueError(f"no image of samples {[s['__key__'] for s in samples]} decodes")
+            raise InputError(f"no image of samples {[s['__key__'] for s in samples]} decodes")
         return torch.from_numpy(np.stack(out))
 
     def _one(self, sample: dict, rng: np.random.Generator) -> np.ndarray | None:
@@ -124,14 +125,14 @@ def _phase_model(cfg: VAETrainConfig, step: int, trained_ml, resume: list):
     so a run resumed at the switch converts exactly as an uninterrupted one."""
     from lverse.model.augvae import PRESETS, AugVAE, ml_to_sl
     if cfg.preset not in PRESETS or PRESETS[cfg.preset].variant != "ml":
-        raise ValueError(f"preset {cfg.preset!r} must be an ML preset: "
+        raise InputError(f"preset {cfg.preset!r} must be an ML preset: "
                          f"{sorted(k for k, v in PRESETS.items() if v.variant == 'ml')}")
     ml = trained_ml
     if ml is None:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         ml = AugVAE.from_pretrained(cfg.init) if cfg.init else AugVAE(PRESETS[cfg.preset])
         if ml.cfg.variant != "ml":
-            raise ValueError(f"init {cfg.init} is an SL model; train-vae starts from an ML model")
+            raise InputError(f"init {cfg.init} is an SL model; train-vae starts from an ML model")
         if step >= cfg.ml_steps and resume and resume[-1][0] == cfg.ml_steps and cfg.ml_steps > 0:
             state = torch.load(os.path.join(resume[-1][1], "state.pt"), map_location="cpu", weights_only=True)
             ml.load_state_dict(state["model"])
@@ -164,9 +165,9 @@ def train_vae(cfg: VAETrainConfig) -> dict:
         raise FileNotFoundError(f"shards {cfg.shards!r} matches no image shard")
     total = cfg.ml_steps + cfg.sl_steps
     if total <= 0:
-        raise ValueError("ml_steps + sl_steps must be positive")
+        raise InputError("ml_steps + sl_steps must be positive")
     if cfg.schedule not in ("constant", "cosine"):
-        raise ValueError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+        raise InputError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
     stream = Stream(tuple(shards), tuple(image_shard_counts(shards)), cfg.seed, cfg.shuffle_shards, cfg.resampled)
 
     if rank == 0:
@@ -289,7 +290,7 @@ def _eval_images(cfg: VAETrainConfig, device) -> torch.Tensor:
     images = [torch.from_numpy(image) for _, image in
               itertools.islice(decodable_images(cfg.eval_shards, PRESETS[cfg.preset].image_size), cfg.eval_images)]
     if not images:
-        raise ValueError(f"eval_shards {cfg.eval_shards!r} holds no decodable image")
+        raise InputError(f"eval_shards {cfg.eval_shards!r} holds no decodable image")
     return torch.stack(images).to(device)
 
 

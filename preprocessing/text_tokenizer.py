@@ -22,6 +22,8 @@ import sentencepiece as spm
 import torch
 from torch import Tensor
 
+from lverse.core.errors import InputError
+
 log = logging.getLogger(__name__)
 
 _SPACES = re.compile(r"\s+")
@@ -79,7 +81,7 @@ class CaptionTokenizer:
                     unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
             except RuntimeError as e:
                 if "Vocabulary size" in str(e):
-                    raise ValueError(f"{vocab_size} pieces is more than these captions support "
+                    raise InputError(f"{vocab_size} pieces is more than these captions support "
                                      f"({e}); pass a smaller vocab_size or more captions") from e
                 raise
             for ext in (".model", ".vocab"):  # rename into place: no half-written model

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lverse.core.errors import InputError
 from lverse.core.shards import read_tar
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Stream:
     def groups(self, slot: int, num_slots: int) -> Iterator[tuple[int, int, list[int]]]:
         """(epoch, group, shard indices) of slot ``slot``, forever."""
         if len(self.shards) < num_slots:
-            raise ValueError(f"{len(self.shards)} shards for {num_slots} readers (ranks x DataLoader "
+            raise InputError(f"{len(self.shards)} shards for {num_slots} readers (ranks x DataLoader "
                              f"workers): every reader needs a shard of its own; lower data.workers, use "
                              f"fewer ranks, or write smaller shards")
         if self.resampled:
@@ -66,7 +67,7 @@ class Stream:
                 ) -> Iterator[tuple[dict, np.random.Generator]]:
         """(sample, its own RNG) from sample ``start`` of the slot's stream on."""
         if sum(self.counts) == 0:
-            raise ValueError("the shards hold no samples")
+            raise InputError("the shards hold no samples")
         for epoch, g, idx in self.groups(slot, num_slots):
             n = sum(self.counts[i] for i in idx)
             if start >= n:  # skipped without reading
@@ -82,7 +83,7 @@ class Stream:
 
 def _checked(samples: list[dict], shard: str, expected: int) -> list[dict]:
     if len(samples) != expected:
-        raise ValueError(f"{shard} holds {len(samples)} samples but its stats file says {expected}: the "
+        raise InputError(f"{shard} holds {len(samples)} samples but its stats file says {expected}: the "
                          "shard changed after it was written; re-run the stage that made it")
     return samples
 
@@ -148,7 +149,7 @@ class TokenBatch:
         import io
         codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
         if codes.shape != (self.image_len,) or int(codes.max(initial=0)) >= self.image_vocab:
-            raise ValueError(f"sample {sample['__key__']}: {codes.shape[0]} codes up to {int(codes.max())}, "
+            raise InputError(f"sample {sample['__key__']}: {codes.shape[0]} codes up to {int(codes.max())}, "
                              f"but the model takes {self.image_len} codes below {self.image_vocab}; the "
                              "token shards and model.image_len / image_vocab disagree")
         return codes

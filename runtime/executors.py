@@ -28,6 +28,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lverse.core.errors import InputError
 from lverse.core.resources import apply_threads, plan_threads
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequ
     per worker (None: its share, see the module doc).
     """
     if executor not in ("local", "ray"):
-        raise ValueError(f"executor must be 'local' or 'ray', got {executor!r}")
+        raise InputError(f"executor must be 'local' or 'ray', got {executor!r}")
     results: dict[int, TaskResult] = {}
     pending = list(range(len(items)))
     if executor == "local":

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.shards import SUMMARY
 
@@ -47,7 +48,7 @@ def array_block(count: int, task_index: int, num_tasks: int) -> range:
     """Items of array task ``task_index`` of ``num_tasks`` over ``count`` items: a contiguous block,
     the first ``count % num_tasks`` blocks one longer."""
     if not 0 <= task_index < num_tasks:
-        raise ValueError(f"task index {task_index} is not in 0..{num_tasks - 1}")
+        raise InputError(f"task index {task_index} is not in 0..{num_tasks - 1}")
     size, extra = divmod(count, num_tasks)
     start = task_index * size + min(task_index, extra)
     return range(start, start + size + (task_index < extra))

@@ -21,6 +21,8 @@ import sys
 import time
 from importlib import resources
 
+from lverse.core.errors import InputError
+
 STAGES = ("download", "encode", "train", "caption", "ray")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TIME = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
@@ -48,24 +50,24 @@ class SubmitOptions:
 def check(opts: SubmitOptions) -> None:
     """Refuse values that would not be safe or meaningful in an sbatch script."""
     if opts.stage not in STAGES:
-        raise ValueError(f"stage must be one of {STAGES}, got {opts.stage!r}")
+        raise InputError(f"stage must be one of {STAGES}, got {opts.stage!r}")
     if opts.job_name is not None and not _NAME.fullmatch(opts.job_name):
-        raise ValueError(f"--job-name {opts.job_name!r}: use 1-64 of letters, digits, '.', '_', '-'")
+        raise InputError(f"--job-name {opts.job_name!r}: use 1-64 of letters, digits, '.', '_', '-'")
     if opts.partition is not None and not _NAME.fullmatch(opts.partition):
-        raise ValueError(f"--partition {opts.partition!r}: use letters, digits, '.', '_', '-'")
+        raise InputError(f"--partition {opts.partition!r}: use letters, digits, '.', '_', '-'")
     if not _TIME.fullmatch(opts.time):
-        raise ValueError(f"--time {opts.time!r}: use SLURM's [days-]hours:minutes:seconds, e.g. 12:00:00")
+        raise InputError(f"--time {opts.time!r}: use SLURM's [days-]hours:minutes:seconds, e.g. 12:00:00")
     if opts.array is not None and not _ARRAY.fullmatch(opts.array):
-        raise ValueError(f"--array {opts.array!r}: use indices and ranges with an optional %throttle, e.g. 0-99%10")
+        raise InputError(f"--array {opts.array!r}: use indices and ranges with an optional %throttle, e.g. 0-99%10")
     for name in ("nodes", "cpus_per_task"):
         if getattr(opts, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.gpus_per_node < 0:
-        raise ValueError("--gpus-per-node must be 0 or more")
+        raise InputError("--gpus-per-node must be 0 or more")
     if opts.stage == "ray" and not opts.command:
-        raise ValueError('the ray stage runs a command on the cluster: lverse slurm submit ray --command "..."')
+        raise InputError('the ray stage runs a command on the cluster: lverse slurm submit ray --command "..."')
     if opts.stage != "ray" and not opts.config:
-        raise ValueError(f"the {opts.stage} stage needs --config")
+        raise InputError(f"the {opts.stage} stage needs --config")
     if opts.config and not os.path.isfile(opts.config):
         raise FileNotFoundError(f"--config {opts.config} does not exist")
 
@@ -77,7 +79,7 @@ def _array_tasks(spec: str | None, count: int) -> tuple[str, int]:
         return f"0-{tasks - 1}", tasks
     top = max(int(part.split("-")[-1]) for part in spec.split("%")[0].split(","))
     if top >= tasks:
-        raise ValueError(f"--array {spec}: the stage has {tasks} tasks (0-{tasks - 1})")
+        raise InputError(f"--array {spec}: the stage has {tasks} tasks (0-{tasks - 1})")
     return spec, tasks
 
 
@@ -100,7 +102,7 @@ def render(opts: SubmitOptions, plan: Plan) -> tuple[str, str]:
               "WORKERS": str(max(1, opts.gpus_per_node))}
     if plan.items is not None:
         if plan.items == 0:
-            raise ValueError(f"the {opts.stage} stage of {opts.config} has nothing to do (no input shards yet?)")
+            raise InputError(f"the {opts.stage} stage of {opts.config} has nothing to do (no input shards yet?)")
         values["ARRAY"], tasks = _array_tasks(opts.array, plan.items)
         values["NUM_TASKS"] = str(tasks)
     if opts.stage == "train":
@@ -136,5 +138,5 @@ def submit(opts: SubmitOptions, plan: Plan) -> tuple[str, str | None]:
         raise FileNotFoundError("sbatch is not on PATH: run this on a SLURM login node (or use --dry-run)")
     out = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
     if out.returncode:
-        raise ValueError(f"sbatch refused {path}: {out.stderr.strip()}")
+        raise InputError(f"sbatch refused {path}: {out.stderr.strip()}")
     return path, out.stdout.strip().split(";")[0]
