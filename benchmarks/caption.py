@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def workers_scaling(shards: int, per_shard: int, repeats: int) -> None:
     """``run_caption`` end to end (start-up included) with 1 worker and with as many as cores,
-    alternating; each worker runs its share of the threads (``pipeline/resources.py``)."""
+    alternating; each worker runs its share of the threads (``core/resources.py``)."""
     cores = available_cores()
     rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ machine other load comes and goes, and the fastest run is the least disturbed on
 Goal: at least 0.8.
 
 Then the same stage end to end (start-up included) with one worker and with as many workers as
-cores, each worker with its share of the threads (``pipeline/resources.py``), alternating:
+cores, each worker with its share of the threads (``core/resources.py``), alternating:
 
     encode_workers_scaling=<images/s with `cores` workers / images/s with 1 worker>
 

@@ -5,8 +5,8 @@ Device: ``"auto"`` is CUDA when torch sees a GPU, else the CPU (``resolve_device
 every stage uses). Workers: one per GPU on CUDA; one on a CPU (``default_workers`` says why).
 
 torch starts as many intra-op threads as the machine has cores, in every process. N worker
-processes on C cores then run N x C busy threads that fight over C cores: on 2 cores, `lverse
-encode --workers 2` was reported 5x slower than `--workers 1` (2026-12-01). So every process a stage
+processes on C cores then run N x C busy threads that fight over C cores (README, "Workers and
+threads", has what that cost). So every process a stage
 starts gets ``cores // workers`` threads (at least 1), set in the process before torch does any
 work: the thread variables for libraries that read them once at start (OpenMP, MKL, OpenBLAS),
 and torch's own pools. ``cores`` are those this process may run on (its CPU affinity: SLURM's
@@ -42,12 +42,11 @@ def resolve_device(name: str) -> str:
 def default_workers(device: str = "auto") -> int:
     """Model replicas a stage starts on this machine when the user names none.
 
-    On CUDA one per visible GPU. On a CPU one worker with every core's threads. Measured on the
-    2-core machine (2026-12-01, benchmarks/README.md): two workers x one thread encoded 1.07x as
-    fast as one worker x two threads (``encode_workers_scaling``) and captioned as fast (0.99,
-    ``caption_workers_scaling``). Every worker holds its own copy of the model (450 MB for
-    augvae-sl, more for BiART + CLIP), and one per core on a 64-core node would hold 64; for a
-    7% gain the default stays one, and ``--workers`` raises it where memory allows.
+    On CUDA one per visible GPU. On a CPU one worker with every core's threads: more workers of
+    fewer threads each gain little on a CPU (``encode_workers_scaling`` and
+    ``caption_workers_scaling`` in benchmarks/README.md), while every worker holds its own copy of
+    the model (450 MB for augvae-sl, more for BiART + CLIP); ``--workers`` raises it where memory
+    allows.
     """
     if resolve_device(device) == "cuda":
         import torch

@@ -1,13 +1,13 @@
 """lverse: train and run L-Verse (AugVAE + BiART) on web-scale image-text data.
 
-Modules:
+This package is the top layer (README, "Layout"):
     cli     the ``lverse`` command, one subcommand per stage
-    config  YAML run configs onto dataclasses (unknown keys refused)
-    files   atomic file output (temporary name, then rename)
+    run     ``lverse pipeline run``: download -> tokenizer -> encode, each stage once
+    plans   what each stage's SLURM job is planned from (the launcher's registry of planners)
     demo    ``lverse demo``: the pipeline end to end on synthetic data
 
-The models are in ``lverse.model``, data preparation in ``lverse.preprocessing``, stage drivers in
-``lverse.pipeline``.
+Below it: ``lverse.slurm`` (launcher), ``lverse.pipeline`` (stages), ``lverse.runtime``,
+``lverse.model`` and ``lverse.preprocessing``, ``lverse.core``.
 """
 
 __version__ = "0.1.0"

@@ -28,8 +28,8 @@ def draw_sample(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, 
     image = Image.new("RGB", (size, size), COLORS[names[background]])
     cx, cy = (v * size for v in PLACES[place])
     # Radius a quarter to a third of the side: at the demo's 32px and 4x4 pixels per token a shape
-    # is 4-5 tokens wide, so some tokens are all shape colour (at 0.16-0.22 the AugVAE kept the
-    # shape's colour in 78% of held-out reconstructions, at this size in 99%; measured 2026-11-23).
+    # is 4-5 tokens wide, so some tokens are all shape colour (smaller shapes lose their colour in
+    # the AugVAE's reconstructions far more often: README, "The demo").
     r = size * rng.uniform(0.25, 0.32)
     box = (cx - r, cy - r, cx + r, cy + r)
     draw = ImageDraw.Draw(image)

@@ -1,4 +1,4 @@
-"""Each worker's share of the CPU (pipeline/resources.py): the split, the user's word, and that the
+"""Each worker's share of the CPU (core/resources.py): the split, the user's word, and that the
 local pool's workers really run with it."""
 
 from __future__ import annotations
