@@ -1,15 +1,26 @@
-"""Run configuration: YAML files onto dataclasses, in one place.
+"""Run configuration: YAML files and command-line options onto dataclasses, in one place.
 
-Precedence is command line > file > dataclass defaults. Unknown keys are refused with the list of
-known ones, so a typo never silently falls back to a default. PyYAML follows YAML 1.1, which reads
-``3e-4`` (no dot) as a string: a number field takes such a string as the number it spells, and
-refuses any other string.
+A config dataclass is the one place a stage's options are written: field names, types, defaults
+and, in each field's trailing comment, the help text; the CLI's options are made from it
+(``add_options``). Precedence is command line > file > dataclass defaults. Unknown keys are
+refused with the list of known ones, so a typo never silently falls back to a default. PyYAML
+follows YAML 1.1, which reads ``3e-4`` (no dot) as a string: a number field takes such a string as
+the number it spells, and refuses any other string.
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
 import typing
+from collections.abc import Callable, Sequence
+from types import UnionType
 
 import yaml
 
@@ -59,10 +70,158 @@ def _number(kind, value, where: str):
 def load_config(path: str, cls: type, overrides: dict | None = None):
     """``cls`` from a YAML file, with ``overrides`` (from the command line) on top."""
     with open(path) as f:
-        data = yaml.safe_load(f) or {}
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise InputError(f"{path} is not valid YAML: {e}") from None
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(cls, data, path)
 
 
 def dump_config(cfg) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+# -- command-line options from a config dataclass ------------------------------------------------
+#
+# A stage's config dataclass is the one place its options are written: ``add_options`` makes a
+# ``--field-name`` option of each field (type from the annotation, default and help from the
+# dataclass), ``options_to_config`` builds the dataclass back from the options given. The parser
+# holds no default of its own (argparse.SUPPRESS): a field the user leaves out is left out, so the
+# dataclass supplies its default, and a YAML config under the options keeps its values for them.
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Help text of each field of dataclass ``cls``: its trailing ``# comment`` in the class source
+    (or, without one, the comment lines right above the field), read from the class and its base
+    classes; a subclass's comment wins over its base's."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            helps.update(_class_comments(klass))
+    return helps
+
+
+@functools.cache
+def _class_comments(klass: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):  # no source (built in a REPL): no help
+        return {}
+    comments = {}  # line -> (text, whether the comment is alone on its line)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
+    helps = {}
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        lines = range(node.lineno, node.end_lineno + 1)
+        text = [comments[n][0] for n in lines if n in comments and not comments[n][1]]
+        above = node.lineno - 1
+        while not any(n in comments for n in lines) and above in comments and comments[above][1]:
+            text.insert(0, comments[above][0])
+            above -= 1
+        if text:
+            helps[node.target.id] = " ".join(text)
+    return helps
+
+
+def flag(name: str) -> str:
+    """The option of field ``name``: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _option_type(cls: type, name: str, hint) -> tuple[type, tuple | None]:
+    """(type, choices) of the option of a field annotated ``hint``; TypeError where none fits."""
+    if typing.get_origin(hint) in (typing.Union, UnionType):  # X | None
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = rest[0] if len(rest) == 1 else hint
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), choices
+    if hint in (int, float, str, bool):
+        return hint, None
+    raise TypeError(f"{cls.__name__}.{name} ({hint}) cannot be a command-line option: pass it in skip= and "
+                    "give the command its own option, or a config file")
+
+
+def _declared_by(cls: type, name: str) -> type:
+    """The first class in ``cls``'s bases (``cls`` itself last) that declares field ``name``."""
+    return next(k for k in reversed(cls.__mro__) if name in k.__dict__.get("__annotations__", {}))
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (),
+                required: bool | None = None, types: dict[str, Callable] | None = None,
+                choices: dict[str, Sequence] | None = None) -> None:
+    """Add an option ``--field-name`` for each field of dataclass ``cls`` (but those in ``skip``).
+
+    Its type comes from the annotation (int, float, str; ``X | None``; ``Literal[...]`` gives
+    choices), its help from the field's comment (``field_help``) with the dataclass default
+    appended; for a None default, the comment's "(None: ...)" says what happens without the option.
+    A bool field is a switch: ``--x`` when it defaults to False, ``--no-x`` when True. A field
+    without a default is a required option, unless ``required`` says otherwise for all. ``types``
+    and ``choices`` add command-line checks to named fields (a file that must exist, a count that
+    must be positive); defaults are never given here. The options hold no default of their own
+    (argparse.SUPPRESS), so ``options_to_config`` leaves an option not given to the dataclass. A
+    field no option can hold (a dict, a nested dataclass) raises TypeError unless skipped.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    types, choices = types or {}, choices or {}
+    unknown = sorted((set(skip) | set(types) | set(choices)) - set(fields))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no fields {unknown}")
+    hints, helps = typing.get_type_hints(cls), field_help(cls)
+    groups: dict[type, argparse._ActionsContainer] = {cls: parser}
+    for name, f in fields.items():
+        if name in skip:
+            continue
+        base = _declared_by(cls, name)
+        if base not in groups:  # a base class's fields (Execution's: where the stage runs) under its title
+            doc = (base.__doc__ or "").strip()
+            doc = None if doc.startswith(f"{base.__name__}(") else doc.split("\n")[0]  # dataclass's own __doc__
+            groups[base] = parser.add_argument_group(f"{base.__name__.lower()} options", doc)
+        kind, allowed = _option_type(cls, name, hints[name])
+        default, text = _default(f), helps.get(name, "")
+        kwargs: dict = {"dest": name, "default": argparse.SUPPRESS}
+        option = flag(name)
+        if kind is bool:
+            if default is dataclasses.MISSING:
+                raise TypeError(f"{cls.__name__}.{name}: a bool field needs a default to be a switch")
+            if default:
+                option, kwargs["action"], text = flag("no_" + name), "store_false", f"turn off: {text}"
+            else:
+                kwargs["action"] = "store_true"
+        else:
+            kwargs.update(type=types.get(name, kind), choices=choices.get(name, allowed),
+                          required=default is dataclasses.MISSING if required is None else required)
+            if default is None:  # the comment's "(None: what happens)" is what happens without the option
+                text = text.replace("(None: ", "(default: ")
+            elif default is not dataclasses.MISSING:
+                text = f"{text} (default: {default})".strip()
+        kwargs["help"] = text.replace("%", "%%") or None
+        groups[base].add_argument(option, **kwargs)
+
+
+def given_options(cls: type, args: argparse.Namespace) -> dict:
+    """The fields of ``cls`` the command line set (``add_options`` leaves the others out of ``args``)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+
+
+def options_to_config(cls: type, args: argparse.Namespace, **fixed):
+    """Dataclass ``cls`` from the options of ``add_options``: the ones given, ``fixed`` on top, the
+    dataclass's defaults for the rest. A required field neither given nor fixed is an InputError."""
+    values = given_options(cls, args) | fixed
+    missing = [flag(f.name) for f in dataclasses.fields(cls) if f.init and f.name not in values
+               and _default(f) is dataclasses.MISSING]
+    if missing:
+        raise InputError(f"missing {', '.join(missing)}")
+    return cls(**values)
