@@ -22,14 +22,19 @@ from lverse.core.files import atomic_output, atomic_write_json
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.pipeline.download import DownloadConfig, plan, run_download
 from lverse.pipeline.encode import EncodeConfig, run_encode
+from lverse.preprocessing.text_tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class TokenizerStage:
-    vocab_size: int = 49808  # SentencePiece BPE pieces
-    max_sentences: int = 10_000_000  # captions sampled for fitting
+    vocab_size: int = VOCAB_SIZE  # SentencePiece BPE pieces (the paper's)
+    max_sentences: int = 10_000_000  # captions sampled for fitting, to bound memory
+
+    def __post_init__(self):
+        if self.vocab_size < 1 or self.max_sentences < 1:
+            raise InputError("vocab_size and max_sentences must be at least 1")
 
 
 @dataclass(frozen=True)

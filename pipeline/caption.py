@@ -47,14 +47,15 @@ class CaptionConfig(Execution):
     vae: str  # the AugVAE (encodes raw images; token shards must come from it)
     tokenizer: str  # the caption tokenizer's .model
     output: str  # folder for one parquet per input shard
+    workers: int | None = None  # model replicas: processes or Ray actors (None: one per GPU, else 1)
     candidates: int = 64  # captions sampled per image, CLIP keeps one
     max_tokens: int = 32  # text tokens sampled per candidate
     batch_size: int = 4  # images per generation batch (batch_size x candidates sequences)
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = 0.9
+    temperature: float = 1.0  # sampling temperature (0: greedy)
+    top_k: int | None = None  # sample from the k most likely tokens (None: off)
+    top_p: float | None = 0.9  # nucleus sampling mass (None: off)
     clip: str = "ViT-B-32"  # open_clip architecture
-    clip_checkpoint: str | None = None  # its weights, a local file
+    clip_checkpoint: str | None = None  # its weights, a local file (None: random weights, tests only)
     keep_candidates: bool = False  # also store every candidate and its CLIP score
     device: str = "auto"  # cuda when available, else cpu
     seed: int = 0  # sampling seed (drawn per shard)

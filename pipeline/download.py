@@ -22,9 +22,11 @@ import logging
 import os
 import shutil
 import tarfile
+import typing
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json, atomic_write_parquet, remove_stale_temporaries
@@ -33,7 +35,10 @@ from lverse.runtime.stage import Execution, rate, run_shard_stage
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "cc3m", "cc12m", "parquet", "csv")
+InputFormat = Literal["auto", "cc3m", "cc12m", "parquet", "csv"]
+FORMATS = typing.get_args(InputFormat)
+ResizeMode = Literal["keep_ratio", "center_crop", "border"]  # img2dataset's
+RESIZE_MODES = typing.get_args(ResizeMode)
 MAX_SHARDS = 100_000
 
 
@@ -41,13 +46,13 @@ MAX_SHARDS = 100_000
 class DownloadConfig(Execution):
     input: str  # TSV (CC3M caption<TAB>url / CC12M url<TAB>caption), parquet or CSV
     output: str  # folder for shards, chunks and the summary (shared storage on a cluster)
-    input_format: str = "auto"  # auto (by extension; TSV layout by which field is a URL) or one of FORMATS
+    input_format: InputFormat = "auto"  # auto: by extension, and a TSV's layout by which field is a URL
     url_col: str = "url"  # column of URLs (parquet/CSV)
     caption_col: str = "caption"  # column of captions (parquet/CSV)
     image_size: int = 256  # shorter side after resizing
     # keep_ratio keeps the whole picture with its shorter side at image_size, so training's random
     # crop (ratio 0.75) sees different parts of it; center_crop would throw the sides away here.
-    resize_mode: str = "keep_ratio"
+    resize_mode: ResizeMode = "keep_ratio"
     samples_per_shard: int = 10000  # rows per chunk, so images per shard at most
     download_threads: int = 64  # concurrent downloads within a chunk
     timeout: float = 10.0  # seconds per image request
@@ -57,6 +62,8 @@ class DownloadConfig(Execution):
     def __post_init__(self):
         if self.input_format not in FORMATS:
             raise InputError(f"input_format must be one of {FORMATS}, got {self.input_format!r}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise InputError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.samples_per_shard <= 0 or self.image_size <= 0:
             raise InputError("samples_per_shard and image_size must be positive")
 

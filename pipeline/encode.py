@@ -51,6 +51,7 @@ class EncodeConfig(Execution):
     shards: str  # a folder, a glob ("raw/*.tar") or a range ("raw/{00000..00099}.tar")
     vae: str  # AugVAE checkpoint: lverse .safetensors or the official .ckpt
     output: str  # folder for token shards and _summary.json
+    workers: int | None = None  # model replicas: processes or Ray actors, one GPU each (None: one per GPU, else 1)
     batch_size: int = 32  # images per forward pass
     decode_threads: int | None = None  # JPEG decode + resize threads per worker (None: its thread share)
     device: str = "auto"  # cuda when available, else cpu

@@ -34,14 +34,14 @@ class GenerateConfig:
     tokenizer: str  # the caption tokenizer's .model
     output: str  # folder for one subfolder per prompt
     candidates: int = 64  # images sampled per prompt, CLIP keeps one
-    temperature: float = 1.0
-    top_k: int | None = 256
-    top_p: float | None = None
+    temperature: float = 1.0  # sampling temperature (0: greedy)
+    top_k: int | None = 256  # sample from the k most likely tokens (None: off)
+    top_p: float | None = None  # nucleus sampling mass (None: off)
     decode_batch: int = 16  # candidates decoded by the AugVAE at once
-    clip: str = "ViT-B-32"
-    clip_checkpoint: str | None = None
-    device: str = "auto"
-    seed: int = 0
+    clip: str = "ViT-B-32"  # open_clip architecture
+    clip_checkpoint: str | None = None  # its weights, a local file (None: random weights, tests only)
+    device: str = "auto"  # cuda when available, else cpu
+    seed: int = 0  # sampling seed (drawn per prompt)
 
 
 def read_prompts(path: str) -> list[str]:

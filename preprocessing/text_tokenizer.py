@@ -27,6 +27,7 @@ from lverse.core.errors import InputError
 log = logging.getLogger(__name__)
 
 _SPACES = re.compile(r"\s+")
+VOCAB_SIZE = 49808  # pieces of the paper's caption tokenizer: the default everywhere a vocabulary size is asked
 
 
 def normalize_caption(text: str) -> str:
@@ -60,7 +61,7 @@ class CaptionTokenizer:
         return self.offset + self.vocab_size
 
     @classmethod
-    def fit(cls, captions: Iterable[str], output_prefix: str, vocab_size: int = 49808,
+    def fit(cls, captions: Iterable[str], output_prefix: str, vocab_size: int = VOCAB_SIZE,
             max_sentences: int = 10_000_000, **kwargs) -> CaptionTokenizer:
         """Fit a BPE model on ``captions`` and write ``{output_prefix}.model`` and ``.vocab``.
 

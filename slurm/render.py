@@ -32,19 +32,20 @@ MAX_ARRAY_TASKS = 1000  # SLURM's default MaxArraySize is 1001
 
 @dataclasses.dataclass
 class SubmitOptions:
-    stage: str
-    config: str | None = None  # the run config (pipeline YAML for download/encode, train YAML for train)
-    nodes: int = 1
-    gpus_per_node: int = 0
-    ntasks_per_node: int | None = None  # train: tasks per node (default: one per GPU, or 1)
-    cpus_per_task: int = 2
-    partition: str | None = None
-    time: str = "24:00:00"
-    array: str | None = None  # a subset / throttle of the stage's array ("0-99%10", "3,7")
-    job_name: str | None = None
+    stage: str  # which template: one of STAGES
+    config: str | None = None  # the run config: pipeline YAML (download, encode), train YAML, caption YAML
+    nodes: int = 1  # nodes (train, ray)
+    gpus_per_node: int = 0  # GPUs per node: train starts one task per GPU, encode one model per GPU
+    ntasks_per_node: int | None = None  # train: processes per node (None: one per GPU; 1 without GPUs)
+    cpus_per_task: int = 2  # CPUs per task
+    partition: str | None = None  # SLURM partition (None: the cluster's)
+    time: str = "24:00:00"  # time limit, [days-]hours:minutes:seconds
+    # download/encode/caption: which array tasks, e.g. 0-99%10 (throttle) or 3,7 (None: all)
+    array: str | None = None
+    job_name: str | None = None  # job name: letters, digits, '.', '_', '-' (None: lverse-STAGE)
     command: list[str] = dataclasses.field(default_factory=list)  # ray: what to run on the cluster
-    run_dir: str | None = None  # where the script is kept (default: the config's run_dir)
-    dry_run: bool = False
+    run_dir: str | None = None  # where the script is kept (None: the config's run_dir)
+    dry_run: bool = False  # print the script and keep it, do not submit
 
 
 def check(opts: SubmitOptions) -> None:
