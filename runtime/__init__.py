@@ -8,4 +8,6 @@ Modules:
     distributed  rank / world from torchrun, DeepSpeed or SLURM (world_info_from_env, setup_env)
     data         training streams: shards per (rank, worker), resumable to the micro-batch
     metrics      MetricsLogger: metrics.jsonl, log lines, TensorBoard, W&B
+    trainer      the training core of BiART, AugVAE and CLIP training: process setup, reseeding,
+                 the stop signal, one lr Schedule, the checkpoint lifecycle, image grids
 """
