@@ -27,6 +27,7 @@ from enum import IntEnum
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lverse.core.errors import InputError
 
@@ -53,6 +54,9 @@ class BiARTConfig:
     attn_pdrop: float = 0.1  # dropout on attention probabilities
     ref_loss_weight: float = 1.0  # weight of the condition part's NLL
     gen_loss_weight: float = 1.0  # weight of the target part's NLL
+    # Recompute each block in the backward pass instead of keeping its activations (training
+    # only): less memory, the same numbers. Set from the run config's activation_checkpointing.
+    activation_checkpointing: bool = False
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -221,8 +225,12 @@ class BiART(nn.Module):
             raise InputError(f"sequence of {start + T} tokens exceeds seq_len {self.cfg.seq_len}")
         pos, seg = self.pos_ids[direction, start:start + T], self.seg_ids[direction, start:start + T]
         x = self.drop(self.wte(idx) + self.wpe(pos) + self.wse(seg))
+        recompute = self.cfg.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)
+            if recompute:  # non-reentrant: dropout is replayed exactly in the recomputation
+                x = checkpoint(block, x, None, layer, use_reentrant=False)
+            else:
+                x = block(x, cache, layer)
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)

@@ -60,6 +60,45 @@ def test_every_parameter_gets_a_gradient():
         assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
+
+def test_activation_checkpointing_changes_memory_not_the_numbers(monkeypatch):
+    """The model's own flag: blocks are recomputed in training (dropout replayed), never in eval."""
+    import torch.utils.checkpoint as checkpointing
+    calls = []
+    monkeypatch.setattr("lverse.model.biart.checkpoint",
+                        lambda *a, **kw: calls.append(1) or checkpointing.checkpoint(*a, **kw))
+    text, image = batch()
+    seq = build_sequence(text, image, Direction.T2I, CFG)
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = BiART(dataclasses.replace(CFG, activation_checkpointing=flag)).train()
+        torch.manual_seed(1)  # the same dropout masks
+        _, losses = model(seq[:, :-1], Direction.T2I, targets=seq[:, 1:])
+        losses["loss"].backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert len(calls) == CFG.n_layer
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=0, msg=name)
+    with torch.no_grad():
+        model.eval()(seq[:, :-1], Direction.T2I)
+    assert len(calls) == CFG.n_layer, "no recomputation outside training"
+
+
+def test_a_saved_config_without_activation_checkpointing_loads(tmp_path):
+    """Files written before the flag existed have no such key in their config."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from lverse.model.checkpoint import load_model, save_model
+    path = str(tmp_path / "biart.safetensors")
+    save_model(BiART(CFG), path)
+    config = dataclasses.asdict(CFG)
+    del config["activation_checkpointing"]
+    save_file(load_file(path), path, metadata={"model": "BiART", "config": json.dumps(config)})
+    assert load_model(path, BiART, BiARTConfig).cfg == CFG
+
 @pytest.mark.parametrize("direction", list(Direction))
 def test_text_after_the_first_pad_is_ignored(direction):
     model = BiART(CFG).eval()
