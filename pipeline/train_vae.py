@@ -13,15 +13,15 @@ every log step and logs the largest difference (``codebook_max_diff``, expected 
 
 Loss: MSE + 0.1 LPIPS(VGG) + commitment (``model/losses.py``); AdamW betas (0.9, 0.999), weight
 decay 1e-5, lr 4.5e-6 x global batch (the paper's), constant after an optional warmup, or a cosine
-decay over each phase (``schedule``; BiART's ``lr_at``): the paper halves it on plateau, which makes
-the lr depend on the loss history; a pure function of the step keeps resume exact. Images: a random
-square crop of 75-100% of the shorter side, resized to the model's size, in [-1, 1] (the paper's
-"random crop ratio 0.75").
+decay over each phase (``schedule``: the training core's ``Schedule``): the paper halves it on
+plateau, which makes the lr depend on the loss history; a pure function of the step keeps resume
+exact. Images: a random square crop of 75-100% of the shorter side, resized to the model's size,
+in [-1, 1] (the paper's "random crop ratio 0.75").
 
-Resume, checkpoints and data order work as in BiART training (``train.py``): a checkpoint folder
-counts once its ``lverse.json`` is written, RNG reseeded from (seed, step, rank), the data position
-is ``step`` micro-batches. Codebook usage (perplexity, dead codes) is counted with ``bincount``,
-never a one-hot.
+Resume, checkpoints and RNG are the training core's, as in BiART training (``runtime/trainer.py``):
+a checkpoint folder counts once its ``lverse.json`` is written, RNG reseeded from (seed, step,
+rank); the data position is ``step`` micro-batches. Codebook usage (perplexity, dead codes) is
+counted with ``bincount``, never a one-hot.
 
 Held-out evaluation (``eval_shards``): every ``eval_every`` steps and at the end of each phase,
 rank 0 reconstructs the first ``eval_images`` held-out images and logs their mean PSNR
@@ -37,20 +37,30 @@ import io
 import itertools
 import logging
 import os
-import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from lverse.core.config import dump_config
 from lverse.core.errors import InputError
-from lverse.core.files import atomic_output, atomic_write_json
-from lverse.runtime.distributed import setup_env
+from lverse.core.files import atomic_output
 from lverse.runtime.metrics import MetricsLogger
-
-from .train import complete_checkpoints, lr_at, read_checkpoint_meta, remove_partial_checkpoints
+from lverse.runtime.trainer import (
+    Checkpoint,
+    Process,
+    Schedule,
+    image_grid,
+    latest_checkpoint,
+    reseed,
+    save_image,
+    set_lr,
+    start_process,
+    write_checkpoint,
+    write_run_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +128,7 @@ class ImageBatch:
             return None
 
 
-def _phase_model(cfg: VAETrainConfig, step: int, trained_ml, resume: list):
+def _phase_model(cfg: VAETrainConfig, step: int, trained_ml, resume: Checkpoint | None):
     """The model to train from ``step`` on: ML before ``ml_steps``; after, the SL conversion of the
     ML model just trained (``trained_ml``), or of the one checkpointed at the switch, or the SL
     structure a later checkpoint is loaded into. Connectors are drawn from ``seed`` every time,
@@ -133,8 +143,8 @@ def _phase_model(cfg: VAETrainConfig, step: int, trained_ml, resume: list):
         ml = AugVAE.from_pretrained(cfg.init) if cfg.init else AugVAE(PRESETS[cfg.preset])
         if ml.cfg.variant != "ml":
             raise InputError(f"init {cfg.init} is an SL model; train-vae starts from an ML model")
-        if step >= cfg.ml_steps and resume and resume[-1][0] == cfg.ml_steps and cfg.ml_steps > 0:
-            state = torch.load(os.path.join(resume[-1][1], "state.pt"), map_location="cpu", weights_only=True)
+        if step >= cfg.ml_steps and resume and resume.step == cfg.ml_steps and cfg.ml_steps > 0:
+            state = torch.load(os.path.join(resume.folder, "state.pt"), map_location="cpu", weights_only=True)
             ml.load_state_dict(state["model"])
     if step < cfg.ml_steps:
         return ml
@@ -144,121 +154,135 @@ def _phase_model(cfg: VAETrainConfig, step: int, trained_ml, resume: list):
 
 def train_vae(cfg: VAETrainConfig) -> dict:
     """Run (or resume) AugVAE training in this process; returns the last logged metrics."""
-    import torch.distributed as dist
-
-    from lverse.core.shards import expand_shards, image_shard_counts, read_tar
-    from lverse.model.checkpoint import save_model
     from lverse.model.losses import ReconstructionLoss
-    from lverse.model.quantizer import codebook_usage
-    from lverse.runtime.data import Batches, Stream
+    proc = start_process(cfg.master_port)
+    stream, total = _stream(cfg), cfg.ml_steps + cfg.sl_steps
+    schedule, global_batch = Schedule.of(cfg), cfg.batch_size * proc.world
+    peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_sample * global_batch
+    resume = latest_checkpoint(cfg.run_dir, proc.rank)
+    step = resume.step if resume else 0
+    if resume and resume.meta.get("reached_target"):  # ended at target_psnr before: the SL model is written
+        total = step
+    torch.manual_seed(cfg.seed)  # LPIPS without a VGG checkpoint is random: the same one on every run
+    loss_fn = ReconstructionLoss(cfg.perceptual_weight, cfg.vgg_checkpoint).to(proc.device)
+    logger = MetricsLogger(cfg.run_dir, proc.rank, cfg.tensorboard)
+    write_run_config(cfg.run_dir, cfg, proc.rank)
+    held_out = _eval_images(cfg, proc.device) if proc.rank == 0 and cfg.eval_shards else None
+    phase, meter = None, _Meter(cfg, proc, step)
+    while step < total:
+        if phase is None or phase.name != _phase_name(cfg, step):  # start (or resume) a phase
+            phase = _Phase.start(cfg, proc, step, total, phase, resume, stream, peak_lr)
+        lr = set_lr(phase.opt, schedule.lr_at(step - phase.first, phase.end - phase.first, peak_lr))
+        reseed(cfg.seed, step, proc.rank)
+        images = next(phase.loader).to(proc.device, non_blocking=True)
+        recon, commit, indices = phase.ddp(images)
+        losses = loss_fn(recon, images, commit)
+        phase.opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        phase.opt.step()
+        meter.add(losses)
+        step += 1
+        if step % cfg.log_every == 0 or step == phase.end:
+            logger.log(meter.metrics(step, phase, lr, indices))
+        if cfg.sample_every and step % cfg.sample_every == 0 and proc.rank == 0:
+            _log_reconstructions(images[:4], recon[:4], step, cfg.run_dir, logger)
+        reached = False
+        if cfg.eval_shards and (step % cfg.eval_every == 0 or step == phase.end):
+            reached = _evaluate(cfg, phase, step, held_out, proc, logger)
+            if reached and step < phase.end:
+                phase.end = total = step
+        if step % cfg.checkpoint_every == 0 or step == phase.end:
+            _save(cfg, phase.model, phase.opt, step, proc.rank, reached)
+        if step == phase.end:
+            _export(cfg, phase, proc.rank)
+    dist.barrier()
+    logger.close()
+    return meter.last
 
-    info = setup_env(cfg.master_port)
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+
+def _stream(cfg: VAETrainConfig):
+    """The shards' sample stream; refuses a run without steps or shards."""
+    from lverse.core.shards import expand_shards, image_shard_counts
+    from lverse.runtime.data import Stream
     shards = expand_shards(cfg.shards)
     if not shards:
         raise FileNotFoundError(f"shards {cfg.shards!r} matches no image shard")
-    total = cfg.ml_steps + cfg.sl_steps
-    if total <= 0:
+    if cfg.ml_steps + cfg.sl_steps <= 0:
         raise InputError("ml_steps + sl_steps must be positive")
-    if cfg.schedule not in ("constant", "cosine"):
-        raise InputError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
-    stream = Stream(tuple(shards), tuple(image_shard_counts(shards)), cfg.seed, cfg.shuffle_shards, cfg.resampled)
-
-    if rank == 0:
-        remove_partial_checkpoints(cfg.run_dir)
-    dist.barrier()
-    resume = complete_checkpoints(cfg.run_dir)
-    meta = read_checkpoint_meta(resume[-1][1]) if resume else {"step": 0}
-    step = meta["step"]
-    if meta.get("reached_target"):  # ended at target_psnr before: the SL model is written
-        total = step
-    torch.manual_seed(cfg.seed)  # LPIPS without a VGG checkpoint is random: the same one on every run
-    loss_fn = ReconstructionLoss(cfg.perceptual_weight, cfg.vgg_checkpoint).to(device)
-    phase, model = None, None
-    logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard)
-    if rank == 0:
-        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            f.write(dump_config(cfg))
-    held_out = _eval_images(cfg, device) if rank == 0 and cfg.eval_shards else None
-    metrics, sums, last, t0 = {}, torch.zeros(4, device=device), step, time.time()
-    global_batch = cfg.batch_size * world
-    peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_sample * global_batch
-    while step < total:
-        if phase != ("ml" if step < cfg.ml_steps else "sl"):  # start (or resume) a phase
-            phase = "ml" if step < cfg.ml_steps else "sl"
-            model = _phase_model(cfg, step, model if phase == "sl" else None, resume).to(device)
-            opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=tuple(cfg.betas),
-                                    weight_decay=cfg.weight_decay)
-            if resume and resume[-1][0] == step and step != cfg.ml_steps:
-                state = torch.load(os.path.join(resume[-1][1], "state.pt"), map_location=device, weights_only=True)
-                model.load_state_dict(state["model"])
-                opt.load_state_dict(state["optimizer"])
-                if rank == 0:
-                    log.info("resumed from %s at step %d (%s)", resume[-1][1], step, phase)
-            ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-            batches = Batches(stream, ImageBatch(model.cfg.image_size, cfg.crop_ratio), cfg.batch_size, rank,
-                              world, cfg.workers, start_batches=step, read=read_tar)
-            loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.workers,
-                                                      prefetch_factor=4 if cfg.workers else None))
-            phase_start, phase_end = (0, cfg.ml_steps) if phase == "ml" else (cfg.ml_steps, total)
-            if rank == 0:
-                log.info("AugVAE-%s: %.1fM parameters, %d tokens per image, %d ranks, global batch %d, "
-                         "lr %.3g, steps %d-%d", phase.upper(), sum(p.numel() for p in model.parameters()) / 1e6,
-                         model.cfg.num_tokens, world, global_batch, peak_lr, phase_start + 1, phase_end)
-        lr = lr_at(step - phase_start, cfg, peak_lr, phase_end - phase_start)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
-        images = next(loader).to(device, non_blocking=True)
-        recon, commit, indices = ddp(images)
-        losses = loss_fn(recon, images, commit)
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        opt.step()
-        sums += torch.stack([losses["loss"].detach(), losses["mse"], losses["lpips"], losses["commit"]])
-        step += 1
-        if step % cfg.log_every == 0 or step == phase_end:
-            dist.all_reduce(sums)
-            usage = indices.detach()
-            perplexity, dead = codebook_usage(usage, model.cfg.codebook_size)
-            mean = (sums / (world * (step - last))).tolist()
-            metrics = {"step": step, "phase": phase, "loss": mean[0], "mse": mean[1], "lpips": mean[2],
-                       "commit": mean[3], "lr": lr, "perplexity": perplexity, "dead_codes": dead,
-                       "codebook_max_diff": _codebook_spread(model, world),
-                       "images_per_s": global_batch * (step - last) / (time.time() - t0)}
-            logger.log(metrics)
-            sums, last, t0 = torch.zeros(4, device=device), step, time.time()
-        if cfg.sample_every and step % cfg.sample_every == 0 and rank == 0:
-            _log_reconstructions(images[:4], recon[:4], step, cfg.run_dir, logger)
-        reached = False
-        if cfg.eval_shards and (step % cfg.eval_every == 0 or step == phase_end):
-            psnr = _eval_psnr(model, held_out, device)
-            logger.log({"step": step, "phase": phase, "eval_psnr": psnr})
-            reached = phase == "sl" and cfg.target_psnr is not None and psnr >= cfg.target_psnr
-            if reached and step < phase_end:
-                if rank == 0:
-                    log.info("held-out PSNR %.2f dB reached target_psnr %.2f at step %d: SL ends here",
-                             psnr, cfg.target_psnr, step)
-                phase_end = total = step
-        if step % cfg.checkpoint_every == 0 or step == phase_end:
-            _save(cfg, model, opt, step, rank, reached)
-        if step == phase_end and rank == 0:
-            save_model(model, os.path.join(cfg.run_dir, f"augvae-{phase}.safetensors"))
-            log.info("wrote %s", os.path.join(cfg.run_dir, f"augvae-{phase}.safetensors"))
-    dist.barrier()
-    logger.close()
-    return metrics
+    return Stream(tuple(shards), tuple(image_shard_counts(shards)), cfg.seed, cfg.shuffle_shards, cfg.resampled)
 
 
-def _codebook_spread(model, world: int) -> float:
+def _phase_name(cfg: VAETrainConfig, step: int) -> str:
+    return "ml" if step < cfg.ml_steps else "sl"
+
+
+@dataclass
+class _Phase:
+    """ML or SL: its model, optimizer, data and steps ``[first, end)``."""
+    name: str
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ddp: torch.nn.parallel.DistributedDataParallel
+    loader: Iterator[torch.Tensor]
+    first: int
+    end: int
+
+    @classmethod
+    def start(cls, cfg: VAETrainConfig, proc: Process, step: int, total: int, previous: _Phase | None,
+              resume: Checkpoint | None, stream, peak_lr: float) -> _Phase:
+        """The phase of ``step``, continuing from the previous phase's model or from ``resume``."""
+        from lverse.core.shards import read_tar
+        from lverse.runtime.data import Batches
+        name = _phase_name(cfg, step)
+        model = _phase_model(cfg, step, previous.model if previous and name == "sl" else None, resume)
+        model = model.to(proc.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        if resume and resume.step == step and step != cfg.ml_steps:
+            state = torch.load(os.path.join(resume.folder, "state.pt"), map_location=proc.device, weights_only=True)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if proc.rank == 0:
+                log.info("resumed from %s at step %d (%s)", resume.folder, step, name)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        batches = Batches(stream, ImageBatch(model.cfg.image_size, cfg.crop_ratio), cfg.batch_size, proc.rank,
+                          proc.world, cfg.workers, start_batches=step, read=read_tar)
+        loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.workers,
+                                                  prefetch_factor=4 if cfg.workers else None))
+        first, end = (0, cfg.ml_steps) if name == "ml" else (cfg.ml_steps, total)
+        if proc.rank == 0:
+            log.info("AugVAE-%s: %.1fM parameters, %d tokens per image, %d ranks, global batch %d, "
+                     "lr %.3g, steps %d-%d", name.upper(), sum(p.numel() for p in model.parameters()) / 1e6,
+                     model.cfg.num_tokens, proc.world, cfg.batch_size * proc.world, peak_lr, first + 1, end)
+        return cls(name, model, opt, ddp, loader, first, end)
+
+
+class _Meter:
+    """Losses between log steps, averaged over the ranks; codebook usage; images per second."""
+
+    def __init__(self, cfg: VAETrainConfig, proc: Process, step: int):
+        self.cfg, self.proc = cfg, proc
+        self.sums, self.last_step, self.t0, self.last = torch.zeros(4, device=proc.device), step, time.time(), {}
+
+    def add(self, losses: dict) -> None:
+        self.sums += torch.stack([losses["loss"].detach(), losses["mse"], losses["lpips"], losses["commit"]])
+
+    def metrics(self, step: int, phase: _Phase, lr: float, indices: torch.Tensor) -> dict:
+        """Collective: the losses are all-reduced, the codebooks compared."""
+        from lverse.model.quantizer import codebook_usage
+        world, steps = self.proc.world, step - self.last_step
+        dist.all_reduce(self.sums)
+        perplexity, dead = codebook_usage(indices.detach(), phase.model.cfg.codebook_size)
+        mean = (self.sums / (world * steps)).tolist()
+        self.last = {"step": step, "phase": phase.name, "loss": mean[0], "mse": mean[1], "lpips": mean[2],
+                     "commit": mean[3], "lr": lr, "perplexity": perplexity, "dead_codes": dead,
+                     "codebook_max_diff": _codebook_spread(phase.model),
+                     "images_per_s": self.cfg.batch_size * world * steps / (time.time() - self.t0)}
+        self.sums, self.last_step, self.t0 = torch.zeros(4, device=self.proc.device), step, time.time()
+        return self.last
+
+
+def _codebook_spread(model) -> float:
     """Largest difference between this rank's codebook and any other rank's (0 when in sync)."""
-    import torch.distributed as dist
     embed = model.codebook.embed.detach()
     lo, hi = embed.clone(), embed.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
@@ -267,17 +291,32 @@ def _codebook_spread(model, world: int) -> float:
 
 
 def _save(cfg: VAETrainConfig, model, opt, step: int, rank: int, reached_target: bool = False) -> None:
-    import torch.distributed as dist
-    folder = os.path.join(cfg.run_dir, "checkpoints", f"step_{step:08d}")
-    if rank == 0:  # ranks hold identical replicas (DDP; codebook all-reduced)
-        os.makedirs(folder, exist_ok=True)
+    """Rank 0 writes model and optimizer: the ranks hold identical replicas (DDP; codebook all-reduced)."""
+    def write(folder: str) -> None:
         with atomic_output(os.path.join(folder, "state.pt")) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
-        atomic_write_json(os.path.join(folder, "lverse.json"), {"step": step, "variant": model.cfg.variant,
-                                                                 "reached_target": reached_target})
-        for _, old in complete_checkpoints(cfg.run_dir)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    write_checkpoint(cfg.run_dir, step, {"variant": model.cfg.variant, "reached_target": reached_target},
+                     cfg.keep_checkpoints, rank, write)
+
+
+def _export(cfg: VAETrainConfig, phase: _Phase, rank: int) -> None:
+    """``augvae-ml.safetensors`` / ``augvae-sl.safetensors`` at the end of a phase (rank 0)."""
+    from lverse.model.checkpoint import save_model
+    if rank == 0:
+        path = os.path.join(cfg.run_dir, f"augvae-{phase.name}.safetensors")
+        save_model(phase.model, path)
+        log.info("wrote %s", path)
+
+
+def _evaluate(cfg: VAETrainConfig, phase: _Phase, step: int, held_out, proc: Process, logger: MetricsLogger) -> bool:
+    """Log the held-out PSNR (collective); whether SL reached ``target_psnr``."""
+    psnr = _eval_psnr(phase.model, held_out, proc.device)
+    logger.log({"step": step, "phase": phase.name, "eval_psnr": psnr})
+    reached = phase.name == "sl" and cfg.target_psnr is not None and psnr >= cfg.target_psnr
+    if reached and step < phase.end and proc.rank == 0:
+        log.info("held-out PSNR %.2f dB reached target_psnr %.2f at step %d: SL ends here",
+                 psnr, cfg.target_psnr, step)
+    return reached
 
 
 def _eval_images(cfg: VAETrainConfig, device) -> torch.Tensor:
@@ -296,8 +335,6 @@ def _eval_images(cfg: VAETrainConfig, device) -> torch.Tensor:
 
 def _eval_psnr(model, images: torch.Tensor | None, device) -> float:
     """Mean PSNR of ``images``' reconstructions on rank 0, the same number on every rank."""
-    import torch.distributed as dist
-
     from lverse.model.losses import psnr
     value = torch.zeros(1, device=device)
     if images is not None:
@@ -310,10 +347,6 @@ def _eval_psnr(model, images: torch.Tensor | None, device) -> float:
 
 
 def _log_reconstructions(images, recon, step: int, run_dir: str, logger: MetricsLogger) -> None:
-    from PIL import Image
-    pair = torch.cat([images, recon.detach().float()], dim=2).clamp(-1, 1)  # originals above reconstructions
-    grid = ((torch.cat(list(pair), dim=2) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    folder = os.path.join(run_dir, "samples")
-    os.makedirs(folder, exist_ok=True)
-    Image.fromarray(grid).save(os.path.join(folder, f"recon_{step:08d}.png"))
+    grid = image_grid(images, recon)  # originals above reconstructions
+    save_image(os.path.join(run_dir, "samples", f"recon_{step:08d}.png"), grid)
     logger.image("reconstructions", grid, step)
