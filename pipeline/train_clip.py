@@ -2,9 +2,10 @@
 
 L-Verse reranks its candidates with a pretrained CLIP. Where none can be had (offline machines,
 the demo), this trains one from scratch on the same pairs BiART sees: open_clip's model and its
-symmetric contrastive loss (``open_clip.loss.ClipLoss``), one process, AdamW with a cosine
-schedule. The pairs are read once into memory, so it suits corpora of thousands of images, not
-CC3M: for real data use a pretrained checkpoint with ``--clip-checkpoint``.
+symmetric contrastive loss (``open_clip.loss.ClipLoss``), one process, AdamW with a linear
+warmup and a cosine decay to 0 at the last step (the training core's ``Schedule``, as in BiART and
+AugVAE training). The pairs are read once into memory, so it suits corpora of thousands of
+images, not CC3M: for real data use a pretrained checkpoint with ``--clip-checkpoint``.
 
 The weights are written (atomically) as one ``.safetensors`` file that ``--clip MODEL
 --clip-checkpoint FILE`` of caption and generate loads. Held-out shards, when given, are scored
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
 from lverse.core.shards import expand_shards, iter_samples
+from lverse.runtime.trainer import Schedule, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -104,21 +106,20 @@ def train_clip(cfg: ClipTrainConfig) -> dict:
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
+    schedule = Schedule("cosine", cfg.warmup_steps, min_lr_ratio=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     batch = min(cfg.batch_size, len(captions))
     model.train()
     t0, losses = time.time(), []
     bar = tqdm(range(cfg.steps), desc="train-clip", unit="step", mininterval=5)
-    for _ in bar:
+    for step in bar:
+        set_lr(opt, schedule.lr_at(step, cfg.steps, cfg.lr))
         rows = torch.randperm(len(captions), generator=gen)[:batch]
         image_features, text_features, logit_scale = model(images[rows], tokens[rows])[:3]
         loss = loss_fn(image_features, text_features, logit_scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         with torch.no_grad():  # as in CLIP: the temperature stays at most 100
             model.logit_scale.clamp_(0, math.log(100))
         losses.append(loss.item())
