@@ -70,12 +70,14 @@ class DemoConfig:
     image_size: int = 64  # pixels of the served and downloaded images (the AugVAE resizes to its 32)
     vocab_size: int = 96  # caption tokenizer pieces (the synthetic captions use ~40 words)
     vae_ml_steps: int = 100  # AugVAE-ML steps (SL starts over after the conversion: README, The demo)
-    vae_sl_steps: int = 3000  # AugVAE-SL steps at most: SL ends once VAE_TARGET_PSNR is reached
+    # AugVAE-SL steps at most: SL ends once the reconstructions of a training shard reach
+    # VAE_TARGET_PSNR (lverse/demo.py).
+    vae_sl_steps: int = 3000
     biart_steps: int = 2000  # BiART steps, directions alternating
     clip_steps: int = 800  # tiny open_clip steps
     caption_candidates: int = 64  # captions sampled per held-out image, CLIP keeps one
     image_candidates: int = 64  # images sampled per prompt, CLIP keeps one
-    seed: int = 0
+    seed: int = 0  # random seed of the data and of every stage
     min_accuracy: float = 0.8  # exit non-zero when either accuracy is below (0: never), or the AugVAE gate fails
 
 
@@ -137,7 +139,7 @@ class Demo:
         self.check_settings()
         tsv = {split: p("data", f"{split}.tsv") for split in ("train", "heldout")}
         download = ["--image-size", str(cfg.image_size), "--resize-mode", "center_crop", "--samples-per-shard",
-                    "500", "--threads", "16", "--timeout", "3", "--workers", "2", "--retries", "1"]
+                    "500", "--download-threads", "16", "--timeout", "3", "--workers", "2", "--retries", "1"]
         with self.server(tsv) or nullcontext():
             self.stage("download", ["download", "--input", tsv["train"], "--output", p("images"), *download])
             self.stage("download-heldout", ["download", "--input", tsv["heldout"], "--output",
@@ -149,8 +151,8 @@ class Demo:
         self.stage("train-vae", ["train-vae", "--config", vae_config], (vae_config, self.vae_values()))
         vae = p("augvae", "augvae-sl.safetensors")
         quality = self.check_vae(vae)
-        self.stage("encode", ["encode", "--shards", p("images"), "--vae", vae, "--output", p("tokens"), "--ray",
-                              "--workers", "2", "--batch-size", "64", "--decode-threads", "1"])
+        self.stage("encode", ["encode", "--shards", p("images"), "--vae", vae, "--output", p("tokens"),
+                              "--executor", "ray", "--workers", "2", "--batch-size", "64", "--decode-threads", "1"])
 
         biart_config = p("configs", "biart.yaml")
         biart_values = {

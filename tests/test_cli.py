@@ -1,11 +1,26 @@
+import argparse
 import subprocess
 import sys
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Literal
 
 import pytest
+import yaml
 
-from lverse.cli import build_parser, main
+from lverse.cli import DemoBelowTarget, build_parser, main
+from lverse.core.config import add_options, field_help, flag, options_to_config
+from lverse.core.errors import InputError
+from lverse.demo import DemoConfig
 from lverse.model.augvae import PRESETS, AugVAE
 from lverse.model.checkpoint import save_model
+from lverse.pipeline.caption import CaptionConfig
+from lverse.pipeline.download import DownloadConfig
+from lverse.pipeline.encode import EncodeConfig
+from lverse.pipeline.generate import GenerateConfig
+from lverse.pipeline.train_clip import ClipTrainConfig
+from lverse.run import TokenizerStage
+from lverse.runtime.executors import StageFailed
+from lverse.slurm.render import SubmitOptions
 
 
 def test_every_subcommand_explains_itself(capsys):
@@ -67,3 +82,151 @@ def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     path.write_text("optim:\n  lr: fast\n")
     with pytest.raises(ValueError, match=r"optim.lr: expected a number, got 'fast'"):
         load_config(str(path), TrainConfig)
+
+
+# -- options made from the config dataclasses ----------------------------------------------------
+
+def _file(tmp_path, name="f"):
+    path = tmp_path / name
+    path.write_text("x")
+    return str(path)
+
+
+def generated_commands(tmp_path):
+    """Each command whose options come from a config dataclass, with its required options and the
+    config they alone make (every other field at its dataclass default)."""
+    f = _file(tmp_path)
+    models = {"checkpoint": f, "vae": f, "tokenizer": f, "output": "out"}
+    return [
+        ("tokenizer", TokenizerStage, ["--captions", f, "--output", "tok"], {}),
+        ("download", DownloadConfig, [], {"input": f, "output": "out"}),
+        ("encode", EncodeConfig, [], {"shards": "s", "vae": f, "output": "out"}),
+        ("caption", CaptionConfig, [], {"shards": "s", **models}),
+        ("generate", GenerateConfig, [], {"prompts": f, **models}),
+        ("train-clip", ClipTrainConfig, [], {"shards": "s", "output": "clip.safetensors"}),
+        ("demo", DemoConfig, [], {}),
+        ("slurm", SubmitOptions, ["submit", "encode"], {"stage": "encode"}),
+    ]
+
+
+def test_generated_options_default_to_the_dataclass_defaults(tmp_path):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, cls, argv, required in generated_commands(tmp_path):
+        flags = [x for k, v in required.items() if k != "stage" for x in (flag(k), v)]
+        args = parser.parse_args([name, *argv, *flags])
+        assert options_to_config(cls, args) == cls(**required), f"{name}: a default differs from {cls.__name__}'s"
+        names = {f.name for f in fields(cls)}
+        options = {a.dest: a for a in commands[name]._actions if a.option_strings and a.dest in names}
+        skipped = {"download": {"threads"}, "slurm": {"stage", "command"}}.get(name, set())
+        assert set(options) == names - skipped, f"{name}: a field has no option"
+        for f in fields(cls):
+            if f.name in options:
+                action = options[f.name]
+                assert action.default is argparse.SUPPRESS  # the dataclass alone holds defaults
+                if f.default not in (MISSING, None, False):
+                    assert action.help.endswith(f"(default: {f.default})"), (name, f.name, action.help)
+
+
+def test_caption_options_override_its_config_file(tmp_path, monkeypatch):
+    import lverse.pipeline.caption as caption
+    seen = []
+    monkeypatch.setattr(caption, "run_caption", lambda cfg: seen.append(cfg) or {})
+    f = _file(tmp_path)
+    config = tmp_path / "caption.yaml"
+    config.write_text(yaml.safe_dump({"shards": "s", "checkpoint": f, "vae": f, "tokenizer": f, "output": "o",
+                                      "candidates": 8, "max_tokens": 4}))
+    assert main(["caption", "--config", str(config), "--max-tokens", "5", "--task-index", "1",
+                 "--num-tasks", "2"]) == 0
+    assert (seen[0].candidates, seen[0].max_tokens, seen[0].task_index, seen[0].num_tasks) == (8, 5, 1, 2)
+    assert main(["caption", "--shards", "s", "--output", "o"]) == 2  # no config: the models are missing
+
+
+def test_one_executor_option_and_old_options_are_refused(tmp_path, monkeypatch, caplog):
+    import lverse.pipeline.encode as encode
+    seen = []
+    monkeypatch.setattr(encode, "run_encode", lambda cfg: seen.append(cfg) or {})
+    base = ["encode", "--shards", "s", "--vae", _file(tmp_path), "--output", "o"]
+    assert main([*base, "--executor", "ray", "--ray-address", "auto"]) == 0
+    assert (seen[0].executor, seen[0].ray_address, seen[0].workers) == ("ray", "auto", None)
+    assert main([*base, "--ray-address", "auto"]) == 2 and "--executor ray" in caplog.text
+    assert len(seen) == 1
+    for old in (["--ray"], ["--executor", "dask"]):
+        with pytest.raises(SystemExit) as e:
+            main([*base, *old])
+        assert e.value.code == 2
+    download = ["download", "--input", _file(tmp_path), "--output", "o"]
+    for old in (["--threads", "4"], ["--format", "cc3m"], ["--distributor", "ray"]):
+        with pytest.raises(SystemExit) as e:
+            main([*download, *old])
+        assert e.value.code == 2
+
+
+@dataclass
+class Toy:
+    name: str  # the name; 100% required
+    # a comment above the field
+    # on two lines
+    size: int | None = None
+    mode: Literal["a", "b"] = "a"  # which mode
+    fast: bool = False  # go fast
+    check: bool = True  # check things
+    ratio: float = 0.5
+
+
+def test_add_options_reads_types_defaults_and_comments():
+    parser = argparse.ArgumentParser(prog="toy")
+    add_options(parser, Toy)
+    assert "100% required" in parser.format_help()
+    args = parser.parse_args(["--name", "n", "--size", "3", "--mode", "b", "--fast", "--no-check"])
+    assert options_to_config(Toy, args) == Toy("n", 3, "b", True, False)
+    assert options_to_config(Toy, parser.parse_args(["--name", "n"])) == Toy("n")
+    assert field_help(Toy)["size"] == "a comment above the field on two lines" and "ratio" not in field_help(Toy)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--name", "n", "--mode", "c"])
+    with pytest.raises(InputError, match="missing --name"):
+        options_to_config(Toy, argparse.Namespace())
+
+    @dataclass
+    class Nested:
+        toy: Toy
+        extra: dict = field(default_factory=dict)
+    with pytest.raises(TypeError, match="Nested.toy .* cannot be a command-line option"):
+        add_options(argparse.ArgumentParser(), Nested)
+    add_options(argparse.ArgumentParser(), Nested, skip=("toy", "extra"))
+
+
+# -- exit status: bad input is one line and 2; a bug is a traceback --------------------------------
+
+@pytest.mark.parametrize("error, status", [(InputError, 2), (FileNotFoundError, 2), (StageFailed, 1),
+                                           (DemoBelowTarget, 1)])
+def test_expected_errors_are_one_line_and_an_exit_status(error, status, tmp_path, monkeypatch, capsys, caplog):
+    import lverse.pipeline.report as report
+
+    def broken(*args, **kwargs):
+        raise error("what to change")
+    monkeypatch.setattr(report, "write_report", broken)
+    assert main(["report", str(tmp_path)]) == status
+    assert "what to change" in caplog.text and "Traceback" not in capsys.readouterr().err
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_a_bug_propagates_with_its_traceback(tmp_path, monkeypatch):
+    import lverse.pipeline.report as report
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug, not bad input")
+    monkeypatch.setattr(report, "write_report", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["report", str(tmp_path)])
+
+
+@pytest.mark.parametrize("error, status, traceback", [("ValueError", 1, True), ("InputError", 2, False)])
+def test_the_console_shows_a_traceback_only_for_bugs(error, status, traceback, tmp_path):
+    code = ("import sys\nimport lverse.pipeline.report as r\nfrom lverse.core.errors import InputError\n"
+            f"def broken(*a, **k): raise {error}('the message')\n"
+            "r.write_report = broken\nfrom lverse.cli import main\n"
+            f"sys.exit(main(['report', {str(tmp_path)!r}]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == status and "the message" in out.stderr
+    assert ("Traceback" in out.stderr) == traceback, out.stderr

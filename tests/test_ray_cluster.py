@@ -96,7 +96,7 @@ def test_ray_up_runs_the_encode_stage_and_ray_down(tmp_path, sshd):
     ray_cli("up", "-y", "--no-config-cache", str(cluster))
     try:
         ray_cli("exec", str(cluster), f"{LOOPBACK} {VENV_BIN}/lverse encode "
-                f"--shards {raw} --vae {vae} --output {tokens} --ray-address 127.0.0.1:{gcs_port}")
+                f"--shards {raw} --vae {vae} --output {tokens} --executor ray --ray-address 127.0.0.1:{gcs_port}")
     finally:
         ray_cli("down", "-y", str(cluster))
     assert sorted(p.name for p in tokens.iterdir() if p.name.endswith(".tar")) == ["00000.tar", "00001.tar"]
