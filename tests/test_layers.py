@@ -96,7 +96,8 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
             elif mine == "stages" and theirs == "stages" and module != "lverse.pipeline":
                 found.append(f"{module} imports {target}: a stage imports another stage")
             elif mine in ALLOWED_BELOW and theirs != mine and theirs not in ALLOWED_BELOW[mine]:
-                found.append(f"{module} ({mine}) imports {target} ({theirs}): allowed are {sorted(ALLOWED_BELOW[mine])}")
+                allowed = sorted(ALLOWED_BELOW[mine])
+                found.append(f"{module} ({mine}) imports {target} ({theirs}): allowed are {allowed}")
     found += [f"import cycle: {' -> '.join(cycle)}" for cycle in cycles(graph)]
     return found
 
