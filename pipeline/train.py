@@ -9,19 +9,22 @@ text->image on even steps, image->text on odd ones, the same on every rank) -> D
 exactly is in its checkpoint: model, optimizer, loss scaler (DeepSpeed's files) and the step. The
 rest is a function of the step: the lr; the RNG (reseeded from (seed, step, rank) before every
 step); the data position (``step x grad_accum`` micro-batches, see ``data.py``). A run killed at
-any moment and resumed therefore logs the same losses as an uninterrupted one.
+any moment and resumed therefore logs the same losses as an uninterrupted one. The schedule, the
+reseeding, the stop signal and the checkpoint lifecycle are the training core's
+(``runtime/trainer.py``), shared with AugVAE and CLIP training.
 
-Checkpoints: ``run_dir/checkpoints/step_NNNNNNNN/`` written by DeepSpeed, then ``lverse.json``
-written into it last (atomically) once every rank has finished: a folder without it is a
-partial write and is never resumed from (nor counted among the ``keep_checkpoints`` kept).
+Checkpoints: ``run_dir/checkpoints/step_NNNNNNNN/`` written by DeepSpeed on every rank, then
+``lverse.json`` written into it last (atomically) once every rank has finished: a folder without
+it is a partial write and is never resumed from (nor counted among the ``keep_checkpoints`` kept).
 Resuming on another number of ranks converts the checkpoint to DeepSpeed's universal format
 first (``universal/step_NNNNNNNN/``); the data order then starts over from the new slots' position.
 
 Kernels: ``wrap`` is the one place where the single-device model meets the hardware, in this
-order: apex FusedLayerNorm (only when NVIDIA apex is importable) -> activation checkpointing ->
-optimizer (DeepSpeed FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, else torch
-AdamW) -> ``deepspeed.initialize``. Attention is SDPA, which picks flash kernels on CUDA. The
-choices are printed at start.
+order: apex FusedLayerNorm (only when NVIDIA apex is importable) -> optimizer (DeepSpeed
+FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, else torch AdamW) ->
+``deepspeed.initialize``. Attention is SDPA, which picks flash kernels on CUDA. Activation
+checkpointing is the model's own (``BiARTConfig.activation_checkpointing``, set from the run
+config's ``activation_checkpointing``). The choices are printed at start.
 """
 
 from __future__ import annotations
@@ -29,24 +32,40 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import glob
 import json
 import logging
-import math
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from lverse.core.config import dump_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
-from lverse.runtime.distributed import setup_env
 from lverse.runtime.metrics import MetricsLogger
+from lverse.runtime.trainer import (
+    MARKER,
+    Checkpoint,
+    Process,
+    Schedule,
+    StopFlag,
+    complete_checkpoints,
+    image_grid,
+    latest_checkpoint,
+    reseed,
+    save_image,
+    set_lr,
+    start_process,
+    write_checkpoint,
+    write_run_config,
+)
+
+if TYPE_CHECKING:
+    from lverse.model.biart import BiARTConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +111,7 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per rank per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
     deepspeed: str = "zero2_bf16"  # ZeRO stage, precision, offload: a shipped ds_configs/ name or a path
-    activation_checkpointing: bool = False  # recompute each block in the backward pass
+    activation_checkpointing: bool = False  # recompute each block in the backward pass (BiARTConfig's flag)
     seed: int = 0  # initialisation, data order, dropout
     checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3  # newest complete checkpoints kept
@@ -192,10 +211,7 @@ def wrap(model, cfg: TrainConfig, ds: dict, lr: float):
         kernels["layernorm"] = "apex FusedLayerNorm"
     else:
         kernels["layernorm"] = "torch LayerNorm" + ("" if cuda else " (CPU)") + " (NVIDIA apex not importable)" * cuda
-    if cfg.activation_checkpointing:
-        for block in model.blocks:
-            block.forward = _checkpointed(block.forward)
-    kernels["activation_checkpointing"] = "on" if cfg.activation_checkpointing else "off"
+    kernels["activation_checkpointing"] = "on" if model.cfg.activation_checkpointing else "off"
     if cuda:
         kernels["attention"] = ("SDPA, flash kernel available" if torch.backends.cuda.flash_sdp_enabled()
                                 else "SDPA, flash kernel disabled")
@@ -208,30 +224,8 @@ def wrap(model, cfg: TrainConfig, ds: dict, lr: float):
     return engine, kernels
 
 
-def _checkpointed(forward):
-    from torch.utils.checkpoint import checkpoint
-
-    def run(x, cache=None, layer=0):
-        if cache is not None or not torch.is_grad_enabled():
-            return forward(x, cache, layer)
-        return checkpoint(forward, x, None, layer, use_reentrant=False)  # dropout replayed exactly
-    return run
-
-
 # ---------------------------------------------------------------------------------------------
-# schedule, FLOPs
-
-def lr_at(step: int, cfg: OptimConfig, peak: float, total: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based) of ``total``: warmup, then constant or
-    cosine (``cfg``: any config with ``warmup_steps``, ``schedule`` and ``min_lr_ratio``)."""
-    if step < cfg.warmup_steps:
-        return peak * (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
-        return peak
-    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps - 1)
-    floor = peak * cfg.min_lr_ratio
-    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
+# FLOPs
 
 def flops_per_token(model) -> float:
     """Model FLOPs of one training token (forward + backward), PaLM appendix B: 6N for the matmul
@@ -262,73 +256,19 @@ def _sync(device):
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints
-
-def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
-    """(step, folder) of every checkpoint whose ``lverse.json`` exists, oldest first."""
-    found = []
-    for marker in glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step_*", "lverse.json")):
-        folder = os.path.dirname(marker)
-        found.append((int(os.path.basename(folder).removeprefix("step_")), folder))
-    return sorted(found)
-
-
-def remove_partial_checkpoints(run_dir: str) -> None:
-    """Delete checkpoint folders without ``lverse.json``: what a run killed mid-write left."""
-    for folder in glob.glob(os.path.join(glob.escape(run_dir), "checkpoints", "step_*")):
-        if not os.path.isfile(os.path.join(folder, "lverse.json")):
-            log.warning("removing %s: a partial checkpoint (its run stopped while writing it)", folder)
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def read_checkpoint_meta(folder: str) -> dict:
-    with open(os.path.join(folder, "lverse.json")) as f:
-        return json.load(f)
-
-
-def save_checkpoint(engine, cfg: TrainConfig, step: int, meta: dict, rank: int) -> str:
-    import deepspeed.comm as dist
-    root = os.path.join(cfg.run_dir, "checkpoints")
-    tag = f"step_{step:08d}"
-    engine.save_checkpoint(root, tag=tag, save_latest=False)
-    dist.barrier()  # every rank's files are on disk before the marker says so
-    folder = os.path.join(root, tag)
-    if rank == 0:
-        atomic_write_json(os.path.join(folder, "lverse.json"), {**meta, "step": step})
-        for _, old in complete_checkpoints(cfg.run_dir)[:-cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-            shutil.rmtree(os.path.join(cfg.run_dir, "universal", os.path.basename(old)), ignore_errors=True)
-        log.info("checkpoint %s written", folder)
-    dist.barrier()
-    return folder
-
-
-def to_universal(folder: str, run_dir: str) -> str:
-    """Convert a ZeRO checkpoint for loading on another number of ranks (rank 0 only)."""
-    import argparse
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-    out = os.path.join(run_dir, "universal", os.path.basename(folder))
-    if not os.path.isfile(os.path.join(out, "lverse.json")):
-        shutil.rmtree(out, ignore_errors=True)
-        ds_to_universal(argparse.Namespace(input_folder=folder, output_folder=out, num_extract_workers=1,
-                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                           inject_missing_state=False))
-        shutil.copy(os.path.join(folder, "lverse.json"), os.path.join(out, "lverse.json"))  # last: complete
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # the run
 
 def build_model_config(cfg: TrainConfig):
-    """The preset's transformer with the vocabulary and lengths of this run's tokenizer and AugVAE."""
+    """The preset's transformer with the vocabulary and lengths of this run's tokenizer and AugVAE,
+    and the run's activation checkpointing."""
     from lverse.model.augvae import AugVAEConfig
     from lverse.model.biart import PRESETS
     from lverse.model.checkpoint import read_config
     from lverse.preprocessing.text_tokenizer import CaptionTokenizer
     if cfg.model.preset not in PRESETS:
         raise InputError(f"model.preset {cfg.model.preset!r} is not one of {sorted(PRESETS)}")
+    if "activation_checkpointing" in cfg.model.overrides:
+        raise InputError("model.overrides: set activation_checkpointing at the top of the run config")
     for name, path in (("data.tokenizer", cfg.data.tokenizer), ("data.vae", cfg.data.vae)):
         if not path or not os.path.isfile(path):
             raise FileNotFoundError(f"{name} {path!r} does not exist")
@@ -341,166 +281,228 @@ def build_model_config(cfg: TrainConfig):
         raise InputError(f"model.overrides {clash} (given, from the data) disagree with the tokenizer / AugVAE; "
                          "drop them: they are read from data.tokenizer and data.vae")
     try:
-        return dataclasses.replace(PRESETS[cfg.model.preset], **{**cfg.model.overrides, **derived})
+        return dataclasses.replace(PRESETS[cfg.model.preset], **{**cfg.model.overrides, **derived},
+                                   activation_checkpointing=cfg.activation_checkpointing)
     except TypeError as e:
         raise InputError(f"model.overrides: {e}; the fields are those of BiARTConfig") from e
 
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training in this process; returns the last logged metrics."""
-    info = setup_env(cfg.master_port)
+    from lverse.model.biart import Direction
+    run = plan_run(cfg, _start_process(cfg))
+    rank = run.proc.rank
+    resume = _resume_point(cfg, rank)
+    engine, kernels = build_engine(run, resume)
+    start = resume.step if resume else 0
+    loader = data_loader(run, start, resume)
+    meter = Meter(run, flops_per_token(engine.module), start)
+    _announce(run, engine.module, kernels, meter.peak_flops)
+    logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project)
+    sampler = Sampler(cfg, run.bcfg, run.shards[0], rank) if cfg.sample_every else None
+    stop = StopFlag(cfg.stop_signal)
+    for step in range(start, cfg.steps):
+        lr = set_lr(engine.optimizer, run.schedule.lr_at(step, cfg.steps, run.peak_lr))
+        reseed(cfg.seed, step, rank)
+        direction = Direction(step % 2)  # text->image on even steps, image->text on odd: all ranks agree
+        for _ in range(cfg.grad_accum):
+            meter.add(direction, micro_step(engine, next(loader), direction, run))
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            logger.log(meter.metrics(done, lr, engine))
+        with meter.paused():  # samples and checkpoints are left out of tokens/s
+            if sampler and done % cfg.sample_every == 0:
+                sampler.run(engine, done, logger, run.ds)
+            stopping = stop.agreed(run.proc.device)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
+                save_checkpoint(engine, run, done)
+        if stopping:
+            _stopped(cfg, rank, done)
+            logger.close()
+            return {**meter.last, "stopped_at": done}
+    if cfg.export:
+        export_checkpoint(cfg.run_dir, os.path.join(cfg.run_dir, "biart.safetensors"), rank=rank)
+    logger.close()
+    return meter.last
+
+
+@dataclass
+class Run:
+    """What ``train`` derives from its config before any work, the same on every rank."""
+    cfg: TrainConfig
+    proc: Process
+    bcfg: BiARTConfig
+    ds: dict  # the DeepSpeed config
+    shards: list[str]
+    counts: list[int]  # samples per shard
+    schedule: Schedule
+    peak_lr: float
+    global_batch: int
+    data_key: dict  # what the data order depends on; a checkpoint of another key resumes it approximately
+
+
+def _start_process(cfg: TrainConfig) -> Process:
     import deepspeed
-    import deepspeed.comm as dist
+    proc = start_process(cfg.master_port)
+    # DeepSpeed's communication adopts the process group (no MPI discovery: the launcher's variables are set)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+    return proc
 
+
+def plan_run(cfg: TrainConfig, proc: Process) -> Run:
+    """Check the config against the data and the hardware; derive the model config, the batch and the lr."""
     from lverse.core.shards import expand_shards, file_sha256, token_shard_counts
-    from lverse.model.biart import BiART, Direction, build_sequence
-    from lverse.runtime.data import Batches, Stream, TokenBatch, ignore_signal
-
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
-    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-
     bcfg = build_model_config(cfg)
     shards = expand_shards(cfg.data.shards)
     if not shards:
         raise FileNotFoundError(f"data.shards {cfg.data.shards!r} matches no token shard")
     counts = token_shard_counts(shards, file_sha256(cfg.data.vae))
-    ds_path = cfg.deepspeed
-    ds = load_ds_config(ds_path, cfg, world)
+    ds = load_ds_config(cfg.deepspeed, cfg, proc.world)
     if precision(ds) == "fp16" and not torch.cuda.is_available():
-        raise InputError(f"{ds_path} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
+        raise InputError(f"{cfg.deepspeed} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
                          "has no fp16); use a bf16 or fp32 config on a CPU")
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * world
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * proc.world
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.lr_per_sample * global_batch
-    if cfg.optim.schedule not in ("cosine", "constant"):
-        raise InputError(f"optim.schedule must be 'cosine' or 'constant', got {cfg.optim.schedule!r}")
-
-    stopped_marker = os.path.join(cfg.run_dir, "stopped.json")
-    if rank == 0:
-        remove_partial_checkpoints(cfg.run_dir)
-        if os.path.exists(stopped_marker):  # a previous job stopped on its signal: this is its restart
-            os.remove(stopped_marker)
-    dist.barrier()
-    resume = complete_checkpoints(cfg.run_dir)
-    meta = read_checkpoint_meta(resume[-1][1]) if resume else None
-    if meta and meta["world_size"] != world:
-        ds.setdefault("checkpoint", {})["load_universal"] = True
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    model = BiART(bcfg)
-    from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
-    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {"universal_checkpoint_version": 0.2})
-    engine, kernels = wrap(model, cfg, ds, peak_lr)
-
-    start_step = 0
-    if meta:
-        folder = resume[-1][1]
-        if meta["world_size"] != world:
-            if rank == 0:
-                log.info("checkpoint of %d ranks, now %d: converting to a universal checkpoint",
-                         meta["world_size"], world)
-                to_universal(folder, cfg.run_dir)
-            dist.barrier()
-            folder = os.path.join(cfg.run_dir, "universal", os.path.basename(folder))
-        load_path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder),
-                                              load_module_strict=True)
-        if load_path is None:
-            raise RuntimeError(f"DeepSpeed could not load {folder}")
-        start_step = meta["step"]
-        if rank == 0:
-            log.info("resumed from %s at step %d", folder, start_step)
-
-    data_key = {"world_size": world, "workers": cfg.data.workers, "micro_batch_size": cfg.micro_batch_size,
+    data_key = {"world_size": proc.world, "workers": cfg.data.workers, "micro_batch_size": cfg.micro_batch_size,
                 "seed": cfg.seed, "shuffle_shards": cfg.data.shuffle_shards, "resampled": cfg.data.resampled,
                 "shards": [os.path.basename(s) for s in shards]}
-    start_batches = start_step * cfg.grad_accum
-    if meta and meta.get("data") != data_key:
-        start_batches = meta["samples"] // (world * cfg.micro_batch_size)
+    return Run(cfg, proc, bcfg, ds, shards, counts, Schedule.of(cfg.optim, "optim."), peak_lr, global_batch,
+               data_key)
+
+
+def _resume_point(cfg: TrainConfig, rank: int) -> Checkpoint | None:
+    """The checkpoint to continue from. A ``stopped.json`` is removed: this is the restart of the
+    job that stopped on its signal."""
+    if rank == 0 and os.path.exists(_stopped_marker(cfg)):
+        os.remove(_stopped_marker(cfg))
+    return latest_checkpoint(cfg.run_dir, rank)
+
+
+def build_engine(run: Run, resume: Checkpoint | None):
+    """The run's model (the same initial weights on every rank) in its DeepSpeed engine, restored
+    from ``resume``; returns (engine, kernel choices)."""
+    from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
+
+    from lverse.model.biart import BiART
+    if resume and resume.meta["world_size"] != run.proc.world:
+        run.ds.setdefault("checkpoint", {})["load_universal"] = True
+    torch.manual_seed(run.cfg.seed)
+    model = BiART(run.bcfg)
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO, {"universal_checkpoint_version": 0.2})
+    engine, kernels = wrap(model, run.cfg, run.ds, run.peak_lr)
+    if resume:
+        _load(engine, run, resume)
+    return engine, kernels
+
+
+def _load(engine, run: Run, resume: Checkpoint) -> None:
+    """Model, optimizer and loss scaler of ``resume``; a checkpoint of another number of ranks is
+    converted to a universal checkpoint first."""
+    rank, world, folder = run.proc.rank, run.proc.world, resume.folder
+    if resume.meta["world_size"] != world:
         if rank == 0:
+            log.info("checkpoint of %d ranks, now %d: converting to a universal checkpoint",
+                     resume.meta["world_size"], world)
+            to_universal(folder, run.cfg.run_dir)
+        dist.barrier()
+        folder = os.path.join(run.cfg.run_dir, "universal", os.path.basename(folder))
+    load_path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder),
+                                          load_module_strict=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {folder}")
+    if rank == 0:
+        log.info("resumed from %s at step %d", folder, resume.step)
+
+
+def data_loader(run: Run, start_step: int, resume: Checkpoint | None):
+    """This rank's micro-batches from ``start_step`` on: where the checkpoint's run was, or, when
+    the data layout changed since, approximately (at the same sample count)."""
+    from lverse.runtime.data import Batches, Stream, TokenBatch, ignore_signal
+    cfg, bcfg, world = run.cfg, run.bcfg, run.proc.world
+    start_batches = start_step * cfg.grad_accum
+    if resume and resume.meta.get("data") != run.data_key:
+        start_batches = resume.meta["samples"] // (world * cfg.micro_batch_size)
+        if run.proc.rank == 0:
             log.warning("the data layout changed since the checkpoint (ranks, workers, batch, seed or "
                         "shards): resuming the data order approximately, at micro-batch %d per rank", start_batches)
-    stream = Stream(tuple(shards), tuple(counts), cfg.seed, cfg.data.shuffle_shards, cfg.data.resampled)
+    stream = Stream(tuple(run.shards), tuple(run.counts), cfg.seed, cfg.data.shuffle_shards, cfg.data.resampled)
     make_batch = TokenBatch(cfg.data.tokenizer, bcfg.text_offset, bcfg.text_len, bcfg.image_len,
                             bcfg.image_vocab, cfg.data.bpe_dropout)
-    batches = Batches(stream, make_batch, cfg.micro_batch_size, rank, world, cfg.data.workers, start_batches)
-    loader = iter(torch.utils.data.DataLoader(
+    batches = Batches(stream, make_batch, cfg.micro_batch_size, run.proc.rank, world, cfg.data.workers, start_batches)
+    return iter(torch.utils.data.DataLoader(
         batches, batch_size=None, num_workers=cfg.data.workers, prefetch_factor=4 if cfg.data.workers else None,
         worker_init_fn=functools.partial(ignore_signal, cfg.stop_signal) if cfg.stop_signal else None))
 
-    fpt = flops_per_token(model)
-    peak = cfg.peak_flops or measure_peak_flops(
-        device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision(ds)]
-        if device.type == "cuda" else torch.float32)
-    if rank == 0:
-        os.makedirs(cfg.run_dir, exist_ok=True)
-        with open(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            f.write(dump_config(cfg))
-        with open(os.path.join(cfg.run_dir, "ds_config.json"), "w") as f:
-            json.dump(ds, f, indent=2)
-        log.info("BiART %s: %.1fM parameters, %d ranks, global batch %d, peak lr %.3g, %d steps",
-                 cfg.model.preset, sum(p.numel() for p in model.parameters()) / 1e6, world, global_batch,
-                 peak_lr, cfg.steps)
-        log.info("kernels: %s", "; ".join(f"{k}: {v}" for k, v in kernels.items()))
-        log.info("MFU against %.3g FLOP/s per device (%s)", peak, "configured" if cfg.peak_flops else "measured")
-    logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project)
-    sampler = Sampler(cfg, bcfg, shards[0], rank) if cfg.sample_every else None
 
-    stop = _StopFlag(cfg.stop_signal)
-    sums = {d: torch.zeros(4, device=device) for d in Direction}  # loss, ref, gen, steps
-    tokens_per_step = global_batch * (bcfg.seq_len - 1)
-    last, t0, metrics = start_step, time.time(), {}
-    step = start_step
-    for step in range(start_step, cfg.steps):
-        lr = lr_at(step, cfg.optim, peak_lr, cfg.steps)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
-        direction = Direction(step % 2)  # text->image on even steps, image->text on odd: all ranks agree
-        for _ in range(cfg.grad_accum):
-            batch = next(loader)
-            seq = build_sequence(batch["text"], batch["image"], direction, bcfg).to(device, non_blocking=True)
-            _, losses = engine(seq[:, :-1], direction, targets=seq[:, 1:])
-            engine.backward(losses["loss"])
-            engine.step()
-            sums[direction] += torch.stack([losses["loss"].detach(), losses["ref"].detach(),
-                                            losses["gen"].detach(), torch.ones((), device=device)]) / cfg.grad_accum
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            dt = time.time() - t0
-            metrics = _gather_metrics(sums, world)
-            metrics.update(step=done, lr=lr, grad_norm=_float(engine.get_global_grad_norm()),
-                           loss_scale=_loss_scale(engine), tokens_per_s=tokens_per_step * (done - last) / dt,
-                           samples_per_s=global_batch * (done - last) / dt)
-            metrics["mfu"] = fpt * metrics["tokens_per_s"] / (peak * world)
-            logger.log(metrics)
-            sums = {d: torch.zeros(4, device=device) for d in Direction}
-            last, t0 = done, time.time()
-        paused = time.time()  # samples and checkpoints are left out of tokens/s
-        if sampler and done % cfg.sample_every == 0:
-            sampler.run(engine, done, logger, ds)
-        stopping = stop.agreed(device)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
-            save_checkpoint(engine, cfg, done, {"world_size": world, "data": data_key,
-                                                "samples": done * global_batch}, rank)
-        t0 += time.time() - paused
-        if stopping:
-            if rank == 0:  # the job script requeues the job when it finds this (slurm/train.sbatch)
-                atomic_write_json(stopped_marker, {"step": done, "signal": cfg.stop_signal})
-                log.warning("%s received: checkpointed at step %d and stopping", cfg.stop_signal, done)
-            dist.barrier()
-            logger.close()
-            return {**metrics, "stopped_at": done}
-    if cfg.export:
-        export_checkpoint(cfg.run_dir, os.path.join(cfg.run_dir, "biart.safetensors"), rank=rank)
-    logger.close()
-    return metrics
+def _announce(run: Run, model, kernels: dict, peak_flops: float) -> None:
+    """The resolved configs into the run folder, and what the run is, in the log (rank 0)."""
+    cfg = run.cfg
+    write_run_config(cfg.run_dir, cfg, run.proc.rank)
+    if run.proc.rank:
+        return
+    atomic_write_json(os.path.join(cfg.run_dir, "ds_config.json"), run.ds)
+    log.info("BiART %s: %.1fM parameters, %d ranks, global batch %d, peak lr %.3g, %d steps",
+             cfg.model.preset, sum(p.numel() for p in model.parameters()) / 1e6, run.proc.world, run.global_batch,
+             run.peak_lr, cfg.steps)
+    log.info("kernels: %s", "; ".join(f"{k}: {v}" for k, v in kernels.items()))
+    log.info("MFU against %.3g FLOP/s per device (%s)", peak_flops, "configured" if cfg.peak_flops else "measured")
 
 
-def _gather_metrics(sums: dict, world: int) -> dict:
-    import deepspeed.comm as dist
+def micro_step(engine, batch: dict, direction, run: Run) -> torch.Tensor:
+    """Forward and backward of one micro-batch (DeepSpeed steps the optimizer at the last of the
+    step's ``grad_accum``); returns (loss, ref, gen) detached."""
+    from lverse.model.biart import build_sequence
+    seq = build_sequence(batch["text"], batch["image"], direction, run.bcfg).to(run.proc.device, non_blocking=True)
+    _, losses = engine(seq[:, :-1], direction, targets=seq[:, 1:])
+    engine.backward(losses["loss"])
+    engine.step()
+    return torch.stack([losses["loss"].detach(), losses["ref"].detach(), losses["gen"].detach()])
 
+
+class Meter:
+    """Losses per direction between log steps, throughput and MFU; time in ``paused()`` (samples,
+    checkpoints) does not count."""
+
+    def __init__(self, run: Run, flops_per_token: float, start_step: int):
+        cfg, device = run.cfg, run.proc.device
+        self.run, self.flops_per_token = run, flops_per_token
+        self.peak_flops = cfg.peak_flops or measure_peak_flops(
+            device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision(run.ds)]
+            if device.type == "cuda" else torch.float32)
+        self.tokens_per_step = run.global_batch * (run.bcfg.seq_len - 1)
+        self.last, self.last_step, self.t0 = {}, start_step, time.time()
+        self._reset()
+
+    def _reset(self) -> None:
+        from lverse.model.biart import Direction
+        self.sums = {d: torch.zeros(4, device=self.run.proc.device) for d in Direction}  # loss, ref, gen, steps
+
+    def add(self, direction, losses: torch.Tensor) -> None:
+        one = torch.ones(1, device=losses.device)
+        self.sums[direction] += torch.cat([losses, one]) / self.run.cfg.grad_accum
+
+    def metrics(self, step: int, lr: float, engine) -> dict:
+        """The metrics of the steps since the last call, averaged over the ranks (collective)."""
+        run, dt, steps = self.run, time.time() - self.t0, step - self.last_step
+        metrics = _gather_metrics(self.sums)
+        metrics.update(step=step, lr=lr, grad_norm=_float(engine.get_global_grad_norm()),
+                       loss_scale=_loss_scale(engine), tokens_per_s=self.tokens_per_step * steps / dt,
+                       samples_per_s=run.global_batch * steps / dt)
+        metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / (self.peak_flops * run.proc.world)
+        self._reset()
+        self.last, self.last_step, self.t0 = metrics, step, time.time()
+        return metrics
+
+    @contextlib.contextmanager
+    def paused(self):
+        paused = time.time()
+        try:
+            yield
+        finally:
+            self.t0 += time.time() - paused
+
+
+def _gather_metrics(sums: dict) -> dict:
     from lverse.model.biart import Direction
     stacked = torch.stack([sums[d] for d in Direction])
     dist.all_reduce(stacked)
@@ -523,24 +525,48 @@ def _loss_scale(engine) -> float | None:
     return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 0.0)))
 
 
-class _StopFlag:
-    """Set by a signal (SLURM's warning before a time limit or preemption); every rank stops at the
-    same step because the flag is all-reduced (a signal may reach the ranks at different steps)."""
+# ---------------------------------------------------------------------------------------------
+# checkpoints, the stop signal
 
-    def __init__(self, name: str | None):
-        self.set = False
-        if name:
-            signal.signal(getattr(signal, name), self._handler)
+def save_checkpoint(engine, run: Run, step: int) -> str:
+    """DeepSpeed's files of every rank, then the marker with what the data order and a resume on
+    another number of ranks need."""
+    meta = {"world_size": run.proc.world, "data": run.data_key, "samples": step * run.global_batch}
+    return write_checkpoint(run.cfg.run_dir, step, meta, run.cfg.keep_checkpoints, run.proc.rank,
+                            lambda folder: engine.save_checkpoint(os.path.dirname(folder),
+                                                                  tag=os.path.basename(folder), save_latest=False),
+                            collective=True, derived=("universal",))
 
-    def _handler(self, signum, frame):
-        self.set = True
 
-    def agreed(self, device) -> bool:
-        import deepspeed.comm as dist
-        flag = torch.tensor([float(self.set)], device=device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
+def to_universal(folder: str, run_dir: str) -> str:
+    """Convert a ZeRO checkpoint for loading on another number of ranks (rank 0 only)."""
+    import argparse
 
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    out = os.path.join(run_dir, "universal", os.path.basename(folder))
+    if not os.path.isfile(os.path.join(out, MARKER)):
+        shutil.rmtree(out, ignore_errors=True)
+        ds_to_universal(argparse.Namespace(input_folder=folder, output_folder=out, num_extract_workers=1,
+                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                           inject_missing_state=False))
+        shutil.copy(os.path.join(folder, MARKER), os.path.join(out, MARKER))  # last: complete
+    return out
+
+
+def _stopped_marker(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.run_dir, "stopped.json")
+
+
+def _stopped(cfg: TrainConfig, rank: int, step: int) -> None:
+    """Checkpointed at ``step`` on the stop signal: say so for the job script (collective)."""
+    if rank == 0:  # the job script requeues the job when it finds this (slurm/train.sbatch)
+        atomic_write_json(_stopped_marker(cfg), {"step": step, "signal": cfg.stop_signal})
+        log.warning("%s received: checkpointed at step %d and stopping", cfg.stop_signal, step)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# samples
 
 class Sampler:
     """Sample captions and images every ``sample_every`` steps from a few fixed samples of the
@@ -574,8 +600,6 @@ class Sampler:
         model.train()
         if self.rank:
             return
-        from PIL import Image
-
         from lverse.model.cache import load_vae
         tok = CaptionTokenizer(self.cfg.data.tokenizer, offset=self.bcfg.text_offset)
         lines = [f"{truth!r} -> {tok.decode(ids.cpu())!r}" for truth, ids in zip(self.captions, text)]
@@ -585,9 +609,8 @@ class Sampler:
             f.write("\n".join(lines) + "\n")
         logger.text("samples/captions", "\n\n".join(lines), step)
         self.vae = self.vae or load_vae(self.cfg.data.vae)
-        pictures = self.vae.decode(image.cpu().long()).clamp(-1, 1)
-        grid = ((torch.cat(list(pictures), dim=2) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        Image.fromarray(grid).save(os.path.join(folder, f"step_{step:08d}.png"))
+        grid = image_grid(self.vae.decode(image.cpu().long()))
+        save_image(os.path.join(folder, f"step_{step:08d}.png"), grid)
         logger.image("samples/text_to_image", grid, step)
 
 
@@ -604,7 +627,7 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
     from lverse.model.checkpoint import save_model
     found = dict(complete_checkpoints(run_dir))
     if not found:
-        raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/step_*/lverse.json)")
+        raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/step_*/{MARKER})")
     step = max(found) if step is None else step
     if step not in found:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint of step {step}; it has {sorted(found)}")
@@ -615,7 +638,8 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
         cfg = from_dict(TrainConfig, yaml.safe_load(f), os.path.join(run_dir, "config.yaml"))
     folder = found[step]
     state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
-    model = BiART(build_model_config(cfg))
+    # the exported file describes the model; how it was trained (recomputing blocks) is not part of it
+    model = BiART(dataclasses.replace(build_model_config(cfg), activation_checkpointing=False))
     model.load_state_dict(state, strict=True)
     save_model(model, output)
     log.info("exported step %d of %s to %s", step, run_dir, output)

@@ -13,8 +13,9 @@ import yaml
 
 from lverse.core.config import from_dict
 from lverse.model.biart import BiART, Direction
-from lverse.pipeline.train import TrainConfig, build_model_config, complete_checkpoints, load_ds_config, wrap
+from lverse.pipeline.train import TrainConfig, build_model_config, load_ds_config, wrap
 from lverse.runtime.distributed import setup_env
+from lverse.runtime.trainer import complete_checkpoints
 
 
 def main(run_dir: str, out: str) -> None:
