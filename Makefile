@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # pycocoevalcap's tokenizer and METEOR; headless Chromium for the report test.
 SYSTEM_PACKAGES := openssh-server rsync netcat-openbsd slurmctld slurmd slurm-client munge default-jre-headless chromium
 
-.PHONY: venv system-deps test lint demo clean
+.PHONY: venv system-deps test test-fast lint demo clean
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,13 @@ lint: venv
 
 test: venv system-deps lint
 	$(PY) -m pytest -q tests
+
+# The unit tests alone (a few minutes): no SLURM, sshd, Ray cluster, browser or multi-process
+# training; tests marked `slow` (tests/conftest.py) are left out. Java is the one system package
+# they need (pycocoevalcap's tokenizer).
+test-fast: venv lint
+	command -v java >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The demo needs only Java of the system packages (pycocoevalcap's tokenizer and METEOR).
 demo: venv

@@ -1,4 +1,9 @@
-"""Shared fixtures. Tests run on the CPU in seconds each, on debug presets and synthetic data."""
+"""Shared fixtures. Tests run on the CPU, on debug presets and synthetic data.
+
+Two sets: the unit tests (``make test-fast``, a few minutes: no SLURM, sshd, Ray, browser or
+multi-process training) and the ``slow`` ones, which start real services or train for more than
+a few seconds. ``make test`` runs both.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; the only tests allowed to skip in CI")
+    config.addinivalue_line("markers", "slow: starts SLURM, sshd, Ray, a browser or several processes, or trains "
+                            "for more than a few seconds; `make test-fast` leaves it out")
 
 
 @pytest.hookimpl(hookwrapper=True)

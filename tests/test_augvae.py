@@ -217,6 +217,7 @@ def _ema_worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_keep_identical_codebooks(tmp_path):
     mp.start_processes(_ema_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")

@@ -112,6 +112,7 @@ def test_a_folder_of_another_vae_is_refused(tmp_path, vae_path):
         run_encode(EncodeConfig(shards=raw, vae=vae_path, output=raw))
 
 
+@pytest.mark.slow
 def test_killed_then_resumed_equals_uninterrupted(tmp_path, vae_path):
     raw = raw_shards(str(tmp_path / "raw"), count=4, n=60)
     whole = str(tmp_path / "whole")
@@ -136,6 +137,7 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path, vae_path):
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_ray_actors_write_the_same_shards(tmp_path, vae_path):
     raw = raw_shards(str(tmp_path / "raw"), count=2, n=6)
     run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(tmp_path / "local")))

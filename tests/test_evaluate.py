@@ -19,6 +19,7 @@ from lverse.pipeline.evaluate import (
 from .test_train import data  # noqa: F401  (image shards and a debug AugVAE)
 
 
+@pytest.mark.slow
 def test_bleu_and_rouge_l_match_values_worked_out_by_hand(tmp_path):
     """Prediction "a red circle on blue" (5 tokens) against "a red circle on a blue background" (7):
     n-gram precisions 5/5, 3/4, 2/3, 1/2; brevity penalty exp(1 - 7/5). ROUGE-L: LCS 5, precision
@@ -65,6 +66,7 @@ def test_generation_clip_score(tmp_path):
     assert m["prompts"] == 2 and m["clip_score"] == pytest.approx(15.0) and m["clip_cosine"] == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_reconstruction_metrics_of_the_augvae(data):  # noqa: F811
     from lverse.pipeline.evaluate import reconstruction_metrics
     m = reconstruction_metrics(data["raw"], data["vae"], limit=10, batch_size=4)

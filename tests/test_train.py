@@ -180,6 +180,7 @@ def two_rank_run(data, tmp_path_factory):
     return {"run_dir": str(root / "run"), "config": cfg, "log": out}
 
 
+@pytest.mark.slow
 def test_two_rank_zero2_bf16_training_learns_both_directions(two_rank_run):
     run, m = two_rank_run["run_dir"], metrics(two_rank_run["run_dir"])
     assert sorted(m) == list(range(1, 41))
@@ -198,6 +199,7 @@ def test_two_rank_zero2_bf16_training_learns_both_directions(two_rank_run):
     assert model.cfg.text_len == 24 and model.cfg.image_vocab == 512
 
 
+@pytest.mark.slow
 def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path):
     """The 2-rank ZeRO-2 checkpoint of step 40 continues on 1 rank through a universal checkpoint:
     one more step at lr 0 leaves exactly the weights the 2-rank run exported."""
@@ -218,6 +220,7 @@ def test_two_rank_checkpoint_resumes_on_one_rank(two_rank_run, tmp_path):
     assert json.load(open(run / "checkpoints" / "step_00000041" / "lverse.json"))["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_with_the_same_losses(data, tmp_path):
     """A 2-rank run killed with SIGKILL after its step-4 checkpoint and started again logs exactly
     the losses of an uninterrupted run (model, optimizer, lr, data position and RNG restored)."""
@@ -248,6 +251,7 @@ def test_sigkilled_run_resumes_with_the_same_losses(data, tmp_path):
             assert losses(entry) == losses(a[step][0]), step
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_config", DS_CONFIGS, ids=os.path.basename)
 def test_every_ds_config_trains_one_step(ds_config, data, tmp_path):
     fp16_on_cpu = json.load(open(ds_config)).get("fp16", {}).get("enabled") and not torch.cuda.is_available()
@@ -263,6 +267,7 @@ def test_every_ds_config_trains_one_step(ds_config, data, tmp_path):
         assert "DeepSpeedCPUAdam" in proc.stderr
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_step(data, tmp_path):
     """Recomputing each block in the backward pass changes memory, not the numbers."""
     results = {}
@@ -279,6 +284,7 @@ def test_activation_checkpointing_gives_the_same_step(data, tmp_path):
         assert losses(a) == losses(b) and a["grad_norm"] == b["grad_norm"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_config", ["zero2_fp32.json", "zero3_bf16.json"])
 def test_exported_weights_give_the_engines_logits(ds_config, data, tmp_path):
     cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=2,
@@ -315,6 +321,7 @@ def vae_config(path, data, run_dir, **over):
     return str(path)
 
 
+@pytest.mark.slow
 def test_two_rank_vae_training_keeps_the_codebooks_identical(data, tmp_path):
     run_job(2, "train-vae", "--config", vae_config(tmp_path / "vae.yaml", data, tmp_path / "run"))
     m = metrics(tmp_path / "run")
@@ -327,6 +334,7 @@ def test_two_rank_vae_training_keeps_the_codebooks_identical(data, tmp_path):
     assert (ml.cfg.variant, sl.cfg.variant, sl.cfg.num_tokens) == ("ml", "sl", 64)
 
 
+@pytest.mark.slow
 def test_vae_training_resumes_with_the_same_losses(data, tmp_path):
     """Across the ML -> SL switch: the checkpoint of step 3 (the last ML step) resumes into SL."""
     cfg = vae_config(tmp_path / "vae.yaml", data, tmp_path / "run", checkpoint_every=3)
@@ -342,6 +350,7 @@ def test_vae_training_resumes_with_the_same_losses(data, tmp_path):
             assert resumed[step][0][key] == full[step][0][key], (step, key)
 
 
+@pytest.mark.slow
 def test_vae_sl_ends_at_its_target_psnr_and_a_rerun_does_not_train_on(data, tmp_path):
     """target_psnr makes sl_steps a ceiling; a target no model misses ends SL at its first evaluation."""
     evaluated = dict(eval_shards=data["raw"], eval_every=1, eval_images=6)

@@ -12,6 +12,7 @@ from lverse.pipeline.train_clip import ClipTrainConfig, train_clip
 from .test_encode import raw_shards
 
 
+@pytest.mark.slow
 def test_train_clip_lowers_its_loss_and_the_scorer_loads_the_weights(tmp_path):
     shards = raw_shards(str(tmp_path / "raw"), count=2, n=16)
     out = tmp_path / "clip.safetensors"
