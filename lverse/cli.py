@@ -34,7 +34,6 @@ from lverse.slurm.render import STAGES, SubmitOptions
 
 log = logging.getLogger("lverse")
 
-EXECUTORS = ("local", "ray")
 # Integer options that count something: the command line refuses 0 and negatives as it parses them.
 COUNTS = frozenset({
     "vocab_size", "max_sentences", "image_size", "samples_per_shard", "download_threads", "workers", "threads",
@@ -64,10 +63,9 @@ def _positive(text: str) -> int:
 
 def _options(p: argparse.ArgumentParser, cls: type, files: tuple[str, ...] = (), **kwargs) -> None:
     """The options of config dataclass ``cls``, with the command line's own checks: ``files``
-    must exist, counts be positive, an executor be one of EXECUTORS."""
+    must exist, counts be positive."""
     names = {f.name for f in dataclasses.fields(cls)}
-    add_options(p, cls, types={n: _positive for n in COUNTS & names} | {n: _existing_file for n in files},
-                choices={"executor": EXECUTORS} if "executor" in names else None, **kwargs)
+    add_options(p, cls, types={n: _positive for n in COUNTS & names} | {n: _existing_file for n in files}, **kwargs)
 
 
 def _check_execution(cfg) -> None:

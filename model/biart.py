@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lverse.core.errors import InputError
+from lverse.preprocessing.text_tokenizer import VOCAB_SIZE
 
 
 class Direction(IntEnum):
@@ -46,7 +47,7 @@ class BiARTConfig:
     n_head: int = 16  # attention heads
     n_embd: int = 1024  # model width
     image_vocab: int = 8192  # AugVAE codebook size
-    text_vocab: int = 49808  # caption tokenizer pieces
+    text_vocab: int = VOCAB_SIZE  # caption tokenizer pieces
     text_len: int = 64  # text tokens per sequence (padded with PAD)
     image_len: int = 1024  # image tokens per sequence (AugVAE-SL: 32x32)
     embd_pdrop: float = 0.1  # dropout on the summed embeddings

@@ -38,13 +38,13 @@ class ClipTrainConfig:
     shards: str  # image shards (img2dataset: jpg + txt)
     output: str  # .safetensors file for the weights
     model: str = "lverse-tiny"  # open_clip architecture (model/clip_configs/ holds ours)
-    steps: int = 600
-    batch_size: int = 128
-    lr: float = 1e-3
+    steps: int = 600  # optimizer steps
+    batch_size: int = 128  # image-caption pairs per step
+    lr: float = 1e-3  # peak learning rate (warmup, then cosine to 0)
     weight_decay: float = 0.1
-    warmup_steps: int = 50
+    warmup_steps: int = 50  # steps of linear warmup
     eval_shards: str | None = None  # held-out image shards, scored after training
-    seed: int = 0
+    seed: int = 0  # random seed
 
 
 def load_pairs(shards: str, preprocess) -> tuple[torch.Tensor, list[str]]:

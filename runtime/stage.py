@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
@@ -35,13 +35,13 @@ log = logging.getLogger(__name__)
 class Execution:
     """Where and how a stage runs its tasks (the fields every shard stage's config has)."""
 
-    executor: str = "local"  # local processes or Ray (tasks, or actors for stages that keep a model)
+    executor: Literal["local", "ray"] = "local"  # local processes, or Ray (tasks; actors where a model is kept)
     workers: int = 1  # tasks in flight: local processes or Ray actors
     threads: int | None = None  # compute threads per worker (None: its share; core/resources.py)
     retries: int = 1  # times a failed item is tried again
     ray_address: str | None = None  # Ray cluster to join (None: start a local one)
     task_index: int | None = None  # as SLURM array task i of num_tasks: only its block of items
-    num_tasks: int = 1
+    num_tasks: int = 1  # the number of array tasks
 
 
 def array_block(count: int, task_index: int, num_tasks: int) -> range:
