@@ -128,6 +128,7 @@ def test_generate_keeps_the_best_candidate_by_clip_and_resumes(data, biart, tmp_
     assert (again["generated"], again["skipped"]) == (0, 2)
 
 
+@pytest.mark.slow
 def test_ray_actors_write_the_same_captions(data, biart, tmp_path):  # noqa: F811
     """Sampling is seeded per shard: Ray actors and local processes write the same parquet rows."""
     one = os.path.join(data["tokens"], "00002.tar")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 SMALL = ["--train", "48", "--heldout", "6", "--prompts", "3", "--vae-ml-steps", "4", "--vae-sl-steps", "4",
@@ -24,6 +25,7 @@ def demo(out, *extra):
                           capture_output=True, text=True, timeout=1200)
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_reports_accuracies_from_the_run(tmp_path):
     out = tmp_path / "demo"
     first = demo(out)

@@ -52,6 +52,7 @@ def config(tsv, out, **kw):
                           download_threads=8, **kw)
 
 
+@pytest.mark.slow
 def test_download_counts_and_keeps_every_good_image(server, tsv, tmp_path):
     out = tmp_path / "out"
     summary = run_download(config(tsv, out))
@@ -86,6 +87,7 @@ def test_download_counts_and_keeps_every_good_image(server, tsv, tmp_path):
     assert read_shards(out).keys() == samples.keys()
 
 
+@pytest.mark.slow
 def test_cc12m_layout_parquet_input_and_ray(server, tmp_path):
     lines = [f"{server.url}/img/train/{i}.jpg\t{server.data.sample('train', i)[1]}" for i in range(4)]
     cc12m = tmp_path / "cc12m.tsv"
@@ -106,6 +108,7 @@ def test_cc12m_layout_parquet_input_and_ray(server, tmp_path):
         run_download(config(str(tmp_path / "in.parquet"), tmp_path / "c"))
 
 
+@pytest.mark.slow
 def test_cli_and_changed_input(server, tsv, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["download", "--input", tsv, "--output", str(out), "--samples-per-shard", "100",

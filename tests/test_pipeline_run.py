@@ -20,6 +20,7 @@ def ray_cleanup():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_pipeline_runs_each_stage_once(tmp_path, ray_cleanup):
     torch.manual_seed(0)
     vae = str(tmp_path / "vae.safetensors")

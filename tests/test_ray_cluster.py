@@ -64,6 +64,7 @@ def sshd(tmp_path):
     proc.wait()
 
 
+@pytest.mark.slow
 def test_ray_up_runs_the_encode_stage_and_ray_down(tmp_path, sshd):
     with open(os.path.join(CLUSTERS, "local.yaml")) as f:
         config = yaml.safe_load(f)

@@ -25,6 +25,7 @@ def chromium():
     pytest.skip("headless Chromium is missing")
 
 
+@pytest.mark.slow
 def test_report_renders_in_chromium_with_every_image_loaded(data, biart, tmp_path):  # noqa: F811
     run = tmp_path / "run with spaces"
     run_caption(config(data, biart, run / "captions", shards=os.path.join(data["raw"], "00000.tar")))

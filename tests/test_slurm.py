@@ -67,6 +67,7 @@ def test_array_blocks_cover_every_item_once():
             assert items == list(range(count))
 
 
+@pytest.mark.slow
 def test_encode_array_writes_each_shard_from_its_own_task(slurm, tmp_path):
     """4 image shards, a 4-task array: every token shard written, each by a different task. The
     run folder's path is hostile shell text; it stays inert."""
@@ -93,6 +94,7 @@ def test_encode_array_writes_each_shard_from_its_own_task(slurm, tmp_path):
     assert len(scripts) == 1 and "--array=0-3" in open(scripts[0]).read()
 
 
+@pytest.mark.slow
 def test_caption_array_captions_each_shard_from_its_own_task(slurm, data, biart, tmp_path):  # noqa: F811
     config = tmp_path / "caption.yaml"
     config.write_text(yaml.safe_dump({"shards": data["tokens"], "checkpoint": biart, "vae": data["vae"],
@@ -108,6 +110,7 @@ def test_caption_array_captions_each_shard_from_its_own_task(slurm, data, biart,
         assert (tmp_path / "captions" / f"{i:05d}.parquet").is_file()
 
 
+@pytest.mark.slow
 def test_two_task_srun_training_finishes_and_checkpoints(slurm, data, tmp_path):  # noqa: F811
     cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run", steps=6, checkpoint_every=3)
     job = submit(slurm, "train", "--config", cfg, "--ntasks-per-node", "2", "--cpus-per-task", "1")
@@ -119,6 +122,7 @@ def test_two_task_srun_training_finishes_and_checkpoints(slurm, data, tmp_path):
     assert os.path.isfile(tmp_path / "run" / "biart.safetensors")
 
 
+@pytest.mark.slow
 def test_training_job_checkpoints_requeues_and_completes_on_its_warning_signal(slurm, data, tmp_path):  # noqa: F811
     steps = 400
     cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run", steps=steps, checkpoint_every=1000,
@@ -146,6 +150,7 @@ def test_training_job_checkpoints_requeues_and_completes_on_its_warning_signal(s
     assert f"checkpointed at step {stopped}" in log or "requeueing job" in log
 
 
+@pytest.mark.slow
 def test_ray_job_starts_a_cluster_and_runs_the_command(slurm, tmp_path):
     code = "import ray; ray.init(address='auto'); print('CPUS', ray.cluster_resources()['CPU'])"
     job = submit(slurm, "ray", "--cpus-per-task", "2", "--run-dir", str(tmp_path), "--job-name", "ray",
@@ -161,6 +166,7 @@ def _show(cluster, job):
     return subprocess.run(["scontrol", "show", "job", job], env=cluster.env, capture_output=True, text=True).stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ['x"; touch PWNED; echo "', "a b", "$(touch PWNED)", "x\n#SBATCH --uid=0", ""])
 def test_hostile_job_names_are_refused(slurm, data, tmp_path, name):  # noqa: F811
     cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run")
