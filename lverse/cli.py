@@ -136,10 +136,7 @@ def _convert_vae(args: argparse.Namespace) -> None:
     """
     from lverse.model.augvae import AugVAE, ml_to_sl
     from lverse.model.checkpoint import save_model
-    if args.input.endswith(".safetensors"):
-        vae = AugVAE.from_pretrained(args.input)
-    else:
-        vae = AugVAE.from_official_checkpoint(args.input)
+    vae = AugVAE.load(args.input)
     if args.to_sl:
         vae = ml_to_sl(vae)
     save_model(vae, args.output)

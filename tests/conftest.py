@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -36,6 +37,17 @@ def pytest_runtest_makereport(item, call):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_left():
+    """A test that started Ray in this process (``--executor ray`` without an address) shuts it
+    down: the next test starts its own, and none is left running when pytest exits (Ray's threads
+    still running at interpreter exit can crash it)."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def free_port() -> int:

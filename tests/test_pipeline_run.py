@@ -13,15 +13,8 @@ from lverse.model.augvae import PRESETS
 from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
 
 
-@pytest.fixture()
-def ray_cleanup():
-    yield
-    import ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_pipeline_runs_each_stage_once(tmp_path, ray_cleanup):
+def test_pipeline_runs_each_stage_once(tmp_path):
     torch.manual_seed(0)
     vae = str(tmp_path / "vae.safetensors")
     save_model(AugVAE(PRESETS["debug-sl"]), vae)

@@ -231,7 +231,7 @@ def test_sigkilled_run_resumes_with_the_same_losses(data, tmp_path):
     proc = launch(2, "train", "--config", cfg)
     deadline = time.time() + 240
     while time.time() < deadline and not os.path.isfile(killed / "checkpoints" / "step_00000004" / "lverse.json"):
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert os.path.isfile(killed / "checkpoints" / "step_00000004" / "lverse.json")
