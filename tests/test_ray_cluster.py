@@ -7,6 +7,7 @@ reaches it through ``ssh_proxy_command: nc 127.0.0.1 PORT`` (Ray's config has no
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -100,4 +101,21 @@ def test_ray_up_runs_the_encode_stage_and_ray_down(tmp_path, sshd):
                 f"--shards {raw} --vae {vae} --output {tokens} --executor ray --ray-address 127.0.0.1:{gcs_port}")
     finally:
         ray_cli("down", "-y", str(cluster))
+        _kill_head_left_on(gcs_port)
     assert sorted(p.name for p in tokens.iterdir() if p.name.endswith(".tar")) == ["00000.tar", "00001.tar"]
+
+
+def _kill_head_left_on(gcs_port: int) -> None:
+    """`ray down` of the local provider leaves the head it started (gcs_server, raylet, monitor in
+    one process group) running; end that group, found by this test's own GCS port, and nothing else."""
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                words = f.read().split(b"\0")
+        except OSError:
+            continue
+        if words[0].endswith(b"gcs_server") and f"--gcs_server_port={gcs_port}".encode() in words:
+            try:
+                os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
