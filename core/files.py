@@ -21,12 +21,28 @@ def atomic_output(path: str) -> Iterator[str]:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it 0600: on shared storage others could not read it
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (``os.umask`` can only
+    be read by setting it, which races other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def remove_stale_temporaries(path: str) -> None:

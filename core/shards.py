@@ -15,6 +15,7 @@ import json
 import os
 import re
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 from .errors import InputError
@@ -69,12 +70,14 @@ def check_complete_tar(path: str) -> None:
         raise InputError(f"{path} is truncated (no end-of-archive marker; {size} bytes)")
 
 
-def iter_samples(path: str) -> Iterator[dict]:
+def iter_samples(path: str, skipped: Counter | None = None) -> Iterator[dict]:
     """The samples of a webdataset tar in file order, each ``{"__key__": key, ext: bytes}``.
 
-    Members are grouped by the part of their name before the first dot, extensions lower-cased
-    (webdataset's rule). The tar is streamed, one sample in memory at a time; a truncated tar is
-    refused before the first sample (``check_complete_tar``).
+    Members are grouped by key, the name up to the first dot of its last part, extensions
+    lower-cased (webdataset's rule); a leading ``./`` (``tar -C dir -cf x.tar .``) is dropped. A
+    member without an extension belongs to no sample: it is passed over and counted in
+    ``skipped["no_extension"]``. The tar is streamed, one sample in memory at a time; a truncated
+    tar is refused before the first sample (``check_complete_tar``).
     """
     check_complete_tar(path)
     with tarfile.open(path, "r|") as tar:
@@ -82,7 +85,13 @@ def iter_samples(path: str) -> Iterator[dict]:
         for member in tar:
             if not member.isfile():
                 continue
-            key, ext = member.name.split(".", 1)
+            folder, _, name = member.name.removeprefix("./").rpartition("/")
+            key, dot, ext = name.partition(".")
+            if not (key and dot and ext):
+                if skipped is not None:
+                    skipped["no_extension"] += 1
+                continue
+            key = f"{folder}/{key}" if folder else key
             if sample and key != sample["__key__"]:
                 yield sample
                 sample = {}
@@ -90,6 +99,19 @@ def iter_samples(path: str) -> Iterator[dict]:
             sample[ext.lower()] = tar.extractfile(member).read()
         if sample:
             yield sample
+
+
+def sample_meta(sample: dict) -> dict | None:
+    """A sample's ``.json`` as a dict: ``{}`` when it has none, None when it is not a JSON object
+    (the sample's other members stay usable)."""
+    raw = sample.get("json")
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def read_tar(path: str) -> list[dict]:

@@ -14,7 +14,7 @@ import pickle
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 from torch import Tensor, nn
 
 from lverse.core.errors import InputError
@@ -22,11 +22,26 @@ from lverse.core.files import atomic_output
 
 
 def save_model(model: nn.Module, path: str) -> None:
-    """Write ``model``'s state dict and config to ``path`` atomically (temporary file, rename)."""
-    meta = {"model": type(model).__name__, "config": json.dumps(dataclasses.asdict(model.cfg))}
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_output(path) as tmp:
-        save_file(state, tmp, metadata=meta)
+    """Write ``model``'s state dict and config to ``path`` atomically (temporary file, rename); the
+    same weights and config give the same bytes."""
+    save_state(model.state_dict(), path, {"model": type(model).__name__,
+                                          "config": json.dumps(dataclasses.asdict(model.cfg), sort_keys=True)})
+
+
+def save_state(state: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
+    """A state dict as safetensors, atomically; the same tensors and metadata give the same bytes."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(_sorted_header(save(state, metadata=metadata)))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """safetensors writes its header's maps in hash order, another in every process; the header
+    again with its keys sorted (the tensors' offsets are relative to the data, which is unchanged)."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
 def read_config(path: str, config_cls: type) -> Any:

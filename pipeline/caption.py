@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import os
 import time
@@ -32,7 +31,7 @@ from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_parquet, read_json
 from lverse.core.images import preprocess
 from lverse.core.resources import default_workers, resolve_device
-from lverse.core.shards import check_vae, expand_shards, file_sha256, read_tar, shard_name, stats_path
+from lverse.core.shards import check_vae, expand_shards, file_sha256, read_tar, sample_meta, shard_name, stats_path
 from lverse.model.cache import cached, load_vae
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import Execution, rate, run_shard_stage
@@ -134,7 +133,7 @@ class ShardCaptioner:
         cfg = self.cfg
         rows, good, codes, pictures = [], [], [], []
         for s in samples:
-            meta = json.loads(s.get("json", b"{}") or b"{}")
+            meta = sample_meta(s) or {}  # a .json that is no JSON object costs the url only
             row = {"key": s["__key__"], "url": meta.get("url"), "caption": None, "clip_score": None, "error": None,
                    "candidates": None, "candidate_scores": None}
             rows.append(row)

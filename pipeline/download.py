@@ -27,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json, atomic_write_parquet, remove_stale_temporaries
@@ -99,7 +100,9 @@ def iter_rows(cfg: DownloadConfig) -> Iterator[tuple[str, str] | str]:
 
 def _iter_tsv(path: str, layout: str) -> Iterator[tuple[str, str] | str]:
     with open(path, "rb") as f:
-        for raw in f:
+        for number, raw in enumerate(f):
+            if number == 0:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark is no part of the first field
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError:
@@ -137,7 +140,7 @@ def _iter_table(cfg: DownloadConfig, fmt: str) -> Iterator[tuple[str, str] | str
 
 
 def _is_url(text: str) -> bool:
-    return text.startswith(("http://", "https://"))
+    return text[:8].lower().startswith(("http://", "https://"))  # schemes are case-insensitive
 
 
 def _check(caption: str, url: str) -> tuple[str, str] | str:
@@ -146,7 +149,27 @@ def _check(caption: str, url: str) -> tuple[str, str] | str:
         return "empty_caption"
     if not _is_url(url) or any(c.isspace() for c in url):
         return "bad_url"  # also refuses file:// and ftp://, which img2dataset would fetch
-    return caption, url
+    try:
+        return caption, ascii_url(url)
+    except (UnicodeError, ValueError):
+        return "bad_url"
+
+
+def ascii_url(url: str) -> str:
+    """An http(s) URL as a request can send it: the scheme lower-cased, a non-ASCII host in IDNA
+    (punycode), other non-ASCII characters percent-encoded as UTF-8 (an IRI -> its URI); ASCII
+    otherwise left exactly as given."""
+    parts = urlsplit(url)
+    scheme, netloc = parts.scheme.lower(), parts.netloc
+    if url.isascii():
+        return scheme + url[len(parts.scheme):]
+    if not netloc.isascii():
+        userinfo, at, hostport = netloc.rpartition("@")
+        host, colon, port = hostport.partition(":") if not hostport.startswith("[") else (hostport, "", "")
+        netloc = quote(userinfo, safe=":%") + at + host.encode("idna").decode("ascii") + colon + port
+    keep = "/?#[]@!$&'()*+,;=:%~"  # reserved characters and existing %-escapes stay as they are
+    return urlunsplit((scheme, netloc, quote(parts.path, safe=keep), quote(parts.query, safe=keep),
+                       quote(parts.fragment, safe=keep)))
 
 
 def plan(cfg: DownloadConfig) -> tuple[list[Chunk], dict]:
@@ -263,6 +286,9 @@ def run_download(cfg: DownloadConfig) -> dict:
         raise FileNotFoundError(f"input {cfg.input} does not exist")
     os.makedirs(cfg.output, exist_ok=True)
     chunks, info = plan(cfg)
+    if info["valid"] == 0:
+        raise InputError(f"{cfg.input} has no valid line of {info['lines']} (malformed: {info['malformed']}); "
+                         "check --input-format, --url-col and --caption-col")
     log.info("%d valid lines of %d in %d chunks of up to %d", info["valid"], info["lines"], len(chunks),
              cfg.samples_per_shard)
     try:

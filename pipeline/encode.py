@@ -38,7 +38,7 @@ import numpy as np
 from lverse.core.files import atomic_output, atomic_write_json, read_json, remove_stale_temporaries
 from lverse.core.images import preprocess
 from lverse.core.resources import default_workers, resolve_device
-from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, shard_name
+from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name
 from lverse.model.cache import load_vae
 from lverse.runtime.executors import TaskResult, cluster_gpus
 from lverse.runtime.stage import Execution, rate, run_shard_stage
@@ -88,14 +88,14 @@ class ShardEncoder:
             return TaskResult(name, ok=True, skipped=True)
         device = resolve_device(self.device)
         vae = load_vae(self.vae, device)
-        start, stats = time.time(), {"samples": 0, "corrupt": 0}
+        start, stats = time.time(), {"samples": 0, "corrupt": 0, "bad_json": 0, "no_extension": 0}
         target = os.path.join(self.output, f"{name}.tar")
         remove_stale_temporaries(target)
         try:
             with atomic_output(target) as tmp, tarfile.open(tmp, "w") as out:
                 self._encode(shard, vae, device, out, stats)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            return TaskResult(name, ok=False, reason=f"unreadable shard {shard}: {type(e).__name__}: {e}")
+            return TaskResult(name, ok=False, reason=f"{shard}: {type(e).__name__}: {e}")
         stats.update(source=os.path.abspath(shard), vae=self.vae_hash, seconds=round(time.time() - start, 2))
         atomic_write_json(done, stats)  # last: the shard is done
         return TaskResult(name, ok=True, stats=stats)
@@ -106,26 +106,35 @@ class ShardEncoder:
         decode = lambda s: preprocess(s[1].get("jpg", b""), size)  # noqa: E731
         batch = []
         # Decoding overlaps the model's previous batch: both use the worker's share of the cores.
+        skipped = collections.Counter()
         with ThreadPoolExecutor(self.decode_threads or torch.get_num_threads()) as pool:
-            for (key, files), image in _ordered_prefetch(pool, decode, _by_key(shard), 2 * self.batch_size):
+            for (key, files), image in _ordered_prefetch(pool, decode, _by_key(shard, skipped), 2 * self.batch_size):
                 if image is None:
                     stats["corrupt"] += 1
                     log.warning("%s: sample %s does not decode; skipped", shard, key)
                     continue
                 batch.append((key, files, image))
                 if len(batch) == self.batch_size:
-                    self._write(batch, vae, device, out, torch)
+                    self._write(batch, vae, device, out, stats, torch)
                     stats["samples"] += len(batch)
                     batch = []
             if batch:
-                self._write(batch, vae, device, out, torch)
+                self._write(batch, vae, device, out, stats, torch)
                 stats["samples"] += len(batch)
+        stats["no_extension"] = skipped["no_extension"]
+        if stats["samples"] == 0 and (stats["corrupt"] or stats["no_extension"]):  # not done: a rerun retries it
+            raise ValueError(f"no usable sample ({stats['corrupt']} images do not decode, {stats['no_extension']} "
+                             "members have no extension)")
 
-    def _write(self, batch, vae, device, out, torch):
+    def _write(self, batch, vae, device, out, stats, torch):
         images = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
         codes = vae.encode(images).cpu().numpy().astype(np.uint16)
         for (key, files, _), row in zip(batch, codes):
-            meta = json.loads(files.get("json", b"{}") or b"{}")
+            meta = sample_meta(files)
+            if meta is None:  # the image is good; only its url is lost
+                log.warning("sample %s: its .json is not a JSON object; url left empty", key)
+                stats["bad_json"] += 1
+                meta = {}
             buf = io.BytesIO()
             np.save(buf, row)
             _add(out, f"{key}.codes.npy", buf.getvalue())
@@ -140,8 +149,8 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _by_key(shard: str):
-    for sample in iter_samples(shard):
+def _by_key(shard: str, skipped: collections.Counter):
+    for sample in iter_samples(shard, skipped):
         yield sample.pop("__key__"), sample
 
 
@@ -166,6 +175,8 @@ def run_encode(cfg: EncodeConfig) -> dict:
     def totals(results, seconds):
         encoded = sum(r.stats.get("samples", 0) for r in results if not r.skipped)
         return {"samples": encoded, "corrupt_samples": sum(r.stats.get("corrupt", 0) for r in results),
+                "bad_json_samples": sum(r.stats.get("bad_json", 0) for r in results),
+                "members_without_extension": sum(r.stats.get("no_extension", 0) for r in results),
                 "vae": vae_hash, "images_per_second": rate(encoded, seconds)}
     return run_shard_stage("encode", task, shards, [shard_name(s) for s in shards], cfg.output, run,
                            totals=totals, actors=True, num_gpus=1 if gpus else 0)

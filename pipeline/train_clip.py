@@ -26,8 +26,8 @@ import torch
 from tqdm import tqdm
 
 from lverse.core.errors import InputError
-from lverse.core.files import atomic_output
 from lverse.core.shards import expand_shards, iter_samples
+from lverse.model.checkpoint import save_state
 from lverse.runtime.trainer import Schedule, set_lr
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,6 @@ def retrieval_accuracy(model, tokenizer, images: torch.Tensor, captions: list[st
 
 def train_clip(cfg: ClipTrainConfig) -> dict:
     import open_clip
-    from safetensors.torch import save_file
 
     from lverse.model.clip import register_configs
     register_configs()
@@ -129,8 +128,7 @@ def train_clip(cfg: ClipTrainConfig) -> dict:
     if cfg.eval_shards:
         held_images, held_captions = load_pairs(cfg.eval_shards, preprocess)
         result["heldout"] = retrieval_accuracy(model, tokenizer, held_images, held_captions)
-    with atomic_output(cfg.output) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp, metadata={"model": cfg.model})
+    save_state(model.state_dict(), cfg.output, {"model": cfg.model})
     log.info("CLIP loss %.3f -> %.3f in %.0f s; weights in %s%s", result["first_loss"], result["last_loss"],
              result["seconds"], cfg.output, f"; held-out {result['heldout']}" if cfg.eval_shards else "")
     return result

@@ -140,3 +140,26 @@ def test_a_shard_that_keeps_failing_raises_after_the_summary(server, tmp_path):
     summary = json.load(open(tmp_path / "out" / "_summary.json"))
     assert [s["shard"] for s in summary["failed"]] == ["00000"]
     assert not (tmp_path / "out" / "00000_stats.json").exists()
+
+
+@pytest.mark.parametrize("layout", ["cc3m", "cc12m", "auto"])
+def test_input_lines_as_a_user_writes_them(tmp_path, layout):
+    """A byte order mark, an upper-case scheme and a URL with non-ASCII characters are read as the
+    image and caption they name."""
+    from lverse.pipeline.download import iter_rows
+    rows = [("a cat", "HTTP://example.com/a.jpg"), ("ein Hund", "https://bücher.de/straße.jpg?q=ä")]
+    lines = [f"{c}\t{u}" if layout != "cc12m" else f"{u}\t{c}" for c, u in rows]
+    tsv = tmp_path / "in.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    got = list(iter_rows(DownloadConfig(input=str(tsv), output=str(tmp_path / "out"), input_format=layout)))
+    assert got == [("a cat", "http://example.com/a.jpg"),
+                   ("ein Hund", "https://xn--bcher-kva.de/stra%C3%9Fe.jpg?q=%C3%A4")]
+
+
+def test_an_input_without_one_valid_line_is_refused(tmp_path):
+    from lverse.core.errors import InputError
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("no tab here\ncaption\tftp://example.com/x.jpg\n")
+    with pytest.raises(InputError, match="no valid line of 2"):
+        run_download(DownloadConfig(input=str(tsv), output=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "_summary.json").exists()

@@ -157,3 +157,38 @@ def test_shard_encoder_is_picklable_and_skips_done(tmp_path, vae_path):
     task = pickle.loads(pickle.dumps(ShardEncoder(vae_path, "h", str(tmp_path))))
     (tmp_path / "00007_stats.json").write_text("{}")
     assert task(str(tmp_path / "00007.tar")).skipped
+
+
+def test_bad_members_are_skipped_and_counted_and_dot_slash_names_read(tmp_path, vae_path):
+    """A tar written by `tar -C dir -cf x.tar .` (names ./key.jpg), with a .json that is no JSON
+    object and a member without an extension: every good image is encoded, the rest counted."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    make_shard(str(tmp_path / "plain.tar"), 0, 4, seed=0)
+    with tarfile.open(tmp_path / "plain.tar") as src, tarfile.open(raw / "00000.tar", "w") as out:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            if member.name == "000000001.json":
+                data = b"[1, 2]"
+            if member.name == "000000002.json":
+                data = b"{not json"
+            info = tarfile.TarInfo("./" + member.name)
+            info.size = len(data)
+            out.addfile(info, io.BytesIO(data))
+        info = tarfile.TarInfo("./README")
+        info.size = 2
+        out.addfile(info, io.BytesIO(b"hi"))
+    summary = run_encode(EncodeConfig(shards=str(raw), vae=vae_path, output=str(tmp_path / "tokens")))
+    assert (summary["samples"], summary["bad_json_samples"], summary["members_without_extension"]) == (4, 2, 1)
+    samples = token_samples(str(tmp_path / "tokens" / "00000.tar"))
+    assert sorted(samples) == [f"00000{i:04d}" for i in range(4)]
+    assert json.loads(samples["000000001"]["json"])["url"] is None
+    assert json.loads(samples["000000003"]["json"])["url"] == "http://example.com/000000003.jpg"
+
+
+def test_a_shard_without_one_usable_sample_is_not_marked_done(tmp_path, vae_path):
+    raw = raw_shards(str(tmp_path / "raw"), count=1, n=3, corrupt={0: (0, 1, 2)})
+    out = tmp_path / "tokens"
+    with pytest.raises(StageFailed, match="no usable sample"):
+        run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(out), retries=0))
+    assert not (out / "00000_stats.json").exists() and not (out / "00000.tar").exists()
