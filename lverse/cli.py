@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from lverse.core.config import add_options, given_options, load_config, options_to_config
@@ -492,10 +494,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, taken as Ctrl-C is: the stage stops its workers and keeps what is done."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
     except (InputError, FileNotFoundError) as e:  # bad input: say what to change
@@ -504,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     except (StageFailed, DemoBelowTarget) as e:  # the rest is done and kept; a rerun retries what failed
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the workers are ended, finished shards kept
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        log.error("stopped by %s; what finished is kept, and the same command continues from there", name)
+        return 128 + getattr(signal, name)
     return 0  # anything else is a bug: it propagates with its traceback
 
 

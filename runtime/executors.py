@@ -14,13 +14,26 @@ executor ``cores // workers``, on Ray the CPUs Ray gives it, unless the user set
 
 The driver retries failed items up to ``retries`` times. Ray itself retries only system failures
 (a dead worker), which the driver sees as an exception and retries the same way.
+
+Stopping: Ctrl-C (or SIGTERM, which the CLI turns into the same) reaches the driver, which cancels
+every queued item and ends the workers at once: the items in flight are abandoned, and since every
+output is written under a temporary name and renamed, nothing half-written is left that a rerun
+would take for done (the rerun removes the temporaries). Local workers ignore SIGINT (Ctrl-C in a
+terminal reaches the whole process group; the driver decides) and die with the driver however it
+dies, also by SIGKILL (Linux's parent-death signal). On Ray the driver cancels its tasks and kills
+its actors.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import logging
 import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -83,13 +96,15 @@ def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequ
     done_units, started = 0, time.time()
     with tqdm(total=len(items), desc=desc, unit="shard") as bar:
         for attempt in range(retries + 1):
-            for i, result in submit([(i, items[i], names[i]) for i in pending]):
-                results[i] = result
-                if result.ok:
-                    bar.update(1)
-                if rate_of and result.ok and not result.skipped:
-                    done_units += result.stats.get(rate_of, 0)
-                    bar.set_postfix({f"{rate_of}/s": f"{done_units / (time.time() - started):.2f}"})
+            # closing(): an interrupt that lands here, between results, still ends the workers at once
+            with contextlib.closing(submit([(i, items[i], names[i]) for i in pending])) as running:
+                for i, result in running:
+                    results[i] = result
+                    if result.ok:
+                        bar.update(1)
+                    if rate_of and result.ok and not result.skipped:
+                        done_units += result.stats.get(rate_of, 0)
+                        bar.set_postfix({f"{rate_of}/s": f"{done_units / (time.time() - started):.2f}"})
             pending = [i for i in pending if not results[i].ok]
             if not pending:
                 break
@@ -102,9 +117,10 @@ def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequ
 
 def _local_runner(fn, workers, threads):
     def submit(batch):
-        # apply_threads runs in each fresh process before the task (and torch) is unpickled there.
-        with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
-                                    initializer=apply_threads, initargs=(threads,)) as pool:
+        # _start_worker runs in each fresh process before the task (and torch) is unpickled there.
+        pool = cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
+                                      initializer=_start_worker, initargs=(threads,))
+        try:
             futures = {pool.submit(_guarded, fn, item, name): (i, name) for i, item, name in batch}
             for future in cf.as_completed(futures):
                 i, name = futures[future]
@@ -112,7 +128,42 @@ def _local_runner(fn, workers, threads):
                     yield i, future.result()
                 except Exception as e:  # the worker process died
                     yield i, TaskResult(name=name, ok=False, reason=f"worker died: {e}")
+        except BaseException:  # interrupted (or closed early): cancel the queue, end the workers now
+            _end_pool(pool)
+            raise
+        pool.shutdown()
     return submit
+
+
+def _start_worker(threads: int) -> None:
+    """Every local worker process, first: die with the driver, leave Ctrl-C to it, take its threads."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    apply_threads(threads)
+
+
+def _die_with_parent() -> None:
+    """Have Linux SIGKILL this process when its parent dies, however the parent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
+def _end_pool(pool: cf.ProcessPoolExecutor, grace: float = 3.0) -> None:
+    """Cancel what is queued and end the workers, in flight or not, within ``grace`` seconds."""
+    processes = list(getattr(pool, "_processes", {}).values())  # the executor offers no public handle
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in processes:
+        p.terminate()
+    deadline = time.time() + grace
+    for p in processes:
+        p.join(max(0.0, deadline - time.time()))
+        if p.is_alive():
+            p.kill()
 
 
 def _init_ray(address):
@@ -121,12 +172,16 @@ def _init_ray(address):
     ``ray.init()`` with no address would attach to whatever `ray start` left on this machine;
     "local" always starts a fresh one.
     """
-    import os
-
     import ray
     if not ray.is_initialized():
+        # ray.init installs its own SIGTERM handler, which ends the driver without ending its
+        # workers; the driver's own (the CLI takes SIGTERM as Ctrl-C) is put back.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main else None
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  log_to_driver=False)
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return ray
 
 
@@ -151,19 +206,27 @@ def _ray_actor_runner(fn, address, num_cpus, num_gpus, count, threads):
     def submit(batch):
         queue, running = list(batch), {}
         idle = [cls.remote(fn, threads) for _ in range(min(count, len(batch)))]
-        while queue or running:
-            while queue and idle:
-                actor = idle.pop()
-                i, item, name = queue.pop(0)
-                running[actor.run.remote(item, name)] = (i, name, actor)
-            done, _ = ray.wait(list(running), num_returns=1)
-            i, name, actor = running.pop(done[0])
-            try:
-                yield i, ray.get(done[0])
-                idle.append(actor)
-            except Exception as e:  # the actor died: report the item, start a fresh actor
-                yield i, TaskResult(name=name, ok=False, reason=f"Ray actor lost: {type(e).__name__}: {e}")
-                idle.append(cls.remote(fn, threads))
+        started = list(idle)
+        try:
+            while queue or running:
+                while queue and idle:
+                    actor = idle.pop()
+                    i, item, name = queue.pop(0)
+                    running[actor.run.remote(item, name)] = (i, name, actor)
+                done, _ = ray.wait(list(running), num_returns=1)
+                i, name, actor = running.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                    idle.append(actor)
+                except Exception as e:  # the actor died: report the item, start a fresh actor
+                    result = TaskResult(name=name, ok=False, reason=f"Ray actor lost: {type(e).__name__}: {e}")
+                    idle.append(cls.remote(fn, threads))
+                    started.append(idle[-1])
+                yield i, result
+        except BaseException:  # interrupted: the items in flight are abandoned with their actors
+            for actor in started:
+                ray.kill(actor)
+            raise
     return submit
 
 
@@ -179,11 +242,17 @@ def _ray_runner(fn, address, num_cpus, threads):
     def submit(batch):
         refs = {remote.remote(threads, fn, item, name): (i, name) for i, item, name in batch}
         waiting = list(refs)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
-            i, name = refs[done[0]]
-            try:
-                yield i, ray.get(done[0])
-            except Exception as e:  # worker or node lost after Ray's own retry
-                yield i, TaskResult(name=name, ok=False, reason=f"Ray task lost: {type(e).__name__}: {e}")
+        try:
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                i, name = refs[done[0]]
+                try:
+                    result = ray.get(done[0])
+                except Exception as e:  # worker or node lost after Ray's own retry
+                    result = TaskResult(name=name, ok=False, reason=f"Ray task lost: {type(e).__name__}: {e}")
+                yield i, result
+        except BaseException:  # interrupted: queued tasks cancelled, running ones' workers killed
+            for ref in waiting:
+                ray.cancel(ref, force=True)
+            raise
     return submit
