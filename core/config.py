@@ -42,11 +42,50 @@ def from_dict(cls: type, data: dict, where: str):
         if dataclasses.is_dataclass(kind):
             values[key] = from_dict(kind, value, f"{where}.{key}")
         else:
-            values[key] = _number(kind, value, f"{where}.{key}")
+            values[key] = _typed(kind, _number(kind, value, f"{where}.{key}"), f"{where}.{key}")
     try:
         return cls(**values)
     except TypeError as e:  # a required key is missing
         raise InputError(f"{where}: {e}") from e
+    except InputError as e:  # the config's own checks (__post_init__): say which file
+        raise InputError(f"{where}: {e}") from None
+
+
+def _typed(kind, value, where: str):
+    """``value`` if it is of the field's type ``kind`` (an int is a float too; a bool is no int),
+    else an InputError that names the field. Types it does not know pass as they are."""
+    options = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, UnionType) else (kind,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return value
+        if origin is typing.Literal and value in typing.get_args(option):
+            return value
+        if origin is bool and isinstance(value, bool):
+            return value
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if origin in (str, list, dict) and isinstance(value, origin):
+            return value
+        if origin not in (type(None), typing.Literal, bool, int, float, str, list, dict):
+            return value
+    raise InputError(f"{where}: expected {' or '.join(map(_type_name, options))}, got {value!r}")
+
+
+def _type_name(option) -> str:
+    if typing.get_origin(option) is typing.Literal:
+        return " or ".join(map(repr, typing.get_args(option)))
+    return "null" if option is type(None) else getattr(typing.get_origin(option) or option, "__name__", str(option))
+
+
+def at_least(cfg, minimum: int, *names: str) -> None:
+    """Refuse a config whose count fields ``names`` are below ``minimum``, naming the field."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value < minimum:
+            raise InputError(f"{name} must be at least {minimum}, got {value}")
 
 
 def _number(kind, value, where: str):
@@ -74,6 +113,8 @@ def load_config(path: str, cls: type, overrides: dict | None = None):
             data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             raise InputError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return from_dict(cls, data, path)
 

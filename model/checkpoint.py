@@ -31,17 +31,16 @@ def save_model(model: nn.Module, path: str) -> None:
 def save_state(state: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:
     """A state dict as safetensors, atomically; the same tensors and metadata give the same bytes."""
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
-        f.write(_sorted_header(save(state, metadata=metadata)))
-
-
-def _sorted_header(data: bytes) -> bytes:
-    """safetensors writes its header's maps in hash order, another in every process; the header
-    again with its keys sorted (the tensors' offsets are relative to the data, which is unchanged)."""
+    data = memoryview(save(state, metadata=metadata))
+    # safetensors writes its header's maps in hash order, another in every process: the header goes
+    # out again with its keys sorted (the tensors' offsets are relative to the data, which is unchanged).
     size = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header = json.dumps(json.loads(bytes(data[8:8 + size])), sort_keys=True, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    return len(header).to_bytes(8, "little") + header + data[8 + size:]
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        f.write(data[8 + size:])
 
 
 def read_config(path: str, config_cls: type) -> Any:

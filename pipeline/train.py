@@ -44,6 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lverse.core.config import at_least
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.runtime.metrics import MetricsLogger
@@ -128,6 +129,12 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
+    def __post_init__(self):
+        at_least(self, 1, "steps", "micro_batch_size", "grad_accum", "checkpoint_every", "log_every")
+        at_least(self, 0, "keep_checkpoints", "sample_every")
+        at_least(self.data, 0, "workers")
+        at_least(self.data, 1, "shuffle_shards")
+
 
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed config, kernels and the one wrapping function
@@ -150,7 +157,12 @@ def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
     sizes, clipping)."""
     path = ds_config_path(path)
     with open(path) as f:
-        ds = json.load(f)
+        try:
+            ds = json.load(f)
+        except ValueError as e:
+            raise InputError(f"DeepSpeed config {path} is not JSON: {e}") from None
+    if not isinstance(ds, dict):
+        raise InputError(f"DeepSpeed config {path} holds a {type(ds).__name__}, not a JSON object")
     owned = [k for k in DS_CONFIG_OWNED_KEYS if k in ds]
     if owned:
         raise InputError(f"{path} sets {owned}; batch sizes, the optimizer, its schedule and clipping come "

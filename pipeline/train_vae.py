@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lverse.core.config import at_least
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
 from lverse.runtime.metrics import MetricsLogger
@@ -98,6 +99,11 @@ class VAETrainConfig:
     target_psnr: float | None = None  # end SL once the held-out PSNR reaches this; sl_steps is then a ceiling
     tensorboard: bool = True
     master_port: int | None = None
+
+    def __post_init__(self):
+        at_least(self, 1, "batch_size", "checkpoint_every", "log_every", "eval_every", "eval_images",
+                 "shuffle_shards")
+        at_least(self, 0, "ml_steps", "sl_steps", "workers", "keep_checkpoints", "sample_every")
 
 
 class ImageBatch:

@@ -7,6 +7,7 @@ caption tokenizer. Multi-rank runs go through torchrun, as a user launches them.
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -393,3 +394,31 @@ def test_shipped_run_configs_parse():
     for name in ("train_debug.yaml", "train_cc3m.yaml"):
         assert load_config(os.path.join(REPO, "configs", name), TrainConfig).steps > 0
     assert load_config(os.path.join(REPO, "configs", "train_vae_debug.yaml"), VAETrainConfig).ml_steps > 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps: -5", "steps must be at least 1, got -5"),
+    ("steps: true", "steps: expected int, got True"),
+    ("micro_batch_size: 2.5", "micro_batch_size: expected int, got 2.5"),
+    ("micro_batch_size: 0", "micro_batch_size must be at least 1, got 0"),
+    ("checkpoint_every: 0", "checkpoint_every must be at least 1, got 0"),
+    ("optim: {schedule: 3}", "optim.schedule: expected str, got 3"),
+    ("steps: [1", "is not valid YAML"),
+    ("- steps: 1", "expected a mapping of config keys, got list"),
+])
+def test_config_mistakes_are_refused_before_any_work_with_the_field_named(tmp_path, text, message):
+    from lverse.core.config import load_config
+    from lverse.core.errors import InputError
+    path = tmp_path / "run.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_config(str(path), TrainConfig)
+
+
+@pytest.mark.parametrize("text, message", [("{not json", "is not JSON"), ("[1, 2]", "holds a list, not a JSON object")])
+def test_a_deepspeed_config_that_is_no_json_object_is_named(tmp_path, text, message):
+    from lverse.core.errors import InputError
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    with pytest.raises(InputError, match=f"{re.escape(str(path))} {message}"):
+        load_ds_config(str(path), TrainConfig(), 1)
