@@ -25,6 +25,7 @@ from types import UnionType
 import yaml
 
 from .errors import InputError
+from .files import atomic_output
 
 
 def from_dict(cls: type, data: dict, where: str):
@@ -121,6 +122,12 @@ def load_config(path: str, cls: type, overrides: dict | None = None):
 
 def dump_config(cfg) -> str:
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+
+
+def write_config(path: str, cfg) -> None:
+    """``cfg`` as YAML at ``path``, atomically: the resolved config a run was started with."""
+    with atomic_output(path) as tmp, open(tmp, "w") as f:
+        f.write(dump_config(cfg))
 
 
 # -- command-line options from a config dataclass ------------------------------------------------

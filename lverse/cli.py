@@ -239,7 +239,6 @@ def _evaluate(args: argparse.Namespace) -> None:
     against COCO-format references. reconstruction: PSNR, SSIM, LPIPS of AugVAE reconstructions of
     image shards. generations: CLIP score of `lverse generate` output.
     """
-    from lverse.core.resources import resolve_device
     from lverse.pipeline import evaluate as ev
     if args.what == "captions":
         if not (args.predictions and args.references):
@@ -249,7 +248,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         if not (args.shards and args.vae):
             raise InputError("evaluate reconstruction needs --shards and --vae")
         metrics = ev.reconstruction_metrics(args.shards, args.vae, limit=args.limit, vgg_checkpoint=args.vgg_checkpoint,
-                                            device=resolve_device(args.device))
+                                            device=args.device)
     else:
         if not args.generations:
             raise InputError("evaluate generations needs --generations")

@@ -16,9 +16,9 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from lverse.core.config import dump_config
+from lverse.core.config import write_config
 from lverse.core.errors import InputError
-from lverse.core.files import atomic_output, atomic_write_json
+from lverse.core.files import atomic_write_json
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.pipeline.download import DownloadConfig, plan, run_download
 from lverse.pipeline.encode import EncodeConfig, run_encode
@@ -101,8 +101,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     run = cfg.run_dir
     download, encode = stage_configs(cfg)
     os.makedirs(run, exist_ok=True)
-    with atomic_output(os.path.join(run, "config.yaml")) as tmp, open(tmp, "w") as f:
-        f.write(dump_config(cfg))
+    write_config(os.path.join(run, "config.yaml"), cfg)
     stages = [("download", lambda: run_download(download)),
               ("tokenizer", lambda: fit_tokenizer_on_shards(encode.shards, os.path.join(run, "tokenizer"),
                                                             cfg.tokenizer)),

@@ -114,10 +114,12 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
 
 @torch.no_grad()
 def reconstruction_metrics(shards: str, vae_path: str, limit: int | None = None, batch_size: int = 16,
-                           vgg_checkpoint: str | None = None, device: str = "cpu") -> dict:
+                           vgg_checkpoint: str | None = None, device: str = "auto") -> dict:
     from lverse.core.images import decodable_images
+    from lverse.core.resources import resolve_device
     from lverse.model.cache import load_vae
     from lverse.model.losses import _build_lpips, psnr
+    device = resolve_device(device)
     vae = load_vae(vae_path, device)
     lpips = _build_lpips(vgg_checkpoint).to(device)
     sums, n = {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}, 0

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lverse.core.config import at_least
+from lverse.core.config import at_least, load_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.runtime.metrics import MetricsLogger
@@ -634,7 +634,6 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
     the model config, in-process; works for every ZeRO stage. Only ``rank`` 0 writes."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from lverse.core.config import from_dict
     from lverse.model.biart import BiART
     from lverse.model.checkpoint import save_model
     found = dict(complete_checkpoints(run_dir))
@@ -645,9 +644,7 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint of step {step}; it has {sorted(found)}")
     if rank:
         return output
-    import yaml
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        cfg = from_dict(TrainConfig, yaml.safe_load(f), os.path.join(run_dir, "config.yaml"))
+    cfg = load_config(os.path.join(run_dir, "config.yaml"), TrainConfig)
     folder = found[step]
     state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
     # the exported file describes the model; how it was trained (recomputing blocks) is not part of it

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
-from lverse.core.config import dump_config
+from lverse.core.config import write_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json
 
@@ -56,7 +57,6 @@ class Process:
 def start_process(master_port: int | None = None) -> Process:
     """Join the job's process group (NCCL on CUDA, else gloo) and pick this rank's device.
     DeepSpeed adopts the group when ``deepspeed.init_distributed`` is called after this."""
-    import torch.distributed as dist
     info = setup_env(master_port)
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
@@ -86,7 +86,6 @@ class StopFlag:
         self.set = True
 
     def agreed(self, device: torch.device) -> bool:
-        import torch.distributed as dist
         flag = torch.tensor([float(self.set)], device=device)
         dist.all_reduce(flag)
         return bool(flag.item())
@@ -175,7 +174,6 @@ class Checkpoint:
 
 def latest_checkpoint(run_dir: str, rank: int) -> Checkpoint | None:
     """The newest complete checkpoint, after rank 0 removed the partial ones (collective)."""
-    import torch.distributed as dist
     if rank == 0:
         remove_partial_checkpoints(run_dir)
     dist.barrier()
@@ -192,7 +190,6 @@ def write_checkpoint(run_dir: str, step: int, meta: dict, keep: int, rank: int, 
     ``collective`` (DeepSpeed: each rank its shards), else on rank 0 only (identical replicas);
     then rank 0 writes the marker (``meta`` + ``step``) and keeps the ``keep`` newest complete
     checkpoints (``derived``: folders of run_dir holding per-checkpoint copies, pruned with them)."""
-    import torch.distributed as dist
     folder = checkpoint_folder(run_dir, step)
     if collective or rank == 0:
         write(folder)
@@ -213,8 +210,7 @@ def write_run_config(run_dir: str, cfg, rank: int) -> None:
     """The resolved run config as ``run_dir/config.yaml`` (rank 0, atomically): what the run was
     started with, and what ``export`` rebuilds the model from."""
     if rank == 0:
-        with atomic_output(os.path.join(run_dir, "config.yaml")) as tmp, open(tmp, "w") as f:
-            f.write(dump_config(cfg))
+        write_config(os.path.join(run_dir, "config.yaml"), cfg)
 
 
 # ---------------------------------------------------------------------------------------------
