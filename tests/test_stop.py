@@ -34,12 +34,26 @@ def _processes(field: int, value: int) -> list[int]:
     return found
 
 
-def _start_encode(tmp_path, vae, executor="local"):
+@pytest.fixture()
+def sessions():
+    """Process sessions a test started; whatever of them is left at its end is killed, pass or fail."""
+    started: list[int] = []
+    yield started
+    for session in started:
+        for pid in _processes(5, session):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _start_encode(tmp_path, vae, sessions, executor="local"):
     raw = raw_shards(str(tmp_path / "raw"), count=SHARDS, n=12)
     out = tmp_path / "tokens"
     proc = subprocess.Popen([LVERSE, "encode", "--shards", raw, "--vae", vae, "--output", str(out), "--workers", "1",
                              "--executor", executor], start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
+    sessions.append(proc.pid)
     deadline = time.time() + 180
     while not glob.glob(str(out / "*_stats.json")):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
@@ -59,8 +73,9 @@ def _wait_gone(session: int, seconds: float) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("executor, sig", [("local", signal.SIGINT), ("local", signal.SIGTERM),
                                            ("ray", signal.SIGINT), ("ray", signal.SIGTERM)])
-def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path, vae_path, executor, sig):  # noqa: F811
-    proc, raw, out = _start_encode(tmp_path, vae_path, executor)
+def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path, vae_path, sessions, executor,  # noqa: F811
+                                                                       sig):
+    proc, raw, out = _start_encode(tmp_path, vae_path, sessions, executor)
     stopped = time.time()
     if sig == signal.SIGINT:  # Ctrl-C in a terminal reaches the whole process group
         os.killpg(proc.pid, sig)
@@ -78,20 +93,17 @@ def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", ["local", "ray"])
-def test_workers_die_with_a_sigkilled_driver(tmp_path, vae_path, executor):  # noqa: F811
+def test_workers_die_with_a_sigkilled_driver(tmp_path, vae_path, sessions, executor):  # noqa: F811
     """Every worker, local process or Ray actor, dies with the driver. Of the private local Ray the
     driver started, Ray's own node agents (dashboard and runtime-env agents, which run no lverse
     code) outlive it (Ray 2.x): the test ends them itself."""
-    proc, _, _ = _start_encode(tmp_path, vae_path, executor)
+    proc, _, _ = _start_encode(tmp_path, vae_path, sessions, executor)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 10
     while _workers_left(proc.pid) and time.time() < deadline:
         time.sleep(0.1)
-    left = _workers_left(proc.pid)
-    for pid in _processes(5, proc.pid):
-        os.kill(pid, signal.SIGKILL)
-    assert left == []
+    assert _workers_left(proc.pid) == []  # the agents are ended by the `sessions` fixture
 
 
 RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
