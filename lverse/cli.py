@@ -450,6 +450,29 @@ def _slurm_submit(args: argparse.Namespace) -> None:
         log.info("submitted job %s (script: %s)", job, path)
 
 
+def _devices_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="what a stage is given: auto, cpu, cuda or cuda:N (default: auto)")
+
+
+@command("devices", _devices_options)
+def _devices(args: argparse.Namespace) -> None:
+    """print the device this process would use, and why
+
+    The rule every stage and training rank uses (lverse/core/resources.py pick_device): it follows
+    what the process sees (CUDA_VISIBLE_DEVICES, the device count, LOCAL_RANK or SLURM_LOCALID).
+    Run it as a job's tasks to check a binding before a long job, e.g.
+    srun --ntasks-per-node=4 --gpus-per-task=1 lverse devices. On a machine without CUDA it
+    answers for the devices CUDA_VISIBLE_DEVICES lists, as a CUDA machine would see them.
+    """
+    import torch
+
+    from lverse.core.resources import pick_device, visible_gpus
+    cuda = torch.cuda.is_available()
+    pick = pick_device(args.device, count=None if cuda else len(visible_gpus()))
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    print(pick.describe(f"rank {rank}") + ("" if cuda else " [no CUDA here: what a CUDA process would use]"))
+
+
 @command("demo", lambda p: _options(p, DemoConfig))
 def _demo(args: argparse.Namespace) -> None:
     """run the whole pipeline on synthetic data, on a CPU, in under 20 minutes

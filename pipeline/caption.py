@@ -208,5 +208,5 @@ def run_caption(cfg: CaptionConfig) -> dict:
         return {"images": images, "undecodable": sum(r.stats.get("failed", 0) for r in results),
                 "images_per_second": rate(images, seconds)}
     return run_shard_stage("caption", ShardCaptioner(cfg), shards, [shard_name(s) for s in shards], cfg.output,
-                           run, totals=totals, actors=True, rate_of="images")
+                           run, totals=totals, actors=True, rate_of="images", device=cfg.device)
 

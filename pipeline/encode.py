@@ -179,5 +179,5 @@ def run_encode(cfg: EncodeConfig) -> dict:
                 "members_without_extension": sum(r.stats.get("no_extension", 0) for r in results),
                 "vae": vae_hash, "images_per_second": rate(encoded, seconds)}
     return run_shard_stage("encode", task, shards, [shard_name(s) for s in shards], cfg.output, run,
-                           totals=totals, actors=True, num_gpus=1 if gpus else 0)
+                           totals=totals, actors=True, num_gpus=1 if gpus else 0, device=cfg.device)
 

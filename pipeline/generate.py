@@ -21,7 +21,7 @@ import torch
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
-from lverse.core.resources import resolve_device
+from lverse.core.resources import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,9 @@ def run_generate(cfg: GenerateConfig) -> dict:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--{name} {path} does not exist")
     prompts = read_prompts(cfg.prompts)
-    device = resolve_device(cfg.device)
+    pick = pick_device(cfg.device)
+    log.info(pick.describe("generate"))
+    device = pick.device
     model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
     vae = AugVAE.from_pretrained(cfg.vae).to(device).eval()
     if vae.cfg.num_tokens != model.cfg.image_len or vae.cfg.codebook_size != model.cfg.image_vocab:

@@ -207,8 +207,11 @@ def apex_layernorm() -> type | None:
     return FusedLayerNorm
 
 
-def wrap(model, cfg: TrainConfig, ds: dict, lr: float):
-    """Single-device model -> DeepSpeed engine; returns (engine, kernel choices)."""
+def wrap(model, cfg: TrainConfig, ds: dict, lr: float, device: torch.device):
+    """Single-device model -> DeepSpeed engine on ``device`` (the rank's, ``pick_device``);
+    returns (engine, kernel choices)."""
+    import argparse
+
     import deepspeed
     kernels = {}
     cuda = torch.cuda.is_available()
@@ -232,7 +235,9 @@ def wrap(model, cfg: TrainConfig, ds: dict, lr: float):
     optimizer, kernels["optimizer"] = build_optimizer(model, cfg.optim, ds, lr)
     kernels["precision"] = precision(ds)
     kernels["zero_stage"] = str(ds.get("zero_optimization", {}).get("stage", 0))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    # DeepSpeed would take cuda:LOCAL_RANK, which does not exist where a task sees only its own GPU.
+    args = argparse.Namespace(device_rank=device.index or 0) if device.type == "cuda" else None
+    engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=ds)
     return engine, kernels
 
 
@@ -401,7 +406,7 @@ def build_engine(run: Run, resume: Checkpoint | None):
     torch.manual_seed(run.cfg.seed)
     model = BiART(run.bcfg)
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {"universal_checkpoint_version": 0.2})
-    engine, kernels = wrap(model, run.cfg, run.ds, run.peak_lr)
+    engine, kernels = wrap(model, run.cfg, run.ds, run.peak_lr, run.proc.device)
     if resume:
         _load(engine, run, resume)
     return engine, kernels

@@ -54,24 +54,26 @@ class SyntheticSet:
 
 
 class SyntheticServer:
-    """Serves a SyntheticSet on 127.0.0.1 in a background thread; a context manager.
+    """Serves a SyntheticSet on ``host`` (127.0.0.1) in a background thread; a context manager.
 
     Args:
         data: the set to serve.
         port: 0 for a free port.
         slow_seconds: how long /bad/slow.jpg waits before answering.
+        host: the address to listen on (a test cluster's bridge address, for its nodes).
     """
 
-    def __init__(self, data: SyntheticSet, port: int = 0, slow_seconds: float = 20.0):
+    def __init__(self, data: SyntheticSet, port: int = 0, slow_seconds: float = 20.0, host: str = "127.0.0.1"):
         self.data, self.slow_seconds = data, slow_seconds
         self.requests: dict[str, int] = {}  # path -> times asked, for tests
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
+        self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
 
     def __enter__(self) -> SyntheticServer:
         self.thread.start()

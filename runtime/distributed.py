@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
-from lverse.core.resources import apply_threads, available_cores, plan_threads
+from lverse.core.errors import InputError
+from lverse.core.resources import apply_threads, available_cores, local_world_size, plan_threads
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,6 @@ def world_info_from_env(env: dict | None = None) -> WorldInfo:
         return WorldInfo(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
                          "slurm")
     return WorldInfo(0, 0, 1, "single")
-
-
-def local_world_size(env: dict | None = None) -> int:
-    """Ranks of this job on this node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's
-    LOCAL_SIZE, else SLURM's tasks per node (the first node's, "4(x2)" -> 4), else 1."""
-    env = os.environ if env is None else env
-    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
-        m = re.match(r"\d+", env.get(name, ""))
-        if m:
-            return max(1, int(m.group()))
-    return 1
 
 
 def slurm_master_addr(nodelist: str) -> str:
@@ -92,6 +82,40 @@ def setup_env(master_port: int | None = None) -> WorldInfo:
     apply_threads(plan.threads)
     log.info("rank %d: %d threads (%s)", info.rank, plan.threads, plan.describe())
     return info
+
+
+RENDEZVOUS_TIMEOUT = "LVERSE_RENDEZVOUS_TIMEOUT"  # seconds a rank waits for rank 0's port (default 300)
+
+
+def check_rendezvous(info: WorldInfo, timeout: float | None = None) -> None:
+    """Before the process group starts: MASTER_ADDR resolves on this node, and every rank above 0
+    reaches rank 0's port within ``timeout`` seconds (``LVERSE_RENDEZVOUS_TIMEOUT``, default 300;
+    refused connections are retried: rank 0 may not listen yet). Without this, a wrong address
+    leaves every rank waiting in the process group's own connect loop for half an hour with no
+    word of which address it tried."""
+    addr, port, host = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), socket.gethostname()
+    try:
+        resolved = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror as e:
+        raise InputError(f"rank {info.rank} on {host}: the rendezvous host MASTER_ADDR={addr} does not resolve "
+                         f"({e}); set MASTER_ADDR to a name or address of the first node that every node "
+                         "resolves") from None
+    if info.rank == 0 or info.world_size == 1:
+        return
+    timeout = float(os.environ.get(RENDEZVOUS_TIMEOUT, 300)) if timeout is None else timeout
+    deadline, last = time.time() + timeout, None
+    while True:
+        try:
+            socket.create_connection((resolved, port), timeout=5).close()
+            return
+        except OSError as e:
+            last = e
+        if time.time() > deadline:
+            raise InputError(f"rank {info.rank} on {host} cannot reach the rendezvous {addr}:{port} ({resolved}) "
+                             f"within {timeout:.0f} s ({last}): rank 0 listens there once it starts. Check that "
+                             f"MASTER_ADDR={addr} is an address the other nodes reach and that port {port} "
+                             f"(MASTER_PORT) is open between nodes; {RENDEZVOUS_TIMEOUT} sets the wait")
+        time.sleep(0.5)
 
 
 def free_port() -> int:

@@ -71,13 +71,15 @@ def _guarded(fn: Callable[[Any], TaskResult], item: Any, name: str) -> TaskResul
 def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str], *,
               executor: str = "local", workers: int = 1, retries: int = 2, desc: str = "tasks",
               ray_address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
-              actors: int = 0, rate_of: str | None = None, threads: int | None = None) -> list[TaskResult]:
+              actors: int = 0, rate_of: str | None = None, threads: int | None = None,
+              gpus: Sequence[str] = ()) -> list[TaskResult]:
     """Run ``fn`` over ``items``; returns the last result of every item, in input order.
 
     ``num_cpus``/``num_gpus`` are Ray resources per task or actor; ``actors`` > 0 runs the items
     on that many Ray actors, each handed a whole item at a time. ``rate_of``: a count in the
     results' stats (e.g. "images") whose rate the progress bar shows. ``threads``: compute threads
-    per worker (None: its share, see the module doc).
+    per worker (None: its share, see the module doc). ``gpus``: on the local executor, the
+    CUDA_VISIBLE_DEVICES of each worker process, one entry per worker (``resources.worker_gpus``).
     """
     if executor not in ("local", "ray"):
         raise InputError(f"executor must be 'local' or 'ray', got {executor!r}")
@@ -86,7 +88,9 @@ def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequ
     if executor == "local":
         plan = plan_threads(min(workers, len(items)), threads=threads)
         log.info("%s: %s", desc, plan.describe())
-        submit = _local_runner(fn, workers, plan.threads)
+        if gpus:
+            log.info("%s: worker GPUs (CUDA_VISIBLE_DEVICES of each): %s", desc, ", ".join(gpus[:workers]))
+        submit = _local_runner(fn, workers, plan.threads, list(gpus[:workers]))
     else:
         per_worker = plan_threads(1, cores=max(1, int(num_cpus)), threads=threads).threads
         log.info("%s: %s threads in each Ray %s (%s CPUs each)", desc, per_worker, "actor" if actors else "task",
@@ -115,11 +119,18 @@ def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequ
     return [results[i] for i in range(len(items))]
 
 
-def _local_runner(fn, workers, threads):
+def _local_runner(fn, workers, threads, gpus):
     def submit(batch):
-        # _start_worker runs in each fresh process before the task (and torch) is unpickled there.
-        pool = cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=mp.get_context("spawn"),
-                                      initializer=_start_worker, initargs=(threads,))
+        # _start_worker runs in each fresh process before the task (and torch) is unpickled there;
+        # each takes one GPU from the queue (a pool starts each of its processes once).
+        context = mp.get_context("spawn")
+        slots = None
+        if gpus:
+            slots = context.Queue()
+            for gpu in gpus:
+                slots.put(gpu)
+        pool = cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=context,
+                                      initializer=_start_worker, initargs=(threads, slots))
         try:
             futures = {pool.submit(_guarded, fn, item, name): (i, name) for i, item, name in batch}
             for future in cf.as_completed(futures):
@@ -135,9 +146,12 @@ def _local_runner(fn, workers, threads):
     return submit
 
 
-def _start_worker(threads: int) -> None:
-    """Every local worker process, first: die with the driver, leave Ctrl-C to it, take its threads."""
+def _start_worker(threads: int, slots=None) -> None:
+    """Every local worker process, first: die with the driver, leave Ctrl-C to it, take its
+    threads and its GPU (before CUDA starts in it)."""
     _die_with_parent()
+    if slots is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = slots.get(timeout=60)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     apply_threads(threads)
 

@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
+from lverse.core.resources import pick_device, worker_gpus
 from lverse.core.shards import SUMMARY
 
 from .executors import StageFailed, TaskResult, run_tasks
@@ -56,11 +57,14 @@ def array_block(count: int, task_index: int, num_tasks: int) -> range:
 
 def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str],
                     output: str, run: Execution, *, totals: Callable[[list[TaskResult], float], dict],
-                    actors: bool = False, num_gpus: float = 0, rate_of: str | None = None) -> dict:
+                    actors: bool = False, num_gpus: float = 0, rate_of: str | None = None,
+                    device: str | None = None) -> dict:
     """Run ``task`` over ``items`` (or the array task's block of them) and write the summary.
 
     ``totals(results, seconds)`` adds the stage's own figures to the summary. ``actors``: on Ray,
     keep ``run.workers`` actors (each loads its model once) instead of one task per item.
+    ``device``: the stage's model device; on the local executor each worker process then gets
+    its own GPU (``worker_gpus``), and the device this process would pick is logged.
     """
     summary_path = os.path.join(output, SUMMARY)
     if run.task_index is not None:
@@ -69,6 +73,9 @@ def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequen
         summary_path = os.path.join(output, f"_summary.task{run.task_index:05d}.json")
         log.info("array task %d of %d: %s", run.task_index, run.num_tasks, list(names))
     kwargs = {"actors": run.workers, "num_gpus": num_gpus} if actors and run.executor == "ray" else {}
+    if device is not None and run.executor == "local":
+        log.info(pick_device(device).describe(stage))
+        kwargs["gpus"] = worker_gpus(min(run.workers, len(items)), device)
     start = time.time()
     results = run_tasks(task, items, names, executor=run.executor, workers=run.workers, retries=run.retries,
                         desc=stage, ray_address=run.ray_address, threads=run.threads, rate_of=rate_of, **kwargs)

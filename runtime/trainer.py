@@ -35,8 +35,9 @@ import torch.distributed as dist
 from lverse.core.config import write_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json
+from lverse.core.resources import pick_device
 
-from .distributed import setup_env
+from .distributed import check_rendezvous, setup_env
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,19 @@ class Process:
 
 
 def start_process(master_port: int | None = None) -> Process:
-    """Join the job's process group (NCCL on CUDA, else gloo) and pick this rank's device.
-    DeepSpeed adopts the group when ``deepspeed.init_distributed`` is called after this."""
+    """Join the job's process group (NCCL on CUDA, else gloo) on this rank's device
+    (``pick_device``: what the rank can see, logged). The rendezvous is checked first
+    (``check_rendezvous``), so a wrong address is an error that names it. DeepSpeed adopts the
+    group when ``deepspeed.init_distributed`` is called after this."""
     info = setup_env(master_port)
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = torch.device("cuda", info.local_rank) if cuda else torch.device("cpu")
-    if cuda:
+    pick = pick_device("auto")
+    log.info(pick.describe(f"rank {info.rank}"))
+    check_rendezvous(info)
+    device = torch.device(pick.device)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Process(dist.get_rank(), dist.get_world_size(), info.local_rank, device)
 
 

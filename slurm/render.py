@@ -35,7 +35,7 @@ class SubmitOptions:
     stage: str  # which template: one of STAGES
     config: str | None = None  # the run config: pipeline YAML (download, encode), train YAML, caption YAML
     nodes: int = 1  # nodes (train, ray)
-    gpus_per_node: int = 0  # GPUs per node: train starts one task per GPU, encode one model per GPU
+    gpus_per_node: int = 0  # GPUs per node: train starts one task per GPU; encode and caption one worker per GPU
     ntasks_per_node: int | None = None  # train: processes per node (None: one per GPU; 1 without GPUs)
     cpus_per_task: int = 2  # CPUs per task
     partition: str | None = None  # SLURM partition (None: the cluster's)
@@ -65,6 +65,12 @@ def check(opts: SubmitOptions) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
     if opts.gpus_per_node < 0:
         raise InputError("--gpus-per-node must be 0 or more")
+    if opts.ntasks_per_node is not None and opts.ntasks_per_node < 1:
+        raise InputError("--ntasks-per-node must be at least 1")
+    if opts.stage == "train" and opts.gpus_per_node and opts.ntasks_per_node not in (None, opts.gpus_per_node):
+        raise InputError(f"train runs one task per GPU: --ntasks-per-node {opts.ntasks_per_node} with --gpus-per-node "
+                         f"{opts.gpus_per_node} would leave GPUs idle or put two ranks on one; give "
+                         f"--ntasks-per-node {opts.gpus_per_node} or leave it out")
     if opts.stage == "ray" and not opts.command:
         raise InputError('the ray stage runs a command on the cluster: lverse slurm submit ray --command "..."')
     if opts.stage != "ray" and not opts.config:
@@ -110,8 +116,10 @@ def render(opts: SubmitOptions, plan: Plan) -> tuple[str, str]:
         values["STOPPED"] = shlex.quote(os.path.join(os.path.abspath(plan.run_dir), "stopped.json"))
         values["TASKS_PER_NODE"] = str(opts.ntasks_per_node or max(1, opts.gpus_per_node))
         values["SIGNAL_SECONDS"] = "300"
+        # One task per GPU, each bound to its own: the task sees one device and uses it as cuda:0
+        # (resources.pick_device), whatever its index on the node or the cluster's cgroup set-up.
         if opts.gpus_per_node:
-            values["GPU_LINE"] = f"#SBATCH --gpus-per-task=1\n#SBATCH --gpus-per-node={opts.gpus_per_node}"
+            values["GPU_LINE"] = "#SBATCH --gpus-per-task=1"
     if opts.stage == "ray":
         values["RAY"] = shlex.quote(os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "ray"))
         values["COMMAND"] = shlex.join(opts.command)

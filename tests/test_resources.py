@@ -1,12 +1,13 @@
-"""Each worker's share of the CPU (core/resources.py): the split, the user's word, and that the
-local pool's workers really run with it."""
+"""What a worker runs on (core/resources.py): its share of the CPU (the split, the user's word,
+and that the local pool's workers really run with it), and its device under every way a launcher
+binds GPUs (tests/test_multinode.py checks the same rule under SLURM's own binding)."""
 
 from __future__ import annotations
 
 import pytest
 
-from lverse.core.resources import plan_threads
-from lverse.runtime.distributed import local_world_size
+from lverse.core.errors import InputError
+from lverse.core.resources import local_world_size, pick_device, plan_threads, worker_gpus
 from lverse.runtime.executors import TaskResult, run_tasks
 
 
@@ -48,3 +49,54 @@ def test_local_workers_run_with_their_share(monkeypatch):
     assert [r.stats for r in results] == [{"torch": 2, "omp": "2"}] * 2
     results = run_tasks(report_threads, [0, 1], ["a", "b"], workers=2, retries=0, threads=1)
     assert [r.stats for r in results] == [{"torch": 1, "omp": "1"}] * 2
+
+
+# What the rule sees: SLURM's or a launcher's variables, and the number of devices CUDA shows.
+ONE_EACH = {"CUDA_VISIBLE_DEVICES": "5", "SLURM_LOCALID": "3", "SLURM_STEP_TASKS_PER_NODE": "4"}  # --gpus-per-task=1
+CGROUP = {"SLURM_LOCALID": "3", "SLURM_STEP_TASKS_PER_NODE": "4"}  # ConstrainDevices: own GPU as device 0, no variable
+SHARED = {"CUDA_VISIBLE_DEVICES": "0,1,2,3", "SLURM_LOCALID": "3", "SLURM_STEP_TASKS_PER_NODE": "4"}  # --gres=gpu:4
+TORCHRUN = {"LOCAL_RANK": "6", "LOCAL_WORLD_SIZE": "8", "SLURM_LOCALID": "0"}  # torchrun inside one SLURM task
+
+
+@pytest.mark.parametrize("env, count, device", [(ONE_EACH, 1, "cuda:0"), (CGROUP, 1, "cuda:0"), (SHARED, 4, "cuda:3"),
+                                                (TORCHRUN, 8, "cuda:6"), ({}, 2, "cuda:0"), ({}, 0, "cpu")])
+def test_each_process_uses_the_device_it_can_see(env, count, device):
+    pick = pick_device("auto", env, count)
+    assert pick.device == device
+    assert f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', 'unset')}" in pick.describe("rank 3")
+
+
+def test_fewer_devices_than_ranks_on_a_node_is_an_error_naming_both():
+    env = {"CUDA_VISIBLE_DEVICES": "0,1", "SLURM_LOCALID": "2", "SLURM_STEP_TASKS_PER_NODE": "4"}
+    with pytest.raises(InputError, match=r"local rank 2 of 4 ranks on this node sees 2 devices "
+                       r"\(CUDA_VISIBLE_DEVICES=0,1\)"):
+        pick_device("auto", env, 2)
+    with pytest.raises(InputError, match="sees no CUDA device"):
+        pick_device("cuda", {}, 0)
+    with pytest.raises(InputError, match="auto, cpu, cuda or cuda:N"):
+        pick_device("gpu", {}, 1)
+    assert pick_device("cpu", SHARED, 4).device == "cpu" and pick_device("cuda:2", SHARED, 4).device == "cuda:2"
+
+
+def test_local_workers_get_a_gpu_each_and_share_only_when_there_are_more_workers():
+    assert worker_gpus(2, "auto", {"CUDA_VISIBLE_DEVICES": "4,6"}, 2) == ["4", "6"]
+    assert worker_gpus(3, "auto", {"CUDA_VISIBLE_DEVICES": "4,6"}, 2) == ["4", "6", "4"]
+    assert worker_gpus(2, "auto", {}, 2) == ["0", "1"]
+    assert worker_gpus(2, "auto", {}, 0) == [] and worker_gpus(2, "cpu", {}, 2) == []
+
+
+def report_gpu(item):
+    import os
+    import time
+    time.sleep(0.3)  # long enough that both workers take items
+    return TaskResult(str(item), ok=True, stats={"pid": os.getpid(), "gpu": os.environ.get("CUDA_VISIBLE_DEVICES")})
+
+
+def test_local_workers_run_with_their_own_cuda_visible_devices():
+    results = run_tasks(report_gpu, list(range(6)), [str(i) for i in range(6)], workers=2, retries=0, gpus=["3", "5"])
+    by_pid = {}
+    for r in results:
+        by_pid.setdefault(r.stats["pid"], set()).add(r.stats["gpu"])
+    assert all(len(gpus) == 1 for gpus in by_pid.values()), by_pid  # a worker keeps its GPU
+    gpus = [g for gs in by_pid.values() for g in gs]
+    assert set(gpus) <= {"3", "5"} and len(gpus) == len(set(gpus)), by_pid  # and no two share one

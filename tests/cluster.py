@@ -1,0 +1,351 @@
+"""Real clusters of several nodes on this one machine, for the tests.
+
+A node is a network namespace with its own address on a private bridge (no route out, so no
+traffic leaves it), its own hostname and its own ``/etc/hosts`` (a file of the test's own, bind
+mounted in a private mount namespace: the machine's ``/etc/hosts`` is never touched). Processes
+run "on" a node through ``Nodes.wrap``.
+
+``SlurmCluster`` puts a real SLURM cluster on the nodes: one munged and one slurmctld (in the root
+network namespace, on the bridge's address), one slurmd per node, and fake GPUs through SLURM's
+GRES: character devices made with mknod, so slurmd sets ``CUDA_VISIBLE_DEVICES`` per task exactly
+as on a GPU cluster. Clients reach it through ``SLURM_CONF`` (``cluster.env``).
+
+Everything has names of its own (namespaces ``lv<pid>n<i>``, a free /24 under 10.213, free
+ports, a temporary folder), and ``stop`` removes all of it, also after a failed test; a run that
+was killed before it could clean up leaves namespaces named after a dead PID, which the next
+``Nodes`` removes. Only the PIDs inside our own namespaces, and the daemons we started, are ever
+signalled.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo")
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _namespaces() -> list[str]:
+    return [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
+
+
+def _remove_stale() -> None:
+    """Namespaces and bridges that a killed test run of ours left (named after its dead PID)."""
+    for name in _namespaces():
+        m = re.fullmatch(r"lv(\d+)n\d+", name)
+        if m and not _alive(int(m.group(1))):
+            _kill_namespace(name)
+            _ip("netns", "del", name, check=False)
+    for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
+        m = re.search(r"\d+: lvb(\d+):", line)
+        if m and not _alive(int(m.group(1))):
+            _ip("link", "del", f"lvb{m.group(1)}", check=False)
+
+
+def _kill_namespace(name: str) -> None:
+    pids = [int(p) for p in _ip("netns", "pids", name, check=False).stdout.split()]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 5
+        while pids and time.time() < deadline:
+            pids = [p for p in pids if _alive(p)]
+            time.sleep(0.05)
+
+
+def _free_subnet() -> str:
+    """A 10.213.X /24 that no interface of this machine uses."""
+    used = _ip("-o", "-4", "addr", "show", check=False).stdout
+    for x in range(7, 250):
+        if f" 10.213.{x}." not in used:
+            return f"10.213.{x}"
+    raise RuntimeError("no free 10.213.X.0/24 subnet for the test nodes")
+
+
+class Nodes:
+    """``count`` nodes named node1..nodeN on a private bridge; the root namespace is ``ctl``."""
+
+    def __init__(self, root: str, count: int):
+        self.root, self.count = root, count
+        self.tag = str(os.getpid())
+        self.bridge = f"lvb{self.tag}"
+        self.names = [f"node{i}" for i in range(1, count + 1)]
+        self.namespaces = [f"lv{self.tag}n{i}" for i in range(1, count + 1)]
+        self.subnet = ""
+        self.hosts = os.path.join(root, "hosts")
+        self._up = False
+
+    def addr(self, node: str) -> str:
+        """The address of ``node`` ("ctl": the bridge, the root namespace's side)."""
+        return f"{self.subnet}.1" if node == "ctl" else f"{self.subnet}.{10 + self.names.index(node) + 1}"
+
+    def start(self) -> Nodes:
+        _remove_stale()
+        if any(ns in _namespaces() for ns in self.namespaces):
+            raise RuntimeError(f"namespaces {self.namespaces} exist already: one cluster per test process")
+        self.subnet = _free_subnet()
+        self._up = True
+        atexit.register(self.stop)
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.addr('ctl')}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for i, (node, ns) in enumerate(zip(self.names, self.namespaces), 1):
+            host, peer = f"lvh{self.tag}x{i}"[-15:], f"lvp{self.tag}x{i}"[-15:]
+            _ip("netns", "add", ns)
+            _ip("link", "add", host, "type", "veth", "peer", "name", peer)
+            _ip("link", "set", peer, "netns", ns)
+            _ip("link", "set", host, "master", self.bridge, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "link", "set", peer, "name", "eth0")
+            _ip("-n", ns, "addr", "add", f"{self.addr(node)}/24", "dev", "eth0")
+            _ip("-n", ns, "link", "set", "eth0", "up")
+        with open(self.hosts, "w") as f:
+            f.write("127.0.0.1 localhost\n" + f"{self.addr('ctl')} ctl\n"
+                    + "".join(f"{self.addr(n)} {n}\n" for n in self.names))
+        return self
+
+    def wrap(self, node: str, argv: list[str]) -> list[str]:
+        """``argv`` run on ``node``: its network, its hostname, its /etc/hosts."""
+        ns = self.namespaces[self.names.index(node)]
+        script = f'hostname {node} && mount --bind "$0" /etc/hosts && exec "$@"'
+        return ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "sh", "-c", script,
+                self.hosts, *argv]
+
+    def pids(self, node: str) -> list[int]:
+        ns = self.namespaces[self.names.index(node)]
+        return [int(p) for p in _ip("netns", "pids", ns, check=False).stdout.split()]
+
+    def kill(self, node: str) -> None:
+        """SIGKILL every process on ``node``: what a node that dies does to its work."""
+        for pid in self.pids(node):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        if not self._up:
+            return
+        self._up = False
+        for ns in self.namespaces:
+            if ns in _namespaces():
+                _kill_namespace(ns)
+                _ip("netns", "del", ns, check=False)  # removes its veth pair too
+        _ip("link", "del", self.bridge, check=False)
+        deadline = time.time() + 5  # the kernel removes a namespace's veth pair once its last process is gone
+        while time.time() < deadline and f"lvh{self.tag}x" in _ip("-o", "link", "show", check=False).stdout:
+            time.sleep(0.05)
+        if not _namespaces() and " /run/netns " in open("/proc/mounts").read():
+            subprocess.run(["umount", "/run/netns"], capture_output=True)
+            try:
+                os.rmdir("/run/netns")
+            except OSError:
+                pass
+        atexit.unregister(self.stop)
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _sbin(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def missing_slurm() -> list[str]:
+    return [b for b in SLURM_BINARIES if shutil.which(b) is None and not os.path.exists(f"/usr/sbin/{b}")]
+
+
+class SlurmCluster:
+    """A SLURM cluster of ``nodes`` nodes with ``cpus`` CPUs and ``gpus`` fake GPUs each."""
+
+    def __init__(self, root: str, nodes: int = 1, cpus: int = 2, gpus: int = 0):
+        self.root = root
+        self.nodes = Nodes(os.path.join(root, "net"), nodes)
+        self.cpus, self.gpus = cpus, gpus
+        self.procs: list[subprocess.Popen] = []
+        self.conf = os.path.join(root, "slurm.conf")
+        self.socket = os.path.join(root, "munge", "munge.socket")
+        self.env = {**os.environ, "SLURM_CONF": self.conf}
+        self.started_in = 0.0
+
+    def missing(self) -> list[str]:
+        return missing_slurm()
+
+    def start(self, timeout: float = 60) -> SlurmCluster:
+        began = time.time()
+        r = self.root
+        for sub in ("munge", "state", "spool", "log", "net", "dev"):
+            os.makedirs(os.path.join(r, sub), mode=0o700, exist_ok=True)
+        try:
+            self.nodes.start()
+            self._start_munge()
+            self._write_conf()
+            ctl = ["unshare", "--uts", "sh", "-c", 'hostname ctl && exec "$@"', "sh",
+                   _sbin("slurmctld"), "-f", self.conf, "-D", "-i"]
+            self._spawn(ctl)
+            for node in self.nodes.names:
+                self.start_node(node)
+            self._wait_idle(self.nodes.names, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        self.started_in = time.time() - began
+        return self
+
+    def start_node(self, node: str) -> None:
+        """(Re)start ``node``'s slurmd."""
+        self._spawn(self.nodes.wrap(node, [_sbin("slurmd"), "-f", self.conf, "-D", "-N", node]))
+
+    def _start_munge(self) -> None:
+        r = self.root
+        key = os.path.join(r, "munge", "munge.key")
+        with open(key, "wb") as f:
+            f.write(os.urandom(1024))
+        os.chmod(key, 0o400)
+        subprocess.run([_sbin("munged"), "--key-file", key, "--socket", self.socket, "--pid-file",
+                        os.path.join(r, "munge", "munged.pid"), "--log-file", os.path.join(r, "log", "munged.log"),
+                        "--seed-file", os.path.join(r, "munge", "munged.seed"), "--force"], check=True, env=self.env)
+
+    def _write_conf(self) -> None:
+        r, n = self.root, len(self.nodes.names)
+        gres = ""
+        if self.gpus:
+            for i in range(self.gpus):
+                path = os.path.join(r, "dev", f"gpu{i}")
+                if not os.path.exists(path):
+                    os.mknod(path, 0o666 | 0o020000, os.makedev(195, i))  # a character device, like /dev/nvidiaN
+            with open(os.path.join(r, "gres.conf"), "w") as f:
+                f.write(f"AutoDetect=off\nName=gpu File={r}/dev/gpu[0-{self.gpus - 1}]\n")
+            gres = f" Gres=gpu:{self.gpus}"
+        nodes = "node1" if n == 1 else f"node[1-{n}]"
+        addrs = ",".join(self.nodes.addr(name) for name in self.nodes.names)
+        ctl = self.nodes.addr("ctl")
+        with open(self.conf, "w") as f:
+            f.write(f"""ClusterName=lversetest
+SlurmctldHost=ctl({ctl})
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={_free_port(ctl)}
+SlurmdPort={_free_port(ctl)}
+AuthType=auth/munge
+AuthInfo=socket={self.socket},cred_expire=10
+CredType=cred/munge
+StateSaveLocation={r}/state
+SlurmdSpoolDir={r}/spool/%n
+SlurmctldPidFile={r}/slurmctld.pid
+SlurmdPidFile={r}/slurmd-%n.pid
+SlurmctldLogFile={r}/log/slurmctld.log
+SlurmdLogFile={r}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=bf_interval=1
+MpiDefault=none
+GresTypes=gpu
+ReturnToService=2
+JobRequeue=1
+MinJobAge=600
+KillWait=5
+InactiveLimit=0
+SlurmctldTimeout=10
+SlurmdTimeout=10
+NodeName={nodes} NodeAddr={addrs} CPUs={self.cpus} RealMemory=4000{gres} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+""")
+
+    def _spawn(self, argv: list[str]) -> None:
+        self.procs.append(subprocess.Popen(argv, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                           start_new_session=True))
+
+    def _wait_idle(self, nodes: list[str], timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            states = self.node_states()
+            if all(states.get(n, "").rstrip("*") in ("idle", "mixed", "allocated") and not states[n].endswith("*")
+                   for n in nodes):
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"the SLURM test cluster did not come up ({self.node_states()}); logs in {self.root}/log: "
+                           + self.log("slurmctld")[-2000:])
+
+    def node_states(self) -> dict[str, str]:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True, text=True)
+        return dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
+
+    def log(self, name: str) -> str:
+        path = os.path.join(self.root, "log", f"{name}.log")
+        return open(path, errors="replace").read() if os.path.exists(path) else ""
+
+    def wait_job(self, job: str, timeout: float = 300) -> dict[str, str]:
+        """Wait until every task of ``job`` has ended; returns {job id: state}."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            states = self.states(job)
+            if states and all(s in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+                              for s in states.values()):
+                return states
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job} still running after {timeout}s: {self.states(job)}")
+
+    def jobs(self, job: str) -> dict[str, dict[str, str]]:
+        """{job or array task id: scontrol's fields} (no accounting database here)."""
+        out = subprocess.run(["scontrol", "-o", "show", "job", job], env=self.env, capture_output=True, text=True)
+        jobs = {}
+        for line in out.stdout.splitlines():
+            fields = dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+            task = fields.get("ArrayTaskId")
+            jobs[f"{fields['ArrayJobId']}_{task}" if task else fields.get("JobId")] = fields
+        return jobs
+
+    def states(self, job: str) -> dict[str, str]:
+        return {key: fields.get("JobState") for key, fields in self.jobs(job).items()}
+
+    def srun(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["srun", *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        subprocess.run(["scancel", "--user", "root"], env=self.env, capture_output=True, timeout=30)
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        pid_file = os.path.join(self.root, "munge", "munged.pid")
+        if os.path.exists(pid_file):
+            try:
+                os.kill(int(open(pid_file).read().strip()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+        self.nodes.stop()  # ends whatever is left on the nodes (job steps), then the network
