@@ -25,6 +25,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -69,7 +70,24 @@ def start_process(master_port: int | None = None) -> Process:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":  # what the rule cannot see alone: two ranks given the same GPU
+        mine = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        shared = shared_devices(everyone)
+        if shared:
+            raise InputError(f"{shared[0]}: give each rank its own GPU (one task per GPU, --gpus-per-task=1)")
     return Process(dist.get_rank(), dist.get_world_size(), info.local_rank, device)
+
+
+def shared_devices(devices: Sequence[tuple[str, str]]) -> list[str]:
+    """Which ranks share a GPU, from every rank's (host, device UUID) in rank order."""
+    first, shared = {}, []
+    for rank, device in enumerate(devices):
+        if device in first:
+            shared.append(f"ranks {first[device]} and {rank} on {device[0]} both use GPU {device[1]}")
+        first.setdefault(device, rank)
+    return shared
 
 
 def reseed(seed: int, step: int, rank: int) -> None:

@@ -10,7 +10,7 @@ network namespace, on the bridge's address), one slurmd per node, and fake GPUs 
 GRES: character devices made with mknod, so slurmd sets ``CUDA_VISIBLE_DEVICES`` per task exactly
 as on a GPU cluster. Clients reach it through ``SLURM_CONF`` (``cluster.env``).
 
-Everything has names of its own (namespaces ``lv<pid>n<i>``, a free /24 under 10.213, free
+Everything has names of its own (namespaces ``lv<pid>-<k>n<i>``, a free /24 under 10.213, free
 ports, a temporary folder), and ``stop`` removes all of it, also after a failed test; a run that
 was killed before it could clean up leaves namespaces named after a dead PID, which the next
 ``Nodes`` removes. Only the PIDs inside our own namespaces, and the daemons we started, are ever
@@ -52,14 +52,14 @@ def _namespaces() -> list[str]:
 def _remove_stale() -> None:
     """Namespaces and bridges that a killed test run of ours left (named after its dead PID)."""
     for name in _namespaces():
-        m = re.fullmatch(r"lv(\d+)n\d+", name)
+        m = re.fullmatch(r"lv(\d+)-\d+n\d+", name)
         if m and not _alive(int(m.group(1))):
             _kill_namespace(name)
             _ip("netns", "del", name, check=False)
     for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
-        m = re.search(r"\d+: lvb(\d+):", line)
-        if m and not _alive(int(m.group(1))):
-            _ip("link", "del", f"lvb{m.group(1)}", check=False)
+        m = re.search(r"\d+: (lvb(\d+)-\d+):", line)
+        if m and not _alive(int(m.group(2))):
+            _ip("link", "del", m.group(1), check=False)
 
 
 def _kill_namespace(name: str) -> None:
@@ -88,10 +88,14 @@ def _free_subnet() -> str:
 class Nodes:
     """``count`` nodes named node1..nodeN on a private bridge; the root namespace is ``ctl``."""
 
+    made = 0  # clusters this process made: part of every name, so two can be up at once
+
     def __init__(self, root: str, count: int):
+        Nodes.made += 1
         self.root, self.count = root, count
-        self.tag = str(os.getpid())
+        self.tag = f"{os.getpid()}-{Nodes.made}"
         self.bridge = f"lvb{self.tag}"
+        self.veth = f"lvh{os.getpid()}x{Nodes.made}x"  # + node number: the root side of its veth pair
         self.names = [f"node{i}" for i in range(1, count + 1)]
         self.namespaces = [f"lv{self.tag}n{i}" for i in range(1, count + 1)]
         self.subnet = ""
@@ -113,13 +117,10 @@ class Nodes:
         _ip("addr", "add", f"{self.addr('ctl')}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for i, (node, ns) in enumerate(zip(self.names, self.namespaces), 1):
-            host, peer = f"lvh{self.tag}x{i}"[-15:], f"lvp{self.tag}x{i}"[-15:]
             _ip("netns", "add", ns)
-            _ip("link", "add", host, "type", "veth", "peer", "name", peer)
-            _ip("link", "set", peer, "netns", ns)
-            _ip("link", "set", host, "master", self.bridge, "up")
+            _ip("link", "add", f"{self.veth}{i}", "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _ip("link", "set", f"{self.veth}{i}", "master", self.bridge, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "link", "set", peer, "name", "eth0")
             _ip("-n", ns, "addr", "add", f"{self.addr(node)}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
         with open(self.hosts, "w") as f:
@@ -156,7 +157,7 @@ class Nodes:
                 _ip("netns", "del", ns, check=False)  # removes its veth pair too
         _ip("link", "del", self.bridge, check=False)
         deadline = time.time() + 5  # the kernel removes a namespace's veth pair once its last process is gone
-        while time.time() < deadline and f"lvh{self.tag}x" in _ip("-o", "link", "show", check=False).stdout:
+        while time.time() < deadline and self.veth in _ip("-o", "link", "show", check=False).stdout:
             time.sleep(0.05)
         if not _namespaces() and " /run/netns " in open("/proc/mounts").read():
             subprocess.run(["umount", "/run/netns"], capture_output=True)
@@ -182,12 +183,13 @@ def missing_slurm() -> list[str]:
 
 
 class SlurmCluster:
-    """A SLURM cluster of ``nodes`` nodes with ``cpus`` CPUs and ``gpus`` fake GPUs each."""
+    """A SLURM cluster of ``nodes`` nodes with ``cpus`` CPUs and ``gpus`` fake GPUs each; ``share``
+    jobs may share a CPU (more jobs at once than CPUs, for tests that do not measure speed)."""
 
-    def __init__(self, root: str, nodes: int = 1, cpus: int = 2, gpus: int = 0):
+    def __init__(self, root: str, nodes: int = 1, cpus: int = 2, gpus: int = 0, share: int = 1):
         self.root = root
         self.nodes = Nodes(os.path.join(root, "net"), nodes)
-        self.cpus, self.gpus = cpus, gpus
+        self.cpus, self.gpus, self.share = cpus, gpus, share
         self.procs: list[subprocess.Popen] = []
         self.conf = os.path.join(root, "slurm.conf")
         self.socket = os.path.join(root, "munge", "munge.socket")
@@ -244,6 +246,7 @@ class SlurmCluster:
                 f.write(f"AutoDetect=off\nName=gpu File={r}/dev/gpu[0-{self.gpus - 1}]\n")
             gres = f" Gres=gpu:{self.gpus}"
         nodes = "node1" if n == 1 else f"node[1-{n}]"
+        share = f" OverSubscribe=FORCE:{self.share}" if self.share > 1 else ""
         addrs = ",".join(self.nodes.addr(name) for name in self.nodes.names)
         ctl = self.nodes.addr("ctl")
         with open(self.conf, "w") as f:
@@ -278,7 +281,7 @@ InactiveLimit=0
 SlurmctldTimeout=10
 SlurmdTimeout=10
 NodeName={nodes} NodeAddr={addrs} CPUs={self.cpus} RealMemory=4000{gres} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP{share}
 """)
 
     def _spawn(self, argv: list[str]) -> None:

@@ -100,3 +100,9 @@ def test_local_workers_run_with_their_own_cuda_visible_devices():
     assert all(len(gpus) == 1 for gpus in by_pid.values()), by_pid  # a worker keeps its GPU
     gpus = [g for gs in by_pid.values() for g in gs]
     assert set(gpus) <= {"3", "5"} and len(gpus) == len(set(gpus)), by_pid  # and no two share one
+
+
+def test_ranks_given_the_same_gpu_are_named():
+    from lverse.runtime.trainer import shared_devices
+    assert shared_devices([("node1", "GPU-a"), ("node1", "GPU-b"), ("node2", "GPU-a")]) == []
+    assert shared_devices([("node1", "GPU-a"), ("node1", "GPU-a")]) == ["ranks 0 and 1 on node1 both use GPU GPU-a"]
