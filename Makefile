@@ -6,9 +6,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the test suite needs: a private sshd, rsync and nc for the `ray up` test; SLURM
-# and munge for the one-node SLURM cluster the SLURM tests start (tests/slurm_cluster.py); Java for
+# and munge for the SLURM clusters the SLURM tests start, and iproute2 for their nodes' network
+# namespaces (tests/cluster.py); Java for
 # pycocoevalcap's tokenizer and METEOR; headless Chromium for the report test.
-SYSTEM_PACKAGES := openssh-server rsync netcat-openbsd slurmctld slurmd slurm-client munge default-jre-headless chromium
+SYSTEM_PACKAGES := openssh-server rsync netcat-openbsd iproute2 slurmctld slurmd slurm-client munge default-jre-headless chromium
 
 .PHONY: venv system-deps test test-fast lint demo clean
 

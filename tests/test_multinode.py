@@ -13,14 +13,17 @@ from __future__ import annotations
 import glob
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from .cluster import Nodes, SlurmCluster, missing_slurm
+from .conftest import free_port
 from .test_train import data, losses, metrics, run_job, train_config  # noqa: F401  (the token-shard fixture)
 
 pytestmark = pytest.mark.slow
@@ -222,3 +225,57 @@ def test_a_node_that_dies_mid_run_costs_only_the_steps_since_the_last_checkpoint
         ours_, theirs = losses(ours[step][-1]), losses(reference[step][-1])
         assert all(abs(ours_[k] - theirs[k]) <= 1e-5 for k in theirs), step
     cluster._wait_idle([victim], 60)
+
+
+def test_download_and_encode_arrays_spread_over_nodes_and_write_what_one_node_writes(cluster, tmp_path):
+    """Job arrays on the cluster, one task per node at a time (each asks for a whole node's CPUs),
+    writing into the shared run folder; the images come from a server on the bridge. The token
+    shards equal those one local run writes from the same image shards, byte for byte."""
+    from lverse.model import AugVAE, save_model
+    from lverse.model.augvae import PRESETS
+    from lverse.pipeline.encode import EncodeConfig, run_encode
+    from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
+
+    torch.manual_seed(0)
+    save_model(AugVAE(PRESETS["debug-sl"]), str(tmp_path / "vae.safetensors"))
+    with SyntheticServer(SyntheticSet(seed=3, train=24, heldout=1, image_size=64),
+                         host=cluster.nodes.addr("ctl")) as server:
+        tsv = server.write_tsv(str(tmp_path / "tsv"), bad_urls=False)["train"]
+        config = tmp_path / "pipeline.yaml"
+        config.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"),
+                                          "download": {"input": tsv, "samples_per_shard": 4, "image_size": 64},
+                                          "encode": {"vae": str(tmp_path / "vae.safetensors"), "batch_size": 4}}))
+        hosts = {}
+        for stage, extra in (("download", []), ("encode", ["--gpus-per-node", "2"])):
+            job = submit(cluster, stage, "--config", str(config), "--cpus-per-task", "2", *extra)
+            states = cluster.wait_job(job, timeout=300)
+            log = job_log(tmp_path / "run" / "slurm")
+            assert set(states.values()) == {"COMPLETED"} and len(states) == 6, (states, log[-4000:])
+            hosts[stage] = {fields["BatchHost"] for fields in cluster.jobs(job).values()}
+    assert len(hosts["download"]) >= 2 and len(hosts["encode"]) >= 2, hosts
+    # every encode task saw its two GPUs, and its workers would take one each
+    assert re.findall(r"encode on (node\d): \S+ of CUDA_VISIBLE_DEVICES=0,1", log), log[-3000:]
+    images = sorted(glob.glob(str(tmp_path / "run" / "shards" / "*.tar")))
+    tokens = sorted(glob.glob(str(tmp_path / "run" / "tokens" / "*.tar")))
+    assert len(images) == len(tokens) == 6
+    run_encode(EncodeConfig(shards=str(tmp_path / "run" / "shards"), vae=str(tmp_path / "vae.safetensors"),
+                            output=str(tmp_path / "one_node"), batch_size=4))
+    for path in tokens:
+        with open(path, "rb") as a, open(tmp_path / "one_node" / os.path.basename(path), "rb") as b:
+            assert a.read() == b.read(), path
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-node.invalid", "MASTER_PORT": "29555"},
+     "the rendezvous host MASTER_ADDR=no-such-node.invalid does not resolve"),
+    ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "LVERSE_RENDEZVOUS_TIMEOUT": "2"},
+     "rank 1 on {host} cannot reach the rendezvous 127.0.0.1:{port} (127.0.0.1) within 2 s")])
+def test_a_rendezvous_no_rank_can_reach_is_an_error_before_any_work(data, tmp_path, env, message):  # noqa: F811
+    """What a wrong node list or a closed port gives: exit 2 and the address, not a half-hour hang."""
+    cfg = two_node_config(data, str(tmp_path))
+    port = str(free_port())
+    env = {**os.environ, "MASTER_PORT": port, "LOCAL_RANK": env["RANK"], **env}
+    out = subprocess.run([LVERSE, "train", "--config", cfg], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert message.format(host=socket.gethostname(), port=env["MASTER_PORT"]) in out.stderr, out.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -1,4 +1,5 @@
-"""SLURM templates against a real one-node SLURM cluster (munged, slurmctld, slurmd; private).
+"""SLURM templates against a real one-node SLURM cluster (munged, slurmctld, slurmd; private: one
+node of tests/cluster.py; tests/test_multinode.py runs them across several).
 
 Jobs are submitted with ``lverse slurm submit`` exactly as a user would, with ``SLURM_CONF``
 pointing at the test cluster.
@@ -22,7 +23,7 @@ from lverse.plans import plan
 from lverse.runtime.stage import array_block
 from lverse.slurm.render import SubmitOptions, check
 
-from .slurm_cluster import SlurmCluster
+from .cluster import SlurmCluster
 from .test_caption import biart  # noqa: F401  (a debug BiART checkpoint)
 from .test_encode import raw_shards
 from .test_train import data, train_config  # noqa: F401  (the token-shard fixture)
@@ -32,7 +33,7 @@ HOSTILE = "dir with $(touch PWNED) `touch PWNED` and 'quotes'"
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
-    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")), nodes=1, cpus=os.cpu_count() or 2, share=4)
     if cluster.missing():
         message = f"SLURM binaries missing: {cluster.missing()} (make test installs them)"
         if os.environ.get("CI"):
@@ -183,7 +184,8 @@ def test_dry_run_keeps_the_script_and_quotes_every_value(data, tmp_path):  # noq
                                            time="2-00:00:00", job_name="biart.500m"))
     assert run_dir == str(folder / "run")
     assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=8" in script
-    assert "#SBATCH --gpus-per-node=8" in script and "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --gpus-per-task=1" in script and "#SBATCH --partition=gpu" in script
+    assert "--gpus-per-node" not in script  # with --gpus-per-task, it would only restate it
     config_word = script.split("train --config ", 1)[1].splitlines()[0]
     assert config_word.startswith("'") and "$(touch PWNED)" in config_word  # single-quoted: inert
     ray, _ = render(SubmitOptions("ray", nodes=3, command=["lverse", "pipeline", "run", "x.yaml", "--ray-address",
@@ -193,6 +195,10 @@ def test_dry_run_keeps_the_script_and_quotes_every_value(data, tmp_path):  # noq
     for bad in (dict(time="1h"), dict(partition="gpu;rm"), dict(array="0-3;x")):
         with pytest.raises(ValueError):
             render(SubmitOptions("train", config=cfg, **bad))
+    with pytest.raises(ValueError, match="one task per GPU: --ntasks-per-node 4 with --gpus-per-node 8"):
+        render(SubmitOptions("train", config=cfg, gpus_per_node=8, ntasks_per_node=4))
+    cpu, _ = render(SubmitOptions("train", config=cfg, nodes=2, ntasks_per_node=4))  # CPU nodes: no GPU line
+    assert "#SBATCH --ntasks-per-node=4" in cpu and "#SBATCH --gpu" not in cpu and "--gres" not in cpu
 
 
 def test_download_array_has_one_task_per_chunk(tmp_path):
