@@ -178,14 +178,25 @@ def _encode(args: argparse.Namespace) -> None:
 _MODEL_FILES = ("checkpoint", "vae", "tokenizer", "clip_checkpoint")
 
 
-def _caption_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=None, type=_existing_file,
-                   help="a YAML of CaptionConfig fields (the options below); options given here override its "
-                   "values. Without it, --shards, --checkpoint, --vae, --tokenizer and --output are required")
-    _options(p, CaptionConfig, files=_MODEL_FILES, required=False)
+def _with_config(cls: type, files: tuple[str, ...]):
+    """Options of a stage that also runs from a YAML file (``--config``), as the SLURM templates do."""
+    def options(p: argparse.ArgumentParser) -> None:
+        required = ", ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)
+                             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        p.add_argument("--config", default=None, type=_existing_file,
+                       help=f"a YAML of {cls.__name__} fields (the options below); options given here override "
+                       f"its values. Without it, {required} are required")
+        _options(p, cls, files=files, required=False)
+    return options
 
 
-@command("caption", _caption_options)
+def _config_from(cls: type, args: argparse.Namespace):
+    if args.config:  # the SLURM templates' way: the file, with --task-index and --num-tasks on top
+        return load_config(args.config, cls, given_options(cls, args))
+    return options_to_config(cls, args)
+
+
+@command("caption", _with_config(CaptionConfig, _MODEL_FILES))
 def _caption(args: argparse.Namespace) -> None:
     """caption every image of a webdataset corpus (BiART + CLIP reranking)
 
@@ -195,25 +206,23 @@ def _caption(args: argparse.Namespace) -> None:
     clip_score, error), written atomically; a rerun skips finished shards. Writes _summary.json.
     """
     from lverse.pipeline.caption import run_caption
-    if args.config:  # the SLURM template's way: the file, with --task-index and --num-tasks on top
-        cfg = load_config(args.config, CaptionConfig, given_options(CaptionConfig, args))
-        _check_execution(cfg)
-    else:
-        cfg = _stage_config(CaptionConfig, args)
+    cfg = _config_from(CaptionConfig, args)
+    _check_execution(cfg)
     _print_json(run_caption(cfg))
 
 
-@command("generate", lambda p: _options(p, GenerateConfig, files=("prompts", *_MODEL_FILES)))
+@command("generate", _with_config(GenerateConfig, ("prompts", *_MODEL_FILES)))
 def _generate(args: argparse.Namespace) -> None:
     """text-to-image: N candidates per prompt, the best by CLIP
 
     For each prompt (one per line) sample CANDIDATES images with the KV cache, decode them with the
     AugVAE in FP32 and keep the one CLIP scores highest. Writes OUTPUT/NNNNN/ per prompt: best.png,
     candidates/, sheet.png (a contact sheet, the chosen one framed) and result.json (last: a rerun
-    skips finished prompts).
+    skips finished prompts). With --task-index and --num-tasks (a SLURM array task: lverse slurm
+    submit generate) only that block of the prompts.
     """
     from lverse.pipeline.generate import run_generate
-    _print_json(run_generate(options_to_config(GenerateConfig, args)))
+    _print_json(run_generate(_config_from(GenerateConfig, args)))
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:

@@ -29,13 +29,19 @@ def _caption(config: str) -> Plan:
     return Plan(run_dir=cfg.output, items=len(expand_shards(cfg.shards)))
 
 
+def _generate(config: str) -> Plan:
+    from lverse.pipeline.generate import GenerateConfig, read_prompts
+    cfg = load_config(config, GenerateConfig)
+    return Plan(run_dir=cfg.output, items=len(read_prompts(cfg.prompts)))
+
+
 def _train(config: str) -> Plan:
     from lverse.pipeline.train import TrainConfig
     return Plan(run_dir=load_config(config, TrainConfig).run_dir)
 
 
 PLANNERS = {"download": _pipeline_stage("download"), "encode": _pipeline_stage("encode"), "caption": _caption,
-            "train": _train, "ray": lambda config: Plan(run_dir=os.getcwd())}
+            "generate": _generate, "train": _train, "ray": lambda config: Plan(run_dir=os.getcwd())}
 
 
 def plan(stage: str, config: str | None) -> Plan:

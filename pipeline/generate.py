@@ -22,6 +22,7 @@ import torch
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.resources import pick_device
+from lverse.runtime.stage import array_block
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ class GenerateConfig:
     clip_checkpoint: str | None = None  # its weights, a local file (None: random weights, tests only)
     device: str = "auto"  # cuda when available, else cpu
     seed: int = 0  # sampling seed (drawn per prompt)
+    task_index: int | None = None  # SLURM array task: generate only this block of the prompts
+    num_tasks: int | None = None  # the number of array tasks the prompts are split into
+
+    def __post_init__(self):
+        if (self.task_index is None) != (self.num_tasks is None):
+            raise InputError("--task-index and --num-tasks go together (one SLURM array task)")
 
 
 def read_prompts(path: str) -> list[str]:
@@ -76,7 +83,12 @@ def run_generate(cfg: GenerateConfig) -> dict:
     tok = CaptionTokenizer(cfg.tokenizer, offset=model.cfg.text_offset)
     clip = ClipScorer(cfg.clip, cfg.clip_checkpoint, device) if cfg.candidates > 1 else None
     done, start = 0, time.time()
-    for i, text in enumerate(prompts):
+    block = range(len(prompts))
+    if cfg.task_index is not None:
+        block = array_block(len(prompts), cfg.task_index, cfg.num_tasks)
+        log.info("array task %d of %d: prompts %d-%d", cfg.task_index, cfg.num_tasks, block.start, block.stop - 1)
+    for i in block:
+        text = prompts[i]
         folder = os.path.join(cfg.output, f"{i:05d}")
         if os.path.exists(os.path.join(folder, "result.json")):
             continue
@@ -101,7 +113,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         log.info("prompt %d/%d %r: candidate %d of %d (CLIP %s)", i + 1, len(prompts), text, best,
                  len(pictures), "n/a" if scores[best] is None else f"{scores[best]:.3f}")
     seconds = time.time() - start
-    return {"prompts": len(prompts), "generated": done, "skipped": len(prompts) - done,
+    return {"prompts": len(block), "generated": done, "skipped": len(block) - done,
             "seconds": round(seconds, 1), "images_per_second": round(done * cfg.candidates / max(seconds, 1e-9), 2)}
 
 

@@ -2,7 +2,8 @@
 
 One template per launch shape (``slurm/*.sbatch``): ``download`` and ``encode`` (job arrays over
 chunks / shard blocks), ``train`` (one task per GPU through ``srun``), ``ray`` (a Ray cluster in an
-allocation, then a command), ``caption`` (job array over shard blocks). The rendered script is
+allocation, then a command), ``caption`` (job array over shard blocks), ``generate`` (job array
+over prompt blocks, one GPU per task). The rendered script is
 written into the run folder (``{run_dir}/slurm/{stage}-{time}.sbatch``) and kept: it is exactly what
 ran. Every value is validated before rendering and inserted shell-quoted, so a job name, path or
 command cannot inject shell code: names outside ``[A-Za-z0-9._-]`` are refused, paths and command
@@ -23,7 +24,7 @@ from importlib import resources
 
 from lverse.core.errors import InputError
 
-STAGES = ("download", "encode", "train", "caption", "ray")
+STAGES = ("download", "encode", "train", "caption", "generate", "ray")
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TIME = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
 _ARRAY = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*(%\d+)?")
@@ -67,6 +68,9 @@ def check(opts: SubmitOptions) -> None:
         raise InputError("--gpus-per-node must be 0 or more")
     if opts.ntasks_per_node is not None and opts.ntasks_per_node < 1:
         raise InputError("--ntasks-per-node must be at least 1")
+    if opts.stage == "generate" and opts.gpus_per_node > 1:
+        raise InputError("generate runs one process per array task: give it --gpus-per-node 1 (each task its own "
+                         "GPU) and let the array spread the prompts")
     if opts.stage == "train" and opts.gpus_per_node and opts.ntasks_per_node not in (None, opts.gpus_per_node):
         raise InputError(f"train runs one task per GPU: --ntasks-per-node {opts.ntasks_per_node} with --gpus-per-node "
                          f"{opts.gpus_per_node} would leave GPUs idle or put two ranks on one; give "
