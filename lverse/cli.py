@@ -218,11 +218,14 @@ def _generate(args: argparse.Namespace) -> None:
     For each prompt (one per line) sample CANDIDATES images with the KV cache, decode them with the
     AugVAE in FP32 and keep the one CLIP scores highest. Writes OUTPUT/NNNNN/ per prompt: best.png,
     candidates/, sheet.png (a contact sheet, the chosen one framed) and result.json (last: a rerun
-    skips finished prompts). With --task-index and --num-tasks (a SLURM array task: lverse slurm
-    submit generate) only that block of the prompts.
+    skips finished prompts). Prompts are taken PROMPTS_PER_ITEM at a time by local workers (one
+    per GPU), Ray actors (--executor ray) or, with --task-index and --num-tasks, SLURM array tasks
+    (lverse slurm submit generate). Writes _summary.json.
     """
     from lverse.pipeline.generate import run_generate
-    _print_json(run_generate(_config_from(GenerateConfig, args)))
+    cfg = _config_from(GenerateConfig, args)
+    _check_execution(cfg)
+    _print_json(run_generate(cfg))
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:

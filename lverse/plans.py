@@ -30,9 +30,9 @@ def _caption(config: str) -> Plan:
 
 
 def _generate(config: str) -> Plan:
-    from lverse.pipeline.generate import GenerateConfig, read_prompts
+    from lverse.pipeline.generate import GenerateConfig, prompt_items, read_prompts
     cfg = load_config(config, GenerateConfig)
-    return Plan(run_dir=cfg.output, items=len(read_prompts(cfg.prompts)))
+    return Plan(run_dir=cfg.output, items=len(prompt_items(len(read_prompts(cfg.prompts)), cfg.prompts_per_item)))
 
 
 def _train(config: str) -> Plan:

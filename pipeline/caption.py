@@ -16,7 +16,6 @@ gets the same captions.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import os
@@ -30,23 +29,22 @@ import torch
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_parquet, read_json
 from lverse.core.images import preprocess
-from lverse.core.resources import default_workers, resolve_device
+from lverse.core.resources import resolve_device
 from lverse.core.shards import check_vae, expand_shards, file_sha256, read_tar, sample_meta, shard_name, stats_path
 from lverse.model.cache import cached, load_vae
 from lverse.runtime.executors import TaskResult
-from lverse.runtime.stage import Execution, rate, run_shard_stage
+from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class CaptionConfig(Execution):
+class CaptionConfig(ModelExecution):
     shards: str  # image shards or token shards: a folder, a glob or a {00000..00099} range
     checkpoint: str  # BiART .safetensors (`lverse export`)
     vae: str  # the AugVAE (encodes raw images; token shards must come from it)
     tokenizer: str  # the caption tokenizer's .model
     output: str  # folder for one parquet per input shard
-    workers: int | None = None  # model replicas: processes or Ray actors (None: one per GPU, else 1)
     candidates: int = 64  # captions sampled per image, CLIP keeps one
     max_tokens: int = 32  # text tokens sampled per candidate
     batch_size: int = 4  # images per generation batch (batch_size x candidates sequences)
@@ -56,7 +54,6 @@ class CaptionConfig(Execution):
     clip: str = "ViT-B-32"  # open_clip architecture
     clip_checkpoint: str | None = None  # its weights, a local file (None: random weights, tests only)
     keep_candidates: bool = False  # also store every candidate and its CLIP score
-    device: str = "auto"  # cuda when available, else cpu
     seed: int = 0  # sampling seed (drawn per shard)
 
 
@@ -201,12 +198,11 @@ def run_caption(cfg: CaptionConfig) -> dict:
     check_vae(token_shards, file_sha256(cfg.vae), image_shards="",
               other_vae="give --vae the AugVAE the shards were encoded with")
     os.makedirs(cfg.output, exist_ok=True)
-    run = dataclasses.replace(cfg, workers=cfg.workers or default_workers(cfg.device))
 
     def totals(results, seconds):
         images = sum(r.stats.get("images", 0) for r in results if not r.skipped)
         return {"images": images, "undecodable": sum(r.stats.get("failed", 0) for r in results),
                 "images_per_second": rate(images, seconds)}
     return run_shard_stage("caption", ShardCaptioner(cfg), shards, [shard_name(s) for s in shards], cfg.output,
-                           run, totals=totals, actors=True, rate_of="images", device=cfg.device)
+                           cfg, totals=totals, rate_of="images")
 

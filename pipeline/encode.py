@@ -22,7 +22,6 @@ share of the cores (``resources.py``).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import glob
 import io
 import json
@@ -37,24 +36,22 @@ import numpy as np
 
 from lverse.core.files import atomic_output, atomic_write_json, read_json, remove_stale_temporaries
 from lverse.core.images import preprocess
-from lverse.core.resources import default_workers, resolve_device
+from lverse.core.resources import resolve_device
 from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name
 from lverse.model.cache import load_vae
-from lverse.runtime.executors import TaskResult, cluster_gpus
-from lverse.runtime.stage import Execution, rate, run_shard_stage
+from lverse.runtime.executors import TaskResult
+from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class EncodeConfig(Execution):
+class EncodeConfig(ModelExecution):
     shards: str  # a folder, a glob ("raw/*.tar") or a range ("raw/{00000..00099}.tar")
     vae: str  # AugVAE checkpoint: lverse .safetensors or the official .ckpt
     output: str  # folder for token shards and _summary.json
-    workers: int | None = None  # model replicas: processes or Ray actors, one GPU each (None: one per GPU, else 1)
     batch_size: int = 32  # images per forward pass
     decode_threads: int | None = None  # JPEG decode + resize threads per worker (None: its thread share)
-    device: str = "auto"  # cuda when available, else cpu
 
 
 def _ordered_prefetch(pool: ThreadPoolExecutor, fn, items, window: int):
@@ -168,9 +165,6 @@ def run_encode(cfg: EncodeConfig) -> dict:
     load_vae(cfg.vae)  # a bad checkpoint fails here, once, with its message
     os.makedirs(cfg.output, exist_ok=True)
     task = ShardEncoder(cfg.vae, vae_hash, cfg.output, cfg.batch_size, cfg.decode_threads, cfg.device)
-    gpus = cluster_gpus(cfg.ray_address) if cfg.executor == "ray" else 0  # the cluster's, not this machine's
-    workers = cfg.workers or (gpus or 1 if cfg.executor == "ray" else default_workers(cfg.device))
-    run = dataclasses.replace(cfg, workers=workers)
 
     def totals(results, seconds):
         encoded = sum(r.stats.get("samples", 0) for r in results if not r.skipped)
@@ -178,6 +172,6 @@ def run_encode(cfg: EncodeConfig) -> dict:
                 "bad_json_samples": sum(r.stats.get("bad_json", 0) for r in results),
                 "members_without_extension": sum(r.stats.get("no_extension", 0) for r in results),
                 "vae": vae_hash, "images_per_second": rate(encoded, seconds)}
-    return run_shard_stage("encode", task, shards, [shard_name(s) for s in shards], cfg.output, run,
-                           totals=totals, actors=True, num_gpus=1 if gpus else 0, device=cfg.device)
+    return run_shard_stage("encode", task, shards, [shard_name(s) for s in shards], cfg.output, cfg,
+                           totals=totals)
 

@@ -6,6 +6,10 @@ CLIP picks the one closest to the prompt. Written per prompt into ``OUTPUT/NNNNN
 ``candidates/CC.png``, ``sheet.png`` (every candidate in a grid, the chosen one framed) and
 ``result.json`` (prompt, scores, the chosen index), written last: a rerun skips prompts that have
 it. ``candidates=1`` skips CLIP. Sampling is seeded per prompt.
+
+A shard stage like caption: the prompts are split into items of ``prompts_per_item``, run by
+local worker processes (one per GPU), Ray actors (``--executor ray``) or SLURM array tasks, each
+keeping its models loaded; ``_summary.json`` as every stage writes it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import zlib
 from dataclasses import dataclass
 
@@ -21,14 +24,16 @@ import torch
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
-from lverse.core.resources import pick_device
-from lverse.runtime.stage import array_block
+from lverse.core.resources import resolve_device
+from lverse.model.cache import cached, load_vae
+from lverse.runtime.executors import TaskResult
+from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class GenerateConfig:
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(ModelExecution):
     prompts: str  # a text file, one prompt per line
     checkpoint: str  # BiART .safetensors
     vae: str  # the AugVAE the model was trained with
@@ -41,14 +46,8 @@ class GenerateConfig:
     decode_batch: int = 16  # candidates decoded by the AugVAE at once
     clip: str = "ViT-B-32"  # open_clip architecture
     clip_checkpoint: str | None = None  # its weights, a local file (None: random weights, tests only)
-    device: str = "auto"  # cuda when available, else cpu
     seed: int = 0  # sampling seed (drawn per prompt)
-    task_index: int | None = None  # SLURM array task: generate only this block of the prompts
-    num_tasks: int | None = None  # the number of array tasks the prompts are split into
-
-    def __post_init__(self):
-        if (self.task_index is None) != (self.num_tasks is None):
-            raise InputError("--task-index and --num-tasks go together (one SLURM array task)")
+    prompts_per_item: int = 16  # prompts per work item: what a worker, Ray actor or array task takes at once
 
 
 def read_prompts(path: str) -> list[str]:
@@ -59,39 +58,79 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-@torch.no_grad()
 def run_generate(cfg: GenerateConfig) -> dict:
-    """Generate for every prompt not yet done; returns a summary."""
-    from lverse.model.augvae import AugVAE
-    from lverse.model.biart import BiART, BiARTConfig, Direction, prompt_for
-    from lverse.model.checkpoint import load_model
-    from lverse.model.clip import ClipScorer, to_pil
-    from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+    """Generate for every prompt not yet done, in items of ``prompts_per_item`` prompts on the
+    configured executor; returns (and writes) the summary."""
     for name, path in (("checkpoint", cfg.checkpoint), ("vae", cfg.vae), ("tokenizer", cfg.tokenizer)):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--{name} {path} does not exist")
+    if cfg.prompts_per_item < 1:
+        raise InputError("--prompts-per-item must be at least 1")
     prompts = read_prompts(cfg.prompts)
-    pick = pick_device(cfg.device)
-    log.info(pick.describe("generate"))
-    device = pick.device
-    model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
-    vae = AugVAE.from_pretrained(cfg.vae).to(device).eval()
-    if vae.cfg.num_tokens != model.cfg.image_len or vae.cfg.codebook_size != model.cfg.image_vocab:
-        raise InputError(f"{cfg.vae} makes {vae.cfg.num_tokens} tokens of {vae.cfg.codebook_size} codes, "
-                         f"{cfg.checkpoint} generates {model.cfg.image_len} of {model.cfg.image_vocab}: "
-                         "give the AugVAE the model was trained with")
-    tok = CaptionTokenizer(cfg.tokenizer, offset=model.cfg.text_offset)
-    clip = ClipScorer(cfg.clip, cfg.clip_checkpoint, device) if cfg.candidates > 1 else None
-    done, start = 0, time.time()
-    block = range(len(prompts))
-    if cfg.task_index is not None:
-        block = array_block(len(prompts), cfg.task_index, cfg.num_tasks)
-        log.info("array task %d of %d: prompts %d-%d", cfg.task_index, cfg.num_tasks, block.start, block.stop - 1)
-    for i in block:
-        text = prompts[i]
+    _models(cfg, "cpu")  # a checkpoint that does not fit its AugVAE or tokenizer fails here, once
+    os.makedirs(cfg.output, exist_ok=True)
+    items = prompt_items(len(prompts), cfg.prompts_per_item)
+
+    def totals(results, seconds):
+        done = sum(r.stats.get("generated", 0) for r in results)
+        return {"prompts": len(prompts), "generated": done,
+                "images_per_second": rate(done * cfg.candidates, seconds)}
+    return run_shard_stage("generate", PromptGenerator(cfg, tuple(prompts)), items,
+                           [f"prompts_{r.start:05d}-{r.stop - 1:05d}" for r in items], cfg.output, cfg, totals=totals,
+                           rate_of="generated")
+
+
+def prompt_items(count: int, per_item: int) -> list[range]:
+    return [range(i, min(i + per_item, count)) for i in range(0, count, per_item)]
+
+
+def _models(cfg: GenerateConfig, device: str):
+    """(BiART, tokenizer, AugVAE, CLIP or None) of ``cfg``, loaded once per worker process."""
+    def load():
+        from lverse.model.biart import BiART, BiARTConfig
+        from lverse.model.checkpoint import load_model
+        from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+        model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
+        vae = load_vae(cfg.vae, device)
+        if vae.cfg.num_tokens != model.cfg.image_len or vae.cfg.codebook_size != model.cfg.image_vocab:
+            raise InputError(f"{cfg.vae} makes {vae.cfg.num_tokens} tokens of {vae.cfg.codebook_size} codes, "
+                             f"{cfg.checkpoint} generates {model.cfg.image_len} of {model.cfg.image_vocab}: "
+                             "give the AugVAE the model was trained with")
+        tok = CaptionTokenizer(cfg.tokenizer, offset=model.cfg.text_offset)
+        clip = None
+        if cfg.candidates > 1:
+            from lverse.model.clip import ClipScorer
+            clip = ClipScorer(cfg.clip, cfg.clip_checkpoint, device)
+        return model, tok, vae, clip
+    return cached("generator", (cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.clip, cfg.clip_checkpoint,
+                                cfg.candidates > 1, device), load)
+
+
+@dataclass(frozen=True)
+class PromptGenerator:
+    """The per-item task: the prompts of one range (picklable; models loaded once per worker)."""
+
+    cfg: GenerateConfig
+    prompts: tuple[str, ...]
+
+    @torch.no_grad()
+    def __call__(self, indices: range) -> TaskResult:
+        cfg = self.cfg
+        name = f"prompts_{indices.start:05d}-{indices.stop - 1:05d}"
+        todo = [i for i in indices if not os.path.exists(os.path.join(cfg.output, f"{i:05d}", "result.json"))]
+        if not todo:
+            return TaskResult(name, ok=True, skipped=True)
+        device = resolve_device(cfg.device)
+        models = _models(cfg, device)
+        for i in todo:
+            self._one(i, *models, device)
+        return TaskResult(name, ok=True, stats={"generated": len(todo)})
+
+    def _one(self, i, model, tok, vae, clip, device):
+        from lverse.model.biart import Direction, prompt_for
+        from lverse.model.clip import to_pil
+        cfg, text = self.cfg, self.prompts[i]
         folder = os.path.join(cfg.output, f"{i:05d}")
-        if os.path.exists(os.path.join(folder, "result.json")):
-            continue
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + zlib.crc32(text.encode()))
         ids = tok.encode([text], model.cfg.text_len).to(device)
         codes = model.generate(prompt_for(ids, Direction.T2I, model.cfg), Direction.T2I, model.cfg.image_len,
@@ -109,12 +148,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
         contact_sheet(pictures, best).save(os.path.join(folder, "sheet.png"))
         atomic_write_json(os.path.join(folder, "result.json"),
                           {"prompt": text, "best": best, "clip_score": scores[best], "scores": scores})
-        done += 1
-        log.info("prompt %d/%d %r: candidate %d of %d (CLIP %s)", i + 1, len(prompts), text, best,
-                 len(pictures), "n/a" if scores[best] is None else f"{scores[best]:.3f}")
-    seconds = time.time() - start
-    return {"prompts": len(block), "generated": done, "skipped": len(block) - done,
-            "seconds": round(seconds, 1), "images_per_second": round(done * cfg.candidates / max(seconds, 1e-9), 2)}
+        log.info("prompt %d %r: candidate %d of %d (CLIP %s)", i, text, best, len(pictures),
+                 "n/a" if scores[best] is None else f"{scores[best]:.3f}")
 
 
 def contact_sheet(pictures: list, chosen: int, pad: int = 4):

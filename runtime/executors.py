@@ -32,6 +32,7 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -58,14 +59,17 @@ class TaskResult:
     reason: str = ""  # why not, when not ok
     skipped: bool = False  # already done before this run
     stats: dict[str, Any] = field(default_factory=dict)
+    node: str = ""  # the host that ran it (empty when the worker was lost with it)
 
 
 def _guarded(fn: Callable[[Any], TaskResult], item: Any, name: str) -> TaskResult:
     try:
-        return fn(item)
+        result = fn(item)
     except Exception as e:  # a bug or an unexpected failure in one item must not end the run
         log.exception("task %s failed", name)
-        return TaskResult(name=name, ok=False, reason=f"{type(e).__name__}: {e}")
+        result = TaskResult(name=name, ok=False, reason=f"{type(e).__name__}: {e}")
+    result.node = socket.gethostname()
+    return result
 
 
 def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str], *,
@@ -97,26 +101,51 @@ def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequ
                  num_cpus)
         submit = (_ray_actor_runner(fn, ray_address, num_cpus, num_gpus, actors, per_worker) if actors
                   else _ray_runner(fn, ray_address, num_cpus, per_worker))
-    done_units, started = 0, time.time()
-    with tqdm(total=len(items), desc=desc, unit="shard") as bar:
+    progress = _Progress(len(items), desc, rate_of)
+    with progress.bar:
         for attempt in range(retries + 1):
             # closing(): an interrupt that lands here, between results, still ends the workers at once
             with contextlib.closing(submit([(i, items[i], names[i]) for i in pending])) as running:
                 for i, result in running:
                     results[i] = result
-                    if result.ok:
-                        bar.update(1)
-                    if rate_of and result.ok and not result.skipped:
-                        done_units += result.stats.get(rate_of, 0)
-                        bar.set_postfix({f"{rate_of}/s": f"{done_units / (time.time() - started):.2f}"})
+                    progress.add(result)
             pending = [i for i in pending if not results[i].ok]
             if not pending:
                 break
             if attempt < retries:
                 log.warning("%d of %d %s failed; retrying (%d of %d): %s", len(pending), len(items), desc,
-                            attempt + 1, retries, "; ".join(f"{results[i].name}: {results[i].reason}"
-                                                             for i in pending[:5]))
+                            attempt + 1, retries, "; ".join(
+                                f"{results[i].name}{' on ' + results[i].node if results[i].node else ''}: "
+                                f"{results[i].reason}" for i in pending[:5]))
     return [results[i] for i in range(len(items))]
+
+
+class _Progress:
+    """One bar per stage: items done of all, the rate of ``rate_of`` units, failures, and how many
+    items each node has done (on a cluster)."""
+
+    def __init__(self, total: int, desc: str, rate_of: str | None):
+        self.bar = tqdm(total=total, desc=desc, unit="shard")
+        self.rate_of, self.units, self.failed, self.started = rate_of, 0, 0, time.time()
+        self.by_node: dict[str, int] = {}
+
+    def add(self, result: TaskResult) -> None:
+        if not result.ok:
+            self.failed += 1
+        else:
+            self.bar.update(1)
+            if not result.skipped:
+                self.by_node[result.node] = self.by_node.get(result.node, 0) + 1
+                if self.rate_of:
+                    self.units += result.stats.get(self.rate_of, 0)
+        postfix = {}
+        if self.rate_of:
+            postfix[f"{self.rate_of}/s"] = f"{self.units / max(time.time() - self.started, 1e-9):.2f}"
+        if self.failed:
+            postfix["failed"] = self.failed
+        if len(self.by_node) > 1:
+            postfix["nodes"] = " ".join(f"{node}:{n}" for node, n in sorted(self.by_node.items()))
+        self.bar.set_postfix(postfix)
 
 
 def _local_runner(fn, workers, threads, gpus):
@@ -188,6 +217,7 @@ def _init_ray(address):
     """
     import ray
     if not ray.is_initialized():
+        _check_answers(address or os.environ.get("RAY_ADDRESS"))
         # ray.init installs its own SIGTERM handler, which ends the driver without ending its
         # workers; the driver's own (the CLI takes SIGTERM as Ctrl-C) is put back.
         main = threading.current_thread() is threading.main_thread()
@@ -199,9 +229,101 @@ def _init_ray(address):
     return ray
 
 
-def cluster_gpus(address: str | None) -> int:
-    """GPUs of the Ray cluster at ``address`` (joined, or started, as ``run_tasks`` would)."""
-    return int(_init_ray(address).cluster_resources().get("GPU", 0))
+def cluster_resources(address: str | None) -> dict[str, float]:
+    """The Ray cluster's resources ({"CPU": 48.0, "GPU": 8.0, ...}) at ``address`` (joined, or
+    started, as ``run_tasks`` would)."""
+    return dict(_init_ray(address).cluster_resources())
+
+
+@dataclass(frozen=True)
+class RayPool:
+    actors: int  # model replicas
+    num_cpus: float  # Ray resources each asks for
+    num_gpus: float
+
+    def describe(self) -> str:
+        return (f"{self.actors} Ray actors, each {self.num_gpus:g} GPU and {self.num_cpus:g} CPU" if self.num_gpus
+                else f"{self.actors} Ray actors, each {self.num_cpus:g} CPU")
+
+
+def ray_pool(resources: dict[str, float], device: str, workers: int | None = None, gpus_per_worker: float = 1.0,
+             cpus_per_worker: float = 1.0) -> RayPool:
+    """The actors a model stage starts on a Ray cluster with ``resources``, and what each asks for.
+
+    On CUDA (``device`` auto or cuda on a cluster with GPUs) each actor asks for
+    ``gpus_per_worker`` GPUs: 1, one model per GPU (Ray then gives it its own CUDA_VISIBLE_DEVICES),
+    or a share below 1 when the user asks to put several models on one GPU; by default as many
+    actors as the GPUs hold. On CPUs each asks for ``cpus_per_worker`` CPUs, and by default as many
+    as fit with one CPU left for the driver's and Ray's own tasks. Asking for more than the cluster
+    has is an error naming the resource, not a queue that never moves.
+    """
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if device == "cuda" and not gpus:
+        raise InputError(f"device cuda: the Ray cluster has no GPU (its resources: {_resources_text(resources)}); "
+                         "add GPU nodes or use device auto or cpu")
+    if not 0 < gpus_per_worker <= 1:
+        raise InputError(f"gpus_per_worker must be in (0, 1] (one model per GPU, or a share of one), "
+                         f"got {gpus_per_worker}")
+    if device in ("auto", "cuda") and gpus:
+        most = int(gpus / gpus_per_worker + 1e-9)
+        actors = workers or most
+        if actors > most:
+            raise InputError(f"{actors} workers x {gpus_per_worker:g} GPU need {actors * gpus_per_worker:g} GPUs; "
+                             f"the Ray cluster has {gpus:g}: use --workers {most} or a smaller gpus_per_worker")
+        return RayPool(actors, cpus_per_worker, gpus_per_worker)
+    most = int((cpus - 1) // cpus_per_worker) if cpus > cpus_per_worker else int(cpus // cpus_per_worker)
+    if most < 1:
+        raise InputError(f"each worker asks for {cpus_per_worker:g} CPU; the Ray cluster has {cpus:g}")
+    actors = workers or most
+    if actors * cpus_per_worker > cpus:
+        raise InputError(f"{actors} workers x {cpus_per_worker:g} CPU need {actors * cpus_per_worker:g} CPUs; "
+                         f"the Ray cluster has {cpus:g}: use --workers {most}")
+    return RayPool(actors, cpus_per_worker, 0.0)
+
+
+def _resources_text(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory")) or "none"
+
+
+def check_shared(address: str | None, folder: str) -> None:
+    """Every node of the Ray cluster sees ``folder``: a marker written here must be visible from a
+    task on each node, else outputs written there by one node would be lost to the rest (and to
+    this driver). Raises InputError naming the nodes that do not see it."""
+    import uuid
+    ray = _init_ray(address)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    os.makedirs(folder, exist_ok=True)
+    marker = os.path.join(folder, f".lverse-shared-{uuid.uuid4().hex}")
+    with open(marker, "w"):
+        pass
+    try:
+        look = ray.remote(num_cpus=0)(_sees)
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        seen = ray.get([look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                        .remote(marker) for n in nodes], timeout=120)
+    finally:
+        os.remove(marker)
+    blind = [host for host, sees in seen if not sees]
+    if blind:
+        raise InputError(f"{os.path.abspath(folder)} is not visible from node(s) {', '.join(sorted(blind))}: on a "
+                         "Ray cluster the output folder must be on storage every node shares (NFS, Lustre, ...)")
+
+
+def _sees(path: str) -> tuple[str, bool]:
+    return socket.gethostname(), os.path.exists(path)
+
+
+def _check_answers(address: str | None, timeout: float = 10.0) -> None:
+    """A ``host:port`` Ray address answers within ``timeout`` seconds (ray.init would wait far
+    longer and then name no address); "auto", "local" and ray:// addresses are left to Ray."""
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise InputError(f"the Ray cluster at {address} does not answer ({e}): check --ray-address (the head's "
+                         "GCS address, host:port) and that the head is running") from None
 
 
 class _Actor:

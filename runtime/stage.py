@@ -14,6 +14,7 @@ runner's part is the same for every stage:
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -24,10 +25,10 @@ from typing import Any, Literal
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
-from lverse.core.resources import pick_device, worker_gpus
+from lverse.core.resources import default_workers, pick_device, worker_gpus
 from lverse.core.shards import SUMMARY
 
-from .executors import StageFailed, TaskResult, run_tasks
+from .executors import StageFailed, TaskResult, check_shared, cluster_resources, ray_pool, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,15 @@ class Execution:
     num_tasks: int = 1  # the number of array tasks
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModelExecution(Execution):
+    """A stage that keeps a model in each worker (encode, caption, generate): one per GPU."""
+
+    workers: int | None = None  # model replicas, processes or Ray actors (None: one per GPU, else 1; Ray: all it holds)
+    device: str = "auto"  # cuda when available, else cpu
+    gpus_per_worker: float = 1.0  # Ray: GPUs per replica; below 1 shares a GPU (only when asked)
+
+
 def array_block(count: int, task_index: int, num_tasks: int) -> range:
     """Items of array task ``task_index`` of ``num_tasks`` over ``count`` items: a contiguous block,
     the first ``count % num_tasks`` blocks one longer."""
@@ -57,14 +67,14 @@ def array_block(count: int, task_index: int, num_tasks: int) -> range:
 
 def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str],
                     output: str, run: Execution, *, totals: Callable[[list[TaskResult], float], dict],
-                    actors: bool = False, num_gpus: float = 0, rate_of: str | None = None,
-                    device: str | None = None) -> dict:
+                    rate_of: str | None = None) -> dict:
     """Run ``task`` over ``items`` (or the array task's block of them) and write the summary.
 
-    ``totals(results, seconds)`` adds the stage's own figures to the summary. ``actors``: on Ray,
-    keep ``run.workers`` actors (each loads its model once) instead of one task per item.
-    ``device``: the stage's model device; on the local executor each worker process then gets
-    its own GPU (``worker_gpus``), and the device this process would pick is logged.
+    ``totals(results, seconds)`` adds the stage's own figures to the summary. A stage that keeps
+    a model (its config a ``ModelExecution``) runs on Ray actors (each loads its model once,
+    ``ray_pool`` sizes them and their resources), and locally on worker processes that each get
+    their own GPU (``worker_gpus``); the device this process would pick is logged. On Ray the
+    output folder must be one every node sees (``check_shared``).
     """
     summary_path = os.path.join(output, SUMMARY)
     if run.task_index is not None:
@@ -72,12 +82,20 @@ def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequen
         items, names = [items[i] for i in block], [names[i] for i in block]
         summary_path = os.path.join(output, f"_summary.task{run.task_index:05d}.json")
         log.info("array task %d of %d: %s", run.task_index, run.num_tasks, list(names))
-    kwargs = {"actors": run.workers, "num_gpus": num_gpus} if actors and run.executor == "ray" else {}
-    if device is not None and run.executor == "local":
-        log.info(pick_device(device).describe(stage))
-        kwargs["gpus"] = worker_gpus(min(run.workers, len(items)), device)
+    kwargs, workers = {}, run.workers
+    if run.executor == "ray":
+        check_shared(run.ray_address, output)
+    if isinstance(run, ModelExecution) and run.executor == "ray":
+        pool = ray_pool(cluster_resources(run.ray_address), run.device, run.workers, run.gpus_per_worker,
+                        cpus_per_worker=run.threads or 1)
+        log.info("%s: %s", stage, pool.describe())
+        kwargs, workers = {"actors": pool.actors, "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus}, pool.actors
+    elif isinstance(run, ModelExecution):
+        log.info(pick_device(run.device).describe(stage))
+        workers = run.workers or default_workers(run.device)
+        kwargs["gpus"] = worker_gpus(min(workers, len(items)), run.device)
     start = time.time()
-    results = run_tasks(task, items, names, executor=run.executor, workers=run.workers, retries=run.retries,
+    results = run_tasks(task, items, names, executor=run.executor, workers=workers, retries=run.retries,
                         desc=stage, ray_address=run.ray_address, threads=run.threads, rate_of=rate_of, **kwargs)
     seconds = time.time() - start
     summary = summarize(stage, results, seconds) | totals(results, seconds)
@@ -97,7 +115,9 @@ def summarize(stage: str, results: list[TaskResult], seconds: float) -> dict:
             "done_shards": [r.name for r in results if r.ok and not r.skipped],
             "skipped": sum(r.skipped for r in results),
             "failed": [{"shard": r.name, "reason": r.reason} for r in results if not r.ok],
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1),
+            "nodes": dict(collections.Counter(r.node for r in results if r.ok and not r.skipped)),
+            "shard_nodes": {r.name: r.node for r in results if r.ok and not r.skipped}}
 
 
 def rate(count: float, seconds: float) -> float:

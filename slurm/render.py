@@ -2,8 +2,8 @@
 
 One template per launch shape (``slurm/*.sbatch``): ``download`` and ``encode`` (job arrays over
 chunks / shard blocks), ``train`` (one task per GPU through ``srun``), ``ray`` (a Ray cluster in an
-allocation, then a command), ``caption`` (job array over shard blocks), ``generate`` (job array
-over prompt blocks, one GPU per task). The rendered script is
+allocation, then a command), ``caption`` and ``generate`` (job arrays over shard or prompt
+blocks, one worker process per GPU of the task). The rendered script is
 written into the run folder (``{run_dir}/slurm/{stage}-{time}.sbatch``) and kept: it is exactly what
 ran. Every value is validated before rendering and inserted shell-quoted, so a job name, path or
 command cannot inject shell code: names outside ``[A-Za-z0-9._-]`` are refused, paths and command
@@ -36,7 +36,7 @@ class SubmitOptions:
     stage: str  # which template: one of STAGES
     config: str | None = None  # the run config: pipeline YAML (download, encode), train YAML, caption YAML
     nodes: int = 1  # nodes (train, ray)
-    gpus_per_node: int = 0  # GPUs per node: train starts one task per GPU; encode and caption one worker per GPU
+    gpus_per_node: int = 0  # GPUs per node: train starts one task per GPU; encode, caption, generate a worker per GPU
     ntasks_per_node: int | None = None  # train: processes per node (None: one per GPU; 1 without GPUs)
     cpus_per_task: int = 2  # CPUs per task
     partition: str | None = None  # SLURM partition (None: the cluster's)
@@ -68,9 +68,6 @@ def check(opts: SubmitOptions) -> None:
         raise InputError("--gpus-per-node must be 0 or more")
     if opts.ntasks_per_node is not None and opts.ntasks_per_node < 1:
         raise InputError("--ntasks-per-node must be at least 1")
-    if opts.stage == "generate" and opts.gpus_per_node > 1:
-        raise InputError("generate runs one process per array task: give it --gpus-per-node 1 (each task its own "
-                         "GPU) and let the array spread the prompts")
     if opts.stage == "train" and opts.gpus_per_node and opts.ntasks_per_node not in (None, opts.gpus_per_node):
         raise InputError(f"train runs one task per GPU: --ntasks-per-node {opts.ntasks_per_node} with --gpus-per-node "
                          f"{opts.gpus_per_node} would leave GPUs idle or put two ranks on one; give "

@@ -128,11 +128,14 @@ class Nodes:
                     + "".join(f"{self.addr(n)} {n}\n" for n in self.names))
         return self
 
-    def wrap(self, node: str, argv: list[str]) -> list[str]:
-        """``argv`` run on ``node``: its network, its hostname, its /etc/hosts."""
+    def wrap(self, node: str, argv: list[str], own_pids: bool = False) -> list[str]:
+        """``argv`` run on ``node``: its network, its hostname, its /etc/hosts. ``own_pids``: in a
+        PID namespace of its own too, so that what it starts sees only its own processes (``ray
+        stop`` run there ends that node's Ray and nothing else on the machine)."""
         ns = self.namespaces[self.names.index(node)]
         script = f'hostname {node} && mount --bind "$0" /etc/hosts && exec "$@"'
-        return ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", "sh", "-c", script,
+        pids = ["--pid", "--fork", "--mount-proc"] if own_pids else []
+        return ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", *pids, "sh", "-c", script,
                 self.hosts, *argv]
 
     def pids(self, node: str) -> list[int]:

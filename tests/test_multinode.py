@@ -284,14 +284,15 @@ def test_a_rendezvous_no_rank_can_reach_is_an_error_before_any_work(data, tmp_pa
 
 def test_caption_and_generate_arrays_see_the_gpus_they_ask_for(cluster, data, biart, tmp_path):  # noqa: F811
     """caption: one task per shard block with 2 GPUs, one worker per GPU; generate: one task per
-    prompt block with its own GPU. Every task logs the CUDA_VISIBLE_DEVICES SLURM gave it."""
+    item of prompts with its own GPU. Every task logs the CUDA_VISIBLE_DEVICES SLURM gave it."""
     (tmp_path / "caption.yaml").write_text(yaml.safe_dump({
         "shards": data["tokens"], "checkpoint": biart, "vae": data["vae"], "tokenizer": data["tokenizer"],
         "output": str(tmp_path / "captions"), "candidates": 2, "max_tokens": 4, "clip": "lverse-tiny"}))
     (tmp_path / "prompts.txt").write_text("".join(f"a red circle number {i}\n" for i in range(4)))
     (tmp_path / "generate.yaml").write_text(yaml.safe_dump({
         "prompts": str(tmp_path / "prompts.txt"), "checkpoint": biart, "vae": data["vae"],
-        "tokenizer": data["tokenizer"], "output": str(tmp_path / "images"), "candidates": 2, "clip": "lverse-tiny"}))
+        "tokenizer": data["tokenizer"], "output": str(tmp_path / "images"), "candidates": 2, "clip": "lverse-tiny",
+        "prompts_per_item": 1}))
     for stage, gpus, visible, folder in (("caption", "2", "0,1", "captions"), ("generate", "1", "0", "images")):
         job = submit(cluster, stage, "--config", str(tmp_path / f"{stage}.yaml"), "--gpus-per-node", gpus,
                      "--cpus-per-task", "2", "--array", "0-1")
@@ -301,4 +302,4 @@ def test_caption_and_generate_arrays_see_the_gpus_they_ask_for(cluster, data, bi
         seen = re.findall(rf"{stage} on (node\d): \S+ of CUDA_VISIBLE_DEVICES=(\S+)", log)
         assert len(seen) == 2 and {v for _, v in seen} == {visible}, log[-3000:]
     assert len(glob.glob(str(tmp_path / "captions" / "*.parquet"))) == 2  # tasks 0-1 of 4: two shards
-    assert sorted(os.listdir(tmp_path / "images")) == ["00000", "00001", "slurm"]  # tasks 0-1 of 4: two prompts
+    assert sorted(p for p in os.listdir(tmp_path / "images") if p.isdigit()) == ["00000", "00001"]  # 2 tasks of 4
