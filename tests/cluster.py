@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import pwd
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo")
@@ -110,9 +113,18 @@ class Nodes:
         _remove_stale()
         if any(ns in _namespaces() for ns in self.namespaces):
             raise RuntimeError(f"namespaces {self.namespaces} exist already: one cluster per test process")
+        os.makedirs(self.root, exist_ok=True)
         self.subnet = _free_subnet()
         self._up = True
         atexit.register(self.stop)
+        try:
+            self._make()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _make(self) -> None:
         _ip("link", "add", self.bridge, "type", "bridge")
         _ip("addr", "add", f"{self.addr('ctl')}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
@@ -126,17 +138,32 @@ class Nodes:
         with open(self.hosts, "w") as f:
             f.write("127.0.0.1 localhost\n" + f"{self.addr('ctl')} ctl\n"
                     + "".join(f"{self.addr(n)} {n}\n" for n in self.names))
-        return self
 
-    def wrap(self, node: str, argv: list[str], own_pids: bool = False) -> list[str]:
+    def wrap(self, node: str, argv: list[str], own_pids: bool = False, private: tuple[str, ...] = (),
+             binds: dict[str, str] | None = None) -> list[str]:
         """``argv`` run on ``node``: its network, its hostname, its /etc/hosts. ``own_pids``: in a
         PID namespace of its own too, so that what it starts sees only its own processes (``ray
-        stop`` run there ends that node's Ray and nothing else on the machine)."""
+        stop`` run there ends that node's Ray and nothing else on the machine). ``private``:
+        folders (``/tmp/ray``) that each node has of its own, as separate machines would; the
+        rest of the filesystem is shared, like a cluster's shared storage. ``binds``: files of the
+        test's own shown at existing paths, on this node only ({path: file})."""
         ns = self.namespaces[self.names.index(node)]
-        script = f'hostname {node} && mount --bind "$0" /etc/hosts && exec "$@"'
+        script = f"hostname {node} && mount --bind \"$0\" /etc/hosts"
+        for path in private:
+            own = self.private_dir(node, path)
+            os.makedirs(own, exist_ok=True)
+            os.makedirs(path, exist_ok=True)
+            script += f" && mount --bind {shlex.quote(own)} {shlex.quote(path)}"
+        for path, source in (binds or {}).items():
+            script += f" && mount --bind {shlex.quote(source)} {shlex.quote(path)}"
+        script += ' && exec "$@"'
         pids = ["--pid", "--fork", "--mount-proc"] if own_pids else []
         return ["nsenter", f"--net=/run/netns/{ns}", "unshare", "--uts", "--mount", *pids, "sh", "-c", script,
                 self.hosts, *argv]
+
+    def private_dir(self, node: str, path: str) -> str:
+        """Where ``node``'s own copy of the folder ``path`` lives (see ``wrap``)."""
+        return os.path.join(self.root, node, path.strip("/").replace("/", "_"))
 
     def pids(self, node: str) -> list[int]:
         ns = self.namespaces[self.names.index(node)]
@@ -355,3 +382,130 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP{share}
             except (ProcessLookupError, ValueError):
                 pass
         self.nodes.stop()  # ends whatever is left on the nodes (job steps), then the network
+
+
+class SshNodes:
+    """A private sshd on every node (port 22 of the node's own address), with a host key and an
+    authorized key of its own in ``root``: what `ray up` needs to reach machines. Each sshd runs
+    in a PID namespace of its own with a /tmp/ray of its own, so what its sessions start (Ray) is
+    that node's alone. ``bashrc``: what ~/.bashrc says in the nodes' sessions (a file of the
+    test's, shown there in place of the machine's, which is left as it is)."""
+
+    def __init__(self, nodes: Nodes, root: str, bashrc: str = ""):
+        self.nodes, self.root, self.bashrc = nodes, root, bashrc
+        self.key = os.path.join(root, "client_key")
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, timeout: float = 20) -> SshNodes:
+        os.makedirs(self.root, exist_ok=True)
+        for key in ("host_key", "client_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", os.path.join(self.root, key)],
+                           check=True)
+        shutil.copy(self.key + ".pub", os.path.join(self.root, "authorized_keys"))
+        config = os.path.join(self.root, "sshd_config")
+        with open(config, "w") as f:
+            f.write(f"Port 22\nHostKey {self.root}/host_key\nAuthorizedKeysFile {self.root}/authorized_keys\n"
+                    "PidFile none\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+                    "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n")
+        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+        bashrc = os.path.join(self.root, "bashrc")
+        with open(bashrc, "w") as f:
+            f.write(self.bashrc)
+        home_bashrc = os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".bashrc")
+        if not os.path.exists(home_bashrc):
+            raise RuntimeError(f"{home_bashrc} does not exist: the nodes' sessions show the test's own in its place")
+        for node in self.nodes.names:
+            log = open(os.path.join(self.root, f"sshd-{node}.log"), "w")
+            self.procs.append(subprocess.Popen(
+                self.nodes.wrap(node, ["/usr/sbin/sshd", "-D", "-e", "-f", config], own_pids=True,
+                                private=("/tmp/ray",), binds={home_bashrc: bashrc}),
+                stdout=log, stderr=log, start_new_session=True))
+        deadline = time.time() + timeout
+        for node in self.nodes.names:
+            while True:
+                try:
+                    socket.create_connection((self.nodes.addr(node), 22), timeout=1).close()
+                    break
+                except OSError:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"sshd on {node} did not start; see {self.root}/sshd-{node}.log") from None
+                    time.sleep(0.1)
+        return self
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class RayNodes:
+    """A Ray cluster on the nodes, started as MULTINODE-style `ray start --block` per node (the
+    head on node1), each with a private /tmp/ray; token authentication with a token of the test's
+    own. ``driver(argv)`` runs a command on the head node, as `ray exec` would."""
+
+    def __init__(self, nodes: Nodes, root: str, cpus: int = 2):
+        self.nodes, self.root, self.cpus = nodes, root, cpus
+        self.token = os.path.join(root, "ray_token")
+        self.port = 6379  # the head namespace's own port space
+        self.procs: list[subprocess.Popen] = []
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token}
+
+    @property
+    def address(self) -> str:
+        return f"{self.nodes.addr('node1')}:{self.port}"
+
+    def start(self, timeout: float = 120) -> RayNodes:
+        os.makedirs(self.root, exist_ok=True)
+        with open(self.token, "w") as f:
+            f.write(os.urandom(16).hex())
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        for node in self.nodes.names:
+            self.start_node(node, ray)
+            if node == "node1":
+                self._wait(1, timeout)
+        self._wait(len(self.nodes.names), timeout)
+        return self
+
+    def start_node(self, node: str, ray: str | None = None) -> None:
+        ray = ray or os.path.join(os.path.dirname(sys.executable), "ray")
+        role = (["--head", f"--port={self.port}", "--include-dashboard=false"] if node == "node1"
+                else [f"--address={self.address}"])
+        log = open(os.path.join(self.root, f"ray-{node}.log"), "a")
+        self.procs.append(subprocess.Popen(
+            self.nodes.wrap(node, [ray, "start", "--block", f"--node-ip-address={self.nodes.addr(node)}",
+                                   f"--num-cpus={self.cpus}", "--object-store-memory=100000000", *role],
+                            private=("/tmp/ray",)),
+            env=self.env, stdout=log, stderr=log, start_new_session=True))
+
+    def alive_nodes(self) -> int:
+        code = ("import ray; ray.init(address='auto', log_to_driver=False); "
+                "print(sum(n['Alive'] for n in ray.nodes()))")
+        out = self.run_on("node1", [sys.executable, "-c", code], timeout=60)
+        return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
+
+    def _wait(self, count: int, timeout: float) -> None:
+        deadline = time.time() + timeout
+        while self.alive_nodes() < count:
+            if time.time() > deadline:
+                raise RuntimeError(f"Ray: fewer than {count} nodes after {timeout} s; logs in {self.root}")
+            time.sleep(1)
+
+    def run_on(self, node: str, argv: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(self.nodes.wrap(node, argv, private=("/tmp/ray",)), env=self.env, capture_output=True,
+                              text=True, timeout=timeout, **kwargs)
+
+    def popen_on(self, node: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(self.nodes.wrap(node, argv, private=("/tmp/ray",)), env=self.env,
+                                start_new_session=True, **kwargs)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -1,30 +1,30 @@
-"""`ray up` for real: Ray's local node provider on 127.0.0.1, over a private sshd.
+"""`ray up` for real: Ray's local node provider with a head and two workers, each a node of
+tests/cluster.py (a network namespace with its own address) reached over its own sshd.
 
-The machine's own ssh set-up is left alone: the test starts ``sshd -f CONFIG`` on a free loopback
-port with its own host key and authorized keys in a temporary folder, and the cluster config
-reaches it through ``ssh_proxy_command: nc 127.0.0.1 PORT`` (Ray's config has no port field).
+The machine's own ssh set-up is left alone: each node's sshd has its own host key and authorized
+keys in a temporary folder, and listens on port 22 of its node's address only.
 """
 
+import json
 import os
+import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 import yaml
 
-from .conftest import free_port
-from .test_encode import raw_shards
+from lverse.model import AugVAE, save_model
+from lverse.model.augvae import PRESETS
+from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
 
-# Ray rewrites 127.0.0.1 to the IP of the route outwards (services.py, resolve_ip_for_localhost),
-# for `ray start` and for drivers alike; this machine reaches nothing but loopback, and this
-# variable makes Ray keep it. Token authentication (on by default since Ray 2.5x) is set
-# explicitly: a driver joining an existing cluster sends the token only in token mode.
-# A real cluster's nodes have routable IPs and need only the token mode.
-LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=token"
-CLUSTERS = os.path.join(os.path.dirname(__file__), os.pardir, "pipeline", "clusters")
+from .cluster import Nodes, SshNodes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTERS = os.path.join(REPO, "pipeline", "clusters")
 VENV_BIN = os.path.dirname(sys.executable)
 
 
@@ -38,84 +38,125 @@ def test_shipped_cluster_configs_pass_rays_validation():
         assert "available_node_types" not in yaml.safe_load(f)
 
 
-@pytest.fixture()
-def sshd(tmp_path):
-    for tool in ("/usr/sbin/sshd", "ssh", "nc", "rsync", "ssh-keygen"):
-        if not shutil.which(tool):
-            pytest.skip(f"{tool} is not installed (make test installs openssh-server, rsync, netcat-openbsd)")
-    folder = tmp_path / "ssh"
-    folder.mkdir()
-    for key in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / key)], check=True)
-    shutil.copy(folder / "client_key.pub", folder / "authorized_keys")
-    port = free_port()
-    config = folder / "sshd_config"
-    config.write_text(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"
-                      f"AuthorizedKeysFile {folder / 'authorized_keys'}\nPidFile {folder / 'sshd.pid'}\n"
-                      "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
-                      "StrictModes no\nUsePAM no\n")
-    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
-    deadline = time.time() + 10
-    while subprocess.run(["nc", "-z", "127.0.0.1", str(port)]).returncode != 0:
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-        time.sleep(0.1)
-    yield {"port": port, "key": str(folder / "client_key")}
-    proc.terminate()
-    proc.wait()
-
-
 @pytest.mark.slow
-def test_ray_up_runs_the_encode_stage_and_ray_down(tmp_path, sshd):
+def test_ray_up_with_workers_runs_the_pipeline_across_nodes_and_ray_down_ends_it(tmp_path):
+    """The shipped config with only addresses, user and key substituted brings up a head and two
+    workers (three nodes of tests/cluster.py, each reached over its own sshd); `ray exec` runs the
+    data pipeline and caption on it; the work spreads over the nodes, the outputs equal a local
+    run's byte for byte, and after `ray down` no Ray process is left on any node."""
+    for tool in ("/usr/sbin/sshd", "ssh", "rsync", "ssh-keygen"):
+        if not shutil.which(tool):
+            message = f"{tool} is not installed (make test installs openssh-server, rsync)"
+            pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    from lverse.pipeline.caption import CaptionConfig, run_caption
+    from lverse.pipeline.encode import EncodeConfig, run_encode
+
+    nodes = Nodes(str(tmp_path / "net"), 3).start()
+    token = tmp_path / "ray_token"
+    token.write_text(os.urandom(16).hex())
+    # What a user puts into the nodes' ~/.bashrc (local.yaml says so): the checkout, Ray's token
+    # mode with the shared token, and the virtualenv on the PATH for `ray down`'s `ray stop`.
+    bashrc = (f"export LVERSE={REPO} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} "
+              f"PATH={VENV_BIN}:$PATH\n")
+    ssh = SshNodes(nodes, str(tmp_path / "ssh"), bashrc)
     with open(os.path.join(CLUSTERS, "local.yaml")) as f:
         config = yaml.safe_load(f)
-    gcs_port = free_port()
-    ray = os.path.join(VENV_BIN, "ray")
-    config.update(
-        cluster_name=f"lverse-test-{gcs_port}", max_workers=0,
-        provider={"type": "local", "head_ip": "127.0.0.1", "worker_ips": []},
-        auth={"ssh_user": os.environ.get("USER", "root"), "ssh_private_key": sshd["key"],
-              "ssh_proxy_command": f"nc 127.0.0.1 {sshd['port']}"},
-        head_start_ray_commands=[f"{LOOPBACK} {ray} start --head --node-ip-address=127.0.0.1 --port={gcs_port} "
-                                 "--num-cpus=2 --include-dashboard=false "
-                                 "--autoscaling-config=~/ray_bootstrap_config.yaml"],
-        worker_start_ray_commands=[])
+    config["cluster_name"] = f"lverse-test-{os.getpid()}"
+    config["provider"].update(head_ip=nodes.addr("node1"), worker_ips=[nodes.addr("node2"), nodes.addr("node3")])
+    config["auth"] = {"ssh_user": "root", "ssh_private_key": ssh.key}
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    run, figures = tmp_path / "run", {}
 
     def ray_cli(*args, timeout=300):
-        out = subprocess.run([ray, *args], capture_output=True, text=True, env=env, timeout=timeout)
-        assert out.returncode == 0, f"ray {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        out = subprocess.run([os.path.join(VENV_BIN, "ray"), *args], capture_output=True, text=True, timeout=timeout)
+        assert out.returncode == 0, f"ray {' '.join(args[:2])} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         return out.stdout
 
-    raw = raw_shards(str(tmp_path / "raw"), count=2, n=4)
-    from lverse.model import AugVAE, save_model
-    from lverse.model.augvae import PRESETS
-    vae = str(tmp_path / "vae.safetensors")
-    save_model(AugVAE(PRESETS["debug-sl"]), vae)
-    tokens = tmp_path / "tokens"
-    ray_cli("up", "-y", "--no-config-cache", str(cluster))
+    def alive():
+        code = "import ray; ray.init(address='auto'); print('NODES_ALIVE=%d' % sum(n['Alive'] for n in ray.nodes()))"
+        out = subprocess.run([os.path.join(VENV_BIN, "ray"), "exec", str(cluster), f"python -c \"{code}\""],
+                             capture_output=True, text=True, timeout=120)
+        found = re.findall(r"NODES_ALIVE=(\d+)", out.stdout)
+        return int(found[-1]) if found else 0
+
     try:
-        ray_cli("exec", str(cluster), f"{LOOPBACK} {VENV_BIN}/lverse encode "
-                f"--shards {raw} --vae {vae} --output {tokens} --executor ray --ray-address 127.0.0.1:{gcs_port}")
+        ssh.start()
+        began = time.time()
+        ray_cli("up", "-y", "--no-config-cache", str(cluster))
+        deadline = time.time() + 180
+        while alive() < 3:
+            assert time.time() < deadline, "the workers did not join"
+            time.sleep(2)
+        figures["ray_up_seconds"] = time.time() - began
+        with SyntheticServer(SyntheticSet(seed=5, train=24, heldout=1, image_size=64), host=nodes.addr("ctl")) as srv:
+            tsv = srv.write_tsv(str(tmp_path / "tsv"), bad_urls=False)["train"]
+            vae = str(tmp_path / "vae.safetensors")
+            save_model(AugVAE(PRESETS["debug-sl"]), vae)
+            pipeline = tmp_path / "pipeline.yaml"
+            pipeline.write_text(yaml.safe_dump({
+                "run_dir": str(run), "tokenizer": {"vocab_size": 60},
+                "download": {"input": tsv, "samples_per_shard": 4, "image_size": 64},
+                "encode": {"vae": vae, "batch_size": 4}}))
+            ray_cli("exec", str(cluster), f"{VENV_BIN}/lverse pipeline run {pipeline} --ray-address auto", timeout=600)
+        biart = debug_biart(str(run / "tokenizer.model"), str(tmp_path / "biart.safetensors"))
+        caption = dict(shards=str(run / "tokens"), checkpoint=biart, vae=vae, tokenizer=str(run / "tokenizer.model"),
+                       candidates=2, max_tokens=4, clip="lverse-tiny")
+        ray_cli("exec", str(cluster), f"{VENV_BIN}/lverse caption " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in caption.items()) +
+            f" --output {tmp_path / 'captions'} --executor ray --ray-address auto", timeout=600)
     finally:
-        ray_cli("down", "-y", str(cluster))
-        _kill_head_left_on(gcs_port)
-    assert sorted(p.name for p in tokens.iterdir() if p.name.endswith(".tar")) == ["00000.tar", "00001.tar"]
+        began = time.time()
+        down = subprocess.run([os.path.join(VENV_BIN, "ray"), "down", "-y", str(cluster)], capture_output=True,
+                              text=True, timeout=300)
+        figures["ray_down_seconds"] = time.time() - began
+        deadline = time.time() + 150  # the workers' Ray ends once it cannot reach the head
+        while time.time() < deadline and any(ray_processes(nodes, node) for node in nodes.names):
+            time.sleep(1)
+        figures["ray_gone_seconds"] = time.time() - began
+        left = {node: ray_processes(nodes, node) for node in nodes.names}
+        ssh.stop()
+        nodes.stop()
+        print(" ".join(f"{k}={v:.1f}" for k, v in figures.items()))
+    assert down.returncode == 0, down.stdout[-3000:]
+    assert not any(left.values()), left
+    for stage in ("shards", "tokens"):
+        summary = json.loads((run / stage / "_summary.json").read_text())
+        assert len(set(summary["shard_nodes"].values())) >= 2, (stage, summary["shard_nodes"])
+    summary = json.loads((tmp_path / "captions" / "_summary.json").read_text())
+    assert len(set(summary["shard_nodes"].values())) >= 2, summary["shard_nodes"]
+    # one node, one process: the same bytes
+    run_encode(EncodeConfig(shards=str(run / "shards"), vae=vae, output=str(tmp_path / "tokens1"), batch_size=4))
+    run_caption(CaptionConfig(**caption, output=str(tmp_path / "captions1")))
+    for mine, one in (("tokens", "tokens1"), ("captions", "captions1")):
+        names = sorted(p.name for p in (tmp_path / one).iterdir() if p.suffix in (".tar", ".parquet"))
+        assert names and names == sorted(p.name for p in (run / mine if mine == "tokens" else tmp_path / mine)
+                                          .iterdir() if p.suffix in (".tar", ".parquet"))
+        for name in names:
+            ours = (run / mine if mine == "tokens" else tmp_path / mine) / name
+            assert ours.read_bytes() == (tmp_path / one / name).read_bytes(), name
 
 
-def _kill_head_left_on(gcs_port: int) -> None:
-    """`ray down` of the local provider leaves the head it started (gcs_server, raylet, monitor in
-    one process group) running; end that group, found by this test's own GCS port, and nothing else."""
-    for pid in os.listdir("/proc"):
+def ray_processes(nodes, node):
+    """Ray's processes left on ``node`` (its sshd aside)."""
+    found = []
+    for pid in nodes.pids(node):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                words = f.read().split(b"\0")
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if words[0].endswith(b"gcs_server") and f"--gcs_server_port={gcs_port}".encode() in words:
-            try:
-                os.killpg(os.getpgid(int(pid)), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if "ray" in command.split("/")[-1] or "raylet" in command or "gcs_server" in command or "ray::" in command:
+            found.append(command[:120])
+    return found
+
+
+def debug_biart(tokenizer: str, path: str) -> str:
+    """A debug BiART (random weights) for the tokenizer at ``tokenizer``."""
+    from lverse.model.biart import PRESETS as BIART
+    from lverse.model.biart import BiART, BiARTConfig
+    from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+    tok = CaptionTokenizer(tokenizer, offset=512)
+    torch.manual_seed(0)
+    save_model(BiART(BiARTConfig(**{**BIART["debug"].__dict__, "text_vocab": tok.vocab_size, "text_len": 24})), path)
+    return path

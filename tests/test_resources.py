@@ -8,7 +8,7 @@ import pytest
 
 from lverse.core.errors import InputError
 from lverse.core.resources import local_world_size, pick_device, plan_threads, worker_gpus
-from lverse.runtime.executors import TaskResult, run_tasks
+from lverse.runtime.executors import RayPool, TaskResult, run_tasks
 
 
 @pytest.mark.parametrize("cores, workers, threads", [(64, 4, 16), (64, 8, 8), (2, 2, 1), (2, 1, 2), (3, 2, 1),
@@ -106,3 +106,22 @@ def test_ranks_given_the_same_gpu_are_named():
     from lverse.runtime.trainer import shared_devices
     assert shared_devices([("node1", "GPU-a"), ("node1", "GPU-b"), ("node2", "GPU-a")]) == []
     assert shared_devices([("node1", "GPU-a"), ("node1", "GPU-a")]) == ["ranks 0 and 1 on node1 both use GPU GPU-a"]
+
+
+def test_ray_actors_ask_for_one_gpu_each_and_no_more_than_the_cluster_has():
+    from lverse.runtime.executors import ray_pool
+    gpus = {"CPU": 64.0, "GPU": 8.0, "memory": 5e11}
+    assert ray_pool(gpus, "auto") == RayPool(8, 1.0, 1.0)  # one model per GPU, all of them
+    assert ray_pool(gpus, "cuda", workers=4) == RayPool(4, 1.0, 1.0)
+    assert ray_pool(gpus, "auto", gpus_per_worker=0.5) == RayPool(16, 1.0, 0.5)  # a share only when asked
+    assert ray_pool(gpus, "cpu", cpus_per_worker=4) == RayPool(15, 4.0, 0.0)  # one CPU left for the driver's tasks
+    with pytest.raises(InputError, match="9 workers x 1 GPU need 9 GPUs; the Ray cluster has 8"):
+        ray_pool(gpus, "auto", workers=9)
+    cpus = {"CPU": 3.0}
+    assert ray_pool(cpus, "auto") == RayPool(2, 1.0, 0.0)
+    with pytest.raises(InputError, match="device cuda: the Ray cluster has no GPU"):
+        ray_pool(cpus, "cuda")
+    with pytest.raises(InputError, match="4 workers x 1 CPU need 4 CPUs; the Ray cluster has 3"):
+        ray_pool(cpus, "auto", workers=4)
+    with pytest.raises(InputError, match="gpus_per_worker must be in"):
+        ray_pool(gpus, "auto", gpus_per_worker=2)
