@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import socket
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -93,7 +94,8 @@ class ShardEncoder:
                 self._encode(shard, vae, device, out, stats)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             return TaskResult(name, ok=False, reason=f"{shard}: {type(e).__name__}: {e}")
-        stats.update(source=os.path.abspath(shard), vae=self.vae_hash, seconds=round(time.time() - start, 2))
+        stats.update(source=os.path.abspath(shard), vae=self.vae_hash, seconds=round(time.time() - start, 2),
+                     node=socket.gethostname())
         atomic_write_json(done, stats)  # last: the shard is done
         return TaskResult(name, ok=True, stats=stats)
 

@@ -298,9 +298,14 @@ def check_shared(address: str | None, folder: str) -> None:
         pass
     try:
         look = ray.remote(num_cpus=0)(_sees)
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        seen = ray.get([look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                        .remote(marker) for n in nodes], timeout=120)
+        refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(marker) for n in ray.nodes() if n.get("Alive")]
+        seen = []
+        for ref in refs:
+            try:
+                seen.append(ray.get(ref, timeout=120))
+            except ray.exceptions.TaskUnschedulableError:  # a node that has just died: it will get no work
+                pass
     finally:
         os.remove(marker)
     blind = [host for host, sees in seen if not sees]
@@ -331,38 +336,55 @@ class _Actor:
         apply_threads(threads)
         self.fn = fn
 
+    def ready(self) -> str:
+        return socket.gethostname()
+
     def run(self, item, name):
         return _guarded(self.fn, item, name)
 
 
 def _ray_actor_runner(fn, address, num_cpus, num_gpus, count, threads):
+    """Items on up to ``count`` actors. Work goes only to actors that have started: one that
+    cannot be placed (its node is gone, the cluster has shrunk) takes nothing and holds nothing
+    up. A lost actor's item is reported failed (the driver retries it); the actor is not replaced
+    while others serve the queue, so a smaller cluster does not wait for resources it no longer
+    has. The round's actors end with it."""
     ray = _init_ray(address)
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Actor)
 
     def submit(batch):
-        queue, running = list(batch), {}
-        idle = [cls.remote(fn, threads) for _ in range(min(count, len(batch)))]
-        started = list(idle)
+        queue, running, idle = list(batch), {}, []
+        started = [cls.remote(fn, threads) for _ in range(min(count, len(batch)))]
+        starting = {actor.ready.remote(): actor for actor in started}
         try:
             while queue or running:
                 while queue and idle:
                     actor = idle.pop()
                     i, item, name = queue.pop(0)
                     running[actor.run.remote(item, name)] = (i, name, actor)
-                done, _ = ray.wait(list(running), num_returns=1)
+                if queue and not (idle or running or starting):  # every actor lost: start one more
+                    started.append(cls.remote(fn, threads))
+                    starting[started[-1].ready.remote()] = started[-1]
+                done, _ = ray.wait(list(running) + list(starting), num_returns=1)
+                if done[0] in starting:
+                    actor = starting.pop(done[0])
+                    try:
+                        ray.get(done[0])
+                        idle.append(actor)
+                    except Exception as e:  # it never started (its node died): leave it
+                        log.warning("a Ray actor did not start: %s: %s", type(e).__name__, e)
+                    continue
                 i, name, actor = running.pop(done[0])
                 try:
                     result = ray.get(done[0])
                     idle.append(actor)
-                except Exception as e:  # the actor died: report the item, start a fresh actor
-                    result = TaskResult(name=name, ok=False, reason=f"Ray actor lost: {type(e).__name__}: {e}")
-                    idle.append(cls.remote(fn, threads))
-                    started.append(idle[-1])
+                except Exception as e:  # the actor died, or its node: the driver retries the item
+                    result = TaskResult(name=name, ok=False, reason=f"Ray actor lost: {type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''}")
                 yield i, result
-        except BaseException:  # interrupted: the items in flight are abandoned with their actors
+        finally:  # done, or interrupted (the items in flight are abandoned with their actors)
             for actor in started:
                 ray.kill(actor)
-            raise
     return submit
 
 
