@@ -344,18 +344,19 @@ class _Actor:
 
 
 def _ray_actor_runner(fn, address, num_cpus, num_gpus, count, threads):
-    """Items on up to ``count`` actors. Work goes only to actors that have started: one that
-    cannot be placed (its node is gone, the cluster has shrunk) takes nothing and holds nothing
-    up. A lost actor's item is reported failed (the driver retries it); the actor is not replaced
-    while others serve the queue, so a smaller cluster does not wait for resources it no longer
-    has. The round's actors end with it."""
+    """Items on up to ``count`` actors. The round's actors (sized from the cluster's resources)
+    each get an item at once, so the work spreads over the nodes from the start; after that an
+    item goes to whichever actor is free. A lost actor's item is reported failed (the driver
+    retries it), and the actor is not replaced while others serve the queue, so a cluster that
+    lost a node does not wait for resources it no longer has; a replacement takes work only once
+    it has started. The round's actors end with it."""
     ray = _init_ray(address)
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Actor)
 
     def submit(batch):
-        queue, running, idle = list(batch), {}, []
+        queue, running, starting = list(batch), {}, {}
         started = [cls.remote(fn, threads) for _ in range(min(count, len(batch)))]
-        starting = {actor.ready.remote(): actor for actor in started}
+        idle = list(started)
         try:
             while queue or running:
                 while queue and idle:

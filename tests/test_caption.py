@@ -139,3 +139,19 @@ def test_ray_actors_write_the_same_captions(data, biart, tmp_path):  # noqa: F81
     assert (local["key"], local["caption"]) == (ray["key"], ray["caption"])
     # CLIP's float sums may round differently with another thread count in the actor
     np.testing.assert_allclose(local["clip_score"], ray["clip_score"], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_generate_on_ray_actors_writes_what_local_workers_write(data, biart, tmp_path):  # noqa: F811
+    from lverse.pipeline.generate import GenerateConfig, run_generate
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a blue square number {i}\n" for i in range(5)))
+    common = dict(prompts=str(prompts), checkpoint=biart, vae=data["vae"], tokenizer=data["tokenizer"],
+                  candidates=2, clip="lverse-tiny", prompts_per_item=2)
+    local = run_generate(GenerateConfig(**common, output=str(tmp_path / "local")))
+    on_ray = run_generate(GenerateConfig(**common, output=str(tmp_path / "ray"), executor="ray", workers=2))
+    assert local["generated"] == on_ray["generated"] == 5 and on_ray["shards"] == 3  # items of 2, 2 and 1 prompts
+    for i in range(5):
+        for name in ("result.json", "best.png"):
+            assert (tmp_path / "local" / f"{i:05d}" / name).read_bytes() == \
+                (tmp_path / "ray" / f"{i:05d}" / name).read_bytes(), (i, name)

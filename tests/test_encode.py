@@ -192,3 +192,15 @@ def test_a_shard_without_one_usable_sample_is_not_marked_done(tmp_path, vae_path
     with pytest.raises(StageFailed, match="no usable sample"):
         run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(out), retries=0))
     assert not (out / "00000_stats.json").exists() and not (out / "00000.tar").exists()
+
+
+def test_a_ray_address_that_does_not_answer_is_an_error_naming_it(tmp_path, vae_path):
+    from .conftest import free_port
+    raw = raw_shards(str(tmp_path / "raw"), count=1, n=2)
+    address = f"127.0.0.1:{free_port()}"
+    began = time.time()
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lverse"), "encode", "--shards", raw,
+                          "--vae", vae_path, "--output", str(tmp_path / "tok"), "--executor", "ray",
+                          "--ray-address", address], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"the Ray cluster at {address} does not answer" in out.stderr, out.stderr[-2000:]
+    assert time.time() - began < 60 and not os.path.exists(tmp_path / "tok" / "00000.tar")

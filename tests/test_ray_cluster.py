@@ -168,7 +168,8 @@ def debug_biart(tokenizer: str, path: str) -> str:
 def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(tmp_path):
     """encode on a 3-node Ray cluster (tests/cluster.py): every process of one worker node killed
     mid-stage, then the driver killed mid-stage and the same command run again. The token shards
-    equal a local run's byte for byte: nothing lost, duplicated or half-written."""
+    equal a local run's byte for byte: nothing lost, duplicated or half-written. Last, an output
+    folder the other nodes do not see is refused before work."""
     from lverse.pipeline.encode import EncodeConfig, run_encode
 
     from .test_encode import raw_shards
@@ -212,10 +213,15 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
         proc.wait()
         again = ray.run_on("node1", [*encode, "--output", str(lost_driver)], timeout=400)
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+        # /tmp/ray is each node's own here: an output folder there is one the other nodes cannot see
+        unshared = ray.run_on("node1", [*encode, "--output", "/tmp/ray/lverse-tokens"], timeout=300)
     finally:
         ray.stop()
         nodes.stop()
     print(f"lost_node_stage_end_seconds={recovered_in:.1f}")
+    assert unshared.returncode == 2, unshared.stderr[-3000:]
+    other = ({"node2", "node3"} - {victim}).pop()  # the victim is gone
+    assert f"/tmp/ray/lverse-tokens is not visible from node(s) {other}:" in unshared.stderr, unshared.stderr[-3000:]
     assert "Ray actor lost" in log and "retrying" in log, log[-3000:]  # which shards, and why
     summary = json.loads((lost / "_summary.json").read_text())
     assert not summary["failed"] and summary["done"] == 16, summary
