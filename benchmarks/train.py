@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     plain = BiART(PRESETS[args.preset]).to(device).train()
     opt, _ = build_optimizer(plain, cfg.optim, dict(ds), 1e-4)  # the engine's optimizer choice
     torch.manual_seed(0)
-    engine, kernels = wrap(BiART(PRESETS[args.preset]), cfg, ds, 1e-4)
+    engine, kernels = wrap(BiART(PRESETS[args.preset]), cfg, ds, 1e-4, device)
     engine.train()
     data = batches(plain.cfg, args.batch, 4, device)
     run_plain = lambda seq, d: plain_step(plain, opt, seq, d, dtype, device)  # noqa: E731

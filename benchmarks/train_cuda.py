@@ -69,7 +69,7 @@ def build_engine(preset: str, ds_path: str, batch: int, lr: float, seed: int = 0
     torch.manual_seed(seed)
     model = BiART(dataclasses.replace(PRESETS[preset], **overrides))
     start = time.perf_counter()
-    engine, kernels = wrap(model, cfg, ds, lr)
+    engine, kernels = wrap(model, cfg, ds, lr, torch.device("cuda", torch.cuda.current_device()))
     engine.train()
     return engine, kernels, time.perf_counter() - start
 

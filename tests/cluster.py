@@ -463,8 +463,8 @@ class RayNodes:
         for node in self.nodes.names:
             self.start_node(node, ray)
             if node == "node1":
-                self._wait(1, timeout)
-        self._wait(len(self.nodes.names), timeout)
+                self.wait_nodes(1, timeout)
+        self.wait_nodes(len(self.nodes.names), timeout)
         return self
 
     def start_node(self, node: str, ray: str | None = None) -> None:
@@ -484,7 +484,8 @@ class RayNodes:
         out = self.run_on("node1", [sys.executable, "-c", code], timeout=60)
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
-    def _wait(self, count: int, timeout: float) -> None:
+    def wait_nodes(self, count: int, timeout: float) -> None:
+        """Until ``count`` nodes are alive."""
         deadline = time.time() + timeout
         while self.alive_nodes() < count:
             if time.time() > deadline:

@@ -26,7 +26,8 @@ def main(run_dir: str, out: str) -> None:
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = from_dict(TrainConfig, yaml.safe_load(f), "config.yaml")
     bcfg = build_model_config(cfg)
-    engine, _ = wrap(BiART(bcfg), cfg, load_ds_config(cfg.deepspeed, cfg, dist.get_world_size()), 1e-3)
+    engine, _ = wrap(BiART(bcfg), cfg, load_ds_config(cfg.deepspeed, cfg, dist.get_world_size()), 1e-3,
+                     torch.device("cpu"))
     folder = complete_checkpoints(run_dir)[-1][1]
     engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
     engine.eval()

@@ -57,9 +57,10 @@ def test_ray_up_with_workers_runs_the_pipeline_across_nodes_and_ray_down_ends_it
     token = tmp_path / "ray_token"
     token.write_text(os.urandom(16).hex())
     # What a user puts into the nodes' ~/.bashrc (local.yaml says so): the checkout, Ray's token
-    # mode with the shared token, and the virtualenv on the PATH for `ray down`'s `ray stop`.
+    # mode with the shared token, and the virtualenv on the PATH for `ray down`'s `ray stop`. And,
+    # for the test's time only: a worker's Ray gives up on a lost head after 20 s, not Ray's 60.
     bashrc = (f"export LVERSE={REPO} RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={token} "
-              f"PATH={VENV_BIN}:$PATH\n")
+              f"PATH={VENV_BIN}:$PATH RAY_gcs_rpc_server_reconnect_timeout_s=20\n")
     ssh = SshNodes(nodes, str(tmp_path / "ssh"), bashrc)
     with open(os.path.join(CLUSTERS, "local.yaml")) as f:
         config = yaml.safe_load(f)
@@ -167,10 +168,13 @@ def debug_biart(tokenizer: str, path: str) -> str:
 @pytest.mark.slow
 def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(tmp_path):
     """encode on a 3-node Ray cluster (tests/cluster.py): every process of one worker node killed
-    mid-stage, then the driver killed mid-stage and the same command run again. The token shards
-    equal a local run's byte for byte: nothing lost, duplicated or half-written. Last, an output
-    folder the other nodes do not see is refused before work."""
+    mid-stage, then the driver killed mid-stage and the same command run again; an output folder
+    the other nodes do not see refused before work; then caption with the other worker node
+    killed mid-stage. Token shards and caption parquets equal a local run's byte for byte: nothing
+    lost, duplicated or half-written."""
+    from lverse.pipeline.caption import CaptionConfig, run_caption
     from lverse.pipeline.encode import EncodeConfig, run_encode
+    from lverse.run import TokenizerStage, fit_tokenizer_on_shards
 
     from .test_encode import raw_shards
     raw = raw_shards(str(tmp_path / "raw"), count=16, n=16)
@@ -178,6 +182,11 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
     torch.manual_seed(0)
     save_model(AugVAE(PRESETS["debug-sl"]), vae)
     run_encode(EncodeConfig(shards=raw, vae=vae, output=str(tmp_path / "reference"), batch_size=4))
+    tokenizer = fit_tokenizer_on_shards(str(tmp_path / "reference"), str(tmp_path / "tok"),
+                                        TokenizerStage(vocab_size=60))["model"]
+    biart = debug_biart(tokenizer, str(tmp_path / "biart.safetensors"))
+    run_caption(CaptionConfig(shards=str(tmp_path / "reference"), checkpoint=biart, vae=vae, tokenizer=tokenizer,
+                              candidates=2, max_tokens=4, clip="lverse-tiny", output=str(tmp_path / "captions1")))
     nodes = Nodes(str(tmp_path / "net"), 3).start()
     ray = RayNodes(nodes, str(tmp_path / "ray"))
     encode = [os.path.join(VENV_BIN, "lverse"), "encode", "--shards", raw, "--vae", vae, "--batch-size", "4",
@@ -215,6 +224,21 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
         assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
         # /tmp/ray is each node's own here: an output folder there is one the other nodes cannot see
         unshared = ray.run_on("node1", [*encode, "--output", "/tmp/ray/lverse-tokens"], timeout=300)
+        # caption next, the lost node back and the other worker node killed mid-stage
+        ray.start_node(victim)
+        ray.wait_nodes(3, 120)
+        caption = [os.path.join(VENV_BIN, "lverse"), "caption", "--shards", str(lost), "--checkpoint", biart,
+                   "--vae", vae, "--tokenizer", tokenizer, "--candidates", "2", "--max-tokens", "4",
+                   "--clip", "lverse-tiny", "--retries", "2"]
+        proc = ray.popen_on("node1", [*caption, "--output", str(tmp_path / "captions"), "--executor", "ray",
+                                      "--ray-address", "auto"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+        while not glob.glob(str(tmp_path / "captions" / "*.parquet")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        nodes.kill(({"node2", "node3"} - {victim}).pop())  # every node holds actors by now (5 on 3 nodes)
+        caption_log, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, caption_log[-4000:]
     finally:
         ray.stop()
         nodes.stop()
@@ -227,6 +251,11 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
     assert not summary["failed"] and summary["done"] == 16, summary
     summary = json.loads((lost_driver / "_summary.json").read_text())
     assert summary["skipped"] >= 3 and summary["done"] == 16 - summary["skipped"], summary  # only what was missing
+    assert "Ray actor lost" in caption_log and "retrying" in caption_log, caption_log[-3000:]
+    names = sorted(p.name for p in (tmp_path / "captions1").glob("*.parquet"))
+    assert len(names) == 16 and names == sorted(p.name for p in (tmp_path / "captions").glob("*.parquet"))
+    for name in names:
+        assert (tmp_path / "captions" / name).read_bytes() == (tmp_path / "captions1" / name).read_bytes(), name
     for folder in (lost, lost_driver):
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("_"))
         assert names == sorted(p.name for p in (tmp_path / "reference").iterdir() if not p.name.startswith("_"))
