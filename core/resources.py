@@ -35,6 +35,12 @@ log = logging.getLogger(__name__)
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
+def cuda_count() -> int:
+    """CUDA devices torch sees in this process (0 without CUDA)."""
+    import torch
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def visible_gpus(env: dict[str, str] | None = None, count: int | None = None) -> list[str]:
     """The GPUs this process may use, as CUDA names them to it: the entries of
     ``CUDA_VISIBLE_DEVICES`` when set (SLURM sets it per task), else devices 0..n-1 of the ``count``
@@ -43,10 +49,7 @@ def visible_gpus(env: dict[str, str] | None = None, count: int | None = None) ->
     given = env.get("CUDA_VISIBLE_DEVICES")
     if given is not None:
         return [d.strip() for d in given.split(",") if d.strip()]
-    if count is None:
-        import torch
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [str(i) for i in range(count)]
+    return [str(i) for i in range(cuda_count() if count is None else count)]
 
 
 def local_rank(env: dict[str, str] | None = None) -> int:
@@ -98,9 +101,7 @@ def pick_device(requested: str = "auto", env: dict[str, str] | None = None, coun
         return DevicePick(requested, visible, "as given")
     if requested not in ("auto", "cuda"):
         raise InputError(f"device must be auto, cpu, cuda or cuda:N, got {requested!r}")
-    if count is None:
-        import torch
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = cuda_count() if count is None else count
     if count == 0:
         if requested == "cuda":
             raise InputError(f"device cuda: this process sees no CUDA device (CUDA_VISIBLE_DEVICES={visible}); "

@@ -476,10 +476,8 @@ def _devices(args: argparse.Namespace) -> None:
     srun --ntasks-per-node=4 --gpus-per-task=1 lverse devices. On a machine without CUDA it
     answers for the devices CUDA_VISIBLE_DEVICES lists, as a CUDA machine would see them.
     """
-    import torch
-
-    from lverse.core.resources import pick_device, visible_gpus
-    cuda = torch.cuda.is_available()
+    from lverse.core.resources import cuda_count, pick_device, visible_gpus
+    cuda = cuda_count() > 0
     pick = pick_device(args.device, count=None if cuda else len(visible_gpus()))
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
     print(pick.describe(f"rank {rank}") + ("" if cuda else " [no CUDA here: what a CUDA process would use]"))

@@ -75,13 +75,17 @@ def run_generate(cfg: GenerateConfig) -> dict:
         done = sum(r.stats.get("generated", 0) for r in results)
         return {"prompts": len(prompts), "generated": done,
                 "images_per_second": rate(done * cfg.candidates, seconds)}
-    return run_shard_stage("generate", PromptGenerator(cfg, tuple(prompts)), items,
-                           [f"prompts_{r.start:05d}-{r.stop - 1:05d}" for r in items], cfg.output, cfg, totals=totals,
-                           rate_of="generated")
+    return run_shard_stage("generate", PromptGenerator(cfg, tuple(prompts)), items, [item_name(r) for r in items],
+                           cfg.output, cfg, totals=totals, rate_of="generated")
 
 
 def prompt_items(count: int, per_item: int) -> list[range]:
     return [range(i, min(i + per_item, count)) for i in range(0, count, per_item)]
+
+
+def item_name(indices: range) -> str:
+    """A work item's name in logs and the summary: its first and last prompt."""
+    return f"prompts_{indices.start:05d}-{indices.stop - 1:05d}"
 
 
 def _models(cfg: GenerateConfig, device: str):
@@ -116,7 +120,7 @@ class PromptGenerator:
     @torch.no_grad()
     def __call__(self, indices: range) -> TaskResult:
         cfg = self.cfg
-        name = f"prompts_{indices.start:05d}-{indices.stop - 1:05d}"
+        name = item_name(indices)
         todo = [i for i in indices if not os.path.exists(os.path.join(cfg.output, f"{i:05d}", "result.json"))]
         if not todo:
             return TaskResult(name, ok=True, skipped=True)

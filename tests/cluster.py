@@ -198,6 +198,20 @@ class Nodes:
         atexit.unregister(self.stop)
 
 
+def _end(procs: list[subprocess.Popen], grace: float) -> None:
+    """SIGTERM the process group of each of ``procs`` (each started in a session of its own),
+    SIGKILL what is still there after ``grace`` seconds."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -366,15 +380,7 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP{share}
 
     def stop(self) -> None:
         subprocess.run(["scancel", "--user", "root"], env=self.env, capture_output=True, timeout=30)
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _end(self.procs, grace=10)
         pid_file = os.path.join(self.root, "munge", "munged.pid")
         if os.path.exists(pid_file):
             try:
@@ -501,12 +507,4 @@ class RayNodes:
                                 start_new_session=True, **kwargs)
 
     def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        _end(self.procs, grace=15)
