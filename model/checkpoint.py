@@ -2,15 +2,19 @@
 
 Our format is one safetensors file: the state dict, plus the model's name and its config as JSON in
 the file's metadata, so a file alone rebuilds its model. Foreign checkpoints (the official
-Lightning ``.ckpt``) are read with ``torch.load(weights_only=True)``: no code in them runs.
+Lightning ``.ckpt``) are read with ``torch.load(weights_only=True)``: no code in them runs. Code
+that calls ``torch.load`` itself with full pickle (DeepSpeed's loaders) runs inside
+``weights_only_loads``, which makes those calls safe as well.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import pickle
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -103,3 +107,32 @@ def load_torch_state_dict(path: str) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise InputError(f"{path} holds no state dict of tensors")
     return state
+
+
+@contextlib.contextmanager
+def weights_only_loads(allowed: Sequence[type], what: str) -> Iterator[None]:
+    """Every ``torch.load`` inside the block unpickles weights only, even where its caller asks for
+    full pickle (DeepSpeed passes ``weights_only=False`` everywhere): besides tensors and plain
+    containers, only the classes ``allowed`` may be built, so a tampered file cannot run code.
+
+    The switch is PyTorch's own ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``, which ``torch.load`` reads at
+    every call; it is set for the block and restored after, and processes started inside the block
+    inherit it. A file that names any other global is an InputError naming ``what`` was loaded.
+    """
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            yield
+    except pickle.UnpicklingError as e:
+        refused = next((line.strip() for line in str(e).splitlines() if "global" in line.lower()),
+                       str(e).strip().splitlines()[-1])
+        raise InputError(f"{what} holds a pickle that names more than weights ({refused}); lverse loads it only "
+                         "with torch.load(weights_only=True), so it was refused: it was not written by lverse, or "
+                         "was changed since") from None
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before

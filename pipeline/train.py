@@ -29,8 +29,11 @@ config's ``activation_checkpointing``). The choices are printed at start.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
+import copy
 import dataclasses
+import difflib
 import functools
 import json
 import logging
@@ -170,7 +173,69 @@ def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
     ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
               train_batch_size=cfg.micro_batch_size * cfg.grad_accum * world_size,
               gradient_clipping=cfg.optim.grad_clip, steps_per_print=10**9, wall_clock_breakdown=False)
+    check_ds_config(ds, path)
+    if not ds.get("zero_optimization", {}).get("stage"):
+        # Stage 0 keeps the whole state in rank 0's file, which neither DeepSpeed's export
+        # (zero_to_fp32) nor its universal checkpoints (resume on other ranks) read. ZeRO-1 moves
+        # the same bytes per step as plain data parallel (reduce-scatter + all-gather = all-reduce)
+        # and holds less optimizer state per GPU, so it is the data-parallel config lverse ships.
+        raise InputError(f"DeepSpeed config {path}: trains at ZeRO stage 0 (zero_optimization.stage missing or 0), "
+                         "whose checkpoints lverse cannot export or resume on other ranks: set "
+                         "\"zero_optimization\": {\"stage\": 1} (plain data parallel's traffic, less memory), or "
+                         "use the shipped zero1_bf16")
     return ds
+
+
+class _ReadKeys(dict):
+    """A dict that records which keys were asked for, however they are asked for."""
+
+    def __init__(self, data: dict):
+        super().__init__(data)
+        self.read: set[str] = set()
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def keys(self):  # ``key in d.keys()`` would bypass __contains__ on a plain keys view
+        outer = self
+
+        class Keys(collections.abc.KeysView):
+            def __contains__(self, key):
+                return key in outer
+
+        return Keys(self)
+
+
+def check_ds_config(ds: dict, path: str) -> None:
+    """Run DeepSpeed's own config parser on ``ds`` before any work, so a mistake is one line naming
+    the file: bad values and unknown keys inside its sections (which it refuses itself), and
+    top-level keys it never reads. DeepSpeed ignores those silently, so the typo
+    ``zero_optimisation`` would train a ZeRO-0 run; the rule "a key the parser never asked for is
+    unknown" needs no list of keys that could age with DeepSpeed's versions."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    # train_batch_size is left to DeepSpeed to derive: it counts ranks only once they have started
+    seen = _ReadKeys({k: copy.deepcopy(v) for k, v in ds.items() if k != "train_batch_size"})
+    try:
+        DeepSpeedConfig(seen)
+    except Exception as e:  # pydantic's ValidationError, DeepSpeedConfigError, AssertionError
+        errors = getattr(e, "errors", None)  # pydantic: one short line per field
+        text = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']} (got {x.get('input')!r})" for x in errors()) \
+            if callable(errors) else str(e)
+        raise InputError(f"DeepSpeed config {path}: {getattr(e, 'title', '')} {text}".replace("  ", " ")) from None
+    unknown = sorted(set(ds) - seen.read - {"train_batch_size"})
+    if unknown:
+        hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, seen.read, 1)) else k
+                 for k in unknown]
+        raise InputError(f"DeepSpeed config {path}: unknown keys {', '.join(hints)}; DeepSpeed would ignore them")
 
 
 def precision(ds: dict) -> str:
@@ -423,8 +488,9 @@ def _load(engine, run: Run, resume: Checkpoint) -> None:
             to_universal(folder, run.cfg.run_dir)
         dist.barrier()
         folder = os.path.join(run.cfg.run_dir, "universal", os.path.basename(folder))
-    load_path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder),
-                                          load_module_strict=True)
+    with deepspeed_loads(folder):
+        load_path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder),
+                                              load_module_strict=True)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {folder}")
     if rank == 0:
@@ -555,6 +621,19 @@ def save_checkpoint(engine, run: Run, step: int) -> str:
                             collective=True, derived=("universal",))
 
 
+def deepspeed_loads(folder: str):
+    """A block in which DeepSpeed's loaders read ``folder``'s files with weights only (its
+    ``torch.load`` calls ask for full pickle): beside tensors its checkpoints pickle these few
+    classes, which are allowed; anything else is refused, so a run folder cannot run code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from lverse.model.checkpoint import weights_only_loads
+    return weights_only_loads((LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address),
+                              f"DeepSpeed checkpoint {folder}")
+
+
 def to_universal(folder: str, run_dir: str) -> str:
     """Convert a ZeRO checkpoint for loading on another number of ranks (rank 0 only)."""
     import argparse
@@ -563,9 +642,10 @@ def to_universal(folder: str, run_dir: str) -> str:
     out = os.path.join(run_dir, "universal", os.path.basename(folder))
     if not os.path.isfile(os.path.join(out, MARKER)):
         shutil.rmtree(out, ignore_errors=True)
-        ds_to_universal(argparse.Namespace(input_folder=folder, output_folder=out, num_extract_workers=1,
-                                           num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                           inject_missing_state=False))
+        with deepspeed_loads(folder):
+                ds_to_universal(argparse.Namespace(input_folder=folder, output_folder=out, num_extract_workers=1,
+                                               num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                               inject_missing_state=False))
         shutil.copy(os.path.join(folder, MARKER), os.path.join(out, MARKER))  # last: complete
     return out
 
@@ -651,7 +731,8 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
         return output
     cfg = load_config(os.path.join(run_dir, "config.yaml"), TrainConfig)
     folder = found[step]
-    state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+    with deepspeed_loads(folder):
+        state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
     # the exported file describes the model; how it was trained (recomputing blocks) is not part of it
     model = BiART(dataclasses.replace(build_model_config(cfg), activation_checkpointing=False))
     model.load_state_dict(state, strict=True)

@@ -13,7 +13,7 @@ import yaml
 
 from lverse.core.config import from_dict
 from lverse.model.biart import BiART, Direction
-from lverse.pipeline.train import TrainConfig, build_model_config, load_ds_config, wrap
+from lverse.pipeline.train import TrainConfig, build_model_config, deepspeed_loads, load_ds_config, wrap
 from lverse.runtime.distributed import setup_env
 from lverse.runtime.trainer import complete_checkpoints
 
@@ -29,7 +29,8 @@ def main(run_dir: str, out: str) -> None:
     engine, _ = wrap(BiART(bcfg), cfg, load_ds_config(cfg.deepspeed, cfg, dist.get_world_size()), 1e-3,
                      torch.device("cpu"))
     folder = complete_checkpoints(run_dir)[-1][1]
-    engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+    with deepspeed_loads(folder):
+        engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
     engine.eval()
     g = torch.Generator().manual_seed(0)
     seq = torch.randint(bcfg.image_vocab, (2, bcfg.seq_len - 1), generator=g)

@@ -422,3 +422,58 @@ def test_a_deepspeed_config_that_is_no_json_object_is_named(tmp_path, text, mess
     path.write_text(text)
     with pytest.raises(InputError, match=f"{re.escape(str(path))} {message}"):
         load_ds_config(str(path), TrainConfig(), 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zero_optimisation": {"stage": 2}}, "unknown keys zero_optimisation (did you mean zero_optimization?)"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "overlap_com: Extra inputs are not permitted"),
+    ({"bf16": {"enabled": "maybe"}}, "enabled: Input should be a valid boolean"),
+    ({"zero_optimization": {"stage": 0}}, "trains at ZeRO stage 0"),
+])
+def test_deepspeed_config_mistakes_are_refused_before_any_work(tmp_path, change, message):
+    """DeepSpeed's own parser checks the file up front; a key it never reads is a typo it would
+    ignore (``zero_optimisation`` would train at stage 0, whose run lverse cannot export)."""
+    from lverse.core.errors import InputError
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}, **change}))
+    with pytest.raises(InputError, match=f"{re.escape(str(path))}: .*{re.escape(message)}"):
+        load_ds_config(str(path), TrainConfig(), 1)
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    assert load_ds_config(str(path), TrainConfig(), 1)["zero_optimization"] == {"stage": 2}
+
+
+class _Payload:
+    """Unpickling this creates a file: the stand-in for code a tampered run folder would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("member", ["mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_tampered_run_folder_runs_no_code_on_resume_or_export(member, data, tmp_path):
+    """DeepSpeed loads its files with full pickle; lverse makes those loads weights-only (with
+    DeepSpeed's few classes allowed), so a pickled call in a run folder is refused, not run."""
+    cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=1, export=False)
+    lverse = [sys.executable, "-m", "lverse.cli"]
+    subprocess.run([*lverse, "train", "--config", cfg], check=True, capture_output=True, timeout=300)
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    # the untampered folder exports: DeepSpeed's own classes in it are allowed
+    subprocess.run([*lverse, "export", str(tmp_path / "run"), "--output", str(tmp_path / "good.safetensors")],
+                   check=True, capture_output=True, timeout=300)
+    marker = tmp_path / "code-ran"
+    state = torch.load(step / member, weights_only=False)
+    state["payload"] = _Payload(str(marker))
+    torch.save(state, step / member)
+    for command in (["export", str(tmp_path / "run"), "--output", str(tmp_path / "bad.safetensors")],
+                    ["train", "--config", cfg, "--steps", "2"]):
+        proc = subprocess.run([*lverse, *command], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert not marker.exists(), command
+        last = proc.stderr.strip().splitlines()[-1]
+        assert f"DeepSpeed checkpoint {step}" in last and "weights_only=True" in last and "refused" in last, last
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "bad.safetensors").exists()
