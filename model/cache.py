@@ -2,13 +2,15 @@
 
 One cache per process, one model of each kind: a new key of the same kind (another checkpoint,
 another device) drops the old model before loading the new one, so a long-lived worker never
-holds two copies.
+holds two copies. ``Generator`` is what caption and generate run: a BiART with the AugVAE and
+tokenizer it was trained with, checked once by the driver (``check_generator``) before any worker
+starts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from lverse.core.errors import InputError
 
@@ -34,3 +36,62 @@ def load_vae(path: str, device: str = "cpu"):
             raise InputError(f"{vae.cfg.codebook_size} codes do not fit the token shards' uint16")
         return vae.eval().float().requires_grad_(False).to(device)
     return cached("vae", (path, device), load)
+
+
+class Generator(NamedTuple):
+    model: object  # BiART, eval mode
+    tokenizer: object  # CaptionTokenizer at the model's text offset
+    vae: object  # AugVAE, FP32
+    clip: object | None  # ClipScorer, when candidates are ranked
+
+
+def load_generator(checkpoint: str, vae: str, tokenizer: str, device: str, clip: str | None = None,
+                   clip_checkpoint: str | None = None) -> Generator:
+    """BiART, tokenizer, AugVAE and (with ``clip``, an open_clip architecture) the CLIP scorer,
+    loaded once per process and checked to fit each other."""
+    def load():
+        from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+
+        from .biart import BiART, BiARTConfig
+        from .checkpoint import load_model
+        model = load_model(checkpoint, BiART, BiARTConfig).to(device).eval()
+        tok = CaptionTokenizer(tokenizer, offset=model.cfg.text_offset)
+        scorer = None
+        if clip:
+            from .clip import ClipScorer
+            scorer = ClipScorer(clip, clip_checkpoint, device)
+        return model, tok, scorer
+    model, tok, scorer = cached("generator", (checkpoint, tokenizer, clip, clip_checkpoint, device), load)
+    found = Generator(model, tok, load_vae(vae, device), scorer)
+    _check_fit(model.cfg, found.tokenizer, found.vae, checkpoint, vae, tokenizer)
+    return found
+
+
+def check_generator(checkpoint: str, vae: str, tokenizer: str, ignore_provenance: bool = False) -> None:
+    """Once, before any worker starts: the three files exist, fit each other (sizes), and the AugVAE
+    and tokenizer are those the BiART was trained with (their hashes), unless ``ignore_provenance``.
+    Reads the BiART's config, not its weights."""
+    import os
+
+    from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+
+    from .biart import BiARTConfig
+    from .checkpoint import check_provenance, read_config, read_provenance
+    for name, path in (("checkpoint", checkpoint), ("vae", vae), ("tokenizer", tokenizer)):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--{name} {path} does not exist")
+    bcfg = read_config(checkpoint, BiARTConfig)
+    _check_fit(bcfg, CaptionTokenizer(tokenizer, offset=bcfg.text_offset), load_vae(vae), checkpoint, vae, tokenizer)
+    if not ignore_provenance:
+        check_provenance(read_provenance(checkpoint), vae, tokenizer, checkpoint, "--ignore-provenance")
+
+
+def _check_fit(bcfg, tok, vae_model, checkpoint: str, vae: str, tokenizer: str) -> None:
+    """Sizes that must agree between a BiART config, its tokenizer and its AugVAE."""
+    if tok.vocab_size != bcfg.text_vocab:
+        raise InputError(f"tokenizer {tokenizer} has {tok.vocab_size} pieces, {checkpoint} was trained "
+                         f"with {bcfg.text_vocab}: give the tokenizer of its training run")
+    if vae_model.cfg.num_tokens != bcfg.image_len or vae_model.cfg.codebook_size != bcfg.image_vocab:
+        raise InputError(f"{vae} makes {vae_model.cfg.num_tokens} tokens of {vae_model.cfg.codebook_size} codes, "
+                         f"{checkpoint} takes {bcfg.image_len} of {bcfg.image_vocab}: give the AugVAE it was "
+                         "trained with")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pickle
 from collections.abc import Iterator, Sequence
@@ -23,13 +24,56 @@ from torch import Tensor, nn
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
+from lverse.core.shards import file_sha256
 
+log = logging.getLogger(__name__)
 
-def save_model(model: nn.Module, path: str) -> None:
+def save_model(model: nn.Module, path: str, provenance: dict[str, str] | None = None) -> None:
     """Write ``model``'s state dict and config to ``path`` atomically (temporary file, rename); the
-    same weights and config give the same bytes."""
-    save_state(model.state_dict(), path, {"model": type(model).__name__,
-                                          "config": json.dumps(dataclasses.asdict(model.cfg), sort_keys=True)})
+    same weights and config give the same bytes. ``provenance`` (``provenance_of``) records the
+    files a BiART was trained with."""
+    meta = {"model": type(model).__name__, "config": json.dumps(dataclasses.asdict(model.cfg), sort_keys=True)}
+    if provenance:
+        meta["provenance"] = json.dumps(provenance, sort_keys=True)
+    save_state(model.state_dict(), path, meta)
+
+
+# -- provenance: the AugVAE and tokenizer a BiART was trained with ------------------------------
+#
+# A BiART's image codes mean something only for the AugVAE that made its token shards, and its
+# text ids only for its tokenizer; another file of the same shape loads without complaint and gives
+# garbage. Training records both files' sha256 in every checkpoint, export copies them into the
+# safetensors metadata, and resume, caption and generate compare them with the files they are given.
+
+PROVENANCE = {"vae_sha256": "AugVAE", "tokenizer_sha256": "tokenizer"}
+
+
+def provenance_of(vae: str, tokenizer: str) -> dict[str, str]:
+    """The record of an AugVAE file and a tokenizer file: their sha256."""
+    return {"vae_sha256": file_sha256(vae), "tokenizer_sha256": file_sha256(tokenizer)}
+
+
+def read_provenance(path: str) -> dict[str, str] | None:
+    """The provenance stored in a file written by ``save_model`` (None: none recorded)."""
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta["provenance"]) if "provenance" in meta else None
+
+
+def check_provenance(recorded: dict[str, str] | None, vae: str, tokenizer: str, what: str, override: str) -> None:
+    """Refuse an AugVAE or a tokenizer file other than those ``what`` was trained with, naming the
+    files and both hashes; ``override`` says how to go on anyway. Nothing recorded (a model from
+    before lverse recorded provenance) is let through with a warning."""
+    if recorded is None:
+        log.warning("%s records no AugVAE or tokenizer hash: %s and %s cannot be checked against its training run",
+                    what, vae, tokenizer)
+        return
+    given = provenance_of(vae, tokenizer)
+    wrong = [f"{PROVENANCE[key]} {path} has sha256 {given[key][:16]}, {what} was trained with {recorded[key][:16]}"
+             for key, path in (("vae_sha256", vae), ("tokenizer_sha256", tokenizer))
+             if recorded.get(key) and recorded[key] != given[key]]
+    if wrong:
+        raise InputError("; ".join(wrong) + f": give the files of its training run ({override} to use these anyway)")
 
 
 def save_state(state: dict[str, Tensor], path: str, metadata: dict[str, str]) -> None:

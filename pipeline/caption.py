@@ -31,7 +31,7 @@ from lverse.core.files import atomic_write_parquet, read_json
 from lverse.core.images import preprocess
 from lverse.core.resources import resolve_device
 from lverse.core.shards import check_vae, expand_shards, file_sha256, read_tar, sample_meta, shard_name, stats_path
-from lverse.model.cache import cached, load_vae
+from lverse.model.cache import check_generator, load_generator
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
 
@@ -55,6 +55,7 @@ class CaptionConfig(ModelExecution):
     clip_checkpoint: str | None = None  # its weights, a local file (None: random weights, tests only)
     keep_candidates: bool = False  # also store every candidate and its CLIP score
     seed: int = 0  # sampling seed (drawn per shard)
+    ignore_provenance: bool = False  # accept a --vae or --tokenizer other than the checkpoint's training run's
 
 
 def cut_at_full_stop(text: str) -> str:
@@ -76,27 +77,6 @@ def sample_captions(model, tok, codes: torch.Tensor, candidates: int, max_tokens
     return [texts[i * candidates:(i + 1) * candidates] for i in range(codes.shape[0])]
 
 
-def _models(cfg: CaptionConfig, device: str):
-    """(BiART, tokenizer, AugVAE, CLIP or None) of ``cfg``, loaded once per worker process."""
-    def load():
-        from lverse.model.biart import BiART, BiARTConfig
-        from lverse.model.checkpoint import load_model
-        from lverse.preprocessing.text_tokenizer import CaptionTokenizer
-        model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
-        tok = CaptionTokenizer(cfg.tokenizer, offset=model.cfg.text_offset)
-        if tok.vocab_size != model.cfg.text_vocab:
-            raise InputError(f"tokenizer {cfg.tokenizer} has {tok.vocab_size} pieces, {cfg.checkpoint} was trained "
-                             f"with {model.cfg.text_vocab}: give the tokenizer of its training run")
-        clip = None
-        if cfg.candidates > 1:
-            from lverse.model.clip import ClipScorer
-            clip = ClipScorer(cfg.clip, cfg.clip_checkpoint, device)
-        return model, tok, clip
-    key = (cfg.checkpoint, cfg.tokenizer, cfg.clip, cfg.clip_checkpoint, cfg.candidates > 1, device)
-    model, tok, clip = cached("captioner", key, load)
-    return model, tok, load_vae(cfg.vae, device), clip
-
-
 @dataclass(frozen=True)
 class ShardCaptioner:
     """The per-shard task (picklable; models are loaded once per worker process)."""
@@ -110,7 +90,8 @@ class ShardCaptioner:
         if os.path.exists(target):
             return TaskResult(name, ok=True, skipped=True)
         device = resolve_device(cfg.device)
-        model, tok, vae, clip = _models(cfg, device)
+        model, tok, vae, clip = load_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, device,
+                                               cfg.clip if cfg.candidates > 1 else None, cfg.clip_checkpoint)
         start = time.time()
         try:
             samples = read_tar(shard)
@@ -189,11 +170,9 @@ def run_caption(cfg: CaptionConfig) -> dict:
     shards = expand_shards(cfg.shards)
     if not shards:
         raise FileNotFoundError(f"no shards match {cfg.shards}")
-    for name, path in (("checkpoint", cfg.checkpoint), ("vae", cfg.vae), ("tokenizer", cfg.tokenizer)):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--{name} {path} does not exist")
     if cfg.candidates < 1 or cfg.max_tokens < 1:
         raise InputError("--candidates and --max-tokens must be at least 1")
+    check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance)
     token_shards = [(s, read_json(stats_path(s))) for s in shards if os.path.isfile(stats_path(s))]
     check_vae(token_shards, file_sha256(cfg.vae), image_shards="",
               other_vae="give --vae the AugVAE the shards were encoded with")

@@ -25,7 +25,7 @@ import torch
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.resources import resolve_device
-from lverse.model.cache import cached, load_vae
+from lverse.model.cache import check_generator, load_generator
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
 
@@ -48,6 +48,7 @@ class GenerateConfig(ModelExecution):
     clip_checkpoint: str | None = None  # its weights, a local file (None: random weights, tests only)
     seed: int = 0  # sampling seed (drawn per prompt)
     prompts_per_item: int = 16  # prompts per work item: what a worker, Ray actor or array task takes at once
+    ignore_provenance: bool = False  # accept a --vae or --tokenizer other than the checkpoint's training run's
 
 
 def read_prompts(path: str) -> list[str]:
@@ -61,13 +62,10 @@ def read_prompts(path: str) -> list[str]:
 def run_generate(cfg: GenerateConfig) -> dict:
     """Generate for every prompt not yet done, in items of ``prompts_per_item`` prompts on the
     configured executor; returns (and writes) the summary."""
-    for name, path in (("checkpoint", cfg.checkpoint), ("vae", cfg.vae), ("tokenizer", cfg.tokenizer)):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--{name} {path} does not exist")
     if cfg.prompts_per_item < 1:
         raise InputError("--prompts-per-item must be at least 1")
     prompts = read_prompts(cfg.prompts)
-    _models(cfg, "cpu")  # a checkpoint that does not fit its AugVAE or tokenizer fails here, once
+    check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance)
     os.makedirs(cfg.output, exist_ok=True)
     items = prompt_items(len(prompts), cfg.prompts_per_item)
 
@@ -88,28 +86,6 @@ def item_name(indices: range) -> str:
     return f"prompts_{indices.start:05d}-{indices.stop - 1:05d}"
 
 
-def _models(cfg: GenerateConfig, device: str):
-    """(BiART, tokenizer, AugVAE, CLIP or None) of ``cfg``, loaded once per worker process."""
-    def load():
-        from lverse.model.biart import BiART, BiARTConfig
-        from lverse.model.checkpoint import load_model
-        from lverse.preprocessing.text_tokenizer import CaptionTokenizer
-        model = load_model(cfg.checkpoint, BiART, BiARTConfig).to(device).eval()
-        vae = load_vae(cfg.vae, device)
-        if vae.cfg.num_tokens != model.cfg.image_len or vae.cfg.codebook_size != model.cfg.image_vocab:
-            raise InputError(f"{cfg.vae} makes {vae.cfg.num_tokens} tokens of {vae.cfg.codebook_size} codes, "
-                             f"{cfg.checkpoint} generates {model.cfg.image_len} of {model.cfg.image_vocab}: "
-                             "give the AugVAE the model was trained with")
-        tok = CaptionTokenizer(cfg.tokenizer, offset=model.cfg.text_offset)
-        clip = None
-        if cfg.candidates > 1:
-            from lverse.model.clip import ClipScorer
-            clip = ClipScorer(cfg.clip, cfg.clip_checkpoint, device)
-        return model, tok, vae, clip
-    return cached("generator", (cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.clip, cfg.clip_checkpoint,
-                                cfg.candidates > 1, device), load)
-
-
 @dataclass(frozen=True)
 class PromptGenerator:
     """The per-item task: the prompts of one range (picklable; models loaded once per worker)."""
@@ -125,7 +101,8 @@ class PromptGenerator:
         if not todo:
             return TaskResult(name, ok=True, skipped=True)
         device = resolve_device(cfg.device)
-        models = _models(cfg, device)
+        models = load_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, device,
+                                cfg.clip if cfg.candidates > 1 else None, cfg.clip_checkpoint)
         for i in todo:
             self._one(i, *models, device)
         return TaskResult(name, ok=True, stats={"generated": len(todo)})

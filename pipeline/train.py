@@ -60,6 +60,7 @@ from lverse.runtime.trainer import (
     complete_checkpoints,
     image_grid,
     latest_checkpoint,
+    read_checkpoint_meta,
     reseed,
     save_image,
     set_lr,
@@ -127,6 +128,7 @@ class TrainConfig:
     wandb_project: str = "lverse"
     export: bool = True  # write run_dir/biart.safetensors at the end
     stop_signal: str = "SIGUSR1"  # checkpoint, write run_dir/stopped.json and stop at the next step when received
+    ignore_provenance: bool = False  # resume although data.vae or data.tokenizer differ from the checkpoint's
     master_port: int | None = None  # rendezvous port (None: from the launcher / SLURM job id)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -374,7 +376,7 @@ def train(cfg: TrainConfig) -> dict:
     from lverse.model.biart import Direction
     run = plan_run(cfg, _start_process(cfg))
     rank = run.proc.rank
-    resume = _resume_point(cfg, rank)
+    resume = _resume_point(run)
     engine, kernels = build_engine(run, resume)
     start = resume.step if resume else 0
     loader = data_loader(run, start, resume)
@@ -421,6 +423,7 @@ class Run:
     peak_lr: float
     global_batch: int
     data_key: dict  # what the data order depends on; a checkpoint of another key resumes it approximately
+    provenance: dict  # the AugVAE's and tokenizer's hashes (model/checkpoint.py), recorded in every checkpoint
 
 
 def _start_process(cfg: TrainConfig) -> Process:
@@ -433,12 +436,14 @@ def _start_process(cfg: TrainConfig) -> Process:
 
 def plan_run(cfg: TrainConfig, proc: Process) -> Run:
     """Check the config against the data and the hardware; derive the model config, the batch and the lr."""
-    from lverse.core.shards import expand_shards, file_sha256, token_shard_counts
+    from lverse.core.shards import expand_shards, token_shard_counts
+    from lverse.model.checkpoint import provenance_of
     bcfg = build_model_config(cfg)
     shards = expand_shards(cfg.data.shards)
     if not shards:
         raise FileNotFoundError(f"data.shards {cfg.data.shards!r} matches no token shard")
-    counts = token_shard_counts(shards, file_sha256(cfg.data.vae))
+    provenance = provenance_of(cfg.data.vae, cfg.data.tokenizer)
+    counts = token_shard_counts(shards, provenance["vae_sha256"])
     ds = load_ds_config(cfg.deepspeed, cfg, proc.world)
     if precision(ds) == "fp16" and not torch.cuda.is_available():
         raise InputError(f"{cfg.deepspeed} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
@@ -449,15 +454,21 @@ def plan_run(cfg: TrainConfig, proc: Process) -> Run:
                 "seed": cfg.seed, "shuffle_shards": cfg.data.shuffle_shards, "resampled": cfg.data.resampled,
                 "shards": [os.path.basename(s) for s in shards]}
     return Run(cfg, proc, bcfg, ds, shards, counts, Schedule.of(cfg.optim, "optim."), peak_lr, global_batch,
-               data_key)
+               data_key, provenance)
 
 
-def _resume_point(cfg: TrainConfig, rank: int) -> Checkpoint | None:
-    """The checkpoint to continue from. A ``stopped.json`` is removed: this is the restart of the
-    job that stopped on its signal."""
+def _resume_point(run: Run) -> Checkpoint | None:
+    """The checkpoint to continue from, trained with this run's AugVAE and tokenizer. A
+    ``stopped.json`` is removed: this is the restart of the job that stopped on its signal."""
+    from lverse.model.checkpoint import check_provenance
+    cfg, rank = run.cfg, run.proc.rank
+    resume = latest_checkpoint(cfg.run_dir, rank)
+    if resume and not cfg.ignore_provenance:
+        check_provenance(resume.meta.get("provenance"), cfg.data.vae, cfg.data.tokenizer, f"checkpoint {resume.folder}",
+                         "ignore_provenance: true in the run config")
     if rank == 0 and os.path.exists(_stopped_marker(cfg)):
         os.remove(_stopped_marker(cfg))
-    return latest_checkpoint(cfg.run_dir, rank)
+    return resume
 
 
 def build_engine(run: Run, resume: Checkpoint | None):
@@ -614,7 +625,8 @@ def _loss_scale(engine) -> float | None:
 def save_checkpoint(engine, run: Run, step: int) -> str:
     """DeepSpeed's files of every rank, then the marker with what the data order and a resume on
     another number of ranks need."""
-    meta = {"world_size": run.proc.world, "data": run.data_key, "samples": step * run.global_batch}
+    meta = {"world_size": run.proc.world, "data": run.data_key, "samples": step * run.global_batch,
+            "provenance": run.provenance}
     return write_checkpoint(run.cfg.run_dir, step, meta, run.cfg.keep_checkpoints, run.proc.rank,
                             lambda folder: engine.save_checkpoint(os.path.dirname(folder),
                                                                   tag=os.path.basename(folder), save_latest=False),
@@ -736,6 +748,6 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
     # the exported file describes the model; how it was trained (recomputing blocks) is not part of it
     model = BiART(dataclasses.replace(build_model_config(cfg), activation_checkpointing=False))
     model.load_state_dict(state, strict=True)
-    save_model(model, output)
+    save_model(model, output, read_checkpoint_meta(folder).get("provenance"))
     log.info("exported step %d of %s to %s", step, run_dir, output)
     return output

@@ -1,9 +1,11 @@
 """Offline batch captioning: real shards, a debug BiART, the debug AugVAE, a tiny random CLIP."""
 
 import glob
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 
@@ -13,9 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
+from lverse.core.errors import InputError
 from lverse.core.shards import iter_samples, read_tar
-from lverse.model import BiART, save_model
+from lverse.model import AugVAE, BiART, save_model
+from lverse.model.augvae import PRESETS as VAE_PRESETS
 from lverse.model.biart import PRESETS, BiARTConfig
+from lverse.model.checkpoint import provenance_of
 from lverse.model.clip import ClipScorer
 from lverse.pipeline.caption import CaptionConfig, cut_at_full_stop, run_caption
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
@@ -29,8 +34,21 @@ def biart(data, tmp_path_factory):  # noqa: F811
     cfg = BiARTConfig(**{**PRESETS["debug"].__dict__, "text_vocab": tok.vocab_size, "text_len": 24})
     torch.manual_seed(0)
     path = str(tmp_path_factory.mktemp("biart") / "biart.safetensors")
-    save_model(BiART(cfg), path)
+    save_model(BiART(cfg), path, provenance_of(data["vae"], data["tokenizer"]))  # as `lverse export` records it
     return path
+
+
+@pytest.fixture(scope="module")
+def others(data, tmp_path_factory):  # noqa: F811
+    """An AugVAE of the same shape and a tokenizer of the same size as the BiART's, but other files."""
+    root = tmp_path_factory.mktemp("others")
+    torch.manual_seed(1)
+    save_model(AugVAE(VAE_PRESETS["debug-sl"]), str(root / "vae.safetensors"))
+    captions = [" ".join(reversed(s["txt"].decode().split())) for s in iter_samples(os.path.join(data["raw"],
+                                                                                                 "00000.tar"))]
+    CaptionTokenizer.fit(captions * 4, str(root / "tok"), vocab_size=CaptionTokenizer(data["tokenizer"]).vocab_size,
+                         offset=512)
+    return {"vae": str(root / "vae.safetensors"), "tokenizer": str(root / "tok.model")}
 
 
 def config(data, biart, output, **over):  # noqa: F811
@@ -101,11 +119,37 @@ def test_one_candidate_skips_clip_and_bad_images_get_a_row(data, biart, tmp_path
     assert all(c for i, c in enumerate(table["caption"]) if i != bad)
 
 
-def test_token_shards_of_another_vae_are_refused(data, biart, tmp_path):  # noqa: F811
-    other = tmp_path / "other.safetensors"  # another file: another sha256
-    other.write_bytes(open(data["vae"], "rb").read() + b"\0")
-    with pytest.raises(ValueError, match="another AugVAE"):
-        run_caption(config(data, biart, tmp_path / "out", vae=str(other)))
+def test_token_shards_of_another_vae_are_refused(data, biart, others, tmp_path):  # noqa: F811
+    with pytest.raises(InputError, match="another AugVAE"):
+        run_caption(config(data, biart, tmp_path / "out", vae=others["vae"], ignore_provenance=True))
+
+
+@pytest.mark.parametrize("stage", ["caption", "generate"])
+@pytest.mark.parametrize("kind", ["vae", "tokenizer"])
+def test_an_augvae_or_tokenizer_other_than_the_training_runs_is_refused(data, biart, others, kind, stage,  # noqa: F811
+                                                                        tmp_path):
+    """Files of the same shape and size load without complaint and give garbage: the hashes the
+    checkpoint records catch them, before any work; --ignore-provenance goes on anyway."""
+    from lverse.model.checkpoint import PROVENANCE
+    from lverse.pipeline.generate import GenerateConfig, run_generate
+    (tmp_path / "prompts.txt").write_text("a red circle\n")
+    images = os.path.join(data["raw"], "00000.tar")  # image shards: the AugVAE encodes them itself
+
+    def run(**over):
+        files = {"checkpoint": biart, "vae": data["vae"], "tokenizer": data["tokenizer"], **over}
+        if stage == "caption":
+            return run_caption(config(data, biart, tmp_path / "out", shards=images, candidates=1, **over))
+        return run_generate(GenerateConfig(prompts=str(tmp_path / "prompts.txt"), output=str(tmp_path / "out"),
+                                           candidates=1, **files))
+    given = hashlib.sha256(open(others[kind], "rb").read()).hexdigest()
+    trained = hashlib.sha256(open(data[kind], "rb").read()).hexdigest()
+    word = {"vae": "AugVAE", "tokenizer": "tokenizer"}[kind]
+    assert word in PROVENANCE.values()
+    with pytest.raises(InputError, match=f"{word} {re.escape(others[kind])} has sha256 {given[:16]}, "
+                                         f"{re.escape(biart)} was trained with {trained[:16]}.*--ignore-provenance"):
+        run(**{kind: others[kind]})
+    assert not (tmp_path / "out").exists()  # refused before any work
+    assert run(**{kind: others[kind]}, ignore_provenance=True)["failed"] == []
 
 
 def test_generate_keeps_the_best_candidate_by_clip_and_resumes(data, biart, tmp_path):  # noqa: F811

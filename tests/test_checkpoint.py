@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from lverse.core.errors import InputError
 from lverse.model.augvae import PRESETS as VAE_PRESETS
 from lverse.model.augvae import AugVAE
 from lverse.model.biart import PRESETS as BIART_PRESETS
@@ -47,3 +48,22 @@ def test_weights_of_another_model_are_refused(tmp_path):
     save_model(BiART(BIART_PRESETS["debug"]), str(path))
     with pytest.raises(ValueError):
         load_model(str(path), AugVAE, type(VAE_PRESETS["debug-sl"]))
+
+
+def test_provenance_round_trips_and_a_model_without_it_is_let_through_with_a_warning(tmp_path, caplog):
+    from lverse.model.checkpoint import check_provenance, provenance_of, read_provenance
+    vae, tok = tmp_path / "vae.bin", tmp_path / "tok.model"
+    vae.write_bytes(b"an augvae")
+    tok.write_bytes(b"a tokenizer")
+    record = provenance_of(str(vae), str(tok))
+    save_model(BiART(BIART_PRESETS["debug"]), str(tmp_path / "with.safetensors"), record)
+    save_model(BiART(BIART_PRESETS["debug"]), str(tmp_path / "without.safetensors"))
+    assert read_provenance(str(tmp_path / "with.safetensors")) == record
+    assert read_provenance(str(tmp_path / "without.safetensors")) is None
+    check_provenance(record, str(vae), str(tok), "m", "--x")  # the same files pass
+    with caplog.at_level("WARNING"):
+        check_provenance(None, str(vae), str(tok), "old.safetensors", "--x")
+    assert "old.safetensors records no AugVAE or tokenizer hash" in caplog.text
+    tok.write_bytes(b"another tokenizer")
+    with pytest.raises(InputError, match=r"^tokenizer .*tok.model has sha256 .* m was trained with .*\(--x to use"):
+        check_provenance(record, str(vae), str(tok), "m", "--x")

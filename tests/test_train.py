@@ -477,3 +477,31 @@ def test_a_tampered_run_folder_runs_no_code_on_resume_or_export(member, data, tm
         assert f"DeepSpeed checkpoint {step}" in last and "weights_only=True" in last and "refused" in last, last
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_a_run_records_its_augvae_and_tokenizer_and_resumes_only_with_them(data, tmp_path):
+    """Checkpoints and the exported model record both files' sha256; resuming with a tokenizer of
+    the same size but another file is refused (ignore_provenance: true goes on)."""
+    from lverse.model.checkpoint import provenance_of, read_provenance
+    cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=1)
+    lverse = [sys.executable, "-m", "lverse.cli"]
+    subprocess.run([*lverse, "train", "--config", cfg], check=True, capture_output=True, timeout=300)
+    recorded = provenance_of(data["vae"], data["tokenizer"])
+    assert read_provenance(str(tmp_path / "run" / "biart.safetensors")) == recorded
+    captions = [" ".join(reversed(s["txt"].decode().split())) for s in iter_samples(os.path.join(data["raw"],
+                                                                                                 "00000.tar"))]
+    CaptionTokenizer.fit(captions * 4, str(tmp_path / "other"), vocab_size=64, offset=512)
+    other = str(tmp_path / "other.model")
+    cfg = train_config(tmp_path / "run.yaml", {**data, "tokenizer": other}, tmp_path / "run", steps=2)
+    proc = subprocess.run([*lverse, "train", "--config", cfg], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"tokenizer {other} has sha256 {provenance_of(data['vae'], other)['tokenizer_sha256'][:16]}, checkpoint "
+            f"{tmp_path / 'run' / 'checkpoints' / 'step_00000001'} was trained with "
+            f"{recorded['tokenizer_sha256'][:16]}") in proc.stderr
+    assert not os.path.exists(tmp_path / "run" / "checkpoints" / "step_00000002")
+    cfg = train_config(tmp_path / "run.yaml", {**data, "tokenizer": other}, tmp_path / "run", steps=2,
+                       ignore_provenance=True)
+    subprocess.run([*lverse, "train", "--config", cfg], check=True, capture_output=True, timeout=300)
+    assert read_provenance(str(tmp_path / "run" / "biart.safetensors"))["tokenizer_sha256"] == \
+        provenance_of(data["vae"], other)["tokenizer_sha256"]
