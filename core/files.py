@@ -2,11 +2,16 @@
 
 A reader (or a rerun deciding what is done) sees either the old file or the whole new one, never
 a half-written file, whatever kills the writer.
+
+An output path that cannot serve (a read-only folder, a file where a folder is expected, a folder
+where a file is) fails as an OSError like any other; ``bad_path_message`` tells those apart from
+the storage failing mid-work, so the CLI can name the path in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import json
 import os
@@ -17,6 +22,8 @@ from collections.abc import Iterator
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[str]:
     """Yields a temporary path beside ``path``; on success renames it to ``path``."""
+    if os.path.isdir(path):  # say so now, not at the rename after the whole file is written
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -63,6 +70,50 @@ def atomic_write_parquet(path: str, table) -> None:
     import pyarrow.parquet as pq
     with atomic_output(path) as tmp:
         pq.write_table(table, tmp)
+
+
+# The rule for OSErrors (the CLI's exit status 2 or a traceback): an error whose errno says that
+# the path it names cannot serve (no permission, a read-only file system, a file where a folder is
+# expected or the other way round) is the user's to fix by choosing another path or changing its
+# permissions, at whatever point it surfaces. Any other errno (ENOSPC, EDQUOT, EIO, ESTALE, ...)
+# is the storage failing while work goes on, and keeps its traceback, as does an error naming no
+# path (a socket's, say). The one blur: a file system that remounts itself read-only after I/O
+# errors lands here too, named in one line rather than shown with a traceback.
+_REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
+_NOT_A_FOLDER = (errno.ENOTDIR, errno.EEXIST)
+
+
+def bad_path_message(e: OSError) -> str | None:
+    """One line naming the path ``e`` is about and what to change, when ``e`` says that path
+    cannot serve (see the rule above); None when ``e`` is something else."""
+    path = e.filename2 if e.filename2 is not None else e.filename  # a rename names its target second
+    if not isinstance(path, (str, bytes)):
+        return None
+    path = os.fsdecode(path)
+    # What failed to be created (mkstemp's temporary name, a folder of makedirs) is no help to the
+    # user: name what is there, the folder that refused it, or the file that stands in the way.
+    there = _nearest_existing(path)
+    if e.errno == errno.EROFS:
+        return f"{there} is on a read-only file system: choose a path on a writable one"
+    if e.errno in _REFUSED:
+        return (f"{there}: permission denied: choose a path this user may write to (or read, for an input), "
+                "or change its permissions")
+    if e.errno in _NOT_A_FOLDER and not os.path.isdir(there):
+        inside = "" if there == path else f" (in {path})"
+        return f"{there} is a file, where a folder is expected{inside}: choose another path, or move the file"
+    if e.errno == errno.EISDIR and os.path.isdir(path):
+        return f"{path} is a folder, where a file is expected: give the path of a file (in it, say)"
+    return None  # EEXIST of a folder that is there is no mix-up of kinds: a bug or a race
+
+
+def _nearest_existing(path: str) -> str:
+    """``path``, or the nearest of its parents that exists."""
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path.rstrip(os.sep)) or os.curdir
+        if parent == path:
+            break
+        path = parent
+    return path
 
 
 def read_json(path: str):

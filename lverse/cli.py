@@ -3,9 +3,10 @@
 A stage whose work a config dataclass describes takes its options from it (``add_options``: the
 dataclass is the one place of their names, types, defaults and help). Every ``main`` takes
 ``argv`` so tests call it directly; arguments are checked before any work starts. Bad input
-(InputError, a missing file) is one line that says what to change and exit status 2; a stage with
-failed items (StageFailed) or a demo below its target exits 1, its finished work kept; any other
-exception is a bug and shows its traceback.
+(InputError, a missing file, a path that cannot serve: read-only, a file where a folder is
+expected or the other way round, core/files.py bad_path_message) is one line that says what to
+change and exit status 2; a stage with failed items (StageFailed) or a demo below its target
+exits 1, its finished work kept; any other exception is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from collections.abc import Callable
 
 from lverse.core.config import add_options, given_options, load_config, options_to_config
 from lverse.core.errors import InputError
+from lverse.core.files import bad_path_message
 from lverse.demo import DemoConfig
 from lverse.pipeline.caption import CaptionConfig
 from lverse.pipeline.download import DownloadConfig
@@ -309,8 +311,10 @@ def _train(args: argparse.Namespace) -> None:
     DeepSpeed ZeRO. Run it in every process of the job: `deepspeed --num_gpus N --module lverse.cli
     train ...` or torchrun on one node; `srun` (one task per GPU) under SLURM, whose variables are
     mapped for DeepSpeed. A run folder with a complete checkpoint is resumed exactly (model,
-    optimizer, loss scale, lr, data position, RNG), also on another number of ranks. SIGUSR1
-    (stop_signal) makes it checkpoint, write RUN_DIR/stopped.json and stop at the next step.
+    optimizer, loss scale, lr, data position, RNG), also on another number of ranks. SIGTERM
+    (preemption, scancel), SIGUSR1 (SLURM's time-limit warning) and SIGINT (Ctrl-C) all make every
+    rank stop at the same next step, write one complete checkpoint and RUN_DIR/stopped.json, and
+    exit 0; a second signal meanwhile does not interrupt the checkpoint.
     """
     from lverse.pipeline.train import TrainConfig, train
     train(load_config(args.config, TrainConfig, {"deepspeed": args.deepspeed, "run_dir": args.run_dir,
@@ -544,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (InputError, FileNotFoundError) as e:  # bad input: say what to change
         log.error("%s", e)
+        return 2
+    except OSError as e:  # a path that cannot serve is bad input too; the storage failing mid-work is not
+        message = bad_path_message(e)
+        if message is None:
+            raise
+        log.error("%s", message)
         return 2
     except (StageFailed, DemoBelowTarget) as e:  # the rest is done and kept; a rerun retries what failed
         log.error("%s", e)

@@ -1,10 +1,12 @@
 import argparse
+import os
 import subprocess
 import sys
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
 import pytest
+import torch
 import yaml
 
 from lverse.cli import DemoBelowTarget, build_parser, main
@@ -12,15 +14,21 @@ from lverse.core.config import add_options, field_help, flag, options_to_config
 from lverse.core.errors import InputError
 from lverse.demo import DemoConfig
 from lverse.model.augvae import PRESETS, AugVAE
+from lverse.model.biart import PRESETS as BIART_PRESETS
+from lverse.model.biart import BiART, BiARTConfig
 from lverse.model.checkpoint import save_model
 from lverse.pipeline.caption import CaptionConfig
 from lverse.pipeline.download import DownloadConfig
-from lverse.pipeline.encode import EncodeConfig
+from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.pipeline.generate import GenerateConfig
 from lverse.pipeline.train_clip import ClipTrainConfig
+from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.run import TokenizerStage
 from lverse.runtime.executors import StageFailed
 from lverse.slurm.render import SubmitOptions
+
+from .test_encode import raw_shards
+from .test_train import train_config
 
 
 def test_every_subcommand_explains_itself(capsys):
@@ -230,3 +238,106 @@ def test_the_console_shows_a_traceback_only_for_bugs(error, status, traceback, t
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == status and "the message" in out.stderr
     assert ("Traceback" in out.stderr) == traceback, out.stderr
+
+
+# -- a path that cannot serve: one line naming it and exit status 2, through the real command ------
+
+LVERSE = os.path.join(os.path.dirname(sys.executable), "lverse")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Real inputs, so that each command gets as far as writing its output: a debug AugVAE and
+    BiART, a caption tokenizer, an image shard and its token shard, prompts, a file and a folder."""
+    root = tmp_path_factory.mktemp("inputs")
+    raw = raw_shards(str(root / "raw"), count=1, n=12)
+    torch.manual_seed(0)
+    vae = str(root / "vae.safetensors")
+    save_model(AugVAE(PRESETS["debug-sl"]), vae)
+    run_encode(EncodeConfig(shards=raw, vae=vae, output=str(root / "tokens")))
+    (root / "captions.txt").write_text("".join(f"a {c} square number {i}\n" for i in range(30)
+                                               for c in ("red", "blue")))
+    tok = CaptionTokenizer.fit(open(root / "captions.txt").read().splitlines(), str(root / "tok"), vocab_size=40,
+                               offset=512)
+    biart = str(root / "biart.safetensors")
+    save_model(BiART(BiARTConfig(**{**BIART_PRESETS["debug"].__dict__, "text_vocab": tok.vocab_size,
+                                    "text_len": 24})), biart)
+    (root / "prompts.txt").write_text("a red square\n")
+    (root / "a_file.txt").write_text("x")
+    (root / "a_folder").mkdir()
+    return {"root": root, "raw": raw, "tokens": str(root / "tokens"), "vae": vae, "tokenizer": tok.model_path,
+            "checkpoint": biart, "prompts": str(root / "prompts.txt"), "file": str(root / "a_file.txt"),
+            "folder": str(root / "a_folder")}
+
+
+def lverse(*argv, tmpfs=None):
+    """Run the ``lverse`` console script; with ``tmpfs`` (folder, mount options), in a mount
+    namespace of its own where a tmpfs is mounted on that folder: the mount ends with the command,
+    whatever becomes of the test (tests run as root, and root writes through permission bits, so a
+    read-only mount is what refuses it)."""
+    cmd = [LVERSE, *argv]
+    if tmpfs:
+        cmd = ["unshare", "--mount", "sh", "-c", 'mount -t tmpfs -o "$0" tmpfs "$1" && shift && exec "$@"',
+               tmpfs[1], tmpfs[0], *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_naming(out, path):
+    errors = [line for line in out.stderr.splitlines() if " ERROR " in line]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert len(errors) == 1 and path in errors[0], out.stderr[-3000:]
+
+
+def _train_yaml(path, inputs, run_dir):
+    train_config(path, inputs, run_dir)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["workers"] = 0  # no loader processes to start before the run folder is made
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["encode into a file", "encode under a file", "caption into a file",
+                                  "generate into a file", "train in a file", "a model into a folder"])
+def test_an_output_of_the_wrong_kind_is_one_line_naming_it(case, inputs, tmp_path):
+    i = inputs
+    models = ["--checkpoint", i["checkpoint"], "--vae", i["vae"], "--tokenizer", i["tokenizer"],
+              "--clip", "lverse-tiny"]
+    argv, named = {
+        "encode into a file": lambda: (["encode", "--shards", i["raw"], "--vae", i["vae"], "--output", i["file"]],
+                                       i["file"]),
+        "encode under a file": lambda: (["encode", "--shards", i["raw"], "--vae", i["vae"],
+                                         "--output", i["file"] + "/sub"], i["file"]),
+        "caption into a file": lambda: (["caption", "--shards", i["tokens"], *models, "--output", i["file"]],
+                                        i["file"]),
+        "generate into a file": lambda: (["generate", "--prompts", i["prompts"], *models, "--output", i["file"]],
+                                         i["file"]),
+        "train in a file": lambda: (["train", "--config", _train_yaml(tmp_path / "train.yaml", i, i["file"])],
+                                    i["file"]),
+        # what `lverse export RUN OUT` does with OUT: both write with save_model
+        "a model into a folder": lambda: (["convert-vae", "--input", i["vae"], "--output", i["folder"]],
+                                          i["folder"]),
+    }[case]()
+    assert_one_line_naming(lverse(*argv), named)
+    assert os.listdir(i["folder"]) == [] and not [n for n in os.listdir(i["root"]) if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("case", ["download", "convert-vae"])
+def test_a_read_only_output_folder_is_one_line_naming_it(case, inputs, tmp_path):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    tsv = tmp_path / "cc.tsv"
+    tsv.write_text("a red square\thttp://127.0.0.1:9/x.jpg\n")
+    argv = {"download": ["download", "--input", str(tsv), "--output", str(folder)],
+            # the file goes to a temporary name first: the folder is named, not that name
+            "convert-vae": ["convert-vae", "--input", inputs["vae"], "--output", str(folder / "x.safetensors")]}[case]
+    assert_one_line_naming(lverse(*argv, tmpfs=(str(folder), "ro,size=1m")), str(folder))
+
+
+def test_a_full_disk_mid_work_keeps_its_traceback(inputs, tmp_path):
+    """ENOSPC is the storage failing, not a path to change: it stays visible as a traceback."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    out = lverse("convert-vae", "--input", inputs["vae"], "--output", str(folder / "x.safetensors"),
+                 tmpfs=(str(folder), "size=1m"))  # the AugVAE is larger
+    assert out.returncode == 1 and "Traceback" in out.stderr and "No space left on device" in out.stderr, \
+        out.stderr[-3000:]
