@@ -369,6 +369,34 @@ def _export(args: argparse.Namespace) -> None:
     export_checkpoint(args.run_dir, args.output, step=args.step)
 
 
+def _index_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", required=True, help="a folder of token shards (the --output of lverse encode)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="processes reading the tars (default: the cores this process may use, at most 16)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@command("index", _index_options)
+def _index(args: argparse.Namespace) -> None:
+    """build the token index that BiART training reads its samples from
+
+    Write TOKENS/_index/: every finished shard's samples (a tar with its NNNNN_stats.json) in
+    memory-mapped files, so that training can read any sample in one global shuffled order, resume
+    at exactly the next sample on any number of ranks, and run more ranks x DataLoader workers than
+    there are shards. It holds the AugVAE codes (N x image_len uint16: 2 KiB a sample for 1024
+    codes, about 6 GB for CC3M), the captions and keys with their offsets, and meta.json: each
+    shard's sample count, stats file, tar size and mtime, and the AugVAE's sha256. It is written
+    under a temporary name and renamed into place. lverse train builds it when it is missing (rank
+    0, the others wait) and refuses one that no longer matches the shards (a shard re-encoded or
+    added): run this command after changing the shards. An index that matches the folder's
+    finished shards is left as it is. Prints a summary (samples, shards, bytes, seconds).
+    """
+    from lverse.runtime.token_index import index_folder
+    if not os.path.isdir(args.tokens):
+        raise FileNotFoundError(f"--tokens {args.tokens} is not a folder")
+    _print_json(index_folder(args.tokens, progress=not args.quiet, workers=args.workers))
+
+
 def _synthetic_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["serve"], help="serve")
     p.add_argument("--output", required=True, help="folder for train.tsv and heldout.tsv")

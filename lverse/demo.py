@@ -161,7 +161,7 @@ class Demo:
             "keep_checkpoints": 1, "log_every": 50, "sample_every": 0, "tensorboard": True,
             "model": {"preset": "debug", "overrides": {"n_layer": 4, "n_head": 4, "n_embd": 128, "text_len": 32}},
             "data": {"shards": p("tokens"), "tokenizer": p("tokenizer.model"), "vae": vae, "workers": 1,
-                     "shuffle_shards": 4, "resampled": True},
+                     "resampled": True},
             "optim": {"lr": 3e-3, "warmup_steps": 50, "schedule": "cosine", "weight_decay": 0.01}}
         self.stage("train", ["train", "--config", biart_config], (biart_config, biart_values))
         biart = p("biart", "biart.safetensors")

@@ -8,16 +8,19 @@ text->image on even steps, image->text on odd ones, the same on every rank) -> D
 (clipping, loss scaling, ZeRO) -> log -> samples -> checkpoint. What a run needs to continue
 exactly is in its checkpoint: model, optimizer, loss scaler (DeepSpeed's files) and the step. The
 rest is a function of the step: the lr; the RNG (reseeded from (seed, step, rank) before every
-step); the data position (``step x grad_accum`` micro-batches, see ``data.py``). A run killed at
-any moment and resumed therefore logs the same losses as an uninterrupted one. The schedule, the
+step); the data position (samples consumed in one global order, see ``runtime/data.py``). A run
+killed at any moment and resumed therefore logs the same losses as an uninterrupted one. The schedule, the
 reseeding, the stop signal and the checkpoint lifecycle are the training core's
 (``runtime/trainer.py``), shared with AugVAE and CLIP training.
 
-Checkpoints: ``run_dir/checkpoints/step_NNNNNNNN/`` written by DeepSpeed on every rank, then
-``lverse.json`` written into it last (atomically) once every rank has finished: a folder without
-it is a partial write and is never resumed from (nor counted among the ``keep_checkpoints`` kept).
-Resuming on another number of ranks converts the checkpoint to DeepSpeed's universal format
-first (``universal/step_NNNNNNNN/``); the data order then starts over from the new slots' position.
+Checkpoints: ``run_dir/checkpoints/step_NNNNNNNN/``, each rank's files decided by DeepSpeed and
+written by lverse's writer (copied to host memory, then written in the background while training
+goes on), then ``lverse.json`` written into it last (atomically) once every rank's files are
+durable: a folder without it is a partial write and is never resumed from (nor counted among the
+``keep_checkpoints`` kept). Resuming on another number of ranks converts the checkpoint to
+DeepSpeed's universal format first (``universal/step_NNNNNNNN/``); the data order continues at the
+next sample whatever the number of ranks. SIGTERM, SIGUSR1 and SIGINT checkpoint and stop at the
+same step on every rank.
 
 Kernels: ``wrap`` is the one place where the single-device model meets the hardware, in this
 order: apex FusedLayerNorm (only when NVIDIA apex is importable) -> optimizer (DeepSpeed
@@ -34,7 +37,6 @@ import contextlib
 import copy
 import dataclasses
 import difflib
-import functools
 import json
 import logging
 import os
@@ -54,10 +56,13 @@ from lverse.runtime.metrics import MetricsLogger
 from lverse.runtime.trainer import (
     MARKER,
     Checkpoint,
+    Checkpoints,
+    FileWriter,
     Process,
     Schedule,
     StopFlag,
     complete_checkpoints,
+    ignore_stop_signals,
     image_grid,
     latest_checkpoint,
     read_checkpoint_meta,
@@ -65,7 +70,6 @@ from lverse.runtime.trainer import (
     save_image,
     set_lr,
     start_process,
-    write_checkpoint,
     write_run_config,
 )
 
@@ -89,9 +93,8 @@ class DataConfig:
     shards: str = ""  # token shards: a folder, a glob or a {00000..00099} range
     tokenizer: str = ""  # the caption tokenizer's .model file
     vae: str = ""  # the AugVAE checkpoint the shards were encoded with (its hash is checked)
-    workers: int = 2  # DataLoader workers per rank
-    shuffle_shards: int = 4  # shards read and permuted together (the shuffle buffer)
-    resampled: bool = False  # draw shards with replacement instead of epochs
+    workers: int = 2  # DataLoader workers per rank (any number: they share one global order)
+    resampled: bool = False  # each epoch draws N samples with replacement instead of a permutation of all N
     bpe_dropout: float = 0.1  # BPE-dropout on captions at load time
 
 
@@ -119,6 +122,8 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each block in the backward pass (BiARTConfig's flag)
     seed: int = 0  # initialisation, data order, dropout
     checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    checkpoint_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last (0: off)
+    checkpoint_background: bool = True  # copy the state to host memory and write it while training goes on
     keep_checkpoints: int = 3  # newest complete checkpoints kept
     log_every: int = 10  # steps between log lines / TensorBoard points
     sample_every: int = 0  # steps between sample captions and images (0: never)
@@ -127,7 +132,6 @@ class TrainConfig:
     wandb: bool = False  # also log to Weights & Biases (needs `wandb` installed)
     wandb_project: str = "lverse"
     export: bool = True  # write run_dir/biart.safetensors at the end
-    stop_signal: str = "SIGUSR1"  # checkpoint, write run_dir/stopped.json and stop at the next step when received
     ignore_provenance: bool = False  # resume although data.vae or data.tokenizer differ from the checkpoint's
     master_port: int | None = None  # rendezvous port (None: from the launcher / SLURM job id)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -136,9 +140,8 @@ class TrainConfig:
 
     def __post_init__(self):
         at_least(self, 1, "steps", "micro_batch_size", "grad_accum", "checkpoint_every", "log_every")
-        at_least(self, 0, "keep_checkpoints", "sample_every")
+        at_least(self, 0, "keep_checkpoints", "sample_every", "checkpoint_every_minutes")
         at_least(self.data, 0, "workers")
-        at_least(self.data, 1, "shuffle_shards")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,17 +377,21 @@ def build_model_config(cfg: TrainConfig):
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training in this process; returns the last logged metrics."""
     from lverse.model.biart import Direction
+    from lverse.runtime.token_index import ensure_index
     run = plan_run(cfg, _start_process(cfg))
     rank = run.proc.rank
+    ensure_index(run.shards, run.provenance["vae_sha256"], rank)  # the token index: before the model, not after
     resume = _resume_point(run)
-    engine, kernels = build_engine(run, resume)
+    engine, kernels, writer = build_engine(run, resume)
     start = resume.step if resume else 0
     loader = data_loader(run, start, resume)
     meter = Meter(run, flops_per_token(engine.module), start)
     _announce(run, engine.module, kernels, meter.peak_flops)
     logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project)
     sampler = Sampler(cfg, run.bcfg, run.shards[0], rank) if cfg.sample_every else None
-    stop = StopFlag(cfg.stop_signal)
+    stop = StopFlag()
+    checkpoints = Checkpoints(cfg.run_dir, cfg.keep_checkpoints, rank, writer, derived=("universal",))
+    last_checkpoint = time.monotonic()
     for step in range(start, cfg.steps):
         lr = set_lr(engine.optimizer, run.schedule.lr_at(step, cfg.steps, run.peak_lr))
         reseed(cfg.seed, step, rank)
@@ -397,13 +404,22 @@ def train(cfg: TrainConfig) -> dict:
         with meter.paused():  # samples and checkpoints are left out of tokens/s
             if sampler and done % cfg.sample_every == 0:
                 sampler.run(engine, done, logger, run.ds)
-            stopping = stop.agreed(run.proc.device)
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping:
-                save_checkpoint(engine, run, done)
+            minutes = (time.monotonic() - last_checkpoint) / 60
+            stopping, due, writing = stop.agreed(run.proc.device, 0 < cfg.checkpoint_every_minutes <= minutes,
+                                                 checkpoints.writing())
+            checkpoints.settle(writing)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping or due:
+                save_checkpoint(engine, run, done, checkpoints)
+                last_checkpoint = time.monotonic()
+            _log_checkpoints(cfg, rank, checkpoints.completed())
         if stopping:
-            _stopped(cfg, rank, done)
+            checkpoints.finish()
+            _log_checkpoints(cfg, rank, checkpoints.completed())
+            _stopped(cfg, rank, done, stop.received)
             logger.close()
             return {**meter.last, "stopped_at": done}
+    checkpoints.finish()
+    _log_checkpoints(cfg, rank, checkpoints.completed())
     if cfg.export:
         export_checkpoint(cfg.run_dir, os.path.join(cfg.run_dir, "biart.safetensors"), rank=rank)
     logger.close()
@@ -422,7 +438,7 @@ class Run:
     schedule: Schedule
     peak_lr: float
     global_batch: int
-    data_key: dict  # what the data order depends on; a checkpoint of another key resumes it approximately
+    data_key: dict  # what the data order depends on, and where this run's steps start in it (``origin``)
     provenance: dict  # the AugVAE's and tokenizer's hashes (model/checkpoint.py), recorded in every checkpoint
 
 
@@ -450,9 +466,10 @@ def plan_run(cfg: TrainConfig, proc: Process) -> Run:
                          "has no fp16); use a bf16 or fp32 config on a CPU")
     global_batch = cfg.micro_batch_size * cfg.grad_accum * proc.world
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.lr_per_sample * global_batch
-    data_key = {"world_size": proc.world, "workers": cfg.data.workers, "micro_batch_size": cfg.micro_batch_size,
-                "seed": cfg.seed, "shuffle_shards": cfg.data.shuffle_shards, "resampled": cfg.data.resampled,
-                "shards": [os.path.basename(s) for s in shards]}
+    # the order's inputs, and where the run's positions start: step ``origin[0]`` begins at sample
+    # ``origin[1]`` and each step takes global_batch more (data_loader moves it on a resume)
+    data_key = {"seed": cfg.seed, "resampled": cfg.data.resampled, "shards": [os.path.basename(s) for s in shards],
+                "global_batch": global_batch, "origin": [0, 0]}
     return Run(cfg, proc, bcfg, ds, shards, counts, Schedule.of(cfg.optim, "optim."), peak_lr, global_batch,
                data_key, provenance)
 
@@ -473,7 +490,8 @@ def _resume_point(run: Run) -> Checkpoint | None:
 
 def build_engine(run: Run, resume: Checkpoint | None):
     """The run's model (the same initial weights on every rank) in its DeepSpeed engine, restored
-    from ``resume``; returns (engine, kernel choices)."""
+    from ``resume``, writing checkpoints through lverse's writer; returns (engine, kernel choices,
+    the writer)."""
     from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
 
     from lverse.model.biart import BiART
@@ -483,9 +501,11 @@ def build_engine(run: Run, resume: Checkpoint | None):
     model = BiART(run.bcfg)
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {"universal_checkpoint_version": 0.2})
     engine, kernels = wrap(model, run.cfg, run.ds, run.peak_lr, run.proc.device)
+    writer = FileWriter(run.cfg.checkpoint_background)
+    engine.checkpoint_engine = _WriterEngine(writer)
     if resume:
         _load(engine, run, resume)
-    return engine, kernels
+    return engine, kernels, writer
 
 
 def _load(engine, run: Run, resume: Checkpoint) -> None:
@@ -508,24 +528,45 @@ def _load(engine, run: Run, resume: Checkpoint) -> None:
         log.info("resumed from %s at step %d", folder, resume.step)
 
 
+def samples_before(run: Run, step: int) -> int:
+    """Samples of the global order consumed before ``step`` (see ``origin`` in the data key)."""
+    origin_step, origin_samples = run.data_key["origin"]
+    return origin_samples + (step - origin_step) * run.global_batch
+
+
 def data_loader(run: Run, start_step: int, resume: Checkpoint | None):
-    """This rank's micro-batches from ``start_step`` on: where the checkpoint's run was, or, when
-    the data layout changed since, approximately (at the same sample count)."""
-    from lverse.runtime.data import Batches, Stream, TokenBatch, ignore_signal
-    cfg, bcfg, world = run.cfg, run.bcfg, run.proc.world
-    start_batches = start_step * cfg.grad_accum
-    if resume and resume.meta.get("data") != run.data_key:
-        start_batches = resume.meta["samples"] // (world * cfg.micro_batch_size)
-        if run.proc.rank == 0:
-            log.warning("the data layout changed since the checkpoint (ranks, workers, batch, seed or "
-                        "shards): resuming the data order approximately, at micro-batch %d per rank", start_batches)
-    stream = Stream(tuple(run.shards), tuple(run.counts), cfg.seed, cfg.data.shuffle_shards, cfg.data.resampled)
+    """This rank's micro-batches from ``start_step`` on, in the global order (runtime/data.py): a
+    resume continues at the sample after the checkpoint's last one, on any number of ranks and
+    workers. With another global batch than the checkpoint's, the steps from the resume on each take
+    the new global batch of samples from there (step s no longer starts at sample s x global batch);
+    ``origin`` in the data key records it, so later resumes stay exact."""
+    from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch
+    from lverse.runtime.token_index import ensure_index
+    cfg, bcfg, key = run.cfg, run.bcfg, run.data_key
+    samples = ensure_index(run.shards, run.provenance["vae_sha256"], run.proc.rank)
+    if resume:
+        old = resume.meta.get("data") or {}
+        # checkpoints before ``origin`` was recorded: their step x global batch
+        done = old["origin"][1] + (resume.step - old["origin"][0]) * old["global_batch"] if "origin" in old \
+            else resume.meta["samples"]
+        changed = [k for k in ("seed", "resampled", "shards") if old.get(k) != key[k]]
+        changed += [] if "origin" in old else ["an older lverse's per-shard order"]
+        if changed and run.proc.rank == 0:
+            log.warning("the checkpoint's data order differs (%s): this run's order goes on from sample %d",
+                        ", ".join(changed), done)
+        if old.get("global_batch", run.global_batch) != run.global_batch and run.proc.rank == 0:
+            log.info("global batch %d, the checkpoint's %d: step %d starts at sample %d", run.global_batch,
+                     old["global_batch"], resume.step, done)
+        key["origin"] = [resume.step, done]
+    order = GlobalOrder(len(samples), cfg.seed, cfg.data.resampled)
     make_batch = TokenBatch(cfg.data.tokenizer, bcfg.text_offset, bcfg.text_len, bcfg.image_len,
                             bcfg.image_vocab, cfg.data.bpe_dropout)
-    batches = Batches(stream, make_batch, cfg.micro_batch_size, run.proc.rank, world, cfg.data.workers, start_batches)
+    start = samples_before(run, start_step)
+    batches = GlobalBatches(samples, order, make_batch, cfg.micro_batch_size, run.proc.rank, run.proc.world,
+                            cfg.data.workers, start)
     return iter(torch.utils.data.DataLoader(
         batches, batch_size=None, num_workers=cfg.data.workers, prefetch_factor=4 if cfg.data.workers else None,
-        worker_init_fn=functools.partial(ignore_signal, cfg.stop_signal) if cfg.stop_signal else None))
+        worker_init_fn=ignore_stop_signals))
 
 
 def _announce(run: Run, model, kernels: dict, peak_flops: float) -> None:
@@ -622,15 +663,63 @@ def _loss_scale(engine) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # checkpoints, the stop signal
 
-def save_checkpoint(engine, run: Run, step: int) -> str:
-    """DeepSpeed's files of every rank, then the marker with what the data order and a resume on
-    another number of ranks need."""
-    meta = {"world_size": run.proc.world, "data": run.data_key, "samples": step * run.global_batch,
+def save_checkpoint(engine, run: Run, step: int, checkpoints: Checkpoints) -> None:
+    """DeepSpeed's files of every rank, handed to the writer (collective); the marker, with what
+    the data order and a resume on another number of ranks need, follows once they are on disk."""
+    meta = {"world_size": run.proc.world, "data": run.data_key, "samples": samples_before(run, step),
             "provenance": run.provenance}
-    return write_checkpoint(run.cfg.run_dir, step, meta, run.cfg.keep_checkpoints, run.proc.rank,
-                            lambda folder: engine.save_checkpoint(os.path.dirname(folder),
-                                                                  tag=os.path.basename(folder), save_latest=False),
-                            collective=True, derived=("universal",))
+    checkpoints.start(step, meta, lambda folder: engine.save_checkpoint(
+        os.path.dirname(folder), tag=os.path.basename(folder), save_latest=False))
+
+
+def _log_checkpoints(cfg: TrainConfig, rank: int, completed: list[dict]) -> None:
+    """Completed checkpoints' figures: in the log and in run_dir/checkpoints.jsonl (rank 0)."""
+    if rank:
+        return
+    for figures in completed:
+        log.info("checkpoint of step %d complete: %.1f MB written in %.2f s; training held up %.3f s",
+                 figures["checkpoint_step"], figures["checkpoint_mb"], figures["checkpoint_write_s"],
+                 figures["checkpoint_stall_s"])
+        with open(os.path.join(cfg.run_dir, "checkpoints.jsonl"), "a") as f:
+            f.write(json.dumps(figures) + "\n")
+
+
+class _WriterEngine:
+    """DeepSpeed's checkpoint-engine interface over lverse's ``FileWriter``: DeepSpeed decides
+    what each rank saves, the writer how (durably; in the background). DeepSpeed clones the model's
+    tensors for saving unless told the engine copies them itself, which the background writer does."""
+
+    name = "lverse"
+
+    def __init__(self, writer: FileWriter):
+        self.writer = writer
+
+    def create(self, info) -> None:
+        pass
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict, path: str) -> None:
+        self.writer.save(state_dict, path)
+
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)  # DeepSpeed's types: deepspeed_loads
+
+    def commit(self, info) -> bool:
+        return True
+
+    def is_data_parallel_writer(self, dp_rank: int) -> bool:
+        return dp_rank == 0
+
+    def is_decoupled(self) -> bool:
+        return False
+
+    def preserves_storage_sharing(self) -> bool:
+        return not self.writer.background
+
+    def cleanup(self) -> None:
+        pass
 
 
 def deepspeed_loads(folder: str):
@@ -666,11 +755,12 @@ def _stopped_marker(cfg: TrainConfig) -> str:
     return os.path.join(cfg.run_dir, "stopped.json")
 
 
-def _stopped(cfg: TrainConfig, rank: int, step: int) -> None:
-    """Checkpointed at ``step`` on the stop signal: say so for the job script (collective)."""
+def _stopped(cfg: TrainConfig, rank: int, step: int, received: str | None) -> None:
+    """Checkpointed at ``step`` on a stop signal (``received`` on this rank; None: another rank's):
+    say so for the job script (collective)."""
     if rank == 0:  # the job script requeues the job when it finds this (slurm/train.sbatch)
-        atomic_write_json(_stopped_marker(cfg), {"step": step, "signal": cfg.stop_signal})
-        log.warning("%s received: checkpointed at step %d and stopping", cfg.stop_signal, step)
+        atomic_write_json(_stopped_marker(cfg), {"step": step, "signal": received})
+        log.warning("%s received: checkpointed at step %d and stopping", received or "a stop signal", step)
     dist.barrier()
 
 

@@ -6,7 +6,9 @@ Modules:
     stage        the shard-stage runner of download, encode and caption: array block, executor,
                  one ``_summary.json`` schema (Execution, run_shard_stage, array_block)
     distributed  rank / world from torchrun, DeepSpeed or SLURM (world_info_from_env, setup_env)
-    data         training streams: shards per (rank, worker), resumable to the micro-batch
+    data         training data: BiART's global sample order (any ranks and workers, resumable to
+                 the sample), the AugVAE's shard streams per (rank, worker)
+    token_index  the memory-mapped index of a folder of token shards (build, check, read)
     metrics      MetricsLogger: metrics.jsonl, log lines, TensorBoard, W&B
     trainer      the training core of BiART, AugVAE and CLIP training: process setup, reseeding,
                  the stop signal, one lr Schedule, the checkpoint lifecycle, image grids

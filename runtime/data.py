@@ -1,31 +1,54 @@
-"""Training data: webdataset shards streamed to every rank and worker, resumable to the sample.
+"""Training data: the global sample order of BiART's token shards, and the AugVAE's shard streams.
 
-Each (rank, DataLoader worker) pair is a *slot*; slot s of S owns shards ``s, s+S, s+2S, ...`` of
-the sorted shard list, so no sample is seen twice in an epoch and a clear error is raised when
-there are fewer shards than slots. A slot's stream is infinite (training is counted in steps) and
-a pure function of (seed, slot):
+**Token shards (BiART): one global order.** The samples of the named shards are numbered
+0..N-1 (``token_index.TokenSamples``, read from the folder's memory-mapped index) and training
+consumes one infinite sequence of them, a function of (seed, epoch) only:
 
-- **epoch** mode: epoch e visits the slot's shards in an order drawn from (seed, e, slot);
-- **resampled** mode: group g draws its shards with replacement from all shards, from (seed, g, slot).
+- **epoch** mode: epoch e is a permutation of the N samples drawn from (seed, e);
+- **resampled** mode: epoch e is N draws with replacement, from (seed, e).
 
-Shards are read ``shuffle_shards`` at a time (a *group*, the shuffle buffer: every sample of the
-group in memory) and the group's samples are permuted from (seed, epoch, group, slot). Per-sample
-randomness (BPE-dropout, random crops) is seeded from (seed, epoch, group, key).
+Global position p holds sample ``order_e[p % N]`` of epoch ``e = p // N``. Positions are handed
+out in micro-batches: a run that starts at position P (0, or where its checkpoint left off) gives
+micro-step k the positions ``[P + k*W*B, P + (k+1)*W*B)`` (W ranks, B the micro-batch), of which
+rank r takes ``[P + k*W*B + r*B, P + k*W*B + (r+1)*B)``; with gradient accumulation an optimizer
+step is ``grad_accum`` consecutive micro-steps. So global batch g holds the same samples whatever
+W, as long as W*B is the same, each rank its slice; and a run resumed on any number of ranks or
+DataLoader workers continues at exactly the sample after the last one consumed. A rank's
+DataLoader worker w makes the rank's micro-steps w, w + workers, w + 2*workers, ... (counted from
+the run's start position), and the DataLoader takes them from its workers in turn, so they arrive
+in order. Per-sample randomness (BPE-dropout) is drawn from (seed, epoch, the sample's key) only,
+so a sample's caption pieces do not depend on which rank or worker reads it. (In resampled mode a
+sample drawn twice in one epoch gets the same pieces both times.)
+
+What it costs: each worker holds the current epoch's order (4 bytes a sample below 2^31 samples,
+13 MB for CC3M; drawn in well under a second at each epoch's start), and reading a sample is a
+random read of the index (see ``token_index.py`` for that trade-off). In exchange there is no
+shuffle buffer and no limit of ranks x workers against the number of shards.
+
+**Image shards (AugVAE): streams per slot.** The AugVAE trains on JPEG shards, which are not
+indexed. Each (rank, DataLoader worker) pair is a *slot*; slot s of S owns shards
+``s, s+S, s+2S, ...`` of the sorted shard list, so no sample is seen twice in an epoch and a clear
+error is raised when there are fewer shards than slots. A slot's stream is infinite (training is
+counted in steps) and a pure function of (seed, slot): in epoch mode epoch e visits the slot's
+shards in an order drawn from (seed, e, slot); in resampled mode group g draws its shards with
+replacement from all shards, from (seed, g, slot). Shards are read ``shuffle_shards`` at a time (a
+*group*, the shuffle buffer: every sample of the group in memory) and the group's samples are
+permuted from (seed, epoch, group, slot); per-sample randomness (random crops) is seeded from
+(seed, epoch, group, key). The sample counts every shard's stats file records make a position
+addressable: resuming skips whole groups without reading them. Resuming is exact on the same
+ranks and workers; on others each slot continues its own new stream at the same micro-batch count.
 
 Why not webdataset's own ``shuffle``/``ResampledShards``: their RNG advances with every sample,
-so resuming at sample n means replaying n samples. Here the sample counts every shard's stats file
-records make a position addressable: resuming skips whole groups without reading them and reads
-only the group it lands in. The DataLoader takes micro-batches from its workers in turn, so
-micro-batch i came from worker ``i % workers``: the number of micro-batches consumed is the whole
-data position. Tars are read with webdataset's tar expander.
+so resuming at sample n means replaying n samples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +59,90 @@ from lverse.core.shards import read_tar
 
 log = logging.getLogger(__name__)
 
+# The last element of each seed sequence says what it draws, so no two uses share a stream (and
+# none is ``trainer.reseed``'s three-element (seed, step, rank)).
+_PERMUTE, _RESAMPLE, _PER_SAMPLE = 10, 11, 12
+
+
+# ---------------------------------------------------------------------------------------------
+# token shards: the global order
+
+@dataclass(frozen=True)
+class GlobalOrder:
+    """Which sample each global position holds (see the module doc): a function of (seed, epoch)
+    and the number of samples, never of ranks or workers."""
+
+    size: int  # samples
+    seed: int
+    resampled: bool = False
+
+    def __post_init__(self):
+        if self.size <= 0:
+            raise InputError("the shards hold no samples")
+
+    def epoch(self, e: int) -> np.ndarray:
+        """The samples of epoch ``e``, in order."""
+        if self.resampled:
+            order = np.random.default_rng([self.seed, e, 0, _RESAMPLE]).integers(self.size, size=self.size)
+        else:
+            order = np.random.default_rng([self.seed, e, 0, _PERMUTE]).permutation(self.size)
+        return order.astype(np.int32 if self.size < 2**31 else np.int64)
+
+    def at(self, positions: range, cache: dict | None = None) -> list[tuple[int, int]]:
+        """(epoch, sample) of each position; ``cache`` keeps the epochs drawn (the last two)."""
+        cache = {} if cache is None else cache
+        out = []
+        for p in positions:
+            e, i = divmod(p, self.size)
+            if e not in cache:
+                for old in sorted(cache)[:-1]:
+                    del cache[old]
+                cache[e] = self.epoch(e)
+            out.append((e, int(cache[e][i])))
+        return out
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    """A sample's own random numbers (BPE-dropout), from (seed, epoch, its key) only."""
+    key_hash = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    return np.random.default_rng([seed, epoch, key_hash, _PER_SAMPLE])
+
+
+class GlobalBatches(torch.utils.data.IterableDataset):
+    """This rank's micro-batches of the global order from sample position ``start`` on (the
+    samples consumed before this run's first micro-step).
+
+    ``samples[i]`` is sample i (``token_index.TokenSamples``: picklable, each worker maps the index
+    itself); ``make_batch(samples, rngs)`` turns ``batch_size`` of them into tensors in the
+    DataLoader worker. Use with ``DataLoader(batch_size=None, num_workers=workers)`` and the same
+    ``workers`` here.
+    """
+
+    def __init__(self, samples: Sequence[dict], order: GlobalOrder, make_batch: Callable, batch_size: int,
+                 rank: int, world_size: int, workers: int, start: int = 0):
+        if len(samples) != order.size:
+            raise ValueError(f"{len(samples)} samples, an order of {order.size}")
+        self.samples, self.order, self.make_batch = samples, order, make_batch
+        self.batch_size, self.rank, self.world_size, self.workers = batch_size, rank, world_size, max(workers, 1)
+        self.start = start
+
+    def positions(self, k: int) -> range:
+        """The global positions of this rank's part of micro-step ``k`` (counted from ``start``)."""
+        first = self.start + (k * self.world_size + self.rank) * self.batch_size
+        return range(first, first + self.batch_size)
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        cache: dict = {}
+        for k in itertools.count(info.id if info is not None else 0, self.workers):
+            picks = self.order.at(self.positions(k), cache)
+            samples = [self.samples[i] for _, i in picks]
+            rngs = [sample_rng(self.order.seed, e, s["__key__"]) for (e, _), s in zip(picks, samples)]
+            yield self.make_batch(samples, rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# image shards: a stream per (rank, worker) slot
 
 @dataclass(frozen=True)
 class Stream:
@@ -117,17 +224,13 @@ class Batches(torch.utils.data.IterableDataset):
             yield self.make_batch([s for s, _ in chunk], [r for _, r in chunk])
 
 
-def ignore_signal(name: str, worker_id: int = 0) -> None:
-    """DataLoader ``worker_init_fn``: SLURM signals every process of a job step, DataLoader workers
-    included, and a worker killed by the stop signal ends training before it can checkpoint; with
-    ``functools.partial(ignore_signal, "SIGUSR1")`` only the training process handles it."""
-    import signal
-    signal.signal(getattr(signal, name), signal.SIG_IGN)
-
+# ---------------------------------------------------------------------------------------------
+# token samples -> BiART ids
 
 class TokenBatch:
-    """Token-shard samples -> {"text": (B, text_len), "image": (B, image_len)} BiART ids, with
-    BPE-dropout seeded per sample (picklable; the tokenizer loads once per worker)."""
+    """Token samples -> {"text": (B, text_len), "image": (B, image_len)} BiART ids, with
+    BPE-dropout seeded per sample (picklable; the tokenizer loads once per worker). A sample is
+    the index's (codes as an array, ``codes``) or a token shard's (``codes.npy`` bytes)."""
 
     def __init__(self, tokenizer_path: str, text_offset: int, text_len: int, image_len: int,
                  image_vocab: int, bpe_dropout: float):
@@ -147,7 +250,7 @@ class TokenBatch:
 
     def _codes(self, sample: dict) -> np.ndarray:
         import io
-        codes = np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
+        codes = sample["codes"] if "codes" in sample else np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
         if codes.shape != (self.image_len,) or int(codes.max(initial=0)) >= self.image_vocab:
             raise InputError(f"sample {sample['__key__']}: {codes.shape[0]} codes up to {int(codes.max())}, "
                              f"but the model takes {self.image_len} codes below {self.image_vocab}; the "

@@ -18,6 +18,7 @@ stop signal every rank agrees on (``StopFlag``), the resolved config written int
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import logging
@@ -26,7 +27,9 @@ import os
 import shutil
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,22 +99,39 @@ def reseed(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
-class StopFlag:
-    """Set by a signal (SLURM's warning before a time limit or preemption); every rank stops at the
-    same step because the flag is all-reduced (a signal may reach the ranks at different steps)."""
+# What ends a training job early, each leading to the same clean stop: SIGUSR1 is what the SLURM
+# template asks for before the time limit (--signal=USR1@300), SIGTERM what preemption, scancel and
+# most schedulers send (and SIGKILL after a grace time: SLURM's KillWait), SIGINT a person's Ctrl-C.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
-    def __init__(self, name: str | None):
-        self.set = False
-        if name:
+
+class StopFlag:
+    """Set by any of ``STOP_SIGNALS``; every rank stops at the same step because the flag is
+    all-reduced (a signal may reach the ranks at different steps). The handler only sets the flag,
+    so a second signal while the checkpoint is written changes nothing: the checkpoint completes."""
+
+    def __init__(self):
+        self.received: str | None = None
+        for name in STOP_SIGNALS:
             signal.signal(getattr(signal, name), self._handler)
 
     def _handler(self, signum, frame):
-        self.set = True
+        self.received = self.received or signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([float(self.set)], device=device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
+    def agreed(self, device: torch.device, *flags: bool) -> tuple[bool, ...]:
+        """(stopping, *flags) as every rank sees them: each set on any rank is set on all. The
+        training loop's other per-step agreements ride on this one all-reduce."""
+        values = torch.tensor([float(self.received is not None), *map(float, flags)], device=device)
+        dist.all_reduce(values)
+        return tuple(bool(v) for v in values.tolist())
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A helper process's (DataLoader worker's) start: schedulers signal every process of a job
+    step, and a worker killed by a stop signal would end training before it can checkpoint; only
+    the training process acts on them (and a worker left alone ends with it)."""
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,14 +239,136 @@ def write_checkpoint(run_dir: str, step: int, meta: dict, keep: int, rank: int, 
     if collective:
         dist.barrier()  # every rank's files are on disk before the marker says so
     if rank == 0:
-        atomic_write_json(os.path.join(folder, MARKER), {**meta, "step": step})
-        for _, old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-            for root in derived:
-                shutil.rmtree(os.path.join(run_dir, root, os.path.basename(old)), ignore_errors=True)
-        log.info("checkpoint %s written", folder)
+        _commit_checkpoint(run_dir, folder, step, meta, keep, derived)
     dist.barrier()
     return folder
+
+
+def _commit_checkpoint(run_dir: str, folder: str, step: int, meta: dict, keep: int, derived: Sequence[str]) -> None:
+    """Rank 0, once every rank's files of ``folder`` are on disk: the marker that makes it count,
+    then the ``keep`` newest complete checkpoints are kept (``derived``: folders of run_dir holding
+    per-checkpoint copies, pruned with them)."""
+    atomic_write_json(os.path.join(folder, MARKER), {**meta, "step": step})
+    for _, old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+        for root in derived:
+            shutil.rmtree(os.path.join(run_dir, root, os.path.basename(old)), ignore_errors=True)
+    log.info("checkpoint %s written", folder)
+
+
+class FileWriter:
+    """Writes a checkpoint's files durably (a temporary name, fsync, rename): ``save`` writes at
+    once, or with ``background`` copies the state off the device into host memory and writes it in
+    a thread while training goes on. The copy is the stall training pays (a memory copy instead of
+    serialising to disk); its price is host memory for one more copy of this rank's state. One
+    thread writes, in order; ``busy`` says whether it still is, ``wait`` joins it and raises what
+    it raised (a full disk fails the run as a synchronous write would)."""
+
+    def __init__(self, background: bool):
+        self.background = background
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if background else None
+        self._writes: list[Future] = []
+        self.bytes = 0  # written since the last ``wait``
+        self.seconds = 0.0  # the thread's (or inline) writing time since the last ``wait``
+
+    def save(self, state, path: str) -> None:
+        if self._pool is None:
+            self._write(state, path)
+        else:
+            self._writes.append(self._pool.submit(self._write, _host_copy(state), path))
+
+    def _write(self, state, path: str) -> None:
+        start = time.perf_counter()
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.bytes += os.path.getsize(path)
+        self.seconds += time.perf_counter() - start
+
+    def busy(self) -> bool:
+        return any(not w.done() for w in self._writes)
+
+    def wait(self) -> None:
+        writes, self._writes = self._writes, []
+        for w in writes:
+            w.result()
+
+
+def _host_copy(state):
+    """``state`` with every tensor copied to host memory (a dict, list or tuple rebuilt around
+    them; any other object deep-copied): what the background write reads while training changes
+    the originals."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return type(state)((k, _host_copy(v)) for k, v in state.items())
+    if isinstance(state, (list, tuple)) and not hasattr(state, "_fields"):
+        return type(state)(_host_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
+class Checkpoints:
+    """Checkpoints written without stopping training for the write (``FileWriter``): a checkpoint
+    counts once its marker is written, and rank 0 writes it only after every rank's files are
+    durable, so a crash at any moment leaves the previous complete checkpoint in use. At most one
+    write is in flight: a checkpoint due while the last one is still being written waits for it.
+
+    ``start(step, meta, write)`` has ``write(folder)`` hand the files to ``writer.save`` (on every
+    rank: DeepSpeed writes each rank's shards); ``settle(any_writing)`` commits the pending one
+    once no rank's writer is busy (the training loop all-reduces ``writing()`` together with the
+    stop flag: no extra collective); ``finish()`` waits for it (collective: at a stop and the end).
+    ``completed()`` hands out the figures of the checkpoints committed since its last call.
+    """
+
+    def __init__(self, run_dir: str, keep: int, rank: int, writer: FileWriter, derived: Sequence[str] = ()):
+        self.run_dir, self.keep, self.rank, self.writer, self.derived = run_dir, keep, rank, writer, derived
+        self.pending: tuple[int, str, dict, float, float] | None = None  # step, folder, meta, start, stall
+        self._completed: list[dict] = []
+
+    def start(self, step: int, meta: dict, write: Callable[[str], None]) -> None:
+        began = time.perf_counter()
+        self.finish()
+        folder = checkpoint_folder(self.run_dir, step)
+        write(folder)
+        self.pending = (step, folder, meta, began, time.perf_counter() - began)
+        if not self.writer.background:
+            self.finish()
+
+    def writing(self) -> bool:
+        """Whether this rank's files of the pending checkpoint are still being written."""
+        return self.pending is not None and self.writer.busy()
+
+    def settle(self, any_writing: bool) -> None:
+        """Commit the pending checkpoint once no rank is writing (``any_writing`` is the
+        all-reduced ``writing()``, so every rank decides alike)."""
+        if self.pending is not None and not any_writing:
+            self._commit()
+
+    def finish(self) -> None:
+        """Wait until the pending checkpoint is complete (collective)."""
+        if self.pending is not None:
+            self.writer.wait()
+            dist.barrier()  # every rank's files are durable before the marker says so
+            self._commit()
+
+    def completed(self) -> list[dict]:
+        found, self._completed = self._completed, []
+        return found
+
+    def _commit(self) -> None:
+        step, folder, meta, began, stall = self.pending
+        self.pending = None
+        self.writer.wait()  # done already: raises what the write raised
+        written, seconds = self.writer.bytes, self.writer.seconds
+        self.writer.bytes, self.writer.seconds = 0, 0.0
+        if self.rank == 0:
+            _commit_checkpoint(self.run_dir, folder, step, meta, self.keep, self.derived)
+        self._completed.append({"checkpoint_step": step, "checkpoint_stall_s": round(stall, 4),
+                                "checkpoint_write_s": round(seconds, 4), "checkpoint_mb": round(written / 2**20, 3),
+                                "checkpoint_complete_after_s": round(time.perf_counter() - began, 3)})
 
 
 def write_run_config(run_dir: str, cfg, rank: int) -> None:

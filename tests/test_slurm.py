@@ -26,7 +26,7 @@ from lverse.slurm.render import SubmitOptions, check
 from .cluster import SlurmCluster
 from .test_caption import biart  # noqa: F401  (a debug BiART checkpoint)
 from .test_encode import raw_shards
-from .test_train import data, train_config  # noqa: F401  (the token-shard fixture)
+from .test_train import data, losses, metrics, run_job, train_config  # noqa: F401  (the token-shard fixture)
 
 HOSTILE = "dir with $(touch PWNED) `touch PWNED` and 'quotes'"
 
@@ -123,32 +123,57 @@ def test_two_task_srun_training_finishes_and_checkpoints(slurm, data, tmp_path):
     assert os.path.isfile(tmp_path / "run" / "biart.safetensors")
 
 
+STOP_STEPS = 400
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data, tmp_path_factory):  # noqa: F811
+    """The losses of the stop tests' run without a stop: 2 ranks through torchrun."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cfg = train_config(root / "train.yaml", data, root / "run", steps=STOP_STEPS, checkpoint_every=1000, log_every=1,
+                       export=False)
+    run_job(2, "train", "--config", cfg)
+    return {step: losses(entries[0]) for step, entries in metrics(root / "run").items()}
+
+
 @pytest.mark.slow
-def test_training_job_checkpoints_requeues_and_completes_on_its_warning_signal(slurm, data, tmp_path):  # noqa: F811
-    steps = 400
-    cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run", steps=steps, checkpoint_every=1000,
+@pytest.mark.parametrize("stop", ["USR1", "TERM", "requeue"])
+def test_a_stopped_training_job_checkpoints_requeues_and_continues_exactly(slurm, data, uninterrupted, stop,  # noqa: F811
+                                                                           tmp_path):
+    """USR1 is the template's warning before the time limit, TERM what `scancel --signal=TERM`
+    sends; `scontrol requeue` is preemption's sequence (TERM to every process of the job, the
+    batch script included, SIGKILL KillWait = 5 s later, the job requeued by SLURM). Each ends with
+    a complete checkpoint at the step every rank agreed on, and the requeued job logs exactly the
+    losses of a run that was never stopped."""
+    cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run", steps=STOP_STEPS, checkpoint_every=1000,
                        log_every=1, export=False)
     job = submit(slurm, "train", "--config", cfg, "--ntasks-per-node", "2", "--cpus-per-task", "1")
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 5):
+    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 5):
         time.sleep(0.2)
-    assert metrics.exists(), slurm.states(job)
-    # What --signal=USR1@300 does before the time limit: USR1 to every task of the job's steps.
-    subprocess.run(["scancel", "--signal=USR1", job], env=slurm.env, check=True)
+    assert metrics_file.exists(), slurm.states(job)
+    if stop == "requeue":
+        subprocess.run(["scontrol", "requeue", job], env=slurm.env, check=True)
+    else:  # what `--signal=USR1@300` does before the time limit: the signal to every task of the job's steps
+        subprocess.run(["scancel", f"--signal={stop}", job], env=slurm.env, check=True)
     deadline = time.time() + 240
-    while time.time() < deadline and "Restarts=1" not in _show(slurm, job):
+    while time.time() < deadline and "Restarts=0" in _show(slurm, job):
         time.sleep(0.5)
-    assert "Restarts=1" in _show(slurm, job), _show(slurm, job)
+    assert "Restarts=0" not in _show(slurm, job), _show(slurm, job)
     states = slurm.wait_job(job, timeout=400)
     log = "".join(open(p).read() for p in glob.glob(str(tmp_path / "run" / "slurm" / "*.out")))
     assert list(states.values()) == ["COMPLETED"], log[-3000:]
     checkpoints = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "checkpoints" / "step_*")))
-    stopped = int(checkpoints[0].removeprefix("step_"))
-    assert 5 <= stopped < steps and checkpoints[-1] == f"step_{steps:08d}", checkpoints
-    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
-    assert logged[-1] == steps and sorted(set(logged)) == list(range(1, steps + 1))
-    assert f"checkpointed at step {stopped}" in log or "requeueing job" in log
+    stopped = int(checkpoints[0].removeprefix("step_"))  # the stop's checkpoint, before SIGKILL could come
+    assert 5 <= stopped < STOP_STEPS and checkpoints[-1] == f"step_{STOP_STEPS:08d}", checkpoints
+    signal_name = {"USR1": "SIGUSR1", "TERM": "SIGTERM", "requeue": "SIGTERM"}[stop]
+    assert f"{signal_name} received: checkpointed at step {stopped} and stopping" in log, log[-3000:]
+    logged = metrics(tmp_path / "run")
+    assert sorted(logged) == list(range(1, STOP_STEPS + 1))
+    for step, entries in logged.items():
+        for entry in entries:
+            assert losses(entry) == uninterrupted[step], step
 
 
 @pytest.mark.slow

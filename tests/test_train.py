@@ -27,8 +27,9 @@ from lverse.model.checkpoint import load_model
 from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.pipeline.train import TrainConfig, load_ds_config
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
-from lverse.runtime.data import Batches, Stream, TokenBatch
+from lverse.runtime.data import Batches, GlobalBatches, GlobalOrder, Stream, TokenBatch
 from lverse.runtime.distributed import world_info_from_env
+from lverse.runtime.token_index import ensure_index
 
 from .conftest import free_port
 from .test_encode import raw_shards
@@ -104,19 +105,23 @@ def losses(entry):
 # --- data -------------------------------------------------------------------------------------
 
 def _stream(data, **kw):
+    """The AugVAE's kind of stream (a slot per rank and worker), here over the token shards."""
     shards = sorted(glob.glob(os.path.join(data["tokens"], "*.tar")))
     return Stream(tuple(shards), tuple(token_shard_counts(shards, file_sha256(data["vae"]))), 0, **kw)
 
 
-def _batches(data, rank, world, workers, start=0, n=4, **kw):
+def _batches(data, rank, world, workers, start=0, n=4, resampled=False):
+    """BiART's micro-batches: this rank's first ``n`` of the global order from sample ``start`` on."""
+    samples = ensure_index(sorted(glob.glob(os.path.join(data["tokens"], "*.tar"))), file_sha256(data["vae"]))
     make = TokenBatch(data["tokenizer"], 512, 24, 64, 512, 0.1)
-    ds = Batches(_stream(data, **kw), make, 4, rank, world, workers, start)
+    ds = GlobalBatches(samples, GlobalOrder(len(samples), 0, resampled), make, 4, rank, world, workers, start)
     it = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers))
     return [next(it) for _ in range(n)]
 
 
 def test_no_sample_seen_twice_in_an_epoch(data):
-    """2 ranks x 2 workers over 4 shards: one epoch's batches hold every sample exactly once."""
+    """The AugVAE's image-shard streams (BiART's global order: test_data_order.py): 2 ranks x 2
+    workers over 4 shards, one epoch's batches hold every sample exactly once."""
     seen = []
     for rank in range(2):
         ds = Batches(_stream(data, shuffle_shards=2), _keys, 4, rank, 2, 2)
@@ -132,16 +137,18 @@ def _keys(samples, rngs):
 
 @pytest.mark.parametrize("resampled", [False, True], ids=["epochs", "resampled"])
 def test_resumed_stream_continues_exactly(data, resampled):
-    """Micro-batch k onwards of a stream started at k equals the uninterrupted stream's, captions
-    (with BPE-dropout) included, across DataLoader worker processes."""
+    """Micro-batch k onwards of the global order started at k's first sample equals the
+    uninterrupted one's, captions (with BPE-dropout) included, across DataLoader worker processes;
+    9 micro-steps of 2 x 4 samples cross the epoch boundary (64 samples)."""
     full = _batches(data, rank=1, world=2, workers=2, n=9, resampled=resampled)
     for start in (3, 4):
-        resumed = _batches(data, rank=1, world=2, workers=2, start=start, n=9 - start, resampled=resampled)
+        resumed = _batches(data, rank=1, world=2, workers=2, start=start * 2 * 4, n=9 - start, resampled=resampled)
         for a, b in zip(full[start:], resumed):
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["text"], b["text"])
 
 
 def test_too_few_shards_for_the_readers_is_a_clear_error(data):
+    """Only the AugVAE's image-shard streams have this limit; BiART's global order has none."""
     with pytest.raises(ValueError, match="4 shards for 6 readers"):
         Batches(_stream(data), lambda s, r: s, 4, 0, 3, 2)
 
@@ -505,3 +512,80 @@ def test_a_run_records_its_augvae_and_tokenizer_and_resumes_only_with_them(data,
     subprocess.run([*lverse, "train", "--config", cfg], check=True, capture_output=True, timeout=300)
     assert read_provenance(str(tmp_path / "run" / "biart.safetensors"))["tokenizer_sha256"] == \
         provenance_of(data["vae"], other)["tokenizer_sha256"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_checkpoints_once_and_exits_0(data, tmp_path):
+    """Ctrl-C reaches the whole process group (DataLoader workers included, which leave it to the
+    training process); the second one, while the checkpoint is written, does not interrupt it."""
+    cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=400, checkpoint_every=1000, log_every=1,
+                       export=False)
+    proc = subprocess.Popen([sys.executable, "-m", "lverse.cli", "train", "--config", cfg], stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = json.loads((tmp_path / "run" / "stopped.json").read_text())
+    assert stopped["signal"] == "SIGINT" and 3 <= stopped["step"] < 400
+    assert f"SIGINT received: checkpointed at step {stopped['step']} and stopping" in err
+    folder = tmp_path / "run" / "checkpoints" / f"step_{stopped['step']:08d}"
+    assert json.loads((folder / "lverse.json").read_text())["step"] == stopped["step"]
+    assert max(metrics(tmp_path / "run")) == stopped["step"]
+
+
+@pytest.mark.slow
+def test_a_sigkill_during_a_background_write_leaves_the_previous_checkpoint_in_use(data, tmp_path):
+    """Checkpoints are copied off and written while training goes on; killed mid-write, the run
+    leaves a folder without its marker, which the restart removes, resuming from the last
+    complete one: the steps logged before the kill and again after it have equal losses."""
+    wide = {"preset": "debug", "overrides": {"text_len": 24, "n_embd": 256, "n_layer": 4}}  # ~50 MB a checkpoint
+    cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=40, checkpoint_every=1,
+                       keep_checkpoints=2, log_every=1, export=False, model=wide)
+    lverse = [sys.executable, "-m", "lverse.cli", "train", "--config", cfg]
+    proc = subprocess.Popen(lverse, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    in_flight = None
+    deadline = time.time() + 240
+    while in_flight is None and proc.poll() is None and time.time() < deadline:
+        complete = {p.parent for p in checkpoints.glob("step_*/lverse.json")}
+        for tmp in checkpoints.glob("step_*/*.tmp"):
+            if complete and tmp.parent not in complete:
+                os.killpg(proc.pid, signal.SIGKILL)
+                in_flight = tmp.parent
+                break
+    proc.wait()
+    assert in_flight is not None, "no write in flight was caught: " + proc.stderr.read()[-2000:]
+    assert not (in_flight / "lverse.json").exists()
+    last = max(int(p.parent.name.removeprefix("step_")) for p in checkpoints.glob("step_*/lverse.json"))
+    before = metrics(tmp_path / "run")
+    out = subprocess.run(lverse, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"removing {in_flight}: a partial checkpoint" in out.stderr
+    assert f"resumed from {checkpoints / f'step_{last:08d}'} at step {last}" in out.stderr
+    after = metrics(tmp_path / "run")
+    assert sorted(after) == list(range(1, 41))
+    again = [s for s in before if s > last]
+    assert again  # steps the killed run had logged past its last complete checkpoint, logged again
+    for step in again:
+        assert losses(after[step][0]) == losses(after[step][-1]), step
+    figures = [json.loads(line) for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
+    assert figures[-1]["checkpoint_step"] == 40 and figures[-1]["checkpoint_mb"] > 10
+
+
+@pytest.mark.slow
+def test_checkpoints_by_minutes(data, tmp_path):
+    cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=60, checkpoint_every=1000,
+                       checkpoint_every_minutes=0.005, keep_checkpoints=100, export=False)
+    subprocess.run([sys.executable, "-m", "lverse.cli", "train", "--config", cfg], check=True, capture_output=True,
+                   timeout=300)
+    steps = [json.loads(line)["checkpoint_step"]
+             for line in (tmp_path / "run" / "checkpoints.jsonl").read_text().splitlines()]
+    assert len(steps) >= 3 and steps[-1] == 60 and steps == sorted(set(steps))  # every 0.3 s, and the last
+    assert sorted(int(p.parent.name.removeprefix("step_")) for p in
+                  (tmp_path / "run" / "checkpoints").glob("step_*/lverse.json")) == steps
