@@ -480,6 +480,12 @@ def _resume_point(run: Run) -> Checkpoint | None:
     from lverse.model.checkpoint import check_provenance
     cfg, rank = run.cfg, run.proc.rank
     resume = latest_checkpoint(cfg.run_dir, rank)
+    recorded = resume.meta.get("model") if resume else None
+    if recorded is not None and recorded != _model_fields(run.bcfg):
+        differ = [f"{k} {recorded.get(k)!r} there, {v!r} here" for k, v in _model_fields(run.bcfg).items()
+                  if recorded.get(k) != v]
+        raise InputError(f"checkpoint {resume.folder} is of another model ({'; '.join(differ)}): resume it with the "
+                         "model config it was trained with (model.preset, model.overrides), or use a new run_dir")
     if resume and not cfg.ignore_provenance:
         check_provenance(resume.meta.get("provenance"), cfg.data.vae, cfg.data.tokenizer, f"checkpoint {resume.folder}",
                          "ignore_provenance: true in the run config")
@@ -667,9 +673,18 @@ def save_checkpoint(engine, run: Run, step: int, checkpoints: Checkpoints) -> No
     """DeepSpeed's files of every rank, handed to the writer (collective); the marker, with what
     the data order and a resume on another number of ranks need, follows once they are on disk."""
     meta = {"world_size": run.proc.world, "data": run.data_key, "samples": samples_before(run, step),
+            "model": _model_fields(run.bcfg),
             "provenance": run.provenance}
     checkpoints.start(step, meta, lambda folder: engine.save_checkpoint(
         os.path.dirname(folder), tag=os.path.basename(folder), save_latest=False))
+
+
+def _model_fields(bcfg) -> dict:
+    """The model config as a checkpoint records it (JSON's types; how blocks are recomputed in the
+    backward pass changes no weight, so it is left out)."""
+    fields = json.loads(json.dumps(dataclasses.asdict(bcfg)))
+    fields.pop("activation_checkpointing", None)
+    return fields
 
 
 def _log_checkpoints(cfg: TrainConfig, rank: int, completed: list[dict]) -> None:

@@ -489,13 +489,19 @@ def test_a_tampered_run_folder_runs_no_code_on_resume_or_export(member, data, tm
 @pytest.mark.slow
 def test_a_run_records_its_augvae_and_tokenizer_and_resumes_only_with_them(data, tmp_path):
     """Checkpoints and the exported model record both files' sha256; resuming with a tokenizer of
-    the same size but another file is refused (ignore_provenance: true goes on)."""
+    the same size but another file is refused (ignore_provenance: true goes on), as is resuming
+    with another model config, the field named."""
     from lverse.model.checkpoint import provenance_of, read_provenance
     cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=1)
     lverse = [sys.executable, "-m", "lverse.cli"]
     subprocess.run([*lverse, "train", "--config", cfg], check=True, capture_output=True, timeout=300)
     recorded = provenance_of(data["vae"], data["tokenizer"])
     assert read_provenance(str(tmp_path / "run" / "biart.safetensors")) == recorded
+    wider = {"preset": "debug", "overrides": {"text_len": 24, "n_layer": 3}}
+    proc = subprocess.run([*lverse, "train", "--config", train_config(tmp_path / "wide.yaml", data, tmp_path / "run",
+                                                                      steps=2, model=wider)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is of another model (n_layer 2 there, 3 here)" in proc.stderr, proc.stderr[-3000:]
     captions = [" ".join(reversed(s["txt"].decode().split())) for s in iter_samples(os.path.join(data["raw"],
                                                                                                  "00000.tar"))]
     CaptionTokenizer.fit(captions * 4, str(tmp_path / "other"), vocab_size=64, offset=512)
