@@ -123,6 +123,24 @@ def resolve_device(name: str) -> str:
     return pick_device(name).device
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def compute_dtype(precision: str, device: str):
+    """The torch dtype a sampling model (BiART) runs in: ``auto`` is bf16 on a CUDA device that has
+    it, fp16 on older ones, fp32 on a CPU (where half precision is slower, not faster). The AugVAE
+    and CLIP always stay FP32: the paper's quantizer underflows in half precision."""
+    import torch
+    if precision not in PRECISIONS:
+        raise InputError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    cuda = str(device).startswith("cuda")
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise InputError("--precision fp16 needs a CUDA device; on a CPU use fp32 or bf16")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def worker_gpus(workers: int, device: str = "auto", env: dict[str, str] | None = None,
                 count: int | None = None) -> list[str]:
     """CUDA_VISIBLE_DEVICES for each of ``workers`` local worker processes of a stage on ``device``

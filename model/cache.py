@@ -46,22 +46,26 @@ class Generator(NamedTuple):
 
 
 def load_generator(checkpoint: str, vae: str, tokenizer: str, device: str, clip: str | None = None,
-                   clip_checkpoint: str | None = None) -> Generator:
-    """BiART, tokenizer, AugVAE and (with ``clip``, an open_clip architecture) the CLIP scorer,
-    loaded once per process and checked to fit each other."""
+                   clip_checkpoint: str | None = None, precision: str = "auto") -> Generator:
+    """BiART (in ``precision``: core.resources.compute_dtype), tokenizer, AugVAE and (with ``clip``,
+    an open_clip architecture) the CLIP scorer, loaded once per process and checked to fit each
+    other. The AugVAE and CLIP stay FP32."""
+    from lverse.core.resources import compute_dtype
+    dtype = compute_dtype(precision, device)
+
     def load():
         from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 
         from .biart import BiART, BiARTConfig
         from .checkpoint import load_model
-        model = load_model(checkpoint, BiART, BiARTConfig).to(device).eval()
+        model = load_model(checkpoint, BiART, BiARTConfig).to(device=device, dtype=dtype).eval()
         tok = CaptionTokenizer(tokenizer, offset=model.cfg.text_offset)
         scorer = None
         if clip:
             from .clip import ClipScorer
             scorer = ClipScorer(clip, clip_checkpoint, device)
         return model, tok, scorer
-    model, tok, scorer = cached("generator", (checkpoint, tokenizer, clip, clip_checkpoint, device), load)
+    model, tok, scorer = cached("generator", (checkpoint, tokenizer, clip, clip_checkpoint, device, dtype), load)
     found = Generator(model, tok, load_vae(vae, device), scorer)
     _check_fit(model.cfg, found.tokenizer, found.vae, checkpoint, vae, tokenizer)
     return found

@@ -17,20 +17,23 @@ gets the same captions.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
+import tarfile
 import time
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 
 from lverse.core.errors import InputError
-from lverse.core.files import atomic_write_parquet, read_json
+from lverse.core.files import atomic_write_parquet, read_json, remove_stale_temporaries
 from lverse.core.images import preprocess
-from lverse.core.resources import resolve_device
-from lverse.core.shards import check_vae, expand_shards, file_sha256, read_tar, sample_meta, shard_name, stats_path
+from lverse.core.resources import compute_dtype, resolve_device
+from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name, stats_path
 from lverse.model.cache import check_generator, load_generator
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
@@ -56,6 +59,7 @@ class CaptionConfig(ModelExecution):
     keep_candidates: bool = False  # also store every candidate and its CLIP score
     seed: int = 0  # sampling seed (drawn per shard)
     ignore_provenance: bool = False  # accept a --vae or --tokenizer other than the checkpoint's training run's
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # BiART's: auto is bf16 on CUDA, fp32 on a CPU
 
 
 def cut_at_full_stop(text: str) -> str:
@@ -91,16 +95,20 @@ class ShardCaptioner:
             return TaskResult(name, ok=True, skipped=True)
         device = resolve_device(cfg.device)
         model, tok, vae, clip = load_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, device,
-                                               cfg.clip if cfg.candidates > 1 else None, cfg.clip_checkpoint)
+                                               cfg.clip if cfg.candidates > 1 else None, cfg.clip_checkpoint,
+                                               cfg.precision)
         start = time.time()
-        try:
-            samples = read_tar(shard)
-        except (OSError, ValueError, EOFError) as e:
-            return TaskResult(name, ok=False, reason=f"unreadable shard {shard}: {type(e).__name__}: {e}")
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + zlib.crc32(name.encode()))
         rows = []
-        for i in range(0, len(samples), cfg.batch_size):
-            rows += self._batch(samples[i:i + cfg.batch_size], model, tok, vae, clip, gen, device)
+        # Streamed: samples are read from the tar as the batches need them, so memory holds one
+        # batch of images (and the shard's rows of text), whatever the shard's size.
+        samples = iter_samples(shard)
+        try:
+            while batch := list(itertools.islice(samples, cfg.batch_size)):
+                rows += self._batch(batch, model, tok, vae, clip, gen, device)
+        except (OSError, ValueError, EOFError, tarfile.TarError) as e:  # the tar itself is broken
+            return TaskResult(name, ok=False, reason=f"unreadable shard {shard}: {type(e).__name__}: {e}")
+        remove_stale_temporaries(target)  # what a writer killed mid-write left
         atomic_write_parquet(target, _table(rows, cfg.keep_candidates))
         seconds = time.time() - start
         failed = sum(r["error"] is not None for r in rows)
@@ -116,7 +124,14 @@ class ShardCaptioner:
                    "candidates": None, "candidate_scores": None}
             rows.append(row)
             if "codes.npy" in s:
-                codes.append(torch.from_numpy(np.load(io.BytesIO(s["codes.npy"])).astype(np.int64)))
+                try:
+                    found = np.load(io.BytesIO(s["codes.npy"]), allow_pickle=False)
+                except (ValueError, OSError, EOFError):
+                    found = None
+                if found is None or found.shape != (model.cfg.image_len,):
+                    row["error"] = f"codes do not load as {model.cfg.image_len} AugVAE codes"
+                    continue
+                codes.append(torch.from_numpy(found.astype(np.int64)))
                 good.append(row)
                 continue
             image = _decode(s.get("jpg", b""), vae.cfg.image_size)
@@ -173,6 +188,7 @@ def run_caption(cfg: CaptionConfig) -> dict:
     if cfg.candidates < 1 or cfg.max_tokens < 1:
         raise InputError("--candidates and --max-tokens must be at least 1")
     check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance)
+    compute_dtype(cfg.precision, resolve_device(cfg.device))  # a precision the device lacks: refused once, here
     token_shards = [(s, read_json(stats_path(s))) for s in shards if os.path.isfile(stats_path(s))]
     check_vae(token_shards, file_sha256(cfg.vae), image_shards="",
               other_vae="give --vae the AugVAE the shards were encoded with")

@@ -236,7 +236,9 @@ def download_chunk(chunk: Chunk) -> TaskResult:
     import pyarrow.parquet as pq
     from img2dataset import download
     tmp = os.path.join(chunk.output, "_tmp", chunk.name)
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # what a stopped or killed run of this chunk left
+    for name in (f"{chunk.name}.parquet", f"{chunk.name}_stats.json"):  # (the tar's: _rekey_tar)
+        remove_stale_temporaries(os.path.join(chunk.output, name))
     # A fresh folder of its own; "incremental" because img2dataset's "overwrite" deletes the
     # folder after creating its _tmp inside it (1.47).
     os.makedirs(tmp)

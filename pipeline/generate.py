@@ -19,12 +19,13 @@ import math
 import os
 import zlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
-from lverse.core.resources import resolve_device
+from lverse.core.resources import compute_dtype, resolve_device
 from lverse.model.cache import check_generator, load_generator
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
@@ -49,6 +50,7 @@ class GenerateConfig(ModelExecution):
     seed: int = 0  # sampling seed (drawn per prompt)
     prompts_per_item: int = 16  # prompts per work item: what a worker, Ray actor or array task takes at once
     ignore_provenance: bool = False  # accept a --vae or --tokenizer other than the checkpoint's training run's
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # BiART's: auto is bf16 on CUDA, fp32 on a CPU
 
 
 def read_prompts(path: str) -> list[str]:
@@ -66,6 +68,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
         raise InputError("--prompts-per-item must be at least 1")
     prompts = read_prompts(cfg.prompts)
     check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance)
+    compute_dtype(cfg.precision, resolve_device(cfg.device))  # a precision the device lacks: refused once, here
     os.makedirs(cfg.output, exist_ok=True)
     items = prompt_items(len(prompts), cfg.prompts_per_item)
 
@@ -102,7 +105,8 @@ class PromptGenerator:
             return TaskResult(name, ok=True, skipped=True)
         device = resolve_device(cfg.device)
         models = load_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, device,
-                                cfg.clip if cfg.candidates > 1 else None, cfg.clip_checkpoint)
+                                cfg.clip if cfg.candidates > 1 else None, cfg.clip_checkpoint,
+                                cfg.precision)
         for i in todo:
             self._one(i, *models, device)
         return TaskResult(name, ok=True, stats={"generated": len(todo)})

@@ -18,10 +18,11 @@ The driver retries failed items up to ``retries`` times. Ray itself retries only
 Stopping: Ctrl-C (or SIGTERM, which the CLI turns into the same) reaches the driver, which cancels
 every queued item and ends the workers at once: the items in flight are abandoned, and since every
 output is written under a temporary name and renamed, nothing half-written is left that a rerun
-would take for done (the rerun removes the temporaries). Local workers ignore SIGINT (Ctrl-C in a
-terminal reaches the whole process group; the driver decides) and die with the driver however it
-dies, also by SIGKILL (Linux's parent-death signal). On Ray the driver cancels its tasks and kills
-its actors.
+would take for done (the rerun removes the temporaries). Local workers ignore SIGINT (the driver
+decides) and die with the driver however it dies, also by SIGKILL (Linux's parent-death signal);
+whatever a worker starts (img2dataset's processes) dies with the worker (``_guard_group``). On Ray
+the driver cancels its tasks, kills its actors and shuts Ray down. While it does, a second Ctrl-C
+(or SIGTERM) ends the driver at once (``_stopping``), its workers still dying with it.
 """
 
 from __future__ import annotations
@@ -169,16 +170,18 @@ def _local_runner(fn, workers, threads, gpus):
                 except Exception as e:  # the worker process died
                     yield i, TaskResult(name=name, ok=False, reason=f"worker died: {e}")
         except BaseException:  # interrupted (or closed early): cancel the queue, end the workers now
-            _end_pool(pool)
+            with _stopping():
+                _end_pool(pool)
             raise
         pool.shutdown()
     return submit
 
 
 def _start_worker(threads: int, slots=None) -> None:
-    """Every local worker process, first: die with the driver, leave Ctrl-C to it, take its
-    threads and its GPU (before CUDA starts in it)."""
+    """Every local worker process, first: die with the driver, take whatever it starts along when
+    it dies, leave Ctrl-C to the driver, take its threads and its GPU (before CUDA starts in it)."""
     _die_with_parent()
+    _guard_group()
     if slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slots.get(timeout=60)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -194,6 +197,72 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the call
         os._exit(1)
+
+
+def _guard_group() -> None:
+    """Lead a process group of its own, and fork a guard that SIGKILLs that group as soon as this
+    worker ends, however it ends.
+
+    Why: the parent-death signal is set by the worker for itself and is not inherited, and a
+    library's processes do not set theirs. img2dataset (download) starts a pool worker and a
+    logger process in every worker; when the worker was SIGKILLed (its parent-death signal after
+    the driver was SIGKILLed) or SIGTERMed (``_end_pool`` on Ctrl-C), those two lived on, fetching
+    into ``_tmp/NNNNN`` while a rerun wrote the same shard. Every process the worker starts, and
+    every one those start, inherits its process group (unless it leaves on purpose with setsid or
+    setpgid; img2dataset, torch and multiprocessing do not), so one kill of the group ends them all,
+    however deep. Someone has to outlive the worker to send it: the guard, a forked child that only
+    waits for its own parent-death signal. The simpler-looking ways fall short: a child subreaper
+    keeps its orphans but does not end them when it dies itself; img2dataset's pool takes no
+    initializer through which its processes could set a parent-death signal (and its logger process
+    is no pool's); a PID namespace needs privileges. (Ray already starts each of its workers in a
+    process group of its own, and the Ray tests see nothing of a cancelled task left.)
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # a session leader (not started by our pool) cannot: nothing to guard
+        return
+    # In a group of its own the worker is a background job of a terminal the driver runs in; with
+    # `stty tostop` a background job that writes to the terminal (logs, progress bars) is stopped,
+    # unless it ignores SIGTTOU (an ignored signal stays ignored in the processes it starts).
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    worker, wake = os.getpid(), {signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, wake)  # before the fork: the guard cannot miss it
+    if os.fork() == 0:  # the guard; the worker is still single-threaded here, the fork is safe
+        try:
+            libc.prctl(1, signal.SIGUSR1)  # 1: PR_SET_PDEATHSIG
+            os.closerange(0, os.sysconf("SC_OPEN_MAX"))  # holds no pipe the driver waits on
+            if os.getppid() == worker:  # else the worker is gone already
+                signal.sigwait(wake)
+            os.killpg(0, signal.SIGKILL)  # the worker's group, the guard included
+        finally:  # never back into the worker's code (a failing guard leaves the worker be)
+            os._exit(1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, wake)
+
+
+@contextlib.contextmanager
+def _stopping():
+    """While the driver ends its workers after a Ctrl-C or SIGTERM, another Ctrl-C or SIGTERM ends
+    the driver at once: the signal's default action, the kernel's, which no busy Python code can
+    delay. Its workers die with it all the same (parent-death signal and ``_guard_group``; Ray's
+    processes share the fate of the driver that started them, and a cluster ends a lost driver's
+    tasks). Without this, a second Ctrl-C landing in ``_end_pool`` before the workers were ended
+    would leave them running their shards, and the interpreter's exit would wait for them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, signal.SIG_DFL)
+    try:
+        yield
+    finally:  # the stop goes on (the caller's own handlers again)
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
 
 
 def _end_pool(pool: cf.ProcessPoolExecutor, grace: float = 3.0) -> None:
@@ -219,14 +288,49 @@ def _init_ray(address):
     if not ray.is_initialized():
         _check_answers(address or os.environ.get("RAY_ADDRESS"))
         # ray.init installs its own SIGTERM handler, which ends the driver without ending its
-        # workers; the driver's own (the CLI takes SIGTERM as Ctrl-C) is put back.
+        # workers; the driver's own (the CLI takes SIGTERM as Ctrl-C) is put back, kept (_kept).
         main = threading.current_thread() is threading.main_thread()
         previous = signal.getsignal(signal.SIGTERM) if main else None
         ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
                  log_to_driver=False)
         if main and previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, _keeping(previous) if callable(previous) else previous)
     return ray
+
+
+_kept: list[BaseException] = []  # what the driver's SIGTERM handler raised last, while Ray is in use
+
+
+def _keeping(handler):
+    """``handler``, keeping what it raises in ``_kept`` (see ``_ray_calls``)."""
+    if hasattr(handler, "keeps"):  # kept already (Ray started again in this process)
+        return handler
+
+    def on_signal(signum, frame):
+        try:
+            handler(signum, frame)
+        except BaseException as e:
+            _kept[:] = [e]
+            raise
+    on_signal.keeps = handler
+    return on_signal
+
+
+@contextlib.contextmanager
+def _ray_calls():
+    """Around the driver's waits on Ray: put back the exception the driver's SIGTERM handler raised.
+
+    Ray checks for signals while it waits (ray.wait, ray.get) and turns any KeyboardInterrupt a
+    handler raises there, the CLI's ``Terminated`` (its SIGTERM) included, into a plain
+    KeyboardInterrupt: the CLI would take a SIGTERM that landed there for a Ctrl-C (exit status
+    130, not 143)."""
+    _kept.clear()
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if type(e) is KeyboardInterrupt and _kept and _kept[0] is not e:
+            raise _kept.pop() from None
+        raise
 
 
 def cluster_resources(address: str | None) -> dict[str, float]:
@@ -301,11 +405,12 @@ def check_shared(address: str | None, folder: str) -> None:
         refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(marker) for n in ray.nodes() if n.get("Alive")]
         seen = []
-        for ref in refs:
-            try:
-                seen.append(ray.get(ref, timeout=120))
-            except ray.exceptions.TaskUnschedulableError:  # a node that has just died: it will get no work
-                pass
+        with _ray_calls():
+            for ref in refs:
+                try:
+                    seen.append(ray.get(ref, timeout=120))
+                except ray.exceptions.TaskUnschedulableError:  # a node that has just died: it will get no work
+                    pass
     finally:
         os.remove(marker)
     blind = [host for host, sees in seen if not sees]
@@ -354,7 +459,11 @@ def _ray_actor_runner(fn, address, num_cpus, num_gpus, count, threads):
     cls = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_Actor)
 
     def submit(batch):
-        queue, running, starting = list(batch), {}, {}
+        with _ray_calls():
+            yield from run(batch)
+
+    def run(batch):
+        queue, running, starting, stopped = list(batch), {}, {}, False
         started = [cls.remote(fn, threads) for _ in range(min(count, len(batch)))]
         idle = list(started)
         try:
@@ -383,9 +492,15 @@ def _ray_actor_runner(fn, address, num_cpus, num_gpus, count, threads):
                     result = TaskResult(name=name, ok=False, reason=f"Ray actor lost: {type(e).__name__}: "
                                         f"{str(e).splitlines()[0] if str(e) else ''}")
                 yield i, result
-        finally:  # done, or interrupted (the items in flight are abandoned with their actors)
-            for actor in started:
-                ray.kill(actor)
+        except BaseException:  # interrupted: the items in flight are abandoned with their actors
+            stopped = True
+            raise
+        finally:  # done, or interrupted
+            with _stopping() if stopped else contextlib.nullcontext():
+                for actor in started:
+                    ray.kill(actor)
+                if stopped:
+                    ray.shutdown()  # see _ray_runner
     return submit
 
 
@@ -399,6 +514,10 @@ def _ray_runner(fn, address, num_cpus, threads):
     remote = ray.remote(num_cpus=num_cpus, max_retries=1)(_threaded)
 
     def submit(batch):
+        with _ray_calls():
+            yield from run(batch)
+
+    def run(batch):
         refs = {remote.remote(threads, fn, item, name): (i, name) for i, item, name in batch}
         waiting = list(refs)
         try:
@@ -411,7 +530,12 @@ def _ray_runner(fn, address, num_cpus, threads):
                     result = TaskResult(name=name, ok=False, reason=f"Ray task lost: {type(e).__name__}: {e}")
                 yield i, result
         except BaseException:  # interrupted: queued tasks cancelled, running ones' workers killed
-            for ref in waiting:
-                ray.cancel(ref, force=True)
+            with _stopping():
+                for ref in waiting:
+                    ray.cancel(ref, force=True)
+                # Ray's shutdown (seconds), here, where another Ctrl-C ends the driver at once, rather
+                # than at the interpreter's exit, where another Ctrl-C would break off the shutdown
+                # and the interpreter then crash in Ray's threads (SIGSEGV, seen with Ray 2.60).
+                ray.shutdown()
             raise
     return submit

@@ -199,3 +199,121 @@ def test_generate_on_ray_actors_writes_what_local_workers_write(data, biart, tmp
         for name in ("result.json", "best.png"):
             assert (tmp_path / "local" / f"{i:05d}" / name).read_bytes() == \
                 (tmp_path / "ray" / f"{i:05d}" / name).read_bytes(), (i, name)
+
+
+def _token_shard(folder, n, vae_hash, pad=50_000):
+    """A token shard of ``n`` samples of random codes, each with ``pad`` bytes of a member caption
+    never reads (what makes holding the whole shard in memory show), and its stats file."""
+    import tarfile as tf
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "00000.tar")
+    rng = np.random.default_rng(0)
+    with tf.open(path, "w") as tar:
+        for i in range(n):
+            codes = io.BytesIO()
+            np.save(codes, rng.integers(512, size=64).astype(np.uint16))
+            for ext, data in (("codes.npy", codes.getvalue()), ("txt", b"a caption"), ("pad", bytes(pad))):
+                info = tf.TarInfo(f"{i:06d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    with open(os.path.join(folder, "00000_stats.json"), "w") as f:
+        json.dump({"samples": n, "vae": vae_hash}, f)
+    return path
+
+
+def test_caption_streams_a_shard_in_memory_bounded_by_the_batch(data, biart, tmp_path):  # noqa: F811
+    """Peak Python memory while captioning a 2,000-sample shard stays within that of a 200-sample
+    one plus the rows' text: samples are read as batches need them, not the shard at once
+    (holding it would add 2,000 x 50 kB = 100 MB)."""
+    import tracemalloc
+    vae_hash = hashlib.sha256(open(data["vae"], "rb").read()).hexdigest()
+    peaks = {}
+    for n in (200, 2000):
+        shard = _token_shard(str(tmp_path / f"tokens{n}"), n, vae_hash)
+        tracemalloc.start()
+        summary = run_caption(config(data, biart, tmp_path / f"out{n}", shards=shard, candidates=1, max_tokens=1,
+                                     batch_size=100))
+        peaks[n] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert summary["images"] == n and summary["failed"] == []
+    assert peaks[2000] < peaks[200] + 10 * 2**20, peaks  # + 10 MB: 1,800 more rows of text, never 100 MB
+
+
+def test_a_sample_with_unreadable_codes_gets_an_error_row_not_a_failed_shard(data, biart, tmp_path):  # noqa: F811
+    vae_hash = hashlib.sha256(open(data["vae"], "rb").read()).hexdigest()
+    shard = _token_shard(str(tmp_path / "tokens"), 6, vae_hash, pad=1)
+    broken = str(tmp_path / "broken.tar")
+    import tarfile as tf
+    with tf.open(shard) as src, tf.open(broken, "w") as dst:
+        for member in src:
+            data_ = src.extractfile(member).read()
+            if member.name == "000002.codes.npy":
+                data_ = b"not an array"
+            info = tf.TarInfo(member.name)
+            info.size = len(data_)
+            dst.addfile(info, io.BytesIO(data_))
+    os.replace(broken, shard)
+    summary = run_caption(config(data, biart, tmp_path / "out", shards=shard, candidates=1, max_tokens=2))
+    assert summary["failed"] == []
+    table = pq.read_table(tmp_path / "out" / "00000.parquet").to_pydict()
+    assert table["error"][2] == "codes do not load as 64 AugVAE codes" and table["caption"][2] is None
+    assert all(c for i, c in enumerate(table["caption"]) if i != 2)
+
+
+@pytest.fixture(scope="module")
+def trained_biart(data, tmp_path_factory):  # noqa: F811
+    """The debug BiART after 300 plain AdamW steps image->text on the test shards: captions that
+    depend on the image, so that precision can change them."""
+    from lverse.model.biart import Direction, build_sequence
+    from lverse.model.checkpoint import provenance_of
+    from lverse.runtime.data import TokenBatch
+    tok = CaptionTokenizer(data["tokenizer"], offset=512)
+    cfg = BiARTConfig(**{**PRESETS["debug"].__dict__, "text_vocab": tok.vocab_size, "text_len": 24})
+    samples = [s for shard in sorted(glob.glob(os.path.join(data["tokens"], "*.tar"))) for s in iter_samples(shard)]
+    batch = TokenBatch(data["tokenizer"], cfg.text_offset, cfg.text_len, cfg.image_len, cfg.image_vocab, 0.0)(
+        samples, [np.random.default_rng(0)] * len(samples))
+    seq = build_sequence(batch["text"], batch["image"], Direction.I2T, cfg)
+    torch.manual_seed(0)
+    model = BiART(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        _, losses = model(seq[:, :-1], Direction.I2T, targets=seq[:, 1:])
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    path = str(tmp_path_factory.mktemp("trained") / "biart.safetensors")
+    save_model(model, path, provenance_of(data["vae"], data["tokenizer"]))
+    return path
+
+
+def test_bf16_greedy_captions_mostly_equal_fp32_and_clip_picks_are_unchanged(data, trained_biart, tmp_path):  # noqa: F811
+    """The paper samples in half precision: BiART in bf16 (the AugVAE and CLIP in FP32) gives the
+    fp32 model's greedy captions for most images (the share is printed), and with candidates CLIP
+    picks from them as it does in fp32."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        run_caption(config(data, trained_biart, tmp_path / precision, temperature=0.0, candidates=1, max_tokens=24,
+                           precision=precision))
+        out[precision] = {i: pq.read_table(tmp_path / precision / f"{i:05d}.parquet").to_pydict()
+                          for i in range(SHARDS)}
+    fp32 = [c for i in range(SHARDS) for c in out["fp32"][i]["caption"]]
+    bf16 = [c for i in range(SHARDS) for c in out["bf16"][i]["caption"]]
+    share = sum(a == b for a, b in zip(fp32, bf16)) / len(fp32)
+    print(f"bf16_greedy_caption_match={share:.3f} ({len(fp32)} images)")
+    assert len(set(fp32)) > 1 and share >= 0.75, (share, fp32[:4], bf16[:4])
+    # CLIP (FP32 in both runs) ranks the same candidates alike: given the fp32 run's candidates, the
+    # bf16 run's scorer picks what the fp32 run picked
+    run_caption(config(data, trained_biart, tmp_path / "c32", candidates=4, keep_candidates=True, precision="fp32",
+                       shards=os.path.join(data["tokens"], "00000.tar")))
+    run_caption(config(data, trained_biart, tmp_path / "c16", candidates=4, keep_candidates=True, precision="bf16",
+                       shards=os.path.join(data["tokens"], "00000.tar")))
+    a, b = (pq.read_table(tmp_path / d / "00000.parquet").to_pydict() for d in ("c32", "c16"))
+    same = [i for i, (x, y) in enumerate(zip(a["candidates"], b["candidates"])) if x == y]
+    assert same, "no image got the same candidates in both precisions"
+    for i in same:
+        assert a["caption"][i] == b["caption"][i]
+
+
+def test_half_precision_is_refused_where_it_cannot_run(data, biart, tmp_path):  # noqa: F811
+    with pytest.raises(InputError, match="--precision fp16 needs a CUDA device"):
+        run_caption(config(data, biart, tmp_path / "out", precision="fp16", candidates=1, device="cpu"))

@@ -1,23 +1,36 @@
 """Stopping a stage: Ctrl-C or SIGTERM ends the driver and its workers within seconds, keeps what
-finished, and the same command continues; a SIGKILLed driver takes its workers with it."""
+finished, and the same command continues; a SIGKILLed driver takes its workers, and whatever they
+started, with it; a second Ctrl-C ends the driver at once.
+
+Each stage runs as a user runs it, ``lverse download|encode|caption`` (in a session of its own, so
+that every process it starts can be found), on inputs of several items that each take long enough
+for a signal sent when the first is done to land mid-run: download fetches 3 chunks of 3 lines from
+the local synthetic server, each chunk with one image that arrives past the timeout (so img2dataset
+is seconds inside a shard); encode 16 shards of 12 images; caption 4 shards of 3 raw images with
+the debug BiART and AugVAE and the tiny CLIP.
+"""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
 
-from lverse.pipeline.encode import EncodeConfig, run_encode
-
+from .test_caption import biart, data  # noqa: F401  (a debug BiART, AugVAE and tokenizer)
+from .test_download import server  # noqa: F401  (the synthetic image server)
 from .test_encode import raw_shards, vae_path  # noqa: F401  (a debug AugVAE)
 
 LVERSE = os.path.join(os.path.dirname(sys.executable), "lverse")
-SHARDS = 16
+ITEMS = {"download": 3, "encode": 16, "caption": 4}
+DONE = {"download": "*_stats.json", "encode": "*_stats.json", "caption": "*.parquet"}  # an item's done marker
 
 
 def _processes(field: int, value: int) -> list[int]:
@@ -34,6 +47,30 @@ def _processes(field: int, value: int) -> list[int]:
     return found
 
 
+def _open_under(folder) -> list[str]:
+    """Files under ``folder`` that any process (of any session) has open: what is still being written."""
+    folder, found = os.path.realpath(folder) + os.sep, []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(folder):
+                found.append(f"{pid}: {target}")
+    return found
+
+
+def _temporaries(folder) -> list[str]:
+    """What a writer leaves while it writes: ``.NAME.*.tmp`` files, download's ``_tmp/``."""
+    return [os.path.join(root, name) for root, dirs, files in os.walk(folder)
+            for name in dirs + files if name.endswith(".tmp") or name == "_tmp"]
+
+
 @pytest.fixture()
 def sessions():
     """Process sessions a test started; whatever of them is left at its end is killed, pass or fail."""
@@ -47,20 +84,49 @@ def sessions():
                 pass
 
 
-def _start_encode(tmp_path, vae, sessions, executor="local"):
-    raw = raw_shards(str(tmp_path / "raw"), count=SHARDS, n=12)
-    out = tmp_path / "tokens"
-    proc = subprocess.Popen([LVERSE, "encode", "--shards", raw, "--vae", vae, "--output", str(out), "--workers", "1",
-                             "--executor", executor], start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+def _command(stage: str, executor: str, tmp_path, request) -> list[str]:
+    """``lverse STAGE`` on inputs of ``ITEMS[stage]`` items, writing to ``tmp_path/out``."""
+    if stage == "download":
+        srv = request.getfixturevalue("server")
+        lines = []
+        for chunk in range(ITEMS["download"]):
+            lines += [f"{srv.data.sample('train', i)[1]}\t{srv.url}/img/train/{i}.jpg"
+                      for i in (2 * chunk, 2 * chunk + 1)]
+            lines.append(f"a picture that arrives too late\t{srv.url}/bad/slow.jpg")
+        tsv = tmp_path / "in.tsv"
+        tsv.write_text("\n".join(lines) + "\n")
+        args = ["--input", str(tsv), "--samples-per-shard", "3", "--image-size", "64", "--timeout", "1.5",
+                "--download-threads", "4"]
+    elif stage == "encode":
+        args = ["--shards", raw_shards(str(tmp_path / "raw"), count=ITEMS["encode"], n=12),
+                "--vae", request.getfixturevalue("vae_path")]
+    else:
+        files, checkpoint = request.getfixturevalue("data"), request.getfixturevalue("biart")
+        args = ["--shards", raw_shards(str(tmp_path / "raw"), count=ITEMS["caption"], n=3), "--checkpoint", checkpoint,
+                "--vae", files["vae"], "--tokenizer", files["tokenizer"], "--candidates", "4", "--max-tokens", "8",
+                "--batch-size", "3", "--clip", "lverse-tiny"]
+    return [LVERSE, stage, *args, "--output", str(tmp_path / "out"), "--workers", "1", "--executor", executor]
+
+
+def _start(command: list[str], stage: str, tmp_path, sessions, in_flight: bool = True) -> subprocess.Popen:
+    """Start ``command`` and return once its first item is done, with the next in flight (for
+    download, unless not ``in_flight``: once img2dataset writes into the next chunk's shard)."""
+    out, log = tmp_path / "out", tmp_path / "stderr.log"
+    with open(log, "wb") as err:  # a file, not a pipe: a pipe nobody reads would block a chatty stage
+        proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
     sessions.append(proc.pid)
-    deadline = time.time() + 180
-    while not glob.glob(str(out / "*_stats.json")):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+    deadline = time.time() + 240
+    while not glob.glob(str(out / DONE[stage])) or (stage == "download" and in_flight and
+                                                     not _open_under(out / "_tmp")):
+        assert proc.poll() is None and time.time() < deadline, _tail(log)
         time.sleep(0.05)
-    workers = _processes(3, proc.pid)
-    assert workers, "the driver has no worker process"
-    return proc, raw, out
+    assert _processes(3, proc.pid), "the driver has no worker process"
+    return proc
+
+
+def _tail(log) -> str:
+    with open(log, "rb") as f:
+        return f.read().decode(errors="replace")[-3000:]
 
 
 def _wait_gone(session: int, seconds: float) -> list[int]:
@@ -70,43 +136,77 @@ def _wait_gone(session: int, seconds: float) -> list[int]:
     return _processes(5, session)
 
 
+# Encode is stopped with each signal on each executor. Download and caption take two of those four
+# each, so that each meets both signals and both executors, and the two together all four (a test
+# of theirs takes 35-50 s, download's for img2dataset starting two processes per chunk): what the
+# driver does on either signal is the CLI's and the same for every stage (encode's four show it),
+# what happens to the workers is the executor's (a local pool, Ray tasks for download, Ray actors
+# for encode and caption) and the stage's (img2dataset's processes, a model in each worker).
+STOPS = [("encode", "local", signal.SIGINT), ("encode", "local", signal.SIGTERM), ("encode", "ray", signal.SIGINT),
+         ("encode", "ray", signal.SIGTERM), ("download", "local", signal.SIGINT), ("download", "ray", signal.SIGTERM),
+         ("caption", "local", signal.SIGTERM), ("caption", "ray", signal.SIGINT)]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("executor, sig", [("local", signal.SIGINT), ("local", signal.SIGTERM),
-                                           ("ray", signal.SIGINT), ("ray", signal.SIGTERM)])
-def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path, vae_path, sessions, executor,  # noqa: F811
+@pytest.mark.parametrize("stage, executor, sig", [pytest.param(*stop, id=f"{stop[0]}-{stop[1]}-{stop[2].name}")
+                                                  for stop in STOPS])
+def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path, request, sessions, stage, executor,
                                                                        sig):
-    proc, raw, out = _start_encode(tmp_path, vae_path, sessions, executor)
+    command = _command(stage, executor, tmp_path, request)
+    out = tmp_path / "out"
+    proc = _start(command, stage, tmp_path, sessions)
     stopped = time.time()
     if sig == signal.SIGINT:  # Ctrl-C in a terminal reaches the whole process group
         os.killpg(proc.pid, sig)
     else:  # SIGTERM from a scheduler or `kill`: the driver alone
         os.kill(proc.pid, sig)
     code = proc.wait(timeout=60)
-    assert code == 128 + sig, proc.stderr.read().decode()[-3000:]
+    assert code == 128 + sig, _tail(tmp_path / "stderr.log")
     assert time.time() - stopped < 15
-    assert _wait_gone(proc.pid, 5) == []
-    done = len(glob.glob(str(out / "*_stats.json")))
-    assert done < SHARDS  # the queue was cancelled, not worked off
-    summary = run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(out)))
-    assert (summary["skipped"], summary["done"]) == (done, SHARDS - done)
+    assert _wait_gone(proc.pid, 5) == []  # img2dataset's processes too
+    assert _open_under(out) == []
+    finished = {path: os.stat(path).st_mtime_ns for path in glob.glob(str(out / DONE[stage]))}
+    assert len(finished) < ITEMS[stage]  # the queue was cancelled, not worked off
+
+    # The same command finishes the rest; what was done is not done again, nothing the stop left trips it.
+    rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sessions.append(rerun.pid)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode(errors="replace")[-3000:]
+    with open(out / "_summary.json") as f:
+        summary = json.load(f)
+    assert (summary["skipped"], summary["done"], summary["failed"]) == (len(finished), ITEMS[stage] - len(finished), [])
+    assert {path: os.stat(path).st_mtime_ns for path in finished} == finished
+    assert _temporaries(out) == []
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("executor", ["local", "ray"])
-def test_workers_die_with_a_sigkilled_driver(tmp_path, vae_path, sessions, executor):  # noqa: F811
-    """Every worker, local process or Ray actor, dies with the driver. Of the private local Ray the
-    driver started, Ray's own node agents (dashboard and runtime-env agents, which run no lverse
-    code) outlive it (Ray 2.x): the test ends them itself."""
-    proc, _, _ = _start_encode(tmp_path, vae_path, sessions, executor)
+@pytest.mark.parametrize("stage, executor", [("download", "local"), ("encode", "local"), ("caption", "local"),
+                                             ("encode", "ray")])
+def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage, executor):
+    """Every worker, local process or Ray actor, dies with the driver, and so does what a worker
+    started (img2dataset's pool worker and logger process, in the middle of a shard). Of the private
+    local Ray the driver started, Ray's own node agents (dashboard and runtime-env agents, which run
+    no lverse code) outlive it (Ray 2.x): the test ends them itself."""
+    proc = _start(_command(stage, executor, tmp_path, request), stage, tmp_path, sessions)
+    workers = _processes(3, proc.pid)
+    below = [pid for worker in workers for pid in _processes(3, worker)]
+    if stage == "download":  # img2dataset's pool worker and logger process below the busy worker (and its guard)
+        assert len(below) >= 2, below
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    deadline = time.time() + 10
-    while _workers_left(proc.pid) and time.time() < deadline:
-        time.sleep(0.1)
-    assert _workers_left(proc.pid) == []  # the agents are ended by the `sessions` fixture
+    assert _wait_workers_gone(proc.pid, 10) == []  # the agents are ended by the `sessions` fixture
+    assert _open_under(tmp_path / "out") == []
 
 
 RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
+
+
+def _wait_workers_gone(session: int, seconds: float) -> list[str]:
+    deadline = time.time() + seconds
+    while _workers_left(session) and time.time() < deadline:
+        time.sleep(0.1)
+    return _workers_left(session)
 
 
 def _workers_left(session: int) -> list[str]:
@@ -120,3 +220,100 @@ def _workers_left(session: int) -> list[str]:
         if not command.startswith(RAY_AGENTS):
             left.append(command.decode(errors="replace")[:120])
     return left
+
+
+# A driver whose stop is slow (its end of the workers delayed by 30 s), its one worker busy for a
+# minute. Its SIGTERM is Ctrl-C, as in the CLI.
+SLOW_STOP = textwrap.dedent("""
+    import signal, sys, time
+    from lverse.runtime import executors
+
+    def slow(pool, grace=3.0):
+        print("stopping", flush=True)
+        time.sleep(30)
+        end(pool, grace)
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt
+
+    end, executors._end_pool = executors._end_pool, slow
+    signal.signal(signal.SIGTERM, terminate)
+    print("running", flush=True)
+    executors.run_tasks(time.sleep, [60, 60], ["a", "b"], workers=1, retries=0)
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_second_signal_ends_the_driver_at_once_and_its_workers_with_it(sessions, sig):
+    """While the driver ends its workers after a first Ctrl-C (SIGTERM), a second one ends it at
+    once: it does not wait for that stop (nor, as it did, for the shards in flight when it landed
+    before the workers were ended), and the workers die with it."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_STOP], start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    sessions.append(proc.pid)
+    assert _line(proc) == "running"
+    deadline = time.time() + 60
+    while not [pid for pid in _processes(3, proc.pid) if _processes(3, pid)]:  # a worker, and its guard
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
+    assert _line(proc) == "stopping"
+    second = time.time()
+    os.killpg(proc.pid, sig)
+    assert proc.wait(timeout=10) == -sig  # ended by the signal itself
+    assert time.time() - second < 2
+    assert _wait_gone(proc.pid, 5) == []
+
+
+def test_a_sigterm_that_lands_in_a_wait_on_ray_stays_a_sigterm():
+    """Ray turns what a signal handler raises while it waits (ray.wait, ray.get) into a plain
+    KeyboardInterrupt; the driver's own exception (the CLI's for SIGTERM) is put back, so that the
+    CLI still tells SIGTERM (exit status 143) from Ctrl-C (130)."""
+    from lverse.runtime.executors import _keeping, _ray_calls
+
+    class Terminated(KeyboardInterrupt):
+        pass
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    def stopped_by(sig) -> type:  # what leaves a wait on Ray that the signal interrupted
+        try:
+            with _ray_calls():
+                try:
+                    signal.raise_signal(sig)
+                except KeyboardInterrupt:  # as Ray does
+                    raise KeyboardInterrupt() from None
+        except KeyboardInterrupt as e:  # caught here: one escaping would stop pytest, not fail the test
+            return type(e)
+        return type(None)
+
+    previous = signal.signal(signal.SIGTERM, _keeping(terminate))
+    try:
+        assert stopped_by(signal.SIGTERM) is Terminated
+        assert stopped_by(signal.SIGINT) is KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _line(proc: subprocess.Popen, seconds: float = 60) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], seconds)
+    assert ready, "no output"
+    return proc.stdout.readline().decode().strip()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, executor", [("download", "local"), ("encode", "local"), ("caption", "ray")])
+def test_a_second_ctrl_c_stops_a_stage_at_once(tmp_path, request, sessions, stage, executor):
+    """Ctrl-C twice, the second while the first is being handled: the stage ends within a second
+    or two of it, and nothing of it is left. (On Ray the first takes seconds: Ray's shutdown.)"""
+    proc = _start(_command(stage, executor, tmp_path, request), stage, tmp_path, sessions, in_flight=False)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5 if executor == "ray" else 0.05)
+    second = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=30) in (130, -signal.SIGINT), _tail(tmp_path / "stderr.log")
+    assert time.time() - second < 3
+    assert _wait_workers_gone(proc.pid, 5) == []
+    assert _open_under(tmp_path / "out") == []
