@@ -23,7 +23,8 @@ sample drawn twice in one epoch gets the same pieces both times.)
 What it costs: each worker holds the current epoch's order (4 bytes a sample below 2^31 samples,
 13 MB for CC3M; drawn in well under a second at each epoch's start), and reading a sample is a
 random read of the index (see ``token_index.py`` for that trade-off). In exchange there is no
-shuffle buffer and no limit of ranks x workers against the number of shards.
+shuffle buffer and no limit of ranks x workers against the number of shards. Making a batch costs
+about 0.1 ms of CPU a sample, BPE-dropout most of it (``benchmarks/data.py``).
 
 **Image shards (AugVAE): streams per slot.** The AugVAE trains on JPEG shards, which are not
 indexed. Each (rank, DataLoader worker) pair is a *slot*; slot s of S owns shards
@@ -103,9 +104,28 @@ class GlobalOrder:
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """A sample's own random numbers (BPE-dropout), from (seed, epoch, its key) only."""
+    """A sample's own random numbers (BPE-dropout), from (seed, epoch, its key) only.
+
+    ``np.random.default_rng([seed, epoch, key_hash, 12])``, built from the 32-bit words numpy
+    makes of that list (``_entropy_words``): the same generator in less than half the time."""
     key_hash = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    return np.random.default_rng([seed, epoch, key_hash, _PER_SAMPLE])
+    entropy = _entropy_words((seed, epoch, key_hash, _PER_SAMPLE))
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+
+
+def _entropy_words(values: Sequence[int]) -> np.ndarray:
+    """The entropy numpy's ``SeedSequence`` takes from a list of non-negative ints: each int's
+    32-bit words, least significant first (0 is one word), one after another. Given as a uint32
+    array, SeedSequence uses it as it is, skipping its own conversion (most of its cost)."""
+    words = []
+    for value in values:
+        value = int(value)
+        if value < 0:
+            raise ValueError(f"expected non-negative integer, got {value}")
+        words.append(value & 0xFFFFFFFF)
+        while value := value >> 32:
+            words.append(value & 0xFFFFFFFF)
+    return np.array(words, dtype=np.uint32)
 
 
 class GlobalBatches(torch.utils.data.IterableDataset):
@@ -113,9 +133,9 @@ class GlobalBatches(torch.utils.data.IterableDataset):
     samples consumed before this run's first micro-step).
 
     ``samples[i]`` is sample i (``token_index.TokenSamples``: picklable, each worker maps the index
-    itself); ``make_batch(samples, rngs)`` turns ``batch_size`` of them into tensors in the
-    DataLoader worker. Use with ``DataLoader(batch_size=None, num_workers=workers)`` and the same
-    ``workers`` here.
+    itself; its ``take(indices)``, when it has one, reads a batch at once); ``make_batch(samples,
+    rngs)`` turns ``batch_size`` of them into tensors in the DataLoader worker. Use with
+    ``DataLoader(batch_size=None, num_workers=workers)`` and the same ``workers`` here.
     """
 
     def __init__(self, samples: Sequence[dict], order: GlobalOrder, make_batch: Callable, batch_size: int,
@@ -136,7 +156,8 @@ class GlobalBatches(torch.utils.data.IterableDataset):
         cache: dict = {}
         for k in itertools.count(info.id if info is not None else 0, self.workers):
             picks = self.order.at(self.positions(k), cache)
-            samples = [self.samples[i] for _, i in picks]
+            take = getattr(self.samples, "take", None)  # a batch read in one go (TokenSamples)
+            samples = take([i for _, i in picks]) if take is not None else [self.samples[i] for _, i in picks]
             rngs = [sample_rng(self.order.seed, e, s["__key__"]) for (e, _), s in zip(picks, samples)]
             yield self.make_batch(samples, rngs)
 
@@ -243,10 +264,32 @@ class TokenBatch:
             from lverse.preprocessing.text_tokenizer import CaptionTokenizer
             path, offset, dropout = self.args
             self._tok = CaptionTokenizer(path, offset=offset, dropout=dropout)
-        codes = np.stack([self._codes(s) for s in samples])
+        codes = self._stacked(samples)
         captions = [s.get("txt", b"").decode("utf-8", "replace") for s in samples]
         text = self._tok.encode(captions, self.text_len, training=True, rngs=rngs)
-        return {"text": text, "image": torch.from_numpy(codes.astype(np.int64))}
+        # Both in one buffer: a DataLoader worker hands each tensor's storage to the training
+        # process through shared memory, and one storage instead of two takes about a quarter
+        # less of the time that costs (benchmarks/README.md, "data.py").
+        n, split = len(samples), len(samples) * self.text_len
+        both = np.empty(split + n * self.image_len, dtype=np.int64)
+        both[:split].reshape(n, self.text_len)[...] = text.numpy()
+        both[split:].reshape(n, self.image_len)[...] = codes
+        both = torch.from_numpy(both)
+        return {"text": both[:split].view(n, self.text_len), "image": both[split:].view(n, self.image_len)}
+
+    def _stacked(self, samples: list[dict]) -> np.ndarray:
+        """(B, image_len) codes of the samples, checked at once; a bad sample is named by
+        ``_codes``, the same one the per-sample check finds first."""
+        import io
+        rows = [s["codes"] if "codes" in s else np.load(io.BytesIO(s["codes.npy"]), allow_pickle=False)
+                for s in samples]
+        if all(r.shape == (self.image_len,) for r in rows):
+            codes = np.stack(rows)
+            if int(codes.max(initial=0)) < self.image_vocab:
+                return codes
+        for s in samples:
+            self._codes(s)
+        raise AssertionError("unreachable: a sample failed the batch's check but not its own")
 
     def _codes(self, sample: dict) -> np.ndarray:
         import io

@@ -53,6 +53,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -322,6 +323,21 @@ class TokenIndex:
                 "txt": _slice(a["captions"], a["caption_offsets"], row),
                 "codes": np.array(a["codes"][row], dtype=np.uint16)}
 
+    def samples(self, rows: np.ndarray) -> list[dict]:
+        """``[self.sample(row) for row in rows]``, the codes read in one go (each sample's
+        ``codes`` a row of one (len(rows), image_len) array)."""
+        a = self._open()
+        rows = np.asarray(rows, dtype=np.int64)
+        plain = {name: array.view(np.ndarray) for name, array in a.items()}  # np.memmap's indexing costs more
+        codes = np.asarray(plain["codes"][rows], dtype=np.uint16)
+        captions, caption_offsets = memoryview(plain["captions"]), plain["caption_offsets"]
+        keys, key_offsets = memoryview(plain["keys"]), plain["key_offsets"]
+        caption_lo, caption_hi = caption_offsets[rows].tolist(), caption_offsets[rows + 1].tolist()
+        key_lo, key_hi = key_offsets[rows].tolist(), key_offsets[rows + 1].tolist()
+        return [{"__key__": keys[key_lo[j]:key_hi[j]].tobytes().decode(),
+                 "txt": captions[caption_lo[j]:caption_hi[j]].tobytes(), "codes": codes[j]}
+                for j in range(len(rows))]
+
     def shard_rows(self) -> dict[str, tuple[int, int]]:
         """Shard name -> (its first row, its samples)."""
         counts = [e["samples"] for e in self.meta["shards"]]
@@ -379,6 +395,15 @@ class TokenSamples:
 
     def __getitem__(self, i: int) -> dict:
         return self.index.sample(self.row(i))
+
+    def take(self, indices: Sequence[int]) -> list[dict]:
+        """``[self[i] for i in indices]``, read in one go (a micro-batch: ``data.GlobalBatches``)."""
+        i = np.asarray(indices, dtype=np.int64)
+        if i.size and (i.min() < 0 or i.max() >= len(self)):
+            raise IndexError(int(i[(i < 0) | (i >= len(self))][0]))
+        s = np.searchsorted(self.ends, i, side="right")
+        before = np.where(s > 0, self.ends[np.maximum(s - 1, 0)], 0)  # samples of the shards before
+        return self.index.samples(self.starts[s] + i - before)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,11 +8,14 @@ once through real training: a 2-rank run resumed on 1 rank logs the losses of on
 
 import copy
 import glob
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 
+import ftfy
 import numpy as np
 import pytest
 import torch
@@ -22,7 +25,8 @@ from lverse.core.errors import InputError
 from lverse.core.shards import file_sha256, iter_samples
 from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.pipeline.train import DataConfig, TrainConfig, data_loader, plan_run
-from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch
+from lverse.preprocessing.text_tokenizer import CaptionTokenizer, normalize_caption
+from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, _entropy_words, sample_rng
 from lverse.runtime.token_index import TokenIndex, TokenSamples, build_index, ensure_index, open_samples
 from lverse.runtime.trainer import Checkpoint, Process
 
@@ -183,6 +187,121 @@ def test_a_run_resumed_2_1_4_ranks_consumes_what_an_uninterrupted_one_does(data,
     assert checkpoint.meta["data"]["origin"] == [3, 24]
     rest, _ = consume(data, 4, 2, 6, 8, checkpoint, workers=1)
     assert [(k, t) for k, _, t in part + more + rest] == [(k, t) for k, _, t in full[:24 + 30 + 16]]
+
+
+# --- the batches, against a straightforward reference -------------------------------------------
+# The loader reads a batch of samples at once, builds the per-sample generators from numpy's
+# entropy words, merges BPE pieces through a heap and skips ftfy for plain ASCII
+# (benchmarks/data.py); these tests pin that it makes, bit for bit, the batches of the plain
+# per-sample path written out below.
+
+def reference_pieces(sp, text: str, dropout: float, rng: np.random.Generator) -> list[int]:
+    """A caption's piece ids: ftfy and whitespace, then BPE from characters where every step
+    draws one number per adjacent pair and merges the best-scoring pair (the leftmost of equal
+    scores) whose number is not below ``dropout``."""
+    text = re.sub(r"\s+", " ", ftfy.fix_text(text)).strip()
+    piece_ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+                 if not (sp.is_control(i) or sp.is_unknown(i))}
+    symbols = [c for piece in sp.encode(text, out_type=str) for c in piece]
+    while len(symbols) > 1:
+        skip = rng.random(len(symbols) - 1) < dropout
+        best = None
+        for i in range(len(symbols) - 1):
+            pid = piece_ids.get(symbols[i] + symbols[i + 1])
+            if pid is not None and not skip[i] and (best is None or sp.get_score(pid) > sp.get_score(best[1])):
+                best = (i, pid)
+        if best is None:
+            break
+        symbols[best[0]:best[0] + 2] = [symbols[best[0]] + symbols[best[0] + 1]]
+    ids = []
+    for sym in symbols:  # a run of unknown characters is one unknown piece
+        pid = piece_ids.get(sym, sp.unk_id())
+        if not (pid == sp.unk_id() and ids and ids[-1] == sp.unk_id()):
+            ids.append(pid)
+    return ids
+
+
+def reference_batch(samples, seed, resampled, positions, tokenizer, text_len, offset, dropout=0.1):
+    """The batch of ``positions``, one sample at a time: its epoch's order, its row of the index,
+    its own generator ``default_rng([seed, epoch, blake2b-64 of its key, 12])``, its pieces."""
+    tok = CaptionTokenizer(tokenizer, offset=offset)
+    text = torch.full((len(positions), text_len), offset + tok.vocab_size, dtype=torch.long)
+    image = []
+    for row, p in enumerate(positions):
+        epoch, i = divmod(p, len(samples))
+        sample = samples.index.sample(samples.row(int(GlobalOrder(len(samples), seed, resampled).epoch(epoch)[i])))
+        key_hash = int.from_bytes(hashlib.blake2b(sample["__key__"].encode(), digest_size=8).digest(), "little")
+        rng = np.random.default_rng([seed, epoch, key_hash, 12])
+        ids = reference_pieces(tok.sp, sample["txt"].decode(), dropout, rng)[:text_len]
+        text[row, :len(ids)] = torch.tensor(ids, dtype=torch.long) + offset
+        image.append(torch.from_numpy(sample["codes"].astype(np.int64)))
+    return {"text": text, "image": torch.stack(image)}
+
+
+def assert_same_batch(got, expected):
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert got[name].dtype == expected[name].dtype and got[name].shape == expected[name].shape, name
+        assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize("resampled", [False, True], ids=["epochs", "resampled"])
+def test_the_batches_are_those_of_the_per_sample_path(data, samples, resampled):  # noqa: F811
+    """Rank 1 of 2 from position 40 (a resumed run), micro-batch 6, 16 micro-steps: 192 positions,
+    into the third epoch of 64 samples; then the same through a DataLoader with 2 workers."""
+    text_len, offset, seed, start = 24, 512, 5, 40
+    make_batch = TokenBatch(data["tokenizer"], offset, text_len, 64, 512, 0.1)
+    ds = GlobalBatches(samples, GlobalOrder(N, seed, resampled), make_batch, 6, 1, 2, 0, start)
+    for k, batch in zip(range(16), ds):
+        expected = reference_batch(samples, seed, resampled, ds.positions(k), data["tokenizer"], text_len, offset)
+        assert_same_batch(batch, expected)
+    ds = GlobalBatches(samples, GlobalOrder(N, seed, resampled), make_batch, 6, 1, 2, 2, start)
+    loader = iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    for k in range(4):
+        assert_same_batch(next(loader), reference_batch(samples, seed, resampled, ds.positions(k), data["tokenizer"],
+                                                        text_len, offset))
+
+
+def test_bpe_dropout_is_that_of_the_per_step_loop(tmp_path):
+    """Captions with many merges (a tokenizer of 300 pieces over made-up words), unknown and
+    non-ASCII characters, HTML entities, control characters and long ones: the same pieces from
+    the same generator, which is left where the per-step draws leave it; for other bit generators
+    (drawn step by step) too."""
+    rng = np.random.default_rng(0)
+    syllables = ["ka", "lo", "mi", "ne", "st", "ra", "ou", "th", "e", "an", "ch", "ing"]
+    words = ["".join(rng.choice(syllables, size=rng.integers(1, 4))) for _ in range(200)]
+    captions = [" ".join(rng.choice(words, size=rng.integers(3, 15))) for _ in range(400)]
+    tok = CaptionTokenizer.fit(captions, str(tmp_path / "tok"), vocab_size=300, offset=512)
+    tricky = ["Ünïcode   café, 100% — “quotes” 東京", "fish &amp; chips", "cafÃ©", "a\tb\nc\r\nd", "\x00x\x7f",
+              "ｆｕｌｌ ｗｉｄｔｈ ﬁne", "", " ", "k", "東京東京 東", "x" * 200, " ".join(captions[:25])]
+    for dropout in (0.1, 0.5):
+        tok.dropout = dropout
+        for j, caption in enumerate(captions[:150] + tricky):
+            for bit_generator in (np.random.PCG64, np.random.MT19937) if j % 10 == 0 else (np.random.PCG64,):
+                mine, theirs = np.random.Generator(bit_generator(j)), np.random.Generator(bit_generator(j))
+                assert tok.pieces(caption, True, mine) == reference_pieces(tok.sp, caption, dropout, theirs), caption
+                assert mine.random() == theirs.random(), caption
+
+
+def test_the_fast_paths_give_what_the_slow_ones_do():
+    """ftfy leaves printable ASCII without ``&`` alone (normalize_caption skips it there); the
+    entropy words give the generator of ``default_rng`` on the list of ints."""
+    rng = np.random.default_rng(0)
+    printable = [chr(c) for c in range(0x20, 0x7F) if chr(c) != "&"]
+    texts = ["".join(rng.choice(printable, size=rng.integers(0, 80))) for _ in range(2000)]
+    texts += printable + [a + b for a in printable for b in printable]
+    for text in texts:
+        assert ftfy.fix_text(text) == text
+        assert normalize_caption(text) == re.sub(r"\s+", " ", text).strip()
+    for values in ([0, 0, 0, 12], [5, 1, 2**32 - 1, 12], [2**32, 7, 2**64 - 1, 12], [2**70 + 3, 2**31, 1, 0]):
+        assert (np.random.SeedSequence(_entropy_words(values)).generate_state(8)
+                == np.random.SeedSequence(values).generate_state(8)).all()
+    for key in ("000010123", "a", "", "ключ"):
+        assert sample_rng(3, 2, key).bit_generator.state == np.random.default_rng(
+            [3, 2, int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little"), 12]
+        ).bit_generator.state
+    with pytest.raises(ValueError):
+        _entropy_words([-1])
 
 
 # --- through training -------------------------------------------------------------------------
