@@ -416,6 +416,9 @@ def train(cfg: TrainConfig) -> dict:
             checkpoints.finish()
             _log_checkpoints(cfg, rank, checkpoints.completed())
             _stopped(cfg, rank, done, stop.received)
+            # Stopped cleanly: another signal now (a second Ctrl-C, the scheduler's next TERM) must not
+            # turn exit 0 into a kill the job script takes for a failure, not even while Python exits.
+            ignore_stop_signals()
             logger.close()
             return {**meter.last, "stopped_at": done}
     checkpoints.finish()

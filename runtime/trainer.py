@@ -353,6 +353,7 @@ class Checkpoints:
             self.writer.wait()
             dist.barrier()  # every rank's files are durable before the marker says so
             self._commit()
+            dist.barrier()  # and the marker is there for every rank (export and resume read it next)
 
     def completed(self) -> list[dict]:
         found, self._completed = self._completed, []
