@@ -279,12 +279,10 @@ class FileWriter:
 
     def _write(self, state, path: str) -> None:
         start = time.perf_counter()
-        tmp = f"{path}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_output(path) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
         self.bytes += os.path.getsize(path)
         self.seconds += time.perf_counter() - start
 
