@@ -380,11 +380,11 @@ def train(cfg: TrainConfig) -> dict:
     from lverse.runtime.token_index import ensure_index
     run = plan_run(cfg, _start_process(cfg))
     rank = run.proc.rank
-    ensure_index(run.shards, run.provenance["vae_sha256"], rank)  # the token index: before the model, not after
+    samples = ensure_index(run.shards, run.provenance["vae_sha256"], rank)  # before the model: a stale index fails fast
     resume = _resume_point(run)
     engine, kernels, writer = build_engine(run, resume)
     start = resume.step if resume else 0
-    loader = data_loader(run, start, resume)
+    loader = data_loader(run, samples, start, resume)
     meter = Meter(run, flops_per_token(engine.module), start)
     _announce(run, engine.module, kernels, meter.peak_flops)
     logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project)
@@ -543,16 +543,15 @@ def samples_before(run: Run, step: int) -> int:
     return origin_samples + (step - origin_step) * run.global_batch
 
 
-def data_loader(run: Run, start_step: int, resume: Checkpoint | None):
-    """This rank's micro-batches from ``start_step`` on, in the global order (runtime/data.py): a
+def data_loader(run: Run, samples, start_step: int, resume: Checkpoint | None):
+    """This rank's micro-batches of ``samples`` (the token index, ``ensure_index``) from
+    ``start_step`` on, in the global order (runtime/data.py): a
     resume continues at the sample after the checkpoint's last one, on any number of ranks and
     workers. With another global batch than the checkpoint's, the steps from the resume on each take
     the new global batch of samples from there (step s no longer starts at sample s x global batch);
     ``origin`` in the data key records it, so later resumes stay exact."""
     from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch
-    from lverse.runtime.token_index import ensure_index
     cfg, bcfg, key = run.cfg, run.bcfg, run.data_key
-    samples = ensure_index(run.shards, run.provenance["vae_sha256"], run.proc.rank)
     if resume:
         old = resume.meta.get("data") or {}
         # checkpoints before ``origin`` was recorded: their step x global batch

@@ -158,7 +158,7 @@ def consume(paths, world, micro_batch, start, end, resume=None, grad_accum=1, wo
                                       workers=workers))
     cfg.model.overrides = {"text_len": 24}
     runs = [plan_run(cfg, Process(rank, world, rank, torch.device("cpu"))) for rank in range(world)]
-    loaders = [data_loader(run, start, resume) for run in runs]
+    loaders = [data_loader(run, ensure_index(run.shards, run.provenance["vae_sha256"]), start, resume) for run in runs]
     consumed = []
     for step in range(start, end):
         for _ in range(grad_accum):
