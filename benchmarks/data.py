@@ -17,10 +17,11 @@ is reused when it holds the same set-up):
 Then reads every index file once (the page cache is warm: the figure is the loader's, not the
 disk's) and times the training DataLoader exactly as ``pipeline/train.py`` ``data_loader`` builds
 it: ``open_samples`` -> ``GlobalOrder`` -> ``TokenBatch`` (text_len 64, image_len 1024,
-text_offset 8192, BPE-dropout 0.1) -> ``GlobalBatches`` (rank 0 of 1, micro-batch ``--batch``) ->
-``DataLoader(batch_size=None, num_workers=W, prefetch_factor=4 if W else None,
-worker_init_fn=ignore_stop_signals)``, for each W of ``--workers``: batches are taken for
-``--warmup`` seconds (workers start, tokenizers load), then counted for ``--seconds``. Figures, as
+text_offset 8192, BPE-dropout 0.1) -> ``GlobalBatches`` (rank 0 of 1, micro-batch ``--batch``,
+``handover_chunk`` micro-batches an item) -> ``DataLoader(batch_size=None, num_workers=W,
+prefetch_factor=2 if W else None, worker_init_fn=ignore_stop_signals)`` -> ``micro_batches``, for
+each W of ``--workers``: batches are taken for ``--warmup`` seconds (workers start, tokenizers
+load), then counted for ``--seconds``. Figures, as
 ``name=value`` lines:
 
     loader_samples_per_s_workersW=<samples/s with W workers>
@@ -36,7 +37,7 @@ worker_init_fn=ignore_stop_signals)``, for each W of ``--workers``: batches are 
 Before them, to see where the time goes: the mean caption (``caption_chars``, ``caption_words``,
 ``caption_pieces`` without dropout) and microseconds per sample of the loader's parts one after
 another in this process (``read_us_per_sample``: ``TokenSamples.take`` a micro-batch at a time;
-``sample_rng_us_per_sample``; ``make_batch_us_per_sample``: ``TokenBatch``, BPE-dropout most of
+``sample_seed_us_per_sample``; ``make_batch_us_per_sample``: ``TokenBatch``, BPE-dropout most of
 it). The worker processes add the DataLoader's cost of handing each batch over, a fixed cost per
 batch: compare ``--batch 8`` with ``--batch 32``. On a shared machine the rates move with the
 other load; the CPU figures much less.
@@ -63,7 +64,7 @@ import torch
 from lverse.core.files import atomic_write_json, read_json
 from lverse.pipeline.encode import _add
 from lverse.preprocessing.text_tokenizer import VOCAB_SIZE, CaptionTokenizer
-from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, sample_rng
+from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, handover_chunk, micro_batches, sample_seed
 from lverse.runtime.token_index import FILES, build_index, index_path, open_samples
 from lverse.runtime.trainer import ignore_stop_signals
 
@@ -175,10 +176,11 @@ def loader(shards: list[str], tokenizer: str, batch: int, workers: int, seed: in
     samples = open_samples(shards, VAE)
     order = GlobalOrder(len(samples), seed, False)
     make_batch = TokenBatch(tokenizer, IMAGE_VOCAB, TEXT_LEN, IMAGE_LEN, IMAGE_VOCAB, BPE_DROPOUT)
-    batches = GlobalBatches(samples, order, make_batch, batch, 0, 1, workers, 0)
-    return iter(torch.utils.data.DataLoader(
-        batches, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
-        worker_init_fn=ignore_stop_signals))
+    batches = GlobalBatches(samples, order, make_batch, batch, 0, 1, workers, 0, handover_chunk(batch, workers))
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                         prefetch_factor=2 if workers else None, worker_init_fn=ignore_stop_signals)
+    workers_of = iter(loader)
+    return micro_batches(workers_of, batch), [w.pid for w in getattr(workers_of, "_workers", [])]
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -194,11 +196,10 @@ def cpu_seconds(pids: list[int]) -> float:
 def time_loader(shards, tokenizer, batch: int, workers: int, warmup: float, seconds: float) -> tuple[float, float]:
     """(samples/s, CPU microseconds per sample of this process and the workers together) of the
     loader with ``workers`` workers, after ``warmup`` seconds of batches."""
-    it = loader(shards, tokenizer, batch, workers)
+    it, pids = loader(shards, tokenizer, batch, workers)
     start = time.perf_counter()
     while time.perf_counter() - start < warmup:
         next(it)
-    pids = [w.pid for w in getattr(it, "_workers", [])]  # the DataLoader's worker processes
     count, start, cpu = 0, time.perf_counter(), time.process_time() + cpu_seconds(pids)
     while (elapsed := time.perf_counter() - start) < seconds:
         count += len(next(it)["image"])
@@ -210,7 +211,8 @@ def time_loader(shards, tokenizer, batch: int, workers: int, warmup: float, seco
 def parts(shards, tokenizer, batch: int, n: int = 4000) -> dict:
     """Microseconds per sample of the loader's parts, one after another in this process, on the
     order's first ``n`` samples: reading them from the index (a batch at a time, as
-    ``GlobalBatches`` does), making their generators (``sample_rng``), and ``TokenBatch``."""
+    ``GlobalBatches`` does), making their seeds (``sample_seed``), and ``TokenBatch`` (the first
+    batch, which loads the tokenizer, not counted)."""
     samples = open_samples(shards, VAE)
     n = min(n, len(samples)) // batch * batch
     order = [int(i) for i in GlobalOrder(len(samples), 0).epoch(0)[:n]]
@@ -219,15 +221,14 @@ def parts(shards, tokenizer, batch: int, n: int = 4000) -> dict:
     read = [s for i in range(0, n, batch) for s in take(order[i:i + batch])]
     read_us = (time.perf_counter() - start) / n * 1e6
     start = time.perf_counter()
-    rngs = [sample_rng(0, 0, s["__key__"]) for s in read]
-    rng_us = (time.perf_counter() - start) / n * 1e6
+    seeds = [sample_seed(0, 0, s["__key__"]) for s in read]
+    seed_us = (time.perf_counter() - start) / n * 1e6
     make_batch = TokenBatch(tokenizer, IMAGE_VOCAB, TEXT_LEN, IMAGE_LEN, IMAGE_VOCAB, BPE_DROPOUT)
-    make_batch(read[:batch], rngs[:batch])  # loads the tokenizer
-    rngs = [sample_rng(0, 0, s["__key__"]) for s in read]
+    make_batch(read[:batch], seeds[:batch])  # loads the tokenizer
     start = time.perf_counter()
     for i in range(0, n, batch):
-        make_batch(read[i:i + batch], rngs[i:i + batch])
-    return {"read_us_per_sample": read_us, "sample_rng_us_per_sample": rng_us,
+        make_batch(read[i:i + batch], seeds[i:i + batch])
+    return {"read_us_per_sample": read_us, "sample_seed_us_per_sample": seed_us,
             "make_batch_us_per_sample": (time.perf_counter() - start) / n * 1e6}
 
 

@@ -10,7 +10,7 @@ Piece ids map into BiART's text range by an offset (the image vocabulary size): 
 
 from __future__ import annotations
 
-import heapq
+import hashlib
 import logging
 import os
 import re
@@ -63,8 +63,12 @@ class CaptionTokenizer:
         self._piece_ids = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                            if not (self.sp.is_control(i) or self.sp.is_unknown(i))}
         self._scores = [self.sp.get_score(i) for i in range(self.vocab_size)]
-        # merged piece -> minus its score: the heap of ``_merge_with_dropout`` pops the best first
+        # merged piece -> minus its score: ``_merge_word`` sorts the best first
         self._neg_scores = {piece: -self._scores[i] for piece, i in self._piece_ids.items()}
+        # Words are merged one by one where no piece spans two (SentencePiece's default,
+        # split_by_whitespace); a model fitted otherwise is merged over the whole caption.
+        self._word_split = not any("\u2581" in piece[1:] for piece in self._piece_ids)
+        self._plain: dict[str, tuple[list[int], list[int]]] = {}  # word -> plain BPE (ids, merges)
 
     @property
     def pad_id(self) -> int:
@@ -100,38 +104,74 @@ class CaptionTokenizer:
         log.info("wrote %s.model (%d pieces)", output_prefix, vocab_size)
         return cls(output_prefix + ".model", **kwargs)
 
-    def pieces(self, text: str, training: bool = False, rng: np.random.Generator | None = None) -> list[int]:
-        """SentencePiece ids of one caption; BPE-dropout only when ``training``, drawn from ``rng``.
+    def pieces(self, text: str, training: bool = False, seed: bytes | None = None) -> list[int]:
+        """SentencePiece ids of one caption; BPE-dropout only when ``training``, its draws a function
+        of ``seed`` alone (``dropout_draws``; a fresh random seed when None).
 
         SentencePiece's own sampling cannot be reproduced across processes (the same seed gives
         other pieces in another process: measured), and exact resume needs a caption's pieces to
         depend only on its seed, so the dropout merges are done here (``_bpe_dropout``)."""
         text = normalize_caption(text)
         if training and self.dropout > 0:
-            return self._bpe_dropout(text, rng if rng is not None else np.random.default_rng())
+            return self._bpe_dropout(text, seed if seed is not None else os.urandom(16))
         return self.sp.encode(text)
 
-    def _bpe_dropout(self, text: str, rng: np.random.Generator) -> list[int]:
-        """BPE with each candidate merge skipped with probability ``dropout`` at every step
-        (Provilkov et al. 2020, section 2): start from characters, repeatedly merge the adjacent
-        pair whose merged piece has the best score (SentencePiece's BPE scores are merge ranks;
-        of equal scores the leftmost pair), where step t draws ``rng.random(len(symbols) - 1)``
-        and pair i is skipped when its draw is below ``dropout`` (``_merge_with_dropout``)."""
-        # the normalised characters, which SentencePiece's pieces of ``text`` are made of
-        symbols = _merge_with_dropout(self.sp.normalize(text), self._neg_scores, self.dropout, rng)
-        unk, ids, piece_ids = self.sp.unk_id(), [], self._piece_ids
-        for sym in symbols:  # a run of unknown characters is one unknown piece, as in SentencePiece
-            pid = piece_ids.get(sym, unk)
-            if not (pid == unk and ids and ids[-1] == unk):
-                ids.append(pid)
+    def _bpe_dropout(self, text: str, seed: bytes) -> list[int]:
+        """BPE-dropout (Provilkov et al. 2020) word by word: each word (a ``▁`` and what follows up
+        to the next one; no piece spans two) starts from its characters, and every step looks at
+        the word's mergeable adjacent pairs from the best-scoring merged piece down (SentencePiece's
+        BPE scores are merge ranks; of equal scores the leftmost pair first), drops each one it
+        looks at with probability ``dropout`` and merges the first it keeps; a step that keeps none
+        ends the word. Each pair looked at takes the next draw of the caption's stream
+        (``dropout_draws(seed)``), words in order. Drawing only for the pairs looked at gives the
+        distribution of drawing for every pair at every step, with about one draw per merge
+        (tests/test_data_order.py checks this). Words are independent, as in BPE's merges; run
+        over a whole caption at once, the rule would couple them only through its end (a step
+        that drops every pair of every word would end them all), which no merge rule of the paper
+        relies on.
+
+        Most words take no drop in their few merges and end as plain BPE ends them: each word's
+        plain merges and pieces are cached, so such a word costs a dictionary look-up and a search
+        of its draws for a drop; a word with a drop replays its plain merges up to it and is merged
+        step by step from there (``benchmarks/data.py``)."""
+        chars = self.sp.normalize(text)
+        words = _WORD.findall(chars) if self._word_split else [chars]
+        mask = dropout_draws(seed, 2 * len(chars) + 16, self.dropout)  # about a draw a merge, and the drops
+        ids, pos, plain, piece_ids, unk = [], 0, self._plain, self._piece_ids, self.sp.unk_id()
+        for word in words:
+            hit = plain.get(word)
+            if hit is None:
+                if len(plain) >= _PLAIN_WORDS:
+                    plain.clear()
+                symbols, merged, _ = _merge_word(list(word), self._neg_scores, bytes(len(word) ** 2), 0)
+                hit = plain[word] = ([piece_ids.get(sym, unk) for sym in symbols], merged)
+            word_ids, merged = hit
+            if pos + len(merged) > len(mask):
+                mask = dropout_draws(seed, 2 * (pos + len(merged)), self.dropout)
+            first_drop = mask.find(1, pos, pos + len(merged))
+            if first_drop < 0:  # no drop among its merges: the plain segmentation
+                ids += word_ids
+                pos += len(merged)
+                continue
+            worst = first_drop + len(word) * (len(word) - 1) // 2  # every pair looked at in every step
+            if worst > len(mask):
+                mask = dropout_draws(seed, 2 * worst, self.dropout)
+            symbols = list(word)  # the plain merges up to the first drop, then the draws decide
+            for i in merged[:first_drop - pos]:
+                symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+            symbols, _, pos = _merge_word(symbols, self._neg_scores, mask, first_drop)
+            ids += [piece_ids.get(sym, unk) for sym in symbols]
+        if unk in ids:  # a run of unknown characters is one unknown piece, as in SentencePiece
+            ids = [pid for j, pid in enumerate(ids) if not (pid == unk and j and ids[j - 1] == unk)]
         return ids
 
     def encode(self, texts: list[str], length: int, training: bool = False,
-               rngs: list[np.random.Generator] | None = None) -> Tensor:
-        """(B, length) BiART ids: pieces shifted by ``offset``, truncated, PAD-filled."""
+               seeds: list[bytes] | None = None) -> Tensor:
+        """(B, length) BiART ids: pieces shifted by ``offset``, truncated, PAD-filled; BPE-dropout
+        when ``training``, each caption's from its ``seeds`` entry."""
         out = np.full((len(texts), length), self.pad_id, dtype=np.int64)
         for row, text in enumerate(texts):
-            ids = self.pieces(text, training, None if rngs is None else rngs[row])[:length]
+            ids = self.pieces(text, training, None if seeds is None else seeds[row])[:length]
             out[row, :len(ids)] = ids
         out[out != self.pad_id] += self.offset  # no piece is numbered pad_id (offset + vocab_size)
         return torch.from_numpy(out)
@@ -147,101 +187,47 @@ class CaptionTokenizer:
         return normalize_caption(self.sp.decode(pieces))
 
 
-# Draws are made for this many merge steps at a time (at least this many numbers): one call to the
-# generator for the whole of a caption of up to about 128 characters.
-_DRAW_CHUNK = 8192
+_WORD = re.compile("\u2581[^\u2581]*|[^\u2581]+")  # a word: its ▁ and what follows up to the next
+_PLAIN_WORDS = 1 << 18  # words whose plain BPE is cached (all dropped when there would be more)
 
 
-def _merge_with_dropout(chars: str, neg_scores: dict[str, float], dropout: float,
-                        rng: np.random.Generator) -> list[str]:
-    """The symbols BPE with dropout leaves of ``chars`` (see ``CaptionTokenizer._bpe_dropout``).
+def dropout_draws(seed: bytes, count: int, dropout: float) -> bytes:
+    """The first ``count`` draws of the stream of ``seed``: byte j is 1 when draw j drops its pair.
 
-    The same merges, from the same draws, as the plain loop (each step compares every adjacent
-    pair and draws its numbers) in O(log n) a step instead of O(n): the candidate pairs wait in a
-    heap ordered by (minus score, position), so a step pops the best pair and checks its draw
-    (with dropout 0.1, one step in ten the next pair's too; the skipped ones go back for the next
-    step). A symbol is known by where it starts in ``chars``: ``order`` holds them left to right,
-    ``end[a]`` is where symbol a ends, and ``live[a]`` is the heap entry of the pair that symbol a
-    starts now (None: its merge is no piece); a popped entry that is no longer live is dropped.
-    Step t uses draws ``off_t .. off_t + L_t - 2`` of one stream (L_t symbols; drawing them in one
-    call gives the same numbers as drawing them step by step), the pair at index r the draw
-    ``off_t + r``. A PCG64 generator is left where the step-by-step draws leave it (the draws
-    made beyond the last step are taken back with ``advance``, which also drops a 32-bit value
-    numpy may hold back from an earlier 32-bit draw); other bit generators draw step by step.
-    """
-    n = len(chars)
-    if n < 2:
-        return list(chars)
-    get, push, pop = neg_scores.get, heapq.heappush, heapq.heappop
-    live, heap = [None] * n, []
-    for i in range(n - 1):
-        s = get(chars[i:i + 2])
-        if s is not None:
-            live[i] = entry = (s, i)
-            heap.append(entry)
-    heapq.heapify(heap)
-    end = list(range(1, n + 1))
-    order = list(range(n))
-    stepwise = type(getattr(rng, "bit_generator", None)) not in (np.random.PCG64, np.random.PCG64DXSM)
-    mask, drawn, steps_drawn = b"", 0, 0
-    off, length = 0, n  # the step's first draw; symbols
-    while length > 1:
-        if off + length - 1 > drawn:  # draws for this step and, unless stepwise, the next ones
-            m = n - 1 - steps_drawn  # the first step not drawn for draws m numbers, the next m - 1, ...
-            if stepwise:
-                steps, count = 1, m
-            elif m * (m + 1) // 2 <= _DRAW_CHUNK:
-                steps, count = m, m * (m + 1) // 2  # all the steps there can be
-            else:
-                steps, count = 0, 0
-                while count < _DRAW_CHUNK:
-                    count += m - steps
-                    steps += 1
-            mask += (rng.random(count) < dropout).tobytes()
-            drawn, steps_drawn = drawn + count, steps_drawn + steps
-        skipped = None
-        while heap:
-            entry = pop(heap)
-            a = entry[1]
-            if live[a] is not entry:
-                continue
-            r = order.index(a)
-            if mask[off + r]:
-                if skipped is None:
-                    skipped = [entry]
-                else:
-                    skipped.append(entry)
-                continue
-            b = order[r + 1]  # merge symbols a and b
-            e = end[a] = end[b]
-            live[b] = None
-            del order[r + 1]
-            length -= 1
-            if r:
-                left = order[r - 1]
-                s = get(chars[left:e])
-                if s is None:
-                    live[left] = None
-                else:
-                    live[left] = entry = (s, left)
-                    push(heap, entry)
-            s = get(chars[a:end[order[r + 1]]]) if r + 1 < length else None
-            if s is None:
-                live[a] = None
-            else:
-                live[a] = entry = (s, a)
-                push(heap, entry)
-            break
-        else:  # every pair skipped (or none left): done
-            off += length - 1
-            break
-        if skipped is not None:
-            for entry in skipped:
-                push(heap, entry)
-        off += length  # this step's draws: one fewer than the symbols it started with
-    if drawn > off:
-        rng.bit_generator.advance(off - drawn)
-    return [chars[a:end[a]] for a in order]
+    Draw j is the j-th little-endian 16-bit word of SHAKE-128(``seed``) and drops when it is below
+    ``round(dropout * 65536)`` (a probability within 2^-17 of ``dropout``). An extendable-output
+    hash: a longer stream starts with the shorter one, so a caption that needs more draws asks
+    again for more and gets the same first ones; and one call makes a caption's draws (about a
+    microsecond, against several for building a numpy generator per sample)."""
+    words = np.frombuffer(hashlib.shake_128(seed).digest(2 * count), dtype="<u2")
+    return (words < round(dropout * 65536)).tobytes()
+
+
+def _merge_word(symbols: list[str], neg_scores: dict[str, float], mask: bytes, pos: int,
+                ) -> tuple[list[str], list[int], int]:
+    """BPE-dropout on one word's ``symbols`` step by step from draw ``pos`` on (see
+    ``CaptionTokenizer._bpe_dropout``): (the symbols left, where each merge was as the index of its
+    left symbol, the next draw's position). With no drops, plain BPE. A step costs two look-ups
+    and a sort of the pairs' scores."""
+    get, merged = neg_scores.get, []
+    scores = [get(a + b) for a, b in zip(symbols, symbols[1:])]  # minus the merged piece's score
+    while True:
+        kept = None
+        for _, i in sorted([(s, j) for j, s in enumerate(scores) if s is not None]):
+            pos += 1
+            if not mask[pos - 1]:
+                kept = i
+                break
+        if kept is None:  # every pair dropped, or none mergeable: the word is done
+            return symbols, merged, pos
+        i = kept
+        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
+        del scores[i]
+        if i:
+            scores[i - 1] = get(symbols[i - 1] + symbols[i])
+        if i < len(scores):
+            scores[i] = get(symbols[i] + symbols[i + 1])
+        merged.append(i)
 
 
 def iter_captions(path: str) -> Iterable[str]:

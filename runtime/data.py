@@ -14,11 +14,12 @@ rank r takes ``[P + k*W*B + r*B, P + k*W*B + (r+1)*B)``; with gradient accumulat
 step is ``grad_accum`` consecutive micro-steps. So global batch g holds the same samples whatever
 W, as long as W*B is the same, each rank its slice; and a run resumed on any number of ranks or
 DataLoader workers continues at exactly the sample after the last one consumed. A rank's
-DataLoader worker w makes the rank's micro-steps w, w + workers, w + 2*workers, ... (counted from
-the run's start position), and the DataLoader takes them from its workers in turn, so they arrive
-in order. Per-sample randomness (BPE-dropout) is drawn from (seed, epoch, the sample's key) only,
-so a sample's caption pieces do not depend on which rank or worker reads it. (In resampled mode a
-sample drawn twice in one epoch gets the same pieces both times.)
+DataLoader worker w makes the rank's chunks w, w + workers, w + 2*workers, ... of C micro-steps
+each (counted from the run's start position; C from ``handover_chunk``, so a hand-over carries
+about 64 samples), and the DataLoader takes them from its workers in turn, so they arrive in order
+and are split into micro-batches again. Per-sample randomness (BPE-dropout) is drawn from (seed,
+epoch, the sample's key) only, so a sample's caption pieces do not depend on which rank or worker
+reads it. (In resampled mode a sample drawn twice in one epoch gets the same pieces both times.)
 
 What it costs: each worker holds the current epoch's order (4 bytes a sample below 2^31 samples,
 13 MB for CC3M; drawn in well under a second at each epoch's start), and reading a sample is a
@@ -45,7 +46,6 @@ so resuming at sample n means replaying n samples.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import zlib
@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 # The last element of each seed sequence says what it draws, so no two uses share a stream (and
 # none is ``trainer.reseed``'s three-element (seed, step, rank)).
-_PERMUTE, _RESAMPLE, _PER_SAMPLE = 10, 11, 12
+_PERMUTE, _RESAMPLE = 10, 11
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,48 +103,33 @@ class GlobalOrder:
         return out
 
 
-def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
-    """A sample's own random numbers (BPE-dropout), from (seed, epoch, its key) only.
-
-    ``np.random.default_rng([seed, epoch, key_hash, 12])``, built from the 32-bit words numpy
-    makes of that list (``_entropy_words``): the same generator in less than half the time."""
-    key_hash = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-    entropy = _entropy_words((seed, epoch, key_hash, _PER_SAMPLE))
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
-
-
-def _entropy_words(values: Sequence[int]) -> np.ndarray:
-    """The entropy numpy's ``SeedSequence`` takes from a list of non-negative ints: each int's
-    32-bit words, least significant first (0 is one word), one after another. Given as a uint32
-    array, SeedSequence uses it as it is, skipping its own conversion (most of its cost)."""
-    words = []
-    for value in values:
-        value = int(value)
-        if value < 0:
-            raise ValueError(f"expected non-negative integer, got {value}")
-        words.append(value & 0xFFFFFFFF)
-        while value := value >> 32:
-            words.append(value & 0xFFFFFFFF)
-    return np.array(words, dtype=np.uint32)
+def sample_seed(seed: int, epoch: int, key: str) -> bytes:
+    """A sample's own randomness (BPE-dropout's draws, ``text_tokenizer.dropout_draws``), from
+    (seed, epoch, its key) only: the three packed without ambiguity (two 8-byte integers, then the
+    key) after a tag saying what they draw."""
+    packed = seed.to_bytes(8, "little", signed=True) + epoch.to_bytes(8, "little")
+    return b"lverse-bpe-dropout\0" + packed + key.encode()
 
 
 class GlobalBatches(torch.utils.data.IterableDataset):
     """This rank's micro-batches of the global order from sample position ``start`` on (the
-    samples consumed before this run's first micro-step).
+    samples consumed before this run's first micro-step), ``chunk`` micro-batches to an item.
 
     ``samples[i]`` is sample i (``token_index.TokenSamples``: picklable, each worker maps the index
     itself; its ``take(indices)``, when it has one, reads a batch at once); ``make_batch(samples,
-    rngs)`` turns ``batch_size`` of them into tensors in the DataLoader worker. Use with
-    ``DataLoader(batch_size=None, num_workers=workers)`` and the same ``workers`` here.
+    seeds)`` (``sample_seed`` of each) turns them into tensors in the DataLoader worker. Use with
+    ``DataLoader(batch_size=None, num_workers=workers)`` and the same ``workers`` here; with
+    ``chunk`` > 1 its items are ``chunk`` micro-batches one after another in one batch, which
+    ``micro_batches`` splits again (``handover_chunk``).
     """
 
     def __init__(self, samples: Sequence[dict], order: GlobalOrder, make_batch: Callable, batch_size: int,
-                 rank: int, world_size: int, workers: int, start: int = 0):
+                 rank: int, world_size: int, workers: int, start: int = 0, chunk: int = 1):
         if len(samples) != order.size:
             raise ValueError(f"{len(samples)} samples, an order of {order.size}")
         self.samples, self.order, self.make_batch = samples, order, make_batch
         self.batch_size, self.rank, self.world_size, self.workers = batch_size, rank, world_size, max(workers, 1)
-        self.start = start
+        self.start, self.chunk = start, chunk
 
     def positions(self, k: int) -> range:
         """The global positions of this rank's part of micro-step ``k`` (counted from ``start``)."""
@@ -154,12 +139,35 @@ class GlobalBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         cache: dict = {}
-        for k in itertools.count(info.id if info is not None else 0, self.workers):
-            picks = self.order.at(self.positions(k), cache)
-            take = getattr(self.samples, "take", None)  # a batch read in one go (TokenSamples)
+        take = getattr(self.samples, "take", None)  # a batch read in one go (TokenSamples)
+        for c in itertools.count(info.id if info is not None else 0, self.workers):
+            picks = [pick for k in range(c * self.chunk, (c + 1) * self.chunk)
+                     for pick in self.order.at(self.positions(k), cache)]
             samples = take([i for _, i in picks]) if take is not None else [self.samples[i] for _, i in picks]
-            rngs = [sample_rng(self.order.seed, e, s["__key__"]) for (e, _), s in zip(picks, samples)]
-            yield self.make_batch(samples, rngs)
+            seeds = [sample_seed(self.order.seed, e, s["__key__"]) for (e, _), s in zip(picks, samples)]
+            yield self.make_batch(samples, seeds)
+
+
+# A DataLoader worker hands each batch's tensors to the training process through shared memory at
+# a fixed cost per batch (about 0.3 ms of the worker's CPU and 0.3 ms of the trainer's on the
+# 2-core machine: as much as making 8 samples); handing over at least this many samples at once
+# makes it a small part of a sample's cost (benchmarks/README.md, "data.py").
+HANDOVER_SAMPLES = 64
+
+
+def handover_chunk(batch_size: int, workers: int) -> int:
+    """Micro-batches a DataLoader worker hands over at once: enough for ``HANDOVER_SAMPLES``; one
+    without workers (nothing is handed over, and a chunk would only delay the first batch)."""
+    return max(1, -(-HANDOVER_SAMPLES // batch_size)) if workers else 1
+
+
+def micro_batches(loader: Iterator[dict], batch_size: int) -> Iterator[dict]:
+    """The micro-batches of ``loader``'s items (``GlobalBatches`` with a ``chunk``), in order: views
+    of each item's tensors (and slices of its other values) ``batch_size`` rows at a time."""
+    for item in loader:
+        first = next(iter(item.values()))
+        for a in range(0, len(first), batch_size):
+            yield {name: value[a:a + batch_size] for name, value in item.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,14 +267,14 @@ class TokenBatch:
         self.text_len, self.image_len, self.image_vocab = text_len, image_len, image_vocab
         self._tok = None
 
-    def __call__(self, samples: list[dict], rngs: list[np.random.Generator]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[dict], seeds: list[bytes]) -> dict[str, torch.Tensor]:
         if self._tok is None:
             from lverse.preprocessing.text_tokenizer import CaptionTokenizer
             path, offset, dropout = self.args
             self._tok = CaptionTokenizer(path, offset=offset, dropout=dropout)
         codes = self._stacked(samples)
         captions = [s.get("txt", b"").decode("utf-8", "replace") for s in samples]
-        text = self._tok.encode(captions, self.text_len, training=True, rngs=rngs)
+        text = self._tok.encode(captions, self.text_len, training=True, seeds=seeds)
         # Both in one buffer: a DataLoader worker hands each tensor's storage to the training
         # process through shared memory, and one storage instead of two takes about a quarter
         # less of the time that costs (benchmarks/README.md, "data.py").
