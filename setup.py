@@ -27,8 +27,9 @@ EXTRAS = {
     "train": ["deepspeed>=0.16", "tensorboard"],
     # Batch inference: CLIP reranking (open_clip; weights are local files, never downloaded).
     "infer": ["open_clip_torch>=2.20", "pyarrow", "pillow"],
-    # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); its tokenizer and METEOR need Java.
-    "eval": ["pycocoevalcap>=1.2", "lpips>=0.1.4"],
+    # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); its tokenizer and METEOR need Java. FID with
+    # torch-fidelity, the paper's tool (its Inception weights are a local file, never downloaded).
+    "eval": ["pycocoevalcap>=1.2", "lpips>=0.1.4", "torch-fidelity>=0.4"],
     "dev": ["pytest>=8", "ruff>=0.6"],
 }
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "dev" for dep in deps})

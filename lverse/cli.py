@@ -231,29 +231,47 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _evaluate_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["captions", "reconstruction", "generations"], help="what to evaluate")
+    p.add_argument("what", choices=["captions", "reconstruction", "generations", "fid"], help="what to evaluate")
     p.add_argument("--predictions", default=None, help="captions: COCO results json or a caption output folder")
     p.add_argument("--references", default=None, type=_existing_file, help="captions: COCO-format captions json")
-    p.add_argument("--shards", default=None, help="reconstruction: image shards")
-    p.add_argument("--vae", default=None, type=_existing_file, help="reconstruction: the AugVAE")
-    p.add_argument("--limit", type=_positive, default=None, help="reconstruction: at most this many images")
+    p.add_argument("--shards", default=None, help="reconstruction, fid (Table 1): image shards")
+    p.add_argument("--vae", default=None, type=_existing_file, help="reconstruction, fid (Table 1): the AugVAE")
+    p.add_argument("--limit", type=_positive, default=None,
+                   help="reconstruction, fid: at most this many images (fid of generations: the first N of each set)")
     p.add_argument("--vgg-checkpoint", default=None, type=_existing_file,
                    help="reconstruction: torchvision VGG16 weights for LPIPS (none: random features, tests only)")
-    p.add_argument("--device", default="auto", help="reconstruction: cuda when available, else cpu (default: auto)")
-    p.add_argument("--generations", default=None, help="generations: a `lverse generate` output folder")
+    p.add_argument("--device", default="auto",
+                   help="reconstruction, fid: cuda when available, else cpu (default: auto)")
+    p.add_argument("--batch-size", type=_positive, default=16, help="reconstruction, fid: images a batch (default: 16)")
+    p.add_argument("--generations", default=None,
+                   help="generations: a `lverse generate` output folder; fid (Table 3): that, or a folder of images")
+    p.add_argument("--reference-images", default=None,
+                   help="fid (Table 3): a folder of images of the generated resolution, or image shards")
+    p.add_argument("--blur-radii", type=float, nargs="+", default=None, metavar="R",
+                   help="fid (Table 3): Gaussian blur radii applied to both sets, one FID each (default: 0; the paper: "
+                   "0 1 2 4 8)")
+    p.add_argument("--inception-weights", default=None,
+                   help="fid: torch-fidelity's weights-inception-2015-12-05-6726825d.pth, a local file (never "
+                   "downloaded)")
     p.add_argument("--output", default=None, help="also write the metrics to this json file")
 
 
 @command("evaluate", _evaluate_options)
 def _evaluate(args: argparse.Namespace) -> None:
-    """caption metrics, reconstruction metrics, CLIP score of generations
+    """caption metrics, reconstruction metrics, CLIP score and FID of generations
 
     captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, Java) and SPICE when its Stanford
     models are present, of predictions (COCO results json or a `lverse caption` output folder)
-    against COCO-format references. reconstruction: PSNR, SSIM, LPIPS of AugVAE reconstructions of
-    image shards. generations: CLIP score of `lverse generate` output.
+    against COCO-format references, for the predictions truncated at their first full stop and
+    whole (Table 2). reconstruction: PSNR, SSIM, LPIPS of AugVAE reconstructions of image shards.
+    generations: CLIP score of `lverse generate` output. fid: with --shards and --vae, FID of AugVAE
+    reconstructions against the images (Table 1); with --generations and --reference-images, FID
+    of generated against reference images at each --blur-radii (Table 3); both with torch-fidelity's
+    Inception-v3 from --inception-weights.
     """
     from lverse.pipeline import evaluate as ev
+    if args.blur_radii is not None and (args.what != "fid" or args.shards):
+        raise InputError("--blur-radii applies to evaluate fid of --generations against --reference-images")
     if args.what == "captions":
         if not (args.predictions and args.references):
             raise InputError("evaluate captions needs --predictions and --references")
@@ -261,8 +279,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     elif args.what == "reconstruction":
         if not (args.shards and args.vae):
             raise InputError("evaluate reconstruction needs --shards and --vae")
-        metrics = ev.reconstruction_metrics(args.shards, args.vae, limit=args.limit, vgg_checkpoint=args.vgg_checkpoint,
-                                            device=args.device)
+        metrics = ev.reconstruction_metrics(args.shards, args.vae, limit=args.limit, batch_size=args.batch_size,
+                                            vgg_checkpoint=args.vgg_checkpoint, device=args.device)
+    elif args.what == "fid":
+        metrics = _fid(args)
     else:
         if not args.generations:
             raise InputError("evaluate generations needs --generations")
@@ -271,6 +291,20 @@ def _evaluate(args: argparse.Namespace) -> None:
         from lverse.core.files import atomic_write_json
         atomic_write_json(args.output, metrics)
     _print_json(metrics)
+
+
+def _fid(args: argparse.Namespace) -> dict:
+    from lverse.pipeline import evaluate as ev
+    reconstruction, generation = bool(args.shards or args.vae), bool(args.generations or args.reference_images)
+    if reconstruction == generation or not (args.shards and args.vae or args.generations and args.reference_images):
+        raise InputError("evaluate fid needs either --shards and --vae (AugVAE reconstructions, Table 1) or "
+                         "--generations and --reference-images (text to image, Table 3)")
+    if reconstruction:
+        return ev.reconstruction_fid(args.shards, args.vae, args.inception_weights, limit=args.limit,
+                                     batch_size=args.batch_size, device=args.device)
+    return ev.generation_fid(args.generations, args.reference_images, args.inception_weights,
+                             blur_radii=tuple(args.blur_radii or (0,)), limit=args.limit,
+                             batch_size=args.batch_size, device=args.device)
 
 
 def _report_options(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ Modules:
     losses      the AugVAE training loss (MSE + LPIPS + commitment)
     checkpoint  safetensors save/load with config, safe loading of foreign PyTorch checkpoints
     clip        ClipScorer: open_clip reranking (clip_configs/lverse-tiny.json for tests and the demo)
+    inception   Inception-v3 features from a local weights file and the Fréchet distance (FID)
 
 Public names: AugVAE, AugVAEConfig, ml_to_sl, BiART, BiARTConfig, Direction, build_sequence,
 prompt_for, ReconstructionLoss, save_model, load_model. Presets: ``augvae.PRESETS``, ``biart.PRESETS``.

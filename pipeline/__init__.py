@@ -7,7 +7,8 @@ Modules:
     caption    `lverse caption`: batch captioning with CLIP reranking (CaptionConfig, run_caption,
                sample_captions)
     generate   `lverse generate`: text-to-image with CLIP reranking (GenerateConfig, run_generate)
-    evaluate   `lverse evaluate`: caption_metrics, reconstruction_metrics, generation_clip_score
+    evaluate   `lverse evaluate`: caption_metrics (truncated and whole), reconstruction_metrics,
+               generation_clip_score, reconstruction_fid, generation_fid (with blur radii)
     report     `lverse report`: write_report (static HTML)
     train      `lverse train`: BiART under DeepSpeed ZeRO (TrainConfig, train, export_checkpoint)
     train_vae  `lverse train-vae`: AugVAE ML -> SL, data-parallel (VAETrainConfig, train_vae)

@@ -1,5 +1,5 @@
-"""Evaluation: caption metrics against values worked out by hand, reconstruction and CLIP-score
-metrics on known inputs."""
+"""Evaluation: caption metrics against values worked out by hand, truncated and untruncated;
+reconstruction and CLIP-score metrics on known inputs. FID: tests/test_fid.py."""
 
 import json
 import math
@@ -13,7 +13,9 @@ from lverse.pipeline.evaluate import (
     generation_clip_score,
     load_predictions,
     load_references,
+    spice_missing,
     ssim,
+    truncate_caption,
 )
 
 from .test_train import data  # noqa: F401  (image shards and a debug AugVAE)
@@ -32,21 +34,43 @@ def test_bleu_and_rouge_l_match_values_worked_out_by_hand(tmp_path):
     m = caption_metrics(load_predictions(str(preds)), load_references(str(refs)))
     bp = math.exp(1 - 7 / 5)
     precisions = [1.0, 3 / 4, 2 / 3, 1 / 2]
-    for n in range(1, 5):
-        expected = bp * math.prod(precisions[:n]) ** (1 / n)
-        assert m[f"BLEU-{n}"] == pytest.approx(expected, rel=1e-6), n
     p, r = 1.0, 5 / 7
-    assert m["ROUGE-L"] == pytest.approx(2.44 * p * r / (r + 1.44 * p), rel=1e-6)
-    assert 0 < m["METEOR"] <= 1 and m["images"] == 1
-    assert isinstance(m["SPICE"], (float, str))  # a number, or why not (no Stanford models offline)
+    for way in ("truncated", "untruncated"):  # no full stop: truncation changes nothing
+        for n in range(1, 5):
+            expected = bp * math.prod(precisions[:n]) ** (1 / n)
+            assert m[f"{way}/BLEU-{n}"] == pytest.approx(expected, rel=1e-6), (way, n)
+        assert m[f"{way}/ROUGE-L"] == pytest.approx(2.44 * p * r / (r + 1.44 * p), rel=1e-6)
+        assert 0 < m[f"{way}/METEOR"] <= 1
+        spice = m[f"{way}/SPICE"]  # a number, or why not (no Stanford models offline)
+        assert isinstance(spice, float) or spice.startswith("not computed: SPICE needs Stanford CoreNLP")
+    assert m["images"] == 1 and m["captions_truncated"] == 0
 
 
-def test_a_perfect_caption_scores_one_and_mismatched_ids_are_refused(tmp_path):
+def test_a_perfect_caption_scores_one_truncated_and_less_with_its_second_sentence():
     refs = {"1": ["a red circle at the top"], "2": ["a blue square at the left"]}
-    m = caption_metrics({"1": "a red circle at the top", "2": "a blue square at the left"}, refs)
-    assert m["BLEU-4"] == pytest.approx(1.0, rel=1e-6) and m["ROUGE-L"] == pytest.approx(1.0)
+    m = caption_metrics({"1": "a red circle at the top. it is on a white background.",
+                         "2": "a blue square at the left"}, refs)
+    assert m["truncated/BLEU-4"] == pytest.approx(1.0, rel=1e-6) and m["truncated/ROUGE-L"] == pytest.approx(1.0)
+    assert m["untruncated/BLEU-4"] < 0.9 and m["untruncated/ROUGE-L"] < 0.9
+    assert m["captions_truncated"] == 1 and "BLEU-4" not in m  # every number says which captions it scored
     with pytest.raises(ValueError, match="ids match"):
         caption_metrics({"7": "x"}, refs)
+
+
+def test_truncation_at_the_first_full_stop():
+    assert truncate_caption("a man rides a horse. the sky is blue.") == "a man rides a horse."
+    assert truncate_caption("a 3.5 m boat on a lake. it is red") == "a 3.5 m boat on a lake."
+    assert truncate_caption("no full stop at all") == "no full stop at all"
+    assert truncate_caption(". a leading stop. then more") == ". a leading stop."
+    assert truncate_caption("ends here.") == "ends here."
+
+
+def test_spice_says_which_models_are_missing(monkeypatch):
+    import pycocoevalcap.spice.get_stanford_models as models
+    monkeypatch.setattr(models, "SPICELIB", "no-such-lib")
+    reason = spice_missing()
+    assert "stanford-corenlp-3.6.0.jar and stanford-corenlp-3.6.0-models.jar" in reason
+    assert "no-such-lib" in reason and "nothing is downloaded" in reason
 
 
 def test_psnr_and_ssim():

@@ -38,7 +38,7 @@ def test_report_renders_in_chromium_with_every_image_loaded(data, biart, tmp_pat
         json.dumps({"step": s, "t2i/gen" if s % 2 else "i2t/gen": 6.0 - s * 0.1}) + "\n" for s in range(1, 21)))
     (run / "samples").mkdir()
     shutil.copy(run / "generations" / "00000" / "sheet.png", run / "samples" / "recon_00000010.png")
-    (run / "evaluate_captions.json").write_text(json.dumps({"BLEU-4": 0.25, "CIDEr": 0.5}))
+    (run / "evaluate_captions.json").write_text(json.dumps({"truncated/BLEU-4": 0.25, "untruncated/CIDEr": 0.5}))
     # img2dataset's parquet has key and caption columns too: it is input, not captions to show
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -48,7 +48,7 @@ def test_report_renders_in_chromium_with_every_image_loaded(data, biart, tmp_pat
     page = write_report(str(run), images=data["raw"], max_captions=5)
     text = open(page).read()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>alert(1)" not in text  # escaped
-    assert "<svg" in text and "BLEU-4" in text
+    assert "<svg" in text and "truncated/BLEU-4" in text
     assert text.count("truth: ") == 5  # each captioned image with its own caption from the shard
     assert "a download row" not in text
     dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
