@@ -1,14 +1,15 @@
 """The caption stage: every image of a webdataset corpus -> a caption, offline, in batches.
 
 One input shard (img2dataset's image shards, or lverse's token shards) in, one parquet out,
-``{name}.parquet`` with a row per image: key, url, caption, clip_score (and, with
-``keep_candidates``, every candidate and its score; an image that does not decode gets a row with
-its error). Written atomically; a rerun skips shards whose parquet exists.
+``{name}.parquet`` with a row per image: key, url, caption (cut after its first full stop),
+caption_whole (the same candidate as sampled: the untruncated rows of the paper's Table 2),
+clip_score (and, with ``keep_candidates``, every candidate, cut, and its score; an image that does
+not decode gets a row with its error). Written atomically; a rerun skips shards whose parquet exists.
 
 Per batch of images: image tokens (the AugVAE encodes raw images in FP32; token shards carry
 them), then BiART samples ``candidates`` captions per image of up to ``max_tokens`` text tokens
 with the KV cache, the image prompt run once and shared by its candidates (``generate(...,
-num_samples=...)``); each candidate is cut after its first full stop, and CLIP (open_clip) keeps
+num_samples=...)``); each candidate is cut after its first full stop (``truncate_caption``), and CLIP (open_clip) keeps
 the one closest to the image (for token shards the image CLIP sees is the AugVAE's decoding of the
 tokens). ``candidates=1`` skips CLIP. Sampling is seeded per shard, so a shard captioned again
 gets the same captions.
@@ -35,6 +36,7 @@ from lverse.core.images import preprocess
 from lverse.core.resources import compute_dtype, resolve_device
 from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name, stats_path
 from lverse.model.cache import check_generator, load_generator
+from lverse.preprocessing.text_tokenizer import truncate_caption
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
 
@@ -62,22 +64,16 @@ class CaptionConfig(ModelExecution):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # BiART's: auto is bf16 on CUDA, fp32 on a CPU
 
 
-def cut_at_full_stop(text: str) -> str:
-    """The caption up to and including its first full stop (all of it when there is none)."""
-    end = text.find(".")
-    return (text if end < 0 else text[:end + 1]).strip()
-
-
 @torch.no_grad()
 def sample_captions(model, tok, codes: torch.Tensor, candidates: int, max_tokens: int, *, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, generator=None,
                     use_cache: bool = True) -> list[list[str]]:
-    """(B, image_len) codes -> B lists of ``candidates`` captions (cut at the first full stop)."""
+    """(B, image_len) codes -> B lists of ``candidates`` whole captions (up to PAD or ``max_tokens``)."""
     from lverse.model.biart import Direction, prompt_for
     prompt = prompt_for(codes.to(next(model.parameters()).device), Direction.I2T, model.cfg)
     ids = model.generate(prompt, Direction.I2T, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          generator=generator, use_cache=use_cache, num_samples=candidates).cpu()
-    texts = [cut_at_full_stop(tok.decode(row)) for row in ids]
+    texts = [tok.decode(row) for row in ids]
     return [texts[i * candidates:(i + 1) * candidates] for i in range(codes.shape[0])]
 
 
@@ -120,8 +116,8 @@ class ShardCaptioner:
         rows, good, codes, pictures = [], [], [], []
         for s in samples:
             meta = sample_meta(s) or {}  # a .json that is no JSON object costs the url only
-            row = {"key": s["__key__"], "url": meta.get("url"), "caption": None, "clip_score": None, "error": None,
-                   "candidates": None, "candidate_scores": None}
+            row = {"key": s["__key__"], "url": meta.get("url"), "caption": None, "caption_whole": None,
+                   "clip_score": None, "error": None, "candidates": None, "candidate_scores": None}
             rows.append(row)
             if "codes.npy" in s:
                 try:
@@ -149,15 +145,16 @@ class ShardCaptioner:
         codes = torch.stack(codes)
         if not pictures and clip is not None:  # token shards: CLIP sees the AugVAE's decoding
             pil = to_pil(vae.decode(codes.to(device)))
-        texts = sample_captions(model, tok, codes, cfg.candidates, cfg.max_tokens, temperature=cfg.temperature,
+        whole = sample_captions(model, tok, codes, cfg.candidates, cfg.max_tokens, temperature=cfg.temperature,
                                 top_k=cfg.top_k, top_p=cfg.top_p, generator=gen)
+        texts = [[truncate_caption(c) for c in cand] for cand in whole]  # what CLIP ranks and users read
         if clip is None:
-            for row, cand in zip(good, texts):
-                row["caption"] = cand[0]
+            for row, cand, full in zip(good, texts, whole):
+                row.update(caption=cand[0], caption_whole=full[0])
             return rows
         best, scores = clip.best_captions(pil, texts)
-        for row, cand, b, sc in zip(good, texts, best, scores.tolist()):
-            row.update(caption=cand[b], clip_score=sc[b])
+        for row, cand, full, b, sc in zip(good, texts, whole, best, scores.tolist()):
+            row.update(caption=cand[b], caption_whole=full[b], clip_score=sc[b])
             if cfg.keep_candidates:
                 row.update(candidates=cand, candidate_scores=sc)
         return rows
@@ -175,8 +172,8 @@ def _decode(jpg: bytes, size: int):
 
 def _table(rows: list[dict], keep_candidates: bool):
     import pyarrow as pa
-    columns = ["key", "url", "caption", "clip_score", "error"] + (["candidates", "candidate_scores"]
-                                                                   if keep_candidates else [])
+    columns = ["key", "url", "caption", "caption_whole", "clip_score", "error"] + (
+        ["candidates", "candidate_scores"] if keep_candidates else [])
     return pa.table({c: [r[c] for r in rows] for c in columns})
 
 

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import subprocess
 
 import numpy as np
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lverse.core.errors import InputError
+from lverse.preprocessing.text_tokenizer import truncate_caption
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,19 @@ def load_references(path: str) -> dict[str, list[str]]:
 
 
 def load_predictions(path: str) -> dict[str, str]:
-    """COCO results json, or a folder of caption-stage parquet files."""
+    """COCO results json, or a folder of caption-stage parquet files (their whole captions)."""
     if os.path.isdir(path):
         import pyarrow.parquet as pq
         preds = {}
         for f in sorted(glob.glob(os.path.join(path, "*.parquet"))):
-            table = pq.read_table(f, columns=["key", "caption"]).to_pydict()
-            preds.update({k: c for k, c in zip(table["key"], table["caption"]) if c is not None})
+            # the whole caption (truncated here for the truncated metrics); an older caption
+            # stage's output has only the truncated one, so both ways score the same there
+            column = "caption_whole" if "caption_whole" in pq.read_schema(f).names else "caption"
+            if column == "caption":
+                log.warning("%s has no caption_whole column (an older lverse caption): the untruncated "
+                            "metrics score the truncated captions", f)
+            table = pq.read_table(f, columns=["key", column]).to_pydict()
+            preds.update({k: c for k, c in zip(table["key"], table[column]) if c is not None})
         if not preds:
             raise InputError(f"{path} holds no captions (*.parquet of `lverse caption`)")
         return preds
@@ -68,14 +74,6 @@ def load_predictions(path: str) -> dict[str, str]:
     if not isinstance(results, list):
         raise InputError(f"{path} is not COCO results json (a list of {{'image_id', 'caption'}})")
     return {str(r["image_id"]): r["caption"] for r in results}
-
-
-def truncate_caption(caption: str) -> str:
-    """The caption up to and including its first full stop, one that ends the text or is followed by
-    a space (so "3.5" stays whole): the truncated rows of the paper's Table 2. A caption without
-    one, or with nothing before it, is returned whole."""
-    m = re.match(r"\s*(.*?\S.*?\.)(?:\s|$)", caption, flags=re.DOTALL)
-    return m.group(1) if m else caption
 
 
 def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]]) -> dict:

@@ -43,6 +43,15 @@ def normalize_caption(text: str) -> str:
     return _SPACES.sub(" ", text).strip()
 
 
+def truncate_caption(caption: str) -> str:
+    """The caption up to and including its first full stop, one that ends the text or is followed
+    by a space (so "3.5" stays whole): what `lverse caption` keeps as ``caption``, and the truncated
+    rows of the paper's Table 2 (BiART goes on after its first sentence). A caption without one,
+    or with nothing before it, is returned whole (stripped)."""
+    m = re.match(r"\s*(.*?\S.*?\.)(?:\s|$)", caption, flags=re.DOTALL)
+    return m.group(1) if m else caption.strip()
+
+
 class CaptionTokenizer:
     """Captions <-> BiART text ids.
 

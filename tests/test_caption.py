@@ -22,8 +22,8 @@ from lverse.model.augvae import PRESETS as VAE_PRESETS
 from lverse.model.biart import PRESETS, BiARTConfig
 from lverse.model.checkpoint import provenance_of
 from lverse.model.clip import ClipScorer
-from lverse.pipeline.caption import CaptionConfig, cut_at_full_stop, run_caption
-from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+from lverse.pipeline.caption import CaptionConfig, run_caption
+from lverse.preprocessing.text_tokenizer import CaptionTokenizer, truncate_caption
 
 from .test_train import PER_SHARD, SHARDS, data  # noqa: F401  (the shards fixture)
 
@@ -58,8 +58,8 @@ def config(data, biart, output, **over):  # noqa: F811
 
 
 def test_cut_at_the_first_full_stop():
-    assert cut_at_full_stop("a red circle. on blue. x") == "a red circle."
-    assert cut_at_full_stop(" no stop here ") == "no stop here"
+    assert truncate_caption("a red circle. on blue. x") == "a red circle."
+    assert truncate_caption(" no stop here ") == "no stop here"
 
 
 def test_captions_every_image_once_and_a_rerun_writes_nothing(data, biart, tmp_path):  # noqa: F811
@@ -71,8 +71,9 @@ def test_captions_every_image_once_and_a_rerun_writes_nothing(data, biart, tmp_p
         table = pq.read_table(f).to_pydict()
         keys = [s["__key__"] for s in read_tar(os.path.join(data["tokens"], f"{i:05d}.tar"))]
         assert table["key"] == keys  # one row per image, in shard order
-        assert all(isinstance(c, str) and c.count(".") <= 1 and (c.endswith(".") or "." not in c)
-                   for c in table["caption"])
+        # each caption is its whole one cut after the first full stop
+        assert all(isinstance(w, str) and truncate_caption(w) == c and w.startswith(c)
+                   for c, w in zip(table["caption"], table["caption_whole"]))
         assert all(len(c) == 4 for c in table["candidates"])
     mtimes = {f: os.stat(f).st_mtime_ns for f in files}
     again = run_caption(config(data, biart, tmp_path / "out", keep_candidates=True))
