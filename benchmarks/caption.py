@@ -15,8 +15,25 @@ tiny CLIP) end to end with one worker and with as many workers as cores, alterna
 
     caption_workers_scaling=<images/s with `cores` workers / images/s with 1 worker>  (goal: 0.95)
 
+Then throughput, the captioning task itself (``ShardCaptioner`` on a token shard, in this process:
+reading, CLIP's view of each image through the AugVAE, sampling, reranking, the parquet) with
+random ``--preset`` weights on ``--device``, after a warm-up shard, for greedy single captions and
+for ``--rerank-candidates`` candidates (top-p 0.9) reranked by CLIP (``--clip``), each batched and
+one image at a time (``--throughput-batch`` and 1 images per generation batch; ``--max-tokens``
+a candidate, all of them sampled):
+
+    caption_images_per_s_greedy=<images/s>   caption_images_per_s_greedy_one_image=<...>
+    caption_images_per_s_rerank=<images/s>   caption_images_per_s_rerank_one_image=<...>
+    caption_peak_memory_mib_greedy=<...>     caption_peak_memory_mib_rerank=<...>
+
+(memory: CUDA's allocator on a GPU, the process's resident set on a CPU). The goals, on one
+H100-class GPU with ``--preset biart-500m --device cuda --precision bf16 --clip ViT-B-32``:
+300 images/s greedy, 30 images/s with 64 candidates and reranking.
+
 Usage: python benchmarks/caption.py [--images 4] [--candidates 8] [--max-tokens 32] [--batch 4]
-       [--shards 4] [--per-shard 8] [--repeats 2]
+       [--shards 4] [--per-shard 8] [--repeats 2] [--throughput-only] [--preset biart-mini]
+       [--device cpu] [--precision auto] [--throughput-images 8] [--throughput-batch 8]
+       [--rerank-candidates 64] [--rerank-batch 4] [--clip lverse-tiny] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -24,18 +41,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 
 import numpy as np
 import torch
 from encode import make_raw_shards
+from serving import PeakMemory, model_files, token_shard
 
 from lverse.core.resources import available_cores
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS as VAE_PRESETS
 from lverse.model.biart import PRESETS, BiART
-from lverse.pipeline.caption import CaptionConfig, run_caption, sample_captions
+from lverse.pipeline.caption import CaptionConfig, ShardCaptioner, run_caption, sample_captions
 from lverse.preprocessing.synthetic import draw_sample
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 
@@ -49,7 +68,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=4, help="image shards of the workers scaling run")
     parser.add_argument("--per-shard", type=int, default=8, help="images per shard of the workers scaling run")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each worker count, alternating")
+    parser.add_argument("--throughput-only", action="store_true", help="only the throughput figures")
+    parser.add_argument("--preset", default="biart-mini", help="BiART size of the throughput figures")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
+    parser.add_argument("--throughput-images", type=int, default=8, help="images of the timed shard")
+    parser.add_argument("--throughput-batch", type=int, default=8, help="images per batch, greedy")
+    parser.add_argument("--rerank-candidates", type=int, default=64, help="candidates per image (the paper: 64)")
+    parser.add_argument("--rerank-batch", type=int, default=4, help="images per batch, with candidates")
+    parser.add_argument("--clip", default="lverse-tiny", help="open_clip architecture (random weights)")
+    parser.add_argument("--dir", default=None, help="keep (and reuse) the model files here")
     args = parser.parse_args(argv)
+    if args.throughput_only:
+        throughput(args)
+        return
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,6 +116,40 @@ def main(argv: list[str] | None = None) -> None:
     print(f"example caption: {batched[0][0]!r}")
     print(f"batched_caption_speedup={t_single / t_batched:.1f}")
     workers_scaling(args.shards, args.per_shard, args.repeats)
+    throughput(args)
+
+
+def throughput(args) -> None:
+    """Images/s of the captioning task, greedy and reranked, batched and one image at a time."""
+    folder = args.dir or tempfile.mkdtemp(prefix="lverse-caption-bench-")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        files = model_files(folder, args.preset)
+        shard = token_shard(folder, args.preset, args.throughput_images)
+        warm = token_shard(os.path.join(folder, "warm"), args.preset, 2)
+        base = CaptionConfig(shards="", output="", **files, device=args.device, precision=args.precision,
+                             max_tokens=args.max_tokens, clip=args.clip)
+        modes = {"greedy": dict(candidates=1, temperature=0.0, top_p=None, batch_size=args.throughput_batch),
+                 "rerank": dict(candidates=args.rerank_candidates, top_p=0.9, batch_size=args.rerank_batch)}
+        print(f"throughput: {args.preset}, {args.device}, precision {args.precision}, {args.throughput_images} "
+              f"images x {args.max_tokens} tokens, CLIP {args.clip}", flush=True)
+        for name, mode in modes.items():  # greedy first: on a CPU the resident set only grows
+            for suffix, batch in (("", mode["batch_size"]), ("_one_image", 1)):
+                cfg = dataclasses.replace(base, **{**mode, "batch_size": batch})
+                out = os.path.join(folder, f"out-{name}{suffix}")
+                for path in (out, out + "-warm"):
+                    shutil.rmtree(path, ignore_errors=True)
+                ShardCaptioner(dataclasses.replace(cfg, output=out + "-warm"))(warm)  # loads the models
+                with PeakMemory(args.device) as memory:
+                    result = ShardCaptioner(dataclasses.replace(cfg, output=out))(shard)
+                assert result.ok and result.stats["failed"] == 0, result
+                print(f"caption_images_per_s_{name}{suffix}={result.stats['images'] / result.stats['seconds']:.3f}"
+                      f"  # batch {batch}, {cfg.candidates} candidates", flush=True)
+                if not suffix:
+                    print(f"caption_peak_memory_mib_{name}={memory.mib:.0f}", flush=True)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def workers_scaling(shards: int, per_shard: int, repeats: int) -> None:
