@@ -21,9 +21,10 @@ text_offset 8192, BPE-dropout 0.1) -> ``GlobalBatches`` (rank 0 of 1, micro-batc
 ``handover_chunk`` micro-batches an item) -> ``DataLoader(batch_size=None, num_workers=W,
 prefetch_factor=2 if W else None, worker_init_fn=ignore_stop_signals)`` -> ``micro_batches``, for
 each W of ``--workers``: batches are taken for ``--warmup`` seconds (workers start, tokenizers
-load), then counted for ``--seconds``. Figures, as
-``name=value`` lines:
+load, and each worker's tokenizer fills its cache of words' plain BPE: the rate of a long run
+comes after that), then counted for ``--seconds``. Figures, as ``name=value`` lines:
 
+    loader_first_seconds_samples_per_s_workersW=<samples/s during the warm-up seconds>
     loader_samples_per_s_workersW=<samples/s with W workers>
     loader_cpu_us_per_sample_workersW=<CPU microseconds per sample, this process and its workers
                                        together (from /proc): what the rate would be per free core>
@@ -42,8 +43,8 @@ it). The worker processes add the DataLoader's cost of handing each batch over, 
 batch: compare ``--batch 8`` with ``--batch 32``. On a shared machine the rates move with the
 other load; the CPU figures much less.
 
-Usage: python benchmarks/data.py [--samples 100000] [--per-shard 10000] [--batch 8] [--seconds 5]
-       [--warmup 2] [--workers 0 1 2] [--vocab 49808] [--dir DIR]
+Usage: python benchmarks/data.py [--samples 100000] [--per-shard 10000] [--batch 8] [--seconds 10]
+       [--warmup 30] [--workers 0 1 2] [--vocab 49808] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -193,19 +194,22 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-def time_loader(shards, tokenizer, batch: int, workers: int, warmup: float, seconds: float) -> tuple[float, float]:
+def time_loader(shards, tokenizer, batch: int, workers: int, warmup: float, seconds: float,
+                ) -> tuple[float, float, float]:
     """(samples/s, CPU microseconds per sample of this process and the workers together) of the
-    loader with ``workers`` workers, after ``warmup`` seconds of batches."""
+    loader with ``workers`` workers, after ``warmup`` seconds of batches; and the samples/s of
+    those first seconds (worker start-up and the tokenizers' word caches filling)."""
     it, pids = loader(shards, tokenizer, batch, workers)
-    start = time.perf_counter()
-    while time.perf_counter() - start < warmup:
-        next(it)
+    count, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < warmup:
+        count += len(next(it)["image"])
+    cold = count / elapsed
     count, start, cpu = 0, time.perf_counter(), time.process_time() + cpu_seconds(pids)
     while (elapsed := time.perf_counter() - start) < seconds:
         count += len(next(it)["image"])
     cpu = time.process_time() + cpu_seconds(pids) - cpu
     del it  # ends the workers
-    return count / elapsed, cpu / count * 1e6
+    return count / elapsed, cpu / count * 1e6, cold
 
 
 def parts(shards, tokenizer, batch: int, n: int = 4000) -> dict:
@@ -237,8 +241,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=8, help="micro-batch (configs/train_cc3m.yaml: 8)")
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=30.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--vocab", type=int, default=VOCAB_SIZE)
     parser.add_argument("--dir", default=None, help="keep (and reuse) the data set here")
@@ -259,7 +263,9 @@ def main() -> None:
             print(f"{name}={value:.1f}", flush=True)
         rates = {}
         for workers in args.workers:
-            rates[workers], cpu_us = time_loader(shards, tokenizer, args.batch, workers, args.warmup, args.seconds)
+            rates[workers], cpu_us, cold = time_loader(shards, tokenizer, args.batch, workers, args.warmup,
+                                                       args.seconds)
+            print(f"loader_first_seconds_samples_per_s_workers{workers}={cold:.0f}", flush=True)
             print(f"loader_samples_per_s_workers{workers}={rates[workers]:.0f}", flush=True)
             print(f"loader_cpu_us_per_sample_workers{workers}={cpu_us:.0f}", flush=True)
         best = max(rates, key=rates.get)
