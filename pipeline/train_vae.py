@@ -12,11 +12,13 @@ counts and sums (``model/quantizer.py``); the run checks that the codebooks agre
 every log step and logs the largest difference (``codebook_max_diff``, expected 0).
 
 Loss: MSE + 0.1 LPIPS(VGG) + commitment (``model/losses.py``); AdamW betas (0.9, 0.999), weight
-decay 1e-5, lr 4.5e-6 x global batch (the paper's), constant after an optional warmup, or a cosine
-decay over each phase (``schedule``: the training core's ``Schedule``): the paper halves it on
-plateau, which makes the lr depend on the loss history; a pure function of the step keeps resume
-exact. Images: a random square crop of 75-100% of the shorter side, resized to the model's size,
-in [-1, 1] (the paper's "random crop ratio 0.75").
+decay 1e-5, lr 4.5e-6 x global batch (the paper's), after an optional warmup per phase either
+constant (the default), a cosine decay over the phase, or the paper's rule, halved whenever the
+training loss stops improving (``plateau``: judged every ``log_every`` steps, ``patience``
+intervals without a ``plateau_threshold`` relative improvement; the training core's ``Schedule``
+and ``Plateau``, whose state checkpoints carry, so resume stays exact). Images: a random square
+crop of 75-100% of the shorter side, resized to the model's size, in [-1, 1] (the paper's "random
+crop ratio 0.75").
 
 Resume, checkpoints and RNG are the training core's, as in BiART training (``runtime/trainer.py``):
 a checkpoint folder counts once its ``lverse.json`` is written, RNG reseeded from (seed, step,
@@ -51,6 +53,7 @@ from lverse.core.files import atomic_output
 from lverse.runtime.metrics import MetricsLogger
 from lverse.runtime.trainer import (
     Checkpoint,
+    Plateau,
     Process,
     Schedule,
     image_grid,
@@ -78,8 +81,12 @@ class VAETrainConfig:
     lr: float | None = None  # None: lr_per_sample x global batch
     lr_per_sample: float = 4.5e-6  # the paper's lr per image of global batch
     warmup_steps: int = 0  # linear warmup at the start of each phase
-    schedule: str = "constant"  # after warmup, per phase: "constant", or "cosine" to min_lr_ratio x lr at its end
+    # after warmup, per phase: "constant", "cosine" to min_lr_ratio x lr at its end, or "plateau": halved after
+    # `patience` log intervals without improvement, down to min_lr_ratio x lr
+    schedule: str = "constant"
     min_lr_ratio: float = 0.1
+    patience: int = 5  # plateau: log intervals without improvement before the lr halves
+    plateau_threshold: float = 0.01  # plateau: the relative fall of the interval's mean loss that counts as one
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-5
     crop_ratio: float = 0.75  # smallest random crop, as a fraction of the shorter side
@@ -174,11 +181,13 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     logger = MetricsLogger(cfg.run_dir, proc.rank, cfg.tensorboard)
     write_run_config(cfg.run_dir, cfg, proc.rank)
     held_out = _eval_images(cfg, proc.device) if proc.rank == 0 and cfg.eval_shards else None
-    phase, meter = None, _Meter(cfg, proc, step)
+    phase, meter, plateau = None, _Meter(cfg, proc, step), None
     while step < total:
         if phase is None or phase.name != _phase_name(cfg, step):  # start (or resume) a phase
             phase = _Phase.start(cfg, proc, step, total, phase, resume, stream, peak_lr)
-        lr = set_lr(phase.opt, schedule.lr_at(step - phase.first, phase.end - phase.first, peak_lr))
+            plateau = _plateau(cfg, schedule, proc, step, resume)
+        lr = set_lr(phase.opt, schedule.lr_at(step - phase.first, phase.end - phase.first, peak_lr,
+                                              plateau.scale if plateau else 1.0))
         reseed(cfg.seed, step, proc.rank)
         images = next(phase.loader).to(proc.device, non_blocking=True)
         recon, commit, indices = phase.ddp(images)
@@ -188,6 +197,8 @@ def train_vae(cfg: VAETrainConfig) -> dict:
         phase.opt.step()
         meter.add(losses)
         step += 1
+        if plateau and (judged := step - phase.first - cfg.warmup_steps) > 0:
+            plateau.add(losses["loss"], judged, proc.world)
         if step % cfg.log_every == 0 or step == phase.end:
             logger.log(meter.metrics(step, phase, lr, indices))
         if cfg.sample_every and step % cfg.sample_every == 0 and proc.rank == 0:
@@ -198,7 +209,8 @@ def train_vae(cfg: VAETrainConfig) -> dict:
             if reached and step < phase.end:
                 phase.end = total = step
         if step % cfg.checkpoint_every == 0 or step == phase.end:
-            _save(cfg, phase.model, phase.opt, step, proc.rank, reached)
+            rule = {"plateau": plateau.state(proc.world)} if plateau else {}  # collective
+            _save(cfg, phase.model, phase.opt, step, proc.rank, reached, rule)
         if step == phase.end:
             _export(cfg, phase, proc.rank)
     dist.barrier()
@@ -296,13 +308,26 @@ def _codebook_spread(model) -> float:
     return float((hi - lo).abs().max())
 
 
-def _save(cfg: VAETrainConfig, model, opt, step: int, rank: int, reached_target: bool = False) -> None:
-    """Rank 0 writes model and optimizer: the ranks hold identical replicas (DDP; codebook all-reduced)."""
+def _plateau(cfg: VAETrainConfig, schedule: Schedule, proc: Process, step: int, resume: Checkpoint | None,
+             ) -> Plateau | None:
+    """The phase's plateau rule (``schedule: plateau``), as the checkpoint it resumes from left it."""
+    if schedule.kind != "plateau":
+        return None
+    rule = Plateau(cfg.log_every, cfg.patience, cfg.plateau_threshold, cfg.min_lr_ratio, proc.device)
+    if resume and resume.step == step and step != cfg.ml_steps and "plateau" in resume.meta:
+        rule.load(resume.meta["plateau"], proc.rank)  # mid-phase; a new phase starts its rule afresh
+    return rule
+
+
+def _save(cfg: VAETrainConfig, model, opt, step: int, rank: int, reached_target: bool = False,
+          extra: dict | None = None) -> None:
+    """Rank 0 writes model and optimizer: the ranks hold identical replicas (DDP; codebook all-reduced).
+    ``extra`` goes into the checkpoint's marker (the plateau rule's state)."""
     def write(folder: str) -> None:
         with atomic_output(os.path.join(folder, "state.pt")) as tmp:
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp)
-    write_checkpoint(cfg.run_dir, step, {"variant": model.cfg.variant, "reached_target": reached_target},
-                     cfg.keep_checkpoints, rank, write)
+    write_checkpoint(cfg.run_dir, step, {"variant": model.cfg.variant, "reached_target": reached_target,
+                                         **(extra or {})}, cfg.keep_checkpoints, rank, write)
 
 
 def _export(cfg: VAETrainConfig, phase: _Phase, rank: int) -> None:

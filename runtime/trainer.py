@@ -2,9 +2,9 @@
 its model and its loss.
 
 A run continues exactly from its last checkpoint because everything else is a function of the
-step: the learning rate (``Schedule``, one type for every stage, no scheduler state to save) and
-the random numbers (``reseed`` from (seed, step, rank) before every step). The data position is
-the stage's business (``runtime/data.py`` skips to a micro-batch).
+step: the learning rate (``Schedule``, one type for every stage; the ``Plateau`` rule's few numbers
+go into the checkpoint) and the random numbers (``reseed`` from (seed, step, rank) before every
+step). The data position is the stage's business (``runtime/data.py`` skips to a micro-batch).
 
 Checkpoints live in ``run_dir/checkpoints/step_NNNNNNNN/``. A folder counts once its marker
 ``lverse.json`` is written, atomically and last, after every rank's files are on disk
@@ -139,11 +139,13 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Linear warmup from 0 over ``warmup_steps``, then ``constant`` or ``cosine`` down to
-    ``min_lr_ratio`` x the peak at the last step. A pure function of the step: a resumed run needs
-    no scheduler state."""
+    """Linear warmup from 0 over ``warmup_steps``, then ``constant``, ``cosine`` down to
+    ``min_lr_ratio`` x the peak at the last step, or ``plateau``: the peak times the scale the
+    ``Plateau`` rule has reached (halved each time the training loss stops improving, not below
+    ``min_lr_ratio``). A function of the step (and, for plateau, of the rule's state, which
+    checkpoints carry)."""
 
-    kind: str = "constant"  # "constant" or "cosine"
+    kind: str = "constant"  # "constant", "cosine" or "plateau"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
 
@@ -157,20 +159,76 @@ class Schedule:
         _check_kind(cfg.schedule, where)
         return cls(cfg.schedule, cfg.warmup_steps, cfg.min_lr_ratio)
 
-    def lr_at(self, step: int, total: int, peak: float) -> float:
-        """Learning rate of step ``step`` (0-based) of ``total``."""
+    def lr_at(self, step: int, total: int, peak: float, plateau_scale: float = 1.0) -> float:
+        """Learning rate of step ``step`` (0-based) of ``total``; ``plateau_scale`` is
+        ``Plateau.scale`` (plateau only)."""
         if step < self.warmup_steps:
             return peak * (step + 1) / self.warmup_steps
         if self.kind == "constant":
             return peak
+        if self.kind == "plateau":
+            return peak * plateau_scale
         progress = (step - self.warmup_steps) / max(1, total - self.warmup_steps - 1)
         floor = peak * self.min_lr_ratio
         return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _check_kind(kind: str, where: str) -> None:
-    if kind not in ("constant", "cosine"):
-        raise InputError(f"{where}schedule must be 'constant' or 'cosine', got {kind!r}")
+    if kind not in ("constant", "cosine", "plateau"):
+        raise InputError(f"{where}schedule must be 'constant', 'cosine' or 'plateau', got {kind!r}")
+
+
+class Plateau:
+    """The paper's rule: halve the learning rate when the training loss stops improving.
+
+    The loss is judged at the end of every interval of ``every`` steps: the interval's mean
+    training loss over every step and rank improves when it is below ``(1 - threshold)`` x the
+    best so far; after ``patience`` intervals in a row without improvement ``scale`` halves (not
+    below ``min_scale``) and the count starts again. The caller counts the judged steps (after
+    warmup, from 1).
+
+    Exact on resume, wherever the checkpoint falls: each step's loss is added on the device in
+    float64 (float32 losses of a few thousand steps sum exactly there, in any order), so no step
+    waits for the host; ``state()`` all-reduces the unfinished interval's sum into the checkpoint
+    and ``load`` gives it back to rank 0, so the resumed run judges the same sums.
+    """
+
+    def __init__(self, every: int, patience: int, threshold: float, min_scale: float, device: torch.device):
+        if every < 1 or patience < 1 or not 0 <= threshold < 1:
+            raise InputError(f"plateau rule: every ({every}) and patience ({patience}) must be at least 1 and "
+                             f"threshold ({threshold}) in [0, 1)")
+        self.every, self.patience, self.threshold, self.min_scale = every, patience, threshold, min_scale
+        self.best, self.bad, self.scale, self.steps = math.inf, 0, 1.0, 0
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+
+    def add(self, loss: torch.Tensor, judged: int, world: int) -> None:
+        """Count the loss (this rank's, a 0-d tensor) of the ``judged``-th judged step; collective
+        at an interval's end."""
+        self.total += loss.detach().to(torch.float64)
+        self.steps += 1
+        if judged % self.every == 0:
+            if world > 1:
+                dist.all_reduce(self.total)
+            mean = self.total.item() / (self.steps * world)
+            if mean < self.best * (1 - self.threshold):
+                self.best, self.bad = mean, 0
+            else:
+                self.bad += 1
+                if self.bad >= self.patience:
+                    self.scale, self.bad = max(self.scale / 2, self.min_scale), 0
+            self.total.zero_()
+            self.steps = 0
+
+    def state(self, world: int) -> dict:
+        """What a checkpoint keeps (collective: the unfinished interval's sum over the ranks)."""
+        total = self.total.clone()
+        if world > 1:
+            dist.all_reduce(total)
+        return {"best": self.best, "bad": self.bad, "scale": self.scale, "total": total.item(), "steps": self.steps}
+
+    def load(self, state: dict, rank: int) -> None:
+        self.best, self.bad, self.scale, self.steps = state["best"], state["bad"], state["scale"], state["steps"]
+        self.total.fill_(state["total"] if rank == 0 else 0.0)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
