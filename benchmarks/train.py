@@ -1,16 +1,36 @@
-"""Training throughput: a plain PyTorch loop against the DeepSpeed engine (ZeRO-2), one process.
+"""Training throughput on one process: the output head's options, compiled blocks, and a plain
+PyTorch loop against the DeepSpeed engine (ZeRO-2).
 
-Same model (``biart-mini`` by default: the paper's vocabulary and sequence length, 4 layers of
-width 256), same optimizer (AdamW with the same groups), same precision, same random batches,
-directions alternating. The two loops take turns (``--rounds`` rounds of ``--steps`` timed steps
-each, after warm-up steps) so that drift of the machine hits both alike. The last lines are
+Same model size (``biart-mini`` by default: the paper's vocabulary and sequence length, 4 layers
+of width 256, where the output layer is most of the work), same optimizer (AdamW with the same
+groups), same precision, same random batches (captions of 5-64 pieces, PAD after), directions
+alternating. The loops take turns (``--rounds`` rounds of ``--steps`` timed steps each, after
+warm-up steps) so that drift of the machine hits all alike:
 
-    engine_overhead=<tokens/s of the plain loop / tokens/s under the engine>   (goal: at most 1.10)
+    full        plain loop, the full-vocabulary head with all logits at once (lverse before the
+                head options: BiARTConfig(head="full", loss_chunk=0))
+    default     plain loop, BiARTConfig's defaults (restricted head, chunked loss)
+    compiled    plain loop, the defaults with ``train.compile_blocks`` (torch.compile per block)
+    engine      the defaults under ``train.wrap`` (DeepSpeed ZeRO-2)
+
+The last lines are name=value:
+
+    step_speedup_restricted_head=<step time of full / step time of default>      (goal: >= 1.5)
+    loss_peak_memory_ratio=<peak memory of the loss, default / full>              (goal: <= 0.3)
+    compile_speedup=<step time of default / step time of compiled>
+    engine_overhead=<tokens/s of the plain loop (default) / tokens/s under the engine>  (goal: <= 1.10)
     cpu_flops_utilization=<model FLOPs/s under the engine / FLOPs/s of a large fp32 matmul>
 
-Model FLOPs per token are ``train.flops_per_token`` (6N + 12 L d T). On a GPU run it with
-``--deepspeed ds_configs/zero2_bf16.json`` and the ratio reads as MFU against the measured bf16
-matmul peak.
+Peak memory of the loss: from the hidden states (given, requiring grad) through the output layer,
+the loss and its backward down to the hidden states' and lm_head's gradients, the most bytes the
+CPU allocator held above what it held at the start. ``torch.profiler`` with ``profile_memory``
+records every allocation and free with the allocator's running total ("Total Allocated", from 0 at
+the profile's start); the peak is its maximum. The transformer blocks are left out: they are the
+same in both.
+
+Model FLOPs per token are ``train.flops_per_token`` (6N + 12 L d T; the head's rows as the head
+option scores them). On a GPU run it with ``--deepspeed ds_configs/zero2_bf16.json`` and the ratio
+reads as MFU against the measured bf16 matmul peak.
 
 Usage: python benchmarks/train.py [--preset biart-mini] [--batch 2] [--steps 5] [--rounds 3]
 """
@@ -18,16 +38,20 @@ Usage: python benchmarks/train.py [--preset biart-mini] [--batch 2] [--steps 5] 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
+import tempfile
 import time
 
 import torch
 
-from lverse.model.biart import PRESETS, BiART, Direction
+from lverse.model.biart import PRESETS, BiART, Direction, build_sequence
 from lverse.pipeline.train import (
     TrainConfig,
     build_optimizer,
+    compile_blocks,
     flops_per_token,
     load_ds_config,
     measure_peak_flops,
@@ -39,9 +63,16 @@ from lverse.runtime.distributed import setup_env
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def batches(cfg, batch: int, n: int, device):
+def batches(cfg, batch: int, n: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``n`` (text, image) batches: captions of 5 to text_len pieces, PAD-filled."""
     g = torch.Generator().manual_seed(0)
-    return [torch.randint(cfg.image_vocab, (batch, cfg.seq_len), generator=g).to(device) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        text = torch.randint(cfg.text_offset, cfg.pad_id, (batch, cfg.text_len), generator=g)
+        lengths = torch.randint(5, cfg.text_len + 1, (batch, 1), generator=g)
+        text[torch.arange(cfg.text_len)[None] >= lengths] = cfg.pad_id
+        out.append((text.to(device), torch.randint(cfg.image_vocab, (batch, cfg.image_len), generator=g).to(device)))
+    return out
 
 
 def plain_step(model, opt, seq, direction, dtype, device):
@@ -59,24 +90,45 @@ def engine_step(engine, seq, direction):
     engine.step()
 
 
-def timed(fn, data, steps: int, device) -> float:
+def timed(fn, data, cfg, steps: int, device) -> float:
     start = time.perf_counter()
     for i in range(steps):
-        fn(data[i % len(data)], Direction(i % 2))
+        direction = Direction(i % 2)
+        fn(build_sequence(*data[i % len(data)], direction, cfg), direction)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def loss_peak_bytes(model, text, image, direction) -> int:
+    """Peak CPU allocator bytes of the output layer + loss, forward and backward (module doc)."""
+    seq = build_sequence(text, image, direction, model.cfg)
+    with torch.no_grad():
+        x = model.hidden_states(seq[:, :-1], direction)
+    x.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        if model.cfg.loss_chunk:
+            losses = model.chunked_loss(x, seq[:, 1:], direction)
+        else:
+            losses = model.loss(model.logits(x), seq[:, 1:], direction)
+        losses["loss"].backward()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            events = json.load(f)["traceEvents"]
+    return max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="biart-mini", choices=sorted(PRESETS))
     parser.add_argument("--batch", type=int, default=2, help="sequences per step")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per round and loop")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per round and loop")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first (compiles)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
     parser.add_argument("--deepspeed", default="zero2_fp32",
-                        help="a ZeRO-2 ds_config; its precision is used for both loops")
+                        help="a ZeRO-2 ds_config; its precision is used for every loop")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -91,34 +143,47 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.deepspeed} is not a ZeRO-2 config")
     dtype = DTYPES[precision(ds)]
     if not cuda:
-        cfg.optim.fused = False  # both loops use torch AdamW(foreach) on the CPU
+        cfg.optim.fused = False  # every loop uses torch AdamW(foreach) on the CPU
 
+    default = PRESETS[args.preset]
+    full = dataclasses.replace(default, head="full", loss_chunk=0)
+    loops = {}
+    for name, bcfg in (("full", full), ("default", default), ("compiled", default)):
+        torch.manual_seed(0)
+        model = BiART(bcfg).to(device).train()
+        if name == "compiled":
+            compile_blocks(model)
+        opt, _ = build_optimizer(model, cfg.optim, dict(ds), 1e-4)  # the engine's optimizer choice
+        loops[name] = lambda seq, d, m=model, o=opt: plain_step(m, o, seq, d, dtype, device)
     torch.manual_seed(0)
-    plain = BiART(PRESETS[args.preset]).to(device).train()
-    opt, _ = build_optimizer(plain, cfg.optim, dict(ds), 1e-4)  # the engine's optimizer choice
-    torch.manual_seed(0)
-    engine, kernels = wrap(BiART(PRESETS[args.preset]), cfg, ds, 1e-4, device)
+    engine, kernels = wrap(BiART(default), cfg, ds, 1e-4, device)
     engine.train()
-    data = batches(plain.cfg, args.batch, 4, device)
-    run_plain = lambda seq, d: plain_step(plain, opt, seq, d, dtype, device)  # noqa: E731
-    run_engine = lambda seq, d: engine_step(engine, seq, d)  # noqa: E731
-    timed(run_plain, data, args.warmup, device)
-    timed(run_engine, data, args.warmup, device)
-    t_plain = t_engine = 0.0
+    loops["engine"] = lambda seq, d: engine_step(engine, seq, d)
+    data = batches(default, args.batch, 4, device)
+    for fn in loops.values():
+        timed(fn, data, default, args.warmup, device)
+    t = dict.fromkeys(loops, 0.0)
     for _ in range(args.rounds):
-        t_plain += timed(run_plain, data, args.steps, device)
-        t_engine += timed(run_engine, data, args.steps, device)
-    tokens = args.rounds * args.steps * args.batch * (plain.cfg.seq_len - 1)
-    plain_tps, engine_tps = tokens / t_plain, tokens / t_engine
+        for name, fn in loops.items():
+            t[name] += timed(fn, data, default, args.steps, device)
+    tokens = args.rounds * args.steps * args.batch * (default.seq_len - 1)
+    tps = {name: tokens / seconds for name, seconds in t.items()}
+    memory = {name: max(loss_peak_bytes(BiART(bcfg).to(device), *data[0], d) for d in Direction)
+              for name, bcfg in (("full", full), ("default", default))}
     peak = measure_peak_flops(device, dtype if cuda else torch.float32, n=4096 if cuda else 2048)
-    model_flops = flops_per_token(plain) * engine_tps
-    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} ({os.cpu_count()} cores), "
-          f"torch threads {torch.get_num_threads()}, preset {args.preset}, batch {args.batch}, {args.deepspeed}")
+    model_flops = flops_per_token(engine.module) * tps["engine"]
+    print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} ({os.cpu_count()} cores), torch "
+          f"{torch.__version__}, deepspeed {deepspeed.__version__}, threads {torch.get_num_threads()}, preset "
+          f"{args.preset}, batch {args.batch}, {args.deepspeed}, head {default.head}, loss_chunk {default.loss_chunk}")
     print(f"kernels: {kernels}")
-    print(f"plain loop: {plain_tps:.0f} tokens/s; DeepSpeed ZeRO-2: {engine_tps:.0f} tokens/s")
-    print(f"model: {flops_per_token(plain) / 1e6:.1f} MFLOP per token -> {model_flops / 1e9:.2f} GFLOP/s; "
+    print("tokens/s: " + ", ".join(f"{name} {v:.0f}" for name, v in tps.items()))
+    print(f"loss peak memory: full {memory['full'] / 2**20:.0f} MiB, default {memory['default'] / 2**20:.0f} MiB")
+    print(f"model: {flops_per_token(engine.module) / 1e6:.1f} MFLOP per token -> {model_flops / 1e9:.2f} GFLOP/s; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"engine_overhead={plain_tps / engine_tps:.3f}")
+    print(f"step_speedup_restricted_head={t['full'] / t['default']:.3f}")
+    print(f"loss_peak_memory_ratio={memory['default'] / memory['full']:.3f}")
+    print(f"compile_speedup={t['default'] / t['compiled']:.3f}")
+    print(f"engine_overhead={tps['default'] / tps['engine']:.3f}")
     print(f"cpu_flops_utilization={model_flops / peak:.3f}")
 
 

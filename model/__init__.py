@@ -5,6 +5,7 @@ Modules:
     vae_blocks  the VQGAN-style encoder and decoder AugVAE is made of
     quantizer   the EMA codebook shared by all AugVAE levels
     biart       BiART, the bidirectional transformer: sequences, loss, KV-cache generation
+    head        BiART's output layer in training: restricted or full head, chunked cross-entropy
     losses      the AugVAE training loss (MSE + LPIPS + commitment)
     checkpoint  safetensors save/load with config, safe loading of foreign PyTorch checkpoints
     clip        ClipScorer: open_clip reranking (clip_configs/lverse-tiny.json for tests and the demo)

@@ -15,7 +15,9 @@ carrying its block's segment. Positions are learned per block, not per sequence 
 token k has the same position embedding in both directions (and so does text token k), so what
 one direction learns about the layout of an image or a caption serves the other. Training
 optimises both parts: ``loss = ref_weight * NLL(REF) + gen_weight * NLL(GEN)``; text after the
-first PAD is ignored, the first PAD being the end-of-text target.
+first PAD is ignored, the first PAD being the end-of-text target. By default each target is scored
+over its own modality only (the image codes, or the text pieces and PAD), in chunks of positions
+that never hold the whole (B, T, vocab) logits: ``head.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lverse.core.errors import InputError
 from lverse.preprocessing.text_tokenizer import VOCAB_SIZE
+
+from .head import OutputLayer, fit_head_rows, head_rows, nll_from_logits, padded
 
 
 class Direction(IntEnum):
@@ -58,10 +62,27 @@ class BiARTConfig:
     # Recompute each block in the backward pass instead of keeping its activations (training
     # only): less memory, the same numbers. Set from the run config's activation_checkpointing.
     activation_checkpointing: bool = False
+    # "restricted": each target's softmax over its own modality (image codes; text pieces + PAD), as
+    # generation samples; "full": over the whole vocabulary (lverse's loss before the option).
+    # Restricted is the faster step, and the demo still learns (benchmarks/README.md, README). A
+    # config saved without the field loads with this default (the weights are the same).
+    head: str = "restricted"
+    # Positions per chunk of the output layer and its cross-entropy in training (head.py); 0: the
+    # plain path, all logits at once (kept for comparison). Changes memory, not the numbers.
+    loss_chunk: int = 1024
+    # lm_head rows padded to a multiple of this (1: none), never sampled nor scored; the restricted
+    # head's text rows are scored over the multiple (head.py). Aligned GEMMs on GPUs (nanoGPT:
+    # 50257 -> 50304; configs/train_cc3m.yaml sets 64); 1 here, since it changes lm_head's shape.
+    pad_vocab_to: int = 1
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise InputError(f"n_embd {self.n_embd} must be divisible by n_head {self.n_head}")
+        if self.head not in ("restricted", "full"):
+            raise InputError(f"head must be 'restricted' or 'full', got {self.head!r}")
+        if self.loss_chunk < 0 or self.pad_vocab_to < 1:
+            raise InputError(f"loss_chunk must be >= 0 and pad_vocab_to >= 1, got {self.loss_chunk} and "
+                             f"{self.pad_vocab_to}")
 
     @property
     def text_offset(self) -> int:
@@ -175,7 +196,9 @@ class BiART(nn.Module):
         self.drop = nn.Dropout(cfg.embd_pdrop)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Rows padded for the GEMMs (pad_vocab_to); wte is only indexed, so it keeps vocab_size rows.
+        self.lm_head = OutputLayer(cfg.n_embd, padded(cfg.vocab_size, cfg.pad_vocab_to))
+        self.register_load_state_dict_pre_hook(fit_head_rows)
         pos, seg = self._layout()
         self.register_buffer("pos_ids", pos, persistent=False)  # (2, seq_len) per direction
         self.register_buffer("seg_ids", seg, persistent=False)
@@ -201,22 +224,35 @@ class BiART(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: Tensor, direction: Direction, targets: Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[Tensor, dict[str, Tensor] | None]:
+                cache: KVCache | None = None, return_logits: bool | None = None,
+                ) -> tuple[Tensor | None, dict[str, Tensor] | None]:
         """Next-token logits for a sequence laid out for ``direction``.
 
         Args:
             idx: (B, T) token ids, the sequence's first T tokens (or, with ``cache``, the next T).
             targets: (B, T) the next tokens (``seq[:, 1:]`` of a full sequence) for the loss.
             cache: a KVCache to read and extend (generation).
+            return_logits: with targets, compute the (B, T, vocab) logits and the loss from them
+                (the plain path). None: only outside training or with ``loss_chunk`` 0; in
+                training the loss is computed in chunks without them (as Liger-Kernel's models
+                skip the logits when given labels in training).
         Returns:
-            logits (B, T, vocab) with targets, else (B, 1, vocab) of the last position only;
-            losses {"loss", "ref", "gen"} with targets, else None.
+            logits (B, T, vocab) with targets (None where skipped), else (B, 1, vocab) of the
+            last position only; losses {"loss", "ref", "gen"} with targets, else None.
         """
         x = self.hidden_states(idx, direction, cache)
         if targets is None:
-            return self.lm_head(x[:, -1:]), None
-        logits = self.lm_head(x)
-        return logits, self.loss(logits, targets, direction)
+            return self.logits(x[:, -1:]), None
+        if return_logits is None:
+            return_logits = not self.training or not self.cfg.loss_chunk
+        if return_logits:
+            logits = self.logits(x)
+            return logits, self.loss(logits, targets, direction)
+        return None, self.chunked_loss(x, targets, direction)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """(..., n_embd) hidden states -> (..., vocab) logits (lm_head's padding rows left out)."""
+        return self.lm_head(x)[..., :self.cfg.vocab_size]
 
     def hidden_states(self, idx: Tensor, direction: Direction, cache: KVCache | None = None) -> Tensor:
         """(B, T) ids -> (B, T, n_embd) final-LayerNorm outputs; extends ``cache`` when given."""
@@ -237,23 +273,40 @@ class BiART(nn.Module):
         return self.ln_f(x)
 
     def loss(self, logits: Tensor, targets: Tensor, direction: Direction) -> dict[str, Tensor]:
-        """Weighted NLL of the REF and GEN parts; start tokens and text after the first PAD are
-        not targets. ``targets[:, j]`` is sequence position j + 1."""
+        """Weighted NLL of the REF and GEN parts from (B, T, vocab) logits (the plain path).
+        ``targets[:, j]`` is sequence position j + 1; which targets count and over which rows of
+        the head they are scored: ``_weighted``."""
+        def part_sum(span: slice, rows: tuple[int, int, int], classes: Tensor, mask: Tensor) -> Tensor:
+            lo, n, k = rows
+            nll = nll_from_logits(logits[:, span, lo:lo + n].flatten(0, 1), classes.flatten(), k)
+            return (nll * mask.flatten()).sum()
+        return self._weighted(targets, direction, part_sum)
+
+    def chunked_loss(self, x: Tensor, targets: Tensor, direction: Direction) -> dict[str, Tensor]:
+        """``loss`` from (B, T, n_embd) hidden states, ``cfg.loss_chunk`` positions at a time,
+        without the (B, T, vocab) logits (head.py)."""
+        def part_sum(span: slice, rows: tuple[int, int, int], classes: Tensor, mask: Tensor) -> Tensor:
+            h = x[:, span].flatten(0, 1)  # (B * part length, n_embd)
+            return self.lm_head(h, classes.flatten(), mask.flatten(), rows, self.cfg.loss_chunk)
+        return self._weighted(targets, direction, part_sum)
+
+    def _weighted(self, targets: Tensor, direction: Direction, part_sum) -> dict[str, Tensor]:
+        """The loss dict from ``part_sum(span, rows, classes, mask)``, the summed NLL of a part's
+        targets ``targets[:, span]`` as classes of the head rows ``rows`` (``head_rows``) where
+        ``mask``. Start tokens and text after the first PAD are not targets; with the restricted
+        head neither is a token of the other modality (which ``build_sequence`` never puts there)."""
         cfg = self.cfg
-        nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-        nll = nll.view(targets.shape)
-        masks = {}
-        for part, (a, b) in cfg.spans(direction).items():
-            mask = torch.zeros_like(targets, dtype=torch.bool)
-            if part == "text":  # up to and including the first PAD
-                is_pad = targets[:, a - 1:b - 1] == cfg.pad_id
-                mask[:, a - 1:b - 1] = (is_pad.cumsum(dim=1) - is_pad.long()) == 0
-            else:
-                mask[:, a - 1:b - 1] = True
-            masks[part] = mask
         ref, gen = ("text", "image") if direction == Direction.T2I else ("image", "text")
-        part_nll = {name: (nll * masks[part]).sum() / masks[part].sum().clamp_min(1)
-                    for name, part in (("ref", ref), ("gen", gen))}
+        part_nll = {}
+        for name, part in (("ref", ref), ("gen", gen)):
+            a, b = cfg.spans(direction)[part]
+            span, rows = slice(a - 1, b - 1), head_rows(cfg, part)
+            t = targets[:, span] - rows[0]
+            mask = (t >= 0) & (t < rows[2])
+            if part == "text":  # up to and including the first PAD
+                is_pad = targets[:, span] == cfg.pad_id
+                mask &= (is_pad.cumsum(dim=1) - is_pad.long()) == 0
+            part_nll[name] = part_sum(span, rows, torch.where(mask, t, 0), mask) / mask.sum().clamp_min(1)
         total = cfg.ref_loss_weight * part_nll["ref"] + cfg.gen_loss_weight * part_nll["gen"]
         return {"loss": total, **part_nll}
 

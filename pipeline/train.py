@@ -23,11 +23,13 @@ next sample whatever the number of ranks. SIGTERM, SIGUSR1 and SIGINT checkpoint
 same step on every rank.
 
 Kernels: ``wrap`` is the one place where the single-device model meets the hardware, in this
-order: apex FusedLayerNorm (only when NVIDIA apex is importable) -> optimizer (DeepSpeed
-FusedAdam on CUDA, DeepSpeedCPUAdam with optimizer offload, else torch AdamW) ->
-``deepspeed.initialize``. Attention is SDPA, which picks flash kernels on CUDA. Activation
-checkpointing is the model's own (``BiARTConfig.activation_checkpointing``, set from the run
-config's ``activation_checkpointing``). The choices are printed at start.
+order: apex FusedLayerNorm (only when NVIDIA apex is importable) -> ``torch.compile`` of each
+block's training forward (the run config's ``compile``) -> optimizer (DeepSpeed FusedAdam on CUDA,
+DeepSpeedCPUAdam with optimizer offload, else torch AdamW) -> ``deepspeed.initialize``. Attention
+is SDPA, which picks flash kernels on CUDA. Activation checkpointing is the model's own
+(``BiARTConfig.activation_checkpointing``, set from the run config's ``activation_checkpointing``),
+and so are the output head and its chunked loss (``BiARTConfig.head``, ``loss_chunk``,
+``pad_vocab_to``: ``model.overrides``). The choices are printed at start.
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-steps per optimizer step
     deepspeed: str = "zero2_bf16"  # ZeRO stage, precision, offload: a shipped ds_configs/ name or a path
     activation_checkpointing: bool = False  # recompute each block in the backward pass (BiARTConfig's flag)
+    # torch.compile each block's forward (not generation's cached steps); off: not measured on CUDA
+    # yet, and no faster on 2 CPU cores for a minute of compiling (benchmarks/README.md)
+    compile: bool = False
     seed: int = 0  # initialisation, data order, dropout
     checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
     checkpoint_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last (0: off)
@@ -297,6 +302,11 @@ def wrap(model, cfg: TrainConfig, ds: dict, lr: float, device: torch.device):
     else:
         kernels["layernorm"] = "torch LayerNorm" + ("" if cuda else " (CPU)") + " (NVIDIA apex not importable)" * cuda
     kernels["activation_checkpointing"] = "on" if model.cfg.activation_checkpointing else "off"
+    if cfg.compile:
+        compile_blocks(model)
+    kernels["compile"] = "torch.compile of the blocks" if cfg.compile else "off (eager)"
+    kernels["head"] = f"{model.cfg.head}, loss in chunks of {model.cfg.loss_chunk} positions" \
+        if model.cfg.loss_chunk else f"{model.cfg.head}, loss from all logits at once"
     if cuda:
         kernels["attention"] = ("SDPA, flash kernel available" if torch.backends.cuda.flash_sdp_enabled()
                                 else "SDPA, flash kernel disabled")
@@ -311,15 +321,34 @@ def wrap(model, cfg: TrainConfig, ds: dict, lr: float, device: torch.device):
     return engine, kernels
 
 
+def compile_blocks(model) -> None:
+    """``torch.compile`` each block's forward where it has no KV cache (training, evaluation of
+    whole sequences); generation's cached steps, whose shapes change at every token, stay eager.
+    The module tree and its state-dict keys are unchanged."""
+    for block in model.blocks:
+        compiled, eager = torch.compile(block.forward), block.forward
+
+        def forward(x, cache=None, layer=0, compiled=compiled, eager=eager):
+            return eager(x, cache, layer) if cache is not None else compiled(x)
+        block.forward = forward
+
+
 # ---------------------------------------------------------------------------------------------
 # FLOPs
 
 def flops_per_token(model) -> float:
     """Model FLOPs of one training token (forward + backward), PaLM appendix B: 6N for the matmul
-    weights (embedding lookups excluded) + 12 * layers * width * sequence length for attention."""
+    weights (embedding lookups excluded) + 12 * layers * width * sequence length for attention.
+    The output layer counts the rows each position is scored over (``BiARTConfig.head``), without
+    padding rows."""
     c = model.cfg
-    n = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(("wte", "wpe", "wse")))
-    return 6 * n + 12 * c.n_layer * c.n_embd * c.seq_len
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if not name.startswith(("wte", "wpe", "wse", "lm_head")))
+    if c.head == "full":
+        head = c.vocab_size * (c.seq_len - 1)
+    else:  # image targets over the image codes, text targets over the pieces and PAD, start tokens none
+        head = c.image_vocab * c.image_len + (c.text_vocab + 1) * c.text_len
+    return 6 * n + 6 * c.n_embd * head / (c.seq_len - 1) + 12 * c.n_layer * c.n_embd * c.seq_len
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
@@ -484,11 +513,13 @@ def _resume_point(run: Run) -> Checkpoint | None:
     cfg, rank = run.cfg, run.proc.rank
     resume = latest_checkpoint(cfg.run_dir, rank)
     recorded = resume.meta.get("model") if resume else None
-    if recorded is not None and recorded != _model_fields(run.bcfg):
-        differ = [f"{k} {recorded.get(k)!r} there, {v!r} here" for k, v in _model_fields(run.bcfg).items()
-                  if recorded.get(k) != v]
+    differ = _model_differences(recorded, run.bcfg) if recorded is not None else []
+    if differ:
         raise InputError(f"checkpoint {resume.folder} is of another model ({'; '.join(differ)}): resume it with the "
                          "model config it was trained with (model.preset, model.overrides), or use a new run_dir")
+    if recorded is not None and "head" not in recorded and run.bcfg.head != "full" and rank == 0:
+        log.warning("checkpoint %s was trained before BiARTConfig.head existed (its loss: head 'full'); it goes on "
+                    "with head %r (model.overrides: {head: full} keeps the old loss)", resume.folder, run.bcfg.head)
     if resume and not cfg.ignore_provenance:
         check_provenance(resume.meta.get("provenance"), cfg.data.vae, cfg.data.tokenizer, f"checkpoint {resume.folder}",
                          "ignore_provenance: true in the run config")
@@ -682,12 +713,31 @@ def save_checkpoint(engine, run: Run, step: int, checkpoints: Checkpoints) -> No
         os.path.dirname(folder), tag=os.path.basename(folder), save_latest=False))
 
 
+# BiARTConfig fields that change how the numbers are computed (memory, chunking), not the model: not
+# recorded, never compared.
+_HOW_COMPUTED = ("activation_checkpointing", "loss_chunk")
+# Fields newer than some checkpoints: what a checkpoint without one was trained with (None: not
+# compared; ``head`` changes the loss, not the weights, so a run from before it may go on with either).
+_BEFORE_THE_FIELD = {"head": None, "pad_vocab_to": 1}
+
+
 def _model_fields(bcfg) -> dict:
-    """The model config as a checkpoint records it (JSON's types; how blocks are recomputed in the
-    backward pass changes no weight, so it is left out)."""
+    """The model config as a checkpoint records it (JSON's types; ``_HOW_COMPUTED`` left out)."""
     fields = json.loads(json.dumps(dataclasses.asdict(bcfg)))
-    fields.pop("activation_checkpointing", None)
+    for name in _HOW_COMPUTED:
+        fields.pop(name, None)
     return fields
+
+
+def _model_differences(recorded: dict, bcfg) -> list[str]:
+    """How this run's model config differs from the one a checkpoint recorded, field by field; a
+    field the checkpoint predates counts as its ``_BEFORE_THE_FIELD`` value."""
+    differ = []
+    for k, v in _model_fields(bcfg).items():
+        there = recorded[k] if k in recorded else _BEFORE_THE_FIELD.get(k, "missing")
+        if there is not None and there != v:
+            differ.append(f"{k} {there!r} there, {v!r} here")
+    return differ
 
 
 def _log_checkpoints(cfg: TrainConfig, rank: int, completed: list[dict]) -> None:

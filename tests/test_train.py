@@ -595,3 +595,56 @@ def test_checkpoints_by_minutes(data, tmp_path):
     assert len(steps) >= 3 and steps[-1] == 60 and steps == sorted(set(steps))  # every 0.3 s, and the last
     assert sorted(int(p.parent.name.removeprefix("step_")) for p in
                   (tmp_path / "run" / "checkpoints").glob("step_*/lverse.json")) == steps
+
+
+# --- output head, compiled blocks --------------------------------------------------------------
+
+def test_checkpoints_from_before_the_head_options_resume_and_other_shapes_are_refused():
+    """A checkpoint without head or pad_vocab_to (lverse before them) resumes under the new
+    defaults; one recording another head or another padding (other optimizer shapes) is refused."""
+    import dataclasses
+
+    from lverse.model.biart import PRESETS
+    from lverse.pipeline.train import _model_differences, _model_fields
+    bcfg = PRESETS["debug"]
+    old = _model_fields(bcfg)
+    for name in ("head", "pad_vocab_to"):
+        del old[name]
+    assert "loss_chunk" not in _model_fields(bcfg) and "activation_checkpointing" not in _model_fields(bcfg)
+    assert _model_differences(old, bcfg) == []
+    assert _model_differences(old, dataclasses.replace(bcfg, loss_chunk=7, activation_checkpointing=True)) == []
+    assert _model_differences(old, dataclasses.replace(bcfg, pad_vocab_to=64)) == ["pad_vocab_to 1 there, 64 here"]
+    recorded = _model_fields(bcfg)
+    assert _model_differences(recorded, dataclasses.replace(bcfg, head="full")) == \
+        ["head 'restricted' there, 'full' here"]
+
+
+@pytest.mark.slow  # 17 s with a warm inductor cache, 2 min cold on 2 busy cores
+def test_compiled_blocks_give_the_eager_numbers():
+    """``train.compile`` (torch.compile of each block's training forward): the same loss and
+    gradients as eager on the CPU within fp32 rounding; generation (KV cache) stays eager."""
+    import dataclasses
+
+    from lverse.model.biart import PRESETS, build_sequence, prompt_for
+    from lverse.pipeline.train import compile_blocks
+    cfg = dataclasses.replace(PRESETS["debug"], n_layer=2, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    eager, compiled = BiART(cfg).train(), BiART(cfg).train()
+    compiled.load_state_dict(eager.state_dict())
+    compile_blocks(compiled)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(cfg.text_offset, cfg.pad_id + 1, (2, cfg.text_len), generator=g)
+    image = torch.randint(cfg.image_vocab, (2, cfg.image_len), generator=g)
+    seq = build_sequence(text, image, Direction.T2I, cfg)
+    out = []
+    for model in (eager, compiled):
+        _, losses = model(seq[:, :-1], Direction.T2I, targets=seq[:, 1:])
+        losses["loss"].backward()
+        out.append((losses["loss"].detach(), {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5)
+    for name, grad in out[0][1].items():
+        torch.testing.assert_close(out[1][1][name], grad, rtol=0, atol=1e-4 * grad.abs().max().item(), msg=name)
+    prompt = prompt_for(text, Direction.T2I, cfg)
+    assert torch.equal(compiled.eval().generate(prompt, Direction.T2I, 4, temperature=0),
+                       eager.eval().generate(prompt, Direction.T2I, 4, temperature=0))
