@@ -60,6 +60,7 @@ from lverse.runtime.trainer import (
     Checkpoint,
     Checkpoints,
     FileWriter,
+    Plateau,
     Process,
     Schedule,
     StopFlag,
@@ -108,8 +109,12 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     warmup_steps: int = 0  # linear warmup from 0
-    schedule: str = "cosine"  # "cosine" to min_lr_ratio x lr at the last step, or "constant"
+    # "cosine" to min_lr_ratio x lr at the last step, "constant", or "plateau" (the paper's): halved after
+    # `patience` log intervals without a `plateau_threshold` relative fall of the mean loss, to min_lr_ratio x lr
+    schedule: str = "cosine"
     min_lr_ratio: float = 0.1
+    patience: int = 5  # plateau: log intervals without improvement before the lr halves
+    plateau_threshold: float = 0.01  # plateau: the relative fall of an interval's mean loss that counts
     grad_clip: float = 1.0  # global grad-norm clip (0: off)
     fused: bool = True  # FusedAdam on CUDA, DeepSpeedCPUAdam with offload (both compile on first use)
 
@@ -147,6 +152,10 @@ class TrainConfig:
         at_least(self, 1, "steps", "micro_batch_size", "grad_accum", "checkpoint_every", "log_every")
         at_least(self, 0, "keep_checkpoints", "sample_every", "checkpoint_every_minutes")
         at_least(self.data, 0, "workers")
+        if self.optim.schedule == "plateau" and self.log_every % 2:
+            raise InputError(f"schedule plateau judges the mean loss of each log interval, and directions alternate "
+                             f"step by step: log_every must be even (got {self.log_every}) so every interval "
+                             "holds as many steps of each")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,15 +428,22 @@ def train(cfg: TrainConfig) -> dict:
     logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project)
     sampler = Sampler(cfg, run.bcfg, run.shards[0], rank) if cfg.sample_every else None
     stop = StopFlag()
+    plateau = _plateau(run, resume)
     checkpoints = Checkpoints(cfg.run_dir, cfg.keep_checkpoints, rank, writer, derived=("universal",))
     last_checkpoint = time.monotonic()
     for step in range(start, cfg.steps):
-        lr = set_lr(engine.optimizer, run.schedule.lr_at(step, cfg.steps, run.peak_lr))
+        lr = set_lr(engine.optimizer, run.schedule.lr_at(step, cfg.steps, run.peak_lr,
+                                                         plateau.scale if plateau else 1.0))
         reseed(cfg.seed, step, rank)
         direction = Direction(step % 2)  # text->image on even steps, image->text on odd: all ranks agree
+        step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            meter.add(direction, micro_step(engine, next(loader), direction, run))
+            losses = micro_step(engine, next(loader), direction, run)
+            meter.add(direction, losses)
+            step_loss = step_loss + losses[0] / cfg.grad_accum
         done = step + 1
+        if plateau and (judged := done - cfg.optim.warmup_steps) > 0:
+            plateau.add(step_loss, judged, run.proc.world)
         if done % cfg.log_every == 0 or done == cfg.steps:
             logger.log(meter.metrics(done, lr, engine))
         with meter.paused():  # samples and checkpoints are left out of tokens/s
@@ -438,7 +454,7 @@ def train(cfg: TrainConfig) -> dict:
                                                  checkpoints.writing())
             checkpoints.settle(writing)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps or stopping or due:
-                save_checkpoint(engine, run, done, checkpoints)
+                save_checkpoint(engine, run, done, checkpoints, plateau)
                 last_checkpoint = time.monotonic()
             _log_checkpoints(cfg, rank, checkpoints.completed())
         if stopping:
@@ -504,6 +520,17 @@ def plan_run(cfg: TrainConfig, proc: Process) -> Run:
                 "global_batch": global_batch, "origin": [0, 0]}
     return Run(cfg, proc, bcfg, ds, shards, counts, Schedule.of(cfg.optim, "optim."), peak_lr, global_batch,
                data_key, provenance)
+
+
+def _plateau(run: Run, resume: Checkpoint | None) -> Plateau | None:
+    """The plateau rule (``optim.schedule: plateau``), as the checkpoint it resumes from left it."""
+    optim = run.cfg.optim
+    if run.schedule.kind != "plateau":
+        return None
+    rule = Plateau(run.cfg.log_every, optim.patience, optim.plateau_threshold, optim.min_lr_ratio, run.proc.device)
+    if resume and "plateau" in resume.meta:
+        rule.load(resume.meta["plateau"], run.proc.rank)
+    return rule
 
 
 def _resume_point(run: Run) -> Checkpoint | None:
@@ -703,12 +730,15 @@ def _loss_scale(engine) -> float | None:
 # ---------------------------------------------------------------------------------------------
 # checkpoints, the stop signal
 
-def save_checkpoint(engine, run: Run, step: int, checkpoints: Checkpoints) -> None:
+def save_checkpoint(engine, run: Run, step: int, checkpoints: Checkpoints, plateau: Plateau | None = None) -> None:
     """DeepSpeed's files of every rank, handed to the writer (collective); the marker, with what
-    the data order and a resume on another number of ranks need, follows once they are on disk."""
+    the data order and a resume on another number of ranks need (and the plateau rule's state),
+    follows once they are on disk."""
     meta = {"world_size": run.proc.world, "data": run.data_key, "samples": samples_before(run, step),
             "model": _model_fields(run.bcfg),
             "provenance": run.provenance}
+    if plateau is not None:
+        meta["plateau"] = plateau.state(run.proc.world)
     checkpoints.start(step, meta, lambda folder: engine.save_checkpoint(
         os.path.dirname(folder), tag=os.path.basename(folder), save_latest=False))
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from lverse.core.errors import InputError
+from lverse.pipeline.train import OptimConfig, TrainConfig
 from lverse.runtime.trainer import Plateau, Schedule
 
-from .test_train import data, metrics, run_job, vae_config  # noqa: F401  (the shard fixture)
+from .test_train import data, metrics, run_job, train_config, vae_config  # noqa: F401  (the shard fixture)
 
 # Interval means 3.5, 2, 2, 2, 1, 1, 1, 1, 1: with patience 2 and a 10% threshold the rule halves
 # after the fourth and the seventh interval, then stays at its floor of a quarter.
@@ -47,6 +48,8 @@ def test_the_schedule_follows_the_rule_after_warmup():
         Schedule("step")
     with pytest.raises(InputError, match="patience"):
         Plateau(2, 0, 0.1, 0.25, torch.device("cpu"))
+    with pytest.raises(InputError, match="log_every must be even"):  # BiART's directions alternate
+        TrainConfig(log_every=5, optim=OptimConfig(schedule="plateau"))
 
 
 @pytest.mark.slow
@@ -69,3 +72,27 @@ def test_an_augvae_run_resumed_inside_an_interval_halves_where_an_uninterrupted_
     assert sorted(resumed) == [4, 6, 8]  # step 4's logged loss is the mean of step 4 alone here
     assert [resumed[step][0]["lr"] for step in (4, 6, 8)] == [full[step][0]["lr"] for step in (4, 6, 8)]
     assert [resumed[step][0]["loss"] for step in (6, 8)] == [full[step][0]["loss"] for step in (6, 8)]
+
+
+@pytest.mark.slow
+def test_a_two_rank_biart_run_resumed_inside_an_interval_halves_where_an_uninterrupted_one_does(data, tmp_path):  # noqa: F811
+    """BiART on 2 ranks, 8 steps (2 of warmup) judged every 2 (patience 1, threshold 0.5),
+    checkpoints every 3: resumed from step 3, inside the first judged interval, the run logs the
+    uninterrupted run's learning rates and (from the first whole log interval on) losses."""
+    cfg = train_config(tmp_path / "t.yaml", data, tmp_path / "run", log_every=2, checkpoint_every=3,
+                       deepspeed="zero2_fp32", optim={"schedule": "plateau", "patience": 1,
+                                                      "plateau_threshold": 0.5, "min_lr_ratio": 0.01})
+    run_job(2, "train", "--config", cfg)
+    full = metrics(tmp_path / "run")
+    lrs = [full[step][0]["lr"] for step in sorted(full)]
+    assert max(lrs) == 3e-3 and lrs[-1] < 3e-3, lrs  # the rule acted
+    for step in (6, 8):
+        shutil.rmtree(tmp_path / "run" / "checkpoints" / f"step_{step:08d}")
+    (tmp_path / "run" / "metrics.jsonl").unlink()
+    run_job(2, "train", "--config", cfg)
+    resumed = metrics(tmp_path / "run")
+    assert sorted(resumed) == [4, 6, 8]
+    assert [resumed[step][0]["lr"] for step in (4, 6, 8)] == [full[step][0]["lr"] for step in (4, 6, 8)]
+    for step in (6, 8):
+        for key in ("t2i/loss", "i2t/loss"):
+            assert resumed[step][0][key] == full[step][0][key], (step, key)
