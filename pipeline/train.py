@@ -428,7 +428,8 @@ def train(cfg: TrainConfig) -> dict:
     logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project)
     sampler = Sampler(cfg, run.bcfg, run.shards[0], rank) if cfg.sample_every else None
     stop = StopFlag()
-    plateau = _plateau(run, resume)
+    plateau = Plateau.of(cfg.optim, cfg.log_every, run.proc.device, resume.meta.get("plateau") if resume else None,
+                         rank)
     checkpoints = Checkpoints(cfg.run_dir, cfg.keep_checkpoints, rank, writer, derived=("universal",))
     last_checkpoint = time.monotonic()
     for step in range(start, cfg.steps):
@@ -440,10 +441,11 @@ def train(cfg: TrainConfig) -> dict:
         for _ in range(cfg.grad_accum):
             losses = micro_step(engine, next(loader), direction, run)
             meter.add(direction, losses)
-            step_loss = step_loss + losses[0] / cfg.grad_accum
+            if plateau:
+                step_loss = step_loss + losses[0] / cfg.grad_accum
         done = step + 1
-        if plateau and (judged := done - cfg.optim.warmup_steps) > 0:
-            plateau.add(step_loss, judged, run.proc.world)
+        if plateau:
+            plateau.add(step_loss, done, run.proc.world)
         if done % cfg.log_every == 0 or done == cfg.steps:
             logger.log(meter.metrics(done, lr, engine))
         with meter.paused():  # samples and checkpoints are left out of tokens/s
@@ -520,17 +522,6 @@ def plan_run(cfg: TrainConfig, proc: Process) -> Run:
                 "global_batch": global_batch, "origin": [0, 0]}
     return Run(cfg, proc, bcfg, ds, shards, counts, Schedule.of(cfg.optim, "optim."), peak_lr, global_batch,
                data_key, provenance)
-
-
-def _plateau(run: Run, resume: Checkpoint | None) -> Plateau | None:
-    """The plateau rule (``optim.schedule: plateau``), as the checkpoint it resumes from left it."""
-    optim = run.cfg.optim
-    if run.schedule.kind != "plateau":
-        return None
-    rule = Plateau(run.cfg.log_every, optim.patience, optim.plateau_threshold, optim.min_lr_ratio, run.proc.device)
-    if resume and "plateau" in resume.meta:
-        rule.load(resume.meta["plateau"], run.proc.rank)
-    return rule
 
 
 def _resume_point(run: Run) -> Checkpoint | None:

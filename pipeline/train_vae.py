@@ -185,7 +185,10 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     while step < total:
         if phase is None or phase.name != _phase_name(cfg, step):  # start (or resume) a phase
             phase = _Phase.start(cfg, proc, step, total, phase, resume, stream, peak_lr)
-            plateau = _plateau(cfg, schedule, proc, step, resume)
+            # the phase's rule; from the checkpoint mid-phase, afresh when a phase starts
+            mid_phase = resume is not None and resume.step == step and step != cfg.ml_steps
+            state = resume.meta.get("plateau") if mid_phase else None
+            plateau = Plateau.of(cfg, cfg.log_every, proc.device, state, proc.rank)
         lr = set_lr(phase.opt, schedule.lr_at(step - phase.first, phase.end - phase.first, peak_lr,
                                               plateau.scale if plateau else 1.0))
         reseed(cfg.seed, step, proc.rank)
@@ -197,8 +200,8 @@ def train_vae(cfg: VAETrainConfig) -> dict:
         phase.opt.step()
         meter.add(losses)
         step += 1
-        if plateau and (judged := step - phase.first - cfg.warmup_steps) > 0:
-            plateau.add(losses["loss"], judged, proc.world)
+        if plateau:
+            plateau.add(losses["loss"], step - phase.first, proc.world)
         if step % cfg.log_every == 0 or step == phase.end:
             logger.log(meter.metrics(step, phase, lr, indices))
         if cfg.sample_every and step % cfg.sample_every == 0 and proc.rank == 0:
@@ -306,17 +309,6 @@ def _codebook_spread(model) -> float:
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     return float((hi - lo).abs().max())
-
-
-def _plateau(cfg: VAETrainConfig, schedule: Schedule, proc: Process, step: int, resume: Checkpoint | None,
-             ) -> Plateau | None:
-    """The phase's plateau rule (``schedule: plateau``), as the checkpoint it resumes from left it."""
-    if schedule.kind != "plateau":
-        return None
-    rule = Plateau(cfg.log_every, cfg.patience, cfg.plateau_threshold, cfg.min_lr_ratio, proc.device)
-    if resume and resume.step == step and step != cfg.ml_steps and "plateau" in resume.meta:
-        rule.load(resume.meta["plateau"], proc.rank)  # mid-phase; a new phase starts its rule afresh
-    return rule
 
 
 def _save(cfg: VAETrainConfig, model, opt, step: int, rank: int, reached_target: bool = False,

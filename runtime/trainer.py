@@ -184,8 +184,7 @@ class Plateau:
     The loss is judged at the end of every interval of ``every`` steps: the interval's mean
     training loss over every step and rank improves when it is below ``(1 - threshold)`` x the
     best so far; after ``patience`` intervals in a row without improvement ``scale`` halves (not
-    below ``min_scale``) and the count starts again. The caller counts the judged steps (after
-    warmup, from 1).
+    below ``min_scale``) and the count starts again. The first ``warmup`` steps are not judged.
 
     Exact on resume, wherever the checkpoint falls: each step's loss is added on the device in
     float64 (float32 losses of a few thousand steps sum exactly there, in any order), so no step
@@ -193,17 +192,34 @@ class Plateau:
     and ``load`` gives it back to rank 0, so the resumed run judges the same sums.
     """
 
-    def __init__(self, every: int, patience: int, threshold: float, min_scale: float, device: torch.device):
+    def __init__(self, every: int, patience: int, threshold: float, min_scale: float, device: torch.device,
+                 warmup: int = 0):
         if every < 1 or patience < 1 or not 0 <= threshold < 1:
             raise InputError(f"plateau rule: every ({every}) and patience ({patience}) must be at least 1 and "
                              f"threshold ({threshold}) in [0, 1)")
         self.every, self.patience, self.threshold, self.min_scale = every, patience, threshold, min_scale
+        self.warmup = warmup
         self.best, self.bad, self.scale, self.steps = math.inf, 0, 1.0, 0
         self.total = torch.zeros((), dtype=torch.float64, device=device)
 
-    def add(self, loss: torch.Tensor, judged: int, world: int) -> None:
-        """Count the loss (this rank's, a 0-d tensor) of the ``judged``-th judged step; collective
-        at an interval's end."""
+    @classmethod
+    def of(cls, cfg, every: int, device: torch.device, state: dict | None = None, rank: int = 0) -> Plateau | None:
+        """The rule of a run config's ``schedule: plateau`` (its ``patience``, ``plateau_threshold``,
+        ``min_lr_ratio`` and ``warmup_steps``), judged every ``every`` steps and continuing from a
+        checkpoint's ``state`` when given; None for another schedule."""
+        if cfg.schedule != "plateau":
+            return None
+        rule = cls(every, cfg.patience, cfg.plateau_threshold, cfg.min_lr_ratio, device, cfg.warmup_steps)
+        if state is not None:
+            rule.load(state, rank)
+        return rule
+
+    def add(self, loss: torch.Tensor, step: int, world: int) -> None:
+        """Count the loss (this rank's, a 0-d tensor) of step ``step`` (1 for the first step the
+        schedule counts); collective at an interval's end."""
+        judged = step - self.warmup
+        if judged <= 0:
+            return
         self.total += loss.detach().to(torch.float64)
         self.steps += 1
         if judged % self.every == 0:
