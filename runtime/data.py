@@ -25,8 +25,9 @@ What it costs: each worker holds the current epoch's order (4 bytes a sample bel
 13 MB for CC3M; drawn in well under a second at each epoch's start), and reading a sample is a
 random read of the index (see ``token_index.py`` for that trade-off). In exchange there is no
 shuffle buffer and no limit of ranks x workers against the number of shards. A sample costs about
-75 µs of CPU from the index to the batch, handed over included, BPE-dropout most of it, once each
-worker's tokenizer has cached its words' plain BPE (``benchmarks/data.py``).
+65 µs of CPU from the index to the batch in one process, BPE-dropout most of it, once the
+tokenizer has cached its words' plain BPE; through a DataLoader worker about twice that, the
+hand-over through shared memory included (``benchmarks/data.py``).
 
 **Image shards (AugVAE): streams per slot.** The AugVAE trains on JPEG shards, which are not
 indexed. Each (rank, DataLoader worker) pair is a *slot*; slot s of S owns shards
@@ -151,8 +152,9 @@ class GlobalBatches(torch.utils.data.IterableDataset):
 
 # A DataLoader worker hands each batch's tensors to the training process through shared memory at
 # a fixed cost per batch (about 0.3 ms of the worker's CPU and 0.3 ms of the trainer's on the
-# 2-core machine: as much as making 8 samples); handing over at least this many samples at once
-# makes it a small part of a sample's cost (benchmarks/README.md, "data.py").
+# 2-core machine: as much as making 8 samples) plus the copy into fresh shared memory (about 18 and
+# 9 µs a sample); handing over at least this many samples at once spreads the fixed part thin
+# (benchmarks/README.md, "data.py").
 HANDOVER_SAMPLES = 64
 
 
