@@ -32,6 +32,7 @@ from lverse.pipeline.download import DownloadConfig
 from lverse.pipeline.encode import EncodeConfig
 from lverse.pipeline.generate import GenerateConfig
 from lverse.pipeline.train_clip import ClipTrainConfig
+from lverse.preprocessing.coco import CocoConfig
 from lverse.run import TokenizerStage
 from lverse.runtime.executors import StageFailed
 from lverse.slurm.render import STAGES, SubmitOptions
@@ -162,6 +163,20 @@ def _download(args: argparse.Namespace) -> None:
     """
     from lverse.pipeline.download import run_download
     _print_json(run_download(_stage_config(DownloadConfig, args)))
+
+
+@command("coco", lambda p: _options(p, CocoConfig, files=("karpathy",)))
+def _coco(args: argparse.Namespace) -> None:
+    """MS-COCO (Karpathy's splits, local images) -> image shards, references and prompts
+
+    Write the paper's MS-COCO sets from Karpathy's split file and the COCO images on disk: train/
+    (one sample per caption of the training splits, for encode and train), test/ (one per image of
+    the evaluation split, for caption), t2i/ (Table 3's reference images), captions_train.txt
+    (for tokenizer), references_test.json (for evaluate captions) and prompts_t2i.txt (for
+    generate). A rerun skips finished shards. Writes _summary.json.
+    """
+    from lverse.preprocessing.coco import prepare_coco
+    _print_json(prepare_coco(options_to_config(CocoConfig, args)))
 
 
 @command("encode", lambda p: _options(p, EncodeConfig, files=("vae",)))

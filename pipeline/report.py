@@ -5,7 +5,8 @@ It gathers what the stages left under RUN_DIR (any depth):
 - training curves from every ``metrics.jsonl`` (BiART: loss per direction and segment; AugVAE:
   loss, perplexity), drawn as inline SVG (no plotting library);
 - metrics from ``evaluate*.json`` / ``metrics*.json`` files (``lverse evaluate --output``) and a
-  ``demo_results.json`` when present;
+  ``demo_results.json`` when present; those the paper reports (``PAPER``) also in a table beside
+  the paper's figures;
 - reconstructions: the newest ``samples/recon_*.png`` of an AugVAE run;
 - generated images with their prompts: ``*/result.json`` of ``lverse generate`` (the chosen image,
   and its contact sheet);
@@ -25,10 +26,74 @@ import html
 import json
 import os
 import shutil
+from dataclasses import dataclass
 
 from lverse.core.errors import InputError
 
 SKIP = ("report",)  # our own output is not input
+
+
+@dataclass(frozen=True)
+class PaperFigure:
+    """One number of the paper (Kim et al., "L-Verse", CVPR 2022, arXiv 2111.11133) and the key
+    ``lverse evaluate`` writes the same measurement under."""
+    table: str  # the paper's table
+    key: str  # the key in ``lverse evaluate --output`` json
+    model: str  # the paper's model (and data) the figure is of
+    paper: float | None  # as the paper prints it; None: not recorded here
+    scale: float = 1.0  # a run's value x scale is in the paper's units (pycocoevalcap's fractions x 100)
+
+
+def _table2(way: str, values: tuple[float, ...]) -> list[PaperFigure]:
+    return [PaperFigure("Table 2, image to text (Karpathy test)", f"{way}/{metric}", f"L-Verse, {way}", value, 100.0)
+            for metric, value in zip(("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"), values)]
+
+
+_T3 = "Table 3, text to image (30,000 MS-COCO val2014 captions)"
+# The one place of the paper's figures in the code (README, "Reproducing the paper", lists them and
+# says where they come from). Table 2 as README's "Evaluating as the paper does" gives it; Tables 1
+# and 3 as a public listing of the paper's results gives them, not checked against its PDF. The FIDs
+# of L-Verse trained on MS-COCO at blur radii 2, 4 and 8 were not found, so they are None, not a guess.
+PAPER: tuple[PaperFigure, ...] = (
+    PaperFigure("Table 1, reconstruction (ImageNet1K val, 256x256)", "FID", "AugVAE-ML", 1.04),
+    PaperFigure("Table 1, reconstruction (ImageNet1K val, 256x256)", "FID", "AugVAE-SL", 3.28),
+    *_table2("truncated", (39.9, 31.4, 60.4, 102.2, 23.3)),
+    *_table2("untruncated", (27.6, 23.6, 43.9, 181.6, 28.9)),
+    *(PaperFigure(_T3, f"FID-{r}", "L-Verse (trained on MS-COCO)", v) for r, v in
+      ((0, 45.8), (1, 41.9), (2, None), (4, None), (8, None))),
+    *(PaperFigure(_T3, f"FID-{r}", "L-Verse-CC (trained on CC3M)", v) for r, v in
+      ((0, 37.2), (1, 31.6), (2, 25.7), (4, 21.4), (8, 21.1))),
+)
+
+
+def paper_comparison(metrics: dict[str, dict]) -> list[tuple[PaperFigure, str, object]]:
+    """(figure, file, the run's value in the paper's units) for each figure of ``PAPER`` whose key
+    a metrics file holds; ``metrics`` maps each file to its json. A value that is no number (SPICE
+    that was not computed says why) is passed as it is."""
+    rows = []
+    for figure in PAPER:
+        for path, data in metrics.items():
+            value = data.get(figure.key)
+            if value is None or isinstance(value, (bool, dict, list)):
+                continue
+            rows.append((figure, path, value * figure.scale if isinstance(value, (int, float)) else value))
+    return rows
+
+
+def _paper_section(metrics: dict[str, dict]) -> str:
+    rows = paper_comparison(metrics)
+    if not rows:
+        return ""
+    esc = html.escape
+    cells = "".join(
+        f"<tr><td>{esc(f.table)}</td><td>{esc(f.key)}</td><td>{esc(f.model)}</td>"
+        f'<td class="paper">{"not recorded here" if f.paper is None else f"{f.paper:g}"}</td>'
+        f'<td class="run">{esc(f"{v:.4g}" if isinstance(v, float) else str(v))}</td><td>{esc(path)}</td></tr>'
+        for f, path, v in rows)
+    return ("<h2>Against the paper</h2><p>the paper's figures (Kim et al., CVPR 2022) beside this run's, in the "
+            "paper's units (caption metrics x 100); README, \"Reproducing the paper\", says how each was made</p>"
+            '<table class="paper-comparison"><tr><th>table</th><th>metric</th><th>paper model</th><th>paper</th>'
+            f"<th>this run</th><th>file</th></tr>{cells}</table>")
 
 
 def _find(run_dir: str, pattern: str) -> list[str]:
@@ -126,16 +191,19 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
     esc = html.escape
     sections = []
 
-    metrics = []
+    metrics, by_file = [], {}
     found = [p for pattern in ("demo_results.json", "evaluate*.json", "metrics*.json") for p in _find(run_dir, pattern)]
     for path in found:
         with open(path) as f:
             data = json.load(f)
+        if not isinstance(data, dict):
+            continue
+        by_file[os.path.relpath(path, run_dir)] = data
         rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(_fmt(v))}</td></tr>" for k, v in data.items()
                        if not isinstance(v, (dict, list)))
         metrics.append(f"<h3>{esc(os.path.relpath(path, run_dir))}</h3><table>{rows}</table>")
     if metrics:
-        sections.append("<h2>Metrics</h2>" + "".join(metrics))
+        sections.append(_paper_section(by_file) + "<h2>Metrics</h2>" + "".join(metrics))
 
     curves = [(p, _curves(p)) for p in _find(run_dir, "metrics.jsonl")]
     if any(svg for _, svg in curves):
@@ -208,7 +276,7 @@ _PAGE = """<!DOCTYPE html>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin-bottom: 1em; }}
-td {{ border: 1px solid #ddd; padding: 2px 8px; }}
+td, th {{ border: 1px solid #ddd; padding: 2px 8px; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 figure {{ margin: 0; width: 180px; font-size: 13px; }}
 figure img {{ width: 84px; image-rendering: pixelated; margin-right: 4px; }}

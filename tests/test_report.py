@@ -49,6 +49,7 @@ def test_report_renders_in_chromium_with_every_image_loaded(data, biart, tmp_pat
     text = open(page).read()
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "<script>alert(1)" not in text  # escaped
     assert "<svg" in text and "truncated/BLEU-4" in text
+    assert _comparison_rows(page)[0][1:5] == ["truncated/BLEU-4", "L-Verse, truncated", "39.9", "25"]  # the paper's
     assert text.count("truth: ") == 5  # each captioned image with its own caption from the shard
     assert "a download row" not in text
     dom = subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
@@ -70,3 +71,72 @@ def test_svg_plot_draws_every_series():
 def test_an_empty_run_folder_is_refused(tmp_path):
     with pytest.raises(ValueError, match="nothing to report"):
         write_report(str(tmp_path))
+
+
+def _comparison_rows(page: str) -> list[list[str]]:
+    """The cells of the page's side-by-side table with the paper, row by row (header left out)."""
+    from html.parser import HTMLParser
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.inside, self.rows = False, []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "table":
+                self.inside = ("class", "paper-comparison") in attrs
+            elif tag == "tr" and self.inside:
+                self.rows.append([])
+            elif tag == "td" and self.inside:
+                self.rows[-1].append("")
+
+        def handle_endtag(self, tag):
+            if tag == "table":
+                self.inside = False
+
+        def handle_data(self, text):
+            if self.inside and self.rows and self.rows[-1]:
+                self.rows[-1][-1] += text
+
+    parser = Rows()
+    parser.feed(open(page).read())
+    return [r for r in parser.rows if r]
+
+
+def test_report_puts_the_papers_figures_beside_the_runs(tmp_path):
+    # as `lverse evaluate captions --output` and `evaluate fid --output` write them
+    spice = "not computed: SPICE needs Stanford CoreNLP 3.6.0 (stanford-corenlp-3.6.0.jar) in /x/lib"
+    captions = {"images": 5000, "images_without_prediction": 0, "captions_truncated": 812,
+                **{f"{way}/{m}": v for way in ("truncated", "untruncated")
+                   for m, v in (("BLEU-1", 0.71), ("BLEU-2", 0.55), ("BLEU-3", 0.41), ("BLEU-4", 0.301),
+                                ("METEOR", 0.262), ("ROUGE-L", 0.533), ("CIDEr", 0.9512))},
+                "truncated/SPICE": spice, "untruncated/SPICE": 0.2}
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "evaluate_captions.json").write_text(json.dumps(captions, indent=2))
+    (tmp_path / "evaluate_fid.json").write_text(json.dumps({"images": 30000, "FID-0": 52.25, "FID-2": 30.5}))
+    rows = _comparison_rows(write_report(str(tmp_path)))
+    by = {(r[1], r[2]): r for r in rows}
+    table, key, model, paper, run, source = by[("truncated/CIDEr", "L-Verse, truncated")]
+    assert (paper, run, source) == ("102.2", "95.12", os.path.join("eval", "evaluate_captions.json"))
+    assert table.startswith("Table 2")
+    assert by[("untruncated/BLEU-4", "L-Verse, untruncated")][3:5] == ["27.6", "30.1"]
+    assert by[("truncated/SPICE", "L-Verse, truncated")][4] == spice  # why it is missing, not a number
+    assert by[("FID-0", "L-Verse (trained on MS-COCO)")][3:5] == ["45.8", "52.25"]  # FID is not scaled
+    assert by[("FID-2", "L-Verse (trained on MS-COCO)")][3] == "not recorded here"
+    assert by[("FID-2", "L-Verse-CC (trained on CC3M)")][3] == "25.7"
+    assert not any(r[1] in ("FID", "FID-1", "truncated/BLEU-1") for r in rows)  # only what both have
+
+
+def test_paper_figures_name_keys_that_evaluate_writes():
+    from lverse.pipeline.report import PAPER
+    keys = {f.key for f in PAPER}
+    assert {f"{w}/{m}" for w in ("truncated", "untruncated") for m in ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+                                                                        "SPICE")} <= keys
+    assert {"FID", "FID-0", "FID-1", "FID-2", "FID-4", "FID-8"} <= keys  # reconstruction_fid, generation_fid
+
+
+def test_a_run_without_evaluation_output_renders_without_the_comparison(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s / 10}) + "\n"
+                                                    for s in range(1, 6)))
+    page = write_report(str(tmp_path))
+    assert "<svg" in open(page).read() and _comparison_rows(page) == []
