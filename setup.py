@@ -30,7 +30,10 @@ EXTRAS = {
     # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); its tokenizer and METEOR need Java. FID with
     # torch-fidelity, the paper's tool (its Inception weights are a local file, never downloaded).
     "eval": ["pycocoevalcap>=1.2", "lpips>=0.1.4", "torch-fidelity>=0.4"],
-    "dev": ["pytest>=8", "ruff>=0.6"],
+    # s3:// inputs and outputs for every stage (core/storage.py).
+    "s3": ["s3fs"],
+    # The tests' S3-compatible server (moto's standalone server, on 127.0.0.1).
+    "dev": ["pytest>=8", "ruff>=0.6", "moto[server]>=5"],
 }
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "dev" for dep in deps})
 

@@ -1,7 +1,8 @@
 """Atomic file output: write to a temporary name in the same folder, then rename into place.
 
 A reader (or a rerun deciding what is done) sees either the old file or the whole new one, never
-a half-written file, whatever kills the writer.
+a half-written file, whatever kills the writer. On an object store (an ``s3://`` output, see
+core/storage.py) the temporary file is local and is uploaded in one object write.
 
 An output path that cannot serve (a read-only folder, a file where a folder is expected, a folder
 where a file is) fails as an OSError like any other; ``bad_path_message`` tells those apart from
@@ -18,10 +19,23 @@ import os
 import tempfile
 from collections.abc import Iterator
 
+from . import storage
+
 
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[str]:
-    """Yields a temporary path beside ``path``; on success renames it to ``path``."""
+    """Yields a temporary path beside ``path``; on success renames it to ``path`` (uploads it, for a
+    URL: the temporary file is then local)."""
+    if storage.is_url(path):
+        storage.check_scheme(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            yield tmp
+            storage.upload(tmp, path)
+        finally:
+            os.remove(tmp)
+        return
     if os.path.isdir(path):  # say so now, not at the rename after the whole file is written
         raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -54,7 +68,9 @@ def umask() -> int:
 
 def remove_stale_temporaries(path: str) -> None:
     """Delete what a killed writer of ``path`` left behind. Only the owner of ``path`` may call
-    this (tasks on other files may be writing beside it)."""
+    this (tasks on other files may be writing beside it). An object store holds no temporaries."""
+    if storage.is_url(path):
+        return
     for tmp in glob.glob(os.path.join(glob.escape(os.path.dirname(os.path.abspath(path))),
                                       f".{glob.escape(os.path.basename(path))}.*.tmp")):
         os.remove(tmp)
@@ -117,5 +133,5 @@ def _nearest_existing(path: str) -> str:
 
 
 def read_json(path: str):
-    with open(path) as f:
+    with storage.open(path, "r") as f:
         return json.load(f)

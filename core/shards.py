@@ -1,4 +1,5 @@
-"""Webdataset shards on disk: listing them, reading them, and the stats file beside each one.
+"""Webdataset shards on disk or in an object store: listing them, reading them, and the stats file
+beside each one. Paths are local paths or ``s3://`` URLs alike (core/storage.py).
 
 A shard is a tar of samples, members grouped by key (``{key}.jpg``, ``{key}.txt``, ...). Every
 stage that writes a shard writes ``{name}_stats.json`` beside it last: that file is the shard's
@@ -9,7 +10,6 @@ that encoded them; ``check_vae`` is the one place that compares it.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -18,24 +18,26 @@ import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
+from . import storage
 from .errors import InputError
 
 SUMMARY = "_summary.json"  # a stage's summary in its output folder
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Shard paths of a folder, a glob, or a ``{00000..00099}`` range, sorted."""
-    if os.path.isdir(spec):
-        return sorted(glob.glob(os.path.join(spec, "*.tar")))
+    """Shard paths of a folder, a glob, or a ``{00000..00099}`` range, sorted; local or URLs."""
+    storage.check_input(spec)
+    if storage.isdir(spec):
+        return storage.glob(os.path.join(storage.escape(spec), "*.tar"))
     m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
     if m:
         width, lo, hi = len(m.group(1)), int(m.group(1)), int(m.group(2))
         paths = [spec[:m.start()] + f"{i:0{width}d}" + spec[m.end():] for i in range(lo, hi + 1)]
-        missing = [p for p in paths if not os.path.isfile(p)]
+        missing = [p for p in paths if not storage.isfile(p)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} shards of {spec} do not exist, e.g. {missing[0]}")
         return paths
-    return sorted(glob.glob(spec))
+    return storage.glob(spec)
 
 
 def shard_name(path: str) -> str:
@@ -50,7 +52,7 @@ def stats_path(shard: str) -> str:
 
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -62,8 +64,8 @@ def check_complete_tar(path: str) -> None:
     Python's tarfile takes an end of file at a member boundary for the end of the archive, so a
     tar cut short there (a killed writer, a partial copy) would otherwise read as a smaller shard.
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = storage.getsize(path)
+    with storage.open(path, "rb") as f:
         f.seek(max(0, size - 1024))
         tail = f.read()
     if size < 1024 or size % 512 or tail.count(0) != 1024:
@@ -80,7 +82,7 @@ def iter_samples(path: str, skipped: Counter | None = None) -> Iterator[dict]:
     tar is refused before the first sample (``check_complete_tar``).
     """
     check_complete_tar(path)
-    with tarfile.open(path, "r|") as tar:
+    with storage.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
         sample = {}
         for member in tar:
             if not member.isfile():
@@ -122,9 +124,9 @@ def read_tar(path: str) -> list[dict]:
 def read_stats(shard: str, unfinished: str) -> dict:
     """The stats file beside ``shard``; ``unfinished`` says what to do when it is missing."""
     path = stats_path(shard)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise InputError(f"{shard} has no {os.path.basename(path)}: {unfinished}")
-    with open(path) as f:
+    with storage.open(path, "r") as f:
         return json.load(f)
 
 

@@ -23,6 +23,7 @@ import sys
 import threading
 from collections.abc import Callable
 
+from lverse.core import storage
 from lverse.core.config import add_options, given_options, load_config, options_to_config
 from lverse.core.errors import InputError
 from lverse.core.files import bad_path_message
@@ -57,6 +58,16 @@ def _existing_file(path: str) -> str:
     if not os.path.isfile(path):
         raise argparse.ArgumentTypeError(f"{path} is not a file")
     return path
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object ({{...}}) is needed, not {text}")
+    return value
 
 
 def _positive(text: str) -> int:
@@ -598,6 +609,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     # The `deepspeed` launcher passes --local_rank=N before the subcommand (LOCAL_RANK is read instead).
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--storage-options", type=_json_object, default=None, metavar="JSON",
+                        help="options for s3:// paths, as s3fs takes them, e.g. '{\"endpoint_url\": "
+                             "\"http://10.0.0.5:9000\"}' (credentials: the usual AWS variables); they reach "
+                             "every process the command starts")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     for name, (func, options) in COMMANDS.items():
         summary, _, description = inspect.getdoc(func).partition("\n\n")
@@ -622,6 +637,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
+        if args.storage_options is not None:
+            storage.configure(args.storage_options)
         args.func(args)
     except (InputError, FileNotFoundError) as e:  # bad input: say what to change
         log.error("%s", e)

@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_parquet, read_json, remove_stale_temporaries
 from lverse.core.images import preprocess
@@ -87,7 +88,7 @@ class ShardCaptioner:
         cfg = self.cfg
         name = shard_name(shard)
         target = os.path.join(cfg.output, f"{name}.parquet")
-        if os.path.exists(target):
+        if storage.exists(target):
             return TaskResult(name, ok=True, skipped=True)
         device = resolve_device(cfg.device)
         model, tok, vae, clip = load_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, device,
@@ -186,10 +187,10 @@ def run_caption(cfg: CaptionConfig) -> dict:
         raise InputError("--candidates and --max-tokens must be at least 1")
     check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance)
     compute_dtype(cfg.precision, resolve_device(cfg.device))  # a precision the device lacks: refused once, here
-    token_shards = [(s, read_json(stats_path(s))) for s in shards if os.path.isfile(stats_path(s))]
+    token_shards = [(s, read_json(stats_path(s))) for s in shards if storage.isfile(stats_path(s))]
     check_vae(token_shards, file_sha256(cfg.vae), image_shards="",
               other_vae="give --vae the AugVAE the shards were encoded with")
-    os.makedirs(cfg.output, exist_ok=True)
+    storage.check_output(cfg.output)
 
     def totals(results, seconds):
         images = sum(r.stats.get("images", 0) for r in results if not r.skipped)

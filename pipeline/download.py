@@ -5,8 +5,9 @@
    (``_chunks/00000.parquet`` ...). img2dataset aborts a whole run on one line with a missing
    field and silently drops every image of a shard when a caption is not UTF-8, and it reads
    ``file://`` URLs from the local disk; so lines are checked here and malformed ones counted.
-2. ``download_chunk``: one chunk -> one shard. img2dataset runs into ``_tmp/NNNNN/``; the result is
-   re-keyed to the chunk's shard number, moved into place (``NNNNN.tar``, ``NNNNN.parquet``) and
+2. ``download_chunk``: one chunk -> one shard. img2dataset runs into ``_tmp/NNNNN/`` (a local
+   temporary folder when the output is an ``s3://`` URL); the result is re-keyed to the chunk's
+   shard number, moved (or uploaded) into place (``NNNNN.tar``, ``NNNNN.parquet``) and
    ``NNNNN_stats.json`` is written last: it is the done marker (img2dataset's own convention), so
    a killed run never leaves a truncated tar that looks finished.
 3. The driver runs chunks on an executor (local processes, Ray tasks, or one SLURM array task per
@@ -29,8 +30,15 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from lverse.core import storage
 from lverse.core.errors import InputError
-from lverse.core.files import atomic_output, atomic_write_json, atomic_write_parquet, remove_stale_temporaries
+from lverse.core.files import (
+    atomic_output,
+    atomic_write_json,
+    atomic_write_parquet,
+    read_json,
+    remove_stale_temporaries,
+)
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import Execution, rate, run_shard_stage
 
@@ -182,9 +190,8 @@ def plan(cfg: DownloadConfig) -> tuple[list[Chunk], dict]:
                  "samples_per_shard": cfg.samples_per_shard, "input_format": cfg.input_format,
                  "url_col": cfg.url_col, "caption_col": cfg.caption_col}
     info = None
-    if os.path.exists(marker):
-        with open(marker) as f:
-            info = json.load(f)
+    if storage.exists(marker):
+        info = read_json(marker)
         if info["signature"] != signature:
             raise InputError(f"{cfg.output} holds a download of another input or chunking "
                              f"({info['signature']['input']}); use a new --output folder")
@@ -197,7 +204,7 @@ def plan(cfg: DownloadConfig) -> tuple[list[Chunk], dict]:
 
 
 def _write_chunks(cfg: DownloadConfig, folder: str, signature: dict) -> dict:
-    os.makedirs(folder, exist_ok=True)
+    storage.makedirs(folder)
     malformed, lines, valid, rows, k = Counter(), 0, 0, [], 0
     for row in iter_rows(cfg):
         lines += 1
@@ -230,41 +237,63 @@ def _write_chunk(folder: str, k: int, rows: list, cfg: DownloadConfig) -> None:
 def download_chunk(chunk: Chunk) -> TaskResult:
     """Fetch one chunk into shard ``NNNNN``; a no-op when its ``_stats.json`` exists."""
     done = os.path.join(chunk.output, f"{chunk.name}_stats.json")
-    if os.path.exists(done):
+    if storage.exists(done):
         return TaskResult(chunk.name, ok=True, skipped=True)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
     import pyarrow.parquet as pq
     from img2dataset import download
-    tmp = os.path.join(chunk.output, "_tmp", chunk.name)
+    tmp = _work_folder(chunk)
     shutil.rmtree(tmp, ignore_errors=True)  # what a stopped or killed run of this chunk left
     for name in (f"{chunk.name}.parquet", f"{chunk.name}_stats.json"):  # (the tar's: _rekey_tar)
         remove_stale_temporaries(os.path.join(chunk.output, name))
     # A fresh folder of its own; "incremental" because img2dataset's "overwrite" deletes the
     # folder after creating its _tmp inside it (1.47).
     os.makedirs(tmp)
-    download(url_list=chunk.rows, input_format="parquet", url_col="url", caption_col="caption",
-             output_format="webdataset", output_folder=tmp, processes_count=1, thread_count=chunk.threads,
-             image_size=chunk.image_size, resize_mode=chunk.resize_mode, timeout=chunk.timeout,
-             number_sample_per_shard=pq.ParquetFile(chunk.rows).metadata.num_rows, retries=0,
-             incremental_mode="incremental", disallowed_header_directives=[], enable_wandb=False)
+    try:
+        with storage.local_copy(chunk.rows) as rows:
+            download(url_list=rows, input_format="parquet", url_col="url", caption_col="caption",
+                     output_format="webdataset", output_folder=tmp, processes_count=1, thread_count=chunk.threads,
+                     image_size=chunk.image_size, resize_mode=chunk.resize_mode, timeout=chunk.timeout,
+                     number_sample_per_shard=pq.ParquetFile(rows).metadata.num_rows, retries=0,
+                     incremental_mode="incremental", disallowed_header_directives=[], enable_wandb=False)
+        return _finish_chunk(chunk, tmp, done)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _work_folder(chunk: Chunk) -> str:
+    """Where img2dataset writes a chunk: beside the output on the same disk, or for an object-store
+    output a local temporary folder (one per output and chunk, so a rerun finds and clears it)."""
+    if not storage.is_url(chunk.output):
+        return os.path.join(chunk.output, "_tmp", chunk.name)
+    import hashlib
+    import tempfile
+    tag = hashlib.sha256(chunk.output.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"lverse-download-{tag}", chunk.name)
+
+
+def _finish_chunk(chunk: Chunk, tmp: str, done: str) -> TaskResult:
+    """img2dataset's shard in ``tmp`` -> shard ``chunk.name`` of the output, its marker last."""
+    import pyarrow.parquet as pq
     produced = os.path.join(tmp, "00000_stats.json")
     if not os.path.exists(produced):
         return TaskResult(chunk.name, ok=False, reason="img2dataset finished without writing its stats")
     _rekey_tar(os.path.join(tmp, "00000.tar"), os.path.join(chunk.output, f"{chunk.name}.tar"), chunk.name)
     table = pq.read_table(os.path.join(tmp, "00000.parquet"))
     keys = [chunk.name + k[5:] for k in table.column("key").to_pylist()]
-    table = table.set_column(table.column_names.index("key"), "key", [keys])
+    # Rows in key order (img2dataset writes them as its threads finish): a rerun writes the same bytes.
+    table = table.set_column(table.column_names.index("key"), "key", [keys]).sort_by("key")
     atomic_write_parquet(os.path.join(chunk.output, f"{chunk.name}.parquet"), table)
     with open(produced) as f:
         stats = json.load(f)
     atomic_write_json(done, stats)  # last: the shard is done
-    shutil.rmtree(tmp, ignore_errors=True)
     return TaskResult(chunk.name, ok=True, stats=stats)
 
 
 def _rekey_tar(src: str, dst: str, shard: str) -> None:
     """Copy img2dataset's shard 00000 as shard ``shard``: keys renumbered (``00000xxxx`` ->
-    ``{shard}xxxx``, img2dataset's scheme), members sorted by key, then renamed into place."""
+    ``{shard}xxxx``, img2dataset's scheme), members sorted by key, then renamed into place. Times
+    and modes are fixed (not the download's), so the same images give the same bytes."""
     remove_stale_temporaries(dst)
     with atomic_output(dst) as tmp, tarfile.open(src) as tin, tarfile.open(tmp, "w") as tout:
         for member in sorted(tin.getmembers(), key=lambda m: m.name):
@@ -275,7 +304,7 @@ def _rekey_tar(src: str, dst: str, shard: str) -> None:
                 meta["key"] = shard + meta["key"][5:]
                 data = json.dumps(meta, indent=4).encode()
             info = tarfile.TarInfo(f"{shard}{key[5:]}.{ext}")
-            info.size, info.mtime, info.mode = len(data), member.mtime, member.mode
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
             tout.addfile(info, io.BytesIO(data))
 
 
@@ -286,7 +315,7 @@ def run_download(cfg: DownloadConfig) -> dict:
     StageFailed (after writing the summary) when shards still fail."""
     if not os.path.isfile(cfg.input):
         raise FileNotFoundError(f"input {cfg.input} does not exist")
-    os.makedirs(cfg.output, exist_ok=True)
+    storage.check_output(cfg.output)
     chunks, info = plan(cfg)
     if info["valid"] == 0:
         raise InputError(f"{cfg.input} has no valid line of {info['lines']} (malformed: {info['malformed']}); "
@@ -298,7 +327,8 @@ def run_download(cfg: DownloadConfig) -> dict:
                                totals=lambda results, seconds: image_totals(cfg.output, info, results, seconds))
     finally:
         with contextlib.suppress(OSError):  # empty unless a chunk is still failing
-            os.rmdir(os.path.join(cfg.output, "_tmp"))
+            os.rmdir(os.path.join(cfg.output, "_tmp") if not storage.is_url(cfg.output)
+                     else os.path.dirname(_work_folder(chunks[0])))
 
 
 def image_totals(output: str, info: dict, results: list[TaskResult], seconds: float) -> dict:
@@ -307,9 +337,10 @@ def image_totals(output: str, info: dict, results: list[TaskResult], seconds: fl
     failed_by, written, attempted, fetched_now = Counter(), 0, 0, 0
     for r in results:
         path = os.path.join(output, f"{r.name}.parquet")
-        if not r.ok or not os.path.exists(path):
+        if not r.ok or not storage.exists(path):
             continue
-        table = pq.read_table(path, columns=["status", "error_message"]).to_pydict()
+        with storage.open(path) as f:
+            table = pq.read_table(f, columns=["status", "error_message"]).to_pydict()
         attempted += len(table["status"])
         for status, message in zip(table["status"], table["error_message"]):
             if status == "success":

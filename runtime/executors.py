@@ -43,6 +43,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.resources import apply_threads, plan_threads
 
@@ -392,8 +393,11 @@ def _resources_text(resources: dict[str, float]) -> str:
 def check_shared(address: str | None, folder: str) -> None:
     """Every node of the Ray cluster sees ``folder``: a marker written here must be visible from a
     task on each node, else outputs written there by one node would be lost to the rest (and to
-    this driver). Raises InputError naming the nodes that do not see it."""
+    this driver). Raises InputError naming the nodes that do not see it. An object store's URL
+    passes: every node reaches the same store (core/storage.py)."""
     import uuid
+    if storage.is_url(folder):
+        return
     ray = _init_ray(address)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
     os.makedirs(folder, exist_ok=True)

@@ -1,0 +1,145 @@
+"""Stages on an object store: every folder an s3:// URL on a real S3-compatible server (moto's,
+on 127.0.0.1, reached over HTTP), the outputs byte for byte those of the same run on local disk."""
+
+import json
+import os
+
+import pytest
+
+from lverse.cli import main
+from lverse.core import storage
+from lverse.core.errors import InputError
+from lverse.core.files import atomic_output
+from lverse.core.shards import expand_shards, iter_samples
+from lverse.pipeline.caption import run_caption
+from lverse.pipeline.download import DownloadConfig, run_download
+from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
+
+from .s3 import make_bucket, s3_server
+from .test_caption import biart  # noqa: F401  (the debug BiART fixture)
+from .test_caption import config as caption_config
+from .test_train import data  # noqa: F401  (the shards fixture)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as endpoint:
+        make_bucket("lverse")
+        yield endpoint
+
+
+def objects(prefix: str) -> dict[str, bytes]:
+    """Every file under a local folder or an s3:// prefix, by its path below it."""
+    if storage.is_url(prefix):
+        fs, inner = storage.filesystem(prefix)
+        return {p[len(inner) + 1:]: fs.cat_file(p) for p in fs.find(inner)}
+    found = {}
+    for root, _, files in os.walk(prefix):
+        for name in files:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, prefix)] = open(path, "rb").read()
+    return found
+
+
+def outputs(prefix: str) -> dict[str, bytes]:
+    """A stage's outputs, less what records times and hosts: its summary, and img2dataset's
+    timings in a shard's stats."""
+    found = {k: v for k, v in objects(prefix).items() if not k.startswith("_summary")}
+    for name, raw in found.items():
+        if name.endswith("_stats.json") and b"start_time" in raw:
+            found[name] = {k: v for k, v in json.loads(raw).items() if k not in ("start_time", "end_time", "duration")}
+    return found
+
+
+@pytest.mark.slow
+def test_download_then_caption_on_s3_equal_local_and_a_rerun_skips_everything(s3, data, biart, tmp_path):  # noqa: F811
+    with SyntheticServer(SyntheticSet(seed=3, train=10, heldout=1, image_size=64)) as server:
+        tsv = server.write_tsv(str(tmp_path / "in"), bad_urls=False)["train"]
+        # The plan records the input's path: the same file for both runs.
+        runs = {"local": str(tmp_path / "images"), "s3": "s3://lverse/run/images"}
+        for where, out in runs.items():
+            summary = run_download(DownloadConfig(input=tsv, output=out, samples_per_shard=5, image_size=64,
+                                                  download_threads=4))
+            assert summary["done"] == 2 and summary["written"] == 10, where
+        assert outputs(runs["s3"]) == outputs(runs["local"])
+        assert not storage.exists("s3://lverse/run/images/_tmp")
+        again = run_download(DownloadConfig(input=tsv, output=runs["s3"], samples_per_shard=5, image_size=64))
+        assert again["skipped"] == 2 and again["done"] == 0
+    # Token shards on S3 as `lverse encode` leaves them (copied: the encode stage has its own test).
+    fs, _ = storage.filesystem("s3://lverse")
+    fs.put(data["tokens"] + "/", "lverse/run/tokens/", recursive=True)
+    assert [os.path.basename(s) for s in expand_shards("s3://lverse/run/tokens")] == \
+        [os.path.basename(s) for s in expand_shards(data["tokens"])]
+    local = run_caption(caption_config(data, biart, tmp_path / "captions"))
+    remote = run_caption(caption_config(data, biart, "s3://lverse/run/captions", shards="s3://lverse/run/tokens"))
+    assert remote["images"] == local["images"] > 0
+    assert outputs("s3://lverse/run/captions") == outputs(str(tmp_path / "captions"))
+    again = run_caption(caption_config(data, biart, "s3://lverse/run/captions", shards="s3://lverse/run/tokens"))
+    assert again["skipped"] == again["shards"] and again["done"] == 0
+
+
+def test_an_upload_counts_whole_or_not_at_all(s3):
+    with atomic_output("s3://lverse/atomic/a.bin") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"x" * 1000)
+    assert storage.getsize("s3://lverse/atomic/a.bin") == 1000
+    with pytest.raises(RuntimeError), atomic_output("s3://lverse/atomic/b.bin") as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("killed mid-write")
+    assert not storage.exists("s3://lverse/atomic/b.bin")
+    assert not os.path.exists(tmp)  # the local temporary is gone too
+
+
+def test_samples_stream_from_s3_as_from_disk(s3, data):  # noqa: F811
+    fs, _ = storage.filesystem("s3://lverse")
+    local = os.path.join(data["raw"], "00000.tar")
+    fs.put_file(local, "lverse/raw/00000.tar")
+    assert list(iter_samples("s3://lverse/raw/00000.tar")) == list(iter_samples(local))
+    whole = open(local, "rb").read()
+    end = -(-len(whole.rstrip(b"\0")) // 512) * 512  # the last member's end: a cut at a member boundary
+    fs.pipe_file("lverse/raw/00001.tar", whole[:end])
+    with pytest.raises(InputError, match="truncated"):
+        next(iter_samples("s3://lverse/raw/00001.tar"))
+
+
+def test_bad_storage_is_refused_before_work_with_what_to_change(s3, tmp_path, monkeypatch, caplog):
+    with pytest.raises(InputError, match="s3:// URLs, not gs://"):
+        storage.check_output("gs://bucket/x")
+    with pytest.raises(InputError, match="bucket does not exist: create the bucket"):
+        storage.check_output("s3://no-such-bucket/out")
+    with pytest.raises(InputError, match="bucket does not exist: create the bucket"):
+        expand_shards("s3://no-such-bucket/shards")
+    tsv = tmp_path / "in.tsv"
+    tsv.write_text("a red square\thttp://127.0.0.1:9/a.jpg\n")
+    assert main(["download", "--input", str(tsv), "--output", "s3://no-such-bucket/images"]) == 2
+    assert "bucket does not exist: create the bucket or fix the URL" in caplog.text
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(InputError, match="no credentials"):
+        storage.check_output("s3://lverse/out")
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_storage_options_reach_the_file_system_and_child_processes(s3, monkeypatch):
+    import subprocess
+    import sys
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("FSSPEC_S3", "{}")  # restored at the end, as configure() sets it
+    import s3fs
+    s3fs.S3FileSystem.clear_instance_cache()
+    storage.configure({"endpoint_url": s3})
+    try:
+        storage.check_output("s3://lverse/options")  # reached only through the option
+        child = subprocess.run([sys.executable, "-c", "from lverse.core import storage; "
+                                "storage.check_output('s3://lverse/options-child')"], capture_output=True, text=True)
+        assert child.returncode == 0, child.stderr
+    finally:
+        import fsspec.config
+        fsspec.config.conf.pop("s3", None)
+        s3fs.S3FileSystem.clear_instance_cache()
