@@ -132,6 +132,14 @@ def glob(pattern: str) -> list[str]:
     return sorted(prefix + p for p in fs.glob(inner))
 
 
+def files_under(folder: str) -> list[str]:
+    """Every file below ``folder``, at any depth, sorted (one listing call for a URL)."""
+    if not is_url(folder):
+        return sorted(os.path.join(root, name) for root, _, names in os.walk(folder) for name in names)
+    fs, inner = filesystem(folder)
+    return sorted(scheme(folder) + "://" + p for p in fs.find(inner))
+
+
 def escape(path: str) -> str:
     """``path`` with its glob characters taken literally (a folder named ``run[1]``)."""
     return _glob.escape(path)

@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import logging
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.preprocessing.text_tokenizer import truncate_caption
 
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # --- captions ----------------------------------------------------------------------------------
 
 def load_references(path: str) -> dict[str, list[str]]:
-    with open(path) as f:
+    with storage.open(path, "r") as f:
         coco = json.load(f)
     if not isinstance(coco, dict) or "annotations" not in coco:
         raise InputError(f"{path} is not COCO-format caption json (a dict with 'annotations')")
@@ -54,22 +54,24 @@ def load_references(path: str) -> dict[str, list[str]]:
 
 def load_predictions(path: str) -> dict[str, str]:
     """COCO results json, or a folder of caption-stage parquet files (their whole captions)."""
-    if os.path.isdir(path):
+    if storage.isdir(path):
         import pyarrow.parquet as pq
         preds = {}
-        for f in sorted(glob.glob(os.path.join(path, "*.parquet"))):
+        for f in storage.glob(os.path.join(storage.escape(path), "*.parquet")):
             # the whole caption (truncated here for the truncated metrics); an older caption
             # stage's output has only the truncated one, so both ways score the same there
-            column = "caption_whole" if "caption_whole" in pq.read_schema(f).names else "caption"
+            with storage.open(f) as raw:
+                column = "caption_whole" if "caption_whole" in pq.read_schema(raw).names else "caption"
             if column == "caption":
                 log.warning("%s has no caption_whole column (an older lverse caption): the untruncated "
                             "metrics score the truncated captions", f)
-            table = pq.read_table(f, columns=["key", column]).to_pydict()
+            with storage.open(f) as raw:
+                table = pq.read_table(raw, columns=["key", column]).to_pydict()
             preds.update({k: c for k, c in zip(table["key"], table[column]) if c is not None})
         if not preds:
             raise InputError(f"{path} holds no captions (*.parquet of `lverse caption`)")
         return preds
-    with open(path) as f:
+    with storage.open(path, "r") as f:
         results = json.load(f)
     if not isinstance(results, list):
         raise InputError(f"{path} is not COCO results json (a list of {{'image_id', 'caption'}})")
@@ -194,8 +196,8 @@ def _batches(items, size: int):
 def generation_clip_score(folder: str) -> dict:
     """From ``lverse generate``'s result.json files (the CLIP cosine of each chosen image)."""
     scores = []
-    for path in sorted(glob.glob(os.path.join(folder, "*", "result.json"))):
-        with open(path) as f:
+    for path in storage.glob(os.path.join(storage.escape(folder), "*", "result.json")):
+        with storage.open(path, "r") as f:
             score = json.load(f)["clip_score"]
         if score is None:
             raise InputError(f"{path} has no CLIP score (generated with --candidates 1)")
@@ -266,7 +268,7 @@ def generation_fid(generations: str, reference: str, inception_weights: str | No
     if not generated:
         raise InputError(f"{generations} holds no images (`lverse generate` output or {', '.join(IMAGE_EXTENSIONS)})")
     size = _image_size(generated[0])
-    reference_files = image_files(reference) if os.path.isdir(reference) else []
+    reference_files = image_files(reference) if storage.isdir(reference) else []
     if reference_files:  # the sets' sizes and the first resolutions are checked before any work
         n = _set_size(len(generated), len(reference_files), limit)
         next(_file_images(reference_files[:1], size, generated[0], "reference"))
@@ -291,19 +293,19 @@ def generation_fid(generations: str, reference: str, inception_weights: str | No
 def image_files(folder: str) -> list[str]:
     """The images of a folder, sorted: of ``lverse generate`` output (``*/result.json``), each
     prompt's chosen ``best.png``; otherwise every image file under it."""
-    if not os.path.isdir(folder):
+    if not storage.isdir(folder):
         raise InputError(f"{folder} is not a folder of images")
-    results = sorted(glob.glob(os.path.join(glob.escape(folder), "*", "result.json")))
+    found = storage.files_under(folder)
+    results = [p for p in found if p.endswith("/result.json") and p.count("/") == folder.rstrip("/").count("/") + 2]
     if results:
         return [os.path.join(os.path.dirname(r), "best.png") for r in results]
-    found = glob.glob(os.path.join(glob.escape(folder), "**", "*"), recursive=True)
-    return sorted(p for p in found if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
+    return [p for p in found if p.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(p).startswith(".")]
 
 
 def _image_size(path: str) -> tuple[int, int]:
     from PIL import Image
     try:
-        with Image.open(path) as im:
+        with storage.open(path) as f, Image.open(f) as im:
             return im.size
     except OSError as e:
         raise InputError(f"{path} is not a readable image: {e}") from e
@@ -329,7 +331,7 @@ def _file_images(files: list[str], size: tuple[int, int], first: str, which: str
     from PIL import Image
     for path in files:
         try:
-            with Image.open(path) as im:
+            with storage.open(path) as f, Image.open(f) as im:
                 im = im.convert("RGB")
         except OSError as e:
             raise InputError(f"{path} is not a readable image: {e}") from e

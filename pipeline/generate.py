@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.resources import compute_dtype, resolve_device
@@ -54,7 +55,7 @@ class GenerateConfig(ModelExecution):
 
 
 def read_prompts(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, "r", encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
         raise InputError(f"{path} holds no prompt (one per line)")
@@ -69,7 +70,7 @@ def run_generate(cfg: GenerateConfig) -> dict:
     prompts = read_prompts(cfg.prompts)
     check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance)
     compute_dtype(cfg.precision, resolve_device(cfg.device))  # a precision the device lacks: refused once, here
-    os.makedirs(cfg.output, exist_ok=True)
+    storage.check_output(cfg.output)
     items = prompt_items(len(prompts), cfg.prompts_per_item)
 
     def totals(results, seconds):
@@ -100,7 +101,7 @@ class PromptGenerator:
     def __call__(self, indices: range) -> TaskResult:
         cfg = self.cfg
         name = item_name(indices)
-        todo = [i for i in indices if not os.path.exists(os.path.join(cfg.output, f"{i:05d}", "result.json"))]
+        todo = [i for i in indices if not storage.exists(os.path.join(cfg.output, f"{i:05d}", "result.json"))]
         if not todo:
             return TaskResult(name, ok=True, skipped=True)
         device = resolve_device(cfg.device)
@@ -126,15 +127,22 @@ class PromptGenerator:
         if clip is not None:
             (best,), all_scores = clip.best_images(pictures, [text], len(pictures))
             scores = all_scores[0].tolist()
-        os.makedirs(os.path.join(folder, "candidates"), exist_ok=True)
+        storage.makedirs(os.path.join(folder, "candidates"))
         for j, pic in enumerate(pictures):
-            pic.save(os.path.join(folder, "candidates", f"{j:02d}.png"))
-        pictures[best].save(os.path.join(folder, "best.png"))
-        contact_sheet(pictures, best).save(os.path.join(folder, "sheet.png"))
+            _save_png(pic, os.path.join(folder, "candidates", f"{j:02d}.png"))
+        _save_png(pictures[best], os.path.join(folder, "best.png"))
+        _save_png(contact_sheet(pictures, best), os.path.join(folder, "sheet.png"))
+        # Last: the prompt counts as done once this is written (a rerun redoes a prompt without it).
         atomic_write_json(os.path.join(folder, "result.json"),
                           {"prompt": text, "best": best, "clip_score": scores[best], "scores": scores})
         log.info("prompt %d %r: candidate %d of %d (CLIP %s)", i, text, best, len(pictures),
                  "n/a" if scores[best] is None else f"{scores[best]:.3f}")
+
+
+def _save_png(picture, path: str) -> None:
+    """A PNG at a local path or an s3:// URL (one object write)."""
+    with storage.open(path, "wb") as f:
+        picture.save(f, format="PNG")
 
 
 def contact_sheet(pictures: list, chosen: int, pad: int = 4):

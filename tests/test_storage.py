@@ -76,6 +76,9 @@ def test_download_then_caption_on_s3_equal_local_and_a_rerun_skips_everything(s3
     assert outputs("s3://lverse/run/captions") == outputs(str(tmp_path / "captions"))
     again = run_caption(caption_config(data, biart, "s3://lverse/run/captions", shards="s3://lverse/run/tokens"))
     assert again["skipped"] == again["shards"] and again["done"] == 0
+    # evaluate reads the captions where they are
+    from lverse.pipeline.evaluate import load_predictions
+    assert load_predictions("s3://lverse/run/captions") == load_predictions(str(tmp_path / "captions"))
 
 
 def test_an_upload_counts_whole_or_not_at_all(s3):
@@ -143,3 +146,23 @@ def test_storage_options_reach_the_file_system_and_child_processes(s3, monkeypat
         import fsspec.config
         fsspec.config.conf.pop("s3", None)
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_generate_writes_to_s3_what_it_writes_to_disk_and_resumes(s3, data, biart, tmp_path):  # noqa: F811
+    from lverse.pipeline.generate import GenerateConfig, run_generate
+    fs, _ = storage.filesystem("s3://lverse")
+    fs.pipe_file("lverse/gen/prompts.txt", b"a red circle at the top on a blue background\nan orange square\n")
+    runs = {"local": str(tmp_path / "gen"), "s3": "s3://lverse/gen/out"}
+    for out in runs.values():
+        cfg = GenerateConfig(prompts="s3://lverse/gen/prompts.txt", checkpoint=biart, vae=data["vae"],
+                             tokenizer=data["tokenizer"], output=out, candidates=2, clip="lverse-tiny")
+        assert run_generate(cfg)["generated"] == 2
+    found = outputs(runs["s3"])
+    assert found == outputs(runs["local"]) and "00001/result.json" in found and "00000/candidates/01.png" in found
+    fs.rm_file("lverse/gen/out/00001/result.json")  # as if killed before its marker: only that prompt is redone
+    again = run_generate(cfg)
+    assert again["generated"] == 1 and outputs(runs["s3"]) == found
+    from lverse.pipeline.evaluate import generation_clip_score, image_files
+    assert generation_clip_score(runs["s3"]) == generation_clip_score(runs["local"])
+    assert [p.removeprefix(runs["s3"]) for p in image_files(runs["s3"])] == \
+        [p.removeprefix(runs["local"]) for p in image_files(runs["local"])] == ["/00000/best.png", "/00001/best.png"]
