@@ -346,11 +346,21 @@ def _file_images(files: list[str], size: tuple[int, int], first: str, which: str
 
 
 def _count_shard_images(spec: str) -> int:
-    from lverse.core.shards import expand_shards, iter_samples
+    """Images in image shards: from each shard's stats (``successes``, what download and coco
+    write) without reading the shard, else by reading it (a tar made by hand)."""
+    from lverse.core.files import read_json
+    from lverse.core.shards import expand_shards, iter_samples, stats_path
     shards = expand_shards(spec)
     if not shards:
         raise InputError(f"{spec} holds no images and no image shards (*.tar): give a folder of images or shards")
-    return sum(1 for shard in shards for sample in iter_samples(shard) if "jpg" in sample)
+    total = 0
+    for shard in shards:
+        stats = read_json(stats_path(shard)) if storage.isfile(stats_path(shard)) else {}
+        if isinstance(stats.get("successes"), int):
+            total += stats["successes"]
+        else:
+            total += sum(1 for sample in iter_samples(shard) if "jpg" in sample)
+    return total
 
 
 def _shard_images(spec: str, size: int):

@@ -112,3 +112,19 @@ def test_reconstruction_metrics_of_the_augvae(data):  # noqa: F811
     from lverse.pipeline.evaluate import reconstruction_metrics
     m = reconstruction_metrics(data["raw"], data["vae"], limit=10, batch_size=4)
     assert m["images"] == 10 and m["PSNR"] > 0 and -1 <= m["SSIM"] <= 1 and m["LPIPS_random_vgg"] >= 0
+
+
+def test_reference_shards_are_counted_from_their_stats_without_reading_them(tmp_path):
+    import shutil
+
+    from lverse.pipeline.evaluate import _count_shard_images
+
+    from .test_encode import make_shard
+    make_shard(str(tmp_path / "00000.tar"), 0, 5, seed=1)
+    make_shard(str(tmp_path / "00001.tar"), 1, 3, seed=2)
+    assert _count_shard_images(str(tmp_path)) == 8  # no stats: read
+    with open(tmp_path / "00000_stats.json", "w") as f:
+        json.dump({"successes": 5}, f)
+    shutil.copy(tmp_path / "00001.tar", tmp_path / "00002.tar")
+    (tmp_path / "00000.tar").write_bytes(b"not a tar: the stats say how many images it holds")
+    assert _count_shard_images(str(tmp_path)) == 5 + 3 + 3
