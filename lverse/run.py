@@ -20,6 +20,7 @@ from lverse.core.config import write_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.shards import expand_shards, iter_samples
+from lverse.core.storage import is_url
 from lverse.pipeline.download import DownloadConfig, plan, run_download
 from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.preprocessing.text_tokenizer import VOCAB_SIZE
@@ -44,6 +45,14 @@ class PipelineConfig:
     tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
     encode: dict = field(default_factory=dict)  # EncodeConfig fields (vae required; not shards/output)
     ray_address: str | None = None  # None: start a local Ray; "auto": join the running cluster
+
+    def __post_init__(self):
+        if is_url(self.run_dir):
+            # The tokenizer is fitted into run_dir and SentencePiece reads only local files; the
+            # stage commands take s3:// shard folders one by one.
+            raise InputError(f"run_dir {self.run_dir}: the pipeline's run folder holds the tokenizer, which "
+                             "SentencePiece reads from a local file: give a local (shared) folder, or run "
+                             "`lverse download` and `lverse encode` with s3:// --output folders")
 
 
 def _stage_config(cls, values: dict, where: str, **fixed):
