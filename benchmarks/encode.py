@@ -30,8 +30,17 @@ cores, each worker with its share of the threads (``core/resources.py``), altern
 
 Goal: at least 0.95 (more workers are never slower). Give at least as many shards as cores.
 
+Last, random crops (``--crops K``: each image encoded K + 1 times, the centre crop and K crops)
+against none, the stage with 1 worker, alternating, each shard's fastest done-marker seconds:
+
+    encode_views_per_s_crops0=<encoded views (images) a second without crops>
+    encode_views_per_s_crops<K>=<encoded views (images x (K + 1)) a second with K crops>
+    encode_per_view_ratio=<the second / the first>
+
+Goal: at least 0.95 (a crop costs what an image costs, no more). Skipped with ``--crops 0``.
+
 Usage: python benchmarks/encode.py [--preset augvae-sl] [--shards 2] [--per-shard 8]
-       [--batch-size 4] [--image-size 256] [--repeats 2]
+       [--batch-size 4] [--image-size 256] [--repeats 2] [--crops 2] [--only-crops]
 """
 
 from __future__ import annotations
@@ -52,7 +61,7 @@ from lverse.core.resources import available_cores
 from lverse.core.shards import iter_samples
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
-from lverse.pipeline.encode import EncodeConfig, run_encode
+from lverse.pipeline.encode import MAX_CROPS, EncodeConfig, run_encode
 from lverse.preprocessing.synthetic import draw_sample
 
 
@@ -123,16 +132,16 @@ def time_parts(paths: list[str], size: int, codes: list[np.ndarray]) -> dict[str
     return {"read tar": read, "decode + resize": decode, "write tar": time.perf_counter() - start}
 
 
-def run_stage(raw: str, vae_path: str, output: str, batch_size: int,
-              workers: int = 1) -> tuple[float, list[float], list[np.ndarray]]:
+def run_stage(raw: str, vae_path: str, output: str, batch_size: int, workers: int = 1,
+              crops: int = 0) -> tuple[float, list[float], list[np.ndarray]]:
     """Encode every raw shard with ``run_encode`` (local executor, ``workers`` processes, each its
-    share of the cores).
+    share of the cores; ``crops`` random crops an image).
 
     Returns (wall seconds, the done markers' seconds per shard, the token shards' codes per shard).
     """
     start = time.perf_counter()
     run_encode(EncodeConfig(shards=raw, vae=vae_path, output=output, batch_size=batch_size,
-                            executor="local", workers=workers))
+                            executor="local", workers=workers, crops=crops))
     wall = time.perf_counter() - start
     names = sorted(n.removesuffix("_stats.json") for n in os.listdir(output) if n.endswith("_stats.json"))
     seconds = []
@@ -153,10 +162,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=256,
                         help="side of the served JPEGs (at least the preset's image_size)")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each path, alternating")
+    parser.add_argument("--crops", type=int, default=2, help="random crops an image against none (0: skip that part)")
+    parser.add_argument("--only-crops", action="store_true", help="only the part on random crops")
     args = parser.parse_args(argv)
-    size, n = PRESETS[args.preset].image_size, args.shards * args.per_shard
+    size = PRESETS[args.preset].image_size
     if min(args.shards, args.per_shard, args.batch_size, args.repeats) < 1:
         parser.error("--shards, --per-shard, --batch-size and --repeats must be at least 1")
+    if not 0 <= args.crops <= MAX_CROPS:
+        parser.error(f"--crops must be between 0 and {MAX_CROPS}")
     if args.image_size < size:
         parser.error(f"--image-size {args.image_size} is below {args.preset}'s image_size {size}")
 
@@ -170,43 +183,69 @@ def main(argv: list[str] | None = None) -> None:
         print(f"preset {args.preset}: {sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters, "
               f"{size}px model input from {args.image_size}px JPEGs, {args.shards} shards x {args.per_shard} "
               f"images, batch {args.batch_size}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
-        batches = shard_batches(paths, size, args.batch_size)
-        start = time.perf_counter()
-        vae.encode(batches[0][0])
-        print(f"bare model warm-up (first batch): {time.perf_counter() - start:.2f}s")
+        if not args.only_crops:
+            compare_paths(args, raw, paths, vae_path, vae, tmp)
+        if args.crops:
+            compare_crops(args, raw, vae_path, tmp)
 
-        bare, stage, walls, equal = [], [], [], True
-        for r in range(args.repeats):
-            seconds, codes = time_bare_model(vae, batches)
-            bare.append(seconds)
-            wall, seconds, stage_codes = run_stage(raw, vae_path, os.path.join(tmp, f"tokens{r}"), args.batch_size)
-            stage.append(seconds)
-            walls.append(wall)
-            equal &= len(stage_codes) == len(codes) and all(map(np.array_equal, stage_codes, codes))
-            print(f"run {r + 1}: bare model " + ", ".join(f"{s:.2f}s" for s in bare[-1]) +
-                  "; stage (done markers) " + ", ".join(f"{s:.2f}s" for s in seconds) + f", end to end {wall:.2f}s")
-        bare_s, stage_s = sum(map(min, zip(*bare))), sum(map(min, zip(*stage)))
-        startup = min(w - sum(s) for w, s in zip(walls, stage))
-        print(f"bare model: {n / bare_s:.3f} images/s ({bare_s:.2f}s for {n} images, fastest per shard)")
-        print(f"stage: {n / stage_s:.3f} images/s ({stage_s:.2f}s, fastest per shard); end to end with "
-              f"start-up {n / min(walls):.3f} images/s ({min(walls):.2f}s, of which start-up {startup:.2f}s: "
-              f"hash and load the checkpoint, spawn the worker, import torch and load the model there)")
-        parts = time_parts(paths, size, codes)
-        print("stage work besides the model, one thread: " +
-              ", ".join(f"{k} {v * 1000 / n:.1f} ms/image" for k, v in parts.items()) +
-              f"; the model {bare_s * 1000 / n:.0f} ms/image")
-        print(f"codes_equal={str(equal).lower()}")
-        print(f"encode_pipeline_efficiency_end_to_end={bare_s / min(walls):.2f}")
-        print(f"encode_pipeline_efficiency={bare_s / stage_s:.2f}")
 
-        cores = available_cores()
-        one, many = [], []
-        for r in range(args.repeats):
-            one.append(run_stage(raw, vae_path, os.path.join(tmp, f"one{r}"), args.batch_size, 1)[0])
-            many.append(run_stage(raw, vae_path, os.path.join(tmp, f"many{r}"), args.batch_size, cores)[0])
-            print(f"run {r + 1}: 1 worker x {cores} threads {one[-1]:.2f}s, {cores} workers x 1 thread "
-                  f"{many[-1]:.2f}s (end to end)")
-        print(f"encode_workers_scaling={min(one) / min(many):.2f}")
+def compare_paths(args: argparse.Namespace, raw: str, paths: list[str], vae_path: str, vae: AugVAE, tmp: str) -> None:
+    """The stage against the bare model, then 1 worker against ``cores`` workers."""
+    size, n = PRESETS[args.preset].image_size, args.shards * args.per_shard
+    batches = shard_batches(paths, size, args.batch_size)
+    start = time.perf_counter()
+    vae.encode(batches[0][0])
+    print(f"bare model warm-up (first batch): {time.perf_counter() - start:.2f}s")
+
+    bare, stage, walls, equal = [], [], [], True
+    for r in range(args.repeats):
+        seconds, codes = time_bare_model(vae, batches)
+        bare.append(seconds)
+        wall, seconds, stage_codes = run_stage(raw, vae_path, os.path.join(tmp, f"tokens{r}"), args.batch_size)
+        stage.append(seconds)
+        walls.append(wall)
+        equal &= len(stage_codes) == len(codes) and all(map(np.array_equal, stage_codes, codes))
+        print(f"run {r + 1}: bare model " + ", ".join(f"{s:.2f}s" for s in bare[-1]) +
+              "; stage (done markers) " + ", ".join(f"{s:.2f}s" for s in seconds) + f", end to end {wall:.2f}s")
+    bare_s, stage_s = sum(map(min, zip(*bare))), sum(map(min, zip(*stage)))
+    startup = min(w - sum(s) for w, s in zip(walls, stage))
+    print(f"bare model: {n / bare_s:.3f} images/s ({bare_s:.2f}s for {n} images, fastest per shard)")
+    print(f"stage: {n / stage_s:.3f} images/s ({stage_s:.2f}s, fastest per shard); end to end with "
+          f"start-up {n / min(walls):.3f} images/s ({min(walls):.2f}s, of which start-up {startup:.2f}s: "
+          f"hash and load the checkpoint, spawn the worker, import torch and load the model there)")
+    parts = time_parts(paths, size, codes)
+    print("stage work besides the model, one thread: " +
+          ", ".join(f"{k} {v * 1000 / n:.1f} ms/image" for k, v in parts.items()) +
+          f"; the model {bare_s * 1000 / n:.0f} ms/image")
+    print(f"codes_equal={str(equal).lower()}")
+    print(f"encode_pipeline_efficiency_end_to_end={bare_s / min(walls):.2f}")
+    print(f"encode_pipeline_efficiency={bare_s / stage_s:.2f}")
+
+    cores = available_cores()
+    one, many = [], []
+    for r in range(args.repeats):
+        one.append(run_stage(raw, vae_path, os.path.join(tmp, f"one{r}"), args.batch_size, 1)[0])
+        many.append(run_stage(raw, vae_path, os.path.join(tmp, f"many{r}"), args.batch_size, cores)[0])
+        print(f"run {r + 1}: 1 worker x {cores} threads {one[-1]:.2f}s, {cores} workers x 1 thread "
+              f"{many[-1]:.2f}s (end to end)")
+    print(f"encode_workers_scaling={min(one) / min(many):.2f}")
+
+
+def compare_crops(args: argparse.Namespace, raw: str, vae_path: str, tmp: str) -> None:
+    """Encoded views a second without crops and with ``args.crops`` (1 worker, done markers,
+    each shard's fastest of ``args.repeats`` alternating runs)."""
+    n, k = args.shards * args.per_shard, args.crops
+    plain, cropped = [], []
+    for r in range(args.repeats):
+        plain.append(run_stage(raw, vae_path, os.path.join(tmp, f"crops0_{r}"), args.batch_size)[1])
+        cropped.append(run_stage(raw, vae_path, os.path.join(tmp, f"crops{k}_{r}"), args.batch_size, crops=k)[1])
+        print(f"run {r + 1}: crops 0 " + ", ".join(f"{s:.2f}s" for s in plain[-1]) + f"; crops {k} " +
+              ", ".join(f"{s:.2f}s" for s in cropped[-1]) + " (done markers)")
+    plain_rate = n / sum(map(min, zip(*plain)))
+    cropped_rate = n * (k + 1) / sum(map(min, zip(*cropped)))
+    print(f"encode_views_per_s_crops0={plain_rate:.3f}")
+    print(f"encode_views_per_s_crops{k}={cropped_rate:.3f}")
+    print(f"encode_per_view_ratio={cropped_rate / plain_rate:.2f}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,10 @@ about 64 samples), and the DataLoader takes them from its workers in turn, so th
 and are split into micro-batches again. Per-sample randomness (BPE-dropout) is drawn from (seed,
 epoch, the sample's key) only, so a sample's caption pieces do not depend on which rank or worker
 reads it. (In resampled mode a sample drawn twice in one epoch gets the same pieces both times.)
+So is the *view* of a sample whose token shards hold random crops (``lverse encode --crops K``):
+each visit reads one of its K + 1 views, the centre crop or a crop, uniformly, drawn from the
+same (seed, epoch, key) (``view_pick``); without crops every visit reads the centre crop, as
+before crops existed.
 
 What it costs: each worker holds the current epoch's order (4 bytes a sample below 2^31 samples,
 13 MB for CC3M; drawn in well under a second at each epoch's start), and reading a sample is a
@@ -48,6 +52,7 @@ so resuming at sample n means replaying n samples.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import zlib
@@ -106,11 +111,22 @@ class GlobalOrder:
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> bytes:
-    """A sample's own randomness (BPE-dropout's draws, ``text_tokenizer.dropout_draws``), from
-    (seed, epoch, its key) only: the three packed without ambiguity (two 8-byte integers, then the
-    key) after a tag saying what they draw."""
+    """A sample's own randomness (BPE-dropout's draws, ``text_tokenizer.dropout_draws``, and its
+    view, ``view_pick``), from (seed, epoch, its key) only: the three packed without ambiguity (two
+    8-byte integers, then the key) after a tag (kept from when it drew BPE-dropout alone, so the
+    pieces stay those of earlier runs)."""
     packed = seed.to_bytes(8, "little", signed=True) + epoch.to_bytes(8, "little")
     return b"lverse-bpe-dropout\0" + packed + key.encode()
+
+
+def view_pick(seed: bytes, views: int) -> int:
+    """Which of a sample's ``views`` (0: its centre crop, 1..K: its random crops) a visit reads,
+    uniformly from the sample's ``sample_seed``: BLAKE2b of it, personalised so the draw shares
+    nothing with BPE-dropout's (SHAKE-128 of the same bytes)."""
+    if views == 1:
+        return 0
+    digest = hashlib.blake2b(seed, digest_size=8, person=b"lverse-view").digest()
+    return int.from_bytes(digest, "little") % views  # bias below views / 2^64
 
 
 class GlobalBatches(torch.utils.data.IterableDataset):
@@ -118,11 +134,12 @@ class GlobalBatches(torch.utils.data.IterableDataset):
     samples consumed before this run's first micro-step), ``chunk`` micro-batches to an item.
 
     ``samples[i]`` is sample i (``token_index.TokenSamples``: picklable, each worker maps the index
-    itself; its ``take(indices)``, when it has one, reads a batch at once); ``make_batch(samples,
-    seeds)`` (``sample_seed`` of each) turns them into tensors in the DataLoader worker. Use with
-    ``DataLoader(batch_size=None, num_workers=workers)`` and the same ``workers`` here; with
-    ``chunk`` > 1 its items are ``chunk`` micro-batches one after another in one batch, which
-    ``micro_batches`` splits again (``handover_chunk``).
+    itself; its ``take(indices)``, when it has one, reads a batch at once; with ``views`` > 1, its
+    ``keys(indices)`` and ``take(indices, views)`` read each sample in its ``view_pick``);
+    ``make_batch(samples, seeds)`` (``sample_seed`` of each) turns them into tensors in the
+    DataLoader worker. Use with ``DataLoader(batch_size=None, num_workers=workers)`` and the same
+    ``workers`` here; with ``chunk`` > 1 its items are ``chunk`` micro-batches one after another in
+    one batch, which ``micro_batches`` splits again (``handover_chunk``).
     """
 
     def __init__(self, samples: Sequence[dict], order: GlobalOrder, make_batch: Callable, batch_size: int,
@@ -141,13 +158,22 @@ class GlobalBatches(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         cache: dict = {}
-        take = getattr(self.samples, "take", None)  # a batch read in one go (TokenSamples)
         for c in itertools.count(info.id if info is not None else 0, self.workers):
             picks = [pick for k in range(c * self.chunk, (c + 1) * self.chunk)
                      for pick in self.order.at(self.positions(k), cache)]
-            samples = take([i for _, i in picks]) if take is not None else [self.samples[i] for _, i in picks]
-            seeds = [sample_seed(self.order.seed, e, s["__key__"]) for (e, _), s in zip(picks, samples)]
-            yield self.make_batch(samples, seeds)
+            yield self.make_batch(*self.read(picks))
+
+    def read(self, picks: list[tuple[int, int]]) -> tuple[list[dict], list[bytes]]:
+        """The samples of ``picks`` ((epoch, sample) each) and their ``sample_seed``; a sample with
+        crops read in the view its seed picks (``view_pick``)."""
+        indices = [i for _, i in picks]
+        views = getattr(self.samples, "views", 1)
+        if views > 1:  # the keys first: they say which view to read
+            seeds = [sample_seed(self.order.seed, e, key) for (e, _), key in zip(picks, self.samples.keys(indices))]
+            return self.samples.take(indices, [view_pick(s, views) for s in seeds]), seeds
+        take = getattr(self.samples, "take", None)  # a batch read in one go (TokenSamples)
+        samples = take(indices) if take is not None else [self.samples[i] for i in indices]
+        return samples, [sample_seed(self.order.seed, e, s["__key__"]) for (e, _), s in zip(picks, samples)]
 
 
 # A DataLoader worker hands each batch's tensors to the training process through shared memory at

@@ -8,8 +8,19 @@ into files that a sample can be read from in place, memory-mapped:
     TOKENS/_index/captions.bin         every raw caption (UTF-8), one after another
     TOKENS/_index/caption_offsets.i64  N + 1 int64: caption i is captions.bin[off[i]:off[i+1]]
     TOKENS/_index/keys.bin, key_offsets.i64   the samples' keys, the same way (per-sample RNG, tests)
-    TOKENS/_index/meta.json            version, samples, image_len, the AugVAE's sha256, and each
-                                       shard's name, sample count, tar size and mtime and stats file
+    TOKENS/_index/crops.u16            with K > 0 crops a sample only: N x K x image_len uint16,
+                                       sample i's random crops' codes (``lverse encode --crops K``)
+    TOKENS/_index/crop_boxes.i32       with K > 0 only: N x K x 4 int32, each crop's box (left, top,
+                                       right, bottom) in its source image's pixels
+    TOKENS/_index/meta.json            version, samples, image_len, crops (K), the AugVAE's sha256,
+                                       and each shard's name, sample count, tar size and mtime and
+                                       stats file
+
+A sample has K + 1 *views*: 0 its centre crop (``codes.u16``), 1..K its crops. K is one number for
+the index: a folder whose shards were encoded with different ``--crops`` is refused (``lverse
+encode`` refuses to make one). An index without ``crops`` in its meta (from before crops existed)
+reads as K = 0; one that holds fewer crops than its shards' stats files record is refused with the
+command that rebuilds it.
 
 Samples are numbered shard by shard (sorted names), each shard's in its tar's order. The folder is
 written under a temporary name beside ``_index`` and renamed into place, so nothing half-written
@@ -33,12 +44,12 @@ The trade-off. The index costs a one-off build, every tar read once: about 5000 
 codes a second in one process on the 2-core test machine (parsing the tar is most of it), so about
 10 minutes for CC3M's ~3M pairs in one process; the build reads shards in up to 16. And disk
 space: 2 bytes x image_len per sample for the codes, 2 KiB for AugVAE-SL's 1024 codes, so about
-6 GB for CC3M, plus the captions (~60 bytes each). Training then
-reads single samples at random offsets: that wants local disk or a page cache that holds the
-index (6 GB fits in most nodes' RAM); on network storage every read is a round trip. In exchange:
-a shuffle over the whole data set (not within a buffer of a few shards), a resume that continues
-at exactly the next sample on any number of ranks and DataLoader workers, and no limit of ranks x
-workers against the number of shards.
+6 GB for CC3M (K + 1 times that with K crops, and 16 bytes a crop for its box), plus the captions
+(~60 bytes each). Training then reads single samples at random offsets: that wants local disk or
+a page cache that holds the index (6 GB fits in most nodes' RAM); on network storage every read
+is a round trip. In exchange: a shuffle over the whole data set (not within a buffer of a few
+shards), a resume that continues at exactly the next sample on any number of ranks and
+DataLoader workers, and no limit of ranks x workers against the number of shards.
 """
 
 from __future__ import annotations
@@ -66,6 +77,7 @@ log = logging.getLogger(__name__)
 INDEX = "_index"
 VERSION = 1
 FILES = ("codes.u16", "captions.bin", "caption_offsets.i64", "keys.bin", "key_offsets.i64", "meta.json")
+CROP_FILES = ("crops.u16", "crop_boxes.i32")  # only in an index of shards with crops
 # How long the other ranks of a training run wait for rank 0 to build a missing index (CC3M: about
 # 10 minutes in one process, see the module doc).
 BUILD_WAIT = datetime.timedelta(hours=2)
@@ -85,6 +97,16 @@ def shard_identity(shard: str) -> dict:
     stats = read_json(stats_path(shard))
     return {"name": shard_name(shard), "samples": int(stats["samples"]), "tar_bytes": st.st_size,
             "tar_mtime_ns": st.st_mtime_ns, "stats": stats}
+
+
+def index_files(crops: int) -> tuple[str, ...]:
+    """The files of an index of ``crops`` crops a sample."""
+    return FILES + (CROP_FILES if crops else ())
+
+
+def shard_crops(stats: dict) -> int:
+    """Crops a sample of a token shard, from its stats file (none before ``--crops`` existed)."""
+    return int(stats.get("crops", 0))
 
 
 def finished_shards(tokens: str) -> tuple[list[str], list[str]]:
@@ -116,6 +138,12 @@ def build_index(tokens: str, progress: bool = True, workers: int | None = None) 
     if len(vaes) > 1:
         raise InputError(f"{tokens} holds shards of {len(vaes)} AugVAEs ({', '.join(v[:12] for v in vaes)}): "
                          "one folder, one AugVAE; re-encode into separate folders")
+    crops = sorted({shard_crops(e["stats"]) for e in entries})
+    if len(crops) > 1:
+        first = {k: next(e["name"] for e in entries if shard_crops(e["stats"]) == k) for k in crops}
+        raise InputError(f"{tokens} holds shards of {len(crops)} crop counts ("
+                         f"{', '.join(f'{k} in {name}' for k, name in first.items())}): one folder, one `lverse encode "
+                         "--crops`; re-encode into separate folders")
     try:
         _remove_leftovers(tokens)
         tmp = tempfile.mkdtemp(dir=tokens, prefix=f".{INDEX}.", suffix=".tmp")
@@ -128,45 +156,55 @@ def build_index(tokens: str, progress: bool = True, workers: int | None = None) 
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: others on shared storage could not read it
     try:
         workers = default_workers() if workers is None else workers
-        image_len = _write_arrays(tmp, shards, entries, progress, min(workers, len(shards)))
+        image_len = _write_arrays(tmp, shards, entries, crops[0], progress, min(workers, len(shards)))
         meta = {"version": VERSION, "samples": sum(e["samples"] for e in entries), "image_len": image_len,
-                "vae": vaes[0], "shards": entries}
+                "crops": crops[0], "vae": vaes[0], "shards": entries}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             _sync(f)
         _swap_in(tmp, index_path(tokens))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    size = sum(os.path.getsize(os.path.join(index_path(tokens), name)) for name in FILES)
+    size = sum(os.path.getsize(os.path.join(index_path(tokens), name)) for name in index_files(crops[0]))
     summary = {"index": index_path(tokens), "samples": meta["samples"], "shards": len(shards),
-               "image_len": image_len, "bytes": size, "seconds": round(time.time() - start, 2)}
+               "image_len": image_len, "crops": crops[0], "bytes": size, "seconds": round(time.time() - start, 2)}
     log.info("token index %s: %d samples of %d shards, %.1f MB, in %.1f s", summary["index"], summary["samples"],
              summary["shards"], size / 1e6, summary["seconds"])
     return summary
 
 
-def _write_arrays(folder: str, shards: list[str], entries: list[dict], progress: bool, workers: int) -> int:
-    """codes, captions and keys of every shard into ``folder``, shards read by ``workers``
-    processes (tar parsing is what the build spends its time on); returns image_len."""
+def _write_arrays(folder: str, shards: list[str], entries: list[dict], crops: int, progress: bool,
+                  workers: int) -> int:
+    """codes, captions and keys (and with ``crops``, the crops' codes and boxes) of every shard
+    into ``folder``, shards read by ``workers`` processes (tar parsing is what the build spends
+    its time on); returns image_len."""
+    import contextlib
+
     from tqdm import tqdm
     image_len, samples, caption_end, key_end = None, 0, 0, 0
-    with open(os.path.join(folder, "codes.u16"), "wb") as codes_f, \
-            open(os.path.join(folder, "captions.bin"), "wb") as captions_f, \
-            open(os.path.join(folder, "keys.bin"), "wb") as keys_f, \
-            open(os.path.join(folder, "caption_offsets.i64"), "wb") as caption_offsets_f, \
-            open(os.path.join(folder, "key_offsets.i64"), "wb") as key_offsets_f, \
-            tqdm(total=len(shards), unit="shard", desc="token index", disable=not progress) as bar:
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(open(os.path.join(folder, name), "wb"))
+                 for name in index_files(crops) if name != "meta.json"}
+        bar = stack.enter_context(tqdm(total=len(shards), unit="shard", desc="token index", disable=not progress))
+        codes_f, captions_f, keys_f = files["codes.u16"], files["captions.bin"], files["keys.bin"]
+        caption_offsets_f, key_offsets_f = files["caption_offsets.i64"], files["key_offsets.i64"]
         caption_offsets_f.write(np.zeros(1, dtype="<i8").tobytes())
         key_offsets_f.write(np.zeros(1, dtype="<i8").tobytes())
         for shard, entry, part in zip(shards, entries, _in_order(_read_shard, shards, workers)):
             if part["samples"] != entry["samples"]:
                 raise InputError(f"{shard} holds {part['samples']} samples but its stats file says {entry['samples']}: "
                                  "the shard changed after it was written; re-run `lverse encode` on it")
+            if part["samples"] and part["crops"] != crops:
+                raise InputError(f"{shard} holds {part['crops']} crops a sample but its stats file says {crops}: the "
+                                 "shard changed after it was written; re-run `lverse encode` on it")
             if part["samples"] and image_len not in (None, part["image_len"]):
                 raise InputError(f"{shard} holds {part['image_len']} codes a sample, earlier shards {image_len}: the "
                                  "folder mixes AugVAEs; re-encode into separate folders")
             image_len = part["image_len"] if part["samples"] else image_len
             codes_f.write(part["codes"])
+            if crops:
+                files["crops.u16"].write(part["crop_codes"])
+                files["crop_boxes.i32"].write(part["crop_boxes"])
             captions_f.write(part["captions"])
             keys_f.write(part["keys"])
             caption_offsets_f.write((caption_end + np.cumsum(part["caption_lengths"], dtype="<i8")).tobytes())
@@ -176,14 +214,14 @@ def _write_arrays(folder: str, shards: list[str], entries: list[dict], progress:
             samples += part["samples"]
             bar.update(1)
             bar.set_postfix(samples=samples)
-        for f in (codes_f, captions_f, keys_f, caption_offsets_f, key_offsets_f):
+        for f in files.values():
             _sync(f)
     return image_len or 0
 
 
 def _read_shard(shard: str) -> dict:
     """One shard's part of the index files (in a worker process)."""
-    codes, captions, keys, image_len = [], [], [], None
+    codes, captions, keys, crop_codes, crop_boxes, image_len, crops = [], [], [], [], [], None, None
     for sample in iter_samples(shard):
         row = _codes(sample, shard)
         if image_len is None:
@@ -191,10 +229,19 @@ def _read_shard(shard: str) -> dict:
         elif len(row) != image_len:
             raise InputError(f"{shard}: sample {sample['__key__']} has {len(row)} codes, earlier samples "
                              f"{image_len}: re-run `lverse encode` on it")
+        views, boxes = _crops(sample, shard, image_len)
+        if crops is None:
+            crops = len(views)
+        elif len(views) != crops:
+            raise InputError(f"{shard}: sample {sample['__key__']} has {len(views)} crops, earlier samples {crops}: "
+                             "re-run `lverse encode` on it")
         codes.append(row.tobytes())
+        crop_codes.append(views.tobytes())
+        crop_boxes.append(boxes.tobytes())
         captions.append(sample.get("txt", b""))
         keys.append(sample["__key__"].encode())
-    return {"samples": len(keys), "image_len": image_len, "codes": b"".join(codes), "captions": b"".join(captions),
+    return {"samples": len(keys), "image_len": image_len, "crops": crops or 0, "codes": b"".join(codes),
+            "crop_codes": b"".join(crop_codes), "crop_boxes": b"".join(crop_boxes), "captions": b"".join(captions),
             "keys": b"".join(keys), "caption_lengths": np.array([len(c) for c in captions], dtype=np.int64),
             "key_lengths": np.array([len(k) for k in keys], dtype=np.int64)}
 
@@ -233,6 +280,23 @@ def _codes(sample: dict, shard: str) -> np.ndarray:
         raise InputError(f"{shard}: sample {sample['__key__']} holds {codes.dtype} codes of shape {codes.shape}, "
                          "not one row of uint16: not a token shard of `lverse encode`")
     return codes.astype("<u2", copy=False)
+
+
+def _crops(sample: dict, shard: str, image_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's crops: ((K, image_len) "<u2" codes, (K, 4) "<i4" boxes); K = 0 without any."""
+    if "crops.npy" not in sample:
+        return np.zeros((0, image_len), dtype="<u2"), np.zeros((0, 4), dtype="<i4")
+    views = np.load(io.BytesIO(sample["crops.npy"]), allow_pickle=False)
+    try:
+        boxes = np.array(json.loads(sample.get("json", b"{}")).get("crops"), dtype="<i4")
+    except (ValueError, TypeError, AttributeError):
+        boxes = None
+    if views.dtype != np.uint16 or views.ndim != 2 or views.shape[1] != image_len or boxes is None \
+            or boxes.shape != (len(views), 4):
+        raise InputError(f"{shard}: sample {sample['__key__']} holds {views.dtype} crops of shape {views.shape} and "
+                         f"{'no' if boxes is None else boxes.shape} boxes in its .json, not K rows of {image_len} "
+                         "uint16 codes and K boxes: not a token shard of `lverse encode --crops`")
+    return views.astype("<u2", copy=False), boxes
 
 
 def _sync(f) -> None:
@@ -278,18 +342,27 @@ class TokenIndex:
         if self.meta.get("version") != VERSION:
             raise InputError(f"the token index {path} is of version {self.meta.get('version')}, this lverse reads "
                              f"{VERSION}: {rebuild_hint(os.path.dirname(path))}")
+        self.crops = int(self.meta.get("crops", 0))  # an index from before crops existed holds none
         self._arrays = None
 
     def __len__(self) -> int:
         return self.meta["samples"]
 
     def __getstate__(self):
-        return {"path": self.path, "meta": self.meta, "_arrays": None}
+        return {"path": self.path, "meta": self.meta, "crops": self.crops, "_arrays": None}
 
     def check_files(self) -> None:
-        """The files hold what meta.json says (a damaged or half-copied index is refused)."""
-        n, length = self.meta["samples"], self.meta["image_len"]
+        """The files hold what meta.json says (a damaged or half-copied index is refused), and as
+        many crops a sample as its shards' stats files record (an index that an lverse from before
+        crops built over shards with crops holds none)."""
+        n, length, k = self.meta["samples"], self.meta["image_len"], self.crops
+        held = max((shard_crops(e["stats"]) for e in self.meta["shards"]), default=0)
+        if held != k:
+            raise InputError(f"the token index {self.path} holds {k} crops a sample, its shards {held}: "
+                             f"{rebuild_hint(os.path.dirname(self.path))}")
         expected = {"codes.u16": 2 * n * length, "caption_offsets.i64": 8 * (n + 1), "key_offsets.i64": 8 * (n + 1)}
+        if k:
+            expected |= {"crops.u16": 2 * n * k * length, "crop_boxes.i32": 4 * n * k * 4}
         for name, size in expected.items():
             path = os.path.join(self.path, name)
             if not os.path.isfile(path) or os.path.getsize(path) != size:
@@ -313,30 +386,57 @@ class TokenIndex:
                 "caption_offsets": _map(os.path.join(self.path, "caption_offsets.i64"), "<i8", (n + 1,)),
                 "keys": _map(os.path.join(self.path, "keys.bin"), np.uint8, None),
                 "key_offsets": _map(os.path.join(self.path, "key_offsets.i64"), "<i8", (n + 1,))}
+            if self.crops:
+                self._arrays["crops"] = _map(os.path.join(self.path, "crops.u16"), "<u2", (n, self.crops, length))
+                self._arrays["crop_boxes"] = _map(os.path.join(self.path, "crop_boxes.i32"), "<i4", (n, self.crops, 4))
         return self._arrays
 
     def sample(self, row: int) -> dict:
         """Sample ``row`` as a token shard's sample reads, with its codes already an array:
-        ``{"__key__": str, "txt": bytes, "codes": (image_len,) uint16}``."""
+        ``{"__key__": str, "txt": bytes, "codes": (image_len,) uint16}``, and with crops also
+        ``"crops"`` ((K, image_len) uint16) and ``"crop_boxes"`` ((K, 4) int32)."""
         a = self._open()
-        return {"__key__": _slice(a["keys"], a["key_offsets"], row).decode(),
-                "txt": _slice(a["captions"], a["caption_offsets"], row),
-                "codes": np.array(a["codes"][row], dtype=np.uint16)}
+        out = {"__key__": _slice(a["keys"], a["key_offsets"], row).decode(),
+               "txt": _slice(a["captions"], a["caption_offsets"], row),
+               "codes": np.array(a["codes"][row], dtype=np.uint16)}
+        if self.crops:
+            out |= {"crops": np.array(a["crops"][row], dtype=np.uint16),
+                    "crop_boxes": np.array(a["crop_boxes"][row], dtype=np.int32)}
+        return out
 
-    def samples(self, rows: np.ndarray) -> list[dict]:
-        """``[self.sample(row) for row in rows]``, the codes read in one go (each sample's
-        ``codes`` a row of one (len(rows), image_len) array)."""
+    def samples(self, rows: np.ndarray, views: Sequence[int] | None = None) -> list[dict]:
+        """``[self.sample(row) for row in rows]`` without the crops, the codes read in one go
+        (each sample's ``codes`` a row of one (len(rows), image_len) array). With ``views``, sample
+        j's ``codes`` are those of its view ``views[j]`` (0: the centre crop, 1..K: crop 1..K),
+        named in its ``view``."""
         a = self._open()
         rows = np.asarray(rows, dtype=np.int64)
         plain = {name: array.view(np.ndarray) for name, array in a.items()}  # np.memmap's indexing costs more
         codes = np.asarray(plain["codes"][rows], dtype=np.uint16)
+        if views is not None:
+            views = np.asarray(views, dtype=np.int64)
+            if views.shape != rows.shape or views.size and (views.min() < 0 or views.max() > self.crops):
+                raise IndexError(f"views {views.tolist()} of {len(rows)} samples with {self.crops} crops each")
+            crop = views > 0
+            if crop.any():
+                codes[crop] = plain["crops"][rows[crop], views[crop] - 1]
         captions, caption_offsets = memoryview(plain["captions"]), plain["caption_offsets"]
         keys, key_offsets = memoryview(plain["keys"]), plain["key_offsets"]
         caption_lo, caption_hi = caption_offsets[rows].tolist(), caption_offsets[rows + 1].tolist()
         key_lo, key_hi = key_offsets[rows].tolist(), key_offsets[rows + 1].tolist()
-        return [{"__key__": keys[key_lo[j]:key_hi[j]].tobytes().decode(),
-                 "txt": captions[caption_lo[j]:caption_hi[j]].tobytes(), "codes": codes[j]}
-                for j in range(len(rows))]
+        out = [{"__key__": keys[key_lo[j]:key_hi[j]].tobytes().decode(),
+                "txt": captions[caption_lo[j]:caption_hi[j]].tobytes(), "codes": codes[j]}
+               for j in range(len(rows))]
+        for sample, view in zip(out, views.tolist() if views is not None else ()):
+            sample["view"] = view
+        return out
+
+    def keys(self, rows: np.ndarray) -> list[str]:
+        """The keys of samples ``rows`` (what their per-sample randomness is drawn from)."""
+        a = self._open()
+        rows = np.asarray(rows, dtype=np.int64)
+        blob, offsets = memoryview(a["keys"].view(np.ndarray)), a["key_offsets"].view(np.ndarray)
+        return [blob[lo:hi].tobytes().decode() for lo, hi in zip(offsets[rows].tolist(), offsets[rows + 1].tolist())]
 
     def shard_rows(self) -> dict[str, tuple[int, int]]:
         """Shard name -> (its first row, its samples)."""
@@ -374,12 +474,16 @@ def _slice(blob, offsets, row: int) -> bytes:
 
 class TokenSamples:
     """The samples of the named shards, numbered 0..len-1 shard after shard, read from their
-    folder's index; what the global order (``data.py``) permutes. Picklable."""
+    folder's index; what the global order (``data.py``) permutes. Picklable.
 
-    def __init__(self, index: TokenIndex, shards: list[str]):
+    ``views``: 1 + the index's crops a sample (``crops=False``: 1, the centre crop only); the
+    global order picks one of them per visit of a sample (``data.GlobalBatches``)."""
+
+    def __init__(self, index: TokenIndex, shards: list[str], crops: bool = True):
         rows = index.shard_rows()
         picked = [rows[shard_name(s)] for s in shards]
         self.index = index
+        self.views = 1 + index.crops if crops else 1
         self.starts = np.array([start for start, _ in picked], dtype=np.int64)
         self.ends = np.cumsum([count for _, count in picked], dtype=np.int64)  # exclusive, in this numbering
 
@@ -396,14 +500,25 @@ class TokenSamples:
     def __getitem__(self, i: int) -> dict:
         return self.index.sample(self.row(i))
 
-    def take(self, indices: Sequence[int]) -> list[dict]:
-        """``[self[i] for i in indices]``, read in one go (a micro-batch: ``data.GlobalBatches``)."""
+    def take(self, indices: Sequence[int], views: Sequence[int] | None = None) -> list[dict]:
+        """``[self[i] for i in indices]``, read in one go (a micro-batch: ``data.GlobalBatches``);
+        with ``views``, each sample's codes those of its view (``TokenIndex.samples``)."""
+        if views is not None and len(views) and max(views) >= self.views:
+            raise IndexError(f"view {max(views)} of samples with {self.views} views")
+        return self.index.samples(self._rows(indices), views)
+
+    def keys(self, indices: Sequence[int]) -> list[str]:
+        """The keys of samples ``indices``, without reading their codes."""
+        return self.index.keys(self._rows(indices))
+
+    def _rows(self, indices: Sequence[int]) -> np.ndarray:
+        """The index rows of samples ``indices``."""
         i = np.asarray(indices, dtype=np.int64)
         if i.size and (i.min() < 0 or i.max() >= len(self)):
             raise IndexError(int(i[(i < 0) | (i >= len(self))][0]))
         s = np.searchsorted(self.ends, i, side="right")
         before = np.where(s > 0, self.ends[np.maximum(s - 1, 0)], 0)  # samples of the shards before
-        return self.index.samples(self.starts[s] + i - before)
+        return self.starts[s] + i - before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,9 +533,10 @@ def shards_folder(shards: list[str]) -> str:
     return folders[0]
 
 
-def open_samples(shards: list[str], vae_hash: str | None) -> TokenSamples:
+def open_samples(shards: list[str], vae_hash: str | None, crops: bool = True) -> TokenSamples:
     """The named shards' samples from their folder's index, refused unless the index holds each
-    of them unchanged (and, with ``vae_hash``, is of that AugVAE)."""
+    of them unchanged (and, with ``vae_hash``, is of that AugVAE); ``crops``: their random crops
+    are views too (``TokenSamples``)."""
     tokens = shards_folder(shards)
     index = TokenIndex(index_path(tokens))
     if vae_hash is not None and index.meta["vae"] != vae_hash:
@@ -432,10 +548,10 @@ def open_samples(shards: list[str], vae_hash: str | None) -> TokenSamples:
         raise InputError(f"the token index {index.path} no longer matches the shards: {'; '.join(reasons[:3])}{more}; "
                          f"{rebuild_hint(tokens)} (training builds an index only when there is none)")
     index.check_files()
-    return TokenSamples(index, shards)
+    return TokenSamples(index, shards, crops)
 
 
-def ensure_index(shards: list[str], vae_hash: str | None, rank: int = 0) -> TokenSamples:
+def ensure_index(shards: list[str], vae_hash: str | None, rank: int = 0, crops: bool = True) -> TokenSamples:
     """``open_samples`` in a training run (collective when a process group is up): rank 0 builds
     the folder's index when there is none while the other ranks wait; a stale one is refused."""
     tokens = shards_folder(shards)
@@ -444,7 +560,7 @@ def ensure_index(shards: list[str], vae_hash: str | None, rank: int = 0) -> Toke
         log.info("no token index in %s: building it once (`lverse index --tokens %s` does the same)", tokens, tokens)
         build_index(tokens)
     _wait_for(meta, rank)
-    return open_samples(shards, vae_hash)
+    return open_samples(shards, vae_hash, crops)
 
 
 def _wait_for(meta: str, rank: int) -> None:
@@ -479,5 +595,6 @@ def index_folder(tokens: str, progress: bool = True, workers: int | None = None)
         if fresh:
             log.info("token index %s is up to date (%d samples of %d shards)", path, len(index), len(shards))
             return {"index": path, "samples": len(index), "shards": len(shards), "image_len": index.meta["image_len"],
-                    "bytes": sum(os.path.getsize(os.path.join(path, name)) for name in FILES), "up_to_date": True}
+                    "crops": index.crops, "up_to_date": True,
+                    "bytes": sum(os.path.getsize(os.path.join(path, name)) for name in index_files(index.crops))}
     return build_index(tokens, progress, workers)
