@@ -36,7 +36,6 @@ share of the cores (``resources.py``).
 from __future__ import annotations
 
 import collections
-import glob
 import hashlib
 import io
 import json
@@ -50,6 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json, read_json, remove_stale_temporaries
 from lverse.core.images import preprocess
@@ -139,7 +139,7 @@ class ShardEncoder:
     def __call__(self, shard: str) -> TaskResult:
         name = shard_name(shard)
         done = os.path.join(self.output, f"{name}_stats.json")
-        if os.path.exists(done):
+        if storage.exists(done):
             return TaskResult(name, ok=True, skipped=True)
         device = resolve_device(self.device)
         vae = load_vae(self.vae, device)
@@ -151,7 +151,7 @@ class ShardEncoder:
                 self._encode(shard, vae, device, out, stats)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             return TaskResult(name, ok=False, reason=f"{shard}: {type(e).__name__}: {e}")
-        stats.update(source=os.path.abspath(shard), vae=self.vae_hash, crops=self.crops,
+        stats.update(source=storage.absolute(shard), vae=self.vae_hash, crops=self.crops,
                      seconds=round(time.time() - start, 2), node=socket.gethostname())
         atomic_write_json(done, stats)  # last: the shard is done
         return TaskResult(name, ok=True, stats=stats)
@@ -246,13 +246,12 @@ def run_encode(cfg: EncodeConfig) -> dict:
     if not os.path.isfile(cfg.vae):
         raise FileNotFoundError(f"AugVAE checkpoint {cfg.vae} does not exist")
     vae_hash = file_sha256(cfg.vae)
-    done = [(path, read_json(path))
-            for path in sorted(glob.glob(os.path.join(glob.escape(cfg.output), "*_stats.json")))]
+    storage.check_output(cfg.output)
+    done = [(path, read_json(path)) for path in storage.glob(os.path.join(storage.escape(cfg.output), "*_stats.json"))]
     check_vae(done, vae_hash, other_vae="encode into a new --output folder",
               image_shards="lverse encode did not write it (image shards?); encode into a new --output folder")
     _check_crops(done, cfg.crops)
     load_vae(cfg.vae)  # a bad checkpoint fails here, once, with its message
-    os.makedirs(cfg.output, exist_ok=True)
     task = ShardEncoder(cfg.vae, vae_hash, cfg.output, cfg.batch_size, cfg.decode_threads, cfg.device, cfg.crops)
 
     def totals(results, seconds):
@@ -263,7 +262,6 @@ def run_encode(cfg: EncodeConfig) -> dict:
                 "vae": vae_hash, "crops": cfg.crops, "images_per_second": rate(encoded, seconds)}
     return run_shard_stage("encode", task, shards, [shard_name(s) for s in shards], cfg.output, cfg,
                            totals=totals)
-
 
 
 def _check_crops(done: list[tuple[str, dict]], crops: int) -> None:

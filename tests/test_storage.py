@@ -41,44 +41,47 @@ def objects(prefix: str) -> dict[str, bytes]:
     return found
 
 
+RUN_FIELDS = ("start_time", "end_time", "duration", "seconds", "node", "source")
+
+
 def outputs(prefix: str) -> dict[str, bytes]:
-    """A stage's outputs, less what records times and hosts: its summary, and img2dataset's
-    timings in a shard's stats."""
+    """A stage's outputs, less what records the run rather than the data: its summary, and a
+    shard stats' times, host and input path."""
     found = {k: v for k, v in objects(prefix).items() if not k.startswith("_summary")}
     for name, raw in found.items():
-        if name.endswith("_stats.json") and b"start_time" in raw:
-            found[name] = {k: v for k, v in json.loads(raw).items() if k not in ("start_time", "end_time", "duration")}
+        if name.endswith("_stats.json"):
+            found[name] = {k: v for k, v in json.loads(raw).items() if k not in RUN_FIELDS}
     return found
 
 
 @pytest.mark.slow
-def test_download_then_caption_on_s3_equal_local_and_a_rerun_skips_everything(s3, data, biart, tmp_path):  # noqa: F811
-    with SyntheticServer(SyntheticSet(seed=3, train=10, heldout=1, image_size=64)) as server:
-        tsv = server.write_tsv(str(tmp_path / "in"), bad_urls=False)["train"]
-        # The plan records the input's path: the same file for both runs.
-        runs = {"local": str(tmp_path / "images"), "s3": "s3://lverse/run/images"}
-        for where, out in runs.items():
-            summary = run_download(DownloadConfig(input=tsv, output=out, samples_per_shard=5, image_size=64,
-                                                  download_threads=4))
-            assert summary["done"] == 2 and summary["written"] == 10, where
-        assert outputs(runs["s3"]) == outputs(runs["local"])
-        assert not storage.exists("s3://lverse/run/images/_tmp")
-        again = run_download(DownloadConfig(input=tsv, output=runs["s3"], samples_per_shard=5, image_size=64))
-        assert again["skipped"] == 2 and again["done"] == 0
-    # Token shards on S3 as `lverse encode` leaves them (copied: the encode stage has its own test).
-    fs, _ = storage.filesystem("s3://lverse")
-    fs.put(data["tokens"] + "/", "lverse/run/tokens/", recursive=True)
-    assert [os.path.basename(s) for s in expand_shards("s3://lverse/run/tokens")] == \
-        [os.path.basename(s) for s in expand_shards(data["tokens"])]
-    local = run_caption(caption_config(data, biart, tmp_path / "captions"))
-    remote = run_caption(caption_config(data, biart, "s3://lverse/run/captions", shards="s3://lverse/run/tokens"))
-    assert remote["images"] == local["images"] > 0
-    assert outputs("s3://lverse/run/captions") == outputs(str(tmp_path / "captions"))
-    again = run_caption(caption_config(data, biart, "s3://lverse/run/captions", shards="s3://lverse/run/tokens"))
-    assert again["skipped"] == again["shards"] and again["done"] == 0
-    # evaluate reads the captions where they are
+def test_download_encode_caption_on_s3_equal_local_and_a_rerun_skips_everything(s3, data, biart, tmp_path):  # noqa: F811
+    from lverse.pipeline.encode import EncodeConfig, run_encode
     from lverse.pipeline.evaluate import load_predictions
-    assert load_predictions("s3://lverse/run/captions") == load_predictions(str(tmp_path / "captions"))
+    roots = {"local": str(tmp_path / "run"), "s3": "s3://lverse/run"}
+
+    def stages(root):
+        return [lambda: run_download(DownloadConfig(input=tsv, output=f"{root}/images", samples_per_shard=5,
+                                                    image_size=64, download_threads=4)),
+                lambda: run_encode(EncodeConfig(shards=f"{root}/images", vae=data["vae"], output=f"{root}/tokens")),
+                lambda: run_caption(caption_config(data, biart, f"{root}/captions", shards=f"{root}/tokens"))]
+
+    with SyntheticServer(SyntheticSet(seed=3, train=10, heldout=1, image_size=64)) as server:
+        tsv = server.write_tsv(str(tmp_path / "in"), bad_urls=False)["train"]  # one input for both runs
+        for where, root in roots.items():
+            download, encode, caption = (stage() for stage in stages(root))
+            assert download["written"] == 10 and encode["samples"] == 10 and caption["images"] == 10, where
+        for folder in ("images", "tokens", "captions"):
+            remote = outputs(f"{roots['s3']}/{folder}")
+            assert remote == outputs(f"{roots['local']}/{folder}") and remote, folder
+        assert not storage.exists("s3://lverse/run/images/_tmp")
+        assert json.loads(objects(f"{roots['s3']}/tokens")["00001_stats.json"])["source"] == \
+            "s3://lverse/run/images/00001.tar"
+        for stage in stages(roots["s3"]):  # a rerun finds everything done
+            again = stage()
+            assert again["skipped"] == again["shards"] == 2 and again["done"] == 0
+    # evaluate reads the captions where they are
+    assert load_predictions(f"{roots['s3']}/captions") == load_predictions(f"{roots['local']}/captions")
 
 
 def test_an_upload_counts_whole_or_not_at_all(s3):
