@@ -430,7 +430,11 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _index_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", required=True, help="a folder of token shards (the --output of lverse encode)")
+    p.add_argument("--tokens", required=True, help="a folder of token shards (the --output of lverse encode), or "
+                   "an s3:// prefix")
+    p.add_argument("--index-dir", default=None,
+                   help="the folder to write _index/ into instead of TOKENS (required for s3:// tokens; shared "
+                        "storage on a cluster); training's data.index_dir names the same folder")
     p.add_argument("--workers", type=_positive, default=None,
                    help="processes reading the tars (default: the cores this process may use, at most 16)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -449,12 +453,15 @@ def _index(args: argparse.Namespace) -> None:
     under a temporary name and renamed into place. lverse train builds it when it is missing (rank
     0, the others wait) and refuses one that no longer matches the shards (a shard re-encoded or
     added): run this command after changing the shards. An index that matches the folder's
-    finished shards is left as it is. Prints a summary (samples, shards, bytes, seconds).
+    finished shards is left as it is. Token shards in an object store (s3://) are indexed into
+    --index-dir (INDEX_DIR/_index/). Prints a summary (samples, shards, bytes, seconds).
     """
+    from lverse.core import storage
     from lverse.runtime.token_index import index_folder
-    if not os.path.isdir(args.tokens):
+    storage.check_input(args.tokens)
+    if not storage.isdir(args.tokens):
         raise FileNotFoundError(f"--tokens {args.tokens} is not a folder")
-    _print_json(index_folder(args.tokens, progress=not args.quiet, workers=args.workers))
+    _print_json(index_folder(args.tokens, progress=not args.quiet, workers=args.workers, index_dir=args.index_dir))
 
 
 def _synthetic_options(p: argparse.ArgumentParser) -> None:

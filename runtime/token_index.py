@@ -34,6 +34,13 @@ rebuilt silently: the data under a run changed, which its owner should know). Th
 mtime: a folder copied without keeping mtimes (``cp -r``; ``cp -a`` and ``rsync -a`` keep them)
 needs ``lverse index`` again.
 
+Token shards in an object store (``s3://bucket/tokens``): the index cannot live beside them (it
+is memory-mapped), so it goes into a local or shared folder the caller names (``index_dir``:
+``lverse index --index-dir``, training's ``data.index_dir``, by default its run folder), as
+``INDEX_DIR/_index``. A shard's identity there is its size and ETag (S3 changes the ETag with
+every write) instead of its mtime. On several nodes the folder must be on storage they share, as
+the run folder is.
+
 Which shards: an index over a folder holds every finished shard of it (a tar with its stats
 file). ``data.shards`` may name a subset (a glob, a range): training then reads the named shards'
 samples from the folder's index, which must hold each of them unchanged; shards it does not name
@@ -68,6 +75,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import read_json, umask
 from lverse.core.shards import check_vae, iter_samples, shard_name, stats_path
@@ -83,20 +91,40 @@ CROP_FILES = ("crops.u16", "crop_boxes.i32")  # only in an index of shards with 
 BUILD_WAIT = datetime.timedelta(hours=2)
 
 
-def index_path(tokens: str) -> str:
-    return os.path.join(tokens, INDEX)
+def index_home(tokens: str, index_dir: str | None = None) -> str:
+    """The folder ``_index`` lives in: ``index_dir`` when given, else the tokens folder itself,
+    which an object store cannot be (see the module doc)."""
+    if index_dir is not None:
+        return index_dir
+    if storage.is_url(tokens):
+        raise InputError(f"the token shards in {tokens} are in an object store, and their index (memory-mapped) "
+                         "must be on a file system: name a folder for it (`lverse index --index-dir DIR`, "
+                         "training's data.index_dir; on several nodes one they share)")
+    return tokens
 
 
-def rebuild_hint(tokens: str) -> str:
-    return f"rebuild it with `lverse index --tokens {tokens}`"
+def index_path(tokens: str, index_dir: str | None = None) -> str:
+    return os.path.join(index_home(tokens, index_dir), INDEX)
+
+
+def rebuild_hint(tokens: str, index_dir: str | None = None) -> str:
+    where = f" --index-dir {index_dir}" if index_dir is not None else ""
+    return f"rebuild it with `lverse index --tokens {tokens}{where}`"
 
 
 def shard_identity(shard: str) -> dict:
     """What the index records of a shard to tell later whether it changed (see the module doc)."""
-    st = os.stat(shard)
     stats = read_json(stats_path(shard))
-    return {"name": shard_name(shard), "samples": int(stats["samples"]), "tar_bytes": st.st_size,
-            "tar_mtime_ns": st.st_mtime_ns, "stats": stats}
+    entry = {"name": shard_name(shard), "samples": int(stats["samples"]), "stats": stats}
+    if storage.is_url(shard):
+        fs, inner = storage.filesystem(shard)
+        info = fs.info(inner)
+        return entry | {"tar_bytes": int(info["size"]), "tar_etag": str(info.get("ETag") or info.get("etag"))}
+    st = os.stat(shard)
+    return entry | {"tar_bytes": st.st_size, "tar_mtime_ns": st.st_mtime_ns}
+
+
+IDENTITY = ("tar_bytes", "tar_mtime_ns", "tar_etag")  # a tar's size and version, whichever it has
 
 
 def index_files(crops: int) -> tuple[str, ...]:
@@ -111,18 +139,20 @@ def shard_crops(stats: dict) -> int:
 
 def finished_shards(tokens: str) -> tuple[list[str], list[str]]:
     """(finished, unfinished) token shards of a folder: a finished one has its stats file."""
-    tars = sorted(glob.glob(os.path.join(glob.escape(tokens), "*.tar")))
-    return [t for t in tars if os.path.isfile(stats_path(t))], [t for t in tars if not os.path.isfile(stats_path(t))]
+    tars = storage.glob(os.path.join(storage.escape(tokens), "*.tar"))
+    done = set(storage.glob(os.path.join(storage.escape(tokens), "*_stats.json")))  # one listing, not a look-up each
+    return [t for t in tars if stats_path(t) in done], [t for t in tars if stats_path(t) not in done]
 
 
 # ---------------------------------------------------------------------------------------------
 # building
 
-def build_index(tokens: str, progress: bool = True, workers: int | None = None) -> dict:
-    """Index every finished token shard of ``tokens`` into ``tokens/_index`` (replacing one that is
-    there), the tars read by ``workers`` processes (None: ``default_workers()``); returns what was
-    built: samples, shards, bytes, seconds."""
+def build_index(tokens: str, progress: bool = True, workers: int | None = None, index_dir: str | None = None) -> dict:
+    """Index every finished token shard of ``tokens`` into ``tokens/_index`` (``index_dir/_index``;
+    replacing one that is there), the tars read by ``workers`` processes (None:
+    ``default_workers()``); returns what was built: samples, shards, bytes, seconds."""
     start = time.time()
+    home = index_home(tokens, index_dir)
     shards, unfinished = finished_shards(tokens)
     if not shards:
         raise InputError(f"{tokens} holds no finished token shard (NNNNN.tar with NNNNN_stats.json): "
@@ -145,14 +175,15 @@ def build_index(tokens: str, progress: bool = True, workers: int | None = None) 
                          f"{', '.join(f'{k} in {name}' for k, name in first.items())}): one folder, one `lverse encode "
                          "--crops`; re-encode into separate folders")
     try:
-        _remove_leftovers(tokens)
-        tmp = tempfile.mkdtemp(dir=tokens, prefix=f".{INDEX}.", suffix=".tmp")
+        os.makedirs(home, exist_ok=True)
+        _remove_leftovers(home)
+        tmp = tempfile.mkdtemp(dir=home, prefix=f".{INDEX}.", suffix=".tmp")
     except OSError as e:  # a shared data set is often read-only: say what to do about it
         if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise
-        raise InputError(f"cannot write the token index into {tokens} ({os.strerror(e.errno)}): build it once as a "
+        raise InputError(f"cannot write the token index into {home} ({os.strerror(e.errno)}): build it once as a "
                          f"user who may write there (`lverse index --tokens {tokens}`), or copy the shards to a "
-                         "writable folder") from None
+                         "writable folder, or give the index a folder of its own (--index-dir)") from None
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: others on shared storage could not read it
     try:
         workers = default_workers() if workers is None else workers
@@ -162,11 +193,11 @@ def build_index(tokens: str, progress: bool = True, workers: int | None = None) 
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)
             _sync(f)
-        _swap_in(tmp, index_path(tokens))
+        _swap_in(tmp, os.path.join(home, INDEX))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    size = sum(os.path.getsize(os.path.join(index_path(tokens), name)) for name in index_files(crops[0]))
-    summary = {"index": index_path(tokens), "samples": meta["samples"], "shards": len(shards),
+    size = sum(os.path.getsize(os.path.join(home, INDEX, name)) for name in index_files(crops[0]))
+    summary = {"index": os.path.join(home, INDEX), "samples": meta["samples"], "shards": len(shards),
                "image_len": image_len, "crops": crops[0], "bytes": size, "seconds": round(time.time() - start, 2)}
     log.info("token index %s: %d samples of %d shards, %.1f MB, in %.1f s", summary["index"], summary["samples"],
              summary["shards"], size / 1e6, summary["seconds"])
@@ -319,9 +350,9 @@ def _swap_in(tmp: str, target: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_leftovers(tokens: str) -> None:
+def _remove_leftovers(home: str) -> None:
     """What a killed builder left (one builder at a time, see the module doc)."""
-    for path in glob.glob(os.path.join(glob.escape(tokens), f".{INDEX}.*")):
+    for path in glob.glob(os.path.join(glob.escape(home), f".{INDEX}.*")):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -456,7 +487,7 @@ class TokenIndex:
             now = shard_identity(shard)
             if now["stats"] != entry["stats"]:
                 reasons.append(f"{os.path.basename(stats_path(shard))} changed (the shard was encoded again?)")
-            elif (now["tar_bytes"], now["tar_mtime_ns"]) != (entry["tar_bytes"], entry["tar_mtime_ns"]):
+            elif [now.get(k) for k in IDENTITY] != [entry.get(k) for k in IDENTITY]:
                 reasons.append(f"{os.path.basename(shard)} changed (size or modification time; copied without "
                                "keeping mtimes, or rewritten?)")
         return reasons
@@ -526,44 +557,47 @@ class TokenSamples:
 
 def shards_folder(shards: list[str]) -> str:
     """The one folder the named shards are in (an index lives beside its shards)."""
-    folders = sorted({os.path.dirname(os.path.abspath(s)) for s in shards})
+    folders = sorted({os.path.dirname(storage.absolute(s)) for s in shards})
     if len(folders) != 1:
         raise InputError(f"data.shards names shards in {len(folders)} folders ({', '.join(folders[:3])}...); the token "
                          "index holds one folder's shards: put them in one folder (or link them into one)")
     return folders[0]
 
 
-def open_samples(shards: list[str], vae_hash: str | None, crops: bool = True) -> TokenSamples:
-    """The named shards' samples from their folder's index, refused unless the index holds each
-    of them unchanged (and, with ``vae_hash``, is of that AugVAE); ``crops``: their random crops
-    are views too (``TokenSamples``)."""
+def open_samples(shards: list[str], vae_hash: str | None, crops: bool = True,
+                 index_dir: str | None = None) -> TokenSamples:
+    """The named shards' samples from their folder's index (in ``index_dir`` when given), refused
+    unless the index holds each of them unchanged (and, with ``vae_hash``, is of that AugVAE);
+    ``crops``: their random crops are views too (``TokenSamples``)."""
     tokens = shards_folder(shards)
-    index = TokenIndex(index_path(tokens))
+    index = TokenIndex(index_path(tokens, index_dir))
     if vae_hash is not None and index.meta["vae"] != vae_hash:
         raise InputError(f"the token index {index.path} is of another AugVAE ({index.meta['vae'][:12]}...) than "
-                         f"data.vae ({vae_hash[:12]}...): {rebuild_hint(tokens)}")
+                         f"data.vae ({vae_hash[:12]}...): {rebuild_hint(tokens, index_dir)}")
     reasons = index.stale(shards)
     if reasons:
         more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
         raise InputError(f"the token index {index.path} no longer matches the shards: {'; '.join(reasons[:3])}{more}; "
-                         f"{rebuild_hint(tokens)} (training builds an index only when there is none)")
+                         f"{rebuild_hint(tokens, index_dir)} (training builds an index only when there is none)")
     index.check_files()
     return TokenSamples(index, shards, crops)
 
 
-def ensure_index(shards: list[str], vae_hash: str | None, rank: int = 0, crops: bool = True) -> TokenSamples:
+def ensure_index(shards: list[str], vae_hash: str | None, rank: int = 0, crops: bool = True,
+                 index_dir: str | None = None) -> TokenSamples:
     """``open_samples`` in a training run (collective when a process group is up): rank 0 builds
     the folder's index when there is none while the other ranks wait; a stale one is refused."""
     tokens = shards_folder(shards)
-    meta = os.path.join(index_path(tokens), "meta.json")
+    meta = os.path.join(index_path(tokens, index_dir), "meta.json")
     if rank == 0 and not os.path.isfile(meta):
-        log.info("no token index in %s: building it once (`lverse index --tokens %s` does the same)", tokens, tokens)
-        build_index(tokens)
-    _wait_for(meta, rank)
-    return open_samples(shards, vae_hash, crops)
+        log.info("no token index in %s: building it once (`%s` does the same)", os.path.dirname(meta),
+                 rebuild_hint(tokens, index_dir).removeprefix("rebuild it with ").strip("`"))
+        build_index(tokens, index_dir=index_dir)
+    _wait_for(meta, rank, rebuild_hint(tokens, index_dir).replace("rebuild it with", "build it beforehand with"))
+    return open_samples(shards, vae_hash, crops, index_dir)
 
 
-def _wait_for(meta: str, rank: int) -> None:
+def _wait_for(meta: str, rank: int, hint: str) -> None:
     """The ranks above 0 wait until they see the index, then all meet at a barrier. Not a barrier
     alone: its timeout (NCCL's: 10 minutes) is shorter than a large build may take, and on shared
     storage another node may see the new folder only some seconds after rank 0 renamed it. A rank 0
@@ -574,16 +608,15 @@ def _wait_for(meta: str, rank: int) -> None:
     deadline = time.monotonic() + BUILD_WAIT.total_seconds()
     while rank and not os.path.isfile(meta):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"rank {rank}: no token index at {meta} after {BUILD_WAIT}; build it beforehand with "
-                               f"`lverse index --tokens {os.path.dirname(os.path.dirname(meta))}`")
+            raise TimeoutError(f"rank {rank}: no token index at {meta} after {BUILD_WAIT}; {hint}")
         time.sleep(1.0)
     dist.barrier()
 
 
-def index_folder(tokens: str, progress: bool = True, workers: int | None = None) -> dict:
+def index_folder(tokens: str, progress: bool = True, workers: int | None = None, index_dir: str | None = None) -> dict:
     """``lverse index``: build ``tokens``' index unless it holds exactly the folder's finished
     shards, unchanged (then say so); returns the summary."""
-    path = index_path(tokens)
+    path = index_path(tokens, index_dir)
     shards, _ = finished_shards(tokens)
     if os.path.isfile(os.path.join(path, "meta.json")) and shards:
         try:
@@ -597,4 +630,4 @@ def index_folder(tokens: str, progress: bool = True, workers: int | None = None)
             return {"index": path, "samples": len(index), "shards": len(shards), "image_len": index.meta["image_len"],
                     "crops": index.crops, "up_to_date": True,
                     "bytes": sum(os.path.getsize(os.path.join(path, name)) for name in index_files(index.crops))}
-    return build_index(tokens, progress, workers)
+    return build_index(tokens, progress, workers, index_dir)

@@ -169,3 +169,26 @@ def test_generate_writes_to_s3_what_it_writes_to_disk_and_resumes(s3, data, biar
     assert generation_clip_score(runs["s3"]) == generation_clip_score(runs["local"])
     assert [p.removeprefix(runs["s3"]) for p in image_files(runs["s3"])] == \
         [p.removeprefix(runs["local"]) for p in image_files(runs["local"])] == ["/00000/best.png", "/00001/best.png"]
+
+
+def test_token_shards_on_s3_are_indexed_into_a_named_folder_and_a_rewrite_makes_it_stale(s3, data, tmp_path,  # noqa: F811
+                                                                                         caplog):
+    from lverse.core.shards import file_sha256
+    from lverse.runtime.token_index import ensure_index, open_samples
+    fs, _ = storage.filesystem("s3://lverse")
+    fs.put(data["tokens"] + "/", "lverse/index/tokens/", recursive=True)
+    remote = expand_shards("s3://lverse/index/tokens")
+    vae = file_sha256(data["vae"])
+    assert main(["index", "--tokens", "s3://lverse/index/tokens", "--quiet"]) == 2
+    assert "must be on a file system: name a folder for it" in caplog.text
+    assert main(["index", "--tokens", "s3://lverse/index/tokens", "--index-dir", str(tmp_path / "idx"), "--quiet"]) == 0
+    assert os.path.isfile(tmp_path / "idx" / "_index" / "meta.json")
+    samples = ensure_index(remote, vae, index_dir=str(tmp_path / "idx"))
+    local = ensure_index(expand_shards(data["tokens"]), vae)
+    assert len(samples) == len(local) > 0
+    for i in (0, len(local) // 2, len(local) - 1):
+        a, b = samples[i], local[i]
+        assert a["__key__"] == b["__key__"] and (a["codes"] == b["codes"]).all() and a["txt"] == b["txt"]
+    fs.copy("lverse/index/tokens/00002.tar", "lverse/index/tokens/00001.tar")  # rewritten, its stats file not
+    with pytest.raises(InputError, match=r"00001.tar changed .*--index-dir"):
+        open_samples(remote, vae, index_dir=str(tmp_path / "idx"))
