@@ -1,5 +1,6 @@
 """Training throughput on one process: the output head's options, compiled blocks, and a plain
-PyTorch loop against the DeepSpeed engine (ZeRO-2).
+PyTorch loop against the DeepSpeed engine (ZeRO-2); and the engine at ZeRO-1 and ZeRO-2 against
+stage 0 (plain data parallel), on one process or several.
 
 Same model size (``biart-mini`` by default: the paper's vocabulary and sequence length, 4 layers
 of width 256, where the output layer is most of the work), same optimizer (AdamW with the same
@@ -12,6 +13,17 @@ warm-up steps) so that drift of the machine hits all alike:
     default     plain loop, BiARTConfig's defaults (restricted head, chunked loss)
     compiled    plain loop, the defaults with ``train.compile_blocks`` (torch.compile per block)
     engine      the defaults under ``train.wrap`` (DeepSpeed ZeRO-2)
+    zero1       the same engine at ZeRO stage 1
+    ddp         the same engine at stage 0 (plain data parallel, ``ds_configs/ddp_*.json``)
+
+The three engines are the ``--deepspeed`` config with only ``zero_optimization`` changed (stage 1:
+``{"stage": 1}``, stage 0: ``{"stage": 0}``), so precision and everything else are alike. Under
+torchrun (``python -m torch.distributed.run --nproc_per_node 2 benchmarks/train.py``) only the
+three engines run, each rank on its own slice of threads, gradients all-reduced over gloo (the
+plain loops would not be comparable: they never communicate); rank 0 prints. Each loop's time is
+wall-clock and this process's CPU time (all its threads): CPU time counts less of a shared
+machine's load (not none: threads that wait for a descheduled one spin), and each stage's ratio
+is also given round by round (min, median).
 
 The last lines are name=value:
 
@@ -19,7 +31,14 @@ The last lines are name=value:
     loss_peak_memory_ratio=<peak memory of the loss, default / full>              (goal: <= 0.3)
     compile_speedup=<step time of default / step time of compiled>
     engine_overhead=<tokens/s of the plain loop (default) / tokens/s under the engine>  (goal: <= 1.10)
+    ddp_engine_overhead=<the same against the stage-0 engine>
+    engine_overhead_cpu_time, ddp_engine_overhead_cpu_time=<CPU time under the engine / of the plain loop>
     cpu_flops_utilization=<model FLOPs/s under the engine / FLOPs/s of a large fp32 matmul>
+    zero1_over_ddp_step_time=<step time at ZeRO-1 / step time at stage 0>
+    zero2_over_ddp_step_time=<step time at ZeRO-2 / step time at stage 0>
+    zero1_over_ddp_cpu_time, zero2_over_ddp_cpu_time=<the same in CPU time>
+
+(under torchrun only the last four, after the round-by-round lines).
 
 Peak memory of the loss: from the hidden states (given, requiring grad) through the output layer,
 the loss and its backward down to the hidden states' and lm_head's gradients, the most bytes the
@@ -32,12 +51,14 @@ Model FLOPs per token are ``train.flops_per_token`` (6N + 12 L d T; the head's r
 option scores them). On a GPU run it with ``--deepspeed ds_configs/zero2_bf16.json`` and the ratio
 reads as MFU against the measured bf16 matmul peak.
 
-Usage: python benchmarks/train.py [--preset biart-mini] [--batch 2] [--steps 5] [--rounds 3]
+Usage: python benchmarks/train.py [--preset biart-mini] [--batch 2] [--steps 4] [--rounds 3]
+       python -m torch.distributed.run --nproc_per_node 2 benchmarks/train.py   (the stages only)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -90,14 +111,22 @@ def engine_step(engine, seq, direction):
     engine.step()
 
 
-def timed(fn, data, cfg, steps: int, device) -> float:
-    start = time.perf_counter()
+def timed(fn, data, cfg, steps: int, device) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) of ``steps`` steps."""
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(steps):
         direction = Direction(i % 2)
         fn(build_sequence(*data[i % len(data)], direction, cfg), direction)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def at_stage(ds: dict, stage: int) -> dict:
+    """``ds`` with only the ZeRO stage changed (stage 1 and 0 take no stage-2 settings)."""
+    out = copy.deepcopy(ds)
+    out["zero_optimization"] = {"stage": stage}
+    return out
 
 
 def loss_peak_bytes(model, text, image, direction) -> int:
@@ -132,13 +161,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    setup_env()
+    info = setup_env()
     import deepspeed
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device(f"cuda:{info.local_rank}" if cuda else "cpu")
     cfg = TrainConfig(micro_batch_size=args.batch)
-    ds = load_ds_config(args.deepspeed, cfg, world_size=1)
+    ds = load_ds_config(args.deepspeed, cfg, world_size=info.world_size)
     if ds.get("zero_optimization", {}).get("stage") != 2:
         parser.error(f"{args.deepspeed} is not a ZeRO-2 config")
     dtype = DTYPES[precision(ds)]
@@ -148,44 +177,70 @@ def main(argv: list[str] | None = None) -> None:
     default = PRESETS[args.preset]
     full = dataclasses.replace(default, head="full", loss_chunk=0)
     loops = {}
-    for name, bcfg in (("full", full), ("default", default), ("compiled", default)):
+    if info.world_size == 1:
+        for name, bcfg in (("full", full), ("default", default), ("compiled", default)):
+            torch.manual_seed(0)
+            model = BiART(bcfg).to(device).train()
+            if name == "compiled":
+                compile_blocks(model)
+            opt, _ = build_optimizer(model, cfg.optim, dict(ds), 1e-4)  # the engine's optimizer choice
+            loops[name] = lambda seq, d, m=model, o=opt: plain_step(m, o, seq, d, dtype, device)
+    engines, kernels = {}, {}
+    for name, config in (("engine", ds), ("zero1", at_stage(ds, 1)), ("ddp", at_stage(ds, 0))):
         torch.manual_seed(0)
-        model = BiART(bcfg).to(device).train()
-        if name == "compiled":
-            compile_blocks(model)
-        opt, _ = build_optimizer(model, cfg.optim, dict(ds), 1e-4)  # the engine's optimizer choice
-        loops[name] = lambda seq, d, m=model, o=opt: plain_step(m, o, seq, d, dtype, device)
-    torch.manual_seed(0)
-    engine, kernels = wrap(BiART(default), cfg, ds, 1e-4, device)
-    engine.train()
-    loops["engine"] = lambda seq, d: engine_step(engine, seq, d)
+        engines[name], kernels[name] = wrap(BiART(default), cfg, copy.deepcopy(config), 1e-4, device)
+        engines[name].train()
+        loops[name] = lambda seq, d, e=engines[name]: engine_step(e, seq, d)
     data = batches(default, args.batch, 4, device)
+    load_before = os.getloadavg()
     for fn in loops.values():
         timed(fn, data, default, args.warmup, device)
-    t = dict.fromkeys(loops, 0.0)
+    rounds = {name: [] for name in loops}  # (wall, CPU) seconds of each round
     for _ in range(args.rounds):
         for name, fn in loops.items():
-            t[name] += timed(fn, data, default, args.steps, device)
-    tokens = args.rounds * args.steps * args.batch * (default.seq_len - 1)
-    tps = {name: tokens / seconds for name, seconds in t.items()}
-    memory = {name: max(loss_peak_bytes(BiART(bcfg).to(device), *data[0], d) for d in Direction)
-              for name, bcfg in (("full", full), ("default", default))}
-    peak = measure_peak_flops(device, dtype if cuda else torch.float32, n=4096 if cuda else 2048)
-    model_flops = flops_per_token(engine.module) * tps["engine"]
+            rounds[name].append(timed(fn, data, default, args.steps, device))
+    wall = {name: sum(w for w, _ in r) for name, r in rounds.items()}
+    cpu = {name: sum(c for _, c in r) for name, r in rounds.items()}
+    load_after = os.getloadavg()
+    if info.rank:
+        return
+    steps = args.rounds * args.steps
+    tokens = steps * args.batch * (default.seq_len - 1) * info.world_size
+    tps = {name: tokens / seconds for name, seconds in wall.items()}
     print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'} ({os.cpu_count()} cores), torch "
-          f"{torch.__version__}, deepspeed {deepspeed.__version__}, threads {torch.get_num_threads()}, preset "
-          f"{args.preset}, batch {args.batch}, {args.deepspeed}, head {default.head}, loss_chunk {default.loss_chunk}")
-    print(f"kernels: {kernels}")
-    print("tokens/s: " + ", ".join(f"{name} {v:.0f}" for name, v in tps.items()))
-    print(f"loss peak memory: full {memory['full'] / 2**20:.0f} MiB, default {memory['default'] / 2**20:.0f} MiB")
-    print(f"model: {flops_per_token(engine.module) / 1e6:.1f} MFLOP per token -> {model_flops / 1e9:.2f} GFLOP/s; "
-          f"matmul peak {peak / 1e9:.1f} GFLOP/s")
-    print(f"step_speedup_restricted_head={t['full'] / t['default']:.3f}")
-    print(f"loss_peak_memory_ratio={memory['default'] / memory['full']:.3f}")
-    print(f"compile_speedup={t['default'] / t['compiled']:.3f}")
-    print(f"engine_overhead={tps['default'] / tps['engine']:.3f}")
-    print(f"cpu_flops_utilization={model_flops / peak:.3f}")
-
+          f"{torch.__version__}, deepspeed {deepspeed.__version__}, {info.world_size} ranks x "
+          f"{torch.get_num_threads()} threads, preset {args.preset}, batch {args.batch} per rank, {args.deepspeed}, "
+          f"head {default.head}, loss_chunk {default.loss_chunk}")
+    print(f"load average (1, 5, 15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+          f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+    print(f"kernels (ZeRO-2): {kernels['engine']}")
+    print("tokens/s (all ranks): " + ", ".join(f"{name} {v:.0f}" for name, v in tps.items()))
+    print("per step, wall / CPU (rank 0) ms: " + ", ".join(
+        f"{name} {1e3 * wall[name] / steps:.0f} / {1e3 * cpu[name] / steps:.0f}" for name in loops))
+    if info.world_size == 1:
+        memory = {name: max(loss_peak_bytes(BiART(bcfg).to(device), *data[0], d) for d in Direction)
+                  for name, bcfg in (("full", full), ("default", default))}
+        peak = measure_peak_flops(device, dtype if cuda else torch.float32, n=4096 if cuda else 2048)
+        model_flops = flops_per_token(engines["engine"].module) * tps["engine"]
+        print(f"loss peak memory: full {memory['full'] / 2**20:.0f} MiB, default {memory['default'] / 2**20:.0f} MiB")
+        print(f"model: {flops_per_token(engines['engine'].module) / 1e6:.1f} MFLOP per token -> "
+              f"{model_flops / 1e9:.2f} GFLOP/s; matmul peak {peak / 1e9:.1f} GFLOP/s")
+        print(f"step_speedup_restricted_head={wall['full'] / wall['default']:.3f}")
+        print(f"loss_peak_memory_ratio={memory['default'] / memory['full']:.3f}")
+        print(f"compile_speedup={wall['default'] / wall['compiled']:.3f}")
+        print(f"engine_overhead={tps['default'] / tps['engine']:.3f}")
+        print(f"ddp_engine_overhead={tps['default'] / tps['ddp']:.3f}")
+        print(f"engine_overhead_cpu_time={cpu['engine'] / cpu['default']:.3f}")
+        print(f"ddp_engine_overhead_cpu_time={cpu['ddp'] / cpu['default']:.3f}")
+        print(f"cpu_flops_utilization={model_flops / peak:.3f}")
+    for name in ("zero1", "engine"):  # round by round: min and median, which a passing load spoils less
+        for kind, i in (("wall", 0), ("CPU", 1)):
+            ratios = sorted(a[i] / b[i] for a, b in zip(rounds[name], rounds["ddp"]))
+            print(f"{name} / ddp per round, {kind}: min {ratios[0]:.3f}, median {ratios[len(ratios) // 2]:.3f}")
+    print(f"zero1_over_ddp_step_time={wall['zero1'] / wall['ddp']:.3f}")
+    print(f"zero2_over_ddp_step_time={wall['engine'] / wall['ddp']:.3f}")
+    print(f"zero1_over_ddp_cpu_time={cpu['zero1'] / cpu['ddp']:.3f}")
+    print(f"zero2_over_ddp_cpu_time={cpu['engine'] / cpu['ddp']:.3f}")
 
 if __name__ == "__main__":
     main()

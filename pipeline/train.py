@@ -17,9 +17,12 @@ Checkpoints: ``run_dir/checkpoints/step_NNNNNNNN/``, each rank's files decided b
 written by lverse's writer (copied to host memory, then written in the background while training
 goes on), then ``lverse.json`` written into it last (atomically) once every rank's files are
 durable: a folder without it is a partial write and is never resumed from (nor counted among the
-``keep_checkpoints`` kept). Resuming on another number of ranks converts the checkpoint to
-DeepSpeed's universal format first (``universal/step_NNNNNNNN/``); the data order continues at the
-next sample whatever the number of ranks. SIGTERM, SIGUSR1 and SIGINT checkpoint and stop at the
+``keep_checkpoints`` kept). Resuming a ZeRO checkpoint on another number of ranks converts it to
+DeepSpeed's universal format first (``universal/step_NNNNNNNN/``); one of stage 0 (plain data
+parallel, ``ds_configs/ddp_*.json``: every rank holds the whole state, rank 0 writes it into one
+file) loads on any number of ranks as it is. A resume across stage 0 and ZeRO is refused (their
+optimizer state lives in other files). The data order continues at the next sample whatever the
+number of ranks. SIGTERM, SIGUSR1 and SIGINT checkpoint and stop at the
 same step on every rank.
 
 Kernels: ``wrap`` is the one place where the single-device model meets the hardware, in this
@@ -193,16 +196,18 @@ def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
               train_batch_size=cfg.micro_batch_size * cfg.grad_accum * world_size,
               gradient_clipping=cfg.optim.grad_clip, steps_per_print=10**9, wall_clock_breakdown=False)
     check_ds_config(ds, path)
-    if not ds.get("zero_optimization", {}).get("stage"):
-        # Stage 0 keeps the whole state in rank 0's file, which neither DeepSpeed's export
-        # (zero_to_fp32) nor its universal checkpoints (resume on other ranks) read. ZeRO-1 moves
-        # the same bytes per step as plain data parallel (reduce-scatter + all-gather = all-reduce)
-        # and holds less optimizer state per GPU, so it is the data-parallel config lverse ships.
-        raise InputError(f"DeepSpeed config {path}: trains at ZeRO stage 0 (zero_optimization.stage missing or 0), "
-                         "whose checkpoints lverse cannot export or resume on other ranks: set "
-                         "\"zero_optimization\": {\"stage\": 1} (plain data parallel's traffic, less memory), or "
-                         "use the shipped zero1_bf16")
+    if "stage" not in ds.get("zero_optimization", {}):
+        # DeepSpeed's default is stage 0, which a file that means ZeRO-2 but misspells a key
+        # inside would then train at without a word: the stage is said, not implied.
+        raise InputError(f"DeepSpeed config {path}: zero_optimization.stage is not set (DeepSpeed would train at "
+                         "stage 0): set it, 0 for plain data parallel (the shipped ddp_bf16) or 1, 2, 3 for ZeRO")
     return ds
+
+
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage of a loaded ds_config; 0 is plain data parallel: every rank holds the whole
+    model, gradients and optimizer state, and gradients are all-reduced."""
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
 class _ReadKeys(dict):
@@ -323,10 +328,15 @@ def wrap(model, cfg: TrainConfig, ds: dict, lr: float, device: torch.device):
         kernels["attention"] = "SDPA (CPU kernels)"
     optimizer, kernels["optimizer"] = build_optimizer(model, cfg.optim, ds, lr)
     kernels["precision"] = precision(ds)
-    kernels["zero_stage"] = str(ds.get("zero_optimization", {}).get("stage", 0))
+    stage = zero_stage(ds)
+    kernels["zero_stage"] = f"{stage}" + " (plain data parallel: whole state on every rank)" * (stage == 0)
     # DeepSpeed would take cuda:LOCAL_RANK, which does not exist where a task sees only its own GPU.
     args = argparse.Namespace(device_rank=device.index or 0) if device.type == "cuda" else None
     engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=ds)
+    if stage == 0 and engine.dp_world_size == 1:
+        # DeepSpeed's stage-0 all-reduce flattens every gradient into a bucket and copies it back
+        # even on one rank: 5% of a biart-mini step on the CPU (benchmarks/train.py), for nothing
+        engine.enable_backward_allreduce = False
     return engine, kernels
 
 
@@ -538,12 +548,33 @@ def _resume_point(run: Run) -> Checkpoint | None:
     if recorded is not None and "head" not in recorded and run.bcfg.head != "full" and rank == 0:
         log.warning("checkpoint %s was trained before BiARTConfig.head existed (its loss: head 'full'); it goes on "
                     "with head %r (model.overrides: {head: full} keeps the old loss)", resume.folder, run.bcfg.head)
+    layout = _layout_difference(resume.meta, run.ds) if resume else None
+    if layout:
+        raise InputError(f"checkpoint {resume.folder} {layout}; DeepSpeed keeps the optimizer state of the two in "
+                         f"other forms and neither loads the other's: resume with a ds_config like the checkpoint's "
+                         f"(deepspeed: {cfg.deepspeed} now), or use a new run_dir")
     if resume and not cfg.ignore_provenance:
         check_provenance(resume.meta.get("provenance"), cfg.data.vae, cfg.data.tokenizer, f"checkpoint {resume.folder}",
                          "ignore_provenance: true in the run config")
     if rank == 0 and os.path.exists(_stopped_marker(cfg)):
         os.remove(_stopped_marker(cfg))
     return resume
+
+
+def _layout_difference(meta: dict, ds: dict) -> str | None:
+    """Why a checkpoint's files cannot load under ``ds``, or None. Stage 0 keeps module and
+    optimizer in one file (``mp_rank_00_model_states.pt``), ZeRO keeps the optimizer in per-rank
+    ``*_optim_states.pt`` files, and neither engine reads the other's; at stage 0 the optimizer's
+    state is that of DeepSpeed's wrapper for the precision (fp32 masters under bf16, the bare
+    optimizer under fp32). A checkpoint without ``zero_stage`` is from before lverse trained at
+    stage 0, so it is ZeRO's."""
+    there, here = meta.get("zero_stage", 1), zero_stage(ds)
+    if (there == 0) != (here == 0):
+        return f"was trained at ZeRO stage {there}, this run's zero_optimization.stage is {here}"
+    if here == 0 and meta.get("precision", precision(ds)) != precision(ds):
+        return (f"was trained at stage 0 in {meta['precision']}, this run's ds_config trains in {precision(ds)} "
+                "(its bf16.enabled / fp16.enabled)")
+    return None
 
 
 def build_engine(run: Run, resume: Checkpoint | None):
@@ -553,7 +584,7 @@ def build_engine(run: Run, resume: Checkpoint | None):
     from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
 
     from lverse.model.biart import BiART
-    if resume and resume.meta["world_size"] != run.proc.world:
+    if resume and _needs_universal(resume, run):
         run.ds.setdefault("checkpoint", {})["load_universal"] = True
     torch.manual_seed(run.cfg.seed)
     model = BiART(run.bcfg)
@@ -566,11 +597,20 @@ def build_engine(run: Run, resume: Checkpoint | None):
     return engine, kernels, writer
 
 
+def _needs_universal(resume: Checkpoint, run: Run) -> bool:
+    """A ZeRO checkpoint of another number of ranks: its partitions must be regrouped. Stage 0's
+    one file holds everything and loads on any number of ranks as it is."""
+    return resume.meta["world_size"] != run.proc.world and zero_stage(run.ds) > 0
+
+
 def _load(engine, run: Run, resume: Checkpoint) -> None:
-    """Model, optimizer and loss scaler of ``resume``; a checkpoint of another number of ranks is
-    converted to a universal checkpoint first."""
+    """Model, optimizer and loss scaler of ``resume``; a ZeRO checkpoint of another number of ranks
+    is converted to a universal checkpoint first."""
     rank, world, folder = run.proc.rank, run.proc.world, resume.folder
-    if resume.meta["world_size"] != world:
+    if resume.meta["world_size"] != world and rank == 0 and not _needs_universal(resume, run):
+        log.info("checkpoint of %d ranks, now %d: stage 0 holds the whole state in one file, loaded as it is",
+                 resume.meta["world_size"], world)
+    if _needs_universal(resume, run):
         if rank == 0:
             log.info("checkpoint of %d ranks, now %d: converting to a universal checkpoint",
                      resume.meta["world_size"], world)
@@ -726,7 +766,7 @@ def save_checkpoint(engine, run: Run, step: int, checkpoints: Checkpoints, plate
     the data order and a resume on another number of ranks need (and the plateau rule's state),
     follows once they are on disk."""
     meta = {"world_size": run.proc.world, "data": run.data_key, "samples": samples_before(run, step),
-            "model": _model_fields(run.bcfg),
+            "model": _model_fields(run.bcfg), "zero_stage": zero_stage(run.ds), "precision": precision(run.ds),
             "provenance": run.provenance}
     if plateau is not None:
         meta["plateau"] = plateau.state(run.proc.world)
@@ -875,7 +915,7 @@ class Sampler:
         from lverse.preprocessing.text_tokenizer import CaptionTokenizer
         model, device = engine.module, engine.device
         gather = contextlib.nullcontext()
-        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        if zero_stage(ds) == 3:
             import deepspeed
             gather = deepspeed.zero.GatheredParameters(list(model.parameters()))
         model.eval()
@@ -907,9 +947,7 @@ class Sampler:
 
 def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: int = 0) -> str:
     """The newest complete checkpoint (or ``step``'s) -> one safetensors file of fp32 weights with
-    the model config, in-process; works for every ZeRO stage. Only ``rank`` 0 writes."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
+    the model config, in-process; works for every ZeRO stage and stage 0. Only ``rank`` 0 writes."""
     from lverse.model.biart import BiART
     from lverse.model.checkpoint import save_model
     found = dict(complete_checkpoints(run_dir))
@@ -922,11 +960,44 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
         return output
     cfg = load_config(os.path.join(run_dir, "config.yaml"), TrainConfig)
     folder = found[step]
-    with deepspeed_loads(folder):
-        state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+    meta = read_checkpoint_meta(folder)
     # the exported file describes the model; how it was trained (recomputing blocks) is not part of it
     model = BiART(dataclasses.replace(build_model_config(cfg), activation_checkpointing=False))
-    model.load_state_dict(state, strict=True)
-    save_model(model, output, read_checkpoint_meta(folder).get("provenance"))
+    if meta.get("zero_stage", 1) == 0:
+        _load_stage0_fp32(model, folder)
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with deepspeed_loads(folder):
+            state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
+        model.load_state_dict(state, strict=True)
+    save_model(model, output, meta.get("provenance"))
     log.info("exported step %d of %s to %s", step, run_dir, output)
     return output
+
+
+def _load_stage0_fp32(model, folder: str) -> None:
+    """A stage-0 checkpoint's fp32 weights into ``model``. DeepSpeed's zero_to_fp32 reads ZeRO's
+    optimizer files, which stage 0 has none of: its one file holds the module as trained (fp32
+    weights under fp32) and, under bf16/fp16, the optimizer wrapper's fp32 masters, one list per
+    param group in the optimizer's order (``BiART.optim_groups``, as ``build_optimizer`` made them;
+    DeepSpeed drops empty groups)."""
+    with deepspeed_loads(folder):
+        state = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["module"], strict=True)  # under bf16/fp16 only the rounded weights
+    opt = state["optimizer"] or {}
+    masters = opt.get("fp32_groups")  # FP16_UnfusedOptimizer (torch AdamW), bf16 or fp16
+    groups = [g["params"] for g in model.optim_groups(0.0) if g["params"]]
+    if masters is None and "fp32_groups_flat" in opt:  # FP16_Optimizer (FusedAdam): one flat tensor a group
+        masters = [flat.split([p.numel() for p in params]) for flat, params in zip(opt["fp32_groups_flat"], groups)]
+    if masters is None:  # fp32: the module is the master
+        return
+    if [len(m) for m in masters] != [len(g) for g in groups]:
+        raise ValueError(f"{folder}: the optimizer holds {[len(m) for m in masters]} fp32 masters a group, the "
+                         f"model has {[len(g) for g in groups]} parameters a group")
+    with torch.no_grad():
+        for params, fp32 in zip(groups, masters):
+            for p, master in zip(params, fp32):
+                if master.numel() != p.numel():
+                    raise ValueError(f"{folder}: an fp32 master of {master.numel()} values for a parameter of "
+                                     f"{p.numel()}")
+                p.copy_(master.view(p.shape))

@@ -435,11 +435,11 @@ def test_a_deepspeed_config_that_is_no_json_object_is_named(tmp_path, text, mess
     ({"zero_optimisation": {"stage": 2}}, "unknown keys zero_optimisation (did you mean zero_optimization?)"),
     ({"zero_optimization": {"stage": 2, "overlap_com": True}}, "overlap_com: Extra inputs are not permitted"),
     ({"bf16": {"enabled": "maybe"}}, "enabled: Input should be a valid boolean"),
-    ({"zero_optimization": {"stage": 0}}, "trains at ZeRO stage 0"),
+    ({"zero_optimization": {}}, "zero_optimization.stage is not set"),
 ])
 def test_deepspeed_config_mistakes_are_refused_before_any_work(tmp_path, change, message):
     """DeepSpeed's own parser checks the file up front; a key it never reads is a typo it would
-    ignore (``zero_optimisation`` would train at stage 0, whose run lverse cannot export)."""
+    ignore (``zero_optimisation`` would train at stage 0 unasked), and the stage is said, not implied."""
     from lverse.core.errors import InputError
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}, **change}))
