@@ -102,6 +102,9 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per rank (any number: they share one global order)
     resampled: bool = False  # each epoch draws N samples with replacement instead of a permutation of all N
     bpe_dropout: float = 0.1  # BPE-dropout on captions at load time
+    # the folder the token index (_index/) is in; None: beside the shards, or RUN_DIR/token_index for
+    # s3:// shards (the index is memory-mapped, so it lives on a file system; on several nodes a shared one)
+    index_dir: str | None = None
 
 
 @dataclass
@@ -428,7 +431,8 @@ def train(cfg: TrainConfig) -> dict:
     from lverse.runtime.token_index import ensure_index
     run = plan_run(cfg, _start_process(cfg))
     rank = run.proc.rank
-    samples = ensure_index(run.shards, run.provenance["vae_sha256"], rank)  # before the model: a stale index fails fast
+    # before the model: a stale index fails fast
+    samples = ensure_index(run.shards, run.provenance["vae_sha256"], rank, index_dir=token_index_dir(cfg))
     resume = _resume_point(run)
     engine, kernels, writer = build_engine(run, resume)
     start = resume.step if resume else 0
@@ -508,6 +512,14 @@ def _start_process(cfg: TrainConfig) -> Process:
     # DeepSpeed's communication adopts the process group (no MPI discovery: the launcher's variables are set)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
     return proc
+
+
+def token_index_dir(cfg: TrainConfig) -> str | None:
+    """Where the token index of ``data.shards`` is (``DataConfig.index_dir``)."""
+    from lverse.core.storage import is_url
+    if cfg.data.index_dir is not None:
+        return cfg.data.index_dir
+    return os.path.join(cfg.run_dir, "token_index") if is_url(cfg.data.shards) else None
 
 
 def plan_run(cfg: TrainConfig, proc: Process) -> Run:

@@ -192,3 +192,28 @@ def test_token_shards_on_s3_are_indexed_into_a_named_folder_and_a_rewrite_makes_
     fs.copy("lverse/index/tokens/00002.tar", "lverse/index/tokens/00001.tar")  # rewritten, its stats file not
     with pytest.raises(InputError, match=r"00001.tar changed .*--index-dir"):
         open_samples(remote, vae, index_dir=str(tmp_path / "idx"))
+
+
+@pytest.mark.slow
+def test_training_reads_token_shards_from_s3_as_from_disk(s3, data, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+
+    import yaml
+
+    from .test_train import losses, metrics, train_config
+    fs, _ = storage.filesystem("s3://lverse")
+    fs.put(data["tokens"] + "/", "lverse/train/tokens/", recursive=True)
+    for where, shards in (("local", data["tokens"]), ("s3", "s3://lverse/train/tokens")):
+        cfg = train_config(tmp_path / f"{where}.yaml", data, tmp_path / where, steps=2, export=False)
+        values = yaml.safe_load(open(cfg))
+        values["data"].update(shards=shards, workers=1)
+        with open(cfg, "w") as f:
+            yaml.safe_dump(values, f)
+        proc = subprocess.run([sys.executable, "-m", "lverse.cli", "train", "--config", cfg], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "s3" / "token_index" / "_index" / "meta.json")  # the run folder holds it
+    local, remote = metrics(tmp_path / "local"), metrics(tmp_path / "s3")
+    for step in (1, 2):
+        assert losses(remote[step][0]) == losses(local[step][0])
