@@ -67,6 +67,7 @@ from lverse.runtime.trainer import (
     Process,
     Schedule,
     StopFlag,
+    check_run_dir,
     complete_checkpoints,
     ignore_stop_signals,
     image_grid,
@@ -429,6 +430,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training in this process; returns the last logged metrics."""
     from lverse.model.biart import Direction
     from lverse.runtime.token_index import ensure_index
+    check_run_dir(cfg.run_dir)
     run = plan_run(cfg, _start_process(cfg))
     rank = run.proc.rank
     # before the model: a stale index fails fast

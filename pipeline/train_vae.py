@@ -56,6 +56,7 @@ from lverse.runtime.trainer import (
     Plateau,
     Process,
     Schedule,
+    check_run_dir,
     image_grid,
     latest_checkpoint,
     reseed,
@@ -168,6 +169,7 @@ def _phase_model(cfg: VAETrainConfig, step: int, trained_ml, resume: Checkpoint 
 def train_vae(cfg: VAETrainConfig) -> dict:
     """Run (or resume) AugVAE training in this process; returns the last logged metrics."""
     from lverse.model.losses import ReconstructionLoss
+    check_run_dir(cfg.run_dir)
     proc = start_process(cfg.master_port)
     stream, total = _stream(cfg), cfg.ml_steps + cfg.sl_steps
     schedule, global_batch = Schedule.of(cfg), cfg.batch_size * proc.world

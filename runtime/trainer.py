@@ -40,6 +40,7 @@ from lverse.core.config import write_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json
 from lverse.core.resources import pick_device
+from lverse.core.storage import is_url
 
 from .distributed import check_rendezvous, setup_env
 
@@ -442,6 +443,15 @@ class Checkpoints:
         self._completed.append({"checkpoint_step": step, "checkpoint_stall_s": round(stall, 4),
                                 "checkpoint_write_s": round(seconds, 4), "checkpoint_mb": round(written / 2**20, 3),
                                 "checkpoint_complete_after_s": round(time.perf_counter() - began, 3)})
+
+
+def check_run_dir(run_dir: str) -> None:
+    """A training run folder is a file system's: checkpoints are written (by DeepSpeed and torch)
+    into files renamed into place, and the metrics appended, which an object store cannot do. Data
+    may come from s3:// all the same."""
+    if is_url(run_dir):
+        raise InputError(f"run_dir {run_dir}: a training run writes its checkpoints and logs to a file system (shared "
+                         "storage on several nodes), not an object store; the data (data.shards) may be on s3://")
 
 
 def write_run_config(run_dir: str, cfg, rank: int) -> None:

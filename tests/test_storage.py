@@ -120,6 +120,10 @@ def test_bad_storage_is_refused_before_work_with_what_to_change(s3, tmp_path, mo
     tsv.write_text("a red square\thttp://127.0.0.1:9/a.jpg\n")
     assert main(["download", "--input", str(tsv), "--output", "s3://no-such-bucket/images"]) == 2
     assert "bucket does not exist: create the bucket or fix the URL" in caplog.text
+    run = tmp_path / "run.yaml"  # a training run's folder: checkpoints need a file system
+    run.write_text("run_dir: s3://lverse/run\nsteps: 1\ndata: {shards: s3://lverse/tokens, tokenizer: t, vae: v}\n")
+    assert main(["train", "--config", str(run)]) == 2
+    assert "writes its checkpoints and logs to a file system" in caplog.text
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(key)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
