@@ -33,7 +33,8 @@ comes after that), then counted for ``--seconds``. Figures, as ``name=value`` li
     loader_bytes_per_sample=<bytes of the index a sample is read from: its 2 x 1024 bytes of codes,
                              its caption's and its key's bytes (the mean) and the 2 x 16 bytes of
                              its caption and key offsets>
-    batch_bytes_per_sample=<bytes of the batch tensors a sample makes: int64 text and image ids>
+    batch_bytes_per_sample=<bytes of the batch tensors a sample makes: its text and image ids, as
+                            narrow as they fit (uint16 for BiART's ids; ``TokenBatch``)>
 
 Before them, to see where the time goes: the mean caption (``caption_chars``, ``caption_words``,
 ``caption_pieces`` without dropout) and microseconds per sample of the loader's parts one after
@@ -275,7 +276,9 @@ def main() -> None:
         blobs = sum(os.path.getsize(os.path.join(index, name)) for name in ("codes.u16", "captions.bin", "keys.bin"))
         sample_bytes = blobs / args.samples + 2 * 16
         print(f"loader_bytes_per_sample={sample_bytes:.0f}")
-        print(f"batch_bytes_per_sample={8 * (TEXT_LEN + IMAGE_LEN)}")
+        batch = TokenBatch(tokenizer, IMAGE_VOCAB, TEXT_LEN, IMAGE_LEN, IMAGE_VOCAB, BPE_DROPOUT)(
+            [samples[0]], [sample_seed(0, 0, samples[0]["__key__"])])
+        print(f"batch_bytes_per_sample={sum(t.nbytes for t in batch.values())}")
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -29,7 +29,7 @@ from lverse.core.shards import file_sha256, iter_samples
 from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.pipeline.train import DataConfig, TrainConfig, data_loader, plan_run
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer, normalize_caption
-from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches
+from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed
 from lverse.runtime.token_index import TokenIndex, TokenSamples, build_index, ensure_index, open_samples
 from lverse.runtime.trainer import Checkpoint, Process
 
@@ -265,9 +265,9 @@ def reference_batch(samples, seed, resampled, positions, tokenizer, text_len, of
 
 def assert_same_batch(got, expected):
     assert sorted(got) == sorted(expected)
-    for name in expected:
-        assert got[name].dtype == expected[name].dtype and got[name].shape == expected[name].shape, name
-        assert torch.equal(got[name], expected[name]), name
+    for name in expected:  # handed over as narrow as the ids fit (TokenBatch): uint16 for this vocabulary
+        assert got[name].dtype == torch.uint16 and got[name].shape == expected[name].shape, name
+        assert torch.equal(got[name].long(), expected[name]), name
 
 
 @pytest.mark.parametrize("resampled", [False, True], ids=["epochs", "resampled"])
@@ -285,6 +285,17 @@ def test_the_batches_are_those_of_the_per_sample_path(data, samples, resampled):
     for k in range(4):
         assert_same_batch(next(loader), reference_batch(samples, seed, resampled, ds.positions(k), data["tokenizer"],
                                                         text_len, offset))
+
+
+def test_ids_wider_than_16_bits_are_handed_over_as_int32(data, samples):  # noqa: F811
+    picked = [samples[i] for i in range(6)]
+    seeds = [sample_seed(5, 0, s["__key__"]) for s in picked]
+    offset = 2**16  # text ids from 65536 on: they do not fit uint16
+    wide = TokenBatch(data["tokenizer"], offset, 24, 64, 512, 0.1)(picked, seeds)
+    narrow = TokenBatch(data["tokenizer"], 512, 24, 64, 512, 0.1)(picked, seeds)
+    assert wide["text"].dtype == wide["image"].dtype == torch.int32 and int(wide["text"].max()) >= offset
+    assert torch.equal(wide["text"].long() - offset + 512, narrow["text"].long())
+    assert torch.equal(wide["image"].long(), narrow["image"].long())
 
 
 @pytest.fixture(scope="module")
