@@ -7,8 +7,10 @@ Modules:
                  one ``_summary.json`` schema (Execution, run_shard_stage, array_block)
     distributed  rank / world from torchrun, DeepSpeed or SLURM (world_info_from_env, setup_env)
     data         training data: BiART's global sample order (any ranks and workers, resumable to
-                 the sample), the AugVAE's shard streams per (rank, worker)
-    token_index  the memory-mapped index of a folder of token shards (build, check, read)
+                 the sample; a sample's view and BPE-dropout from (seed, epoch, key): view_pick,
+                 sample_seed), the AugVAE's shard streams per (rank, worker)
+    token_index  the memory-mapped index of a folder of token shards, their random crops too
+                 (build, check, read; for s3:// shards in a folder of its own)
     metrics      MetricsLogger: metrics.jsonl, log lines, TensorBoard, W&B
     trainer      the training core of BiART, AugVAE and CLIP training: process setup, reseeding,
                  the stop signal, one lr Schedule, the checkpoint lifecycle, image grids
