@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,8 +28,10 @@ def s3_server() -> Iterator[str]:
     client (and every process it starts) at it until the block ends."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    # Its request log goes to a file: a pipe nobody reads would fill and stop the server.
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=log, stderr=subprocess.STDOUT)
     saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "AWS_ENDPOINT_URL", "FSSPEC_S3"]}
     try:
         deadline = time.time() + 60
@@ -38,7 +41,8 @@ def s3_server() -> Iterator[str]:
                 break
             except OSError:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto's S3 server did not start: {proc.stderr.read().decode()[-2000:]}")
+                    log.seek(0)
+                    raise RuntimeError(f"moto's S3 server did not start: {log.read().decode()[-2000:]}") from None
                 time.sleep(0.2)
         os.environ.update(CREDENTIALS, AWS_ENDPOINT_URL=endpoint)
         os.environ.pop("FSSPEC_S3", None)
@@ -57,6 +61,7 @@ def s3_server() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
 
 
 def make_bucket(name: str) -> None:
