@@ -218,16 +218,22 @@ def test_the_index_carries_the_crops_and_their_boxes(encoded, tmp_path):
     assert index_folder(tokens, progress=False)["up_to_date"] is True
 
 
-def test_an_index_or_shards_from_before_crops_still_serve(encoded, tmp_path):
-    """Shards whose stats hold no ``crops`` (lverse before crops) index as K = 0; so does an index
-    whose meta holds none. An index without the crops its shards hold is refused until rebuilt;
-    a folder of two crop counts cannot be indexed."""
+def tokens_from_before_crops(encoded, tmp_path) -> str:
+    """A copy of the K=0 token folder whose stats hold no ``crops``, as an lverse before crops wrote them."""
     old = copy_tokens(encoded["tokens0"], tmp_path, "old")
     for shard in shard_paths(old):
         path = shard.removesuffix(".tar") + "_stats.json"
         stats = json.load(open(path))
         del stats["crops"]
         json.dump(stats, open(path, "w"))
+    return old
+
+
+def test_an_index_or_shards_from_before_crops_still_serve(encoded, tmp_path):
+    """Shards whose stats hold no ``crops`` (lverse before crops) index as K = 0; so does an index
+    whose meta holds none. An index without the crops its shards hold is refused until rebuilt;
+    a folder of two crop counts cannot be indexed."""
+    old = tokens_from_before_crops(encoded, tmp_path)
     build_index(old, progress=False)
     meta_path = os.path.join(old, "_index", "meta.json")
     meta = json.load(open(meta_path))
@@ -327,12 +333,7 @@ def loader_images(encoded, tokens, steps, monkeypatch):
 def test_training_reads_crops_and_shards_from_before_crops(encoded, tmp_path, monkeypatch):
     """Through pipeline/train.py's data_loader: shards with crops give each sample's views (all of
     them over a few epochs); shards and an index from before crops give the centre crops."""
-    old = copy_tokens(encoded["tokens0"], tmp_path, "old")
-    for shard in shard_paths(old):
-        path = shard.removesuffix(".tar") + "_stats.json"
-        stats = json.load(open(path))
-        del stats["crops"]
-        json.dump(stats, open(path, "w"))
+    old = tokens_from_before_crops(encoded, tmp_path)
     centre = {s["__key__"]: np.load(io.BytesIO(s["codes.npy"])) for p in shard_paths(old) for s in iter_samples(p)}
     for key, images in loader_images(encoded, old, 6, monkeypatch).items():
         assert all(np.array_equal(image, centre[key]) for image in images)
