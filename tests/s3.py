@@ -23,15 +23,20 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lverse-test", "AWS_SECRET_ACCESS_KEY": "lve
 
 
 @contextlib.contextmanager
-def s3_server() -> Iterator[str]:
+def s3_server(free_requests: int | None = None) -> Iterator[str]:
     """Start the server and yield its endpoint URL; this process's environment points every AWS
-    client (and every process it starts) at it until the block ends."""
+    client (and every process it starts) at it until the block ends. With ``free_requests`` the
+    server checks credentials and IAM policies as AWS does, after that many requests it serves
+    without (to create the users and policies)."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    if free_requests is not None:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(free_requests + 1)  # and the readiness probe below
     # Its request log goes to a file: a pipe nobody reads would fill and stop the server.
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env=env)
     saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "AWS_ENDPOINT_URL", "FSSPEC_S3"]}
     try:
         deadline = time.time() + 60
@@ -75,3 +80,64 @@ def _forget_filesystems() -> None:
     import s3fs
     s3fs.S3FileSystem.clear_instance_cache()
     fsspec.config.conf.pop("s3", None)
+
+
+class FlakyProxy:
+    """An HTTP proxy in front of the S3 server that answers chosen requests with S3's 503 SlowDown,
+    as a store under load does: ``fail(method, path)`` is asked for every request, and the proxy
+    forwards those it says False to. A context manager; ``endpoint`` is its URL, ``failed`` what it
+    refused."""
+
+    def __init__(self, target: str, fail):
+        import http.client
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        host, port = target.removeprefix("http://").split(":")
+        proxy = self
+        self.failed: list[tuple[str, str]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # so an upload's "Expect: 100-continue" is answered
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if fail(self.command, self.path):
+                    proxy.failed.append((self.command, self.path))
+                    error = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(error)))
+                    self.end_headers()
+                    self.wfile.write(error)
+                    return
+                upstream = http.client.HTTPConnection(host, int(port), timeout=60)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                upstream.request(self.command, self.path, body=body, headers=headers | {"Host": f"{host}:{port}"})
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for k, v in response.getheaders():  # a HEAD's Content-Length is the object's: kept
+                    if k.lower() not in ("transfer-encoding", "connection") and not (
+                            k.lower() == "content-length" and self.command != "HEAD"):
+                        self.send_header(k, v)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

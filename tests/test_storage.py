@@ -221,3 +221,69 @@ def test_training_reads_token_shards_from_s3_as_from_disk(s3, data, tmp_path):  
     local, remote = metrics(tmp_path / "local"), metrics(tmp_path / "s3")
     for step in (1, 2):
         assert losses(remote[step][0]) == losses(local[step][0])
+
+
+def test_a_prefix_the_credentials_may_only_read_is_refused_before_work(tmp_path, caplog):
+    import boto3
+    with s3_server(free_requests=4) as endpoint:  # IAM enforced from the fifth request on
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="readonly")
+        iam = boto3.client("iam", endpoint_url=endpoint)
+        iam.create_user(UserName="reader")
+        read = {"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                "Resource": ["arn:aws:s3:::readonly", "arn:aws:s3:::readonly/*"]}
+        iam.put_user_policy(UserName="reader", PolicyName="read",
+                            PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [read]}))
+        key = iam.create_access_key(UserName="reader")["AccessKey"]
+        os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
+        storage.check_input("s3://readonly/shards")  # reading is allowed
+        tsv = tmp_path / "in.tsv"
+        tsv.write_text("a red square\thttp://127.0.0.1:9/a.jpg\n")
+        assert main(["download", "--input", str(tsv), "--output", "s3://readonly/images"]) == 2
+        assert "cannot write to s3://readonly/images: permission denied" in caplog.text
+        assert not storage.exists("s3://readonly/images/_chunks")  # refused before any work
+
+
+@pytest.mark.slow
+def test_a_transient_s3_error_fails_only_its_shard_which_the_stage_retries(s3, data, biart, tmp_path,  # noqa: F811
+                                                                           monkeypatch):
+    """The store answers the upload of a done marker, then the download of a shard, with 503
+    SlowDown as often as s3fs tries (botocore told not to retry underneath): each shard's task
+    fails once, the stage retries it, and the outputs are those of a run without faults."""
+    import fsspec.config
+    import s3fs
+
+    from lverse.pipeline.encode import EncodeConfig, run_encode
+
+    from .s3 import FlakyProxy
+    faults = {("PUT", "/lverse/flaky/tokens/00001_stats.json"): s3fs.S3FileSystem.retries,
+              ("GET", "/lverse/flaky/tokens/00002.tar"): s3fs.S3FileSystem.retries}
+
+    def fail(method, path):  # the first requests of each rule, as many as s3fs tries a call
+        rule = (method, path.split("?")[0])
+        if faults.get(rule):
+            faults[rule] -= 1
+            return True
+        return False
+
+    with FlakyProxy(s3, fail) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        monkeypatch.setenv("FSSPEC_S3", "{}")
+        s3fs.S3FileSystem.clear_instance_cache()
+        storage.configure({"config_kwargs": {"retries": {"total_max_attempts": 1}}})  # s3fs's tries only
+        try:
+            encoded = run_encode(EncodeConfig(shards=data["raw"], vae=data["vae"], output="s3://lverse/flaky/tokens"))
+            captioned = run_caption(caption_config(data, biart, "s3://lverse/flaky/captions",
+                                                   shards="s3://lverse/flaky/tokens"))
+        finally:
+            fsspec.config.conf.pop("s3", None)
+            monkeypatch.setenv("AWS_ENDPOINT_URL", s3)  # the server itself again
+            s3fs.S3FileSystem.clear_instance_cache()
+    assert [m for m, _ in proxy.failed] == ["PUT"] * s3fs.S3FileSystem.retries + ["GET"] * s3fs.S3FileSystem.retries
+    assert encoded["done"] == encoded["shards"] and not encoded["failed"]
+    assert captioned["done"] == captioned["shards"] and not captioned["failed"]
+
+    def shards(found):
+        return {k: v for k, v in found.items() if k.endswith((".tar", "_stats.json"))}
+    assert shards(outputs("s3://lverse/flaky/tokens")) == shards(outputs(data["tokens"]))
+    run_caption(caption_config(data, biart, tmp_path / "captions"))
+    assert outputs("s3://lverse/flaky/captions") == outputs(str(tmp_path / "captions"))
