@@ -5,6 +5,6 @@ Modules:
     storage    local paths and s3:// URLs alike (fsspec/s3fs): exists, glob, open, checks before work
     config     YAML run configs onto dataclasses (unknown keys refused); CLI flags from them
     shards     shard listing and reading (on disk or S3), stats files (done markers), the AugVAE-hash check
-    images     JPEG -> AugVAE input array, decodable images of shards
+    images     JPEG -> AugVAE input array (decode, centre_crop, to_model_input), decodable images of shards
     resources  device rule ("auto"), workers per stage, each worker's share of the CPU threads
 """

@@ -10,7 +10,7 @@ webdataset tar whose samples hold, in this order:
                       with K > 0 also "crops": K boxes [left, top, right, bottom], pixels of the
                       source JPEG (right and bottom exclusive), crop j's codes in row j
 
-The centre crop is ``core/images.preprocess``: shorter side to the model's input size, centre
+The centre crop is ``core/images.centre_crop``: shorter side to the model's input size, centre
 square. Random crops (``--crops K``) are the paper's augmentation for BiART (random crops of
 ratio 0.75 of the side, at 256 x 256), drawn at encode time since training sees only codes: each
 is a square of ``CROP_RATIO`` of the source's shorter side, placed from the SHA-256 of the
@@ -52,7 +52,7 @@ import numpy as np
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json, read_json, remove_stale_temporaries
-from lverse.core.images import preprocess
+from lverse.core.images import centre_crop, decode, to_model_input
 from lverse.core.resources import resolve_device
 from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name
 from lverse.model.cache import load_vae
@@ -96,19 +96,13 @@ def crop_boxes(key: str, width: int, height: int, count: int) -> list[tuple[int,
     return boxes
 
 
-def crop_views(jpg: bytes, key: str, size: int, count: int) -> tuple[np.ndarray, list] | None:
-    """The image's ``count`` random crops (``crop_boxes``), each resized to ``size`` x ``size``
-    (bicubic) and scaled as ``preprocess`` scales: ((count, 3, size, size) float32 in [-1, 1], the
-    boxes). None when the image does not decode."""
+def crop_views(im, key: str, size: int, count: int) -> tuple[np.ndarray, list]:
+    """RGB PIL image ``im``'s ``count`` random crops (``crop_boxes``), each resized to ``size`` x
+    ``size`` (bicubic) and scaled as the centre crop is: ((count, 3, size, size) float32 in [-1, 1],
+    the boxes)."""
     from PIL import Image
-    try:
-        with Image.open(io.BytesIO(jpg)) as im:
-            im = im.convert("RGB")
-            boxes = crop_boxes(key, im.width, im.height, count)
-            views = [np.asarray(im.resize((size, size), Image.BICUBIC, box=box), dtype=np.float32) for box in boxes]
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None
-    return np.stack(views).transpose(0, 3, 1, 2) / 127.5 - 1.0, boxes
+    boxes = crop_boxes(key, im.width, im.height, count)
+    return np.stack([to_model_input(im.resize((size, size), Image.BICUBIC, box=box)) for box in boxes]), boxes
 
 
 def _ordered_prefetch(pool: ThreadPoolExecutor, fn, items, window: int):
@@ -183,14 +177,12 @@ class ShardEncoder:
                              "members have no extension)")
 
     def _views(self, key: str, jpg: bytes, size: int) -> tuple | None:
-        """(centre image, crop images or None, crop boxes or None); None when the JPEG does not
-        decode. The crops decode the JPEG again: ``preprocess`` keeps the centre's pixels (and so
-        K = 0 shards' bytes) exactly as they were."""
-        image = preprocess(jpg, size)
-        if image is None or not self.crops:
-            return None if image is None else (image, None, None)
-        crops = crop_views(jpg, key, size, self.crops)
-        return None if crops is None else (image, *crops)
+        """(centre image, crop images or None, crop boxes or None) of one decode of the JPEG; None
+        when it does not decode."""
+        im = decode(jpg)
+        if im is None:
+            return None
+        return (centre_crop(im, size), *(crop_views(im, key, size, self.crops) if self.crops else (None, None)))
 
     def _write(self, batch, vae, device, out, stats, torch):
         images = torch.from_numpy(np.stack([b[2] for b in batch])).to(device)
