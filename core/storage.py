@@ -114,14 +114,6 @@ def makedirs(path: str) -> None:
         os.makedirs(path, exist_ok=True)
 
 
-def remove(path: str) -> None:
-    if not is_url(path):
-        os.remove(path)
-        return
-    fs, inner = filesystem(path)
-    fs.rm_file(inner)
-
-
 def glob(pattern: str) -> list[str]:
     """Paths matching ``pattern``, sorted; URLs keep their scheme. ``*``, ``?`` and ``[...]`` as
     the shell has them."""
@@ -203,8 +195,9 @@ def check_input(path: str) -> None:
         return
     try:
         fs, inner = filesystem(path)
-        fs.exists(inner)
-        fs.ls(inner.split("/", 1)[0], detail=False)  # the bucket itself: exists() says False for "no bucket"
+        # One listing of at most one key (what a reader needs: s3:ListBucket), which fails with what
+        # is wrong: no credentials, no bucket, no permission. Not a listing of the whole bucket.
+        fs.call_s3("list_objects_v2", Bucket=inner.split("/", 1)[0], MaxKeys=1)
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001

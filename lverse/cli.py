@@ -456,7 +456,6 @@ def _index(args: argparse.Namespace) -> None:
     finished shards is left as it is. Token shards in an object store (s3://) are indexed into
     --index-dir (INDEX_DIR/_index/). Prints a summary (samples, shards, bytes, seconds).
     """
-    from lverse.core import storage
     from lverse.runtime.token_index import index_folder
     storage.check_input(args.tokens)
     if not storage.isdir(args.tokens):
