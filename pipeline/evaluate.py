@@ -61,12 +61,12 @@ def load_predictions(path: str) -> dict[str, str]:
             # the whole caption (truncated here for the truncated metrics); an older caption
             # stage's output has only the truncated one, so both ways score the same there
             with storage.open(f) as raw:
-                column = "caption_whole" if "caption_whole" in pq.read_schema(raw).names else "caption"
-            if column == "caption":
-                log.warning("%s has no caption_whole column (an older lverse caption): the untruncated "
-                            "metrics score the truncated captions", f)
-            with storage.open(f) as raw:
-                table = pq.read_table(raw, columns=["key", column]).to_pydict()
+                parquet = pq.ParquetFile(raw)
+                column = "caption_whole" if "caption_whole" in parquet.schema_arrow.names else "caption"
+                if column == "caption":
+                    log.warning("%s has no caption_whole column (an older lverse caption): the untruncated "
+                                "metrics score the truncated captions", f)
+                table = parquet.read(columns=["key", column]).to_pydict()
             preds.update({k: c for k, c in zip(table["key"], table[column]) if c is not None})
         if not preds:
             raise InputError(f"{path} holds no captions (*.parquet of `lverse caption`)")
@@ -295,11 +295,11 @@ def image_files(folder: str) -> list[str]:
     prompt's chosen ``best.png``; otherwise every image file under it."""
     if not storage.isdir(folder):
         raise InputError(f"{folder} is not a folder of images")
-    found = storage.files_under(folder)
-    results = [p for p in found if p.endswith("/result.json") and p.count("/") == folder.rstrip("/").count("/") + 2]
+    results = storage.glob(os.path.join(storage.escape(folder), "*", "result.json"))
     if results:
         return [os.path.join(os.path.dirname(r), "best.png") for r in results]
-    return [p for p in found if p.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(p).startswith(".")]
+    return [p for p in storage.files_under(folder)
+            if p.lower().endswith(IMAGE_EXTENSIONS) and not os.path.basename(p).startswith(".")]
 
 
 def _image_size(path: str) -> tuple[int, int]:
