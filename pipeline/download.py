@@ -242,7 +242,7 @@ def download_chunk(chunk: Chunk) -> TaskResult:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
     import pyarrow.parquet as pq
     from img2dataset import download
-    tmp = _work_folder(chunk)
+    tmp = os.path.join(_work_root(chunk.output), chunk.name)
     shutil.rmtree(tmp, ignore_errors=True)  # what a stopped or killed run of this chunk left
     for name in (f"{chunk.name}.parquet", f"{chunk.name}_stats.json"):  # (the tar's: _rekey_tar)
         remove_stale_temporaries(os.path.join(chunk.output, name))
@@ -261,15 +261,15 @@ def download_chunk(chunk: Chunk) -> TaskResult:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _work_folder(chunk: Chunk) -> str:
-    """Where img2dataset writes a chunk: beside the output on the same disk, or for an object-store
-    output a local temporary folder (one per output and chunk, so a rerun finds and clears it)."""
-    if not storage.is_url(chunk.output):
-        return os.path.join(chunk.output, "_tmp", chunk.name)
+def _work_root(output: str) -> str:
+    """The folder img2dataset writes each chunk into (a subfolder a chunk): ``_tmp`` beside the
+    output on the same disk, or for an object-store output a local temporary folder (one per
+    output, so a rerun finds and clears it)."""
+    if not storage.is_url(output):
+        return os.path.join(output, "_tmp")
     import hashlib
     import tempfile
-    tag = hashlib.sha256(chunk.output.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"lverse-download-{tag}", chunk.name)
+    return os.path.join(tempfile.gettempdir(), f"lverse-download-{hashlib.sha256(output.encode()).hexdigest()[:16]}")
 
 
 def _finish_chunk(chunk: Chunk, tmp: str, done: str) -> TaskResult:
@@ -327,8 +327,7 @@ def run_download(cfg: DownloadConfig) -> dict:
                                totals=lambda results, seconds: image_totals(cfg.output, info, results, seconds))
     finally:
         with contextlib.suppress(OSError):  # empty unless a chunk is still failing
-            os.rmdir(os.path.join(cfg.output, "_tmp") if not storage.is_url(cfg.output)
-                     else os.path.dirname(_work_folder(chunks[0])))
+            os.rmdir(_work_root(cfg.output))
 
 
 def image_totals(output: str, info: dict, results: list[TaskResult], seconds: float) -> dict:
