@@ -23,30 +23,15 @@ from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
 from lverse.pipeline.encode import CROP_RATIO, MAX_CROPS, EncodeConfig, ShardEncoder, crop_boxes, run_encode
 from lverse.pipeline.train import DataConfig, TrainConfig, data_loader, plan_run
-from lverse.preprocessing.synthetic import draw_sample
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed, view_pick
 from lverse.runtime.token_index import TokenIndex, build_index, ensure_index, index_folder, open_samples
 from lverse.runtime.trainer import Process
 
+from .test_encode import make_shard
+
 SIZES = [(96, 72), (72, 96), (80, 80)]  # landscape, portrait, square: the shorter side is each one's own
 SHARDS, PER_SHARD, BATCH, K, SIDE = 2, 6, 4, 2, 64  # SIDE: debug-sl's input size and its codes a sample
-
-
-def make_raw_shard(path, shard, n):
-    """A raw shard as img2dataset writes it ({key}.jpg, .txt, .json), images of ``SIZES`` in turn."""
-    rng = np.random.default_rng(shard)
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            key = f"{shard:05d}{i:04d}"
-            image, caption = draw_sample(rng, 96)
-            buf = io.BytesIO()
-            image.resize(SIZES[i % len(SIZES)]).save(buf, format="JPEG", quality=95)
-            meta = json.dumps({"key": key, "url": f"http://example.com/{key}.jpg"}).encode()
-            for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", meta)):
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +39,7 @@ def encoded(tmp_path_factory):
     root = tmp_path_factory.mktemp("crops")
     os.makedirs(root / "raw")
     for s in range(SHARDS):
-        make_raw_shard(str(root / "raw" / f"{s:05d}.tar"), s, PER_SHARD)
+        make_shard(str(root / "raw" / f"{s:05d}.tar"), s, PER_SHARD, seed=s, side=96, sizes=SIZES, quality=95)
     torch.manual_seed(0)
     vae = str(root / "vae.safetensors")
     save_model(AugVAE(PRESETS["debug-sl"]), vae)

@@ -22,15 +22,18 @@ from lverse.preprocessing.synthetic import draw_sample
 from lverse.runtime.executors import StageFailed
 
 
-def make_shard(path, shard, n, seed, corrupt=()):
-    """A raw shard as img2dataset writes it: {key}.jpg, .txt, .json."""
+def make_shard(path, shard, n, seed, corrupt=(), side=80, sizes=None, quality=75):
+    """A raw shard as img2dataset writes it: {key}.jpg, .txt, .json; images drawn ``side`` pixels
+    square, or resized to ``sizes`` in turn."""
     rng = np.random.default_rng(seed)
     with tarfile.open(path, "w") as tar:
         for i in range(n):
             key = f"{shard:05d}{i:04d}"
-            image, caption = draw_sample(rng, 80)
+            image, caption = draw_sample(rng, side)
+            if sizes:
+                image = image.resize(sizes[i % len(sizes)])
             buf = io.BytesIO()
-            image.save(buf, format="JPEG")
+            image.save(buf, format="JPEG", quality=quality)
             jpg = buf.getvalue()[:100] if i in corrupt else buf.getvalue()
             meta = json.dumps({"key": key, "url": f"http://example.com/{key}.jpg"}).encode()
             for ext, data in (("jpg", jpg), ("txt", caption.encode()), ("json", meta)):
