@@ -30,8 +30,10 @@ EXTRAS = {
     # Caption metrics (BLEU, METEOR, ROUGE-L, CIDEr); its tokenizer and METEOR need Java. FID with
     # torch-fidelity, the paper's tool (its Inception weights are a local file, never downloaded).
     "eval": ["pycocoevalcap>=1.2", "lpips>=0.1.4", "torch-fidelity>=0.4"],
-    # s3:// inputs and outputs for every stage (core/storage.py).
-    "s3": ["s3fs"],
+    # s3:// inputs and outputs for every stage (core/storage.py). The lower bound matters: without it
+    # pip settles on s3fs 0.4 (boto3-based, no async calls, which core/storage needs) whenever the
+    # newest boto3 (moto's) wants a botocore newer than the newest aiobotocore allows.
+    "s3": ["s3fs>=2023.1"],
     # The tests' S3-compatible server (moto's standalone server, on 127.0.0.1).
     "dev": ["pytest>=8", "ruff>=0.6", "moto[server]>=5"],
 }

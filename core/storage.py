@@ -69,10 +69,15 @@ def filesystem(path: str):
     check_scheme(path)
     import fsspec
     try:
-        return fsspec.core.url_to_fs(path)
+        fs, inner = fsspec.core.url_to_fs(path)
     except ImportError as e:  # s3fs missing: the install is incomplete
         raise InputError(f"{path}: reading {scheme(path)}:// needs {e.name or 's3fs'}; install lverse's "
                          "`s3` extra (pip install -e '.[s3]')") from None
+    if not hasattr(fs, "call_s3"):  # s3fs before 0.5: boto3-based, none of the calls used here
+        import s3fs
+        raise InputError(f"{path}: s3fs {s3fs.__version__} is too old for lverse; install lverse's `s3` "
+                         "extra again (pip install -e '.[s3]'), which asks for s3fs>=2023.1")
+    return fs, inner
 
 
 def absolute(path: str) -> str:
