@@ -13,7 +13,7 @@ SYSTEM_PACKAGES := openssh-server rsync netcat-openbsd iproute2 slurmctld slurmd
 
 .PHONY: venv system-deps test test-fast lint demo clean
 
-$(STAMP): setup.py constraints.txt
+$(STAMP): setup.py constraints.txt preprocessing/_bpe.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,dev]'

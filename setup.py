@@ -15,7 +15,7 @@ bare top-level module called ``model``:
 Exact version pins live in constraints.txt; install with ``pip install -c constraints.txt -e .[all]``.
 """
 
-from setuptools import setup
+from setuptools import Extension, setup
 
 EXTRAS = {
     # The AugVAE training loss (LPIPS) and image I/O need torchvision.
@@ -67,6 +67,9 @@ setup(
     ],
     package_data={"lverse.pipeline": ["clusters/*.yaml"], "lverse.slurm": ["*.sbatch"],
                   "lverse.model": ["clip_configs/*.json"], "lverse.ds_configs": ["*.json"]},
+    # BPE-dropout's merge loop in C (preprocessing/_bpe.c): a C compiler and Python's headers build it
+    # at install time.
+    ext_modules=[Extension("lverse.preprocessing._bpe", ["preprocessing/_bpe.c"], extra_compile_args=["-O2"])],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["lverse=lverse.cli:main"]},
 )

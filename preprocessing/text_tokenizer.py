@@ -10,6 +10,7 @@ Piece ids map into BiART's text range by an offset (the image vocabulary size): 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -25,9 +26,10 @@ from torch import Tensor
 
 from lverse.core.errors import InputError
 
+from . import _bpe
+
 log = logging.getLogger(__name__)
 
-_SPACES = re.compile(r"\s+")
 VOCAB_SIZE = 49808  # pieces of the paper's caption tokenizer: the default everywhere a vocabulary size is asked
 
 
@@ -40,7 +42,7 @@ def normalize_caption(text: str) -> str:
     captions are such text, and ftfy costs more than the rest of a caption's BPE-dropout."""
     if not (text.isascii() and text.isprintable() and "&" not in text):
         text = ftfy.fix_text(text)
-    return _SPACES.sub(" ", text).strip()
+    return " ".join(text.split())  # str.split's whitespace is the regular expression \s's
 
 
 def truncate_caption(caption: str) -> str:
@@ -72,12 +74,11 @@ class CaptionTokenizer:
         self._piece_ids = {self.sp.id_to_piece(i): i for i in range(self.vocab_size)
                            if not (self.sp.is_control(i) or self.sp.is_unknown(i))}
         self._scores = [self.sp.get_score(i) for i in range(self.vocab_size)]
-        # merged piece -> minus its score: ``_merge_word`` sorts the best first
-        self._neg_scores = {piece: -self._scores[i] for piece, i in self._piece_ids.items()}
         # Words are merged one by one where no piece spans two (SentencePiece's default,
         # split_by_whitespace); a model fitted otherwise is merged over the whole caption.
         self._word_split = not any("\u2581" in piece[1:] for piece in self._piece_ids)
-        self._plain: dict[str, tuple[list[int], list[int]]] = {}  # word -> plain BPE (ids, merges)
+        self._unk = self.sp.unk_id()
+        self._plain = _PlainWords(self)
 
     @property
     def pad_id(self) -> int:
@@ -115,7 +116,7 @@ class CaptionTokenizer:
 
     def pieces(self, text: str, training: bool = False, seed: bytes | None = None) -> list[int]:
         """SentencePiece ids of one caption; BPE-dropout only when ``training``, its draws a function
-        of ``seed`` alone (``dropout_draws``; a fresh random seed when None).
+        of ``seed`` alone (a fresh random seed when None).
 
         SentencePiece's own sampling cannot be reproduced across processes (the same seed gives
         other pieces in another process: measured), and exact resume needs a caption's pieces to
@@ -131,59 +132,69 @@ class CaptionTokenizer:
         the word's mergeable adjacent pairs from the best-scoring merged piece down (SentencePiece's
         BPE scores are merge ranks; of equal scores the leftmost pair first), drops each one it
         looks at with probability ``dropout`` and merges the first it keeps; a step that keeps none
-        ends the word. Each pair looked at takes the next draw of the caption's stream
-        (``dropout_draws(seed)``), words in order. Drawing only for the pairs looked at gives the
-        distribution of drawing for every pair at every step, with about one draw per merge
-        (tests/test_data_order.py checks this). Words are independent, as in BPE's merges; run
-        over a whole caption at once, the rule would couple them only through its end (a step
-        that drops every pair of every word would end them all), which no merge rule of the paper
-        relies on.
+        ends the word. Each pair looked at takes the next draw of the caption's stream, words in
+        order. Drawing only for the pairs looked at gives the distribution of drawing for every
+        pair at every step, with about one draw per merge (tests/test_data_order.py checks this).
+        Words are independent, as in BPE's merges; run over a whole caption at once, the rule
+        would couple them only through its end (a step that drops every pair of every word would
+        end them all), which no merge rule of the paper relies on.
 
-        Most words take no drop in their few merges and end as plain BPE ends them: each word's
-        plain merges and pieces are cached, so such a word costs a dictionary look-up and a search
-        of its draws for a drop; a word with a drop replays its plain merges up to it and is merged
-        step by step from there (``benchmarks/data.py``)."""
+        Draw j is the j-th little-endian 16-bit word of SHAKE-128(``seed``) and drops when it is
+        below ``round(dropout * 65536)`` (a probability within 2^-17 of ``dropout``): an
+        extendable-output hash, so a longer stream starts with the shorter one, and a caption that
+        needs more draws than it asked for asks again and gets the same first ones.
+
+        The loop is C (``_bpe.dropout``, one call a caption). Most words take no drop in their
+        few merges and end as plain BPE ends them: each word's plain pieces and merge count are
+        cached here, so such a word costs a search of its draws for a drop; a word with a drop is
+        merged again from its characters, its plain merges replayed by the draws that keep them
+        (``benchmarks/data.py``)."""
         chars = self.sp.normalize(text)
         words = _WORD.findall(chars) if self._word_split else [chars]
-        mask = dropout_draws(seed, 2 * len(chars) + 16, self.dropout)  # about a draw a merge, and the drops
-        ids, pos, plain, piece_ids, unk = [], 0, self._plain, self._piece_ids, self.sp.unk_id()
-        for word in words:
-            hit = plain.get(word)
-            if hit is None:
-                if len(plain) >= _PLAIN_WORDS:
-                    plain.clear()
-                symbols, merged, _ = _merge_word(list(word), self._neg_scores, bytes(len(word) ** 2), 0)
-                hit = plain[word] = ([piece_ids.get(sym, unk) for sym in symbols], merged)
-            word_ids, merged = hit
-            if pos + len(merged) > len(mask):
-                mask = dropout_draws(seed, 2 * (pos + len(merged)), self.dropout)
-            first_drop = mask.find(1, pos, pos + len(merged))
-            if first_drop < 0:  # no drop among its merges: the plain segmentation
-                ids += word_ids
-                pos += len(merged)
-                continue
-            worst = first_drop + len(word) * (len(word) - 1) // 2  # every pair looked at in every step
-            if worst > len(mask):
-                mask = dropout_draws(seed, 2 * worst, self.dropout)
-            symbols = list(word)  # the plain merges up to the first drop, then the draws decide
-            for i in merged[:first_drop - pos]:
-                symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
-            symbols, _, pos = _merge_word(symbols, self._neg_scores, mask, first_drop)
-            ids += [piece_ids.get(sym, unk) for sym in symbols]
-        if unk in ids:  # a run of unknown characters is one unknown piece, as in SentencePiece
-            ids = [pid for j, pid in enumerate(ids) if not (pid == unk and j and ids[j - 1] == unk)]
+        threshold = round(self.dropout * 65536)
+        count = 2 * len(chars) + 16  # about a draw a merge, and the drops
+        while (ids := _bpe.dropout(words, self._plain, self._pairs, hashlib.shake_128(seed).digest(2 * count),
+                                   threshold, self._unk)) is None:
+            count *= 4
         return ids
+
+    @functools.cached_property
+    def _pairs(self) -> bytes:
+        """The merge table of ``_bpe``: every two pieces whose concatenation is a piece, keyed
+        (left << 32 | right), and that piece with its rank (rank << 32 | piece), the rank its
+        place in the scores, best first (equal scores, equal ranks: the leftmost pair goes first).
+        A character that is no piece is in no pair: SentencePiece makes its pieces of the
+        characters it keeps, each of which is a piece."""
+        ranks = {score: r for r, score in enumerate(sorted(set(self._scores), reverse=True))}
+        pairs = {}
+        for piece, merged in self._piece_ids.items():
+            for cut in range(1, len(piece)):
+                left, right = self._piece_ids.get(piece[:cut]), self._piece_ids.get(piece[cut:])
+                if left is not None and right is not None:
+                    pairs[left << 32 | right] = ranks[self._scores[merged]] << 32 | merged
+        return _bpe.table(np.fromiter(pairs.keys(), np.uint64, len(pairs)).tobytes(),
+                          np.fromiter(pairs.values(), np.uint64, len(pairs)).tobytes())
 
     def encode(self, texts: list[str], length: int, training: bool = False,
                seeds: list[bytes] | None = None) -> Tensor:
         """(B, length) BiART ids: pieces shifted by ``offset``, truncated, PAD-filled; BPE-dropout
         when ``training``, each caption's from its ``seeds`` entry."""
-        out = np.full((len(texts), length), self.pad_id, dtype=np.int64)
+        out = np.empty(len(texts) * length, dtype=np.int64)
+        self.encode_into(out, texts, length, training, seeds)
+        return torch.from_numpy(out).view(len(texts), length)
+
+    def encode_into(self, out: np.ndarray, texts: list[str], length: int, training: bool = False,
+                    seeds: list[bytes] | None = None) -> None:
+        """``encode`` written into ``out``, flat (B * length; any integer dtype the ids fit): the
+        rows gathered in one list and converted at once, with the offset added to every id at once
+        (a pad is ``vocab_size`` until then), which costs less than filling row by row."""
+        flat, pad = [], [self.vocab_size] * length
         for row, text in enumerate(texts):
             ids = self.pieces(text, training, None if seeds is None else seeds[row])[:length]
-            out[row, :len(ids)] = ids
-        out[out != self.pad_id] += self.offset  # no piece is numbered pad_id (offset + vocab_size)
-        return torch.from_numpy(out)
+            flat += ids
+            flat += pad[len(ids):]
+        out[:] = flat
+        out += self.offset
 
     def decode(self, ids: Tensor | list[int]) -> str:
         """BiART ids -> a clean string: stops at the first PAD, skips ids outside the text range."""
@@ -200,43 +211,21 @@ _WORD = re.compile("\u2581[^\u2581]*|[^\u2581]+")  # a word: its ▁ and what fo
 _PLAIN_WORDS = 1 << 18  # words whose plain BPE is cached (all dropped when there would be more)
 
 
-def dropout_draws(seed: bytes, count: int, dropout: float) -> bytes:
-    """The first ``count`` draws of the stream of ``seed``: byte j is 1 when draw j drops its pair.
+class _PlainWords(dict):
+    """word -> (its characters' piece ids as uint32 bytes, its plain BPE pieces, its merge count),
+    made the first time ``_bpe.dropout`` asks for the word (``__missing__``)."""
 
-    Draw j is the j-th little-endian 16-bit word of SHAKE-128(``seed``) and drops when it is below
-    ``round(dropout * 65536)`` (a probability within 2^-17 of ``dropout``). An extendable-output
-    hash: a longer stream starts with the shorter one, so a caption that needs more draws asks
-    again for more and gets the same first ones; and one call makes a caption's draws (about a
-    microsecond, against several for building a numpy generator per sample)."""
-    words = np.frombuffer(hashlib.shake_128(seed).digest(2 * count), dtype="<u2")
-    return (words < round(dropout * 65536)).tobytes()
+    def __init__(self, tok: CaptionTokenizer):
+        super().__init__()
+        self.tok = tok
 
-
-def _merge_word(symbols: list[str], neg_scores: dict[str, float], mask: bytes, pos: int,
-                ) -> tuple[list[str], list[int], int]:
-    """BPE-dropout on one word's ``symbols`` step by step from draw ``pos`` on (see
-    ``CaptionTokenizer._bpe_dropout``): (the symbols left, where each merge was as the index of its
-    left symbol, the next draw's position). With no drops, plain BPE. A step costs two look-ups
-    and a sort of the pairs' scores."""
-    get, merged = neg_scores.get, []
-    scores = [get(a + b) for a, b in zip(symbols, symbols[1:])]  # minus the merged piece's score
-    while True:
-        kept = None
-        for _, i in sorted([(s, j) for j, s in enumerate(scores) if s is not None]):
-            pos += 1
-            if not mask[pos - 1]:
-                kept = i
-                break
-        if kept is None:  # every pair dropped, or none mergeable: the word is done
-            return symbols, merged, pos
-        i = kept
-        symbols[i:i + 2] = [symbols[i] + symbols[i + 1]]
-        del scores[i]
-        if i:
-            scores[i - 1] = get(symbols[i - 1] + symbols[i])
-        if i < len(scores):
-            scores[i] = get(symbols[i] + symbols[i + 1])
-        merged.append(i)
+    def __missing__(self, word: str) -> tuple[bytes, list[int], int]:
+        if len(self) >= _PLAIN_WORDS:
+            self.clear()
+        tok = self.tok
+        symbols = np.array([tok._piece_ids.get(c, tok._unk) for c in word], np.uint32).tobytes()
+        entry = self[word] = (symbols, *_bpe.plain(tok._pairs, symbols))
+        return entry
 
 
 def iter_captions(path: str) -> Iterable[str]:

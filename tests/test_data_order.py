@@ -344,7 +344,7 @@ def test_bpe_dropout_looking_only_at_the_pairs_it_needs_drops_as_drawing_for_eve
     word = max((w for c in captions for w in c.split()), key=len)
     tok.dropout = 0.2
     chars = tok.sp.normalize(word)
-    score = {p: -s for p, s in tok._neg_scores.items()}
+    score = {piece: tok._scores[i] for piece, i in tok._piece_ids.items()}
     rng = np.random.default_rng(0)
     theirs = collections.Counter()
     for _ in range(20_000):
