@@ -42,13 +42,15 @@ def installed_packages() -> list[str]:
 
 
 def package_modules() -> dict[str, str]:
-    """Module name -> source file of every module of the installed lverse packages."""
+    """Module name -> source file of every Python module of the installed lverse packages (a C
+    extension, preprocessing/_bpe.c, imports no lverse module)."""
     modules = {}
     for package in installed_packages():
         modules[package] = importlib.import_module(package).__file__
         for info in pkgutil.iter_modules(importlib.import_module(package).__path__, package + "."):
-            if not info.ispkg:
-                modules[info.name] = importlib.util.find_spec(info.name).origin
+            origin = importlib.util.find_spec(info.name).origin
+            if not info.ispkg and origin.endswith(".py"):
+                modules[info.name] = origin
     return modules
 
 
