@@ -33,7 +33,7 @@ import time
 import torch
 
 from lverse.model.biart import PRESETS, BiART, Direction
-from lverse.pipeline.train import TrainConfig, _WriterEngine, load_ds_config, wrap
+from lverse.pipeline.train import TrainConfig, WriterEngine, load_ds_config, wrap
 from lverse.runtime.distributed import setup_env
 from lverse.runtime.trainer import Checkpoints, FileWriter
 
@@ -64,7 +64,7 @@ def round_of(trainer: Trainer, folder: str, background: bool | None, intervals: 
     engine, checkpoints = trainer.engine, None
     if background is not None:
         writer = FileWriter(background)
-        engine.checkpoint_engine = _WriterEngine(writer)
+        engine.checkpoint_engine = WriterEngine(writer)
         checkpoints = Checkpoints(folder, keep=1, rank=0, writer=writer)
     start = time.perf_counter()
     for _ in range(intervals):

@@ -605,7 +605,7 @@ def build_engine(run: Run, resume: Checkpoint | None):
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {"universal_checkpoint_version": 0.2})
     engine, kernels = wrap(model, run.cfg, run.ds, run.peak_lr, run.proc.device)
     writer = FileWriter(run.cfg.checkpoint_background)
-    engine.checkpoint_engine = _WriterEngine(writer)
+    engine.checkpoint_engine = WriterEngine(writer)
     if resume:
         _load(engine, run, resume)
     return engine, kernels, writer
@@ -827,7 +827,7 @@ def _log_checkpoints(cfg: TrainConfig, rank: int, completed: list[dict]) -> None
             f.write(json.dumps(figures) + "\n")
 
 
-class _WriterEngine:
+class WriterEngine:
     """DeepSpeed's checkpoint-engine interface over lverse's ``FileWriter``: DeepSpeed decides
     what each rank saves, the writer how (durably; in the background). DeepSpeed clones the model's
     tensors for saving unless told the engine copies them itself, which the background writer does."""

@@ -363,16 +363,19 @@ class TokenIndex:
     """A built index, read in place. Picklable (a DataLoader worker gets the path and the meta
     and maps the files itself on first use)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, hint: str | None = None):
+        """``hint``: the command that rebuilds it (``rebuild_hint``), which its errors name; by
+        default that of an index in its tokens folder."""
         self.path = path
+        self.hint = hint or rebuild_hint(os.path.dirname(path))
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
-            raise InputError(f"{path} holds no token index (no meta.json); build it with "
-                             f"`lverse index --tokens {os.path.dirname(path)}`")
+            raise InputError(f"{path} holds no token index (no meta.json); "
+                             f"{self.hint.replace('rebuild it with', 'build it with')}")
         self.meta = read_json(meta_path)
         if self.meta.get("version") != VERSION:
             raise InputError(f"the token index {path} is of version {self.meta.get('version')}, this lverse reads "
-                             f"{VERSION}: {rebuild_hint(os.path.dirname(path))}")
+                             f"{VERSION}: {self.hint}")
         self.crops = int(self.meta.get("crops", 0))  # an index from before crops existed holds none
         self._arrays = None
 
@@ -380,7 +383,7 @@ class TokenIndex:
         return self.meta["samples"]
 
     def __getstate__(self):
-        return {"path": self.path, "meta": self.meta, "crops": self.crops, "_arrays": None}
+        return {"path": self.path, "hint": self.hint, "meta": self.meta, "crops": self.crops, "_arrays": None}
 
     def check_files(self) -> None:
         """The files hold what meta.json says (a damaged or half-copied index is refused), and as
@@ -390,7 +393,7 @@ class TokenIndex:
         held = max((shard_crops(e["stats"]) for e in self.meta["shards"]), default=0)
         if held != k:
             raise InputError(f"the token index {self.path} holds {k} crops a sample, its shards {held}: "
-                             f"{rebuild_hint(os.path.dirname(self.path))}")
+                             f"{self.hint}")
         expected = {"codes.u16": 2 * n * length, "caption_offsets.i64": 8 * (n + 1), "key_offsets.i64": 8 * (n + 1)}
         if k:
             expected |= {"crops.u16": 2 * n * k * length, "crop_boxes.i32": 4 * n * k * 4}
@@ -399,12 +402,12 @@ class TokenIndex:
             if not os.path.isfile(path) or os.path.getsize(path) != size:
                 raise InputError(f"the token index {self.path} is damaged ({name}: "
                                  f"{os.path.getsize(path) if os.path.isfile(path) else 'missing'} bytes, expected "
-                                 f"{size}): {rebuild_hint(os.path.dirname(self.path))}")
+                                 f"{size}): {self.hint}")
         arrays = self._open()
         for blob, offsets in (("captions", "caption_offsets"), ("keys", "key_offsets")):
             if len(arrays[blob]) != int(arrays[offsets][-1]):
                 raise InputError(f"the token index {self.path} is damaged ({blob}.bin does not end where its "
-                                 f"offsets say): {rebuild_hint(os.path.dirname(self.path))}")
+                                 f"offsets say): {self.hint}")
 
     def _open(self) -> dict:
         if self._arrays is None:
@@ -570,15 +573,15 @@ def open_samples(shards: list[str], vae_hash: str | None, crops: bool = True,
     unless the index holds each of them unchanged (and, with ``vae_hash``, is of that AugVAE);
     ``crops``: their random crops are views too (``TokenSamples``)."""
     tokens = shards_folder(shards)
-    index = TokenIndex(index_path(tokens, index_dir))
+    index = TokenIndex(index_path(tokens, index_dir), rebuild_hint(tokens, index_dir))
     if vae_hash is not None and index.meta["vae"] != vae_hash:
         raise InputError(f"the token index {index.path} is of another AugVAE ({index.meta['vae'][:12]}...) than "
-                         f"data.vae ({vae_hash[:12]}...): {rebuild_hint(tokens, index_dir)}")
+                         f"data.vae ({vae_hash[:12]}...): {index.hint}")
     reasons = index.stale(shards)
     if reasons:
         more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
         raise InputError(f"the token index {index.path} no longer matches the shards: {'; '.join(reasons[:3])}{more}; "
-                         f"{rebuild_hint(tokens, index_dir)} (training builds an index only when there is none)")
+                         f"{index.hint} (training builds an index only when there is none)")
     index.check_files()
     return TokenSamples(index, shards, crops)
 
@@ -620,7 +623,7 @@ def index_folder(tokens: str, progress: bool = True, workers: int | None = None,
     shards, _ = finished_shards(tokens)
     if os.path.isfile(os.path.join(path, "meta.json")) and shards:
         try:
-            index = TokenIndex(path)
+            index = TokenIndex(path, rebuild_hint(tokens, index_dir))
             index.check_files()
             fresh = not index.stale(shards) and len(index.meta["shards"]) == len(shards)
         except InputError:

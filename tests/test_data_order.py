@@ -30,7 +30,7 @@ from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.pipeline.train import DataConfig, TrainConfig, data_loader, plan_run
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer, normalize_caption
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed
-from lverse.runtime.token_index import TokenIndex, TokenSamples, build_index, ensure_index, open_samples
+from lverse.runtime.token_index import TokenIndex, TokenSamples, build_index, ensure_index, index_path, open_samples
 from lverse.runtime.trainer import Checkpoint, Process
 
 from .test_train import PER_SHARD, SHARDS, data, losses, metrics, run_job, train_config  # noqa: F401  (the token-shard fixture)
@@ -83,7 +83,7 @@ def test_the_index_holds_every_sample_of_the_shards(tokens, capsys):
     assert json.loads(capsys.readouterr().out)["up_to_date"] is True
 
 
-def test_a_stale_index_is_refused_until_it_is_rebuilt(tokens, data, capsys):  # noqa: F811
+def test_a_stale_index_is_refused_until_it_is_rebuilt(tokens, data, capsys, tmp_path):  # noqa: F811
     vae_hash, named = file_sha256(data["vae"]), shards_of(tokens)
     ensure_index(named, vae_hash)  # none there: built
     os.remove(os.path.join(tokens, "00001_stats.json"))  # shard 1 encoded again
@@ -102,6 +102,11 @@ def test_a_stale_index_is_refused_until_it_is_rebuilt(tokens, data, capsys):  # 
         open_samples(named, "0" * 64)
     build_index(tokens, progress=False)
     assert len(open_samples(shards_of(tokens), vae_hash)) == N + PER_SHARD
+    elsewhere = str(tmp_path / "index")  # an index out of its tokens folder: its errors name --index-dir
+    build_index(tokens, progress=False, index_dir=elsewhere)
+    os.truncate(os.path.join(index_path(tokens, elsewhere), "codes.u16"), 0)
+    with pytest.raises(InputError, match=re.escape(f"`lverse index --tokens {tokens} --index-dir {elsewhere}`")):
+        open_samples(shards_of(tokens), vae_hash, index_dir=elsewhere)
 
 
 # --- the order --------------------------------------------------------------------------------
