@@ -167,11 +167,17 @@ done:
     return result;
 }
 
+/* Whether piece ``id`` would repeat the unknown piece that ids ends with (a run of unknown
+ * pieces is one, as in SentencePiece). */
+static int repeats_unk(PyObject *ids, long id, long unk) {
+    Py_ssize_t size = PyList_GET_SIZE(ids);
+    return id == unk && size && PyLong_AsLong(PyList_GET_ITEM(ids, size - 1)) == unk;
+}
+
 /* Appends sym[0..len) to ids, a run of unk pieces as one. */
 static int append_ids(PyObject *ids, const uint32_t *sym, Py_ssize_t len, long unk) {
     for (Py_ssize_t i = 0; i < len; i++) {
-        Py_ssize_t size = PyList_GET_SIZE(ids);
-        if ((long)sym[i] == unk && size && PyLong_AsLong(PyList_GET_ITEM(ids, size - 1)) == unk)
+        if (repeats_unk(ids, (long)sym[i], unk))
             continue;
         PyObject *id = PyLong_FromUnsignedLong(sym[i]);
         if (!id || PyList_Append(ids, id) < 0) {
@@ -255,8 +261,7 @@ static PyObject *dropout(PyObject *Py_UNUSED(self), PyObject *args) {
         if (r == KEPT) {
             for (Py_ssize_t i = 0; i < PyList_GET_SIZE(word_ids); i++) {
                 PyObject *id = PyList_GET_ITEM(word_ids, i);
-                Py_ssize_t size = PyList_GET_SIZE(ids);
-                if (PyLong_AsLong(id) == unk && size && PyLong_AsLong(PyList_GET_ITEM(ids, size - 1)) == unk)
+                if (repeats_unk(ids, PyLong_AsLong(id), unk))
                     continue;
                 if (PyList_Append(ids, id) < 0)
                     goto done;
