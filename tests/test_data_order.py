@@ -28,7 +28,8 @@ from lverse.core.errors import InputError
 from lverse.core.shards import file_sha256, iter_samples
 from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.pipeline.train import DataConfig, TrainConfig, data_loader, plan_run
-from lverse.preprocessing.text_tokenizer import CaptionTokenizer, normalize_caption
+from lverse.preprocessing import _bpe
+from lverse.preprocessing.text_tokenizer import _WORD, CaptionTokenizer, normalize_caption
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed
 from lverse.runtime.token_index import TokenIndex, TokenSamples, build_index, ensure_index, index_path, open_samples
 from lverse.runtime.trainer import Checkpoint, Process
@@ -320,20 +321,28 @@ def test_bpe_dropout_is_that_of_the_plain_loop(made_up):
     plain loop, for the cached plain segmentations too (each caption twice); and a model whose
     pieces span words (no split by whitespace) merges the whole caption as one word."""
     captions, tok, folder = made_up
+    long_word = "kalominestraouthe" * 12
     tricky = ["Ünïcode   café, 100% — “quotes” 東京", "fish &amp; chips", "cafÃ©", "a\tb\nc\r\nd", "\x00x\x7f",
-              "ｆｕｌｌ ｗｉｄｔｈ ﬁne", "", " ", "k", "東京東京 東", "x" * 200, " ".join(captions[:25])]
+              "ｆｕｌｌ ｗｉｄｔｈ ﬁne", "", " ", "k", "東京東京 東", "x" * 200, " ".join(captions[:25]), long_word]
+    texts = captions[:150] + tricky
     spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_prefix=str(folder / "whole"),
                                    model_type="bpe", vocab_size=300, split_by_whitespace=False, unk_id=0,
                                    bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
     whole = CaptionTokenizer(str(folder / "whole.model"), offset=512)
     assert not whole._word_split and tok._word_split
-    for dropout in (0.1, 0.5):
+    for dropout in (0.1, 0.5, 0.9):
         for t in (tok, whole):
             t.dropout = dropout
-            for j, caption in enumerate((captions[:150] + tricky) * 2):
-                seed = b"seed %d" % (j % 162)
+            for j, caption in enumerate(texts * 2):
+                seed = b"seed %d" % (j % len(texts))
                 expected = reference_pieces(t.sp, caption, dropout, reference_draws_of(seed), t is tok)
                 assert t.pieces(caption, True, seed) == expected, caption
+    # At 0.9 the long word needs more draws than a caption's first helping (2 a character and 16),
+    # so its pieces above came from a second, longer stream.
+    tok.dropout = 0.9
+    chars = tok.sp.normalize(long_word)
+    first = hashlib.shake_128(b"seed %d" % texts.index(long_word)).digest(2 * (2 * len(chars) + 16))
+    assert _bpe.dropout(_WORD.findall(chars), tok._plain, tok._pairs, first, round(0.9 * 65536), tok._unk) is None
 
 
 def reference_draws_of(seed: bytes, count: int = 1 << 16) -> np.ndarray:
