@@ -11,7 +11,6 @@ Piece ids map into BiART's text range by an offset (the image vocabulary size): 
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -78,7 +77,6 @@ class CaptionTokenizer:
         # split_by_whitespace); a model fitted otherwise is merged over the whole caption.
         self._word_split = not any("\u2581" in piece[1:] for piece in self._piece_ids)
         self._unk = self.sp.unk_id()
-        self._plain = _PlainWords(self)
 
     @property
     def pad_id(self) -> int:
@@ -141,30 +139,30 @@ class CaptionTokenizer:
 
         Draw j is the j-th little-endian 16-bit word of SHAKE-128(``seed``) and drops when it is
         below ``round(dropout * 65536)`` (a probability within 2^-17 of ``dropout``): an
-        extendable-output hash, so a longer stream starts with the shorter one, and a caption that
-        needs more draws than it asked for asks again and gets the same first ones.
+        extendable-output hash, squeezed as far as the caption's words need.
 
-        The loop is C (``_bpe.dropout``, one call a caption). Most words take no drop in their
-        few merges and end as plain BPE ends them: each word's plain pieces and merge count are
-        cached here, so such a word costs a search of its draws for a drop; a word with a drop is
-        merged again from its characters, its plain merges replayed by the draws that keep them
-        (``benchmarks/data.py``)."""
+        The loop is C (``_bpe``; ``encode_into`` does a batch of captions in one call). Most words
+        take no drop in their few merges and end as plain BPE ends them: each word's plain pieces
+        and merge count are cached here, so such a word costs a search of its draws for a drop; a
+        word with a drop is merged again from its characters, its plain merges replayed by the
+        draws that keep them (``benchmarks/data.py``)."""
         chars = self.sp.normalize(text)
         words = _WORD.findall(chars) if self._word_split else [chars]
-        threshold = round(self.dropout * 65536)
-        count = 2 * len(chars) + 16  # about a draw a merge, and the drops
-        while (ids := _bpe.dropout(words, self._plain, self._pairs, hashlib.shake_128(seed).digest(2 * count),
-                                   threshold, self._unk)) is None:
-            count *= 4
-        return ids
+        return self._merger.dropout(words, seed, self._threshold)
+
+    @property
+    def _threshold(self) -> int:
+        return round(self.dropout * 65536)
 
     @functools.cached_property
-    def _pairs(self) -> bytes:
-        """The merge table of ``_bpe``: every two pieces whose concatenation is a piece, keyed
-        (left << 32 | right), and that piece with its rank (rank << 32 | piece), the rank its
-        place in the scores, best first (equal scores, equal ranks: the leftmost pair goes first).
-        A character that is no piece is in no pair: SentencePiece makes its pieces of the
-        characters it keeps, each of which is a piece."""
+    def _merger(self) -> _bpe.Merger:
+        """The C side of BPE-dropout: the merge table, every two pieces whose concatenation is a
+        piece, keyed (left << 32 | right), and that piece with its rank (rank << 32 | piece), the
+        rank its place in the scores, best first (equal scores, equal ranks: the leftmost pair
+        goes first); the one-character pieces (a character that is none is unknown, and in no
+        pair: SentencePiece makes its pieces of the characters it keeps, each of which is a
+        piece); and the cache of words' plain BPE, ``_PLAIN_WORDS`` of them. Made in the process
+        that uses it (not pickled: ``__getstate__``)."""
         ranks = {score: r for r, score in enumerate(sorted(set(self._scores), reverse=True))}
         pairs = {}
         for piece, merged in self._piece_ids.items():
@@ -172,8 +170,12 @@ class CaptionTokenizer:
                 left, right = self._piece_ids.get(piece[:cut]), self._piece_ids.get(piece[cut:])
                 if left is not None and right is not None:
                     pairs[left << 32 | right] = ranks[self._scores[merged]] << 32 | merged
-        return _bpe.table(np.fromiter(pairs.keys(), np.uint64, len(pairs)).tobytes(),
-                          np.fromiter(pairs.values(), np.uint64, len(pairs)).tobytes())
+        chars = {piece: i for piece, i in self._piece_ids.items() if len(piece) == 1}
+        return _bpe.Merger(np.fromiter(pairs.keys(), np.uint64, len(pairs)).tobytes(),
+                           np.fromiter(pairs.values(), np.uint64, len(pairs)).tobytes(), chars, self._unk, _PLAIN_WORDS)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_merger"}
 
     def encode(self, texts: list[str], length: int, training: bool = False,
                seeds: list[bytes] | None = None) -> Tensor:
@@ -183,18 +185,42 @@ class CaptionTokenizer:
         self.encode_into(out, texts, length, training, seeds)
         return torch.from_numpy(out).view(len(texts), length)
 
-    def encode_into(self, out: np.ndarray, texts: list[str], length: int, training: bool = False,
+    def encode_into(self, out: np.ndarray, texts: list[str | bytes], length: int, training: bool = False,
                     seeds: list[bytes] | None = None) -> None:
-        """``encode`` written into ``out``, flat (B * length; any integer dtype the ids fit): the
-        rows gathered in one list and converted at once, with the offset added to every id at once
-        (a pad is ``vocab_size`` until then), which costs less than filling row by row."""
-        flat, pad = [], [self.vocab_size] * length
-        for row, text in enumerate(texts):
-            ids = self.pieces(text, training, None if seeds is None else seeds[row])[:length]
-            flat += ids
-            flat += pad[len(ids):]
-        out[:] = flat
-        out += self.offset
+        """``encode`` written into ``out``, flat (B * length; uint16, int32 or int64, which the ids
+        must fit); a caption may be UTF-8 bytes. With BPE-dropout, the captions of printable ASCII
+        are done in C in one call (``_bpe.Merger.encode``: most captions), the others here one by one."""
+        if (out.dtype not in (np.uint16, np.int32, np.int64) or out.shape != (len(texts) * length,)
+                or self.pad_id > np.iinfo(out.dtype).max):
+            raise ValueError(f"encode_into needs a flat array of {len(texts)} x {length} uint16, int32 or int64 "
+                             f"that hold ids up to {self.pad_id}")
+        texts = list(texts)
+        if training and self.dropout > 0:
+            seeds = list(seeds) if seeds is not None else [os.urandom(16) for _ in texts]
+            rows = range(len(texts))
+            if self._ascii_words:
+                rows = self._merger.encode(out, texts, seeds, self._threshold, length, self.vocab_size, self.offset)
+        else:
+            rows, seeds = range(len(texts)), [None] * len(texts)
+        for row in rows:
+            text = texts[row]
+            ids = self.pieces(text.decode("utf-8", "replace") if isinstance(text, bytes) else text, training,
+                              seeds[row])[:length]
+            at = out[row * length:(row + 1) * length]
+            at[:len(ids)] = ids
+            at[len(ids):] = self.vocab_size
+            at += self.offset
+
+    @functools.cached_property
+    def _ascii_words(self) -> bool:
+        """Whether ``_bpe.Merger.encode`` serves this model: its words split at whitespace, and its
+        normalisation leaves printable ASCII as it is, but for a U+2581 before the text and for each
+        space (SentencePiece's default, nmt_nfkc, does; a model with its own rules may not: then
+        every caption takes the path through ``pieces``)."""
+        probe = "".join(chr(c) for c in range(0x21, 0x7F))
+        probe = " ".join([probe, probe[::-1], probe[::2], "a b  c"])
+        expected = "\u2581" + " ".join(probe.split()).replace(" ", "\u2581")
+        return self._word_split and self.sp.normalize(probe) == expected
 
     def decode(self, ids: Tensor | list[int]) -> str:
         """BiART ids -> a clean string: stops at the first PAD, skips ids outside the text range."""
@@ -209,23 +235,6 @@ class CaptionTokenizer:
 
 _WORD = re.compile("\u2581[^\u2581]*|[^\u2581]+")  # a word: its ▁ and what follows up to the next
 _PLAIN_WORDS = 1 << 18  # words whose plain BPE is cached (all dropped when there would be more)
-
-
-class _PlainWords(dict):
-    """word -> (its characters' piece ids as uint32 bytes, its plain BPE pieces, its merge count),
-    made the first time ``_bpe.dropout`` asks for the word (``__missing__``)."""
-
-    def __init__(self, tok: CaptionTokenizer):
-        super().__init__()
-        self.tok = tok
-
-    def __missing__(self, word: str) -> tuple[bytes, list[int], int]:
-        if len(self) >= _PLAIN_WORDS:
-            self.clear()
-        tok = self.tok
-        symbols = np.array([tok._piece_ids.get(c, tok._unk) for c in word], np.uint32).tobytes()
-        entry = self[word] = (symbols, *_bpe.plain(tok._pairs, symbols))
-        return entry
 
 
 def iter_captions(path: str) -> Iterable[str]:

@@ -97,16 +97,21 @@ class GlobalOrder:
         return order.astype(np.int32 if self.size < 2**31 else np.int64)
 
     def at(self, positions: range, cache: dict | None = None) -> list[tuple[int, int]]:
-        """(epoch, sample) of each position; ``cache`` keeps the epochs drawn (the last two)."""
+        """(epoch, sample) of each position (a range of step 1); ``cache`` keeps the epochs drawn
+        (the last two)."""
+        if positions.step != 1:
+            raise ValueError(f"positions {positions} do not follow one another")
         cache = {} if cache is None else cache
-        out = []
-        for p in positions:
+        out, p = [], positions.start
+        while p < positions.stop:  # a run of positions in one epoch at a time
             e, i = divmod(p, self.size)
             if e not in cache:
                 for old in sorted(cache)[:-1]:
                     del cache[old]
                 cache[e] = self.epoch(e)
-            out.append((e, int(cache[e][i])))
+            n = min(positions.stop - p, self.size - i)
+            out += zip(itertools.repeat(e, n), cache[e][i:i + n].tolist())
+            p += n
         return out
 
 
@@ -307,8 +312,7 @@ class TokenBatch:
             from lverse.preprocessing.text_tokenizer import CaptionTokenizer
             path, offset, dropout = self.args
             self._tok = CaptionTokenizer(path, offset=offset, dropout=dropout)
-        codes = self._stacked(samples)
-        captions = [s.get("txt", b"").decode("utf-8", "replace") for s in samples]
+        captions = [s.get("txt", b"") for s in samples]  # UTF-8: the tokenizer decodes what it must
         # Both in one buffer, as narrow as the ids fit: a DataLoader worker hands each tensor's
         # storage to the training process through shared memory; one storage instead of two takes
         # about a quarter less of the time that costs, and uint16 ids about 10 µs a sample less
@@ -316,21 +320,21 @@ class TokenBatch:
         n, split = len(samples), len(samples) * self.text_len
         dtype = np.uint16 if self._tok.pad_id < 2**16 and self.image_vocab <= 2**16 else np.int32
         both = np.empty(split + n * self.image_len, dtype=dtype)
+        self._stack_codes(samples, both[split:].reshape(n, self.image_len))
         self._tok.encode_into(both[:split], captions, self.text_len, training=True, seeds=seeds)
-        both[split:].reshape(n, self.image_len)[...] = codes
         both = torch.from_numpy(both)
         return {"text": both[:split].view(n, self.text_len), "image": both[split:].view(n, self.image_len)}
 
-    def _stacked(self, samples: list[dict]) -> np.ndarray:
-        """(B, image_len) codes of the samples, checked at once; a bad sample is named by
-        ``_codes``, the same one the per-sample check finds first."""
+    def _stack_codes(self, samples: list[dict], out: np.ndarray) -> None:
+        """The samples' codes written into ``out`` ((B, image_len)), checked at once; a bad sample
+        is named by ``_codes``, the same one the per-sample check finds first."""
         import io
         rows = [s["codes"] if "codes" in s else np.load(io.BytesIO(s["codes.npy"]), allow_pickle=False)
                 for s in samples]
         if all(r.shape == (self.image_len,) for r in rows):
-            codes = np.stack(rows)
-            if int(codes.max(initial=0)) < self.image_vocab:
-                return codes
+            np.stack(rows, out=out, casting="unsafe")  # as assignment casts; a code out of range fails below
+            if int(out.max(initial=0)) < self.image_vocab:
+                return
         for s in samples:
             self._codes(s)
         raise AssertionError("unreachable: a sample failed the batch's check but not its own")

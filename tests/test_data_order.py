@@ -28,8 +28,8 @@ from lverse.core.errors import InputError
 from lverse.core.shards import file_sha256, iter_samples
 from lverse.pipeline.encode import EncodeConfig, run_encode
 from lverse.pipeline.train import DataConfig, TrainConfig, data_loader, plan_run
-from lverse.preprocessing import _bpe
-from lverse.preprocessing.text_tokenizer import _WORD, CaptionTokenizer, normalize_caption
+from lverse.preprocessing import text_tokenizer
+from lverse.preprocessing.text_tokenizer import CaptionTokenizer, normalize_caption
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed
 from lverse.runtime.token_index import TokenIndex, TokenSamples, build_index, ensure_index, index_path, open_samples
 from lverse.runtime.trainer import Checkpoint, Process
@@ -317,32 +317,63 @@ def made_up(tmp_path_factory):
 
 def test_bpe_dropout_is_that_of_the_plain_loop(made_up):
     """Unknown and non-ASCII characters, HTML entities, control characters and long words that
-    need more draws than a caption's first helping: the same pieces from the same seed as the
-    plain loop, for the cached plain segmentations too (each caption twice); and a model whose
-    pieces span words (no split by whitespace) merges the whole caption as one word."""
+    need more draws than a SHAKE-128 block holds: the same pieces from the same seed as the plain
+    loop, for the cached plain segmentations too (each caption twice), a caption at a time
+    (``pieces``) and a batch at a time (``encode_into``, the C path for printable ASCII, the
+    others one by one; as str and as UTF-8 bytes, truncated to 40 ids); and a model whose pieces
+    span words (no split by whitespace) merges the whole caption as one word."""
     captions, tok, folder = made_up
     long_word = "kalominestraouthe" * 12
     tricky = ["Ünïcode   café, 100% — “quotes” 東京", "fish &amp; chips", "cafÃ©", "a\tb\nc\r\nd", "\x00x\x7f",
-              "ｆｕｌｌ ｗｉｄｔｈ ﬁne", "", " ", "k", "東京東京 東", "x" * 200, " ".join(captions[:25]), long_word]
+              "ｆｕｌｌ ｗｉｄｔｈ ﬁne", "", " ", "k", "東京東京 東", "x" * 200, " ".join(captions[:25]), long_word,
+              "  two  spaces ", "~!@#$%^*()_+{}|:<>?`-=[]\\;',./\""]
     texts = captions[:150] + tricky
     spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_prefix=str(folder / "whole"),
                                    model_type="bpe", vocab_size=300, split_by_whitespace=False, unk_id=0,
                                    bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
     whole = CaptionTokenizer(str(folder / "whole.model"), offset=512)
-    assert not whole._word_split and tok._word_split
+    assert not whole._word_split and tok._word_split and tok._ascii_words
+    length = 40
     for dropout in (0.1, 0.5, 0.9):
         for t in (tok, whole):
             t.dropout = dropout
-            for j, caption in enumerate(texts * 2):
-                seed = b"seed %d" % (j % len(texts))
-                expected = reference_pieces(t.sp, caption, dropout, reference_draws_of(seed), t is tok)
-                assert t.pieces(caption, True, seed) == expected, caption
-    # At 0.9 the long word needs more draws than a caption's first helping (2 a character and 16),
-    # so its pieces above came from a second, longer stream.
-    tok.dropout = 0.9
-    chars = tok.sp.normalize(long_word)
-    first = hashlib.shake_128(b"seed %d" % texts.index(long_word)).digest(2 * (2 * len(chars) + 16))
-    assert _bpe.dropout(_WORD.findall(chars), tok._plain, tok._pairs, first, round(0.9 * 65536), tok._unk) is None
+            seeds = [b"seed %d" % (j % len(texts)) for j in range(2 * len(texts))]
+            expected = [reference_pieces(t.sp, caption, dropout, reference_draws_of(seed), t is tok)
+                        for caption, seed in zip(texts * 2, seeds)]
+            for caption, seed, ids in zip(texts * 2, seeds, expected):
+                assert t.pieces(caption, True, seed) == ids, caption
+            rows = np.full((len(expected), length), t.vocab_size, dtype=np.int64)
+            for row, ids in zip(rows, expected):
+                row[:len(ids[:length])] = ids[:length]
+            for batch in (texts * 2, [c.encode() for c in texts * 2]):
+                for dtype in (np.uint16, np.int64):
+                    out = np.zeros(len(batch) * length, dtype)
+                    t.encode_into(out, batch, length, training=True, seeds=seeds)
+                    assert np.array_equal(out.reshape(-1, length).astype(np.int64) - t.offset, rows), (dropout, dtype)
+    # At 0.9 the long word takes more draws than a block of SHAKE-128 (168 bytes, 84 draws) holds,
+    # so its pieces above came from a stream squeezed further.
+    drawn = []
+    draws = reference_draws_of(b"seed %d" % texts.index(long_word))
+    reference_pieces(tok.sp, long_word, 0.9, (drawn.append(d) or d for d in draws))
+    assert len(drawn) > 3 * 84
+
+
+def test_a_full_word_cache_starts_again_with_the_same_pieces(made_up, monkeypatch):
+    """The C side keeps words' plain BPE up to a number of words, then drops them all and starts
+    again: a cache of 3 words gives the pieces of one that never fills."""
+    captions, tok, folder = made_up
+    tok.dropout = 0.3
+    assert tok._merger  # made with the full size, before the size is patched
+    monkeypatch.setattr(text_tokenizer, "_PLAIN_WORDS", 3)
+    small = CaptionTokenizer(tok.model_path, offset=512, dropout=0.3)
+    seeds = [b"%d" % j for j in range(len(captions))]
+    out = {t: np.zeros(len(captions) * 30, np.int64) for t in (tok, small)}
+    for t in (tok, small):
+        t.encode_into(out[t], captions, 30, training=True, seeds=seeds)
+    assert 0 < small._merger.words <= 3 < tok._merger.words
+    assert np.array_equal(out[small], out[tok])
+    assert [small.pieces(c, True, s) for c, s in zip(captions, seeds)] == [tok.pieces(c, True, s)
+                                                                        for c, s in zip(captions, seeds)]
 
 
 def reference_draws_of(seed: bytes, count: int = 1 << 16) -> np.ndarray:
