@@ -442,11 +442,17 @@ static void Merger_dealloc(Merger *m) {
     Py_TYPE(m)->tp_free((PyObject *)m);
 }
 
+static int ready(Merger *m) {
+    if (!m->slots)
+        PyErr_SetString(PyExc_RuntimeError, "_bpe.Merger was not initialised");
+    return m->slots != NULL;
+}
+
 static PyObject *Merger_dropout(Merger *m, PyObject *args) {
     PyObject *words, *result = NULL;
     Py_buffer seed;
     unsigned threshold;
-    if (!PyArg_ParseTuple(args, "O!y*I", &PyList_Type, &words, &seed, &threshold))
+    if (!ready(m) || !PyArg_ParseTuple(args, "O!y*I", &PyList_Type, &words, &seed, &threshold))
         return NULL;
     Draws d = {.threshold = threshold};
     Ids ids = {.limit = PY_SSIZE_T_MAX, .unk = m->unk};
@@ -513,7 +519,7 @@ static PyObject *Merger_encode(Merger *m, PyObject *args) {
     unsigned threshold;
     Py_ssize_t length;
     unsigned long long pad, offset;
-    if (!PyArg_ParseTuple(args, "OO!O!InKK", &out_obj, &PyList_Type, &texts, &PyList_Type, &seeds, &threshold,
+    if (!ready(m) || !PyArg_ParseTuple(args, "OO!O!InKK", &out_obj, &PyList_Type, &texts, &PyList_Type, &seeds, &threshold,
                           &length, &pad, &offset))
         return NULL;
     Py_ssize_t rows = PyList_GET_SIZE(texts), room = 0;
