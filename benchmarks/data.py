@@ -18,8 +18,8 @@ Then reads every index file once (the page cache is warm: the figure is the load
 disk's) and times the training DataLoader exactly as ``pipeline/train.py`` ``data_loader`` builds
 it: ``open_samples`` -> ``GlobalOrder`` -> ``TokenBatch`` (text_len 64, image_len 1024,
 text_offset 8192, BPE-dropout 0.1) -> ``GlobalBatches`` (rank 0 of 1, micro-batch ``--batch``,
-``handover_chunk`` micro-batches an item) -> ``DataLoader(batch_size=None, num_workers=W,
-prefetch_factor=2 if W else None, worker_init_fn=ignore_stop_signals)`` -> ``micro_batches``, for
+``handover_chunk`` micro-batches an item) -> ``batch_loader`` (W workers, ``ignore_stop_signals``)
+-> ``micro_batches``, for
 each W of ``--workers``: batches are taken for ``--warmup`` seconds (workers start, tokenizers
 load, and each worker's tokenizer fills its cache of words' plain BPE: the rate of a long run
 comes after that), then counted for ``--seconds``. Figures, as ``name=value`` lines:
@@ -61,12 +61,19 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 
 from lverse.core.files import atomic_write_json, read_json
 from lverse.pipeline.encode import _add
 from lverse.preprocessing.text_tokenizer import VOCAB_SIZE, CaptionTokenizer
-from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, handover_chunk, micro_batches, sample_seed
+from lverse.runtime.data import (
+    GlobalBatches,
+    GlobalOrder,
+    TokenBatch,
+    batch_loader,
+    handover_chunk,
+    micro_batches,
+    sample_seed,
+)
 from lverse.runtime.token_index import FILES, build_index, index_path, open_samples
 from lverse.runtime.trainer import ignore_stop_signals
 
@@ -179,10 +186,8 @@ def loader(shards: list[str], tokenizer: str, batch: int, workers: int, seed: in
     order = GlobalOrder(len(samples), seed, False)
     make_batch = TokenBatch(tokenizer, IMAGE_VOCAB, TEXT_LEN, IMAGE_LEN, IMAGE_VOCAB, BPE_DROPOUT)
     batches = GlobalBatches(samples, order, make_batch, batch, 0, 1, workers, 0, handover_chunk(batch, workers))
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
-                                         prefetch_factor=2 if workers else None, worker_init_fn=ignore_stop_signals)
-    workers_of = iter(loader)
-    return micro_batches(workers_of, batch), [w.pid for w in getattr(workers_of, "_workers", [])]
+    items = batch_loader(batches, workers, ignore_stop_signals)
+    return micro_batches(items, batch), [w.pid for w in getattr(items, "_workers", [])]
 
 
 def cpu_seconds(pids: list[int]) -> float:

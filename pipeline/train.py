@@ -653,7 +653,7 @@ def data_loader(run: Run, samples, start_step: int, resume: Checkpoint | None):
     workers. With another global batch than the checkpoint's, the steps from the resume on each take
     the new global batch of samples from there (step s no longer starts at sample s x global batch);
     ``origin`` in the data key records it, so later resumes stay exact."""
-    from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, handover_chunk, micro_batches
+    from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, batch_loader, handover_chunk, micro_batches
     cfg, bcfg, key = run.cfg, run.bcfg, run.data_key
     if resume:
         old = resume.meta.get("data") or {}
@@ -675,10 +675,7 @@ def data_loader(run: Run, samples, start_step: int, resume: Checkpoint | None):
     start = samples_before(run, start_step)
     batches = GlobalBatches(samples, order, make_batch, cfg.micro_batch_size, run.proc.rank, run.proc.world,
                             cfg.data.workers, start, handover_chunk(cfg.micro_batch_size, cfg.data.workers))
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.data.workers,
-                                         prefetch_factor=2 if cfg.data.workers else None,
-                                         worker_init_fn=ignore_stop_signals)
-    return micro_batches(iter(loader), cfg.micro_batch_size)
+    return micro_batches(batch_loader(batches, cfg.data.workers, ignore_stop_signals), cfg.micro_batch_size)
 
 
 def _announce(run: Run, model, kernels: dict, peak_flops: float) -> None:

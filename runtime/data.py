@@ -142,9 +142,10 @@ class GlobalBatches(torch.utils.data.IterableDataset):
     itself; its ``take(indices)``, when it has one, reads a batch at once; with ``views`` > 1, its
     ``keys(indices)`` and ``take(indices, views)`` read each sample in its ``view_pick``);
     ``make_batch(samples, seeds)`` (``sample_seed`` of each) turns them into tensors in the
-    DataLoader worker. Use with ``DataLoader(batch_size=None, num_workers=workers)`` and the same
-    ``workers`` here; with ``chunk`` > 1 its items are ``chunk`` micro-batches one after another in
-    one batch, which ``micro_batches`` splits again (``handover_chunk``).
+    DataLoader worker. Use with ``batch_loader`` (or ``DataLoader(batch_size=None,
+    num_workers=workers)``) and the same ``workers`` here; with ``chunk`` > 1 its items are
+    ``chunk`` micro-batches one after another in one batch, which ``micro_batches`` splits again
+    (``handover_chunk``).
     """
 
     def __init__(self, samples: Sequence[dict], order: GlobalOrder, make_batch: Callable, batch_size: int,
@@ -181,10 +182,8 @@ class GlobalBatches(torch.utils.data.IterableDataset):
         return samples, [sample_seed(self.order.seed, e, s["__key__"]) for (e, _), s in zip(picks, samples)]
 
 
-# A DataLoader worker hands each batch's tensors to the training process through shared memory at
-# a fixed cost per batch (about 0.3 ms of the worker's CPU and 0.3 ms of the trainer's on the
-# 2-core machine: as much as making 8 samples) plus the copy into fresh shared memory (about 18 and
-# 9 µs a sample); handing over at least this many samples at once spreads the fixed part thin
+# A DataLoader worker hands its items to the training process at a fixed cost per item plus a
+# cost per byte; handing over at least this many samples at once spreads the fixed part thin
 # (benchmarks/README.md, "data.py").
 HANDOVER_SAMPLES = 64
 
@@ -195,10 +194,34 @@ def handover_chunk(batch_size: int, workers: int) -> int:
     return max(1, -(-HANDOVER_SAMPLES // batch_size)) if workers else 1
 
 
+def as_arrays(item: dict) -> dict:
+    """A worker's item as it travels (the DataLoader's ``collate_fn``, run in the worker): its
+    tensors as numpy arrays, which are pickled through the worker's pipe. Tensors would instead be
+    moved into fresh shared memory and their file descriptors passed over a socket, which costs
+    about four times the CPU for a 64-sample item of token batches (2.4 against 0.6 ms on the
+    2-core machine, both processes together: benchmarks/README.md, "data.py"); the pipe's copies
+    are cheap at 140 kB an item. ``micro_batches`` makes them tensors again."""
+    return {name: value.numpy() if isinstance(value, torch.Tensor) else value for name, value in item.items()}
+
+
+def batch_loader(batches: torch.utils.data.IterableDataset, workers: int,
+                 worker_init_fn: Callable[[int], None] | None = None) -> Iterator[dict]:
+    """The DataLoader over ``batches`` (made with the same ``workers``), iterated: ``workers``
+    worker processes (none: in this process), two items each in flight, each worker started with
+    ``worker_init_fn``, its items handed over as arrays (``as_arrays``). ``micro_batches`` splits
+    what it gives; its ``_workers`` are the worker processes."""
+    return iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                            prefetch_factor=2 if workers else None, worker_init_fn=worker_init_fn,
+                                            collate_fn=as_arrays))
+
+
 def micro_batches(loader: Iterator[dict], batch_size: int) -> Iterator[dict]:
     """The micro-batches of ``loader``'s items (``GlobalBatches`` with a ``chunk``), in order: views
-    of each item's tensors (and slices of its other values) ``batch_size`` rows at a time."""
+    of each item's tensors (arrays made tensors) and slices of its other values, ``batch_size``
+    rows at a time."""
     for item in loader:
+        item = {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+                for name, value in item.items()}
         first = next(iter(item.values()))
         for a in range(0, len(first), batch_size):
             yield {name: value[a:a + batch_size] for name, value in item.items()}
@@ -296,9 +319,9 @@ class TokenBatch:
     the index's (codes as an array, ``codes``) or a token shard's (``codes.npy`` bytes).
 
     The ids are as narrow as they fit: uint16 while every text id does (BiART's 58003 ids do),
-    else int32. A DataLoader worker hands each batch over by copying it into fresh shared memory,
-    and that copy is most of what a worker adds per sample; 2 bytes an id instead of 8 make it a
-    quarter. ``build_sequence`` widens them to int64 where the sequence is put together.
+    else int32: a DataLoader worker's batches travel through a pipe (``as_arrays``), and 2 bytes
+    an id instead of 8 make that a quarter. ``build_sequence`` widens them to int64 where the
+    sequence is put together.
     """
 
     def __init__(self, tokenizer_path: str, text_offset: int, text_len: int, image_len: int,
@@ -313,10 +336,8 @@ class TokenBatch:
             path, offset, dropout = self.args
             self._tok = CaptionTokenizer(path, offset=offset, dropout=dropout)
         captions = [s.get("txt", b"") for s in samples]  # UTF-8: the tokenizer decodes what it must
-        # Both in one buffer, as narrow as the ids fit: a DataLoader worker hands each tensor's
-        # storage to the training process through shared memory; one storage instead of two takes
-        # about a quarter less of the time that costs, and uint16 ids about 10 µs a sample less
-        # than int64 (benchmarks/README.md, "data.py").
+        # Both in one buffer (one allocation, and one storage to move where a DataLoader's default
+        # collate moves tensors into shared memory), as narrow as the ids fit.
         n, split = len(samples), len(samples) * self.text_len
         dtype = np.uint16 if self._tok.pad_id < 2**16 and self.image_vocab <= 2**16 else np.int32
         both = np.empty(split + n * self.image_len, dtype=dtype)
