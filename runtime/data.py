@@ -29,9 +29,9 @@ What it costs: each worker holds the current epoch's order (4 bytes a sample bel
 13 MB for CC3M; drawn in well under a second at each epoch's start), and reading a sample is a
 random read of the index (see ``token_index.py`` for that trade-off). In exchange there is no
 shuffle buffer and no limit of ranks x workers against the number of shards. A sample costs about
-65 µs of CPU from the index to the batch in one process, BPE-dropout most of it, once the
-tokenizer has cached its words' plain BPE; through a DataLoader worker about twice that, the
-hand-over through shared memory included (``benchmarks/data.py``).
+20 µs of CPU from the index to the batch in one process, BPE-dropout (in C) a third of it, once
+the tokenizer has cached its words' plain BPE; through DataLoader workers about 45 µs, the
+hand-over through the workers' pipes included (``as_arrays``; ``benchmarks/data.py``).
 
 **Image shards (AugVAE): streams per slot.** The AugVAE trains on JPEG shards, which are not
 indexed. Each (rank, DataLoader worker) pair is a *slot*; slot s of S owns shards
