@@ -143,7 +143,7 @@ class CaptionTokenizer:
 
         The loop is C (``_bpe``; ``encode_into`` does a batch of captions in one call). Most words
         take no drop in their few merges and end as plain BPE ends them: each word's plain pieces
-        and merge count are cached here, so such a word costs a search of its draws for a drop; a
+        and merge count are cached (in ``_merger``), so such a word costs a search of its draws for a drop; a
         word with a drop is merged again from its characters, its plain merges replayed by the
         draws that keep them (``benchmarks/data.py``)."""
         chars = self.sp.normalize(text)

@@ -363,8 +363,10 @@ class TokenBatch:
     def _codes(self, sample: dict) -> np.ndarray:
         import io
         codes = sample["codes"] if "codes" in sample else np.load(io.BytesIO(sample["codes.npy"]), allow_pickle=False)
-        if codes.shape != (self.image_len,) or int(codes.max(initial=0)) >= self.image_vocab:
-            raise InputError(f"sample {sample['__key__']}: {codes.shape[0]} codes up to {int(codes.max())}, "
-                             f"but the model takes {self.image_len} codes below {self.image_vocab}; the "
-                             "token shards and model.image_len / image_vocab disagree")
+        if (codes.shape != (self.image_len,) or int(codes.max(initial=0)) >= self.image_vocab
+                or int(codes.min(initial=0)) < 0):
+            raise InputError(f"sample {sample['__key__']}: {codes.shape[0]} codes from {int(codes.min(initial=0))} "
+                             f"up to {int(codes.max(initial=0))}, but the model takes {self.image_len} codes from 0 "
+                             f"below {self.image_vocab}; the token shards and model.image_len / image_vocab disagree "
+                             "(or a shard is damaged)")
         return codes

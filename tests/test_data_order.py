@@ -304,6 +304,20 @@ def test_ids_wider_than_16_bits_are_handed_over_as_int32(data, samples):  # noqa
     assert torch.equal(wide["image"].long(), narrow["image"].long())
 
 
+def test_codes_out_of_range_are_refused_naming_the_sample(data, samples):  # noqa: F811
+    """Codes stacked into the narrow batch buffer are checked there: one at the vocabulary's size,
+    or a negative one from a damaged token shard (which the cast into uint16 would wrap), is a
+    clear error naming the sample, not a batch of wrong ids."""
+    make_batch = TokenBatch(data["tokenizer"], 512, 24, 64, 512, 0.1)
+    good = [samples[i] for i in range(3)]
+    seeds = [sample_seed(5, 0, s["__key__"]) for s in good]
+    for bad_code in (512, -1):
+        bad = {**good[1], "codes": good[1]["codes"].astype(np.int64)}
+        bad["codes"][7] = bad_code
+        with pytest.raises(InputError, match=f"sample {bad['__key__']}: 64 codes from"):
+            make_batch([good[0], bad, good[2]], seeds)
+
+
 @pytest.fixture(scope="module")
 def made_up(tmp_path_factory):
     """Captions with many merges: a tokenizer of 300 pieces over made-up words."""
