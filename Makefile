@@ -11,15 +11,21 @@ STAMP := $(VENV)/.installed
 # pycocoevalcap's tokenizer and METEOR; headless Chromium for the report test.
 SYSTEM_PACKAGES := openssh-server rsync netcat-openbsd iproute2 slurmctld slurmd slurm-client munge default-jre-headless chromium
 
-.PHONY: venv system-deps test test-fast lint demo clean
+.PHONY: venv lock system-deps test test-fast lint demo clean
 
 $(STAMP): setup.py constraints.txt preprocessing/_bpe.c
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[all,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# Re-resolve every dependency (constraints.in's hand-kept pins, setup.py's ranges) and write the
+# exact versions to constraints.txt, which `venv` and CI install. Commit the result on its own:
+# its CI run shows what the new releases break.
+lock: venv
+	$(PY) tools/lock.py
 
 system-deps:
 ifneq ($(strip $(SYSTEM_PACKAGES)),)

@@ -12,7 +12,8 @@ bare top-level module called ``model``:
     lverse.core          core/            files, configs, shards, devices (imports no other layer)
     lverse.ds_configs    ds_configs/      DeepSpeed configs, found by name
 
-Exact version pins live in constraints.txt; install with ``pip install -c constraints.txt -e .[all]``.
+Exact versions of every dependency live in constraints.txt (`make lock` writes it from constraints.in);
+install with ``pip install -c constraints.txt -e .[all]``.
 """
 
 from setuptools import Extension, setup
@@ -20,7 +21,7 @@ from setuptools import Extension, setup
 EXTRAS = {
     # The AugVAE training loss (LPIPS) and image I/O need torchvision.
     "vae": ["torchvision", "lpips>=0.1.4", "pillow"],
-    # img2dataset 1.47 pins webdataset<0.3 and albumentations<2 (constraints.txt pins webdataset).
+    # img2dataset 1.47 pins webdataset<0.3 and albumentations<2 (constraints.in pins webdataset).
     "data": ["img2dataset>=1.45", "webdataset", "pyarrow", "ray[default]>=2.9", "pillow"],
     # BiART training. DeepSpeed compiles its ops (FusedAdam, cpu_adam) on first use; NVIDIA apex is
     # optional and never comes from PyPI (the PyPI package `apex` is unrelated).
@@ -34,8 +35,8 @@ EXTRAS = {
     # pip settles on s3fs 0.4 (boto3-based, no async calls, which core/storage needs) whenever the
     # newest boto3 (moto's) wants a botocore newer than the newest aiobotocore allows.
     "s3": ["s3fs>=2023.1"],
-    # The tests' S3-compatible server (moto's standalone server, on 127.0.0.1).
-    "dev": ["pytest>=8", "ruff>=0.6", "moto[server]>=5"],
+    # The tests: pytest-xdist runs them side by side (Makefile), moto is their S3-compatible server.
+    "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "moto[server]>=5"],
 }
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "dev" for dep in deps})
 

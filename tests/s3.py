@@ -23,16 +23,13 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "lverse-test", "AWS_SECRET_ACCESS_KEY": "lve
 
 
 @contextlib.contextmanager
-def s3_server(free_requests: int | None = None) -> Iterator[str]:
+def s3_server() -> Iterator[str]:
     """Start the server and yield its endpoint URL; this process's environment points every AWS
-    client (and every process it starts) at it until the block ends. With ``free_requests`` the
-    server checks credentials and IAM policies as AWS does, after that many requests it serves
-    without (to create the users and policies)."""
+    client (and every process it starts) at it until the block ends. The server takes any
+    credentials until ``enforce_iam`` is called."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = dict(os.environ)
-    if free_requests is not None:
-        env["INITIAL_NO_AUTH_ACTION_COUNT"] = str(free_requests + 1)  # and the readiness probe below
     # Its request log goes to a file: a pipe nobody reads would fill and stop the server.
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -67,6 +64,14 @@ def s3_server(free_requests: int | None = None) -> Iterator[str]:
             proc.kill()
             proc.wait()
         log.close()
+
+
+def enforce_iam(endpoint: str) -> None:
+    """From the next request on, the server checks credentials and IAM policies as AWS does (moto's
+    admin call that sets how many requests it still serves without: none)."""
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})  # not a form
+    urllib.request.urlopen(request, timeout=10).close()
 
 
 def make_bucket(name: str) -> None:

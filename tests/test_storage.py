@@ -15,7 +15,7 @@ from lverse.pipeline.caption import run_caption
 from lverse.pipeline.download import DownloadConfig, run_download
 from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
 
-from .s3 import make_bucket, s3_server
+from .s3 import enforce_iam, make_bucket, s3_server
 from .test_caption import biart  # noqa: F401  (the debug BiART fixture)
 from .test_caption import config as caption_config
 from .test_train import data  # noqa: F401  (the shards fixture)
@@ -225,7 +225,7 @@ def test_training_reads_token_shards_from_s3_as_from_disk(s3, data, tmp_path):  
 
 def test_a_prefix_the_credentials_may_only_read_is_refused_before_work(tmp_path, caplog):
     import boto3
-    with s3_server(free_requests=4) as endpoint:  # IAM enforced from the fifth request on
+    with s3_server() as endpoint:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="readonly")
         iam = boto3.client("iam", endpoint_url=endpoint)
         iam.create_user(UserName="reader")
@@ -234,6 +234,7 @@ def test_a_prefix_the_credentials_may_only_read_is_refused_before_work(tmp_path,
         iam.put_user_policy(UserName="reader", PolicyName="read",
                             PolicyDocument=json.dumps({"Version": "2012-10-17", "Statement": [read]}))
         key = iam.create_access_key(UserName="reader")["AccessKey"]
+        enforce_iam(endpoint)
         os.environ.update(AWS_ACCESS_KEY_ID=key["AccessKeyId"], AWS_SECRET_ACCESS_KEY=key["SecretAccessKey"])
         storage.check_input("s3://readonly/shards")  # reading is allowed
         tsv = tmp_path / "in.tsv"
