@@ -65,6 +65,11 @@ class DownloadConfig(Execution):
     samples_per_shard: int = 10000  # rows per chunk, so images per shard at most
     download_threads: int = 64  # concurrent downloads within a chunk
     timeout: float = 10.0  # seconds per image request
+    # A server busy for a moment lets one request time out and answers the next; an image that
+    # failed stays missing, since its shard counts as done. img2dataset retries every failure, so
+    # each dead link (a third of CC3M's) costs image_retries more requests, and each host that
+    # never answers image_retries more timeouts: hence none by default, as in img2dataset.
+    image_retries: int = 0  # times a failed image request is made again at once
     workers: int = 2  # chunks in flight at once (local executor)
     retries: int = 2  # times a failed chunk is tried again
 
@@ -75,6 +80,8 @@ class DownloadConfig(Execution):
             raise InputError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         if self.samples_per_shard <= 0 or self.image_size <= 0:
             raise InputError("samples_per_shard and image_size must be positive")
+        if self.image_retries < 0:
+            raise InputError(f"image_retries must be 0 or more, got {self.image_retries}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,7 @@ class Chunk:
     resize_mode: str
     threads: int
     timeout: float
+    image_retries: int
 
     @property
     def name(self) -> str:
@@ -199,7 +207,8 @@ def plan(cfg: DownloadConfig) -> tuple[list[Chunk], dict]:
         info = _write_chunks(cfg, folder, signature)
         atomic_write_json(marker, info)
     chunks = [Chunk(k, os.path.join(folder, f"{k:05d}.parquet"), cfg.output, cfg.image_size,
-                    cfg.resize_mode, cfg.download_threads, cfg.timeout) for k in range(info["chunks"])]
+                    cfg.resize_mode, cfg.download_threads, cfg.timeout, cfg.image_retries)
+              for k in range(info["chunks"])]
     return chunks, info
 
 
@@ -254,7 +263,7 @@ def download_chunk(chunk: Chunk) -> TaskResult:
             download(url_list=rows, input_format="parquet", url_col="url", caption_col="caption",
                      output_format="webdataset", output_folder=tmp, processes_count=1, thread_count=chunk.threads,
                      image_size=chunk.image_size, resize_mode=chunk.resize_mode, timeout=chunk.timeout,
-                     number_sample_per_shard=pq.ParquetFile(rows).metadata.num_rows, retries=0,
+                     number_sample_per_shard=pq.ParquetFile(rows).metadata.num_rows, retries=chunk.image_retries,
                      incremental_mode="incremental", disallowed_header_directives=[], enable_wandb=False)
         return _finish_chunk(chunk, tmp, done)
     finally:
@@ -326,8 +335,11 @@ def run_download(cfg: DownloadConfig) -> dict:
         return run_shard_stage("download", download_chunk, chunks, [c.name for c in chunks], cfg.output, cfg,
                                totals=lambda results, seconds: image_totals(cfg.output, info, results, seconds))
     finally:
-        with contextlib.suppress(OSError):  # empty unless a chunk is still failing
-            os.rmdir(_work_root(cfg.output))
+        # Empty unless a chunk is still failing. An array task leaves it be: another task may be
+        # between os.makedirs' two steps (_tmp, then _tmp/NNNNN), which would then fail.
+        if cfg.task_index is None:
+            with contextlib.suppress(OSError):
+                os.rmdir(_work_root(cfg.output))
 
 
 def image_totals(output: str, info: dict, results: list[TaskResult], seconds: float) -> dict:

@@ -3,7 +3,8 @@
 Tests and the demo point img2dataset at it, since Conceptual Captions cannot be fetched offline.
 It writes one TSV per split in CC3M's layout (``caption<TAB>url``, no header) and serves:
 
-    /img/{split}/{i}.jpg     sample i of a split, drawn on request (deterministic for the seed)
+    /img/{split}/{i}.jpg     sample i of a split, drawn on request (deterministic for the seed);
+                             the first request for each waits ``stall_seconds`` (default none)
     /bad/404, /bad/500       HTTP errors
     /bad/slow.jpg            an image, after ``slow_seconds`` (past img2dataset's timeout)
     /bad/truncated.jpg       the first half of a JPEG
@@ -61,10 +62,13 @@ class SyntheticServer:
         port: 0 for a free port.
         slow_seconds: how long /bad/slow.jpg waits before answering.
         host: the address to listen on (a test cluster's bridge address, for its nodes).
+        stall_seconds: how long the first request for each image waits before its answer: a
+            server busy for a moment, as one is on a loaded machine (asked again, it answers at once).
     """
 
-    def __init__(self, data: SyntheticSet, port: int = 0, slow_seconds: float = 20.0, host: str = "127.0.0.1"):
-        self.data, self.slow_seconds = data, slow_seconds
+    def __init__(self, data: SyntheticSet, port: int = 0, slow_seconds: float = 20.0, host: str = "127.0.0.1",
+                 stall_seconds: float = 0.0):
+        self.data, self.slow_seconds, self.stall_seconds = data, slow_seconds, stall_seconds
         self.requests: dict[str, int] = {}  # path -> times asked, for tests
         self.httpd = ThreadingHTTPServer((host, port), self._handler())
         self.httpd.daemon_threads = True
@@ -108,6 +112,8 @@ class SyntheticServer:
                 path = self.path.split("?")[0]
                 server.requests[path] = server.requests.get(path, 0) + 1
                 if path.startswith("/img/"):
+                    if server.stall_seconds and server.requests[path] == 1:
+                        time.sleep(server.stall_seconds)
                     try:
                         split, name = path[len("/img/"):].split("/")
                         return self._send(200, server.data.jpeg(split, int(name.removesuffix(".jpg"))))
