@@ -28,8 +28,9 @@ same step on every rank.
 Kernels: ``wrap`` is the one place where the single-device model meets the hardware, in this
 order: apex FusedLayerNorm (only when NVIDIA apex is importable) -> ``torch.compile`` of each
 block's training forward (the run config's ``compile``) -> optimizer (DeepSpeed FusedAdam on CUDA,
-DeepSpeedCPUAdam with optimizer offload, else torch AdamW) -> ``deepspeed.initialize``. Attention
-is SDPA, which picks flash kernels on CUDA. Activation checkpointing is the model's own
+DeepSpeedCPUAdam with optimizer offload, else torch AdamW) -> ``deepspeed.initialize`` (stage 0's
+priming optimizer step undone: ``undo_priming_step``). Attention is SDPA, which picks flash
+kernels on CUDA. Activation checkpointing is the model's own
 (``BiARTConfig.activation_checkpointing``, set from the run config's ``activation_checkpointing``),
 and so are the output head and its chunked loss (``BiARTConfig.head``, ``loss_chunk``,
 ``pad_vocab_to``: ``model.overrides``). The choices are printed at start.
@@ -337,11 +338,34 @@ def wrap(model, cfg: TrainConfig, ds: dict, lr: float, device: torch.device):
     # DeepSpeed would take cuda:LOCAL_RANK, which does not exist where a task sees only its own GPU.
     args = argparse.Namespace(device_rank=device.index or 0) if device.type == "cuda" else None
     engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=ds)
+    undo_priming_step(engine.optimizer)
     if stage == 0 and engine.dp_world_size == 1:
         # DeepSpeed's stage-0 all-reduce flattens every gradient into a bucket and copies it back
         # even on one rank: 5% of a biart-mini step on the CPU (benchmarks/train.py), for nothing
         engine.enable_backward_allreduce = False
     return engine, kernels
+
+
+def undo_priming_step(optimizer) -> None:
+    """DeepSpeed's stage-0 wrappers of a bf16 or fp16 model (FP16_Optimizer, FP16_UnfusedOptimizer)
+    create the optimizer state with one AdamW step on zero gradients as they start. Adam's step
+    count then runs one ahead, so the first real update is 0.735 of the lr (the bias corrections
+    of step 2 over moments holding one gradient), and the fp32 masters are weight-decayed once at
+    the peak lr: ddp_bf16's loss fell 0.06 less by step 2 than that of the ZeRO configs and of
+    fp32 (tests/test_ds_configs.py). ZeRO's optimizers take no such step. Undone here: the masters
+    are their bf16 weights again (they were cloned from them) and the state is empty."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+    if isinstance(optimizer, FP16_Optimizer):
+        pairs = zip(optimizer.fp32_groups_flat, optimizer.fp16_groups_flat)
+    elif isinstance(optimizer, FP16_UnfusedOptimizer):
+        pairs = zip([p for g in optimizer.fp32_groups for p in g], [p for g in optimizer.fp16_groups for p in g])
+    else:
+        return
+    with torch.no_grad():
+        for master, weight in pairs:
+            master.copy_(weight)
+    optimizer.optimizer.state.clear()
 
 
 def compile_blocks(model) -> None:
