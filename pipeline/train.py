@@ -489,6 +489,10 @@ def train(cfg: TrainConfig) -> dict:
         if done % cfg.log_every == 0 or done == cfg.steps:
             logger.log(meter.metrics(done, lr, engine))
         with meter.paused():  # samples and checkpoints are left out of tokens/s
+            if stop.holding(done, start):  # a test's fixed point (LVERSE_HOLD_AT_STEP)
+                checkpoints.finish()
+                _log_checkpoints(cfg, rank, checkpoints.completed())
+                stop.wait()
             if sampler and done % cfg.sample_every == 0:
                 sampler.run(engine, done, logger, run.ds)
             minutes = (time.monotonic() - last_checkpoint) / 60

@@ -104,6 +104,7 @@ def reseed(seed: int, step: int, rank: int) -> None:
 # template asks for before the time limit (--signal=USR1@300), SIGTERM what preemption, scancel and
 # most schedulers send (and SIGKILL after a grace time: SLURM's KillWait), SIGINT a person's Ctrl-C.
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
+HOLD_SECONDS = 300  # the longest a run waits at LVERSE_HOLD_AT_STEP (StopFlag.holding)
 
 
 class StopFlag:
@@ -118,6 +119,22 @@ class StopFlag:
 
     def _handler(self, signum, frame):
         self.received = self.received or signal.Signals(signum).name
+
+    @staticmethod
+    def holding(step: int, start: int) -> bool:
+        """A fixed point for tests that stop or kill a run mid-way: with ``LVERSE_HOLD_AT_STEP=k``
+        in its environment, a run that started from step 0 holds after step ``k`` (its metrics
+        logged, its earlier checkpoints complete: the training loop sees to both) and ``wait``s for
+        a stop signal, so the signal or the kill lands at step ``k`` however fast or slow the
+        machine is, and the run needs only a few steps more. A resumed run never holds (the
+        requeued job goes on to the end)."""
+        return start == 0 and step == int(os.environ.get("LVERSE_HOLD_AT_STEP") or 0)
+
+    def wait(self) -> None:
+        """Until a stop signal arrives, at most ``HOLD_SECONDS``."""
+        deadline = time.monotonic() + HOLD_SECONDS
+        while self.received is None and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def agreed(self, device: torch.device, *flags: bool) -> tuple[bool, ...]:
         """(stopping, *flags) as every rank sees them: each set on any rank is set on all. The
