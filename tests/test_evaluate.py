@@ -1,10 +1,13 @@
 """Evaluation: caption metrics against values worked out by hand, truncated and untruncated;
-reconstruction and CLIP-score metrics on known inputs. FID: tests/test_fid.py."""
+reconstruction metrics on known inputs and against independent computations; CLIP scores.
+FID: tests/test_fid.py."""
 
 import json
 import math
 
+import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 
 from lverse.model.losses import psnr
@@ -17,8 +20,6 @@ from lverse.pipeline.evaluate import (
     ssim,
     truncate_caption,
 )
-
-from .test_train import data  # noqa: F401  (image shards and a debug AugVAE)
 
 
 @pytest.mark.slow
@@ -90,13 +91,40 @@ def test_spice_says_which_models_are_missing(monkeypatch):
     assert "no-such-lib" in reason and "nothing is downloaded" in reason
 
 
-def test_psnr_and_ssim():
-    x = torch.rand(2, 3, 32, 32)
+def ssim_by_scipy(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM (Wang et al. 2004) of two (C, H, W) images in [0, 1] by another route: scipy's Gaussian
+    filter (sigma 1.5, truncated at 3.5 sigma: the same 11 taps), then the 5-pixel border, where
+    the window leaves the image, cut off."""
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    blur = lambda t: scipy.ndimage.gaussian_filter(t, sigma=(0, 1.5, 1.5), truncate=3.5)[:, 5:-5, 5:-5]  # noqa: E731
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    return float((((2 * mx * my + c1) * (2 * cov + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))).mean())
+
+
+def test_psnr_and_ssim_on_known_inputs():
+    """Identical images: PSNR at its cap (the mean squared error is floored at 1e-12: 120 dB) and
+    SSIM 1 (LPIPS 0: test_reconstruction_metrics_of_the_augvae). A constant offset of d/255 gives
+    exactly 20 log10(255 / d) dB; SSIM equals scipy's route on noisy images, and on flat images
+    its luminance term worked out by hand."""
+    u = torch.randint(0, 236, (2, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    x = u / 255
+    assert torch.equal(psnr(x, x), torch.full((2,), 120.0))
     assert torch.allclose(ssim(x, x), torch.ones(2))
-    noisy = (x + 0.1).clamp(0, 1)
-    assert (ssim(x, noisy) < 1).all()
+    d = torch.tensor([5.0, 20.0]).view(2, 1, 1, 1)  # levels per image, kept within [0, 255]
+    expected = [20 * math.log10(255 / 5), 20 * math.log10(255 / 20)]  # 34.15 and 22.11 dB
+    assert psnr(x, (u + d) / 255).tolist() == pytest.approx(expected, abs=1e-4)
     y = torch.full((1, 3, 8, 8), 0.5)
     assert psnr(y, y + 0.1).item() == pytest.approx(20.0, rel=1e-4)  # 10 log10(1 / 0.01)
+
+    noisy = (x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    got = ssim(x.double(), noisy.double())
+    assert got.tolist() == pytest.approx([ssim_by_scipy(a.numpy(), b.numpy()) for a, b in zip(x, noisy)], rel=1e-9)
+    assert (got < 0.95).all()  # measured: 0.93 and 0.94
+    flat = torch.full((1, 3, 16, 16), 0.5, dtype=torch.float64)  # no variance: only luminance counts
+    c1 = 0.01 ** 2
+    assert ssim(flat, flat + 0.1).item() == pytest.approx((2 * 0.5 * 0.6 + c1) / (0.5 ** 2 + 0.6 ** 2 + c1), rel=1e-9)
 
 
 def test_generation_clip_score(tmp_path):
@@ -108,10 +136,34 @@ def test_generation_clip_score(tmp_path):
 
 
 @pytest.mark.slow
-def test_reconstruction_metrics_of_the_augvae(data):  # noqa: F811
+def test_reconstruction_metrics_of_the_augvae(data):
+    """The means over images (5, in batches of 3 and 2: no mean of batch means) of each image's
+    PSNR by numpy, SSIM by scipy's route (in float64: the metric's float32 is within 1e-5) and the
+    distance of an LPIPS built alike, of the AugVAE's reconstructions. That LPIPS (random VGG
+    features) is 0 for identical images and above 0 for every reconstruction."""
+    import lpips
+
+    from lverse.core.images import decodable_images
+    from lverse.model import AugVAE
     from lverse.pipeline.evaluate import reconstruction_metrics
-    m = reconstruction_metrics(data["raw"], data["vae"], limit=10, batch_size=4)
-    assert m["images"] == 10 and m["PSNR"] > 0 and -1 <= m["SSIM"] <= 1 and m["LPIPS_random_vgg"] >= 0
+    torch.manual_seed(7)  # the random VGG of LPIPS without a checkpoint
+    m = reconstruction_metrics(data["raw"], data["vae"], limit=5, batch_size=3, device="cpu")
+    vae = AugVAE.load(data["vae"]).eval()
+    x = torch.from_numpy(np.stack([image for _, image in decodable_images(data["raw"], vae.cfg.image_size)][:5]))
+    torch.manual_seed(7)
+    distance = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+    with torch.no_grad():
+        recon = vae.reconstruct(x, 3)
+        lpips_values = distance(recon, x).flatten()
+        assert torch.equal(distance(x, x).flatten(), torch.zeros(5)) and (lpips_values > 0).all()
+    a, b = ((x + 1) / 2).double().numpy(), ((recon + 1) / 2).double().numpy()
+    psnrs = [10 * math.log10(1 / ((i - j) ** 2).mean()) for i, j in zip(a, b)]
+    ssims = [ssim_by_scipy(i, j) for i, j in zip(a, b)]
+    assert set(m) == {"images", "PSNR", "SSIM", "LPIPS_random_vgg"} and m["images"] == 5
+    assert m["PSNR"] == pytest.approx(np.mean(psnrs), rel=1e-5)
+    assert m["SSIM"] == pytest.approx(np.mean(ssims), abs=1e-5)
+    assert m["LPIPS_random_vgg"] == pytest.approx(lpips_values.mean().item(), rel=1e-5)
+    assert m["SSIM"] < 0.99  # a random AugVAE: no copy of its input
 
 
 def test_reference_shards_are_counted_from_their_stats_without_reading_them(tmp_path):

@@ -16,10 +16,13 @@ from .test_encode import raw_shards
 def test_train_clip_lowers_its_loss_and_the_scorer_loads_the_weights(tmp_path):
     shards = raw_shards(str(tmp_path / "raw"), count=2, n=16)
     out = tmp_path / "clip.safetensors"
-    result = train_clip(ClipTrainConfig(shards=shards, output=str(out), steps=40, batch_size=32, warmup_steps=5,
+    result = train_clip(ClipTrainConfig(shards=shards, output=str(out), steps=20, batch_size=32, warmup_steps=5,
                                         eval_shards=shards))
     assert result["pairs"] == 32 and result["last_loss"] < result["first_loss"]
-    assert 0 <= result["heldout"]["image_to_text_top1_distinct"] <= 1
+    # Scored on the pairs it trained on, among 32 distinct captions: chance is 1/32 (one image in
+    # 32); 20 steps find the caption of 26 (measured; 22 after 15 steps, 31 after 40).
+    assert result["heldout"]["distinct_captions"] == 32
+    assert result["heldout"]["image_to_text_top1_distinct"] >= 16 / 32
     scorer = ClipScorer("lverse-tiny", checkpoint=str(out))
     from safetensors.torch import load_file
     saved = load_file(str(out))
