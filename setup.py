@@ -36,7 +36,7 @@ EXTRAS = {
     # newest boto3 (moto's) wants a botocore newer than the newest aiobotocore allows.
     "s3": ["s3fs>=2023.1"],
     # The tests: pytest-xdist runs them side by side (Makefile), moto is their S3-compatible server.
-    "dev": ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "moto[server]>=5"],
+    "dev": ["pytest>=8,<9", "pytest-xdist>=3.5", "ruff>=0.6", "moto[server]>=5"],
 }
 EXTRAS["all"] = sorted({dep for name, deps in EXTRAS.items() if name != "dev" for dep in deps})
 

@@ -14,12 +14,17 @@ Everything has names of its own (namespaces ``lv<pid>-<k>n<i>``, a free /24 unde
 ports, a temporary folder), and ``stop`` removes all of it, also after a failed test; a run that
 was killed before it could clean up leaves namespaces named after a dead PID, which the next
 ``Nodes`` removes. Only the PIDs inside our own namespaces, and the daemons we started, are ever
-signalled.
+signalled. Test processes running side by side (pytest-xdist's workers) take a machine-wide lock
+(``_machine_lock``) while they choose a subnet and claim it, and while they look whether the
+namespace mount point is still used, so two never take the same subnet or unmount it under the
+other.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import os
 import pwd
 import re
@@ -79,6 +84,18 @@ def _kill_namespace(name: str) -> None:
             time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def _machine_lock():
+    """One test process at a time on this machine (an exclusive lock on a file in /run/lock)."""
+    os.makedirs("/run/lock", exist_ok=True)
+    with open("/run/lock/lverse-test-nodes.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _free_subnet() -> str:
     """A 10.213.X /24 that no interface of this machine uses."""
     used = _ip("-o", "-4", "addr", "show", check=False).stdout
@@ -114,19 +131,20 @@ class Nodes:
         if any(ns in _namespaces() for ns in self.namespaces):
             raise RuntimeError(f"namespaces {self.namespaces} exist already: one cluster per test process")
         os.makedirs(self.root, exist_ok=True)
-        self.subnet = _free_subnet()
         self._up = True
         atexit.register(self.stop)
         try:
-            self._make()
+            with _machine_lock():  # the subnet is ours once the bridge holds its address
+                self.subnet = _free_subnet()
+                _ip("link", "add", self.bridge, "type", "bridge")
+                _ip("addr", "add", f"{self.addr('ctl')}/24", "dev", self.bridge)
+                self._make()
         except BaseException:
             self.stop()
             raise
         return self
 
     def _make(self) -> None:
-        _ip("link", "add", self.bridge, "type", "bridge")
-        _ip("addr", "add", f"{self.addr('ctl')}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for i, (node, ns) in enumerate(zip(self.names, self.namespaces), 1):
             _ip("netns", "add", ns)
@@ -189,12 +207,11 @@ class Nodes:
         deadline = time.time() + 5  # the kernel removes a namespace's veth pair once its last process is gone
         while time.time() < deadline and self.veth in _ip("-o", "link", "show", check=False).stdout:
             time.sleep(0.05)
-        if not _namespaces() and " /run/netns " in open("/proc/mounts").read():
-            subprocess.run(["umount", "/run/netns"], capture_output=True)
-            try:
-                os.rmdir("/run/netns")
-            except OSError:
-                pass
+        with _machine_lock():  # no other test process is adding a namespace meanwhile
+            if not _namespaces() and " /run/netns " in open("/proc/mounts").read():
+                subprocess.run(["umount", "/run/netns"], capture_output=True)
+                with contextlib.suppress(OSError):
+                    os.rmdir("/run/netns")
         atexit.unregister(self.stop)
 
 
@@ -455,7 +472,11 @@ class RayNodes:
         self.token = os.path.join(root, "ray_token")
         self.port = 6379  # the head namespace's own port space
         self.procs: list[subprocess.Popen] = []
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token}
+        # The head takes a node for dead after 10 missed health checks a second apart (Ray's
+        # defaults: 5, 3 s apart, each given 10 s), so a killed node's work moves on in about 10 s.
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token,
+                    "RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                    "RAY_health_check_failure_threshold": "10"}
 
     @property
     def address(self) -> str:
@@ -487,7 +508,10 @@ class RayNodes:
     def alive_nodes(self) -> int:
         code = ("import ray; ray.init(address='auto', log_to_driver=False); "
                 "print(sum(n['Alive'] for n in ray.nodes()))")
-        out = self.run_on("node1", [sys.executable, "-c", code], timeout=60)
+        try:
+            out = self.run_on("node1", [sys.executable, "-c", code], timeout=60)
+        except subprocess.TimeoutExpired:  # a head still starting on a busy machine: asked again
+            return 0
         return int(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 and out.stdout.strip() else 0
 
     def wait_nodes(self, count: int, timeout: float) -> None:

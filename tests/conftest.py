@@ -1,8 +1,11 @@
 """Shared fixtures. Tests run on the CPU, on debug presets and synthetic data.
 
-Two sets: the unit tests (``make test-fast``, a few minutes: no SLURM, sshd, Ray, browser or
-multi-process training) and the ``slow`` ones, which start real services or train for more than
-a few seconds. ``make test`` runs both.
+Two sets: the unit tests (``make test-fast``: no SLURM, sshd, Ray, browser or multi-process
+training) and the ``slow`` ones, which start real services or train for more than a few seconds.
+``make test`` runs both, on several pytest-xdist workers (Makefile). The fixtures that build data
+and models are made once per session, which is once per worker: every worker that needs them
+builds its own, so workers never share a folder. Tests that share a cluster (a module's SLURM or
+Ray cluster) carry one ``xdist_group`` mark, which keeps them on one worker.
 """
 
 from __future__ import annotations
@@ -11,16 +14,36 @@ import os
 import socket
 import sys
 
-import pytest
-import torch
+# Under pytest-xdist several test processes, and what each starts, share the cores: one thread of
+# torch's each, since OpenMP threads that outnumber the cores spin waiting for one another.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
+# Compiled code kept in the venv, as the Makefile sets it (pytest run by hand gets the same).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(sys.prefix, "inductor_cache"))
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device; the only tests allowed to skip in CI")
     config.addinivalue_line("markers", "slow: starts SLURM, sshd, Ray, a browser or several processes, or trains "
                             "for more than a few seconds; `make test-fast` leaves it out")
+
+
+def pytest_itemcollected(item):
+    """Tests that share a module-scoped fixture (a module's cluster, server or training run) run on
+    one pytest-xdist worker (``--dist loadgroup``), so that it is made once; the module's other
+    tests go wherever a worker is free. Session-scoped fixtures are made once per worker. (Marked
+    as each test is collected: xdist reads the marks in its own pytest_collection_modifyitems.)"""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None or item.get_closest_marker("xdist_group"):
+        return
+    if any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values() if defs):
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -48,6 +71,64 @@ def _no_ray_left():
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def vae_path(tmp_path_factory):
+    """A debug-sl AugVAE with random weights (seed 0)."""
+    from lverse.model import AugVAE, save_model
+    from lverse.model.augvae import PRESETS
+    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
+    torch.manual_seed(0)
+    save_model(AugVAE(PRESETS["debug-sl"]), str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory, vae_path):
+    """Image shards, their token shards through the debug AugVAE, and a caption tokenizer fitted
+    on their captions (tests/test_train.py's SHARDS of PER_SHARD)."""
+    import json
+
+    from lverse.core.shards import iter_samples
+    from lverse.pipeline.encode import EncodeConfig, run_encode
+    from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+
+    from .test_encode import raw_shards
+    from .test_train import PER_SHARD, SHARDS
+    root = tmp_path_factory.mktemp("train_data")
+    raw = raw_shards(str(root / "raw"), count=SHARDS, n=PER_SHARD)
+    for s in range(SHARDS):  # img2dataset's done marker, which train-vae counts samples from
+        with open(os.path.join(raw, f"{s:05d}_stats.json"), "w") as f:
+            json.dump({"successes": PER_SHARD}, f)
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(root / "tokens")))
+    captions = [f["txt"].decode() for s in range(SHARDS) for f in iter_samples(os.path.join(raw, f"{s:05d}.tar"))]
+    CaptionTokenizer.fit(captions, str(root / "tok"), vocab_size=64, offset=512)
+    return {"raw": raw, "tokens": str(root / "tokens"), "vae": vae_path, "tokenizer": str(root / "tok.model")}
+
+
+@pytest.fixture(scope="session")
+def biart(data, tmp_path_factory):
+    """A debug BiART with random weights (seed 0) for ``data``'s tokenizer, its AugVAE and
+    tokenizer recorded as `lverse export` records them."""
+    from lverse.model import BiART, save_model
+    from lverse.model.biart import PRESETS, BiARTConfig
+    from lverse.model.checkpoint import provenance_of
+    from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+    tok = CaptionTokenizer(data["tokenizer"], offset=512)
+    cfg = BiARTConfig(**{**PRESETS["debug"].__dict__, "text_vocab": tok.vocab_size, "text_len": 24})
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("biart") / "biart.safetensors")
+    save_model(BiART(cfg), path, provenance_of(data["vae"], data["tokenizer"]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def server():
+    """The synthetic image server on 127.0.0.1, with a URL that answers after 4 s."""
+    from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
+    with SyntheticServer(SyntheticSet(seed=1, train=12, heldout=2, image_size=64), slow_seconds=4) as srv:
+        yield srv
 
 
 def free_port() -> int:

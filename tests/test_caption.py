@@ -25,17 +25,7 @@ from lverse.model.clip import ClipScorer
 from lverse.pipeline.caption import CaptionConfig, run_caption
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer, truncate_caption
 
-from .test_train import PER_SHARD, SHARDS, data  # noqa: F401  (the shards fixture)
-
-
-@pytest.fixture(scope="module")
-def biart(data, tmp_path_factory):  # noqa: F811
-    tok = CaptionTokenizer(data["tokenizer"], offset=512)
-    cfg = BiARTConfig(**{**PRESETS["debug"].__dict__, "text_vocab": tok.vocab_size, "text_len": 24})
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("biart") / "biart.safetensors")
-    save_model(BiART(cfg), path, provenance_of(data["vae"], data["tokenizer"]))  # as `lverse export` records it
-    return path
+from .test_train import PER_SHARD, SHARDS
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +256,6 @@ def trained_biart(data, tmp_path_factory):  # noqa: F811
     """The debug BiART after 300 plain AdamW steps image->text on the test shards: captions that
     depend on the image, so that precision can change them."""
     from lverse.model.biart import Direction, build_sequence
-    from lverse.model.checkpoint import provenance_of
     from lverse.runtime.data import TokenBatch
     tok = CaptionTokenizer(data["tokenizer"], offset=512)
     cfg = BiARTConfig(**{**PRESETS["debug"].__dict__, "text_vocab": tok.vocab_size, "text_len": 24})

@@ -34,7 +34,7 @@ from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_ba
 from lverse.runtime.token_index import TokenIndex, TokenSamples, build_index, ensure_index, index_path, open_samples
 from lverse.runtime.trainer import Checkpoint, Process
 
-from .test_train import PER_SHARD, SHARDS, data, losses, metrics, run_job, train_config  # noqa: F401  (the token-shard fixture)
+from .test_train import PER_SHARD, SHARDS, losses, metrics, run_job, train_config
 
 N = SHARDS * PER_SHARD
 

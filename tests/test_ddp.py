@@ -20,7 +20,7 @@ from lverse.model.biart import BiARTConfig
 from lverse.model.checkpoint import load_model
 from lverse.pipeline.train import TrainConfig, _layout_difference, deepspeed_loads, load_ds_config
 
-from .test_train import data, losses, metrics, run_job, train_config  # noqa: F401  (the token-shard fixture)
+from .test_train import losses, metrics, run_job, train_config
 
 
 def test_stage_0_and_zero_checkpoints_do_not_resume_into_each_other():

@@ -21,12 +21,6 @@ MALFORMED = (b"no tab on this line\n"
 EXPECTED_MALFORMED = {"no_tab": 1, "empty_caption": 1, "bad_url": 2, "not_utf8": 1, "wrong_field_count": 1}
 
 
-@pytest.fixture(scope="module")
-def server():
-    with SyntheticServer(SyntheticSet(seed=1, train=12, heldout=2, image_size=64), slow_seconds=4) as srv:
-        yield srv
-
-
 @pytest.fixture()
 def tsv(server, tmp_path):
     path = server.write_tsv(str(tmp_path / "in"))["train"]
@@ -117,6 +111,19 @@ def test_cli_and_changed_input(server, tsv, tmp_path, capsys):
     other = tmp_path / "other.tsv"
     other.write_text(f"a caption\t{server.url}/img/train/0.jpg\n")
     assert main(["download", "--input", str(other), "--output", str(out)]) == 2  # refused, not mixed
+
+
+def test_a_server_busy_for_a_moment_loses_no_image(tmp_path):
+    """Each image's first request stalls past the timeout, as a server on a loaded machine does:
+    with --image-retries 1 the request is tried again and every image is written, rather than counted as a timeout in a
+    shard that is done (and so never fetched again)."""
+    with SyntheticServer(SyntheticSet(seed=2, train=4, heldout=1, image_size=64), stall_seconds=3) as server:
+        tsv = server.write_tsv(str(tmp_path / "in"), bad_urls=False)["train"]
+        summary = run_download(DownloadConfig(input=tsv, output=str(tmp_path / "out"), samples_per_shard=4,
+                                              image_size=64, timeout=1, image_retries=1))
+        assert server.requests == {f"/img/train/{i}.jpg": 2 for i in range(4)}
+    assert summary["written"] == 4 and summary["images_failed_by_reason"] == {}
+    assert len(read_shards(tmp_path / "out")) == 4
 
 
 def test_too_many_shards_is_refused_before_any_download(tmp_path, monkeypatch):

@@ -42,14 +42,6 @@ def make_shard(path, shard, n, seed, corrupt=(), side=80, sizes=None, quality=75
                 tar.addfile(info, io.BytesIO(data))
 
 
-@pytest.fixture(scope="module")
-def vae_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
-    torch.manual_seed(0)
-    save_model(AugVAE(PRESETS["debug-sl"]), str(path))
-    return str(path)
-
-
 def raw_shards(folder, count=3, n=12, corrupt=None):
     os.makedirs(folder, exist_ok=True)
     for s in range(count):

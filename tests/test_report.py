@@ -12,8 +12,7 @@ from lverse.pipeline.caption import run_caption
 from lverse.pipeline.generate import GenerateConfig, run_generate
 from lverse.pipeline.report import svg_plot, write_report
 
-from .test_caption import biart, config  # noqa: F401
-from .test_train import data  # noqa: F401
+from .test_caption import config
 
 
 def chromium():

@@ -11,7 +11,7 @@ from lverse.core.errors import InputError
 from lverse.pipeline.train import OptimConfig, TrainConfig
 from lverse.runtime.trainer import Plateau, Schedule
 
-from .test_train import data, metrics, run_job, train_config, vae_config  # noqa: F401  (the shard fixture)
+from .test_train import metrics, run_job, train_config, vae_config
 
 # Interval means 3.5, 2, 2, 2, 1, 1, 1, 1, 1: with patience 2 and a 10% threshold the rule halves
 # after the fourth and the seventh interval, then stays at its floor of a quarter.

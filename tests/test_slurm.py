@@ -8,7 +8,7 @@ pointing at the test cluster.
 import glob
 import json
 import os
-import shutil
+import shlex
 import subprocess
 import sys
 import time
@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from lverse.cli import main
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
 from lverse.plans import plan
@@ -24,9 +25,8 @@ from lverse.runtime.stage import array_block
 from lverse.slurm.render import SubmitOptions, check
 
 from .cluster import SlurmCluster
-from .test_caption import biart  # noqa: F401  (a debug BiART checkpoint)
 from .test_encode import raw_shards
-from .test_train import data, losses, metrics, run_job, train_config  # noqa: F401  (the token-shard fixture)
+from .test_train import losses, metrics, run_job, train_config
 
 HOSTILE = "dir with $(touch PWNED) `touch PWNED` and 'quotes'"
 
@@ -44,9 +44,9 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def lverse(cluster, *args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "lverse.cli", *args], env=cluster.env, capture_output=True,
-                          text=True, timeout=120, cwd=cwd)
+def lverse(cluster, *args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "lverse.cli", *args], env={**cluster.env, **(env or {})},
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
 def render(opts):
@@ -55,8 +55,8 @@ def render(opts):
     return render(opts, plan(opts.stage, opts.config))
 
 
-def submit(cluster, *args):
-    out = lverse(cluster, "slurm", "submit", *args)
+def submit(cluster, *args, env=None):
+    out = lverse(cluster, "slurm", "submit", *args, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
 
@@ -123,7 +123,7 @@ def test_two_task_srun_training_finishes_and_checkpoints(slurm, data, tmp_path):
     assert os.path.isfile(tmp_path / "run" / "biart.safetensors")
 
 
-STOP_STEPS = 400
+STOP_STEPS, HOLD = 12, 5  # the stopped runs wait at step HOLD for their signal (LVERSE_HOLD_AT_STEP)
 
 
 @pytest.fixture(scope="module")
@@ -147,10 +147,12 @@ def test_a_stopped_training_job_checkpoints_requeues_and_continues_exactly(slurm
     losses of a run that was never stopped."""
     cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run", steps=STOP_STEPS, checkpoint_every=1000,
                        log_every=1, export=False)
-    job = submit(slurm, "train", "--config", cfg, "--ntasks-per-node", "2", "--cpus-per-task", "1")
+    job = submit(slurm, "train", "--config", cfg, "--ntasks-per-node", "2", "--cpus-per-task", "1",
+                 env={"LVERSE_HOLD_AT_STEP": str(HOLD)})  # sbatch passes it on to the job
     metrics_file = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 5):
+    while time.time() < deadline and (not metrics_file.exists() or
+                                      len(metrics_file.read_text().splitlines()) < HOLD):
         time.sleep(0.2)
     assert metrics_file.exists(), slurm.states(job)
     if stop == "requeue":
@@ -166,7 +168,7 @@ def test_a_stopped_training_job_checkpoints_requeues_and_continues_exactly(slurm
     assert list(states.values()) == ["COMPLETED"], log[-3000:]
     checkpoints = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "run" / "checkpoints" / "step_*")))
     stopped = int(checkpoints[0].removeprefix("step_"))  # the stop's checkpoint, before SIGKILL could come
-    assert 5 <= stopped < STOP_STEPS and checkpoints[-1] == f"step_{STOP_STEPS:08d}", checkpoints
+    assert stopped == HOLD and checkpoints[-1] == f"step_{STOP_STEPS:08d}", checkpoints
     signal_name = {"USR1": "SIGUSR1", "TERM": "SIGTERM", "requeue": "SIGTERM"}[stop]
     assert f"{signal_name} received: checkpointed at step {stopped} and stopping" in log, log[-3000:]
     logged = metrics(tmp_path / "run")
@@ -192,13 +194,20 @@ def _show(cluster, job):
     return subprocess.run(["scontrol", "show", "job", job], env=cluster.env, capture_output=True, text=True).stdout
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ['x"; touch PWNED; echo "', "a b", "$(touch PWNED)", "x\n#SBATCH --uid=0", ""])
-def test_hostile_job_names_are_refused(slurm, data, tmp_path, name):  # noqa: F811
+def test_hostile_job_names_are_refused_before_anything_is_written(data, tmp_path, monkeypatch, caplog):
+    """`lverse slurm submit` in this process, as a user would call it: each name is refused (exit 2,
+    naming --job-name) before a script is written, so sbatch, which submits the written script,
+    is never reached; a plain name with the same config renders."""
+    monkeypatch.chdir(tmp_path)
     cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run")
-    out = lverse(slurm, "slurm", "submit", "train", "--config", cfg, "--job-name", name, cwd=tmp_path)
-    assert out.returncode == 2 and "--job-name" in out.stderr
-    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "run" / "slurm").exists()
+    for name in ['x"; touch PWNED; echo "', "a b", "$(touch PWNED)", "x\n#SBATCH --uid=0", "", "x" * 65]:
+        caplog.clear()
+        assert main(["slurm", "submit", "train", "--config", cfg, "--job-name", name]) == 2, name
+        assert f"--job-name {name!r}: use 1-64 of letters" in caplog.text, name
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "run").exists()
+    assert main(["slurm", "submit", "train", "--config", cfg, "--job-name", "biart.500m_2-a", "--dry-run"]) == 0
+    (script,) = glob.glob(str(tmp_path / "run" / "slurm" / "train-*.sbatch"))
+    assert "#SBATCH --job-name=biart.500m_2-a\n" in open(script).read()
 
 
 def test_dry_run_keeps_the_script_and_quotes_every_value(data, tmp_path):  # noqa: F811
@@ -216,7 +225,9 @@ def test_dry_run_keeps_the_script_and_quotes_every_value(data, tmp_path):  # noq
     ray, _ = render(SubmitOptions("ray", nodes=3, command=["lverse", "pipeline", "run", "x.yaml", "--ray-address",
                                                            "auto", ";", "rm", "-rf", "/"]))
     assert "lverse pipeline run x.yaml --ray-address auto ';' rm -rf /" in ray
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    lverse_bin = shlex.quote(os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "lverse"))
+    assert f"\nsrun --kill-on-bad-exit=1 {lverse_bin} train --config {shlex.quote(cfg)}\n" in script
+    assert f'[ -f {shlex.quote(str(folder / "run" / "stopped.json"))} ]; then\n' in script  # the requeue marker
     for bad in (dict(time="1h"), dict(partition="gpu;rm"), dict(array="0-3;x")):
         with pytest.raises(ValueError):
             render(SubmitOptions("train", config=cfg, **bad))
@@ -241,8 +252,49 @@ def test_download_array_has_one_task_per_chunk(tmp_path):
         render(SubmitOptions("download", config=str(config), array="0-5"))
 
 
-def test_templates_parse_as_bash():
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm")
-    for path in glob.glob(os.path.join(folder, "*.sbatch")):
-        assert subprocess.run(["bash", "-n", path]).returncode == 0, path
-    assert shutil.which("bash")
+def test_array_templates_render_their_values_into_the_header_and_the_launch_line(tmp_path):
+    """Every value of the four job-array templates, rendered: the whole #SBATCH header and the
+    whole script body, exactly (the SLURM tests here and in test_multinode.py run each of them)."""
+    from lverse.slurm.render import render as render_script
+    root = tmp_path / HOSTILE
+    raw_shards(str(root / "run" / "shards"), count=3, n=1)
+    (root / "in.tsv").write_text("".join(f"caption {i}\thttp://127.0.0.1:9/{i}.jpg\n" for i in range(5)))
+    (root / "prompts.txt").write_text("".join(f"prompt {i}\n" for i in range(5)))
+    models = {"checkpoint": "biart.safetensors", "vae": "vae.safetensors", "tokenizer": "tok.model"}
+    configs = {"pipeline": {"run_dir": str(root / "run"), "download": {"input": str(root / "in.tsv"),
+                                                                       "samples_per_shard": 2},
+                            "encode": {"vae": "vae.safetensors"}},
+               "caption": {"shards": str(root / "run" / "shards"), "output": str(root / "captions"), **models},
+               "generate": {"prompts": str(root / "prompts.txt"), "output": str(root / "images"),
+                            "prompts_per_item": 2, **models}}
+    for name, config in configs.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    lverse_bin = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "lverse")
+    q = shlex.quote
+    task = '--task-index "$SLURM_ARRAY_TASK_ID" --num-tasks 3'  # 5 lines in chunks of 2; 3 shards; 5 prompts by 2
+    expected = {
+        "download": ("pipeline", "run", [f"{q(lverse_bin)} pipeline run {q(str(root / 'pipeline.yaml'))} "
+                                         f"--stage download {task} &"]),
+        "encode": ("pipeline", "run", [f"{q(lverse_bin)} pipeline run {q(str(root / 'pipeline.yaml'))} "
+                                       f"--stage encode {task} \\", "--workers 2 &"]),
+        "caption": ("caption", "captions", [f"{q(lverse_bin)} caption --config {q(str(root / 'caption.yaml'))} "
+                                            f"{task} \\", "--workers 2 &"]),
+        "generate": ("generate", "images", [f"{q(lverse_bin)} generate --config {q(str(root / 'generate.yaml'))} "
+                                            f"{task} \\", "--workers 2 &"])}
+    for stage, (config, run_dir, launch) in expected.items():
+        script, folder = render_script(SubmitOptions(stage, config=str(root / f"{config}.yaml"), gpus_per_node=2,
+                                                     cpus_per_task=3, partition="cpu", time="1-02:00:00",
+                                                     array="0-2%2", job_name=f"{stage}.1"),
+                                       plan(stage, str(root / f"{config}.yaml")))
+        assert folder == str(root / run_dir)
+        lines = script.splitlines()
+        header = [line for line in lines if line.startswith("#SBATCH")]
+        assert header == [f"#SBATCH --job-name={stage}.1", "#SBATCH --array=0-2%2", "#SBATCH --nodes=1",
+                          "#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=3", "#SBATCH --time=1-02:00:00",
+                          f"#SBATCH --output={q(str(root / run_dir / 'slurm'))}/%x-%A_%a.out", "#SBATCH --requeue",
+                          "#SBATCH --open-mode=append", "#SBATCH --signal=B:USR1@120", "#SBATCH --partition=cpu",
+                          *(["#SBATCH --gpus-per-node=2"] if stage != "download" else [])], stage
+        body = [line.strip() for line in lines if not line.startswith("#")]
+        export = ["export NO_ALBUMENTATIONS_UPDATE=1"] if stage == "download" else []
+        assert body == ["set -euo pipefail", "trap 'scontrol requeue \"$SLURM_JOB_ID\"; exit 0' USR1", *export,
+                        *launch, "wait $!"], stage

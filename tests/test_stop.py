@@ -24,9 +24,7 @@ import time
 
 import pytest
 
-from .test_caption import biart, data  # noqa: F401  (a debug BiART, AugVAE and tokenizer)
-from .test_download import server  # noqa: F401  (the synthetic image server)
-from .test_encode import raw_shards, vae_path  # noqa: F401  (a debug AugVAE)
+from .test_encode import raw_shards
 
 LVERSE = os.path.join(os.path.dirname(sys.executable), "lverse")
 ITEMS = {"download": 3, "encode": 16, "caption": 4}

@@ -16,9 +16,7 @@ from lverse.pipeline.download import DownloadConfig, run_download
 from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
 
 from .s3 import enforce_iam, make_bucket, s3_server
-from .test_caption import biart  # noqa: F401  (the debug BiART fixture)
 from .test_caption import config as caption_config
-from .test_train import data  # noqa: F401  (the shards fixture)
 
 
 @pytest.fixture(scope="module")
