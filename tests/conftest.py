@@ -4,8 +4,9 @@ Two sets: the unit tests (``make test-fast``: no SLURM, sshd, Ray, browser or mu
 training) and the ``slow`` ones, which start real services or train for more than a few seconds.
 ``make test`` runs both, on several pytest-xdist workers (Makefile). The fixtures that build data
 and models are made once per session, which is once per worker: every worker that needs them
-builds its own, so workers never share a folder. Tests that share a cluster (a module's SLURM or
-Ray cluster) carry one ``xdist_group`` mark, which keeps them on one worker.
+builds its own, so workers never share a folder. Tests that use a module-scoped fixture (a
+module's SLURM cluster, S3 server or training run) are kept on one worker
+(``pytest_itemcollected``).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from lverse.slurm.render import SubmitOptions, check
 
 from .cluster import SlurmCluster
 from .test_encode import raw_shards
-from .test_train import losses, metrics, run_job, train_config
+from .test_train import logged_steps, losses, metrics, run_job, train_config
 
 HOSTILE = "dir with $(touch PWNED) `touch PWNED` and 'quotes'"
 
@@ -151,8 +151,7 @@ def test_a_stopped_training_job_checkpoints_requeues_and_continues_exactly(slurm
                  env={"LVERSE_HOLD_AT_STEP": str(HOLD)})  # sbatch passes it on to the job
     metrics_file = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics_file.exists() or
-                                      len(metrics_file.read_text().splitlines()) < HOLD):
+    while time.time() < deadline and logged_steps(tmp_path / "run") < HOLD:
         time.sleep(0.2)
     assert metrics_file.exists(), slurm.states(job)
     if stop == "requeue":

@@ -31,6 +31,7 @@ from lverse.runtime.distributed import world_info_from_env
 from lverse.runtime.token_index import ensure_index
 
 from .conftest import free_port
+from .test_stop import _processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
@@ -68,18 +69,10 @@ def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and every process below it, as a node's death or a job's end does. Not its
     process group: torchrun starts each rank in a session of its own, so a killed torchrun
     would leave its ranks running."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parent = int(f.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        children.setdefault(parent, []).append(int(entry))
     tree, todo = [], [pid]
     while todo:
         tree.append(todo.pop())
-        todo += children.get(tree[-1], [])
+        todo += _processes(3, tree[-1])  # its children
     for member in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
@@ -523,9 +516,8 @@ def test_ctrl_c_twice_checkpoints_once_and_exits_0(data, tmp_path):
                        export=False)
     proc = subprocess.Popen([sys.executable, "-m", "lverse.cli", "train", "--config", cfg], stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env={**os.environ, "LVERSE_HOLD_AT_STEP": "3"})
-    metrics_file = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
-    while time.time() < deadline and (not metrics_file.exists() or len(metrics_file.read_text().splitlines()) < 3):
+    while time.time() < deadline and logged_steps(tmp_path / "run") < 3:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.2)
