@@ -5,7 +5,8 @@
    (``_chunks/00000.parquet`` ...). img2dataset aborts a whole run on one line with a missing
    field and silently drops every image of a shard when a caption is not UTF-8, and it reads
    ``file://`` URLs from the local disk; so lines are checked here and malformed ones counted.
-2. ``download_chunk``: one chunk -> one shard. img2dataset runs into ``_tmp/NNNNN/`` (a local
+2. ``download_chunk``: one chunk -> one shard, fetched in the worker by img2dataset's reader and
+   downloader (``_fetch`` says why not its ``download()``) into ``_tmp/NNNNN/`` (a local
    temporary folder when the output is an ``s3://`` URL); the result is re-keyed to the chunk's
    shard number, moved (or uploaded) into place (``NNNNN.tar``, ``NNNNN.parquet``) and
    ``NNNNN_stats.json`` is written last: it is the done marker (img2dataset's own convention), so
@@ -249,25 +250,44 @@ def download_chunk(chunk: Chunk) -> TaskResult:
     if storage.exists(done):
         return TaskResult(chunk.name, ok=True, skipped=True)
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
-    import pyarrow.parquet as pq
-    from img2dataset import download
     tmp = os.path.join(_work_root(chunk.output), chunk.name)
     shutil.rmtree(tmp, ignore_errors=True)  # what a stopped or killed run of this chunk left
     for name in (f"{chunk.name}.parquet", f"{chunk.name}_stats.json"):  # (the tar's: _rekey_tar)
         remove_stale_temporaries(os.path.join(chunk.output, name))
-    # A fresh folder of its own; "incremental" because img2dataset's "overwrite" deletes the
-    # folder after creating its _tmp inside it (1.47).
     os.makedirs(tmp)
     try:
         with storage.local_copy(chunk.rows) as rows:
-            download(url_list=rows, input_format="parquet", url_col="url", caption_col="caption",
-                     output_format="webdataset", output_folder=tmp, processes_count=1, thread_count=chunk.threads,
-                     image_size=chunk.image_size, resize_mode=chunk.resize_mode, timeout=chunk.timeout,
-                     number_sample_per_shard=pq.ParquetFile(rows).metadata.num_rows, retries=chunk.image_retries,
-                     incremental_mode="incremental", disallowed_header_directives=[], enable_wandb=False)
+            _fetch(chunk, rows, tmp)
         return _finish_chunk(chunk, tmp, done)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch(chunk: Chunk, rows: str, tmp: str) -> None:
+    """img2dataset's reader and downloader on the parquet ``rows``, in this process: shard 00000
+    (tar, parquet, stats) in ``tmp``.
+
+    Why not `img2dataset.download()`: every call starts a logger process and a process pool (each
+    importing torch, wandb and albumentations: about 16 CPU-seconds per chunk on a 2-core machine)
+    to run what a chunk, already a task in a worker of its own, can run in place: the same
+    threads, resizer, writer and stats. The price is that these classes are img2dataset's
+    internals: its version is pinned (constraints.txt) and tests/test_download.py runs them."""
+    import pyarrow.parquet as pq
+    from img2dataset.downloader import Downloader
+    from img2dataset.reader import Reader
+    from img2dataset.resizer import Resizer
+    from img2dataset.writer import WebDatasetSampleWriter
+    count = pq.ParquetFile(rows).metadata.num_rows
+    os.makedirs(os.path.join(tmp, "_tmp"))  # where the reader writes the rows for the downloader
+    reader = Reader(rows, "parquet", "url", "caption", None, None, None, count, set(), os.path.join(tmp, "_tmp"))
+    resizer = Resizer(image_size=chunk.image_size, resize_mode=chunk.resize_mode, resize_only_if_bigger=False)
+    downloader = Downloader(
+        WebDatasetSampleWriter, resizer, thread_count=chunk.threads, save_caption=True, extract_exif=True,
+        output_folder=tmp, column_list=reader.column_list, timeout=chunk.timeout, number_sample_per_shard=count,
+        oom_shard_count=5, compute_hash="sha256", verify_hash_type=None, encode_format="jpg",
+        retries=chunk.image_retries, user_agent_token=None, disallowed_header_directives=None)
+    for shard in reader:  # one: the chunk's rows
+        downloader.download_shard(shard)
 
 
 def _work_root(output: str) -> str:

@@ -5,7 +5,7 @@ raising, and it is idempotent (it skips work already done), so running it again 
 Executors:
 
 - ``local``: a pool of spawned processes on this machine (not daemonic, so a task may start its
-  own pool, as img2dataset does).
+  own processes).
 - ``ray``: one Ray task per item on a Ray cluster (``ray_address``; None starts a local one), or,
   with ``actors``, a pool of that many actors that each keep their state (a model) between items.
 
@@ -20,7 +20,7 @@ every queued item and ends the workers at once: the items in flight are abandone
 output is written under a temporary name and renamed, nothing half-written is left that a rerun
 would take for done (the rerun removes the temporaries). Local workers ignore SIGINT (the driver
 decides) and die with the driver however it dies, also by SIGKILL (Linux's parent-death signal);
-whatever a worker starts (img2dataset's processes) dies with the worker (``_guard_group``). On Ray
+whatever a worker starts (a library's processes, a tool) dies with the worker (``_guard_group``). On Ray
 the driver cancels its tasks, kills its actors and shuts Ray down. While it does, a second Ctrl-C
 (or SIGTERM) ends the driver at once (``_stopping``), its workers still dying with it.
 """
@@ -205,18 +205,19 @@ def _guard_group() -> None:
     worker ends, however it ends.
 
     Why: the parent-death signal is set by the worker for itself and is not inherited, and a
-    library's processes do not set theirs. img2dataset (download) starts a pool worker and a
-    logger process in every worker; when the worker was SIGKILLed (its parent-death signal after
-    the driver was SIGKILLed) or SIGTERMed (``_end_pool`` on Ctrl-C), those two lived on, fetching
-    into ``_tmp/NNNNN`` while a rerun wrote the same shard. Every process the worker starts, and
-    every one those start, inherits its process group (unless it leaves on purpose with setsid or
-    setpgid; img2dataset, torch and multiprocessing do not), so one kill of the group ends them all,
-    however deep. Someone has to outlive the worker to send it: the guard, a forked child that only
-    waits for its own parent-death signal. The simpler-looking ways fall short: a child subreaper
-    keeps its orphans but does not end them when it dies itself; img2dataset's pool takes no
-    initializer through which its processes could set a parent-death signal (and its logger process
-    is no pool's); a PID namespace needs privileges. (Ray already starts each of its workers in a
-    process group of its own, and the Ray tests see nothing of a cancelled task left.)
+    library's processes do not set theirs: a worker SIGKILLed (its parent-death signal after the
+    driver was SIGKILLed) or SIGTERMed (``_end_pool`` on Ctrl-C) would leave what its task started
+    running, writing into an output a rerun writes too. No stage's task starts processes today
+    (download runs img2dataset's downloader in the worker); the guard costs one fork per worker and
+    covers the one that will. Every process the worker starts, and every one those start, inherits
+    its process group (unless it leaves on purpose with setsid or setpgid; torch and
+    multiprocessing do not), so one kill of the group ends them all, however deep. Someone has to
+    outlive the worker to send it: the guard, a forked child that only waits for its own
+    parent-death signal. The simpler-looking ways fall short: a child subreaper keeps its orphans
+    but does not end them when it dies itself; a library's pool takes no initializer through which
+    its processes could set a parent-death signal; a PID namespace needs privileges. (Ray already
+    starts each of its workers in a process group of its own, and the Ray tests see nothing of a
+    cancelled task left.) tests/test_stop.py has a task start a process and SIGKILLs the driver.
     """
     if not sys.platform.startswith("linux"):
         return

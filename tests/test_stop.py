@@ -135,11 +135,10 @@ def _wait_gone(session: int, seconds: float) -> list[int]:
 
 
 # Encode is stopped with each signal on each executor. Download and caption take two of those four
-# each, so that each meets both signals and both executors, and the two together all four (a test
-# of theirs takes 35-50 s, download's for img2dataset starting two processes per chunk): what the
+# each, so that each meets both signals and both executors, and the two together all four: what the
 # driver does on either signal is the CLI's and the same for every stage (encode's four show it),
 # what happens to the workers is the executor's (a local pool, Ray tasks for download, Ray actors
-# for encode and caption) and the stage's (img2dataset's processes, a model in each worker).
+# for encode and caption) and the stage's (img2dataset's threads, a model in each worker).
 STOPS = [("encode", "local", signal.SIGINT), ("encode", "local", signal.SIGTERM), ("encode", "ray", signal.SIGINT),
          ("encode", "ray", signal.SIGTERM), ("download", "local", signal.SIGINT), ("download", "ray", signal.SIGTERM),
          ("caption", "local", signal.SIGTERM), ("caption", "ray", signal.SIGINT)]
@@ -161,7 +160,7 @@ def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path
     code = proc.wait(timeout=60)
     assert code == 128 + sig, _tail(tmp_path / "stderr.log")
     assert time.time() - stopped < 15
-    assert _wait_gone(proc.pid, 5) == []  # img2dataset's processes too
+    assert _wait_gone(proc.pid, 5) == []
     assert _open_under(out) == []
     finished = {path: os.stat(path).st_mtime_ns for path in glob.glob(str(out / DONE[stage]))}
     assert len(finished) < ITEMS[stage]  # the queue was cancelled, not worked off
@@ -182,19 +181,53 @@ def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path
 @pytest.mark.parametrize("stage, executor", [("download", "local"), ("encode", "local"), ("caption", "local"),
                                              ("encode", "ray")])
 def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage, executor):
-    """Every worker, local process or Ray actor, dies with the driver, and so does what a worker
-    started (img2dataset's pool worker and logger process, in the middle of a shard). Of the private
+    """Every worker, local process or Ray actor, dies with the driver, in the middle of an item (a
+    download in the middle of a shard). Of the private
     local Ray the driver started, Ray's own node agents (dashboard and runtime-env agents, which run
     no lverse code) outlive it (Ray 2.x): the test ends them itself."""
     proc = _start(_command(stage, executor, tmp_path, request), stage, tmp_path, sessions)
-    workers = _processes(3, proc.pid)
-    below = [pid for worker in workers for pid in _processes(3, worker)]
-    if stage == "download":  # img2dataset's pool worker and logger process below the busy worker (and its guard)
-        assert len(below) >= 2, below
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _wait_workers_gone(proc.pid, 10) == []  # the agents are ended by the `sessions` fixture
     assert _open_under(tmp_path / "out") == []
+
+
+# A driver whose one worker's task starts a process of its own (a library's pool, a tool) and waits for it.
+STARTS_A_PROCESS = textwrap.dedent("""
+    import subprocess
+    from lverse.runtime import executors
+    print("running", flush=True)
+    executors.run_tasks(subprocess.call, [["sleep", "600"]], ["a"], workers=1, retries=0)
+""")
+
+
+@pytest.mark.slow
+def test_what_a_worker_started_dies_with_a_sigkilled_driver(sessions):
+    """A SIGKILLed driver's worker dies (its parent-death signal), and so does the process that the
+    worker's task started, which no parent-death signal reaches (the worker's guard)."""
+    proc = subprocess.Popen([sys.executable, "-c", STARTS_A_PROCESS], start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    sessions.append(proc.pid)
+    assert _line(proc) == "running"
+    deadline = time.time() + 60
+    while not _sleeping(proc.pid):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _wait_gone(proc.pid, 10) == []
+
+
+def _sleeping(session: int) -> bool:
+    """Whether the task's ``sleep`` runs in ``session``."""
+    for pid in _processes(5, session):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(b"sleep\0"):
+                    return True
+        except OSError:
+            pass
+    return False
 
 
 RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
