@@ -19,8 +19,9 @@ export TORCHINDUCTOR_CACHE_DIR := $(CURDIR)/$(VENV)/inductor_cache
 # Test processes side by side (pytest-xdist). Most of the suite's time is waiting (clusters coming
 # up, SLURM noticing a dead node, Ray starting), so more workers than the 2 cores pay off.
 TEST_WORKERS ?= 4
-# Every CI log shows where the time went.
-PYTEST := $(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup
+# Every CI log shows where the time went. Work is handed out in collection order, which
+# tests/conftest.py makes longest first (xdist's own order is by tests per group).
+PYTEST := $(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 .PHONY: venv lock system-deps test test-fast lint demo clean
 
