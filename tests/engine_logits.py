@@ -1,4 +1,4 @@
-"""Run under torchrun by test_train.py: load a run's newest checkpoint into the DeepSpeed engine
+"""Run under torchrun by test_ds_configs.py: load a run's newest checkpoint into the DeepSpeed engine
 (any ZeRO stage) and save its weights (gathered under ZeRO-3) and its logits on a fixed batch, both
 directions, for comparison with the exported safetensors model.
 

@@ -1,11 +1,14 @@
 """Every shipped ds_config trains BiART on 2 ranks (torchrun, gloo on the CPU): its loss goes down,
 and the configs of one precision log the losses of plain data parallel (stage 0) within a stated
-tolerance, so ZeRO-1, ZeRO-2, ZeRO-3 and the offloaded optimizer change memory, not the training.
-fp16 configs are refused on a CPU. The token shards are conftest.py's ``data`` fixture.
+tolerance, so ZeRO-1, ZeRO-2, ZeRO-3 and the offloaded optimizer change memory, not the training;
+what two of the runs export gives their engines' logits. fp16 configs are refused on a CPU. The
+token shards are conftest.py's ``data`` fixture.
 """
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,10 +16,13 @@ import torch
 import yaml
 
 from lverse.cli import main
+from lverse.model.biart import BiART, BiARTConfig, Direction
+from lverse.model.checkpoint import load_model
 from lverse.pipeline import train as train_module
 from lverse.pipeline.train import precision
 from lverse.runtime.trainer import Process
 
+from .conftest import free_port
 from .test_train import DS_CONFIGS, losses, metrics, run_job, train_config
 
 pytestmark = pytest.mark.xdist_group("ds_configs")
@@ -44,6 +50,9 @@ STEPS = 4
 # - fp32: zero2_fp32 bit-equal to ddp_fp32 in 4 steps (2.4e-7 by step 6, one float32 ulp of a loss
 #   near 4): only the summation order of the reduction differs. Tolerance 1e-6 (4 such ulps).
 TOLERANCE = {"bf16": 5e-4, "fp32": 1e-6}
+# Runs whose export is compared with the engine: fp32 masters kept whole (ZeRO-2) and bf16 copies
+# gathered from ZeRO-3's partitions.
+EXPORTED = ("zero2_fp32", "zero3_bf16")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +64,8 @@ def trained(data, tmp_path_factory):
         if name not in runs:
             root = tmp_path_factory.mktemp(name)
             cfg = train_config(root / "run.yaml", data, root / "run", steps=STEPS, checkpoint_every=STEPS,
-                               export=False, tensorboard=False, peak_flops=1e12)  # no 1 s FLOP/s probe per rank
+                               export=name in EXPORTED, tensorboard=False,
+                               peak_flops=1e12)  # no 1 s FLOP/s probe per rank
             _no_loader_workers(cfg)
             log = run_job(2, "train", "--config", cfg, "--deepspeed", PATHS[name])
             runs[name] = (metrics(root / "run"), log, root / "run")
@@ -123,3 +133,31 @@ def test_fp16_is_refused_on_a_cpu_before_any_work(name, data, tmp_path, monkeypa
     assert main(["train", "--config", cfg, "--deepspeed", PATHS[name]]) == 2
     assert "trains in fp16, which needs a CUDA device" in caplog.text and "use a bf16 or fp32 config" in caplog.text
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPORTED)
+def test_exported_weights_give_the_engines_logits(name, trained, tmp_path):
+    """The exported safetensors model holds the engine's weights (as the engine computes with them)
+    and gives its logits on a fixed batch in both directions; the engine is loaded from the run's
+    last checkpoint on 2 ranks by tests/engine_logits.py."""
+    run = trained(name)[2]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), os.path.join(os.path.dirname(__file__), "engine_logits.py"), str(run),
+                           str(tmp_path / "logits.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    engine = torch.load(tmp_path / "logits.pt", weights_only=True)
+    model = load_model(str(run / "biart.safetensors"), BiART, BiARTConfig).eval()
+    dtype = torch.bfloat16 if PRECISION[name] == "bf16" else torch.float32  # the engine's copies of the fp32 masters
+    for key, p in model.named_parameters():
+        assert torch.equal(p.to(dtype), engine["weights"][key]), key
+    model = model.to(dtype)
+    with torch.no_grad():
+        for d in Direction:
+            logits = model(engine["seq"], d, targets=engine["seq"])[0].float()
+            if name.startswith("zero3"):
+                # ZeRO-3 swaps F.linear for its own matmul + bias (no fused addmm): the same bf16
+                # weights round differently, by a few bf16 ulps.
+                torch.testing.assert_close(logits, engine[d.name], atol=2e-2, rtol=2e-2)
+            else:
+                assert torch.equal(logits, engine[d.name]), d
