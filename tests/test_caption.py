@@ -276,6 +276,7 @@ def trained_biart(data, tmp_path_factory):  # noqa: F811
     return path
 
 
+@pytest.mark.slow  # its BiART trains 300 steps first
 def test_bf16_greedy_captions_mostly_equal_fp32_and_clip_picks_are_unchanged(data, trained_biart, tmp_path):  # noqa: F811
     """The paper samples in half precision: BiART in bf16 (the AugVAE and CLIP in FP32) gives the
     fp32 model's greedy captions for most images (the share is printed), and with candidates CLIP
