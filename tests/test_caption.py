@@ -253,8 +253,10 @@ def test_a_sample_with_unreadable_codes_gets_an_error_row_not_a_failed_shard(dat
 
 @pytest.fixture(scope="module")
 def trained_biart(data, tmp_path_factory):  # noqa: F811
-    """The debug BiART after 300 plain AdamW steps image->text on the test shards: captions that
-    depend on the image, so that precision can change them."""
+    """The debug BiART after 100 plain AdamW steps image->text on the test shards: captions that
+    depend on the image, so that precision can change them. Measured (2026-12-07): 35 distinct
+    greedy captions of 64 images, 95% of them the same in bf16; after 300 steps 61 distinct and
+    all the same, so the test is no weaker for a third of the training."""
     from lverse.model.biart import Direction, build_sequence
     from lverse.runtime.data import TokenBatch
     tok = CaptionTokenizer(data["tokenizer"], offset=512)
@@ -266,7 +268,7 @@ def trained_biart(data, tmp_path_factory):  # noqa: F811
     torch.manual_seed(0)
     model = BiART(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(300):
+    for _ in range(100):
         _, losses = model(seq[:, :-1], Direction.I2T, targets=seq[:, 1:])
         opt.zero_grad()
         losses["loss"].backward()
@@ -276,7 +278,7 @@ def trained_biart(data, tmp_path_factory):  # noqa: F811
     return path
 
 
-@pytest.mark.slow  # its BiART trains 300 steps first
+@pytest.mark.slow  # its BiART trains 100 steps first
 def test_bf16_greedy_captions_mostly_equal_fp32_and_clip_picks_are_unchanged(data, trained_biart, tmp_path):  # noqa: F811
     """The paper samples in half precision: BiART in bf16 (the AugVAE and CLIP in FP32) gives the
     fp32 model's greedy captions for most images (the share is printed), and with candidates CLIP
@@ -290,7 +292,7 @@ def test_bf16_greedy_captions_mostly_equal_fp32_and_clip_picks_are_unchanged(dat
     fp32 = [c for i in range(SHARDS) for c in out["fp32"][i]["caption"]]
     bf16 = [c for i in range(SHARDS) for c in out["bf16"][i]["caption"]]
     share = sum(a == b for a, b in zip(fp32, bf16)) / len(fp32)
-    print(f"bf16_greedy_caption_match={share:.3f} ({len(fp32)} images)")
+    print(f"bf16_greedy_caption_match={share:.3f} ({len(fp32)} images, {len(set(fp32))} distinct captions)")
     assert len(set(fp32)) > 1 and share >= 0.75, (share, fp32[:4], bf16[:4])
     # CLIP (FP32 in both runs) ranks the same candidates alike: given the fp32 run's candidates, the
     # bf16 run's scorer picks what the fp32 run picked
