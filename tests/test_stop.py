@@ -182,9 +182,9 @@ def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path
                                              ("encode", "ray")])
 def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage, executor):
     """Every worker, local process or Ray actor, dies with the driver, in the middle of an item (a
-    download in the middle of a shard). Of the private
-    local Ray the driver started, Ray's own node agents (dashboard and runtime-env agents, which run
-    no lverse code) outlive it (Ray 2.x): the test ends them itself."""
+    download in the middle of a shard). Of the private local Ray the driver started, Ray's own node
+    agents (dashboard and runtime-env agents, which run no lverse code) outlive it (Ray 2.x): the
+    test ends them itself."""
     proc = _start(_command(stage, executor, tmp_path, request), stage, tmp_path, sessions)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -210,24 +210,12 @@ def test_what_a_worker_started_dies_with_a_sigkilled_driver(sessions):
     sessions.append(proc.pid)
     assert _line(proc) == "running"
     deadline = time.time() + 60
-    while not _sleeping(proc.pid):
+    while b"sleep 600" not in _commands(proc.pid):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _wait_gone(proc.pid, 10) == []
-
-
-def _sleeping(session: int) -> bool:
-    """Whether the task's ``sleep`` runs in ``session``."""
-    for pid in _processes(5, session):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read().startswith(b"sleep\0"):
-                    return True
-        except OSError:
-            pass
-    return False
 
 
 RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
@@ -241,16 +229,20 @@ def _wait_workers_gone(session: int, seconds: float) -> list[str]:
 
 
 def _workers_left(session: int) -> list[str]:
-    left = []
+    return [command.decode(errors="replace")[:120] for command in _commands(session)
+            if not command.startswith(RAY_AGENTS)]
+
+
+def _commands(session: int) -> list[bytes]:
+    """The command lines (arguments joined by spaces) of the processes in ``session``."""
+    commands = []
     for pid in _processes(5, session):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read().replace(b"\0", b" ").strip()
+                commands.append(f.read().replace(b"\0", b" ").strip())
         except OSError:
             continue
-        if not command.startswith(RAY_AGENTS):
-            left.append(command.decode(errors="replace")[:120])
-    return left
+    return commands
 
 
 # A driver whose stop is slow (its end of the workers delayed by 30 s), its one worker busy for a
