@@ -36,6 +36,7 @@ from lverse.pipeline.train_clip import ClipTrainConfig
 from lverse.preprocessing.coco import CocoConfig
 from lverse.run import TokenizerStage
 from lverse.runtime.executors import StageFailed
+from lverse.runtime.stage import Execution
 from lverse.slurm.render import STAGES, SubmitOptions
 
 log = logging.getLogger("lverse")
@@ -77,11 +78,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
+    return value
+
+
 def _options(p: argparse.ArgumentParser, cls: type, files: tuple[str, ...] = (), **kwargs) -> None:
     """The options of config dataclass ``cls``, with the command line's own checks: ``files``
-    must exist, counts be positive."""
+    must exist, counts be positive (a shard stage's ``--workers`` may be 0: in this process)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    add_options(p, cls, types={n: _positive for n in COUNTS & names} | {n: _existing_file for n in files}, **kwargs)
+    types = {n: _positive for n in COUNTS & names} | {n: _existing_file for n in files}
+    if issubclass(cls, Execution):
+        types["workers"] = _not_negative
+    add_options(p, cls, types=types, **kwargs)
 
 
 def _check_execution(cfg) -> None:

@@ -5,7 +5,8 @@ raising, and it is idempotent (it skips work already done), so running it again 
 Executors:
 
 - ``local``: a pool of spawned processes on this machine (not daemonic, so a task may start its
-  own processes).
+  own processes); with ``workers=0``, no pool: the items run one after another in this process
+  (``_inline_runner``: what a debugger or a profiler needs, and no process start to pay).
 - ``ray``: one Ray task per item on a Ray cluster (``ray_address``; None starts a local one), or,
   with ``actors``, a pool of that many actors that each keep their state (a model) between items.
 
@@ -91,7 +92,10 @@ def run_tasks(fn: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequ
         raise InputError(f"executor must be 'local' or 'ray', got {executor!r}")
     results: dict[int, TaskResult] = {}
     pending = list(range(len(items)))
-    if executor == "local":
+    if executor == "local" and workers == 0:
+        log.info("%s: in this process (workers 0), with its threads as they are", desc)
+        submit = _inline_runner(fn)
+    elif executor == "local":
         plan = plan_threads(min(workers, len(items)), threads=threads)
         log.info("%s: %s", desc, plan.describe())
         if gpus:
@@ -148,6 +152,17 @@ class _Progress:
         if len(self.by_node) > 1:
             postfix["nodes"] = " ".join(f"{node}:{n}" for node, n in sorted(self.by_node.items()))
         self.bar.set_postfix(postfix)
+
+
+def _inline_runner(fn):
+    """The items one after another in this process. Nothing is started, so nothing is left to end:
+    Ctrl-C (a KeyboardInterrupt, which ``_guarded`` lets through) stops the item in flight, whose
+    outputs are still under their temporary names. The process keeps its threads and device, and
+    what a task caches (a model) stays for the process's life, as in a worker."""
+    def submit(batch):
+        for i, item, name in batch:
+            yield i, _guarded(fn, item, name)
+    return submit
 
 
 def _local_runner(fn, workers, threads, gpus):

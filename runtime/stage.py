@@ -38,7 +38,7 @@ class Execution:
     """Where and how a stage runs its tasks (the fields every shard stage's config has)."""
 
     executor: Literal["local", "ray"] = "local"  # local processes, or Ray (tasks; actors where a model is kept)
-    workers: int = 1  # tasks in flight: local processes or Ray actors
+    workers: int = 1  # tasks in flight: local processes or Ray actors; 0: in this process, one at a time (local)
     threads: int | None = None  # compute threads per worker (None: its share; core/resources.py)
     retries: int = 1  # times a failed item is tried again
     ray_address: str | None = None  # Ray cluster to join (None: start a local one)
@@ -50,7 +50,8 @@ class Execution:
 class ModelExecution(Execution):
     """A stage that keeps a model in each worker (encode, caption, generate): one per GPU."""
 
-    workers: int | None = None  # model replicas, processes or Ray actors (None: one per GPU, else 1; Ray: all it holds)
+    workers: int | None = None  # model replicas, processes or Ray actors (None: one per GPU, else 1; Ray: all it
+    # holds); 0: one replica in this process (local)
     device: str = "auto"  # cuda when available, else cpu
     gpus_per_worker: float = 1.0  # Ray: GPUs per replica; below 1 shares a GPU (only when asked)
 
@@ -83,6 +84,9 @@ def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequen
         summary_path = os.path.join(output, f"_summary.task{run.task_index:05d}.json")
         log.info("array task %d of %d: %s", run.task_index, run.num_tasks, list(names))
     kwargs, workers = {}, run.workers
+    if workers is not None and workers < 0 or workers == 0 and run.executor != "local":
+        raise InputError(f"workers {workers}: give at least 1, or 0 to run the items in this process (on the "
+                         f"local executor only)")
     if run.executor == "ray":
         check_shared(run.ray_address, output)
     if isinstance(run, ModelExecution) and run.executor == "ray":
@@ -92,8 +96,8 @@ def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequen
         kwargs, workers = {"actors": pool.actors, "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus}, pool.actors
     elif isinstance(run, ModelExecution):
         log.info(pick_device(run.device).describe(stage))
-        workers = run.workers or default_workers(run.device)
-        kwargs["gpus"] = worker_gpus(min(workers, len(items)), run.device)
+        workers = default_workers(run.device) if run.workers is None else run.workers
+        kwargs["gpus"] = worker_gpus(min(workers, len(items)), run.device) if workers else []
     start = time.time()
     results = run_tasks(task, items, names, executor=run.executor, workers=workers, retries=run.retries,
                         desc=stage, ray_address=run.ray_address, threads=run.threads, rate_of=rate_of, **kwargs)

@@ -117,7 +117,7 @@ def data(tmp_path_factory, vae_path):
     for s in range(SHARDS):  # img2dataset's done marker, which train-vae counts samples from
         with open(os.path.join(raw, f"{s:05d}_stats.json"), "w") as f:
             json.dump({"successes": PER_SHARD}, f)
-    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(root / "tokens")))
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(root / "tokens"), workers=0))
     captions = [f["txt"].decode() for s in range(SHARDS) for f in iter_samples(os.path.join(raw, f"{s:05d}.tar"))]
     CaptionTokenizer.fit(captions, str(root / "tok"), vocab_size=64, offset=512)
     return {"raw": raw, "tokens": str(root / "tokens"), "vae": vae_path, "tokenizer": str(root / "tok.model")}

@@ -42,8 +42,10 @@ def others(data, tmp_path_factory):  # noqa: F811
 
 
 def config(data, biart, output, **over):  # noqa: F811
+    """Captioning in this process (workers 0): what is written does not depend on where; the
+    worker processes are tested where they matter (test_stop, test_multinode, the Ray tests)."""
     base = dict(shards=data["tokens"], checkpoint=biart, vae=data["vae"], tokenizer=data["tokenizer"],
-                output=str(output), candidates=4, max_tokens=8, batch_size=3, clip="lverse-tiny")
+                output=str(output), candidates=4, max_tokens=8, batch_size=3, clip="lverse-tiny", workers=0)
     return CaptionConfig(**{**base, **over})
 
 
@@ -131,7 +133,7 @@ def test_an_augvae_or_tokenizer_other_than_the_training_runs_is_refused(data, bi
         if stage == "caption":
             return run_caption(config(data, biart, tmp_path / "out", shards=images, candidates=1, **over))
         return run_generate(GenerateConfig(prompts=str(tmp_path / "prompts.txt"), output=str(tmp_path / "out"),
-                                           candidates=1, **files))
+                                           candidates=1, workers=0, **files))
     given = hashlib.sha256(open(others[kind], "rb").read()).hexdigest()
     trained = hashlib.sha256(open(data[kind], "rb").read()).hexdigest()
     word = {"vae": "AugVAE", "tokenizer": "tokenizer"}[kind]
@@ -148,7 +150,7 @@ def test_generate_keeps_the_best_candidate_by_clip_and_resumes(data, biart, tmp_
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle at the top on a blue background\n\nan orange square at the left\n")
     cfg = GenerateConfig(prompts=str(prompts), checkpoint=biart, vae=data["vae"], tokenizer=data["tokenizer"],
-                         output=str(tmp_path / "out"), candidates=3, clip="lverse-tiny")
+                         output=str(tmp_path / "out"), candidates=3, clip="lverse-tiny", workers=0)
     assert run_generate(cfg)["generated"] == 2
     for i, text in enumerate(["a red circle at the top on a blue background", "an orange square at the left"]):
         folder = tmp_path / "out" / f"{i:05d}"

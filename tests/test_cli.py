@@ -254,7 +254,7 @@ def inputs(tmp_path_factory):
     torch.manual_seed(0)
     vae = str(root / "vae.safetensors")
     save_model(AugVAE(PRESETS["debug-sl"]), vae)
-    run_encode(EncodeConfig(shards=raw, vae=vae, output=str(root / "tokens")))
+    run_encode(EncodeConfig(shards=raw, vae=vae, output=str(root / "tokens"), workers=0))
     (root / "captions.txt").write_text("".join(f"a {c} square number {i}\n" for i in range(30)
                                                for c in ("red", "blue")))
     tok = CaptionTokenizer.fit(open(root / "captions.txt").read().splitlines(), str(root / "tok"), vocab_size=40,

@@ -45,7 +45,7 @@ def encoded(tmp_path_factory):
     save_model(AugVAE(PRESETS["debug-sl"]), vae)
     for crops in (0, K):
         run_encode(EncodeConfig(shards=str(root / "raw"), vae=vae, output=str(root / f"tokens{crops}"),
-                                batch_size=BATCH, crops=crops))
+                                batch_size=BATCH, crops=crops, workers=0))
     captions = [s["txt"].decode() for n in range(SHARDS) for s in iter_samples(str(root / "raw" / f"{n:05d}.tar"))]
     CaptionTokenizer.fit(captions * 4, str(root / "tok"), vocab_size=64, offset=512)
     return {"root": str(root), "raw": str(root / "raw"), "vae": vae, "tokens0": str(root / "tokens0"),
@@ -170,7 +170,8 @@ def test_a_folder_of_another_crop_count_is_refused(encoded):
     """A rerun with another --crops would leave a folder of two kinds of shards (the index holds one)."""
     with pytest.raises(InputError, match=r"encoded with --crops 0, this run asks for --crops 2: finish the folder "
                                          r"with --crops 0, or encode into a new --output folder"):
-        run_encode(EncodeConfig(shards=encoded["raw"], vae=encoded["vae"], output=encoded["tokens0"], crops=K))
+        run_encode(EncodeConfig(shards=encoded["raw"], vae=encoded["vae"], output=encoded["tokens0"], crops=K,
+                                workers=0))
 
 
 # --- the index --------------------------------------------------------------------------------

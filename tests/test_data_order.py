@@ -88,7 +88,7 @@ def test_a_stale_index_is_refused_until_it_is_rebuilt(tokens, data, capsys, tmp_
     vae_hash, named = file_sha256(data["vae"]), shards_of(tokens)
     ensure_index(named, vae_hash)  # none there: built
     os.remove(os.path.join(tokens, "00001_stats.json"))  # shard 1 encoded again
-    run_encode(EncodeConfig(shards=os.path.join(data["raw"], "00001.tar"), vae=data["vae"], output=tokens))
+    run_encode(EncodeConfig(shards=os.path.join(data["raw"], "00001.tar"), vae=data["vae"], output=tokens, workers=0))
     with pytest.raises(InputError, match=r"no longer matches the shards: 00001.* `lverse index --tokens "):
         ensure_index(named, vae_hash)  # training builds only a missing index; a stale one is refused
     assert main(["index", "--tokens", tokens, "--quiet"]) == 0

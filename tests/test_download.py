@@ -120,7 +120,7 @@ def test_a_server_busy_for_a_moment_loses_no_image(tmp_path):
     with SyntheticServer(SyntheticSet(seed=2, train=4, heldout=1, image_size=64), stall_seconds=3) as server:
         tsv = server.write_tsv(str(tmp_path / "in"), bad_urls=False)["train"]
         summary = run_download(DownloadConfig(input=tsv, output=str(tmp_path / "out"), samples_per_shard=4,
-                                              image_size=64, timeout=1, image_retries=1))
+                                              image_size=64, timeout=1, image_retries=1, workers=0))
         assert server.requests == {f"/img/train/{i}.jpg": 2 for i in range(4)}
     assert summary["written"] == 4 and summary["images_failed_by_reason"] == {}
     assert len(read_shards(tmp_path / "out")) == 4
@@ -139,7 +139,7 @@ def test_a_shard_that_keeps_failing_raises_after_the_summary(server, tmp_path):
     from lverse.runtime.executors import StageFailed
     tsv = tmp_path / "in.tsv"
     tsv.write_text("".join(f"{server.data.sample('train', i)[1]}\t{server.url}/img/train/{i}.jpg\n" for i in range(4)))
-    cfg = config(str(tsv), tmp_path / "out", retries=0)
+    cfg = config(str(tsv), tmp_path / "out", retries=0, workers=0)
     plan(cfg)
     os.remove(tmp_path / "out" / "_chunks" / "00000.parquet")  # the chunk's rows are gone
     with pytest.raises(StageFailed, match="1 shards failed"):

@@ -87,7 +87,7 @@ def test_token_shards_hold_the_models_codes(tmp_path, vae_path):
     # A rerun skips what is done and leaves it untouched.
     mtime = os.path.getmtime(os.path.join(out, "00000.tar"))
     os.remove(os.path.join(raw, "00003.tar"))
-    summary = run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out))
+    summary = run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out, workers=0))
     assert summary["skipped"] == 3 and summary["done"] == 0
     assert os.path.getmtime(os.path.join(out, "00000.tar")) == mtime
 
@@ -95,23 +95,23 @@ def test_token_shards_hold_the_models_codes(tmp_path, vae_path):
 def test_a_folder_of_another_vae_is_refused(tmp_path, vae_path):
     raw = raw_shards(str(tmp_path / "raw"), count=1, n=2)
     out = str(tmp_path / "tok")
-    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out))
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out, workers=0))
     other = str(tmp_path / "other.safetensors")
     torch.manual_seed(1)  # other weights (the same weights would be the same checkpoint hash)
     save_model(AugVAE(PRESETS["debug-sl"]), other)
     with pytest.raises(ValueError, match="another AugVAE"):
-        run_encode(EncodeConfig(shards=raw, vae=other, output=out))
+        run_encode(EncodeConfig(shards=raw, vae=other, output=out, workers=0))
     with open(os.path.join(raw, "00000_stats.json"), "w") as f:  # as img2dataset leaves beside its shards
         json.dump({"count": 2, "successes": 2}, f)
     with pytest.raises(ValueError, match="did not write"):
-        run_encode(EncodeConfig(shards=raw, vae=vae_path, output=raw))
+        run_encode(EncodeConfig(shards=raw, vae=vae_path, output=raw, workers=0))
 
 
 @pytest.mark.slow
 def test_killed_then_resumed_equals_uninterrupted(tmp_path, vae_path):
     raw = raw_shards(str(tmp_path / "raw"), count=4, n=60)
     whole = str(tmp_path / "whole")
-    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=whole, batch_size=4))
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=whole, batch_size=4, workers=0))
 
     out = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "lverse.cli", "encode", "--shards", raw, "--vae", vae_path, "--output", out,
@@ -135,7 +135,7 @@ def test_killed_then_resumed_equals_uninterrupted(tmp_path, vae_path):
 @pytest.mark.slow
 def test_ray_actors_write_the_same_shards(tmp_path, vae_path):
     raw = raw_shards(str(tmp_path / "raw"), count=2, n=6)
-    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(tmp_path / "local")))
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(tmp_path / "local"), workers=0))
     try:
         summary = run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(tmp_path / "ray"), executor="ray"))
     finally:
@@ -173,7 +173,7 @@ def test_bad_members_are_skipped_and_counted_and_dot_slash_names_read(tmp_path, 
         info = tarfile.TarInfo("./README")
         info.size = 2
         out.addfile(info, io.BytesIO(b"hi"))
-    summary = run_encode(EncodeConfig(shards=str(raw), vae=vae_path, output=str(tmp_path / "tokens")))
+    summary = run_encode(EncodeConfig(shards=str(raw), vae=vae_path, output=str(tmp_path / "tokens"), workers=0))
     assert (summary["samples"], summary["bad_json_samples"], summary["members_without_extension"]) == (4, 2, 1)
     samples = token_samples(str(tmp_path / "tokens" / "00000.tar"))
     assert sorted(samples) == [f"00000{i:04d}" for i in range(4)]
@@ -185,7 +185,7 @@ def test_a_shard_without_one_usable_sample_is_not_marked_done(tmp_path, vae_path
     raw = raw_shards(str(tmp_path / "raw"), count=1, n=3, corrupt={0: (0, 1, 2)})
     out = tmp_path / "tokens"
     with pytest.raises(StageFailed, match="no usable sample"):
-        run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(out), retries=0))
+        run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(out), retries=0, workers=0))
     assert not (out / "00000_stats.json").exists() and not (out / "00000.tar").exists()
 
 

@@ -31,7 +31,7 @@ def test_report_renders_in_chromium_with_every_image_loaded(data, biart, tmp_pat
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle at the top\n<script>alert(1)</script> a blue square\n")
     run_generate(GenerateConfig(prompts=str(prompts), checkpoint=biart, vae=data["vae"], tokenizer=data["tokenizer"],
-                                output=str(run / "generations"), candidates=2, clip="lverse-tiny"))
+                                output=str(run / "generations"), candidates=2, clip="lverse-tiny", workers=0))
     (run / "train").mkdir()
     (run / "train" / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "t2i/gen" if s % 2 else "i2t/gen": 6.0 - s * 0.1}) + "\n" for s in range(1, 21)))

@@ -4,6 +4,8 @@ binds GPUs (tests/test_multinode.py checks the same rule under SLURM's own bindi
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lverse.core.errors import InputError
@@ -35,8 +37,6 @@ def test_ranks_on_a_node_are_counted_from_each_launcher():
 
 
 def report_threads(item):
-    import os
-
     import torch
     threads = {"torch": torch.get_num_threads(), "omp": os.environ["OMP_NUM_THREADS"]}
     return TaskResult(str(item), ok=True, stats=threads)
@@ -49,6 +49,29 @@ def test_local_workers_run_with_their_share(monkeypatch):
     assert [r.stats for r in results] == [{"torch": 2, "omp": "2"}] * 2
     results = run_tasks(report_threads, [0, 1], ["a", "b"], workers=2, retries=0, threads=1)
     assert [r.stats for r in results] == [{"torch": 1, "omp": "1"}] * 2
+
+
+def report_process(item):
+    return TaskResult(str(item), ok=True, stats={"pid": os.getpid(), "threads": torch_threads()})
+
+
+def torch_threads():
+    import torch
+    return torch.get_num_threads()
+
+
+def test_zero_workers_run_the_items_in_this_process_with_its_threads_and_retry_there():
+    """``workers=0``: no process is started, the driver's threads are left as they are, and a
+    failed item is retried in the process too."""
+    results = run_tasks(report_process, [0, 1, 2], ["a", "b", "c"], workers=0, retries=0)
+    assert [r.stats for r in results] == [{"pid": os.getpid(), "threads": torch_threads()}] * 3
+    tries = []
+
+    def fails_once(item):
+        tries.append(item)
+        return TaskResult(str(item), ok=len(tries) > 1, reason="first try")
+    results = run_tasks(fails_once, [7], ["x"], workers=0, retries=1)
+    assert results[0].ok and tries == [7, 7]
 
 
 # What the rule sees: SLURM's or a launcher's variables, and the number of devices CUDA shows.

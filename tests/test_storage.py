@@ -160,7 +160,7 @@ def test_generate_writes_to_s3_what_it_writes_to_disk_and_resumes(s3, data, biar
     runs = {"local": str(tmp_path / "gen"), "s3": "s3://lverse/gen/out"}
     for out in runs.values():
         cfg = GenerateConfig(prompts="s3://lverse/gen/prompts.txt", checkpoint=biart, vae=data["vae"],
-                             tokenizer=data["tokenizer"], output=out, candidates=2, clip="lverse-tiny")
+                             tokenizer=data["tokenizer"], output=out, candidates=2, clip="lverse-tiny", workers=0)
         assert run_generate(cfg)["generated"] == 2
     found = outputs(runs["s3"])
     assert found == outputs(runs["local"]) and "00001/result.json" in found and "00000/candidates/01.png" in found
