@@ -75,6 +75,7 @@ class DownloadConfig(Execution):
     retries: int = 2  # times a failed chunk is tried again
 
     def __post_init__(self):
+        super().__post_init__()
         if self.input_format not in FORMATS:
             raise InputError(f"input_format must be one of {FORMATS}, got {self.input_format!r}")
         if self.resize_mode not in RESIZE_MODES:

@@ -77,6 +77,7 @@ class EncodeConfig(ModelExecution):
     crops: int = 0  # random crops (0.75 of the shorter side) encoded per image beside the centre crop
 
     def __post_init__(self):
+        super().__post_init__()
         if not 0 <= self.crops <= MAX_CROPS:
             raise InputError(f"crops must be between 0 and {MAX_CROPS} (random crops encoded per image; each costs a "
                              f"forward pass an image and 2 bytes x num_tokens a sample in the index), got {self.crops}")

@@ -45,6 +45,11 @@ class Execution:
     task_index: int | None = None  # as SLURM array task i of num_tasks: only its block of items
     num_tasks: int = 1  # the number of array tasks
 
+    def __post_init__(self):
+        if self.workers is not None and (self.workers < 0 or self.workers == 0 and self.executor != "local"):
+            raise InputError(f"workers {self.workers}: give at least 1, or 0 to run the items in this process (on "
+                             f"the local executor only)")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelExecution(Execution):
@@ -84,9 +89,6 @@ def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequen
         summary_path = os.path.join(output, f"_summary.task{run.task_index:05d}.json")
         log.info("array task %d of %d: %s", run.task_index, run.num_tasks, list(names))
     kwargs, workers = {}, run.workers
-    if workers is not None and workers < 0 or workers == 0 and run.executor != "local":
-        raise InputError(f"workers {workers}: give at least 1, or 0 to run the items in this process (on the "
-                         f"local executor only)")
     if run.executor == "ray":
         check_shared(run.ray_address, output)
     if isinstance(run, ModelExecution) and run.executor == "ray":

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from lverse.core.errors import InputError
 from lverse.core.images import preprocess
 from lverse.core.shards import file_sha256, iter_samples
 from lverse.model import AugVAE, save_model
@@ -199,3 +200,14 @@ def test_a_ray_address_that_does_not_answer_is_an_error_naming_it(tmp_path, vae_
                           "--ray-address", address], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and f"the Ray cluster at {address} does not answer" in out.stderr, out.stderr[-2000:]
     assert time.time() - began < 60 and not os.path.exists(tmp_path / "tok" / "00000.tar")
+
+
+def test_workers_0_is_for_the_local_executor_and_below_0_is_refused(tmp_path, vae_path, capsys):
+    from lverse.cli import main
+    raw = raw_shards(str(tmp_path / "raw"), count=1, n=2)
+    with pytest.raises(InputError, match="workers 0: give at least 1, or 0 to run the items in this process"):
+        run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(tmp_path / "tok"), executor="ray", workers=0))
+    assert not os.path.exists(tmp_path / "tok")
+    with pytest.raises(SystemExit):
+        main(["encode", "--shards", raw, "--vae", vae_path, "--output", str(tmp_path / "tok"), "--workers", "-1"])
+    assert "-1 must be 0 or more" in capsys.readouterr().err
