@@ -72,10 +72,10 @@ def test_download_counts_and_keeps_every_good_image(server, tsv, tmp_path):
     # A rerun fetches nothing; a shard whose done marker is gone is fetched again, alone.
     before = dict(server.requests)
     mtimes = {p: os.path.getmtime(out / p) for p in os.listdir(out) if p.endswith(".tar")}
-    assert run_download(config(tsv, out))["written"] == 13
+    assert run_download(config(tsv, out, workers=0))["written"] == 13
     assert server.requests == before
     os.remove(out / "00001_stats.json")
-    assert run_download(config(tsv, out))["written"] == 13
+    assert run_download(config(tsv, out, workers=0))["written"] == 13
     assert sum(server.requests.values()) - sum(before.values()) == 6
     assert os.path.getmtime(out / "00000.tar") == mtimes["00000.tar"]
     assert read_shards(out).keys() == samples.keys()
@@ -86,7 +86,7 @@ def test_cc12m_layout_parquet_input_and_ray(server, tmp_path):
     lines = [f"{server.url}/img/train/{i}.jpg\t{server.data.sample('train', i)[1]}" for i in range(4)]
     cc12m = tmp_path / "cc12m.tsv"
     cc12m.write_text("\n".join(lines) + "\n")
-    assert run_download(config(str(cc12m), tmp_path / "a"))["written"] == 4
+    assert run_download(config(str(cc12m), tmp_path / "a", workers=0))["written"] == 4
 
     table = pa.table({"image_url": [f"{server.url}/img/train/{i}.jpg" for i in range(3)],
                       "alt": [server.data.sample("train", i)[1] for i in range(3)]})
@@ -99,7 +99,7 @@ def test_cc12m_layout_parquet_input_and_ray(server, tmp_path):
         import ray
         ray.shutdown()
     with pytest.raises(ValueError, match="no column"):
-        run_download(config(str(tmp_path / "in.parquet"), tmp_path / "c"))
+        run_download(config(str(tmp_path / "in.parquet"), tmp_path / "c", workers=0))
 
 
 @pytest.mark.slow

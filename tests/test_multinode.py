@@ -269,7 +269,7 @@ def test_download_and_encode_arrays_spread_over_nodes_and_write_what_one_node_wr
     tokens = sorted(glob.glob(str(tmp_path / "run" / "tokens" / "*.tar")))
     assert len(images) == len(tokens) == 6
     run_encode(EncodeConfig(shards=str(tmp_path / "run" / "shards"), vae=str(tmp_path / "vae.safetensors"),
-                            output=str(tmp_path / "one_node"), batch_size=4))
+                            output=str(tmp_path / "one_node"), batch_size=4, workers=0))
     for path in tokens:
         with open(path, "rb") as a, open(tmp_path / "one_node" / os.path.basename(path), "rb") as b:
             assert a.read() == b.read(), path

@@ -128,9 +128,10 @@ def test_ray_up_with_workers_runs_the_pipeline_across_nodes_and_ray_down_ends_it
         assert len(set(summary["shard_nodes"].values())) >= 2, (stage, summary["shard_nodes"])
     summary = json.loads((tmp_path / "captions" / "_summary.json").read_text())
     assert len(set(summary["shard_nodes"].values())) >= 2, summary["shard_nodes"]
-    # one node, one process: the same bytes
-    run_encode(EncodeConfig(shards=str(run / "shards"), vae=vae, output=str(tmp_path / "tokens1"), batch_size=4))
-    run_caption(CaptionConfig(**caption, output=str(tmp_path / "captions1")))
+    # one process: the same bytes
+    run_encode(EncodeConfig(shards=str(run / "shards"), vae=vae, output=str(tmp_path / "tokens1"), batch_size=4,
+                            workers=0))
+    run_caption(CaptionConfig(**caption, output=str(tmp_path / "captions1"), workers=0))
     for mine, one in (("tokens", "tokens1"), ("captions", "captions1")):
         names = sorted(p.name for p in (tmp_path / one).iterdir() if p.suffix in (".tar", ".parquet"))
         assert names and names == sorted(p.name for p in (run / mine if mine == "tokens" else tmp_path / mine)
@@ -181,12 +182,13 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
     vae = str(tmp_path / "vae.safetensors")
     torch.manual_seed(0)
     save_model(AugVAE(PRESETS["debug-sl"]), vae)
-    run_encode(EncodeConfig(shards=raw, vae=vae, output=str(tmp_path / "reference"), batch_size=4))
+    run_encode(EncodeConfig(shards=raw, vae=vae, output=str(tmp_path / "reference"), batch_size=4, workers=0))
     tokenizer = fit_tokenizer_on_shards(str(tmp_path / "reference"), str(tmp_path / "tok"),
                                         TokenizerStage(vocab_size=60))["model"]
     biart = debug_biart(tokenizer, str(tmp_path / "biart.safetensors"))
     run_caption(CaptionConfig(shards=str(tmp_path / "reference"), checkpoint=biart, vae=vae, tokenizer=tokenizer,
-                              candidates=2, max_tokens=4, clip="lverse-tiny", output=str(tmp_path / "captions1")))
+                              candidates=2, max_tokens=4, clip="lverse-tiny", output=str(tmp_path / "captions1"),
+                              workers=0))
     nodes = Nodes(str(tmp_path / "net"), 3).start()
     ray = RayNodes(nodes, str(tmp_path / "ray"))
     encode = [os.path.join(VENV_BIN, "lverse"), "encode", "--shards", raw, "--vae", vae, "--batch-size", "4",
