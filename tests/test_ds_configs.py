@@ -64,8 +64,7 @@ def trained(data, tmp_path_factory):
         if name not in runs:
             root = tmp_path_factory.mktemp(name)
             cfg = train_config(root / "run.yaml", data, root / "run", steps=STEPS, checkpoint_every=STEPS,
-                               export=name in EXPORTED, tensorboard=False,
-                               peak_flops=1e12)  # no 1 s FLOP/s probe per rank
+                               export=name in EXPORTED, tensorboard=False)
             _no_loader_workers(cfg)
             log = run_job(2, "train", "--config", cfg, "--deepspeed", PATHS[name])
             runs[name] = (metrics(root / "run"), log, root / "run")
