@@ -44,8 +44,9 @@ def test_shipped_cluster_configs_pass_rays_validation():
 def test_ray_up_with_workers_runs_the_pipeline_across_nodes_and_ray_down_ends_it(tmp_path):
     """The shipped config with only addresses, user and key substituted brings up a head and two
     workers (three nodes of tests/cluster.py, each reached over its own sshd); `ray exec` runs the
-    data pipeline and caption on it; the work spreads over the nodes, the outputs equal a local
-    run's byte for byte, and after `ray down` no Ray process is left on any node."""
+    data pipeline (download -> tokenizer -> encode, each stage once: run again, nothing runs) and
+    caption on it; the work spreads over the nodes, the outputs equal a local run's byte for byte,
+    and after `ray down` no Ray process is left on any node."""
     for tool in ("/usr/sbin/sshd", "ssh", "rsync", "ssh-keygen"):
         if not shutil.which(tool):
             message = f"{tool} is not installed (make test installs openssh-server, rsync)"
@@ -102,6 +103,9 @@ def test_ray_up_with_workers_runs_the_pipeline_across_nodes_and_ray_down_ends_it
                 "download": {"input": tsv, "samples_per_shard": 4, "image_size": 64},
                 "encode": {"vae": vae, "batch_size": 4}}))
             ray_cli("exec", str(cluster), f"{VENV_BIN}/lverse pipeline run {pipeline} --ray-address auto", timeout=600)
+            requests, tokens = sum(srv.requests.values()), {p: p.stat().st_mtime_ns for p in run.glob("tokens/*")}
+            ray_cli("exec", str(cluster), f"{VENV_BIN}/lverse pipeline run {pipeline} --ray-address auto", timeout=300)
+            rerun = (sum(srv.requests.values()) - requests, {p: p.stat().st_mtime_ns for p in run.glob("tokens/*")})
         biart = debug_biart(str(run / "tokenizer.model"), str(tmp_path / "biart.safetensors"))
         caption = dict(shards=str(run / "tokens"), checkpoint=biart, vae=vae, tokenizer=str(run / "tokenizer.model"),
                        candidates=2, max_tokens=4, clip="lverse-tiny")
@@ -123,6 +127,12 @@ def test_ray_up_with_workers_runs_the_pipeline_across_nodes_and_ray_down_ends_it
         print(" ".join(f"{k}={v:.1f}" for k, v in figures.items()))
     assert down.returncode == 0, down.stdout[-3000:]
     assert not any(left.values()), left
+    assert sorted(os.listdir(run / "_done")) == ["download.json", "encode.json", "tokenizer.json"]
+    assert json.loads((run / "_done" / "download.json").read_text())["written"] == 24
+    assert (run / "tokenizer.model").is_file() and (run / "config.yaml").is_file()
+    assert sorted(p.name for p in run.glob("tokens/*.tar")) == [f"{s:05d}.tar" for s in range(6)]
+    assert json.loads((run / "tokens" / "_summary.json").read_text())["samples"] == 24
+    assert rerun == (0, tokens), "the second run of the pipeline ran a stage again"
     for stage in ("shards", "tokens"):
         summary = json.loads((run / stage / "_summary.json").read_text())
         assert len(set(summary["shard_nodes"].values())) >= 2, (stage, summary["shard_nodes"])
