@@ -426,14 +426,29 @@ class _Payload:
         return open, (self.marker, "w")
 
 
+@pytest.fixture(scope="module")
+def one_step_run(data, tmp_path_factory):
+    """A 1-step run of ``train_config`` (its checkpoint and exported model), which tests copy to
+    their own folder (``copy_of``) before they resume, tamper with or export it."""
+    root = tmp_path_factory.mktemp("one_step")
+    cfg = train_config(root / "run.yaml", data, root / "run", steps=1)
+    subprocess.run([sys.executable, "-m", "lverse.cli", "train", "--config", cfg], check=True, capture_output=True,
+                   timeout=300)
+    return root / "run"
+
+
+def copy_of(run, tmp_path):
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("member", ["mp_rank_00_model_states.pt", "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"])
-def test_a_tampered_run_folder_runs_no_code_on_resume_or_export(member, data, tmp_path):
+def test_a_tampered_run_folder_runs_no_code_on_resume_or_export(member, data, one_step_run, tmp_path):
     """DeepSpeed loads its files with full pickle; lverse makes those loads weights-only (with
     DeepSpeed's few classes allowed), so a pickled call in a run folder is refused, not run."""
-    cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=1, export=False)
+    cfg = train_config(tmp_path / "run.yaml", data, copy_of(one_step_run, tmp_path), steps=1)
     lverse = [sys.executable, "-m", "lverse.cli"]
-    subprocess.run([*lverse, "train", "--config", cfg], check=True, capture_output=True, timeout=300)
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     # the untampered folder exports: DeepSpeed's own classes in it are allowed
     subprocess.run([*lverse, "export", str(tmp_path / "run"), "--output", str(tmp_path / "good.safetensors")],
@@ -454,14 +469,13 @@ def test_a_tampered_run_folder_runs_no_code_on_resume_or_export(member, data, tm
 
 
 @pytest.mark.slow
-def test_a_run_records_its_augvae_and_tokenizer_and_resumes_only_with_them(data, tmp_path):
+def test_a_run_records_its_augvae_and_tokenizer_and_resumes_only_with_them(data, one_step_run, tmp_path):
     """Checkpoints and the exported model record both files' sha256; resuming with a tokenizer of
     the same size but another file is refused (ignore_provenance: true goes on), as is resuming
     with another model config, the field named."""
     from lverse.model.checkpoint import provenance_of, read_provenance
-    cfg = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=1)
+    copy_of(one_step_run, tmp_path)
     lverse = [sys.executable, "-m", "lverse.cli"]
-    subprocess.run([*lverse, "train", "--config", cfg], check=True, capture_output=True, timeout=300)
     recorded = provenance_of(data["vae"], data["tokenizer"])
     assert read_provenance(str(tmp_path / "run" / "biart.safetensors")) == recorded
     wider = {"preset": "debug", "overrides": {"text_len": 24, "n_layer": 3}}
