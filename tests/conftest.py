@@ -48,8 +48,8 @@ def pytest_itemcollected(item):
 
 
 # The modules whose tests ran longest in the last measured suite (2 cores, 2026-12-07), longest first.
-LONGEST_FIRST = ("test_ray_cluster", "test_multinode", "test_storage", "test_demo", "test_download", "test_slurm",
-                 "test_train", "test_stop", "test_caption", "test_schedule")
+LONGEST_FIRST = ("test_ray_cluster", "test_demo", "test_multinode", "test_slurm", "test_train", "test_storage",
+                 "test_stop", "test_data_order", "test_encode", "test_caption", "test_schedule", "test_download")
 
 
 def pytest_collection_modifyitems(items):
