@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import inspect
 import json
 import logging
@@ -388,8 +389,10 @@ def _train(args: argparse.Namespace) -> None:
     exit 0; a second signal meanwhile does not interrupt the checkpoint.
     """
     from lverse.pipeline.train import TrainConfig, train
+    from lverse.runtime.trainer import end_process
     train(load_config(args.config, TrainConfig, {"deepspeed": args.deepspeed, "run_dir": args.run_dir,
                                                  "steps": args.steps}))
+    end_process()
 
 
 def _train_vae_options(p: argparse.ArgumentParser) -> None:
@@ -407,7 +410,9 @@ def _train_vae(args: argparse.Namespace) -> None:
     from its newest checkpoint.
     """
     from lverse.pipeline.train_vae import VAETrainConfig, train_vae
+    from lverse.runtime.trainer import end_process
     train_vae(load_config(args.config, VAETrainConfig, {"run_dir": args.run_dir}))
+    end_process()
 
 
 @command("train-clip", lambda p: _options(p, ClipTrainConfig))
@@ -648,6 +653,8 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if not faulthandler.is_enabled():  # a crash in native code (or an abort) prints every thread's stack
+        faulthandler.enable()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

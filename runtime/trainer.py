@@ -84,6 +84,15 @@ def start_process(master_port: int | None = None) -> Process:
     return Process(dist.get_rank(), dist.get_world_size(), info.local_rank, device)
 
 
+def end_process() -> None:
+    """Leave the process group, after the run ended (done or stopped). Left to the interpreter's
+    exit, the group and its backend's threads are torn down among the static destructors, which is
+    where a rank of a finished run was seen to abort ("terminate called without an active
+    exception", a rank of 2 on gloo); PyTorch asks for this call before a process exits."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shared_devices(devices: Sequence[tuple[str, str]]) -> list[str]:
     """Which ranks share a GPU, from every rank's (host, device UUID) in rank order."""
     first, shared = {}, []
