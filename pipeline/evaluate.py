@@ -66,7 +66,8 @@ def load_predictions(path: str) -> dict[str, str]:
                 if column == "caption":
                     log.warning("%s has no caption_whole column (an older lverse caption): the untruncated "
                                 "metrics score the truncated captions", f)
-                table = parquet.read(columns=["key", column]).to_pydict()
+                # no Arrow threads on a Python file object (download.py image_totals says why)
+                table = parquet.read(columns=["key", column], use_threads=False).to_pydict()
             preds.update({k: c for k, c in zip(table["key"], table[column]) if c is not None})
         if not preds:
             raise InputError(f"{path} holds no captions (*.parquet of `lverse caption`)")
