@@ -37,14 +37,15 @@ from lverse.pipeline.train_clip import ClipTrainConfig
 from lverse.preprocessing.coco import CocoConfig
 from lverse.run import TokenizerStage
 from lverse.runtime.executors import StageFailed
-from lverse.runtime.stage import Execution
 from lverse.slurm.render import STAGES, SubmitOptions
 
 log = logging.getLogger("lverse")
 
 # Integer options that count something: the command line refuses 0 and negatives as it parses them.
+# Not --workers: a shard stage takes 0 (its items in the command's process), so each config checks
+# its own (Execution, CocoConfig).
 COUNTS = frozenset({
-    "vocab_size", "max_sentences", "image_size", "samples_per_shard", "download_threads", "workers", "threads",
+    "vocab_size", "max_sentences", "image_size", "samples_per_shard", "download_threads", "threads",
     "num_tasks", "batch_size", "decode_threads", "decode_batch", "candidates", "max_tokens", "top_k", "steps",
     "train", "heldout", "prompts", "vae_ml_steps", "vae_sl_steps", "biart_steps", "clip_steps",
     "caption_candidates", "image_candidates", "nodes", "ntasks_per_node", "cpus_per_task"})
@@ -79,21 +80,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def _not_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or more")
-    return value
-
-
 def _options(p: argparse.ArgumentParser, cls: type, files: tuple[str, ...] = (), **kwargs) -> None:
     """The options of config dataclass ``cls``, with the command line's own checks: ``files``
-    must exist, counts be positive (a shard stage's ``--workers`` may be 0: in this process)."""
+    must exist, counts be positive."""
     names = {f.name for f in dataclasses.fields(cls)}
-    types = {n: _positive for n in COUNTS & names} | {n: _existing_file for n in files}
-    if issubclass(cls, Execution):
-        types["workers"] = _not_negative
-    add_options(p, cls, types=types, **kwargs)
+    add_options(p, cls, types={n: _positive for n in COUNTS & names} | {n: _existing_file for n in files}, **kwargs)
 
 
 def _check_execution(cfg) -> None:

@@ -202,12 +202,15 @@ def test_a_ray_address_that_does_not_answer_is_an_error_naming_it(tmp_path, vae_
     assert time.time() - began < 60 and not os.path.exists(tmp_path / "tok" / "00000.tar")
 
 
-def test_workers_0_is_for_the_local_executor_and_below_0_is_refused(tmp_path, vae_path, capsys):
+def test_workers_0_is_for_the_local_executor_and_below_0_is_refused(tmp_path, vae_path, caplog):
     from lverse.cli import main
     raw = raw_shards(str(tmp_path / "raw"), count=1, n=2)
     with pytest.raises(InputError, match="workers 0: give at least 1, or 0 to run the items in this process"):
         run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(tmp_path / "tok"), executor="ray", workers=0))
-    assert not os.path.exists(tmp_path / "tok")
-    with pytest.raises(SystemExit):
-        main(["encode", "--shards", raw, "--vae", vae_path, "--output", str(tmp_path / "tok"), "--workers", "-1"])
-    assert "-1 must be 0 or more" in capsys.readouterr().err
+    assert main(["encode", "--shards", raw, "--vae", vae_path, "--output", str(tmp_path / "tok"), "--workers",
+                 "-1"]) == 2
+    assert "workers -1: give at least 1, or 0 to run the items in this process" in caplog.text
+    assert main(["coco", "--karpathy", raw + "/00000.tar", "--images", raw, "--output", str(tmp_path / "coco"),
+                 "--workers", "0"]) == 2
+    assert "workers must be at least 1" in caplog.text
+    assert not os.path.exists(tmp_path / "tok") and not os.path.exists(tmp_path / "coco")
