@@ -174,6 +174,23 @@ def local_copy(path: str) -> Iterator[str]:
         os.remove(tmp)
 
 
+def read_parquet(path: str, columns: list[str] | None = None):
+    """The pyarrow Table in the parquet file ``path`` (local or object store), read whole in this
+    thread. Every parquet lverse reads goes through here, for this reason:
+
+    Arrow given a Python file object reads it on its own I/O threads into buffers owned by Python,
+    and may let go of the last of them there after the read has returned. When that happens while
+    the interpreter exits, the thread must take the GIL, Python ends it (pthread_exit), and the
+    process aborts after its work is done: "terminate called without an active exception", exit
+    134 (seen: a SLURM download array task FAILED with its summary written, a native backtrace
+    showing ~PyBuffer in an Arrow thread during Py_FinalizeEx; 1 task in 6 to 20 on a busy machine).
+    So Arrow gets a local path, a file of its own (an object is copied to a local file first), and
+    reads it without pre-buffering or threads: no read outlives the call."""
+    import pyarrow.parquet as pq
+    with local_copy(path) as local, pq.ParquetFile(local, pre_buffer=False) as parquet:
+        return parquet.read(columns=columns, use_threads=False)
+
+
 def check_output(folder: str) -> None:
     """Before any work: refuse an output URL that cannot be written (no credentials, no such
     bucket, no permission), by writing and removing one small object, so a run never fails at its

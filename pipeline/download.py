@@ -142,8 +142,7 @@ def _iter_tsv(path: str, layout: str) -> Iterator[tuple[str, str] | str]:
 
 def _iter_table(cfg: DownloadConfig, fmt: str) -> Iterator[tuple[str, str] | str]:
     import pyarrow.csv
-    import pyarrow.parquet
-    table = pyarrow.parquet.read_table(cfg.input) if fmt == "parquet" else pyarrow.csv.read_csv(cfg.input)
+    table = storage.read_parquet(cfg.input) if fmt == "parquet" else pyarrow.csv.read_csv(cfg.input)
     missing = [c for c in (cfg.url_col, cfg.caption_col) if c not in table.column_names]
     if missing:
         raise InputError(f"{cfg.input} has no column {missing}; its columns are {table.column_names} "
@@ -257,38 +256,41 @@ def download_chunk(chunk: Chunk) -> TaskResult:
         remove_stale_temporaries(os.path.join(chunk.output, name))
     os.makedirs(tmp)
     try:
-        with storage.local_copy(chunk.rows) as rows:
-            _fetch(chunk, rows, tmp)
+        _fetch(chunk, tmp)
         return _finish_chunk(chunk, tmp, done)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fetch(chunk: Chunk, rows: str, tmp: str) -> None:
-    """img2dataset's reader and downloader on the parquet ``rows``, in this process: shard 00000
-    (tar, parquet, stats) in ``tmp``.
+def _fetch(chunk: Chunk, tmp: str) -> None:
+    """img2dataset's downloader on the chunk's rows, in this process: shard 00000 (tar, parquet,
+    stats) in ``tmp``.
 
     Why not `img2dataset.download()`: every call starts a logger process and a process pool (each
     importing torch, wandb and albumentations: about 16 CPU-seconds per chunk on a 2-core machine)
     to run what a chunk, already a task in a worker of its own, can run in place: the same
     threads, resizer, writer and stats. The price is that these classes are img2dataset's
-    internals: its version is pinned (constraints.txt) and tests/test_download.py runs them."""
-    import pyarrow.parquet as pq
+    internals: its version is pinned (constraints.txt) and tests/test_download.py runs them.
+
+    Its reader is left out: all it would do here is copy the rows into the Arrow file its
+    downloader reads, and it reads them through a Python file object (core/storage.py
+    ``read_parquet`` says why lverse never does)."""
+    import pyarrow as pa
     from img2dataset.downloader import Downloader
-    from img2dataset.reader import Reader
     from img2dataset.resizer import Resizer
     from img2dataset.writer import WebDatasetSampleWriter
-    count = pq.ParquetFile(rows).metadata.num_rows
-    os.makedirs(os.path.join(tmp, "_tmp"))  # where the reader writes the rows for the downloader
-    reader = Reader(rows, "parquet", "url", "caption", None, None, None, count, set(), os.path.join(tmp, "_tmp"))
+    columns = ["caption", "url"]  # what img2dataset's reader hands its downloader for such input
+    table = storage.read_parquet(chunk.rows, columns)
+    rows = os.path.join(tmp, "rows.arrow")
+    with pa.OSFile(rows, "wb") as f, pa.ipc.new_file(f, table.schema) as writer:
+        writer.write_table(table)
     resizer = Resizer(image_size=chunk.image_size, resize_mode=chunk.resize_mode, resize_only_if_bigger=False)
     downloader = Downloader(
         WebDatasetSampleWriter, resizer, thread_count=chunk.threads, save_caption=True, extract_exif=True,
-        output_folder=tmp, column_list=reader.column_list, timeout=chunk.timeout, number_sample_per_shard=count,
+        output_folder=tmp, column_list=columns, timeout=chunk.timeout, number_sample_per_shard=table.num_rows,
         oom_shard_count=5, compute_hash="sha256", verify_hash_type=None, encode_format="jpg",
         retries=chunk.image_retries, user_agent_token=None, disallowed_header_directives=None)
-    for shard in reader:  # one: the chunk's rows
-        downloader.download_shard(shard)
+    downloader.download_shard((0, rows))  # shard 00000
 
 
 def _work_root(output: str) -> str:
@@ -304,12 +306,11 @@ def _work_root(output: str) -> str:
 
 def _finish_chunk(chunk: Chunk, tmp: str, done: str) -> TaskResult:
     """img2dataset's shard in ``tmp`` -> shard ``chunk.name`` of the output, its marker last."""
-    import pyarrow.parquet as pq
     produced = os.path.join(tmp, "00000_stats.json")
     if not os.path.exists(produced):
         return TaskResult(chunk.name, ok=False, reason="img2dataset finished without writing its stats")
     _rekey_tar(os.path.join(tmp, "00000.tar"), os.path.join(chunk.output, f"{chunk.name}.tar"), chunk.name)
-    table = pq.read_table(os.path.join(tmp, "00000.parquet"))
+    table = storage.read_parquet(os.path.join(tmp, "00000.parquet"))
     keys = [chunk.name + k[5:] for k in table.column("key").to_pylist()]
     # Rows in key order (img2dataset writes them as its threads finish): a rerun writes the same bytes.
     table = table.set_column(table.column_names.index("key"), "key", [keys]).sort_by("key")
@@ -365,19 +366,12 @@ def run_download(cfg: DownloadConfig) -> dict:
 
 def image_totals(output: str, info: dict, results: list[TaskResult], seconds: float) -> dict:
     """Lines and images of the shards in ``results``, from the input plan and each shard's parquet."""
-    import pyarrow.parquet as pq
     failed_by, written, attempted, fetched_now = Counter(), 0, 0, 0
     for r in results:
         path = os.path.join(output, f"{r.name}.parquet")
         if not r.ok or not storage.exists(path):
             continue
-        # Without Arrow's threads: reading a Python file object (what storage.open gives, local or
-        # S3) with them leaves work behind that runs into the interpreter's exit, and the process
-        # aborts after its work is done ("terminate called without an active exception": a SLURM
-        # array task FAILED with its summary written, 1 to 3 of 6 in a test run on a busy 2-core
-        # machine) or hangs there. A shard's parquet is small; threads would gain nothing.
-        with storage.open(path) as f:
-            table = pq.read_table(f, columns=["status", "error_message"], use_threads=False).to_pydict()
+        table = storage.read_parquet(path, ["status", "error_message"]).to_pydict()
         attempted += len(table["status"])
         for status, message in zip(table["status"], table["error_message"]):
             if status == "success":

@@ -55,19 +55,16 @@ def load_references(path: str) -> dict[str, list[str]]:
 def load_predictions(path: str) -> dict[str, str]:
     """COCO results json, or a folder of caption-stage parquet files (their whole captions)."""
     if storage.isdir(path):
-        import pyarrow.parquet as pq
         preds = {}
         for f in storage.glob(os.path.join(storage.escape(path), "*.parquet")):
             # the whole caption (truncated here for the truncated metrics); an older caption
             # stage's output has only the truncated one, so both ways score the same there
-            with storage.open(f) as raw:
-                parquet = pq.ParquetFile(raw)
-                column = "caption_whole" if "caption_whole" in parquet.schema_arrow.names else "caption"
-                if column == "caption":
-                    log.warning("%s has no caption_whole column (an older lverse caption): the untruncated "
-                                "metrics score the truncated captions", f)
-                # no Arrow threads on a Python file object (download.py image_totals says why)
-                table = parquet.read(columns=["key", column], use_threads=False).to_pydict()
+            table = storage.read_parquet(f)
+            column = "caption_whole" if "caption_whole" in table.column_names else "caption"
+            if column == "caption":
+                log.warning("%s has no caption_whole column (an older lverse caption): the untruncated "
+                            "metrics score the truncated captions", f)
+            table = table.select(["key", column]).to_pydict()
             preds.update({k: c for k, c in zip(table["key"], table[column]) if c is not None})
         if not preds:
             raise InputError(f"{path} holds no captions (*.parquet of `lverse caption`)")

@@ -28,6 +28,7 @@ import os
 import shutil
 from dataclasses import dataclass
 
+from lverse.core import storage
 from lverse.core.errors import InputError
 
 SKIP = ("report",)  # our own output is not input
@@ -234,8 +235,7 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
 
     caption_rows = []
     for path in _find(run_dir, "*.parquet"):
-        import pyarrow.parquet as pq
-        table = pq.read_table(path)
+        table = storage.read_parquet(path)
         if not {"key", "caption", "clip_score"} <= set(table.column_names):  # not `lverse caption` output
             continue
         caption_rows += [r for r in table.to_pylist() if r.get("caption")]
