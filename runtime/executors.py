@@ -22,7 +22,8 @@ output is written under a temporary name and renamed, nothing half-written is le
 would take for done (the rerun removes the temporaries). Local workers ignore SIGINT (the driver
 decides) and die with the driver however it dies, also by SIGKILL (Linux's parent-death signal);
 whatever a worker starts (a library's processes, a tool) dies with the worker (``_guard_group``). On Ray
-the driver cancels its tasks, kills its actors and shuts Ray down. While it does, a second Ctrl-C
+the driver kills its actors and leaves Ray (``ray.shutdown``), which ends the tasks of a driver that
+has gone. While it does, a second Ctrl-C
 (or SIGTERM) ends the driver at once (``_stopping``), its workers still dying with it.
 """
 
@@ -549,10 +550,11 @@ def _ray_runner(fn, address, num_cpus, threads):
                 except Exception as e:  # worker or node lost after Ray's own retry
                     result = TaskResult(name=name, ok=False, reason=f"Ray task lost: {type(e).__name__}: {e}")
                 yield i, result
-        except BaseException:  # interrupted: queued tasks cancelled, running ones' workers killed
+        except BaseException:  # interrupted: the driver leaves, and Ray ends its tasks, queued or running
+            # No ray.cancel first: Ray ends a job's tasks when its driver goes (as when the driver is
+            # SIGKILLed), and a forced cancel racing a task's finish crashed the driver inside Ray
+            # (a failed check in its TaskManager, exit 1 instead of 143; Ray 2.60, once in six suite runs).
             with _stopping():
-                for ref in waiting:
-                    ray.cancel(ref, force=True)
                 # Ray's shutdown (seconds), here, where another Ctrl-C ends the driver at once, rather
                 # than at the interpreter's exit, where another Ctrl-C would break off the shutdown
                 # and the interpreter then crash in Ray's threads (SIGSEGV, seen with Ray 2.60).
