@@ -262,7 +262,8 @@ def test_download_and_encode_arrays_spread_over_nodes_and_write_what_one_node_wr
             failed = [task for task, state in states.items() if state != "COMPLETED"]
             if failed or len(states) != 6:  # the failed tasks' own logs, whole (an assert's message is cut short)
                 codes = {task: fields.get("ExitCode") for task, fields in cluster.jobs(job).items() if task in failed}
-                pytest.fail(f"{stage}: {states}, exit codes {codes}\n{job_log(tmp_path / 'run' / 'slurm', failed)[-6000:]}", pytrace=False)
+                logs = job_log(tmp_path / "run" / "slurm", failed)[-6000:]
+                pytest.fail(f"{stage}: {states}, exit codes {codes}\n{logs}", pytrace=False)
             hosts[stage] = {fields["BatchHost"] for fields in cluster.jobs(job).values()}
     assert len(hosts["download"]) >= 2 and len(hosts["encode"]) >= 2, hosts
     # every encode task saw its two GPUs, and its workers would take one each
