@@ -47,8 +47,7 @@ import time
 
 import numpy as np
 import torch
-from encode import make_raw_shards
-from serving import PeakMemory, model_files, token_shard
+from common import PeakMemory, make_raw_shards, model_files, token_shard
 
 from lverse.core.resources import available_cores
 from lverse.model import AugVAE, save_model

@@ -31,17 +31,12 @@ import tempfile
 import time
 
 import torch
+from common import build_engine, deepspeed_config, micro_step, random_batches
 
 from lverse.model.biart import PRESETS, BiART, Direction
-from lverse.pipeline.train import TrainConfig, WriterEngine, load_ds_config, wrap
+from lverse.runtime.deepspeed import WriterEngine
 from lverse.runtime.distributed import setup_env
 from lverse.runtime.trainer import Checkpoints, FileWriter
-
-
-def step(engine, seq, direction) -> None:
-    _, loss = engine(seq[:, :-1], direction, targets=seq[:, 1:])
-    engine.backward(loss["loss"])
-    engine.step()
 
 
 class Trainer:
@@ -52,7 +47,7 @@ class Trainer:
 
     def interval(self, checkpoints: Checkpoints | None) -> None:
         for _ in range(self.every):
-            step(self.engine, self.batches[self.steps % len(self.batches)], Direction(self.steps % 2))
+            micro_step(self.engine, *self.batches[self.steps % len(self.batches)], Direction(self.steps % 2))
             self.steps += 1
             if checkpoints is not None:  # one rank: its own writer is all there is to agree on
                 checkpoints.settle(checkpoints.writing())
@@ -95,16 +90,11 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     device = torch.device("cuda" if cuda else "cpu")
-    cfg = TrainConfig(micro_batch_size=args.batch)
-    cfg.optim.fused = cuda
-    ds = load_ds_config(args.deepspeed, cfg, world_size=1)
     torch.manual_seed(0)
-    engine, _ = wrap(BiART(PRESETS[args.preset]), cfg, ds, 1e-4, device)
+    engine, _ = build_engine(BiART(PRESETS[args.preset]), deepspeed_config(args.deepspeed, args.batch), 1e-4, device,
+                             fused=cuda)
     engine.train()
-    g = torch.Generator().manual_seed(0)
-    seq_len, vocab = engine.module.cfg.seq_len, engine.module.cfg.image_vocab
-    trainer = Trainer(engine, [torch.randint(vocab, (args.batch, seq_len), generator=g).to(device)
-                               for _ in range(4)], args.every)
+    trainer = Trainer(engine, random_batches(engine.module.cfg, args.batch, 4, device), args.every)
     root = tempfile.mkdtemp(prefix="lverse-ckpt-", dir=args.dir)
     try:
         trainer.interval(None)  # warm-up

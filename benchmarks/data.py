@@ -52,19 +52,17 @@ from __future__ import annotations
 
 import argparse
 import glob
-import io
-import json
 import os
 import shutil
-import tarfile
 import tempfile
 import time
 
 import numpy as np
+from common import BPE_DROPOUT, IMAGE_LEN, IMAGE_VOCAB, TEXT_LEN, VAE, captions, make_token_shards, vocabulary
 
 from lverse.core.files import atomic_write_json, read_json
-from lverse.pipeline.encode import _add
-from lverse.preprocessing.text_tokenizer import VOCAB_SIZE, CaptionTokenizer
+from lverse.core.vocab import VOCAB_SIZE
+from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.runtime.data import (
     GlobalBatches,
     GlobalOrder,
@@ -76,74 +74,6 @@ from lverse.runtime.data import (
 )
 from lverse.runtime.token_index import FILES, build_index, index_path, open_samples
 from lverse.runtime.trainer import ignore_stop_signals
-
-IMAGE_LEN, IMAGE_VOCAB, TEXT_LEN, BPE_DROPOUT = 1024, 8192, 64, 0.1  # AugVAE-SL; BiART's text_len
-VAE = "0" * 64  # the AugVAE hash the shards' stats record (none is loaded)
-
-COMMON = ("a the of and in on with at for to from by an is are this that his her its their two three some over "
-          "under near during after before into one man woman person people city view street house tree trees "
-          "water sky building car dog cat girl boy family beach sea mountain road church river garden flowers table "
-          "room night sunset portrait illustration vector background image photo player team football game stage "
-          "actor artist fashion dress food kitchen wedding bride couple child children business office window door "
-          "snow winter summer forest lake bridge train station market crowd festival hand face hair beautiful old "
-          "young new white black red blue green large small little happy modern traditional famous wooden historic "
-          "empty colorful dark bright looking standing sitting walking holding wearing celebrity arrives "
-          "premiere attends event season front top side against stock concept").split()
-ONSETS = ("", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "cr",
-          "dr", "fl", "gr", "pl", "pr", "sh", "sl", "st", "str", "th", "tr", "ch", "sp", "bl", "cl")
-VOWELS = ("a", "e", "i", "o", "u", "ai", "ea", "ee", "ie", "oo", "ou", "y")
-CODAS = ("", "", "", "", "", "", "", "n", "r", "s", "t", "l", "m", "ng", "nd", "st", "ck", "rt", "ll", "ss", "ch", "x")
-
-
-def vocabulary(rng: np.random.Generator, size: int = 100_000) -> list[str]:
-    """The common words, then made-up words of 1-3 syllables, ``size`` in all, each once."""
-    words = list(dict.fromkeys(COMMON))
-    seen = set(words)
-    while len(words) < size:
-        syllables = rng.choice(3, p=[0.5, 0.4, 0.1]) + 1
-        word = "".join(ONSETS[rng.integers(len(ONSETS))] + VOWELS[rng.integers(len(VOWELS))]
-                       + CODAS[rng.integers(len(CODAS))] for _ in range(syllables))
-        if word not in seen:
-            seen.add(word)
-            words.append(word)
-    return words
-
-
-def captions(rng: np.random.Generator, words: list[str], n: int) -> list[str]:
-    """``n`` captions: lognormal lengths around 9.5 words, words drawn by Zipf's law (exponent 1.1)."""
-    p = np.arange(1, len(words) + 1, dtype=np.float64) ** -1.1
-    lengths = np.clip(np.rint(rng.lognormal(np.log(9.5), 0.4, n)), 3, 40).astype(int)
-    draws = rng.choice(len(words), size=int(lengths.sum()), p=p / p.sum())
-    out, at = [], 0
-    for length in lengths:
-        text = " ".join(words[i] for i in draws[at:at + length])
-        at += length
-        out.append(text[0].upper() + text[1:] if rng.random() < 0.3 else text)
-    return out
-
-
-def make_token_shards(folder: str, samples: int, per_shard: int, texts: list[str], seed: int = 0) -> list[str]:
-    """Token shards as ``lverse encode`` writes them (its tar writer, its stats file); returns their paths."""
-    os.makedirs(folder, exist_ok=True)
-    rng, paths = np.random.default_rng(seed), []
-    for s, first in enumerate(range(0, samples, per_shard)):
-        path = os.path.join(folder, f"{s:05d}.tar")
-        count = min(per_shard, samples - first)
-        codes = rng.integers(IMAGE_VOCAB, size=(count, IMAGE_LEN), dtype=np.uint16)
-        with tarfile.open(path, "w") as out:
-            for i in range(count):
-                key = f"{s:05d}{i:04d}"
-                buf = io.BytesIO()
-                np.save(buf, codes[i])
-                _add(out, f"{key}.codes.npy", buf.getvalue())
-                _add(out, f"{key}.txt", texts[first + i].encode())
-                _add(out, f"{key}.json", json.dumps({"key": key, "url": f"synthetic/{key}.jpg", "vae": VAE},
-                                                     sort_keys=True).encode())
-        atomic_write_json(os.path.join(folder, f"{s:05d}_stats.json"),
-                          {"samples": count, "corrupt": 0, "bad_json": 0, "no_extension": 0, "vae": VAE,
-                           "source": path, "seconds": 0.0, "node": "benchmark"})
-        paths.append(path)
-    return paths
 
 
 def prepare(folder: str, samples: int, per_shard: int, vocab: int) -> tuple[list[str], str]:

@@ -55,6 +55,7 @@ import time
 
 import numpy as np
 import torch
+from common import make_raw_shards
 
 from lverse.core.images import preprocess
 from lverse.core.resources import available_cores
@@ -62,29 +63,6 @@ from lverse.core.shards import iter_samples
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
 from lverse.pipeline.encode import MAX_CROPS, EncodeConfig, run_encode
-from lverse.preprocessing.synthetic import draw_sample
-
-
-def make_raw_shards(folder: str, shards: int, per_shard: int, size: int) -> list[str]:
-    """Raw shards as img2dataset writes them, ``size`` x ``size`` JPEGs; returns their paths."""
-    os.makedirs(folder, exist_ok=True)
-    paths = []
-    for s in range(shards):
-        rng = np.random.default_rng(s)
-        path = os.path.join(folder, f"{s:05d}.tar")
-        with tarfile.open(path, "w") as tar:
-            for i in range(per_shard):
-                key = f"{s:05d}{i:04d}"
-                image, caption = draw_sample(rng, size)
-                buf = io.BytesIO()
-                image.save(buf, format="JPEG", quality=95)
-                meta = json.dumps({"key": key, "url": f"http://example.com/{key}.jpg"}).encode()
-                for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", meta)):
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-        paths.append(path)
-    return paths
 
 
 def shard_batches(paths: list[str], size: int, batch_size: int) -> list[list[torch.Tensor]]:

@@ -24,8 +24,7 @@ import tempfile
 import time
 
 import numpy as np
-from data import captions, vocabulary
-from serving import PeakMemory, model_files
+from common import PeakMemory, captions, model_files, vocabulary
 
 from lverse.pipeline.generate import GenerateConfig, PromptGenerator
 

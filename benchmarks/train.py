@@ -11,8 +11,8 @@ warm-up steps) so that drift of the machine hits all alike:
     full        plain loop, the full-vocabulary head with all logits at once (lverse before the
                 head options: BiARTConfig(head="full", loss_chunk=0))
     default     plain loop, BiARTConfig's defaults (restricted head, chunked loss)
-    compiled    plain loop, the defaults with ``train.compile_blocks`` (torch.compile per block)
-    engine      the defaults under ``train.wrap`` (DeepSpeed ZeRO-2)
+    compiled    plain loop, the defaults with ``compile_blocks`` (torch.compile per block)
+    engine      the defaults under ``wrap`` (DeepSpeed ZeRO-2)
     zero1       the same engine at ZeRO stage 1
     ddp         the same engine at stage 0 (plain data parallel, ``ds_configs/ddp_*.json``)
 
@@ -47,7 +47,7 @@ records every allocation and free with the allocator's running total ("Total All
 the profile's start); the peak is its maximum. The transformer blocks are left out: they are the
 same in both.
 
-Model FLOPs per token are ``train.flops_per_token`` (6N + 12 L d T; the head's rows as the head
+Model FLOPs per token are ``BiART.flops_per_token`` (6N + 12 L d T; the head's rows as the head
 option scores them). On a GPU run it with ``--deepspeed ds_configs/zero2_bf16.json`` and the ratio
 reads as MFU against the measured bf16 matmul peak.
 
@@ -67,36 +67,19 @@ import tempfile
 import time
 
 import torch
+from common import build_engine, deepspeed_config, micro_step, random_batches
 
 from lverse.model.biart import PRESETS, BiART, Direction, build_sequence
-from lverse.pipeline.train import (
-    TrainConfig,
-    build_optimizer,
-    compile_blocks,
-    flops_per_token,
-    load_ds_config,
-    measure_peak_flops,
-    precision,
-    wrap,
-)
+from lverse.pipeline.train import OptimConfig
+from lverse.runtime.deepspeed import build_optimizer, compile_blocks, precision
 from lverse.runtime.distributed import setup_env
+from lverse.runtime.trainer import measure_peak_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def batches(cfg, batch: int, n: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``n`` (text, image) batches: captions of 5 to text_len pieces, PAD-filled."""
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        text = torch.randint(cfg.text_offset, cfg.pad_id, (batch, cfg.text_len), generator=g)
-        lengths = torch.randint(5, cfg.text_len + 1, (batch, 1), generator=g)
-        text[torch.arange(cfg.text_len)[None] >= lengths] = cfg.pad_id
-        out.append((text.to(device), torch.randint(cfg.image_vocab, (batch, cfg.image_len), generator=g).to(device)))
-    return out
-
-
-def plain_step(model, opt, seq, direction, dtype, device):
+def plain_step(model, opt, text, image, direction, dtype, device):
+    seq = build_sequence(text, image, direction, model.cfg)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         _, loss = model(seq[:, :-1], direction, targets=seq[:, 1:])
     opt.zero_grad(set_to_none=True)
@@ -105,18 +88,11 @@ def plain_step(model, opt, seq, direction, dtype, device):
     opt.step()
 
 
-def engine_step(engine, seq, direction):
-    _, loss = engine(seq[:, :-1], direction, targets=seq[:, 1:])
-    engine.backward(loss["loss"])
-    engine.step()
-
-
-def timed(fn, data, cfg, steps: int, device) -> tuple[float, float]:
-    """(wall-clock seconds, CPU seconds of this process) of ``steps`` steps."""
+def timed(fn, data, steps: int, device) -> tuple[float, float]:
+    """(wall-clock seconds, CPU seconds of this process) of ``steps`` steps ``fn(text, image, direction)``."""
     start, cpu = time.perf_counter(), time.process_time()
     for i in range(steps):
-        direction = Direction(i % 2)
-        fn(build_sequence(*data[i % len(data)], direction, cfg), direction)
+        fn(*data[i % len(data)], Direction(i % 2))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, time.process_time() - cpu
@@ -166,13 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     cuda = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False)
     device = torch.device(f"cuda:{info.local_rank}" if cuda else "cpu")
-    cfg = TrainConfig(micro_batch_size=args.batch)
-    ds = load_ds_config(args.deepspeed, cfg, world_size=info.world_size)
+    ds = deepspeed_config(args.deepspeed, args.batch, info.world_size)
     if ds.get("zero_optimization", {}).get("stage") != 2:
         parser.error(f"{args.deepspeed} is not a ZeRO-2 config")
     dtype = DTYPES[precision(ds)]
-    if not cuda:
-        cfg.optim.fused = False  # every loop uses torch AdamW(foreach) on the CPU
+    optim = OptimConfig(fused=cuda)  # on the CPU every loop uses torch AdamW(foreach)
 
     default = PRESETS[args.preset]
     full = dataclasses.replace(default, head="full", loss_chunk=0)
@@ -183,22 +157,22 @@ def main(argv: list[str] | None = None) -> None:
             model = BiART(bcfg).to(device).train()
             if name == "compiled":
                 compile_blocks(model)
-            opt, _ = build_optimizer(model, cfg.optim, dict(ds), 1e-4)  # the engine's optimizer choice
-            loops[name] = lambda seq, d, m=model, o=opt: plain_step(m, o, seq, d, dtype, device)
+            opt, _ = build_optimizer(model, optim, dict(ds), 1e-4)  # the engine's optimizer choice
+            loops[name] = lambda t, i, d, m=model, o=opt: plain_step(m, o, t, i, d, dtype, device)
     engines, kernels = {}, {}
     for name, config in (("engine", ds), ("zero1", at_stage(ds, 1)), ("ddp", at_stage(ds, 0))):
         torch.manual_seed(0)
-        engines[name], kernels[name] = wrap(BiART(default), cfg, copy.deepcopy(config), 1e-4, device)
+        engines[name], kernels[name] = build_engine(BiART(default), config, 1e-4, device, fused=optim.fused)
         engines[name].train()
-        loops[name] = lambda seq, d, e=engines[name]: engine_step(e, seq, d)
-    data = batches(default, args.batch, 4, device)
+        loops[name] = lambda t, i, d, e=engines[name]: micro_step(e, t, i, d)
+    data = random_batches(default, args.batch, 4, device)
     load_before = os.getloadavg()
     for fn in loops.values():
-        timed(fn, data, default, args.warmup, device)
+        timed(fn, data, args.warmup, device)
     rounds = {name: [] for name in loops}  # (wall, CPU) seconds of each round
     for _ in range(args.rounds):
         for name, fn in loops.items():
-            rounds[name].append(timed(fn, data, default, args.steps, device))
+            rounds[name].append(timed(fn, data, args.steps, device))
     wall = {name: sum(w for w, _ in r) for name, r in rounds.items()}
     cpu = {name: sum(c for _, c in r) for name, r in rounds.items()}
     load_after = os.getloadavg()
@@ -221,9 +195,9 @@ def main(argv: list[str] | None = None) -> None:
         memory = {name: max(loss_peak_bytes(BiART(bcfg).to(device), *data[0], d) for d in Direction)
                   for name, bcfg in (("full", full), ("default", default))}
         peak = measure_peak_flops(device, dtype if cuda else torch.float32, n=4096 if cuda else 2048)
-        model_flops = flops_per_token(engines["engine"].module) * tps["engine"]
+        model_flops = engines["engine"].module.flops_per_token() * tps["engine"]
         print(f"loss peak memory: full {memory['full'] / 2**20:.0f} MiB, default {memory['default'] / 2**20:.0f} MiB")
-        print(f"model: {flops_per_token(engines['engine'].module) / 1e6:.1f} MFLOP per token -> "
+        print(f"model: {engines['engine'].module.flops_per_token() / 1e6:.1f} MFLOP per token -> "
               f"{model_flops / 1e9:.2f} GFLOP/s; matmul peak {peak / 1e9:.1f} GFLOP/s")
         print(f"step_speedup_restricted_head={wall['full'] / wall['default']:.3f}")
         print(f"loss_peak_memory_ratio={memory['default'] / memory['full']:.3f}")

@@ -1,6 +1,6 @@
 """BiART training on one CUDA GPU: the CUDA code paths, then throughput and MFU.
 
-The engine is built the way ``pipeline/train.py`` builds it (``load_ds_config`` -> ``BiART`` ->
+The engine is built the way ``pipeline/train.py`` builds it (``ds_config`` -> ``BiART`` ->
 ``wrap``: FusedAdam, precision and ZeRO stage from the ds_config) and fed random token batches
 already on the GPU, directions alternating, so the figures leave out data loading.
 
@@ -9,7 +9,7 @@ Checks (``--skip-checks`` to leave them out):
 * kernels: the choices ``wrap`` makes (FusedAdam is JIT-built on first use; its time is printed).
 * fp16 and bf16: ``--check-steps`` steps of ``--check-preset`` on two fixed batches with
   ``ds_configs/zero2_fp16.json`` / ``zero2_bf16.json``: the loss must go down, the fp16 loss scale
-  (read with the training stage's ``_loss_scale``) must be finite and not every step skipped.
+  (read with ``loss_scale``, as the training stage logs it) must be finite and not every step skipped.
 * flash: one training step (forward and backward) with SDPA restricted to the flash backend
   (``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``: any shape, dtype or mask flash cannot take raises),
   in bf16 and fp16, plus KV-cache generation with flash forced; and a profiled default step, whose
@@ -18,7 +18,7 @@ Checks (``--skip-checks`` to leave them out):
 Throughput: for each ``--sweep PRESET:B1,B2,...`` one ZeRO-2 engine (``--deepspeed``, bf16 by
 default) is timed at each micro-batch size (ascending; stops at the first out-of-memory):
 ``--warmup`` steps, then ``--rounds`` rounds of ``--steps`` steps, the median round counted. MFU =
-``flops_per_token`` (6N + 12 L d T, as ``lverse train`` logs it) x tokens/s over ``--peak-flops``
+``BiART.flops_per_token`` (6N + 12 L d T, as ``lverse train`` logs it) x tokens/s over ``--peak-flops``
 (default 989e12: H100 SXM bf16 dense), and also over a measured 8192^3 bf16 matmul.
 
 Diagnosis (``--diagnose PRESET:B``, default biart-500m:16; ``''`` to skip): the engine's step with
@@ -48,39 +48,30 @@ import sys
 import time
 
 import torch
+from common import build_engine, deepspeed_config, micro_step, random_batches
 
 from lverse.model.biart import PRESETS, BiART, Direction, build_sequence, prompt_for
-from lverse.pipeline.train import TrainConfig, _loss_scale, flops_per_token, load_ds_config, wrap
+from lverse.runtime.deepspeed import loss_scale
 from lverse.runtime.distributed import setup_env
 
 H100_BF16_DENSE = 989e12
 
 
-def random_batches(cfg, batch: int, n: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(text, image) pairs of random ids on the GPU: text pieces in the text range, image codes."""
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(cfg.text_offset, cfg.pad_id, (batch, cfg.text_len), generator=g).cuda(),
-             torch.randint(cfg.image_vocab, (batch, cfg.image_len), generator=g).cuda()) for _ in range(n)]
-
-
-def build_engine(preset: str, ds_path: str, batch: int, lr: float, seed: int = 0, **overrides):
-    cfg = TrainConfig(micro_batch_size=batch, deepspeed=ds_path)
-    ds = load_ds_config(ds_path, cfg, world_size=1)
+def new_engine(preset: str, ds_path: str, batch: int, lr: float, seed: int = 0, **overrides):
+    """A fresh engine of ``preset`` (config fields ``overrides`` changed) on this GPU; returns
+    (engine, kernel choices, seconds it took to build)."""
     torch.manual_seed(seed)
     model = BiART(dataclasses.replace(PRESETS[preset], **overrides))
     start = time.perf_counter()
-    engine, kernels = wrap(model, cfg, ds, lr, torch.device("cuda", torch.cuda.current_device()))
+    engine, kernels = build_engine(model, deepspeed_config(ds_path, batch), lr,
+                                   torch.device("cuda", torch.cuda.current_device()))
     engine.train()
     return engine, kernels, time.perf_counter() - start
 
 
-def train_step(engine, pair: tuple[torch.Tensor, torch.Tensor], direction: Direction) -> dict:
-    """One step as the training stage takes it: sequence -> engine forward, backward, step."""
-    seq = build_sequence(*pair, direction, engine.module.cfg)
-    _, losses = engine(seq[:, :-1], direction, targets=seq[:, 1:])
-    engine.backward(losses["loss"])
-    engine.step()
-    return losses
+def train_step(engine, pair: tuple[torch.Tensor, torch.Tensor], direction: Direction) -> torch.Tensor:
+    """The training stage's step on a (text, image) pair; returns (loss, ref, gen)."""
+    return micro_step(engine, *pair, direction)
 
 
 def release() -> None:
@@ -91,15 +82,15 @@ def release() -> None:
 
 
 def check_precision(name: str, ds_path: str, preset: str, steps: int, batch: int, lr: float, out: dict) -> None:
-    engine, kernels, seconds = build_engine(preset, ds_path, batch, lr)
+    engine, kernels, seconds = new_engine(preset, ds_path, batch, lr)
     print(f"[{name}] kernels ({seconds:.1f} s to build the engine): {kernels}", flush=True)
     out[f"{name}_optimizer"] = kernels["optimizer"]
-    data = random_batches(engine.module.cfg, batch, 2, seed=1)
+    data = random_batches(engine.module.cfg, batch, 2, "cuda", seed=1)
     losses, scales = [], []
     for step in range(steps):
         loss = train_step(engine, data[step % 2], Direction(step % 2))
-        losses.append(loss["loss"].item())
-        scales.append(_loss_scale(engine))
+        losses.append(loss[0].item())
+        scales.append(loss_scale(engine))
         if step < 5 or (step + 1) % 10 == 0:
             gn = engine.get_global_grad_norm()
             print(f"[{name}] step {step + 1}: loss {losses[-1]:.4f} loss_scale {scales[-1]} "
@@ -169,17 +160,17 @@ def matmul_peak(n: int = 8192, reps: int = 20) -> float:
 
 
 def sweep(preset: str, sizes: list[int], args, measured_peak: float, out: dict, table: list) -> None:
-    engine, kernels, seconds = build_engine(preset, args.deepspeed, sizes[0], 1e-4)
+    engine, kernels, seconds = new_engine(preset, args.deepspeed, sizes[0], 1e-4)
     model = engine.module
     cfg = model.cfg
-    fpt = flops_per_token(model)
+    fpt = model.flops_per_token()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[{preset}] {n_params / 1e6:.1f}M parameters, {fpt / 1e9:.3f} GFLOP per token, kernels {kernels}",
           flush=True)
     for b in sizes:
         try:
             torch.cuda.reset_peak_memory_stats()
-            data = random_batches(cfg, b, 2, seed=b)
+            data = random_batches(cfg, b, 2, "cuda", seed=b)
             for i in range(args.warmup):
                 train_step(engine, data[i % 2], Direction(i % 2))
             torch.cuda.synchronize()
@@ -246,8 +237,8 @@ def diagnose(preset: str, b: int, args, out: dict) -> None:
     and a plain PyTorch loop (autocast bf16, torch fused AdamW, clipping) on the same batches."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
-    engine, kernels, _ = build_engine(preset, args.deepspeed, b, 1e-4)
-    data = random_batches(engine.module.cfg, b, 2, seed=b)
+    engine, kernels, _ = new_engine(preset, args.deepspeed, b, 1e-4)
+    data = random_batches(engine.module.cfg, b, 2, "cuda", seed=b)
     key = f"{preset}_b{b}"
     step = functools.partial(train_step, engine)
     base = timed_steps(step, data, args.steps * args.rounds)
@@ -329,7 +320,7 @@ def diagnose(preset: str, b: int, args, out: dict) -> None:
 
 def engine_step_seconds(preset: str, ds_path: str, b: int, data, steps: int, **overrides) -> float:
     """Median step of a fresh engine (a config override applied), destroyed before returning."""
-    engine, _, _ = build_engine(preset, ds_path, b, 1e-4, **overrides)
+    engine, _, _ = new_engine(preset, ds_path, b, 1e-4, **overrides)
     t = timed_steps(functools.partial(train_step, engine), data, steps)
     engine.destroy()
     return t

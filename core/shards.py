@@ -11,6 +11,7 @@ that encoded them; ``check_vae`` is the one place that compares it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -70,6 +71,14 @@ def check_complete_tar(path: str) -> None:
         tail = f.read()
     if size < 1024 or size % 512 or tail.count(0) != 1024:
         raise InputError(f"{path} is truncated (no end-of-archive marker; {size} bytes)")
+
+
+def add_to_tar(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """``data`` as member ``name`` of ``tar``, with a fixed time and owner: the same samples give the
+    same bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tar.addfile(info, io.BytesIO(data))
 
 
 def iter_samples(path: str, skipped: Counter | None = None) -> Iterator[dict]:

@@ -352,8 +352,8 @@ def vae_quality(vae_path: str, shards: str) -> dict:
     import torch
 
     from lverse.core.images import decodable_images
-    from lverse.model.cache import load_vae
     from lverse.model.losses import psnr
+    from lverse.runtime.model_cache import load_vae
     vae = load_vae(vae_path, "cpu")
     images, truths = [], []
     for sample, image in decodable_images(shards, vae.cfg.image_size):

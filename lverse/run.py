@@ -21,9 +21,9 @@ from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.core.storage import is_url
+from lverse.core.vocab import VOCAB_SIZE
 from lverse.pipeline.download import DownloadConfig, plan, run_download
 from lverse.pipeline.encode import EncodeConfig, run_encode
-from lverse.preprocessing.text_tokenizer import VOCAB_SIZE
 
 log = logging.getLogger(__name__)
 

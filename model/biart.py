@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lverse.core.errors import InputError
-from lverse.preprocessing.text_tokenizer import VOCAB_SIZE
+from lverse.core.vocab import VOCAB_SIZE
 
 from .head import OutputLayer, fit_head_rows, head_rows, nll_from_logits, padded
 
@@ -321,6 +321,20 @@ class BiART(nn.Module):
                 {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
 
     @torch.no_grad()
+    def flops_per_token(self) -> float:
+        """Model FLOPs of one training token (forward + backward), PaLM appendix B: 6N for the matmul
+        weights (embedding lookups excluded) + 12 * layers * width * sequence length for attention.
+        The output layer counts the rows each position is scored over (``BiARTConfig.head``),
+        without padding rows. MFU is this times tokens/s over the devices' peak FLOP/s."""
+        c = self.cfg
+        n = sum(p.numel() for name, p in self.named_parameters()
+                if not name.startswith(("wte", "wpe", "wse", "lm_head")))
+        if c.head == "full":
+            head = c.vocab_size * (c.seq_len - 1)
+        else:  # image targets over the image codes, text targets over the pieces and PAD, start tokens none
+            head = c.image_vocab * c.image_len + (c.text_vocab + 1) * c.text_len
+        return 6 * n + 6 * c.n_embd * head / (c.seq_len - 1) + 12 * c.n_layer * c.n_embd * c.seq_len
+
     def generate(self, prompt: Tensor, direction: Direction, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True, num_samples: int = 1) -> Tensor:

@@ -34,7 +34,7 @@ class ReconstructionLoss(nn.Module):
         self.perceptual_weight = perceptual_weight
         self.lpips = None
         if perceptual_weight > 0:
-            self.lpips = _build_lpips(vgg_checkpoint)
+            self.lpips = build_lpips(vgg_checkpoint)
 
     def train(self, mode: bool = True) -> ReconstructionLoss:
         super().train(mode)
@@ -58,7 +58,7 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
-def _build_lpips(vgg_checkpoint: str | None) -> nn.Module:
+def build_lpips(vgg_checkpoint: str | None) -> nn.Module:
     try:
         import lpips
     except ImportError as e:

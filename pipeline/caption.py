@@ -36,9 +36,11 @@ from lverse.core.files import atomic_write_parquet, read_json, remove_stale_temp
 from lverse.core.images import preprocess
 from lverse.core.resources import compute_dtype, resolve_device
 from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name, stats_path
-from lverse.model.cache import check_generator, load_generator
+from lverse.model.biart import Direction, prompt_for
+from lverse.model.clip import to_pil
 from lverse.preprocessing.text_tokenizer import truncate_caption
 from lverse.runtime.executors import TaskResult
+from lverse.runtime.model_cache import check_generator, load_generator
 from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
 
 log = logging.getLogger(__name__)
@@ -70,7 +72,6 @@ def sample_captions(model, tok, codes: torch.Tensor, candidates: int, max_tokens
                     top_k: int | None = None, top_p: float | None = None, generator=None,
                     use_cache: bool = True) -> list[list[str]]:
     """(B, image_len) codes -> B lists of ``candidates`` whole captions (up to PAD or ``max_tokens``)."""
-    from lverse.model.biart import Direction, prompt_for
     prompt = prompt_for(codes.to(next(model.parameters()).device), Direction.I2T, model.cfg)
     ids = model.generate(prompt, Direction.I2T, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                          generator=generator, use_cache=use_cache, num_samples=candidates).cpu()
@@ -112,7 +113,6 @@ class ShardCaptioner:
         return TaskResult(name, ok=True, stats={"images": len(rows), "failed": failed, "seconds": round(seconds, 2)})
 
     def _batch(self, samples, model, tok, vae, clip, gen, device) -> list[dict]:
-        from lverse.model.clip import to_pil
         cfg = self.cfg
         rows, good, codes, pictures = [], [], [], []
         for s in samples:

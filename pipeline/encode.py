@@ -54,9 +54,9 @@ from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json, read_json, remove_stale_temporaries
 from lverse.core.images import centre_crop, decode, to_model_input
 from lverse.core.resources import resolve_device
-from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name
-from lverse.model.cache import load_vae
+from lverse.core.shards import add_to_tar, check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name
 from lverse.runtime.executors import TaskResult
+from lverse.runtime.model_cache import load_vae
 from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
 
 log = logging.getLogger(__name__)
@@ -196,12 +196,12 @@ class ShardEncoder:
                 stats["bad_json"] += 1
                 meta = {}
             record = {"key": key, "url": meta.get("url"), "vae": self.vae_hash}
-            _add(out, f"{key}.codes.npy", _npy(row))
+            add_to_tar(out, f"{key}.codes.npy", _npy(row))
             if crops is not None:
-                _add(out, f"{key}.crops.npy", _npy(crops[j]))
+                add_to_tar(out, f"{key}.crops.npy", _npy(crops[j]))
                 record["crops"] = [list(box) for box in boxes]
-            _add(out, f"{key}.txt", files.get("txt", b""))
-            _add(out, f"{key}.json", json.dumps(record, sort_keys=True).encode())
+            add_to_tar(out, f"{key}.txt", files.get("txt", b""))
+            add_to_tar(out, f"{key}.json", json.dumps(record, sort_keys=True).encode())
 
     def _encode_crops(self, batch, vae, device, torch) -> np.ndarray | None:
         """(B, K, num_tokens) uint16 codes of the batch's crops, sample after sample, encoded
@@ -218,12 +218,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array)
     return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)  # fixed time and owner: the same input gives the same bytes
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _by_key(shard: str, skipped: collections.Counter):

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 
 from lverse.core import storage
 from lverse.core.errors import InputError
+from lverse.core.files import read_json
+from lverse.core.images import decodable_images
+from lverse.core.resources import resolve_device
+from lverse.core.shards import expand_shards, iter_samples, stats_path
+from lverse.model.inception import frechet_distance, inception_features, load_inception, to_uint8
+from lverse.model.losses import build_lpips, psnr
 from lverse.preprocessing.text_tokenizer import truncate_caption
+from lverse.runtime.model_cache import load_vae
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +159,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
 @torch.no_grad()
 def reconstruction_metrics(shards: str, vae_path: str, limit: int | None = None, batch_size: int = 16,
                            vgg_checkpoint: str | None = None, device: str = "auto") -> dict:
-    from lverse.core.resources import resolve_device
-    from lverse.model.losses import _build_lpips, psnr
     device = resolve_device(device)
-    lpips = _build_lpips(vgg_checkpoint).to(device)
+    lpips = build_lpips(vgg_checkpoint).to(device)
     sums, n = {"PSNR": 0.0, "SSIM": 0.0, "LPIPS": 0.0}, 0
     for x, recon in _reconstructions(shards, vae_path, limit, batch_size, device):
         a, b = (x + 1) / 2, (recon + 1) / 2
@@ -172,8 +177,6 @@ def reconstruction_metrics(shards: str, vae_path: str, limit: int | None = None,
 def _reconstructions(shards: str, vae_path: str, limit: int | None, batch_size: int, device: str):
     """(images, AugVAE reconstructions) of the decodable images of ``shards``, batch by batch, in
     [-1, 1]: (B, 3, H, W) each. No decodable image is an InputError."""
-    from lverse.core.images import decodable_images
-    from lverse.model.cache import load_vae
     vae = load_vae(vae_path, device)
     n = 0
     for batch in _batches(itertools.islice(decodable_images(shards, vae.cfg.image_size), limit), batch_size):
@@ -227,8 +230,6 @@ def reconstruction_fid(shards: str, vae_path: str, inception_weights: str | None
     Returns:
         ``{"images": n, "FID": fid}``.
     """
-    from lverse.core.resources import resolve_device
-    from lverse.model.inception import frechet_distance, inception_features, load_inception, to_uint8
     device = resolve_device(device)
     net = load_inception(inception_weights, device)
     real, recon = [], []
@@ -258,8 +259,6 @@ def generation_fid(generations: str, reference: str, inception_weights: str | No
     Returns:
         ``{"images": n, "FID-<radius>": fid, ...}``, e.g. ``FID-0``, ``FID-1``.
     """
-    from lverse.core.resources import resolve_device
-    from lverse.model.inception import frechet_distance, load_inception
     if not blur_radii or any(r < 0 for r in blur_radii):
         raise InputError(f"blur radii must be >= 0 (0: no blur), got {list(blur_radii)}")
     generated = image_files(generations)
@@ -346,8 +345,6 @@ def _file_images(files: list[str], size: tuple[int, int], first: str, which: str
 def _count_shard_images(spec: str) -> int:
     """Images in image shards: from each shard's stats (``successes``, what download and coco
     write) without reading the shard, else by reading it (a tar made by hand)."""
-    from lverse.core.files import read_json
-    from lverse.core.shards import expand_shards, iter_samples, stats_path
     shards = expand_shards(spec)
     if not shards:
         raise InputError(f"{spec} holds no images and no image shards (*.tar): give a folder of images or shards")
@@ -365,8 +362,6 @@ def _shard_images(spec: str, size: int):
     """The images of image shards, shorter side to ``size``, centre-cropped (``core.images``)."""
     from PIL import Image
 
-    from lverse.core.images import decodable_images
-    from lverse.model.inception import to_uint8
     for _, image in decodable_images(spec, size):
         yield Image.fromarray(to_uint8(torch.from_numpy(image)).permute(1, 2, 0).numpy())
 
@@ -375,7 +370,6 @@ def _blurred_features(net, images, radii: tuple[float, ...], batch_size: int) ->
     """Inception features of PIL ``images`` blurred at each radius, each image decoded once: {radius: (N, 2048)}."""
     from PIL import ImageFilter
 
-    from lverse.model.inception import inception_features
     features: dict[float, list[torch.Tensor]] = {r: [] for r in radii}
     for batch in _batches(iter(images), batch_size):
         for r in radii:

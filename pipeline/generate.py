@@ -27,8 +27,10 @@ from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.resources import compute_dtype, resolve_device
-from lverse.model.cache import check_generator, load_generator
+from lverse.model.biart import Direction, prompt_for
+from lverse.model.clip import to_pil
 from lverse.runtime.executors import TaskResult
+from lverse.runtime.model_cache import check_generator, load_generator
 from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
 
 log = logging.getLogger(__name__)
@@ -113,8 +115,6 @@ class PromptGenerator:
         return TaskResult(name, ok=True, stats={"generated": len(todo)})
 
     def _one(self, i, model, tok, vae, clip, device):
-        from lverse.model.biart import Direction, prompt_for
-        from lverse.model.clip import to_pil
         cfg, text = self.cfg, self.prompts[i]
         folder = os.path.join(cfg.output, f"{i:05d}")
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + zlib.crc32(text.encode()))

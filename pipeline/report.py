@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 from lverse.core import storage
 from lverse.core.errors import InputError
+from lverse.core.files import atomic_output
+from lverse.core.shards import expand_shards, iter_samples
 
 SKIP = ("report",)  # our own output is not input
 
@@ -171,7 +173,6 @@ def _samples_by_key(shards: str | None, keys: set[str]) -> dict[str, dict[str, b
     """The image-shard samples (jpg, txt, ...) of the given keys."""
     if not shards or not keys:
         return {}
-    from lverse.core.shards import expand_shards, iter_samples
     found = {}
     for shard in expand_shards(shards):
         for sample in iter_samples(shard):
@@ -261,7 +262,6 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
     page = _PAGE.format(title=esc(title or f"lverse run {os.path.basename(os.path.abspath(run_dir))}"),
                         body="\n".join(sections))
     path = os.path.join(out, "index.html")
-    from lverse.core.files import atomic_output
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         f.write(page)
     return path

@@ -25,31 +25,19 @@ optimizer state lives in other files). The data order continues at the next samp
 number of ranks. SIGTERM, SIGUSR1 and SIGINT checkpoint and stop at the
 same step on every rank.
 
-Kernels: ``wrap`` is the one place where the single-device model meets the hardware, in this
-order: apex FusedLayerNorm (only when NVIDIA apex is importable) -> ``torch.compile`` of each
-block's training forward (the run config's ``compile``) -> optimizer (DeepSpeed FusedAdam on CUDA,
-DeepSpeedCPUAdam with optimizer offload, else torch AdamW) -> ``deepspeed.initialize`` (stage 0's
-priming optimizer step undone: ``undo_priming_step``). Attention is SDPA, which picks flash
-kernels on CUDA. Activation checkpointing is the model's own
-(``BiARTConfig.activation_checkpointing``, set from the run config's ``activation_checkpointing``),
-and so are the output head and its chunked loss (``BiARTConfig.head``, ``loss_chunk``,
-``pad_vocab_to``: ``model.overrides``). The choices are printed at start.
+The model meets the hardware in one place, ``wrap`` (runtime/deepspeed.py: fused LayerNorm,
+compiled blocks, the optimizer, the engine); the choices are printed at start.
 """
 
 from __future__ import annotations
 
-import collections.abc
 import contextlib
-import copy
 import dataclasses
-import difflib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -58,7 +46,28 @@ import torch.distributed as dist
 from lverse.core.config import at_least, load_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
+from lverse.core.shards import expand_shards, read_tar, token_shard_counts
+from lverse.core.storage import is_url
+from lverse.model.augvae import AugVAEConfig
+from lverse.model.biart import PRESETS, BiART, BiARTConfig, Direction, build_sequence, prompt_for
+from lverse.model.checkpoint import check_provenance, provenance_of, read_config, save_model
+from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, batch_loader, handover_chunk, micro_batches
+from lverse.runtime.deepspeed import (
+    WriterEngine,
+    deepspeed_loads,
+    layout_difference,
+    load_ds_config,
+    load_stage0_fp32,
+    loss_scale,
+    precision,
+    to_universal,
+    wrap,
+    zero_stage,
+)
 from lverse.runtime.metrics import MetricsLogger
+from lverse.runtime.model_cache import load_vae
+from lverse.runtime.token_index import ensure_index
 from lverse.runtime.trainer import (
     MARKER,
     Checkpoint,
@@ -73,6 +82,7 @@ from lverse.runtime.trainer import (
     ignore_stop_signals,
     image_grid,
     latest_checkpoint,
+    measure_peak_flops,
     read_checkpoint_meta,
     reseed,
     save_image,
@@ -81,14 +91,7 @@ from lverse.runtime.trainer import (
     write_run_config,
 )
 
-if TYPE_CHECKING:
-    from lverse.model.biart import BiARTConfig
-
 log = logging.getLogger(__name__)
-
-DS_CONFIG_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                        "optimizer", "scheduler", "gradient_clipping")
-
 
 @dataclass
 class ModelConfig:
@@ -166,256 +169,10 @@ class TrainConfig:
                              "holds as many steps of each")
 
 
-# ---------------------------------------------------------------------------------------------
-# DeepSpeed config, kernels and the one wrapping function
-
-def ds_config_path(value: str) -> str:
-    """A DeepSpeed config by path, or by the name of one shipped in ds_configs/ (``zero2_bf16`` or
-    ``zero2_bf16.json``), which installs with the package, so names work from any folder."""
-    if os.path.isfile(value):
-        return value
-    from importlib.resources import files
-    shipped = files("lverse.ds_configs")
-    names = sorted(p.name.removesuffix(".json") for p in shipped.iterdir() if p.name.endswith(".json"))
-    if os.sep not in value and value.removesuffix(".json") in names:
-        return str(shipped / f"{value.removesuffix('.json')}.json")
-    raise FileNotFoundError(f"DeepSpeed config {value} is neither a file nor a shipped name ({', '.join(names)})")
-
-
-def load_ds_config(path: str, cfg: TrainConfig, world_size: int) -> dict:
-    """A ds_configs/ file (a path or a shipped name) plus the values the run config owns (batch
-    sizes, clipping)."""
-    path = ds_config_path(path)
-    with open(path) as f:
-        try:
-            ds = json.load(f)
-        except ValueError as e:
-            raise InputError(f"DeepSpeed config {path} is not JSON: {e}") from None
-    if not isinstance(ds, dict):
-        raise InputError(f"DeepSpeed config {path} holds a {type(ds).__name__}, not a JSON object")
-    owned = [k for k in DS_CONFIG_OWNED_KEYS if k in ds]
-    if owned:
-        raise InputError(f"{path} sets {owned}; batch sizes, the optimizer, its schedule and clipping come "
-                         "from the run config only (micro_batch_size, grad_accum, optim.*): remove them")
-    ds.update(train_micro_batch_size_per_gpu=cfg.micro_batch_size, gradient_accumulation_steps=cfg.grad_accum,
-              train_batch_size=cfg.micro_batch_size * cfg.grad_accum * world_size,
-              gradient_clipping=cfg.optim.grad_clip, steps_per_print=10**9, wall_clock_breakdown=False)
-    check_ds_config(ds, path)
-    if "stage" not in ds.get("zero_optimization", {}):
-        # DeepSpeed's default is stage 0, which a file that means ZeRO-2 but misspells a key
-        # inside would then train at without a word: the stage is said, not implied.
-        raise InputError(f"DeepSpeed config {path}: zero_optimization.stage is not set (DeepSpeed would train at "
-                         "stage 0): set it, 0 for plain data parallel (the shipped ddp_bf16) or 1, 2, 3 for ZeRO")
-    return ds
-
-
-def zero_stage(ds: dict) -> int:
-    """The ZeRO stage of a loaded ds_config; 0 is plain data parallel: every rank holds the whole
-    model, gradients and optimizer state, and gradients are all-reduced."""
-    return int(ds.get("zero_optimization", {}).get("stage", 0))
-
-
-class _ReadKeys(dict):
-    """A dict that records which keys were asked for, however they are asked for."""
-
-    def __init__(self, data: dict):
-        super().__init__(data)
-        self.read: set[str] = set()
-
-    def get(self, key, default=None):
-        self.read.add(key)
-        return super().get(key, default)
-
-    def __getitem__(self, key):
-        self.read.add(key)
-        return super().__getitem__(key)
-
-    def __contains__(self, key):
-        self.read.add(key)
-        return super().__contains__(key)
-
-    def keys(self):  # ``key in d.keys()`` would bypass __contains__ on a plain keys view
-        outer = self
-
-        class Keys(collections.abc.KeysView):
-            def __contains__(self, key):
-                return key in outer
-
-        return Keys(self)
-
-
-def check_ds_config(ds: dict, path: str) -> None:
-    """Run DeepSpeed's own config parser on ``ds`` before any work, so a mistake is one line naming
-    the file: bad values and unknown keys inside its sections (which it refuses itself), and
-    top-level keys it never reads. DeepSpeed ignores those silently, so the typo
-    ``zero_optimisation`` would train a ZeRO-0 run; the rule "a key the parser never asked for is
-    unknown" needs no list of keys that could age with DeepSpeed's versions."""
-    from deepspeed.runtime.config import DeepSpeedConfig
-    # train_batch_size is left to DeepSpeed to derive: it counts ranks only once they have started
-    seen = _ReadKeys({k: copy.deepcopy(v) for k, v in ds.items() if k != "train_batch_size"})
-    try:
-        DeepSpeedConfig(seen)
-    except Exception as e:  # pydantic's ValidationError, DeepSpeedConfigError, AssertionError
-        errors = getattr(e, "errors", None)  # pydantic: one short line per field
-        text = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']} (got {x.get('input')!r})" for x in errors()) \
-            if callable(errors) else str(e)
-        raise InputError(f"DeepSpeed config {path}: {getattr(e, 'title', '')} {text}".replace("  ", " ")) from None
-    unknown = sorted(set(ds) - seen.read - {"train_batch_size"})
-    if unknown:
-        hints = [f"{k} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(k, seen.read, 1)) else k
-                 for k in unknown]
-        raise InputError(f"DeepSpeed config {path}: unknown keys {', '.join(hints)}; DeepSpeed would ignore them")
-
-
-def precision(ds: dict) -> str:
-    return "fp16" if ds.get("fp16", {}).get("enabled") else "bf16" if ds.get("bf16", {}).get("enabled") else "fp32"
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, ds: dict, lr: float) -> tuple[torch.optim.Optimizer, str]:
-    """The fastest AdamW the hardware has, with a named CPU fallback (see the module doc)."""
-    groups = model.optim_groups(cfg.weight_decay)
-    kw = dict(lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
-    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") == "cpu"
-    if offload and cfg.fused:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kw), "DeepSpeedCPUAdam (offloaded optimizer states)"
-    if torch.cuda.is_available() and cfg.fused and not offload:
-        try:
-            from deepspeed.ops.adam import FusedAdam
-            return FusedAdam(groups, adam_w_mode=True, **kw), "DeepSpeed FusedAdam (CUDA)"
-        except Exception as e:  # the op could not be built (no nvcc, mismatched CUDA): say so
-            log.warning("FusedAdam unavailable (%s: %s); using torch's fused AdamW", type(e).__name__, e)
-            return torch.optim.AdamW(groups, fused=True, **kw), "torch AdamW fused=True (CUDA)"
-    if offload:  # DeepSpeed refuses a non-DeepSpeed optimizer with offload unless told it is meant
-        ds["zero_force_ds_cpu_optimizer"] = False
-    name = "torch AdamW (foreach)" + (" on offloaded states" if offload else "")
-    return torch.optim.AdamW(groups, foreach=True, **kw), name
-
-
-def apex_layernorm() -> type | None:
-    """NVIDIA apex's FusedLayerNorm when NVIDIA apex is installed (never PyPI's unrelated `apex`)."""
-    try:
-        from apex.normalization import FusedLayerNorm
-    except Exception:
-        return None
-    return FusedLayerNorm
-
-
-def wrap(model, cfg: TrainConfig, ds: dict, lr: float, device: torch.device):
-    """Single-device model -> DeepSpeed engine on ``device`` (the rank's, ``pick_device``);
-    returns (engine, kernel choices)."""
-    import argparse
-
-    import deepspeed
-    kernels = {}
-    cuda = torch.cuda.is_available()
-    fused_ln = apex_layernorm() if cuda else None
-    if fused_ln is not None:
-        for parent in list(model.modules()):
-            for name, child in parent.named_children():
-                if isinstance(child, torch.nn.LayerNorm):
-                    new = fused_ln(child.normalized_shape, eps=child.eps)
-                    new.load_state_dict(child.state_dict())
-                    setattr(parent, name, new)
-        kernels["layernorm"] = "apex FusedLayerNorm"
-    else:
-        kernels["layernorm"] = "torch LayerNorm" + ("" if cuda else " (CPU)") + " (NVIDIA apex not importable)" * cuda
-    kernels["activation_checkpointing"] = "on" if model.cfg.activation_checkpointing else "off"
-    if cfg.compile:
-        compile_blocks(model)
-    kernels["compile"] = "torch.compile of the blocks" if cfg.compile else "off (eager)"
-    kernels["head"] = f"{model.cfg.head}, loss in chunks of {model.cfg.loss_chunk} positions" \
-        if model.cfg.loss_chunk else f"{model.cfg.head}, loss from all logits at once"
-    if cuda:
-        kernels["attention"] = ("SDPA, flash kernel available" if torch.backends.cuda.flash_sdp_enabled()
-                                else "SDPA, flash kernel disabled")
-    else:
-        kernels["attention"] = "SDPA (CPU kernels)"
-    optimizer, kernels["optimizer"] = build_optimizer(model, cfg.optim, ds, lr)
-    kernels["precision"] = precision(ds)
-    stage = zero_stage(ds)
-    kernels["zero_stage"] = f"{stage}" + " (plain data parallel: whole state on every rank)" * (stage == 0)
-    # DeepSpeed would take cuda:LOCAL_RANK, which does not exist where a task sees only its own GPU.
-    args = argparse.Namespace(device_rank=device.index or 0) if device.type == "cuda" else None
-    engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=ds)
-    undo_priming_step(engine.optimizer)
-    if stage == 0 and engine.dp_world_size == 1:
-        # DeepSpeed's stage-0 all-reduce flattens every gradient into a bucket and copies it back
-        # even on one rank: 5% of a biart-mini step on the CPU (benchmarks/train.py), for nothing
-        engine.enable_backward_allreduce = False
-    return engine, kernels
-
-
-def undo_priming_step(optimizer) -> None:
-    """DeepSpeed's stage-0 wrappers of a bf16 or fp16 model (FP16_Optimizer, FP16_UnfusedOptimizer)
-    create the optimizer state with one AdamW step on zero gradients as they start. Adam's step
-    count then runs one ahead, so the first real update is 0.735 of the lr (the bias corrections
-    of step 2 over moments holding one gradient), and the fp32 masters are weight-decayed once at
-    the peak lr: ddp_bf16's loss fell 0.06 less by step 2 than that of the ZeRO configs and of
-    fp32 (tests/test_ds_configs.py). ZeRO's optimizers take no such step. Undone here: the masters
-    are their bf16 weights again (they were cloned from them) and the state is empty."""
-    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
-    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
-    if isinstance(optimizer, FP16_Optimizer):
-        pairs = zip(optimizer.fp32_groups_flat, optimizer.fp16_groups_flat)
-    elif isinstance(optimizer, FP16_UnfusedOptimizer):
-        pairs = zip([p for g in optimizer.fp32_groups for p in g], [p for g in optimizer.fp16_groups for p in g])
-    else:
-        return
-    with torch.no_grad():
-        for master, weight in pairs:
-            master.copy_(weight)
-    optimizer.optimizer.state.clear()
-
-
-def compile_blocks(model) -> None:
-    """``torch.compile`` each block's forward where it has no KV cache (training, evaluation of
-    whole sequences); generation's cached steps, whose shapes change at every token, stay eager.
-    The module tree and its state-dict keys are unchanged."""
-    for block in model.blocks:
-        compiled, eager = torch.compile(block.forward), block.forward
-
-        def forward(x, cache=None, layer=0, compiled=compiled, eager=eager):
-            return eager(x, cache, layer) if cache is not None else compiled(x)
-        block.forward = forward
-
-
-# ---------------------------------------------------------------------------------------------
-# FLOPs
-
-def flops_per_token(model) -> float:
-    """Model FLOPs of one training token (forward + backward), PaLM appendix B: 6N for the matmul
-    weights (embedding lookups excluded) + 12 * layers * width * sequence length for attention.
-    The output layer counts the rows each position is scored over (``BiARTConfig.head``), without
-    padding rows."""
-    c = model.cfg
-    n = sum(p.numel() for name, p in model.named_parameters()
-            if not name.startswith(("wte", "wpe", "wse", "lm_head")))
-    if c.head == "full":
-        head = c.vocab_size * (c.seq_len - 1)
-    else:  # image targets over the image codes, text targets over the pieces and PAD, start tokens none
-        head = c.image_vocab * c.image_len + (c.text_vocab + 1) * c.text_len
-    return 6 * n + 6 * c.n_embd * head / (c.seq_len - 1) + 12 * c.n_layer * c.n_embd * c.seq_len
-
-
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
-    """FLOP/s of a large square matmul on ``device``: the attainable peak MFU is measured against
-    when no peak is configured."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        reps += 1
-    _sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def ds_config(cfg: TrainConfig, world_size: int) -> dict:
+    """The run's DeepSpeed config: its ``deepspeed`` file with the batch sizes and clipping of ``cfg``."""
+    return load_ds_config(cfg.deepspeed, world_size, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+                          grad_clip=cfg.optim.grad_clip)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,10 +181,6 @@ def _sync(device):
 def build_model_config(cfg: TrainConfig):
     """The preset's transformer with the vocabulary and lengths of this run's tokenizer and AugVAE,
     and the run's activation checkpointing."""
-    from lverse.model.augvae import AugVAEConfig
-    from lverse.model.biart import PRESETS
-    from lverse.model.checkpoint import read_config
-    from lverse.preprocessing.text_tokenizer import CaptionTokenizer
     if cfg.model.preset not in PRESETS:
         raise InputError(f"model.preset {cfg.model.preset!r} is not one of {sorted(PRESETS)}")
     if "activation_checkpointing" in cfg.model.overrides:
@@ -452,8 +205,6 @@ def build_model_config(cfg: TrainConfig):
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training in this process; returns the last logged metrics."""
-    from lverse.model.biart import Direction
-    from lverse.runtime.token_index import ensure_index
     check_run_dir(cfg.run_dir)
     run = plan_run(cfg, _start_process(cfg))
     rank = run.proc.rank
@@ -463,7 +214,7 @@ def train(cfg: TrainConfig) -> dict:
     engine, kernels, writer = build_engine(run, resume)
     start = resume.step if resume else 0
     loader = data_loader(run, samples, start, resume)
-    meter = Meter(run, flops_per_token(engine.module), start)
+    meter = Meter(run, engine.module.flops_per_token(), start)
     _announce(run, engine.module, kernels, meter.peak_flops)
     logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project)
     sampler = Sampler(cfg, run.bcfg, run.shards[0], rank) if cfg.sample_every else None
@@ -479,7 +230,8 @@ def train(cfg: TrainConfig) -> dict:
         direction = Direction(step % 2)  # text->image on even steps, image->text on odd: all ranks agree
         step_loss = 0.0
         for _ in range(cfg.grad_accum):
-            losses = micro_step(engine, next(loader), direction, run)
+            batch = next(loader)
+            losses = micro_step(engine, batch["text"], batch["image"], direction)
             meter.add(direction, losses)
             if plateau:
                 step_loss = step_loss + losses[0] / cfg.grad_accum
@@ -546,7 +298,6 @@ def _start_process(cfg: TrainConfig) -> Process:
 
 def token_index_dir(cfg: TrainConfig) -> str | None:
     """Where the token index of ``data.shards`` is (``DataConfig.index_dir``)."""
-    from lverse.core.storage import is_url
     if cfg.data.index_dir is not None:
         return cfg.data.index_dir
     return os.path.join(cfg.run_dir, "token_index") if is_url(cfg.data.shards) else None
@@ -554,15 +305,13 @@ def token_index_dir(cfg: TrainConfig) -> str | None:
 
 def plan_run(cfg: TrainConfig, proc: Process) -> Run:
     """Check the config against the data and the hardware; derive the model config, the batch and the lr."""
-    from lverse.core.shards import expand_shards, token_shard_counts
-    from lverse.model.checkpoint import provenance_of
     bcfg = build_model_config(cfg)
     shards = expand_shards(cfg.data.shards)
     if not shards:
         raise FileNotFoundError(f"data.shards {cfg.data.shards!r} matches no token shard")
     provenance = provenance_of(cfg.data.vae, cfg.data.tokenizer)
     counts = token_shard_counts(shards, provenance["vae_sha256"])
-    ds = load_ds_config(cfg.deepspeed, cfg, proc.world)
+    ds = ds_config(cfg, proc.world)
     if precision(ds) == "fp16" and not torch.cuda.is_available():
         raise InputError(f"{cfg.deepspeed} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
                          "has no fp16); use a bf16 or fp32 config on a CPU")
@@ -579,7 +328,6 @@ def plan_run(cfg: TrainConfig, proc: Process) -> Run:
 def _resume_point(run: Run) -> Checkpoint | None:
     """The checkpoint to continue from, trained with this run's AugVAE and tokenizer. A
     ``stopped.json`` is removed: this is the restart of the job that stopped on its signal."""
-    from lverse.model.checkpoint import check_provenance
     cfg, rank = run.cfg, run.proc.rank
     resume = latest_checkpoint(cfg.run_dir, rank)
     recorded = resume.meta.get("model") if resume else None
@@ -590,7 +338,7 @@ def _resume_point(run: Run) -> Checkpoint | None:
     if recorded is not None and "head" not in recorded and run.bcfg.head != "full" and rank == 0:
         log.warning("checkpoint %s was trained before BiARTConfig.head existed (its loss: head 'full'); it goes on "
                     "with head %r (model.overrides: {head: full} keeps the old loss)", resume.folder, run.bcfg.head)
-    layout = _layout_difference(resume.meta, run.ds) if resume else None
+    layout = layout_difference(resume.meta, run.ds) if resume else None
     if layout:
         raise InputError(f"checkpoint {resume.folder} {layout}; DeepSpeed keeps the optimizer state of the two in "
                          f"other forms and neither loads the other's: resume with a ds_config like the checkpoint's "
@@ -603,35 +351,18 @@ def _resume_point(run: Run) -> Checkpoint | None:
     return resume
 
 
-def _layout_difference(meta: dict, ds: dict) -> str | None:
-    """Why a checkpoint's files cannot load under ``ds``, or None. Stage 0 keeps module and
-    optimizer in one file (``mp_rank_00_model_states.pt``), ZeRO keeps the optimizer in per-rank
-    ``*_optim_states.pt`` files, and neither engine reads the other's; at stage 0 the optimizer's
-    state is that of DeepSpeed's wrapper for the precision (fp32 masters under bf16, the bare
-    optimizer under fp32). A checkpoint without ``zero_stage`` is from before lverse trained at
-    stage 0, so it is ZeRO's."""
-    there, here = meta.get("zero_stage", 1), zero_stage(ds)
-    if (there == 0) != (here == 0):
-        return f"was trained at ZeRO stage {there}, this run's zero_optimization.stage is {here}"
-    if here == 0 and meta.get("precision", precision(ds)) != precision(ds):
-        return (f"was trained at stage 0 in {meta['precision']}, this run's ds_config trains in {precision(ds)} "
-                "(its bf16.enabled / fp16.enabled)")
-    return None
-
-
 def build_engine(run: Run, resume: Checkpoint | None):
     """The run's model (the same initial weights on every rank) in its DeepSpeed engine, restored
     from ``resume``, writing checkpoints through lverse's writer; returns (engine, kernel choices,
     the writer)."""
     from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
 
-    from lverse.model.biart import BiART
     if resume and _needs_universal(resume, run):
         run.ds.setdefault("checkpoint", {})["load_universal"] = True
     torch.manual_seed(run.cfg.seed)
     model = BiART(run.bcfg)
     setattr(model, UNIVERSAL_CHECKPOINT_INFO, {"universal_checkpoint_version": 0.2})
-    engine, kernels = wrap(model, run.cfg, run.ds, run.peak_lr, run.proc.device)
+    engine, kernels = wrap(model, run.ds, run.peak_lr, run.proc.device, run.cfg.optim, run.cfg.compile)
     writer = FileWriter(run.cfg.checkpoint_background)
     engine.checkpoint_engine = WriterEngine(writer)
     if resume:
@@ -681,7 +412,6 @@ def data_loader(run: Run, samples, start_step: int, resume: Checkpoint | None):
     workers. With another global batch than the checkpoint's, the steps from the resume on each take
     the new global batch of samples from there (step s no longer starts at sample s x global batch);
     ``origin`` in the data key records it, so later resumes stay exact."""
-    from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, batch_loader, handover_chunk, micro_batches
     cfg, bcfg, key = run.cfg, run.bcfg, run.data_key
     if resume:
         old = resume.meta.get("data") or {}
@@ -720,11 +450,11 @@ def _announce(run: Run, model, kernels: dict, peak_flops: float) -> None:
     log.info("MFU against %.3g FLOP/s per device (%s)", peak_flops, "configured" if cfg.peak_flops else "measured")
 
 
-def micro_step(engine, batch: dict, direction, run: Run) -> torch.Tensor:
-    """Forward and backward of one micro-batch (DeepSpeed steps the optimizer at the last of the
-    step's ``grad_accum``); returns (loss, ref, gen) detached."""
-    from lverse.model.biart import build_sequence
-    seq = build_sequence(batch["text"], batch["image"], direction, run.bcfg).to(run.proc.device, non_blocking=True)
+def micro_step(engine, text: torch.Tensor, image: torch.Tensor, direction: Direction) -> torch.Tensor:
+    """Forward and backward of one micro-batch of (text, image) pairs (DeepSpeed steps the
+    optimizer at the last of the step's ``grad_accum``); returns (loss, ref, gen) detached. The
+    benchmarks time this same step."""
+    seq = build_sequence(text, image, direction, engine.module.cfg).to(engine.device, non_blocking=True)
     _, losses = engine(seq[:, :-1], direction, targets=seq[:, 1:])
     engine.backward(losses["loss"])
     engine.step()
@@ -746,7 +476,6 @@ class Meter:
         self._reset()
 
     def _reset(self) -> None:
-        from lverse.model.biart import Direction
         self.sums = {d: torch.zeros(4, device=self.run.proc.device) for d in Direction}  # loss, ref, gen, steps
 
     def add(self, direction, losses: torch.Tensor) -> None:
@@ -758,7 +487,7 @@ class Meter:
         run, dt, steps = self.run, time.time() - self.t0, step - self.last_step
         metrics = _gather_metrics(self.sums)
         metrics.update(step=step, lr=lr, grad_norm=_float(engine.get_global_grad_norm()),
-                       loss_scale=_loss_scale(engine), tokens_per_s=self.tokens_per_step * steps / dt,
+                       loss_scale=loss_scale(engine), tokens_per_s=self.tokens_per_step * steps / dt,
                        samples_per_s=run.global_batch * steps / dt)
         metrics["mfu"] = self.flops_per_token * metrics["tokens_per_s"] / (self.peak_flops * run.proc.world)
         self._reset()
@@ -775,7 +504,6 @@ class Meter:
 
 
 def _gather_metrics(sums: dict) -> dict:
-    from lverse.model.biart import Direction
     stacked = torch.stack([sums[d] for d in Direction])
     dist.all_reduce(stacked)
     out = {}
@@ -788,13 +516,6 @@ def _gather_metrics(sums: dict) -> dict:
 
 def _float(x) -> float | None:
     return None if x is None else float(x)
-
-
-def _loss_scale(engine) -> float | None:
-    if not engine.fp16_enabled():
-        return None
-    opt = engine.optimizer
-    return float(getattr(opt, "cur_scale", getattr(opt, "loss_scale", 0.0)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,73 +573,6 @@ def _log_checkpoints(cfg: TrainConfig, rank: int, completed: list[dict]) -> None
             f.write(json.dumps(figures) + "\n")
 
 
-class WriterEngine:
-    """DeepSpeed's checkpoint-engine interface over lverse's ``FileWriter``: DeepSpeed decides
-    what each rank saves, the writer how (durably; in the background). DeepSpeed clones the model's
-    tensors for saving unless told the engine copies them itself, which the background writer does."""
-
-    name = "lverse"
-
-    def __init__(self, writer: FileWriter):
-        self.writer = writer
-
-    def create(self, info) -> None:
-        pass
-
-    def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        os.makedirs(path, exist_ok=exist_ok)
-
-    def save(self, state_dict, path: str) -> None:
-        self.writer.save(state_dict, path)
-
-    def load(self, path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=True)  # DeepSpeed's types: deepspeed_loads
-
-    def commit(self, info) -> bool:
-        return True
-
-    def is_data_parallel_writer(self, dp_rank: int) -> bool:
-        return dp_rank == 0
-
-    def is_decoupled(self) -> bool:
-        return False
-
-    def preserves_storage_sharing(self) -> bool:
-        return not self.writer.background
-
-    def cleanup(self) -> None:
-        pass
-
-
-def deepspeed_loads(folder: str):
-    """A block in which DeepSpeed's loaders read ``folder``'s files with weights only (its
-    ``torch.load`` calls ask for full pickle): beside tensors its checkpoints pickle these few
-    classes, which are allowed; anything else is refused, so a run folder cannot run code."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    from lverse.model.checkpoint import weights_only_loads
-    return weights_only_loads((LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address),
-                              f"DeepSpeed checkpoint {folder}")
-
-
-def to_universal(folder: str, run_dir: str) -> str:
-    """Convert a ZeRO checkpoint for loading on another number of ranks (rank 0 only)."""
-    import argparse
-
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-    out = os.path.join(run_dir, "universal", os.path.basename(folder))
-    if not os.path.isfile(os.path.join(out, MARKER)):
-        shutil.rmtree(out, ignore_errors=True)
-        with deepspeed_loads(folder):
-                ds_to_universal(argparse.Namespace(input_folder=folder, output_folder=out, num_extract_workers=1,
-                                               num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                               inject_missing_state=False))
-        shutil.copy(os.path.join(folder, MARKER), os.path.join(out, MARKER))  # last: complete
-    return out
-
-
 def _stopped_marker(cfg: TrainConfig) -> str:
     return os.path.join(cfg.run_dir, "stopped.json")
 
@@ -940,8 +594,6 @@ class Sampler:
     first shard; every rank takes part (ZeRO-3 gathers parameters collectively), rank 0 writes."""
 
     def __init__(self, cfg: TrainConfig, bcfg, first_shard: str, rank: int, n: int = 4):
-        from lverse.core.shards import read_tar
-        from lverse.runtime.data import TokenBatch
         samples = read_tar(first_shard)[:n]
         make = TokenBatch(cfg.data.tokenizer, bcfg.text_offset, bcfg.text_len, bcfg.image_len, bcfg.image_vocab, 0.0)
         self.batch = make(samples, [np.random.default_rng(0)] * len(samples))
@@ -950,8 +602,6 @@ class Sampler:
         self.vae = None
 
     def run(self, engine, step: int, logger: MetricsLogger, ds: dict) -> None:
-        from lverse.model.biart import Direction, prompt_for
-        from lverse.preprocessing.text_tokenizer import CaptionTokenizer
         model, device = engine.module, engine.device
         gather = contextlib.nullcontext()
         if zero_stage(ds) == 3:
@@ -967,7 +617,6 @@ class Sampler:
         model.train()
         if self.rank:
             return
-        from lverse.model.cache import load_vae
         tok = CaptionTokenizer(self.cfg.data.tokenizer, offset=self.bcfg.text_offset)
         lines = [f"{truth!r} -> {tok.decode(ids.cpu())!r}" for truth, ids in zip(self.captions, text)]
         folder = os.path.join(self.cfg.run_dir, "samples")
@@ -987,8 +636,6 @@ class Sampler:
 def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: int = 0) -> str:
     """The newest complete checkpoint (or ``step``'s) -> one safetensors file of fp32 weights with
     the model config, in-process; works for every ZeRO stage and stage 0. Only ``rank`` 0 writes."""
-    from lverse.model.biart import BiART
-    from lverse.model.checkpoint import save_model
     found = dict(complete_checkpoints(run_dir))
     if not found:
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint (checkpoints/step_*/{MARKER})")
@@ -1003,7 +650,7 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
     # the exported file describes the model; how it was trained (recomputing blocks) is not part of it
     model = BiART(dataclasses.replace(build_model_config(cfg), activation_checkpointing=False))
     if meta.get("zero_stage", 1) == 0:
-        _load_stage0_fp32(model, folder)
+        load_stage0_fp32(model, folder)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with deepspeed_loads(folder):
@@ -1012,31 +659,3 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
     save_model(model, output, meta.get("provenance"))
     log.info("exported step %d of %s to %s", step, run_dir, output)
     return output
-
-
-def _load_stage0_fp32(model, folder: str) -> None:
-    """A stage-0 checkpoint's fp32 weights into ``model``. DeepSpeed's zero_to_fp32 reads ZeRO's
-    optimizer files, which stage 0 has none of: its one file holds the module as trained (fp32
-    weights under fp32) and, under bf16/fp16, the optimizer wrapper's fp32 masters, one list per
-    param group in the optimizer's order (``BiART.optim_groups``, as ``build_optimizer`` made them;
-    DeepSpeed drops empty groups)."""
-    with deepspeed_loads(folder):
-        state = torch.load(os.path.join(folder, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(state["module"], strict=True)  # under bf16/fp16 only the rounded weights
-    opt = state["optimizer"] or {}
-    masters = opt.get("fp32_groups")  # FP16_UnfusedOptimizer (torch AdamW), bf16 or fp16
-    groups = [g["params"] for g in model.optim_groups(0.0) if g["params"]]
-    if masters is None and "fp32_groups_flat" in opt:  # FP16_Optimizer (FusedAdam): one flat tensor a group
-        masters = [flat.split([p.numel() for p in params]) for flat, params in zip(opt["fp32_groups_flat"], groups)]
-    if masters is None:  # fp32: the module is the master
-        return
-    if [len(m) for m in masters] != [len(g) for g in groups]:
-        raise ValueError(f"{folder}: the optimizer holds {[len(m) for m in masters]} fp32 masters a group, the "
-                         f"model has {[len(g) for g in groups]} parameters a group")
-    with torch.no_grad():
-        for params, fp32 in zip(groups, masters):
-            for p, master in zip(params, fp32):
-                if master.numel() != p.numel():
-                    raise ValueError(f"{folder}: an fp32 master of {master.numel()} values for a parameter of "
-                                     f"{p.numel()}")
-                p.copy_(master.view(p.shape))

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from lverse.core.errors import InputError
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.model.checkpoint import save_state
+from lverse.model.clip import register_configs
 from lverse.runtime.trainer import Schedule, set_lr
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,6 @@ def retrieval_accuracy(model, tokenizer, images: torch.Tensor, captions: list[st
 def train_clip(cfg: ClipTrainConfig) -> dict:
     import open_clip
 
-    from lverse.model.clip import register_configs
     register_configs()
     torch.manual_seed(cfg.seed)
     model, _, preprocess = open_clip.create_model_and_transforms(cfg.model, pretrained=None)

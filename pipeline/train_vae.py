@@ -50,6 +50,13 @@ import torch.distributed as dist
 from lverse.core.config import at_least
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
+from lverse.core.images import decodable_images
+from lverse.core.shards import expand_shards, image_shard_counts, read_tar
+from lverse.model.augvae import PRESETS, AugVAE, ml_to_sl
+from lverse.model.checkpoint import save_model
+from lverse.model.losses import ReconstructionLoss, psnr
+from lverse.model.quantizer import codebook_usage
+from lverse.runtime.data import Batches, Stream
 from lverse.runtime.metrics import MetricsLogger
 from lverse.runtime.trainer import (
     Checkpoint,
@@ -147,7 +154,6 @@ def _phase_model(cfg: VAETrainConfig, step: int, trained_ml, resume: Checkpoint 
     ML model just trained (``trained_ml``), or of the one checkpointed at the switch, or the SL
     structure a later checkpoint is loaded into. Connectors are drawn from ``seed`` every time,
     so a run resumed at the switch converts exactly as an uninterrupted one."""
-    from lverse.model.augvae import PRESETS, AugVAE, ml_to_sl
     if cfg.preset not in PRESETS or PRESETS[cfg.preset].variant != "ml":
         raise InputError(f"preset {cfg.preset!r} must be an ML preset: "
                          f"{sorted(k for k, v in PRESETS.items() if v.variant == 'ml')}")
@@ -168,7 +174,6 @@ def _phase_model(cfg: VAETrainConfig, step: int, trained_ml, resume: Checkpoint 
 
 def train_vae(cfg: VAETrainConfig) -> dict:
     """Run (or resume) AugVAE training in this process; returns the last logged metrics."""
-    from lverse.model.losses import ReconstructionLoss
     check_run_dir(cfg.run_dir)
     proc = start_process(cfg.master_port)
     stream, total = _stream(cfg), cfg.ml_steps + cfg.sl_steps
@@ -225,8 +230,6 @@ def train_vae(cfg: VAETrainConfig) -> dict:
 
 def _stream(cfg: VAETrainConfig):
     """The shards' sample stream; refuses a run without steps or shards."""
-    from lverse.core.shards import expand_shards, image_shard_counts
-    from lverse.runtime.data import Stream
     shards = expand_shards(cfg.shards)
     if not shards:
         raise FileNotFoundError(f"shards {cfg.shards!r} matches no image shard")
@@ -254,8 +257,6 @@ class _Phase:
     def start(cls, cfg: VAETrainConfig, proc: Process, step: int, total: int, previous: _Phase | None,
               resume: Checkpoint | None, stream, peak_lr: float) -> _Phase:
         """The phase of ``step``, continuing from the previous phase's model or from ``resume``."""
-        from lverse.core.shards import read_tar
-        from lverse.runtime.data import Batches
         name = _phase_name(cfg, step)
         model = _phase_model(cfg, step, previous.model if previous and name == "sl" else None, resume)
         model = model.to(proc.device)
@@ -291,7 +292,6 @@ class _Meter:
 
     def metrics(self, step: int, phase: _Phase, lr: float, indices: torch.Tensor) -> dict:
         """Collective: the losses are all-reduced, the codebooks compared."""
-        from lverse.model.quantizer import codebook_usage
         world, steps = self.proc.world, step - self.last_step
         dist.all_reduce(self.sums)
         perplexity, dead = codebook_usage(indices.detach(), phase.model.cfg.codebook_size)
@@ -326,7 +326,6 @@ def _save(cfg: VAETrainConfig, model, opt, step: int, rank: int, reached_target:
 
 def _export(cfg: VAETrainConfig, phase: _Phase, rank: int) -> None:
     """``augvae-ml.safetensors`` / ``augvae-sl.safetensors`` at the end of a phase (rank 0)."""
-    from lverse.model.checkpoint import save_model
     if rank == 0:
         path = os.path.join(cfg.run_dir, f"augvae-{phase.name}.safetensors")
         save_model(phase.model, path)
@@ -346,9 +345,6 @@ def _evaluate(cfg: VAETrainConfig, phase: _Phase, step: int, held_out, proc: Pro
 
 def _eval_images(cfg: VAETrainConfig, device) -> torch.Tensor:
     """The first ``eval_images`` decodable held-out images, centre crops at the model's size."""
-    from lverse.core.images import decodable_images
-    from lverse.core.shards import expand_shards
-    from lverse.model.augvae import PRESETS
     if not expand_shards(cfg.eval_shards):
         raise FileNotFoundError(f"eval_shards {cfg.eval_shards!r} matches no image shard")
     images = [torch.from_numpy(image) for _, image in
@@ -360,7 +356,6 @@ def _eval_images(cfg: VAETrainConfig, device) -> torch.Tensor:
 
 def _eval_psnr(model, images: torch.Tensor | None, device) -> float:
     """Mean PSNR of ``images``' reconstructions on rank 0, the same number on every rank."""
-    from lverse.model.losses import psnr
     value = torch.zeros(1, device=device)
     if images is not None:
         model.eval()

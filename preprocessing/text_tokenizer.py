@@ -24,13 +24,11 @@ import torch
 from torch import Tensor
 
 from lverse.core.errors import InputError
+from lverse.core.vocab import VOCAB_SIZE
 
 from . import _bpe
 
 log = logging.getLogger(__name__)
-
-VOCAB_SIZE = 49808  # pieces of the paper's caption tokenizer: the default everywhere a vocabulary size is asked
-
 
 def normalize_caption(text: str) -> str:
     """Fix mojibake and HTML entities (ftfy), collapse whitespace, strip.

@@ -14,4 +14,7 @@ Modules:
     metrics      MetricsLogger: metrics.jsonl, log lines, TensorBoard, W&B
     trainer      the training core of BiART, AugVAE and CLIP training: process setup, reseeding,
                  the stop signal, one lr Schedule, the checkpoint lifecycle, image grids
+    deepspeed    DeepSpeed: its config (loaded, checked), the kernels, optimizer and engine a
+                 model trains with (wrap), its checkpoints (writer, safe loading, universal, stage 0)
+    model_cache  the models a worker process loads once and keeps between items
 """

@@ -93,6 +93,26 @@ def end_process() -> None:
         dist.destroy_process_group()
 
 
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
+    """FLOP/s of a large square matmul on ``device``: what MFU is measured against when no peak is
+    configured."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        reps += 1
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def shared_devices(devices: Sequence[tuple[str, str]]) -> list[str]:
     """Which ranks share a GPU, from every rank's (host, device UUID) in rank order."""
     first, shared = {}, []

@@ -13,7 +13,8 @@ import yaml
 
 from lverse.core.config import from_dict
 from lverse.model.biart import BiART, Direction
-from lverse.pipeline.train import TrainConfig, build_model_config, deepspeed_loads, load_ds_config, wrap
+from lverse.pipeline.train import TrainConfig, build_model_config, ds_config
+from lverse.runtime.deepspeed import deepspeed_loads, wrap
 from lverse.runtime.distributed import setup_env
 from lverse.runtime.trainer import complete_checkpoints
 
@@ -26,8 +27,7 @@ def main(run_dir: str, out: str) -> None:
     with open(os.path.join(run_dir, "config.yaml")) as f:
         cfg = from_dict(TrainConfig, yaml.safe_load(f), "config.yaml")
     bcfg = build_model_config(cfg)
-    engine, _ = wrap(BiART(bcfg), cfg, load_ds_config(cfg.deepspeed, cfg, dist.get_world_size()), 1e-3,
-                     torch.device("cpu"))
+    engine, _ = wrap(BiART(bcfg), ds_config(cfg, dist.get_world_size()), 1e-3, torch.device("cpu"), cfg.optim)
     folder = complete_checkpoints(run_dir)[-1][1]
     with deepspeed_loads(folder):
         engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))

@@ -18,7 +18,8 @@ from lverse.core.errors import InputError
 from lverse.model import BiART
 from lverse.model.biart import BiARTConfig
 from lverse.model.checkpoint import load_model
-from lverse.pipeline.train import TrainConfig, _layout_difference, deepspeed_loads, load_ds_config
+from lverse.pipeline.train import TrainConfig, ds_config
+from lverse.runtime.deepspeed import deepspeed_loads, layout_difference
 
 from .test_train import losses, metrics, run_job, train_config
 
@@ -27,23 +28,23 @@ def test_stage_0_and_zero_checkpoints_do_not_resume_into_each_other():
     """Stage 0 keeps the optimizer in ``mp_rank_00_model_states.pt``, ZeRO in ``*_optim_states.pt``:
     a resume across them, or across precisions at stage 0, is refused naming the field; ZeRO-1 and
     ZeRO-2 (the same files) and checkpoints from before ``zero_stage`` was recorded (ZeRO) pass."""
-    ddp, ddp32, zero1, zero2 = (load_ds_config(name, TrainConfig(), 2)
+    ddp, ddp32, zero1, zero2 = (ds_config(TrainConfig(deepspeed=name), 2)
                                 for name in ("ddp_bf16", "ddp_fp32", "zero1_bf16", "zero2_bf16"))
     stage0 = {"zero_stage": 0, "precision": "bf16"}
-    assert "zero_optimization.stage is 2" in _layout_difference(stage0, zero2)
+    assert "zero_optimization.stage is 2" in layout_difference(stage0, zero2)
     assert "trained at ZeRO stage 1, this run's zero_optimization.stage is 0" in \
-        _layout_difference({"zero_stage": 1, "precision": "bf16"}, ddp)
-    assert "trained at ZeRO stage 1" in _layout_difference({}, ddp)  # before the field: ZeRO
-    assert "bf16.enabled" in _layout_difference(stage0, ddp32)
-    assert _layout_difference(stage0, ddp) is None and _layout_difference({}, zero2) is None
-    assert _layout_difference({"zero_stage": 1, "precision": "bf16"}, zero2) is None
+        layout_difference({"zero_stage": 1, "precision": "bf16"}, ddp)
+    assert "trained at ZeRO stage 1" in layout_difference({}, ddp)  # before the field: ZeRO
+    assert "bf16.enabled" in layout_difference(stage0, ddp32)
+    assert layout_difference(stage0, ddp) is None and layout_difference({}, zero2) is None
+    assert layout_difference({"zero_stage": 1, "precision": "bf16"}, zero2) is None
 
 
 def test_the_stage_must_be_said(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text('{"bf16": {"enabled": true}}')
     with pytest.raises(InputError, match="zero_optimization.stage is not set .*0 for plain data parallel"):
-        load_ds_config(str(path), TrainConfig(), 1)
+        ds_config(TrainConfig(deepspeed=str(path)), 1)
 
 
 def _module_and_masters(folder):

@@ -19,7 +19,7 @@ from lverse.cli import main
 from lverse.model.biart import BiART, BiARTConfig, Direction
 from lverse.model.checkpoint import load_model
 from lverse.pipeline import train as train_module
-from lverse.pipeline.train import precision
+from lverse.runtime.deepspeed import precision
 from lverse.runtime.trainer import Process
 
 from .conftest import free_port

@@ -6,6 +6,7 @@ and no two modules import each other, directly or around a loop (function-local 
     stages     lverse.pipeline.*                                   one module a stage; none imports another
     runtime    lverse.runtime.*                                    executors, stage runner, ranks, training core
     models     lverse.model.*, lverse.preprocessing.*              torch modules, tokenizer, synthetic data
+                                                                   (lverse.model.* no preprocessing)
     core       lverse.core.*, lverse.ds_configs                    files, configs, shards, devices
 
 A launcher knows no stage (a stage's plan reaches it from lverse.plans), so lverse.slurm may
@@ -97,6 +98,8 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
                 found.append(f"{module} ({mine}) imports {target} ({theirs}): an upward import")
             elif mine == "stages" and theirs == "stages" and module != "lverse.pipeline":
                 found.append(f"{module} imports {target}: a stage imports another stage")
+            elif module.startswith("lverse.model.") and not (theirs == "core" or target.startswith("lverse.model")):
+                found.append(f"{module} imports {target}: a model imports lverse's core and models only")
             elif mine in ALLOWED_BELOW and theirs != mine and theirs not in ALLOWED_BELOW[mine]:
                 allowed = sorted(ALLOWED_BELOW[mine])
                 found.append(f"{module} ({mine}) imports {target} ({theirs}): allowed are {allowed}")
@@ -146,9 +149,13 @@ def test_the_package_imports_one_way_only():
 def test_the_checker_finds_cycles_and_upward_imports():
     graph = {"lverse.core.files": {"lverse.model.cache"}, "lverse.model.cache": {"lverse.core.files"},
              "lverse.pipeline.caption": {"lverse.pipeline.encode"}, "lverse.pipeline.encode": set(),
-             "lverse.slurm.render": {"lverse.pipeline.caption"}}
+             "lverse.slurm.render": {"lverse.pipeline.caption"},
+             "lverse.model.biart": {"lverse.preprocessing.text_tokenizer", "lverse.core.vocab"}}
     found = violations(graph)
     assert "lverse.core.files (core) imports lverse.model.cache (models): an upward import" in found
     assert "lverse.pipeline.caption imports lverse.pipeline.encode: a stage imports another stage" in found
     assert any(v.startswith("lverse.slurm.render (launchers) imports lverse.pipeline.caption") for v in found)
     assert "import cycle: lverse.core.files -> lverse.model.cache -> lverse.core.files" in found
+    assert ("lverse.model.biart imports lverse.preprocessing.text_tokenizer: a model imports lverse's core and models "
+            "only") in found
+    assert not any("lverse.core.vocab" in v for v in found)

@@ -19,7 +19,7 @@ CONFIG = os.path.join(REPO, "configs", "paper_coco.yaml")
 def test_paper_config_is_the_papers_biart_and_is_accepted_by_train_and_slurm(tmp_path, monkeypatch, capsys):
     from lverse.core.config import load_config
     from lverse.model.biart import PRESETS
-    from lverse.pipeline.train import TrainConfig, load_ds_config
+    from lverse.pipeline.train import TrainConfig, ds_config
     from lverse.runtime.trainer import Schedule
     cfg = load_config(CONFIG, TrainConfig)
     model = PRESETS[cfg.model.preset]
@@ -27,7 +27,7 @@ def test_paper_config_is_the_papers_biart_and_is_accepted_by_train_and_slurm(tmp
     assert cfg.optim.lr is None and cfg.optim.lr_per_sample == 4.5e-7  # the paper's rule, not a fixed lr
     assert (cfg.optim.schedule, cfg.optim.betas, cfg.optim.weight_decay) == ("plateau", [0.9, 0.95], 0.01)
     world = 32  # the GPUs the config's comment sizes it for
-    ds = load_ds_config(cfg.deepspeed, cfg, world)
+    ds = ds_config(cfg, world)
     assert ds["train_batch_size"] == 512
     assert cfg.optim.lr_per_sample * ds["train_batch_size"] == pytest.approx(2.304e-4)
     Schedule.of(cfg.optim, "optim.")

@@ -24,7 +24,7 @@ from lverse.core.shards import file_sha256, iter_samples, read_tar, token_shard_
 from lverse.model import AugVAE, BiART
 from lverse.model.biart import BiARTConfig, Direction
 from lverse.model.checkpoint import load_model
-from lverse.pipeline.train import TrainConfig, load_ds_config
+from lverse.pipeline.train import TrainConfig, ds_config
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.runtime.data import Batches, GlobalBatches, GlobalOrder, Stream, TokenBatch
 from lverse.runtime.distributed import world_info_from_env
@@ -170,7 +170,7 @@ def test_ds_config_may_not_set_batch_or_optimizer(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 64}))
     with pytest.raises(ValueError, match="come from the run config"):
-        load_ds_config(str(bad), TrainConfig(), 1)
+        ds_config(TrainConfig(deepspeed=str(bad)), 1)
 
 
 def test_slurm_variables_give_rank_and_world():
@@ -352,7 +352,7 @@ def test_read_tar_reads_every_sample(data):
 
 
 def test_deepspeed_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch):
-    from lverse.pipeline.train import ds_config_path
+    from lverse.runtime.deepspeed import ds_config_path
     monkeypatch.chdir(tmp_path)
     for path in DS_CONFIGS:
         name = os.path.basename(path).removesuffix(".json")
@@ -395,7 +395,7 @@ def test_a_deepspeed_config_that_is_no_json_object_is_named(tmp_path, text, mess
     path = tmp_path / "ds.json"
     path.write_text(text)
     with pytest.raises(InputError, match=f"{re.escape(str(path))} {message}"):
-        load_ds_config(str(path), TrainConfig(), 1)
+        ds_config(TrainConfig(deepspeed=str(path)), 1)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -411,9 +411,9 @@ def test_deepspeed_config_mistakes_are_refused_before_any_work(tmp_path, change,
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}, **change}))
     with pytest.raises(InputError, match=f"{re.escape(str(path))}: .*{re.escape(message)}"):
-        load_ds_config(str(path), TrainConfig(), 1)
+        ds_config(TrainConfig(deepspeed=str(path)), 1)
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
-    assert load_ds_config(str(path), TrainConfig(), 1)["zero_optimization"] == {"stage": 2}
+    assert ds_config(TrainConfig(deepspeed=str(path)), 1)["zero_optimization"] == {"stage": 2}
 
 
 class _Payload:
@@ -606,7 +606,7 @@ def test_compiled_blocks_give_the_eager_numbers():
     import dataclasses
 
     from lverse.model.biart import PRESETS, build_sequence, prompt_for
-    from lverse.pipeline.train import compile_blocks
+    from lverse.runtime.deepspeed import compile_blocks
     cfg = dataclasses.replace(PRESETS["debug"], n_layer=2, embd_pdrop=0.0, resid_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
     eager, compiled = BiART(cfg).train(), BiART(cfg).train()

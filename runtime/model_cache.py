@@ -30,7 +30,7 @@ def cached(kind: str, key: Hashable, load: Callable[[], T]) -> T:
 def load_vae(path: str, device: str = "cpu"):
     """The AugVAE of a checkpoint, frozen, eval mode, FP32, on ``device``; cached per process."""
     def load():
-        from .augvae import AugVAE
+        from lverse.model.augvae import AugVAE
         vae = AugVAE.load(path)
         if vae.cfg.codebook_size > 1 << 16:
             raise InputError(f"{vae.cfg.codebook_size} codes do not fit the token shards' uint16")
@@ -54,15 +54,14 @@ def load_generator(checkpoint: str, vae: str, tokenizer: str, device: str, clip:
     dtype = compute_dtype(precision, device)
 
     def load():
+        from lverse.model.biart import BiART, BiARTConfig
+        from lverse.model.checkpoint import load_model
         from lverse.preprocessing.text_tokenizer import CaptionTokenizer
-
-        from .biart import BiART, BiARTConfig
-        from .checkpoint import load_model
         model = load_model(checkpoint, BiART, BiARTConfig).to(device=device, dtype=dtype).eval()
         tok = CaptionTokenizer(tokenizer, offset=model.cfg.text_offset)
         scorer = None
         if clip:
-            from .clip import ClipScorer
+            from lverse.model.clip import ClipScorer
             scorer = ClipScorer(clip, clip_checkpoint, device)
         return model, tok, scorer
     model, tok, scorer = cached("generator", (checkpoint, tokenizer, clip, clip_checkpoint, device, dtype), load)
@@ -77,10 +76,9 @@ def check_generator(checkpoint: str, vae: str, tokenizer: str, ignore_provenance
     Reads the BiART's config, not its weights."""
     import os
 
+    from lverse.model.biart import BiARTConfig
+    from lverse.model.checkpoint import check_provenance, read_config, read_provenance
     from lverse.preprocessing.text_tokenizer import CaptionTokenizer
-
-    from .biart import BiARTConfig
-    from .checkpoint import check_provenance, read_config, read_provenance
     for name, path in (("checkpoint", checkpoint), ("vae", vae), ("tokenizer", tokenizer)):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--{name} {path} does not exist")
