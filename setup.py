@@ -72,5 +72,5 @@ setup(
     # at install time.
     ext_modules=[Extension("lverse.preprocessing._bpe", ["preprocessing/_bpe.c"], extra_compile_args=["-O2"])],
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["lverse=lverse.cli:main"]},
+    entry_points={"console_scripts": ["lverse=lverse.cli:run"]},
 )

@@ -12,6 +12,7 @@ exits 1, its finished work kept; any other exception is a bug and shows its trac
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import faulthandler
 import inspect
@@ -674,5 +675,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0  # anything else is a bug: it propagates with its traceback
 
 
+def run() -> None:
+    """The ``lverse`` command (and ``python -m lverse.cli``): ``main``, then ``exit_now``."""
+    exit_now(main())
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` once the command is done, without the interpreter's teardown
+    of native libraries.
+
+    Python's exit first joins the threads and runs the atexit handlers (Ray's shutdown,
+    multiprocessing ending its children, logging's flush), then tears down the modules and the
+    libraries' global state. In that last part native threads still alive (Arrow's I/O pool, a
+    process group's backend) may need the GIL: Python ends such a thread, and the process aborts
+    with "terminate called without an active exception" after its work is done, which a job
+    script or a scheduler takes for a failure (seen in most full test runs on a busy 2-core
+    machine, each time another process: a download array task, a rank of a finished 2-rank
+    training run). So this does the first
+    part as the interpreter would, flushes the standard streams and leaves with ``os._exit``. The
+    price: objects still alive are not finalised, which lverse never relies on: every file it
+    writes is closed (and renamed into place) before the command returns. A command that fails
+    with a traceback exits the usual way."""
+    threading._shutdown()  # what the interpreter's exit does first: join the non-daemon threads
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -341,3 +341,16 @@ def test_a_full_disk_mid_work_keeps_its_traceback(inputs, tmp_path):
                  tmpfs=(str(folder), "size=1m"))  # the AugVAE is larger
     assert out.returncode == 1 and "Traceback" in out.stderr and "No space left on device" in out.stderr, \
         out.stderr[-3000:]
+
+
+def test_the_command_ends_after_joining_threads_and_running_exit_handlers_without_teardown():
+    """``exit_now`` (its doc says why): the exit code, a thread still working finishes, the atexit
+    handlers run after it, and no object is finalised by the interpreter's teardown."""
+    script = ("import atexit, threading, time\nfrom lverse.cli import exit_now\n"
+              "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done', flush=True))).start()\n"
+              "atexit.register(lambda: print('atexit ran'))\n"
+              "class Late:\n    def __del__(self):\n        print('finalised')\n"
+              "late = Late()\nexit_now(3)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout.split("\n") == ["thread done", "atexit ran", ""]

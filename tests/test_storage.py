@@ -3,13 +3,15 @@ on 127.0.0.1, reached over HTTP), the outputs byte for byte those of the same ru
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from lverse.cli import main
 from lverse.core import storage
 from lverse.core.errors import InputError
-from lverse.core.files import atomic_output
+from lverse.core.files import atomic_output, atomic_write_parquet
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.pipeline.caption import run_caption
 from lverse.pipeline.download import DownloadConfig, run_download
@@ -93,6 +95,24 @@ def test_an_upload_counts_whole_or_not_at_all(s3):
         raise RuntimeError("killed mid-write")
     assert not storage.exists("s3://lverse/atomic/b.bin")
     assert not os.path.exists(tmp)  # the local temporary is gone too
+
+
+def test_parquet_is_read_whole_in_the_calling_thread_from_disk_and_s3(s3, tmp_path):
+    """storage.read_parquet (its doc says why): the same table from either kind of path, and no
+    Arrow thread started by a read, so none is left to meet the interpreter's exit."""
+    import pyarrow as pa
+    table = pa.table({"key": ["a", "b"], "n": [1, 2]})
+    atomic_write_parquet(str(tmp_path / "t.parquet"), table)
+    atomic_write_parquet("s3://lverse/parquet/t.parquet", table)
+    assert storage.read_parquet("s3://lverse/parquet/t.parquet", ["key"]).to_pydict() == {"key": ["a", "b"]}
+    script = ("import os, sys, pyarrow\nfrom lverse.core import storage\n"
+              "before = len(os.listdir('/proc/self/task'))\n"
+              "table = storage.read_parquet(sys.argv[1], ['key']).to_pydict()\n"
+              "print(len(os.listdir('/proc/self/task')) - before, table['key'])")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "t.parquet")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["0", "['a',", "'b']"]  # threads added by the read, then the keys
 
 
 def test_samples_stream_from_s3_as_from_disk(s3, data):  # noqa: F811
