@@ -301,8 +301,8 @@ class KeyedTokenBatch(TokenBatch):
 
 def loader_images(encoded, tokens, steps, monkeypatch):
     """key -> the image ids of each time training's data_loader (1 rank, no workers) gave it."""
-    import lverse.runtime.data
-    monkeypatch.setattr(lverse.runtime.data, "TokenBatch", KeyedTokenBatch)
+    import lverse.pipeline.train
+    monkeypatch.setattr(lverse.pipeline.train, "TokenBatch", KeyedTokenBatch)  # what data_loader makes batches with
     cfg = TrainConfig(micro_batch_size=4, deepspeed="zero2_fp32",
                       data=DataConfig(shards=tokens, tokenizer=encoded["tokenizer"], vae=encoded["vae"], workers=0))
     cfg.model.overrides = {"text_len": 24}

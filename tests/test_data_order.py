@@ -190,8 +190,8 @@ def test_a_run_resumed_2_1_4_ranks_consumes_what_an_uninterrupted_one_does(data,
     """(key, direction, caption pieces with BPE-dropout) of every sample consumed, through
     data_loader: 2 ranks to step 4, 1 rank (micro-batch doubled) to 8, 4 ranks (halved) to 12,
     against 2 ranks throughout; then with other global batches: the samples continue exactly."""
-    import lverse.runtime.data
-    monkeypatch.setattr(lverse.runtime.data, "TokenBatch", KeyedTokenBatch)
+    import lverse.pipeline.train
+    monkeypatch.setattr(lverse.pipeline.train, "TokenBatch", KeyedTokenBatch)  # what data_loader makes batches with
     full, _ = consume(data, 2, 4, 0, 12)
     assert len(full) == 96 and len({k for k, _, _ in full[:N]}) == N
     part, checkpoint = consume(data, 2, 4, 0, 4)
