@@ -78,6 +78,7 @@ import numpy as np
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import read_json, umask
+from lverse.core.resources import available_cores
 from lverse.core.shards import check_vae, iter_samples, shard_name, stats_path
 
 log = logging.getLogger(__name__)
@@ -107,9 +108,10 @@ def index_path(tokens: str, index_dir: str | None = None) -> str:
     return os.path.join(index_home(tokens, index_dir), INDEX)
 
 
-def rebuild_hint(tokens: str, index_dir: str | None = None) -> str:
+def index_command(tokens: str, index_dir: str | None = None) -> str:
+    """The command that builds the index of ``tokens``, which every message about the index names."""
     where = f" --index-dir {index_dir}" if index_dir is not None else ""
-    return f"rebuild it with `lverse index --tokens {tokens}{where}`"
+    return f"lverse index --tokens {tokens}{where}"
 
 
 def shard_identity(shard: str) -> dict:
@@ -149,8 +151,9 @@ def finished_shards(tokens: str) -> tuple[list[str], list[str]]:
 
 def build_index(tokens: str, progress: bool = True, workers: int | None = None, index_dir: str | None = None) -> dict:
     """Index every finished token shard of ``tokens`` into ``tokens/_index`` (``index_dir/_index``;
-    replacing one that is there), the tars read by ``workers`` processes (None:
-    ``default_workers()``); returns what was built: samples, shards, bytes, seconds."""
+    replacing one that is there), the tars read by ``workers`` processes (None: the cores this
+    process may use, at most 16, beyond which reading the tars is bound by the disk); returns what
+    was built: samples, shards, bytes, seconds."""
     start = time.time()
     home = index_home(tokens, index_dir)
     shards, unfinished = finished_shards(tokens)
@@ -186,7 +189,7 @@ def build_index(tokens: str, progress: bool = True, workers: int | None = None, 
                          "writable folder, or give the index a folder of its own (--index-dir)") from None
     os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it 0700: others on shared storage could not read it
     try:
-        workers = default_workers() if workers is None else workers
+        workers = min(16, available_cores()) if workers is None else workers
         image_len = _write_arrays(tmp, shards, entries, crops[0], progress, min(workers, len(shards)))
         meta = {"version": VERSION, "samples": sum(e["samples"] for e in entries), "image_len": image_len,
                 "crops": crops[0], "vae": vaes[0], "shards": entries}
@@ -298,11 +301,6 @@ def _in_order(fn, items: list, workers: int):
             yield pending.popleft().result()
 
 
-def default_workers() -> int:
-    """The cores this process may use, at most 16 (reading the tars is then bound by the disk)."""
-    return max(1, min(16, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def _codes(sample: dict, shard: str) -> np.ndarray:
     if "codes.npy" not in sample:
         raise InputError(f"{shard}: sample {sample['__key__']} has no codes.npy: not a token shard")
@@ -363,15 +361,16 @@ class TokenIndex:
     """A built index, read in place. Picklable (a DataLoader worker gets the path and the meta
     and maps the files itself on first use)."""
 
-    def __init__(self, path: str, hint: str | None = None):
-        """``hint``: the command that rebuilds it (``rebuild_hint``), which its errors name; by
+    def __init__(self, path: str, command: str | None = None):
+        """``command``: the one that rebuilds it (``index_command``), which its errors name; by
         default that of an index in its tokens folder."""
         self.path = path
-        self.hint = hint or rebuild_hint(os.path.dirname(path))
+        self.command = command or index_command(os.path.dirname(path))
+        self.hint = f"rebuild it with `{self.command}`"
         meta_path = os.path.join(path, "meta.json")
         if not os.path.isfile(meta_path):
             raise InputError(f"{path} holds no token index (no meta.json); "
-                             f"{self.hint.replace('rebuild it with', 'build it with')}")
+                             f"build it with `{self.command}`")
         self.meta = read_json(meta_path)
         if self.meta.get("version") != VERSION:
             raise InputError(f"the token index {path} is of version {self.meta.get('version')}, this lverse reads "
@@ -383,7 +382,8 @@ class TokenIndex:
         return self.meta["samples"]
 
     def __getstate__(self):
-        return {"path": self.path, "hint": self.hint, "meta": self.meta, "crops": self.crops, "_arrays": None}
+        return {"path": self.path, "command": self.command, "hint": self.hint, "meta": self.meta, "crops": self.crops,
+                "_arrays": None}
 
     def check_files(self) -> None:
         """The files hold what meta.json says (a damaged or half-copied index is refused), and as
@@ -573,7 +573,7 @@ def open_samples(shards: list[str], vae_hash: str | None, crops: bool = True,
     unless the index holds each of them unchanged (and, with ``vae_hash``, is of that AugVAE);
     ``crops``: their random crops are views too (``TokenSamples``)."""
     tokens = shards_folder(shards)
-    index = TokenIndex(index_path(tokens, index_dir), rebuild_hint(tokens, index_dir))
+    index = TokenIndex(index_path(tokens, index_dir), index_command(tokens, index_dir))
     if vae_hash is not None and index.meta["vae"] != vae_hash:
         raise InputError(f"the token index {index.path} is of another AugVAE ({index.meta['vae'][:12]}...) than "
                          f"data.vae ({vae_hash[:12]}...): {index.hint}")
@@ -594,9 +594,9 @@ def ensure_index(shards: list[str], vae_hash: str | None, rank: int = 0, crops: 
     meta = os.path.join(index_path(tokens, index_dir), "meta.json")
     if rank == 0 and not os.path.isfile(meta):
         log.info("no token index in %s: building it once (`%s` does the same)", os.path.dirname(meta),
-                 rebuild_hint(tokens, index_dir).removeprefix("rebuild it with ").strip("`"))
+                 index_command(tokens, index_dir))
         build_index(tokens, index_dir=index_dir)
-    _wait_for(meta, rank, rebuild_hint(tokens, index_dir).replace("rebuild it with", "build it beforehand with"))
+    _wait_for(meta, rank, f"build it beforehand with `{index_command(tokens, index_dir)}`")
     return open_samples(shards, vae_hash, crops, index_dir)
 
 
@@ -623,7 +623,7 @@ def index_folder(tokens: str, progress: bool = True, workers: int | None = None,
     shards, _ = finished_shards(tokens)
     if os.path.isfile(os.path.join(path, "meta.json")) and shards:
         try:
-            index = TokenIndex(path, rebuild_hint(tokens, index_dir))
+            index = TokenIndex(path, index_command(tokens, index_dir))
             index.check_files()
             fresh = not index.stale(shards) and len(index.meta["shards"]) == len(shards)
         except InputError:
