@@ -46,7 +46,7 @@ STEPS = 4
 #   DeepSpeedCPUAdam's vectorised AdamW rounds otherwise than torch's: measured bit-equal to it
 #   under ZeRO-2, 6e-5 apart under ZeRO-3. Tolerance 5e-4 (2.4x the largest); for scale, bf16
 #   and fp32 training differ by 7e-4, and DeepSpeed's priming step at stage 0 (undone by
-#   pipeline/train.py's undo_priming_step) moved ddp_bf16 by 0.06.
+#   runtime/deepspeed.py's undo_priming_step) moved ddp_bf16 by 0.06.
 # - fp32: zero2_fp32 bit-equal to ddp_fp32 in 4 steps (2.4e-7 by step 6, one float32 ulp of a loss
 #   near 4): only the summation order of the reduction differs. Tolerance 1e-6 (4 such ulps).
 TOLERANCE = {"bf16": 5e-4, "fp32": 1e-6}
