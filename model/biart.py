@@ -320,7 +320,6 @@ class BiART(nn.Module):
         return [{"params": [p for n, p in params.items() if n in decay], "weight_decay": weight_decay},
                 {"params": [p for n, p in params.items() if n not in decay], "weight_decay": 0.0}]
 
-    @torch.no_grad()
     def flops_per_token(self) -> float:
         """Model FLOPs of one training token (forward + backward), PaLM appendix B: 6N for the matmul
         weights (embedding lookups excluded) + 12 * layers * width * sequence length for attention.
@@ -335,6 +334,7 @@ class BiART(nn.Module):
             head = c.image_vocab * c.image_len + (c.text_vocab + 1) * c.text_len
         return 6 * n + 6 * c.n_embd * head / (c.seq_len - 1) + 12 * c.n_layer * c.n_embd * c.seq_len
 
+    @torch.no_grad()
     def generate(self, prompt: Tensor, direction: Direction, max_new_tokens: int,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True, num_samples: int = 1) -> Tensor:

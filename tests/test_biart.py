@@ -154,6 +154,18 @@ def test_kv_cache_generation_equals_full_recomputation(direction):
     assert len({tuple(r) for r in many[0][:4].tolist()}) > 1  # samples of one prompt differ
 
 
+def test_generation_records_no_autograd_graph():
+    """Sampling keeps no graph for a backward that never comes (it would hold every step's
+    activations): every block runs with gradients off, in training mode too."""
+    model = BiART(CFG)
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: seen.append(torch.is_grad_enabled()))
+    text, _ = batch()
+    model.generate(prompt_for(text, Direction.T2I, CFG), Direction.T2I, 4, temperature=0)
+    assert seen and not any(seen)
+
+
 def test_the_wrong_modality_is_never_produced():
     model = BiART(CFG).eval()
     text, image = batch()
