@@ -691,11 +691,10 @@ def exit_now(code: int) -> None:
     with "terminate called without an active exception" after its work is done, which a job
     script or a scheduler takes for a failure (seen in most full test runs on a busy 2-core
     machine, each time another process: a download array task, a rank of a finished 2-rank
-    training run). So this does the first
-    part as the interpreter would, flushes the standard streams and leaves with ``os._exit``. The
-    price: objects still alive are not finalised, which lverse never relies on: every file it
-    writes is closed (and renamed into place) before the command returns. A command that fails
-    with a traceback exits the usual way."""
+    training run). So this does the first part as the interpreter would, flushes the standard
+    streams and leaves with ``os._exit``. The price: objects still alive are not finalised, which
+    lverse never relies on: every file it writes is closed (and renamed into place) before the
+    command returns. A command that fails with a traceback exits the usual way."""
     threading._shutdown()  # what the interpreter's exit does first: join the non-daemon threads
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

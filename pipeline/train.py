@@ -356,7 +356,6 @@ def build_engine(run: Run, resume: Checkpoint | None):
     from ``resume``, writing checkpoints through lverse's writer; returns (engine, kernel choices,
     the writer)."""
     from deepspeed.checkpoint import UNIVERSAL_CHECKPOINT_INFO
-
     if resume and _needs_universal(resume, run):
         run.ds.setdefault("checkpoint", {})["load_universal"] = True
     torch.manual_seed(run.cfg.seed)

@@ -339,7 +339,6 @@ def deepspeed_loads(folder: str):
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
-
     return weights_only_loads((LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address),
                               f"DeepSpeed checkpoint {folder}")
 
@@ -353,7 +352,7 @@ def to_universal(folder: str, run_dir: str) -> str:
     if not os.path.isfile(os.path.join(out, MARKER)):
         shutil.rmtree(out, ignore_errors=True)
         with deepspeed_loads(folder):
-                ds_to_universal(argparse.Namespace(input_folder=folder, output_folder=out, num_extract_workers=1,
+            ds_to_universal(argparse.Namespace(input_folder=folder, output_folder=out, num_extract_workers=1,
                                                num_merge_workers=1, keep_temp_folder=False, strict=True,
                                                inject_missing_state=False))
         shutil.copy(os.path.join(folder, MARKER), os.path.join(out, MARKER))  # last: complete
