@@ -53,7 +53,8 @@ from lverse.core.resources import available_cores
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS as VAE_PRESETS
 from lverse.model.biart import PRESETS, BiART
-from lverse.pipeline.caption import CaptionConfig, ShardCaptioner, run_caption, sample_captions
+from lverse.pipeline.caption import ShardCaptioner, run_caption, sample_captions
+from lverse.pipeline.configs import CaptionConfig
 from lverse.preprocessing.synthetic import draw_sample
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 

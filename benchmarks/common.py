@@ -35,10 +35,10 @@ from lverse.core.shards import add_to_tar
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS as VAE_PRESETS
 from lverse.model.biart import PRESETS, BiART
-from lverse.pipeline.train import OptimConfig, TrainConfig, ds_config, micro_step
+from lverse.pipeline.configs import OptimConfig
 from lverse.preprocessing.synthetic import draw_sample
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
-from lverse.runtime.deepspeed import wrap
+from lverse.runtime.deepspeed import load_ds_config, micro_step, wrap
 
 __all__ = ["BPE_DROPOUT", "IMAGE_LEN", "IMAGE_VOCAB", "TEXT_LEN", "VAE", "PeakMemory", "build_engine", "captions",
            "deepspeed_config", "make_raw_shards", "make_token_shards", "micro_step", "model_files", "random_batches",
@@ -48,7 +48,7 @@ __all__ = ["BPE_DROPOUT", "IMAGE_LEN", "IMAGE_VOCAB", "TEXT_LEN", "VAE", "PeakMe
 def deepspeed_config(name: str, batch: int, world_size: int = 1) -> dict:
     """The ds_config ``name`` (a shipped name or a path) as the train stage loads it for
     micro-batches of ``batch`` on ``world_size`` ranks."""
-    return ds_config(TrainConfig(micro_batch_size=batch, deepspeed=name), world_size)
+    return load_ds_config(name, world_size, micro_batch_size=batch, grad_accum=1, grad_clip=OptimConfig().grad_clip)
 
 
 def build_engine(model: BiART, ds: dict, lr: float, device: torch.device, fused: bool | None = None):

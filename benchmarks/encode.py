@@ -62,7 +62,8 @@ from lverse.core.resources import available_cores
 from lverse.core.shards import iter_samples
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
-from lverse.pipeline.encode import MAX_CROPS, EncodeConfig, run_encode
+from lverse.pipeline.configs import MAX_CROPS, EncodeConfig
+from lverse.pipeline.encode import run_encode
 
 
 def shard_batches(paths: list[str], size: int, batch_size: int) -> list[list[torch.Tensor]]:

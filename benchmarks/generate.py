@@ -26,7 +26,8 @@ import time
 import numpy as np
 from common import PeakMemory, captions, model_files, vocabulary
 
-from lverse.pipeline.generate import GenerateConfig, PromptGenerator
+from lverse.pipeline.configs import GenerateConfig
+from lverse.pipeline.generate import PromptGenerator
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ import torch
 from common import build_engine, deepspeed_config, micro_step, random_batches
 
 from lverse.model.biart import PRESETS, BiART, Direction, build_sequence
-from lverse.pipeline.train import OptimConfig
+from lverse.pipeline.configs import OptimConfig
 from lverse.runtime.deepspeed import build_optimizer, compile_blocks, precision
 from lverse.runtime.distributed import setup_env
 from lverse.runtime.trainer import measure_peak_flops

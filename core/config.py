@@ -180,16 +180,19 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _option_type(cls: type, name: str, hint) -> tuple[type, tuple | None]:
-    """(type, choices) of the option of a field annotated ``hint``; TypeError where none fits."""
+def _option_type(cls: type, name: str, hint) -> tuple[type, tuple | None, bool]:
+    """(type, choices, whether it takes a list) of the option of a field annotated ``hint``;
+    TypeError where none fits."""
     if typing.get_origin(hint) in (typing.Union, UnionType):  # X | None
         rest = [a for a in typing.get_args(hint) if a is not type(None)]
         hint = rest[0] if len(rest) == 1 else hint
+    if typing.get_origin(hint) is list and typing.get_args(hint) in ((int,), (float,), (str,)):
+        return typing.get_args(hint)[0], None, True
     if typing.get_origin(hint) is typing.Literal:
         choices = typing.get_args(hint)
-        return type(choices[0]), choices
+        return type(choices[0]), choices, False
     if hint in (int, float, str, bool):
-        return hint, None
+        return hint, None, False
     raise TypeError(f"{cls.__name__}.{name} ({hint}) cannot be a command-line option: pass it in skip= and "
                     "give the command its own option, or a config file")
 
@@ -208,36 +211,48 @@ def _default(f: dataclasses.Field):
 
 
 def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[str] = (),
-                required: bool | None = None, types: dict[str, Callable] | None = None,
-                choices: dict[str, Sequence] | None = None) -> None:
+                positional: Sequence[str] = (), required: bool | None = None,
+                types: dict[str, Callable] | None = None, choices: dict[str, Sequence] | None = None) -> None:
     """Add an option ``--field-name`` for each field of dataclass ``cls`` (but those in ``skip``).
 
     Its type comes from the annotation (int, float, str; ``X | None``; ``Literal[...]`` gives
-    choices), its help from the field's comment (``field_help``) with the dataclass default
-    appended; for a None default, the comment's "(None: ...)" says what happens without the option.
-    A bool field is a switch: ``--x`` when it defaults to False, ``--no-x`` when True. A field
-    without a default is a required option, unless ``required`` says otherwise for all. ``types``
-    and ``choices`` add command-line checks to named fields (a file that must exist, a count that
-    must be positive); defaults are never given here. The options hold no default of their own
-    (argparse.SUPPRESS), so ``options_to_config`` leaves an option not given to the dataclass. A
-    field no option can hold (a dict, a nested dataclass) raises TypeError unless skipped.
+    choices; ``list[int]``, ``list[float]``, ``list[str]`` take one or more values), its help from
+    the field's comment (``field_help``) with the dataclass default appended; for a None default,
+    the comment's "(None: ...)" says what happens without the option. A bool field is a switch:
+    ``--x`` when it defaults to False, ``--no-x`` when True. The fields named in ``positional``
+    are positional arguments instead, in that order (optional where the field has a default). A
+    field without a default is a required option, unless ``required`` says otherwise for all.
+    ``types`` and ``choices`` add command-line checks to named fields (a file that must exist, a
+    count that must be positive); defaults are never given here. The options hold no default of
+    their own (argparse.SUPPRESS), so ``options_to_config`` leaves an option not given to the
+    dataclass. A field no option can hold (a dict, a nested dataclass) raises TypeError unless
+    skipped.
     """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     types, choices = types or {}, choices or {}
-    unknown = sorted((set(skip) | set(types) | set(choices)) - set(fields))
+    unknown = sorted((set(skip) | set(positional) | set(types) | set(choices)) - set(fields))
     if unknown:
         raise TypeError(f"{cls.__name__} has no fields {unknown}")
     hints, helps = typing.get_type_hints(cls), field_help(cls)
+    for name in positional:
+        kind, allowed, many = _option_type(cls, name, hints[name])
+        default = _default(fields[name])
+        if many:
+            nargs = "+" if default is dataclasses.MISSING else "*"
+        else:
+            nargs = None if default is dataclasses.MISSING else "?"
+        parser.add_argument(name, type=types.get(name, kind), choices=choices.get(name, allowed), nargs=nargs,
+                            default=argparse.SUPPRESS, help=helps.get(name, "").replace("%", "%%") or None)
     groups: dict[type, argparse._ActionsContainer] = {cls: parser}
     for name, f in fields.items():
-        if name in skip:
+        if name in skip or name in positional:
             continue
         base = _declared_by(cls, name)
         if base not in groups:  # a base class's fields (Execution's: where the stage runs) under its title
             doc = (base.__doc__ or "").strip()
             doc = None if doc.startswith(f"{base.__name__}(") else doc.split("\n")[0]  # dataclass's own __doc__
             groups[base] = parser.add_argument_group(f"{base.__name__.lower()} options", doc)
-        kind, allowed = _option_type(cls, name, hints[name])
+        kind, allowed, many = _option_type(cls, name, hints[name])
         default, text = _default(f), helps.get(name, "")
         kwargs: dict = {"dest": name, "default": argparse.SUPPRESS}
         option = flag(name)
@@ -249,12 +264,13 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, skip: Sequence[st
             else:
                 kwargs["action"] = "store_true"
         else:
-            kwargs.update(type=types.get(name, kind), choices=choices.get(name, allowed),
+            kwargs.update(type=types.get(name, kind), choices=choices.get(name, allowed), nargs="+" if many else None,
                           required=default is dataclasses.MISSING if required is None else required)
             if default is None:  # the comment's "(None: what happens)" is what happens without the option
                 text = text.replace("(None: ", "(default: ")
             elif default is not dataclasses.MISSING:
-                text = f"{text} (default: {default})".strip()
+                shown = " ".join(map(str, default)) if many else default
+                text = f"{text} (default: {shown})".strip()
         kwargs["help"] = text.replace("%", "%%") or None
         groups[base].add_argument(option, **kwargs)
 

@@ -1,6 +1,6 @@
 """The ``lverse`` command: one subcommand per stage, each a thin wrapper over a library function.
 
-A stage whose work a config dataclass describes takes its options from it (``add_options``: the
+Every command's options come from one dataclass (``Command``, core/config.py ``add_options``: the
 dataclass is the one place of their names, types, defaults and help). Every ``main`` takes
 ``argv`` so tests call it directly; arguments are checked before any work starts. Bad input
 (InputError, a missing file, a path that cannot serve: read-only, a file where a folder is
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import dataclasses
 import faulthandler
 import inspect
 import json
@@ -24,32 +23,40 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import MISSING, dataclass, fields
+from typing import Literal
 
 from lverse.core import storage
-from lverse.core.config import add_options, given_options, load_config, options_to_config
+from lverse.core.config import add_options, flag, given_options, load_config, options_to_config
 from lverse.core.errors import InputError
 from lverse.core.files import bad_path_message
 from lverse.demo import DemoConfig
-from lverse.pipeline.caption import CaptionConfig
-from lverse.pipeline.download import DownloadConfig
-from lverse.pipeline.encode import EncodeConfig
-from lverse.pipeline.generate import GenerateConfig
-from lverse.pipeline.train_clip import ClipTrainConfig
+from lverse.pipeline.configs import (
+    CaptionConfig,
+    ClipTrainConfig,
+    DownloadConfig,
+    EncodeConfig,
+    GenerateConfig,
+    TokenizerConfig,
+    TrainConfig,
+    VAETrainConfig,
+)
 from lverse.preprocessing.coco import CocoConfig
-from lverse.run import TokenizerStage
 from lverse.runtime.executors import StageFailed
-from lverse.slurm.render import STAGES, SubmitOptions
+from lverse.slurm.render import SubmitOptions
 
 log = logging.getLogger("lverse")
 
 # Integer options that count something: the command line refuses 0 and negatives as it parses them.
-# Not --workers: a shard stage takes 0 (its items in the command's process), so each config checks
-# its own (Execution, CocoConfig).
+# Not a shard stage's --workers: it takes 0 (its items in the command's process), so each config
+# checks its own (Execution, CocoConfig).
 COUNTS = frozenset({
     "vocab_size", "max_sentences", "image_size", "samples_per_shard", "download_threads", "threads",
     "num_tasks", "batch_size", "decode_threads", "decode_batch", "candidates", "max_tokens", "top_k", "steps",
     "train", "heldout", "prompts", "vae_ml_steps", "vae_sl_steps", "biart_steps", "clip_steps",
-    "caption_candidates", "image_candidates", "nodes", "ntasks_per_node", "cpus_per_task"})
+    "caption_candidates", "image_candidates", "nodes", "ntasks_per_node", "cpus_per_task", "limit",
+    "max_captions", "step"})
+MODEL_FILES = ("checkpoint", "vae", "tokenizer", "clip_checkpoint")
 
 
 class DemoBelowTarget(Exception):
@@ -81,73 +88,89 @@ def _positive(text: str) -> int:
     return value
 
 
-def _options(p: argparse.ArgumentParser, cls: type, files: tuple[str, ...] = (), **kwargs) -> None:
-    """The options of config dataclass ``cls``, with the command line's own checks: ``files``
-    must exist, counts be positive."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    add_options(p, cls, types={n: _positive for n in COUNTS & names} | {n: _existing_file for n in files}, **kwargs)
-
-
-def _check_execution(cfg) -> None:
-    if cfg.ray_address and cfg.executor != "ray":
-        raise InputError(f"--ray-address {cfg.ray_address} is the Ray cluster of --executor ray: add it")
-
-
-def _stage_config(cls: type, args: argparse.Namespace):
-    """The config of a shard stage (an Execution) from its options."""
-    cfg = options_to_config(cls, args)
-    _check_execution(cfg)
-    return cfg
-
-
 def _print_json(data) -> None:
     print(json.dumps(data, indent=2))
 
 
 # -- the commands --------------------------------------------------------------------------------
-# Each is registered with the function that adds its options. Its docstring is its help: the first
-# line the one-line summary of `lverse --help`, the rest the description of `lverse NAME --help`.
+# Every command's options are made from one dataclass (core/config.py add_options): a stage's
+# config (pipeline/configs.py and the other layers' light config modules), or, for a command that
+# is no stage, a small one here. The function gets the dataclass, built from the options given (and
+# from --config's YAML under them, for the commands that take one). Its docstring is its help: the
+# first line the one-line summary of `lverse --help`, the rest the description of
+# `lverse NAME --help`. Nothing here imports torch, DeepSpeed or Ray: a command imports its stage
+# when it runs, so `lverse --help` and `lverse NAME --help` answer at once.
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], Callable[[argparse.ArgumentParser], None]]] = {}
+@dataclass(frozen=True)
+class Command:
+    func: Callable
+    options: type  # the dataclass the options are made from, and that func takes
+    positional: tuple[str, ...] = ()  # fields that are positional arguments, in this order
+    files: tuple[str, ...] = ()  # fields that must name existing files
+    skip: tuple[str, ...] = ()  # fields with no option (the YAML file's or the dataclass's default)
+    positive: tuple[str, ...] = ()  # more fields that must be positive (beside COUNTS)
+    config_file: Literal["optional", "required"] | None = None  # whether --config YAML takes the fields
+
+    def add_options(self, p: argparse.ArgumentParser) -> None:
+        if self.config_file:
+            required = ", ".join(flag(f.name) for f in fields(self.options)
+                                 if f.default is MISSING and f.default_factory is MISSING)
+            p.add_argument("--config", required=self.config_file == "required", type=_existing_file,
+                           help=f"a YAML of {self.options.__name__} fields (the options below); options given "
+                           f"here override its values" + (f". Without it, {required} are required"
+                                                          if self.config_file == "optional" and required else ""))
+        names = {f.name for f in fields(self.options)}
+        types = {n: _positive for n in (COUNTS & names) | set(self.positive)} | {n: _existing_file for n in self.files}
+        add_options(p, self.options, skip=self.skip, positional=self.positional, types=types,
+                    required=False if self.config_file else None)
+
+    def config(self, args: argparse.Namespace):
+        """The dataclass from the options, on top of --config's YAML when one is given."""
+        if getattr(args, "config", None) and self.config_file:
+            return load_config(args.config, self.options, given_options(self.options, args))
+        return options_to_config(self.options, args)
 
 
-def command(name: str, options: Callable[[argparse.ArgumentParser], None]):
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, options: type, **kwargs):
     def register(func):
-        COMMANDS[name] = (func, options)
+        COMMANDS[name] = Command(func, options, **kwargs)
         return func
     return register
 
 
-def _tokenizer_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--captions", required=True, type=_existing_file,
-                   help="a text file with one caption per line, or a Conceptual Captions TSV "
-                   "(CC3M caption<TAB>url or CC12M url<TAB>caption)")
-    p.add_argument("--output", required=True, help="output prefix, e.g. runs/cc3m/tokenizer")
-    _options(p, TokenizerStage)
+@dataclass(frozen=True, kw_only=True)
+class TokenizerOptions(TokenizerConfig):
+    # a text file with one caption per line, or a Conceptual Captions TSV (CC3M caption<TAB>url or CC12M
+    # url<TAB>caption)
+    captions: str
+    output: str  # output prefix, e.g. runs/cc3m/tokenizer
 
 
-@command("tokenizer", _tokenizer_options)
-def _tokenizer(args: argparse.Namespace) -> None:
+@command("tokenizer", TokenizerOptions, files=("captions",))
+def _tokenizer(opts: TokenizerOptions) -> None:
     """fit the SentencePiece BPE caption tokenizer
 
     Fit a SentencePiece BPE model on captions (no BPE-dropout while fitting; BiART applies dropout
     0.1 when it trains). Writes PREFIX.model and PREFIX.vocab.
     """
     from lverse.preprocessing.text_tokenizer import CaptionTokenizer, iter_captions
-    stage = options_to_config(TokenizerStage, args)
-    tok = CaptionTokenizer.fit(iter_captions(args.captions), args.output, vocab_size=stage.vocab_size,
-                               max_sentences=stage.max_sentences)
+    tok = CaptionTokenizer.fit(iter_captions(opts.captions), opts.output, vocab_size=opts.vocab_size,
+                               max_sentences=opts.max_sentences)
     log.info("tokenizer with %d pieces written to %s", tok.vocab_size, tok.model_path)
 
 
-def _convert_vae_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, type=_existing_file, help=".ckpt or .safetensors")
-    p.add_argument("--output", required=True, help="output .safetensors path")
-    p.add_argument("--to-sl", action="store_true", help="convert an ML model to SL")
+@dataclass(frozen=True)
+class ConvertVAEOptions:
+    input: str  # .ckpt or .safetensors
+    output: str  # output .safetensors path
+    to_sl: bool = False  # convert an ML model to SL
 
 
-@command("convert-vae", _convert_vae_options)
-def _convert_vae(args: argparse.Namespace) -> None:
+@command("convert-vae", ConvertVAEOptions, files=("input",))
+def _convert_vae(opts: ConvertVAEOptions) -> None:
     """import an official AugVAE checkpoint, or turn ML into SL
 
     Read an AugVAE (the authors' Lightning .ckpt, or an lverse .safetensors) and write it as an
@@ -156,18 +179,18 @@ def _convert_vae(args: argparse.Namespace) -> None:
     """
     from lverse.model.augvae import AugVAE, ml_to_sl
     from lverse.model.checkpoint import save_model
-    vae = AugVAE.load(args.input)
-    if args.to_sl:
+    vae = AugVAE.load(opts.input)
+    if opts.to_sl:
         vae = ml_to_sl(vae)
-    save_model(vae, args.output)
+    save_model(vae, opts.output)
     log.info("AugVAE-%s (%d tokens per image) written to %s", vae.cfg.variant.upper(),
-             vae.cfg.num_tokens, args.output)
+             vae.cfg.num_tokens, opts.output)
 
 
-# --threads is not offered: download's compute threads do not matter, and until the options came from
-# DownloadConfig, --threads was what --download-threads is now; an old command line fails loudly.
-@command("download", lambda p: _options(p, DownloadConfig, files=("input",), skip=("threads",)))
-def _download(args: argparse.Namespace) -> None:
+# --threads is not offered: download's compute threads do not matter (--download-threads are its
+# concurrent requests).
+@command("download", DownloadConfig, files=("input",), skip=("threads",))
+def _download(cfg: DownloadConfig) -> None:
     """fetch image-caption lists into webdataset shards (img2dataset)
 
     Validate the input (malformed lines are counted, never fatal), split it into chunks of
@@ -177,11 +200,11 @@ def _download(args: argparse.Namespace) -> None:
     _summary.json.
     """
     from lverse.pipeline.download import run_download
-    _print_json(run_download(_stage_config(DownloadConfig, args)))
+    _print_json(run_download(cfg))
 
 
-@command("coco", lambda p: _options(p, CocoConfig, files=("karpathy",)))
-def _coco(args: argparse.Namespace) -> None:
+@command("coco", CocoConfig, files=("karpathy",))
+def _coco(cfg: CocoConfig) -> None:
     """MS-COCO (Karpathy's splits, local images) -> image shards, references and prompts
 
     Write the paper's MS-COCO sets from Karpathy's split file and the COCO images on disk: train/
@@ -191,11 +214,11 @@ def _coco(args: argparse.Namespace) -> None:
     generate). A rerun skips finished shards. Writes _summary.json.
     """
     from lverse.preprocessing.coco import prepare_coco
-    _print_json(prepare_coco(options_to_config(CocoConfig, args)))
+    _print_json(prepare_coco(cfg))
 
 
-@command("encode", lambda p: _options(p, EncodeConfig, files=("vae",)))
-def _encode(args: argparse.Namespace) -> None:
+@command("encode", EncodeConfig, files=("vae",))
+def _encode(cfg: EncodeConfig) -> None:
     """turn image shards into AugVAE token shards (FP32)
 
     Encode every image shard into a token shard of the same name (uint16 codes, raw caption, key;
@@ -204,32 +227,11 @@ def _encode(args: argparse.Namespace) -> None:
     counted; an unreadable shard fails alone and is retried. Writes _summary.json.
     """
     from lverse.pipeline.encode import run_encode
-    _print_json(run_encode(_stage_config(EncodeConfig, args)))
+    _print_json(run_encode(cfg))
 
 
-_MODEL_FILES = ("checkpoint", "vae", "tokenizer", "clip_checkpoint")
-
-
-def _with_config(cls: type, files: tuple[str, ...]):
-    """Options of a stage that also runs from a YAML file (``--config``), as the SLURM templates do."""
-    def options(p: argparse.ArgumentParser) -> None:
-        required = ", ".join("--" + f.name.replace("_", "-") for f in dataclasses.fields(cls)
-                             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
-        p.add_argument("--config", default=None, type=_existing_file,
-                       help=f"a YAML of {cls.__name__} fields (the options below); options given here override "
-                       f"its values. Without it, {required} are required")
-        _options(p, cls, files=files, required=False)
-    return options
-
-
-def _config_from(cls: type, args: argparse.Namespace):
-    if args.config:  # the SLURM templates' way: the file, with --task-index and --num-tasks on top
-        return load_config(args.config, cls, given_options(cls, args))
-    return options_to_config(cls, args)
-
-
-@command("caption", _with_config(CaptionConfig, _MODEL_FILES))
-def _caption(args: argparse.Namespace) -> None:
+@command("caption", CaptionConfig, files=MODEL_FILES, config_file="optional")
+def _caption(cfg: CaptionConfig) -> None:
     """caption every image of a webdataset corpus (BiART + CLIP reranking)
 
     Caption every image of image shards (img2dataset) or token shards (lverse encode): CANDIDATES
@@ -238,13 +240,11 @@ def _caption(args: argparse.Namespace) -> None:
     clip_score, error), written atomically; a rerun skips finished shards. Writes _summary.json.
     """
     from lverse.pipeline.caption import run_caption
-    cfg = _config_from(CaptionConfig, args)
-    _check_execution(cfg)
     _print_json(run_caption(cfg))
 
 
-@command("generate", _with_config(GenerateConfig, ("prompts", *_MODEL_FILES)))
-def _generate(args: argparse.Namespace) -> None:
+@command("generate", GenerateConfig, files=("prompts", *MODEL_FILES), config_file="optional")
+def _generate(cfg: GenerateConfig) -> None:
     """text-to-image: N candidates per prompt, the best by CLIP
 
     For each prompt (one per line) sample CANDIDATES images with the KV cache, decode them with the
@@ -255,39 +255,35 @@ def _generate(args: argparse.Namespace) -> None:
     (lverse slurm submit generate). Writes _summary.json.
     """
     from lverse.pipeline.generate import run_generate
-    cfg = _config_from(GenerateConfig, args)
-    _check_execution(cfg)
     _print_json(run_generate(cfg))
 
 
-def _evaluate_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("what", choices=["captions", "reconstruction", "generations", "fid"], help="what to evaluate")
-    p.add_argument("--predictions", default=None, help="captions: COCO results json or a caption output folder")
-    p.add_argument("--references", default=None, type=_existing_file, help="captions: COCO-format captions json")
-    p.add_argument("--shards", default=None, help="reconstruction, fid (Table 1): image shards")
-    p.add_argument("--vae", default=None, type=_existing_file, help="reconstruction, fid (Table 1): the AugVAE")
-    p.add_argument("--limit", type=_positive, default=None,
-                   help="reconstruction, fid: at most this many images (fid of generations: the first N of each set)")
-    p.add_argument("--vgg-checkpoint", default=None, type=_existing_file,
-                   help="reconstruction: torchvision VGG16 weights for LPIPS (none: random features, tests only)")
-    p.add_argument("--device", default="auto",
-                   help="reconstruction, fid: cuda when available, else cpu (default: auto)")
-    p.add_argument("--batch-size", type=_positive, default=16, help="reconstruction, fid: images a batch (default: 16)")
-    p.add_argument("--generations", default=None,
-                   help="generations: a `lverse generate` output folder; fid (Table 3): that, or a folder of images")
-    p.add_argument("--reference-images", default=None,
-                   help="fid (Table 3): a folder of images of the generated resolution, or image shards")
-    p.add_argument("--blur-radii", type=float, nargs="+", default=None, metavar="R",
-                   help="fid (Table 3): Gaussian blur radii applied to both sets, one FID each (default: 0; the paper: "
-                   "0 1 2 4 8)")
-    p.add_argument("--inception-weights", default=None,
-                   help="fid: torch-fidelity's weights-inception-2015-12-05-6726825d.pth, a local file (never "
-                   "downloaded)")
-    p.add_argument("--output", default=None, help="also write the metrics to this json file")
+@dataclass(frozen=True)
+class EvaluateOptions:
+    what: Literal["captions", "reconstruction", "generations", "fid"]  # what to evaluate
+    predictions: str | None = None  # captions: COCO results json or a caption output folder
+    references: str | None = None  # captions: COCO-format captions json
+    shards: str | None = None  # reconstruction, fid (Table 1): image shards
+    vae: str | None = None  # reconstruction, fid (Table 1): the AugVAE
+    # reconstruction, fid: at most this many images (fid of generations: the first N of each set; None: all)
+    limit: int | None = None
+    # reconstruction: torchvision VGG16 weights for LPIPS (None: random features, tests only)
+    vgg_checkpoint: str | None = None
+    device: str = "auto"  # reconstruction, fid: cuda when available, else cpu
+    batch_size: int = 16  # reconstruction, fid: images a batch
+    # generations: a `lverse generate` output folder; fid (Table 3): that, or a folder of images
+    generations: str | None = None
+    # fid (Table 3): a folder of images of the generated resolution, or image shards
+    reference_images: str | None = None
+    # fid (Table 3): Gaussian blur radii applied to both sets, one FID each (None: 0; the paper: 0 1 2 4 8)
+    blur_radii: list[float] | None = None
+    # fid: torch-fidelity's weights-inception-2015-12-05-6726825d.pth, a local file (never downloaded)
+    inception_weights: str | None = None
+    output: str | None = None  # also write the metrics to this json file
 
 
-@command("evaluate", _evaluate_options)
-def _evaluate(args: argparse.Namespace) -> None:
+@command("evaluate", EvaluateOptions, positional=("what",), files=("references", "vae", "vgg_checkpoint"))
+def _evaluate(opts: EvaluateOptions) -> None:
     """caption metrics, reconstruction metrics, CLIP score and FID of generations
 
     captions: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, Java) and SPICE when its Stanford
@@ -299,52 +295,53 @@ def _evaluate(args: argparse.Namespace) -> None:
     of generated against reference images at each --blur-radii (Table 3); both with torch-fidelity's
     Inception-v3 from --inception-weights.
     """
+    from lverse.core.files import atomic_write_json
     from lverse.pipeline import evaluate as ev
-    if args.blur_radii is not None and (args.what != "fid" or args.shards):
+    if opts.blur_radii is not None and (opts.what != "fid" or opts.shards):
         raise InputError("--blur-radii applies to evaluate fid of --generations against --reference-images")
-    if args.what == "captions":
-        if not (args.predictions and args.references):
+    if opts.what == "captions":
+        if not (opts.predictions and opts.references):
             raise InputError("evaluate captions needs --predictions and --references")
-        metrics = ev.caption_metrics(ev.load_predictions(args.predictions), ev.load_references(args.references))
-    elif args.what == "reconstruction":
-        if not (args.shards and args.vae):
+        metrics = ev.caption_metrics(ev.load_predictions(opts.predictions), ev.load_references(opts.references))
+    elif opts.what == "reconstruction":
+        if not (opts.shards and opts.vae):
             raise InputError("evaluate reconstruction needs --shards and --vae")
-        metrics = ev.reconstruction_metrics(args.shards, args.vae, limit=args.limit, batch_size=args.batch_size,
-                                            vgg_checkpoint=args.vgg_checkpoint, device=args.device)
-    elif args.what == "fid":
-        metrics = _fid(args)
+        metrics = ev.reconstruction_metrics(opts.shards, opts.vae, limit=opts.limit, batch_size=opts.batch_size,
+                                            vgg_checkpoint=opts.vgg_checkpoint, device=opts.device)
+    elif opts.what == "fid":
+        metrics = _fid(opts)
     else:
-        if not args.generations:
+        if not opts.generations:
             raise InputError("evaluate generations needs --generations")
-        metrics = ev.generation_clip_score(args.generations)
-    if args.output:
-        from lverse.core.files import atomic_write_json
-        atomic_write_json(args.output, metrics)
+        metrics = ev.generation_clip_score(opts.generations)
+    if opts.output:
+        atomic_write_json(opts.output, metrics)
     _print_json(metrics)
 
 
-def _fid(args: argparse.Namespace) -> dict:
+def _fid(opts: EvaluateOptions) -> dict:
     from lverse.pipeline import evaluate as ev
-    reconstruction, generation = bool(args.shards or args.vae), bool(args.generations or args.reference_images)
-    if reconstruction == generation or not (args.shards and args.vae or args.generations and args.reference_images):
+    reconstruction, generation = bool(opts.shards or opts.vae), bool(opts.generations or opts.reference_images)
+    if reconstruction == generation or not (opts.shards and opts.vae or opts.generations and opts.reference_images):
         raise InputError("evaluate fid needs either --shards and --vae (AugVAE reconstructions, Table 1) or "
                          "--generations and --reference-images (text to image, Table 3)")
     if reconstruction:
-        return ev.reconstruction_fid(args.shards, args.vae, args.inception_weights, limit=args.limit,
-                                     batch_size=args.batch_size, device=args.device)
-    return ev.generation_fid(args.generations, args.reference_images, args.inception_weights,
-                             blur_radii=tuple(args.blur_radii or (0,)), limit=args.limit,
-                             batch_size=args.batch_size, device=args.device)
+        return ev.reconstruction_fid(opts.shards, opts.vae, opts.inception_weights, limit=opts.limit,
+                                     batch_size=opts.batch_size, device=opts.device)
+    return ev.generation_fid(opts.generations, opts.reference_images, opts.inception_weights,
+                             blur_radii=tuple(opts.blur_radii or (0,)), limit=opts.limit,
+                             batch_size=opts.batch_size, device=opts.device)
 
 
-def _report_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="the run folder")
-    p.add_argument("--images", default=None, help="image shards to show captioned images from (looked up by key)")
-    p.add_argument("--max-captions", type=_positive, default=24, help="captions shown (default: 24)")
+@dataclass(frozen=True)
+class ReportOptions:
+    run_dir: str  # the run folder
+    images: str | None = None  # image shards to show captioned images from (looked up by key)
+    max_captions: int = 24  # captions shown
 
 
-@command("report", _report_options)
-def _report(args: argparse.Namespace) -> None:
+@command("report", ReportOptions, positional=("run_dir",))
+def _report(opts: ReportOptions) -> None:
     """write a static HTML report of a run folder
 
     Gather what the stages left under RUN_DIR (training curves from metrics.jsonl, evaluation json,
@@ -353,22 +350,14 @@ def _report(args: argparse.Namespace) -> None:
     no server.
     """
     from lverse.pipeline.report import write_report
-    path = write_report(args.run_dir, images=args.images, max_captions=args.max_captions)
+    path = write_report(opts.run_dir, images=opts.images, max_captions=opts.max_captions)
     print(path)
     log.info("report written: open %s in a browser (no server needed)", path)
 
 
-def _train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, type=_existing_file, help="run YAML (see configs/train_debug.yaml)")
-    p.add_argument("--deepspeed", default=None,
-                   help="a shipped DeepSpeed config by name (zero2_bf16, zero3_bf16_offload, ...: ds_configs/) or a "
-                   "path (ZeRO stage, precision, offload); overrides the config's")
-    p.add_argument("--run-dir", default=None, help="override run_dir of the config")
-    p.add_argument("--steps", type=_positive, default=None, help="override steps of the config")
-
-
-@command("train", _train_options)
-def _train(args: argparse.Namespace) -> None:
+# The model, data and optim sections are the YAML file's alone; every other field has its option.
+@command("train", TrainConfig, skip=("model", "data", "optim"), config_file="required")
+def _train(cfg: TrainConfig) -> None:
     """train BiART under DeepSpeed ZeRO (resumes by itself)
 
     Train BiART on token shards, text->image on even steps and image->text on odd ones, under
@@ -378,37 +367,32 @@ def _train(args: argparse.Namespace) -> None:
     optimizer, loss scale, lr, data position, RNG), also on another number of ranks. SIGTERM
     (preemption, scancel), SIGUSR1 (SLURM's time-limit warning) and SIGINT (Ctrl-C) all make every
     rank stop at the same next step, write one complete checkpoint and RUN_DIR/stopped.json, and
-    exit 0; a second signal meanwhile does not interrupt the checkpoint.
+    exit 0; a second signal meanwhile does not interrupt the checkpoint. The run YAML (see
+    configs/train_debug.yaml) holds the model, data and optim sections.
     """
-    from lverse.pipeline.train import TrainConfig, train
+    from lverse.pipeline.train import train
     from lverse.runtime.trainer import end_process
-    train(load_config(args.config, TrainConfig, {"deepspeed": args.deepspeed, "run_dir": args.run_dir,
-                                                 "steps": args.steps}))
+    train(cfg)
     end_process()
 
 
-def _train_vae_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, type=_existing_file, help="run YAML (see configs/train_vae_debug.yaml)")
-    p.add_argument("--run-dir", default=None, help="override run_dir of the config")
-
-
-@command("train-vae", _train_vae_options)
-def _train_vae(args: argparse.Namespace) -> None:
+@command("train-vae", VAETrainConfig, config_file="required")
+def _train_vae(cfg: VAETrainConfig) -> None:
     """train AugVAE: ML, conversion to SL, SL fine-tuning (resumes by itself)
 
     Train AugVAE-ML on image shards, convert it to SL and fine-tune it, data-parallel (torchrun /
     deepspeed launcher / srun, like train) with the EMA codebook all-reduced so every rank holds the
     same one. Writes augvae-ml.safetensors and augvae-sl.safetensors into the run folder; resumes
-    from its newest checkpoint.
+    from its newest checkpoint. The run YAML: see configs/train_vae_debug.yaml.
     """
-    from lverse.pipeline.train_vae import VAETrainConfig, train_vae
+    from lverse.pipeline.train_vae import train_vae
     from lverse.runtime.trainer import end_process
-    train_vae(load_config(args.config, VAETrainConfig, {"run_dir": args.run_dir}))
+    train_vae(cfg)
     end_process()
 
 
-@command("train-clip", lambda p: _options(p, ClipTrainConfig))
-def _train_clip(args: argparse.Namespace) -> None:
+@command("train-clip", ClipTrainConfig)
+def _train_clip(cfg: ClipTrainConfig) -> None:
     """train a small open_clip model from scratch (no pretrained CLIP at hand)
 
     Contrastive training (open_clip's model and ClipLoss, one process) on the image-caption pairs of
@@ -417,39 +401,39 @@ def _train_clip(args: argparse.Namespace) -> None:
     caption and generate.
     """
     from lverse.pipeline.train_clip import train_clip
-    _print_json(train_clip(options_to_config(ClipTrainConfig, args)))
+    _print_json(train_clip(cfg))
 
 
-def _export_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="the training run folder")
-    p.add_argument("--output", required=True, help="output .safetensors path")
-    p.add_argument("--step", type=_positive, default=None, help="a checkpoint's step (default: the newest)")
+@dataclass(frozen=True)
+class ExportOptions:
+    run_dir: str  # the training run folder
+    output: str  # output .safetensors path
+    step: int | None = None  # a checkpoint's step (None: the newest)
 
 
-@command("export", _export_options)
-def _export(args: argparse.Namespace) -> None:
+@command("export", ExportOptions, positional=("run_dir",))
+def _export(opts: ExportOptions) -> None:
     """write a training checkpoint as one safetensors file for inference
 
     Gather the newest complete checkpoint of a training run (any ZeRO stage) into fp32 weights in
     one .safetensors file with the model config, in-process.
     """
     from lverse.pipeline.train import export_checkpoint
-    export_checkpoint(args.run_dir, args.output, step=args.step)
+    export_checkpoint(opts.run_dir, opts.output, step=opts.step)
 
 
-def _index_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokens", required=True, help="a folder of token shards (the --output of lverse encode), or "
-                   "an s3:// prefix")
-    p.add_argument("--index-dir", default=None,
-                   help="the folder to write _index/ into instead of TOKENS (required for s3:// tokens; shared "
-                        "storage on a cluster); training's data.index_dir names the same folder")
-    p.add_argument("--workers", type=_positive, default=None,
-                   help="processes reading the tars (default: the cores this process may use, at most 16)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+@dataclass(frozen=True)
+class IndexOptions:
+    tokens: str  # a folder of token shards (the --output of lverse encode), or an s3:// prefix
+    # the folder to write _index/ into instead of TOKENS (required for s3:// tokens; shared storage on a
+    # cluster); training's data.index_dir names the same folder (None: TOKENS)
+    index_dir: str | None = None
+    workers: int | None = None  # processes reading the tars (None: the cores this process may use, at most 16)
+    quiet: bool = False  # no progress bar
 
 
-@command("index", _index_options)
-def _index(args: argparse.Namespace) -> None:
+@command("index", IndexOptions, positive=("workers",))
+def _index(opts: IndexOptions) -> None:
     """build the token index that BiART training reads its samples from
 
     Write TOKENS/_index/: every finished shard's samples (a tar with its NNNNN_stats.json) in
@@ -465,25 +449,26 @@ def _index(args: argparse.Namespace) -> None:
     --index-dir (INDEX_DIR/_index/). Prints a summary (samples, shards, bytes, seconds).
     """
     from lverse.runtime.token_index import index_folder
-    storage.check_input(args.tokens)
-    if not storage.isdir(args.tokens):
-        raise FileNotFoundError(f"--tokens {args.tokens} is not a folder")
-    _print_json(index_folder(args.tokens, progress=not args.quiet, workers=args.workers, index_dir=args.index_dir))
+    storage.check_input(opts.tokens)
+    if not storage.isdir(opts.tokens):
+        raise FileNotFoundError(f"--tokens {opts.tokens} is not a folder")
+    _print_json(index_folder(opts.tokens, progress=not opts.quiet, workers=opts.workers, index_dir=opts.index_dir))
 
 
-def _synthetic_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["serve"], help="serve")
-    p.add_argument("--output", required=True, help="folder for train.tsv and heldout.tsv")
-    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
-    p.add_argument("--train", type=_positive, default=1000, help="train samples (default: 1000)")
-    p.add_argument("--heldout", type=_positive, default=100, help="held-out samples (default: 100)")
-    p.add_argument("--image-size", type=_positive, default=128, help="side of served images (default: 128)")
-    p.add_argument("--no-bad-urls", action="store_true", help="leave the bad URLs out of train.tsv")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+@dataclass(frozen=True)
+class SyntheticOptions:
+    action: Literal["serve"]  # serve
+    output: str  # folder for train.tsv and heldout.tsv
+    port: int = 0  # port (0: a free one)
+    train: int = 1000  # train samples
+    heldout: int = 100  # held-out samples
+    image_size: int = 128  # side of served images
+    bad_urls: bool = True  # put the bad URLs into train.tsv
+    seed: int = 0  # random seed
 
 
-@command("synthetic", _synthetic_options)
-def _synthetic_serve(args: argparse.Namespace) -> None:
+@command("synthetic", SyntheticOptions, positional=("action",))
+def _synthetic_serve(opts: SyntheticOptions) -> None:
     """serve the synthetic image-caption set on 127.0.0.1
 
     Serve procedurally drawn image-caption pairs over HTTP on 127.0.0.1 (the offline stand-in for
@@ -491,9 +476,9 @@ def _synthetic_serve(args: argparse.Namespace) -> None:
     train.tsv and heldout.tsv in CC3M layout.
     """
     from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
-    data = SyntheticSet(seed=args.seed, train=args.train, heldout=args.heldout, image_size=args.image_size)
-    with SyntheticServer(data, port=args.port) as server:
-        paths = server.write_tsv(args.output, bad_urls=not args.no_bad_urls)
+    data = SyntheticSet(seed=opts.seed, train=opts.train, heldout=opts.heldout, image_size=opts.image_size)
+    with SyntheticServer(data, port=opts.port) as server:
+        paths = server.write_tsv(opts.output, bad_urls=opts.bad_urls)
         log.info("serving %s; TSVs: %s (Ctrl-C to stop)", server.url, paths)
         try:
             server.thread.join()
@@ -501,21 +486,22 @@ def _synthetic_serve(args: argparse.Namespace) -> None:
             pass
 
 
-def _pipeline_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["run"], help="run")
-    p.add_argument("config", type=_existing_file, help="pipeline YAML (see configs/pipeline_cc3m.yaml)")
-    p.add_argument("--run-dir", default=None, help="override run_dir of the config")
-    p.add_argument("--ray-address", default=None, help="Ray cluster to join, e.g. auto (default: start one)")
-    p.add_argument("--stage", choices=["download", "encode"], default=None,
-                   help="run only this stage's block of work as one SLURM array task (with --task-index, "
-                   "--num-tasks), in local processes; the slurm templates call this")
-    p.add_argument("--task-index", type=int, default=None, help="this array task's index (0-based)")
-    p.add_argument("--num-tasks", type=_positive, default=None, help="the number of array tasks")
-    p.add_argument("--workers", type=_positive, default=None, help="encode: model replicas in this task")
+@dataclass(frozen=True)
+class PipelineOptions:
+    action: Literal["run"]  # run
+    config: str  # pipeline YAML (see configs/pipeline_cc3m.yaml)
+    run_dir: str | None = None  # override run_dir of the config
+    ray_address: str | None = None  # override ray_address of the config: the Ray cluster to join, e.g. auto
+    # run only this stage's block of work as one SLURM array task (with --task-index, --num-tasks), in local
+    # processes; the slurm templates call this
+    stage: Literal["download", "encode"] | None = None
+    task_index: int | None = None  # this array task's index (0-based)
+    num_tasks: int | None = None  # the number of array tasks
+    workers: int | None = None  # encode: model replicas in this task
 
 
-@command("pipeline", _pipeline_options)
-def _pipeline_run(args: argparse.Namespace) -> None:
+@command("pipeline", PipelineOptions, positional=("action", "config"), files=("config",), positive=("workers",))
+def _pipeline_run(opts: PipelineOptions) -> None:
     """run the data stages in order: download, tokenizer, encode
 
     Run download -> tokenizer -> encode from one YAML config on Ray, each stage once: a done marker
@@ -524,27 +510,26 @@ def _pipeline_run(args: argparse.Namespace) -> None:
     (EncodeConfig: vae, batch_size, workers, ...), ray_address.
     """
     from lverse.run import PipelineConfig, run_pipeline, run_stage_task
-    cfg = load_config(args.config, PipelineConfig, {"ray_address": args.ray_address, "run_dir": args.run_dir})
-    if args.stage or args.task_index is not None:
-        if not (args.stage and args.task_index is not None and args.num_tasks):
+    cfg = load_config(opts.config, PipelineConfig, {"run_dir": opts.run_dir, "ray_address": opts.ray_address})
+    if opts.stage or opts.task_index is not None:
+        if not (opts.stage and opts.task_index is not None and opts.num_tasks):
             raise InputError("--stage, --task-index and --num-tasks go together (one SLURM array task)")
-        _print_json(run_stage_task(cfg, args.stage, args.task_index, args.num_tasks, args.workers))
+        _print_json(run_stage_task(cfg, opts.stage, opts.task_index, opts.num_tasks, opts.workers))
         return
     results = run_pipeline(cfg)
     log.info("pipeline finished in %s; stages run now: %s", cfg.run_dir, sorted(results) or "none")
 
 
-def _slurm_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["submit"], help="submit")
-    p.add_argument("stage", choices=STAGES, help="which template")
-    _options(p, SubmitOptions, skip=("stage", "command"))
-    p.add_argument("--command", dest="ray_command", default=None,
-                   help="ray: the command to run on the Ray cluster, one string, e.g. \"lverse pipeline run "
-                   "cfg.yaml --ray-address auto\" (split like a shell would; every word is quoted again)")
+@dataclass(kw_only=True)
+class SlurmOptions(SubmitOptions):
+    action: Literal["submit"]  # submit
+    # ray: the command to run on the Ray cluster, one string, e.g. "lverse pipeline run cfg.yaml --ray-address
+    # auto" (split like a shell would; every word is quoted again)
+    command: str = ""
 
 
-@command("slurm", _slurm_options)
-def _slurm_submit(args: argparse.Namespace) -> None:
+@command("slurm", SlurmOptions, positional=("action", "stage"))
+def _slurm_submit(opts: SlurmOptions) -> None:
     """submit a stage as a SLURM job from its template (slurm/*.sbatch)
 
     Render the stage's SLURM template with this run's values (validated and shell-quoted), keep the
@@ -556,9 +541,10 @@ def _slurm_submit(args: argparse.Namespace) -> None:
     """
     from lverse.plans import plan
     from lverse.slurm.render import check, submit
-    opts = options_to_config(SubmitOptions, args, command=shlex.split(args.ray_command or ""))
-    check(opts)
-    path, job = submit(opts, plan(opts.stage, opts.config))
+    values = {f.name: getattr(opts, f.name) for f in fields(SubmitOptions)}
+    submission = SubmitOptions(**values | {"command": shlex.split(opts.command)})
+    check(submission)
+    path, job = submit(submission, plan(submission.stage, submission.config))
     if job is None:
         with open(path) as f:
             print(f.read(), end="")
@@ -568,12 +554,13 @@ def _slurm_submit(args: argparse.Namespace) -> None:
         log.info("submitted job %s (script: %s)", job, path)
 
 
-def _devices_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="what a stage is given: auto, cpu, cuda or cuda:N (default: auto)")
+@dataclass(frozen=True)
+class DevicesOptions:
+    device: str = "auto"  # what a stage is given: auto, cpu, cuda or cuda:N
 
 
-@command("devices", _devices_options)
-def _devices(args: argparse.Namespace) -> None:
+@command("devices", DevicesOptions)
+def _devices(opts: DevicesOptions) -> None:
     """print the device this process would use, and why
 
     The rule every stage and training rank uses (lverse/core/resources.py pick_device): it follows
@@ -584,13 +571,13 @@ def _devices(args: argparse.Namespace) -> None:
     """
     from lverse.core.resources import cuda_count, pick_device, visible_gpus
     cuda = cuda_count() > 0
-    pick = pick_device(args.device, count=None if cuda else len(visible_gpus()))
+    pick = pick_device(opts.device, count=None if cuda else len(visible_gpus()))
     rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
     print(pick.describe(f"rank {rank}") + ("" if cuda else " [no CUDA here: what a CUDA process would use]"))
 
 
-@command("demo", lambda p: _options(p, DemoConfig))
-def _demo(args: argparse.Namespace) -> None:
+@command("demo", DemoConfig)
+def _demo(cfg: DemoConfig) -> None:
     """run the whole pipeline on synthetic data, on a CPU, in under 20 minutes
 
     Serve synthetic image-caption pairs on 127.0.0.1 and run every stage on them as the command a
@@ -602,7 +589,6 @@ def _demo(args: argparse.Namespace) -> None:
     the held-out reconstructions (lverse/demo.py VAE_GATE), or the demo stops there.
     """
     from lverse.demo import Demo
-    cfg = options_to_config(DemoConfig, args)
     results = Demo(cfg).run()
     log.info("demo finished in %d s; the report: %s", results["seconds"], results["report"])
     print(f"report={results['report']}")
@@ -616,7 +602,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 # -- the parser and the exit status --------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with ``only``, only that command gets its options (the others
+    keep their one-line summary), which is all that parsing a command line needs: making every
+    command's options reads every config class's source for its help, and takes longer than the
+    rest of ``lverse --help`` (benchmarks/cli.py)."""
     # No abbreviated options: a prefix that matches today (--ray for --ray-address) would change
     # meaning when an option is added.
     parser = argparse.ArgumentParser(prog="lverse", description=__doc__.split("\n")[0].replace("``", ""),
@@ -628,11 +618,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "\"http://10.0.0.5:9000\"}' (credentials: the usual AWS variables); they reach "
                              "every process the command starts")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
-    for name, (func, options) in COMMANDS.items():
-        summary, _, description = inspect.getdoc(func).partition("\n\n")
+    for name, cmd in COMMANDS.items():
+        summary, _, description = inspect.getdoc(cmd.func).partition("\n\n")
         p = sub.add_parser(name, help=summary, description=description, allow_abbrev=False)
-        options(p)
-        p.set_defaults(func=func)
+        if only in (None, name):
+            cmd.add_options(p)
+        p.set_defaults(lverse_command=cmd)  # not a field name of any command
     return parser
 
 
@@ -647,7 +638,8 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     if not faulthandler.is_enabled():  # a crash in native code (or an abort) prints every thread's stack
         faulthandler.enable()
-    args = build_parser().parse_args(argv)
+    named = [word for word in (sys.argv[1:] if argv is None else argv) if word in COMMANDS]
+    args = build_parser(named[0] if named else "").parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is threading.main_thread():
@@ -655,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.storage_options is not None:
             storage.configure(args.storage_options)
-        args.func(args)
+        args.lverse_command.func(args.lverse_command.config(args))
     except (InputError, FileNotFoundError) as e:  # bad input: say what to change
         log.error("%s", e)
         return 2

@@ -42,7 +42,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-import numpy as np
 import yaml
 
 from lverse.core import storage
@@ -299,9 +298,11 @@ def caption_accuracy(folder: str, references: dict[str, str]) -> dict:
     return {k: v / judged for k, v in right.items()} | {"captions_judged": judged}
 
 
-def shape_color(image: np.ndarray) -> str | None:
-    """The colour of the shape in an (H, W, 3) uint8 picture by the rule of the module doc, or
-    None when no second colour covers MIN_SHAPE_SHARE of it."""
+def shape_color(image) -> str | None:
+    """The colour of the shape in an (H, W, 3) uint8 numpy picture by the rule of the module doc,
+    or None when no second colour covers MIN_SHAPE_SHARE of it."""
+    import numpy as np
+
     from lverse.preprocessing.synthetic import COLORS
     names = list(COLORS)
     palette = np.array([COLORS[n] for n in names], dtype=np.float32)
@@ -317,6 +318,7 @@ def shape_color(image: np.ndarray) -> str | None:
 def t2i_color_accuracy(folder: str) -> dict:
     """Share of prompts whose generated image shows the prompted colour (module doc); of the
     reranked image and of the first candidate."""
+    import numpy as np
     from PIL import Image
     right = {"t2i_color_accuracy": 0, "t2i_color_accuracy_first_candidate": 0}
     judged = 0

@@ -21,28 +21,18 @@ from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.core.storage import is_url
-from lverse.core.vocab import VOCAB_SIZE
-from lverse.pipeline.download import DownloadConfig, plan, run_download
-from lverse.pipeline.encode import EncodeConfig, run_encode
+from lverse.pipeline.configs import DownloadConfig, EncodeConfig, TokenizerConfig
+from lverse.pipeline.download import plan, run_download
+from lverse.pipeline.encode import run_encode
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TokenizerStage:
-    vocab_size: int = VOCAB_SIZE  # SentencePiece BPE pieces (the paper's)
-    max_sentences: int = 10_000_000  # captions sampled for fitting, to bound memory
-
-    def __post_init__(self):
-        if self.vocab_size < 1 or self.max_sentences < 1:
-            raise InputError("vocab_size and max_sentences must be at least 1")
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     run_dir: str  # everything the pipeline writes
     download: dict = field(default_factory=dict)  # DownloadConfig fields (input required; not output)
-    tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     encode: dict = field(default_factory=dict)  # EncodeConfig fields (vae required; not shards/output)
     ray_address: str | None = None  # None: start a local Ray; "auto": join the running cluster
 
@@ -127,7 +117,7 @@ def run_pipeline(cfg: PipelineConfig) -> dict:
     return results
 
 
-def fit_tokenizer_on_shards(shards: str, prefix: str, stage: TokenizerStage) -> dict:
+def fit_tokenizer_on_shards(shards: str, prefix: str, stage: TokenizerConfig) -> dict:
     """Fit the caption tokenizer on the captions of the downloaded shards."""
     from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 

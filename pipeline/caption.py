@@ -25,7 +25,6 @@ import tarfile
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -38,33 +37,13 @@ from lverse.core.resources import compute_dtype, resolve_device
 from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name, stats_path
 from lverse.model.biart import Direction, prompt_for
 from lverse.model.clip import to_pil
+from lverse.pipeline.configs import CaptionConfig
 from lverse.preprocessing.text_tokenizer import truncate_caption
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.model_cache import check_generator, load_generator
-from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
+from lverse.runtime.stage import rate, run_shard_stage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class CaptionConfig(ModelExecution):
-    shards: str  # image shards or token shards: a folder, a glob or a {00000..00099} range
-    checkpoint: str  # BiART .safetensors (`lverse export`)
-    vae: str  # the AugVAE (encodes raw images; token shards must come from it)
-    tokenizer: str  # the caption tokenizer's .model
-    output: str  # folder for one parquet per input shard
-    candidates: int = 64  # captions sampled per image, CLIP keeps one
-    max_tokens: int = 32  # text tokens sampled per candidate
-    batch_size: int = 4  # images per generation batch (batch_size x candidates sequences)
-    temperature: float = 1.0  # sampling temperature (0: greedy)
-    top_k: int | None = None  # sample from the k most likely tokens (None: off)
-    top_p: float | None = 0.9  # nucleus sampling mass (None: off)
-    clip: str = "ViT-B-32"  # open_clip architecture
-    clip_checkpoint: str | None = None  # its weights, a local file (None: random weights, tests only)
-    keep_candidates: bool = False  # also store every candidate and its CLIP score
-    seed: int = 0  # sampling seed (drawn per shard)
-    ignore_provenance: bool = False  # accept a --vae or --tokenizer other than the checkpoint's training run's
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # BiART's: auto is bf16 on CUDA, fp32 on a CPU
 
 
 @torch.no_grad()

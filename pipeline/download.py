@@ -24,11 +24,9 @@ import logging
 import os
 import shutil
 import tarfile
-import typing
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from lverse.core import storage
@@ -40,50 +38,13 @@ from lverse.core.files import (
     read_json,
     remove_stale_temporaries,
 )
+from lverse.pipeline.configs import DownloadConfig
 from lverse.runtime.executors import TaskResult
-from lverse.runtime.stage import Execution, rate, run_shard_stage
+from lverse.runtime.stage import rate, run_shard_stage
 
 log = logging.getLogger(__name__)
 
-InputFormat = Literal["auto", "cc3m", "cc12m", "parquet", "csv"]
-FORMATS = typing.get_args(InputFormat)
-ResizeMode = Literal["keep_ratio", "center_crop", "border"]  # img2dataset's
-RESIZE_MODES = typing.get_args(ResizeMode)
 MAX_SHARDS = 100_000
-
-
-@dataclass(frozen=True, kw_only=True)
-class DownloadConfig(Execution):
-    input: str  # TSV (CC3M caption<TAB>url / CC12M url<TAB>caption), parquet or CSV
-    output: str  # folder for shards, chunks and the summary (shared storage on a cluster)
-    input_format: InputFormat = "auto"  # auto: by extension, and a TSV's layout by which field is a URL
-    url_col: str = "url"  # column of URLs (parquet/CSV)
-    caption_col: str = "caption"  # column of captions (parquet/CSV)
-    image_size: int = 256  # shorter side after resizing
-    # keep_ratio keeps the whole picture with its shorter side at image_size, so training's random
-    # crop (ratio 0.75) sees different parts of it; center_crop would throw the sides away here.
-    resize_mode: ResizeMode = "keep_ratio"
-    samples_per_shard: int = 10000  # rows per chunk, so images per shard at most
-    download_threads: int = 64  # concurrent downloads within a chunk
-    timeout: float = 10.0  # seconds per image request
-    # A server busy for a moment lets one request time out and answers the next; an image that
-    # failed stays missing, since its shard counts as done. img2dataset retries every failure, so
-    # each dead link (a third of CC3M's) costs image_retries more requests, and each host that
-    # never answers image_retries more timeouts: hence none by default, as in img2dataset.
-    image_retries: int = 0  # times a failed image request is made again at once
-    workers: int = 2  # chunks in flight at once (local executor)
-    retries: int = 2  # times a failed chunk is tried again
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.input_format not in FORMATS:
-            raise InputError(f"input_format must be one of {FORMATS}, got {self.input_format!r}")
-        if self.resize_mode not in RESIZE_MODES:
-            raise InputError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
-        if self.samples_per_shard <= 0 or self.image_size <= 0:
-            raise InputError("samples_per_shard and image_size must be positive")
-        if self.image_retries < 0:
-            raise InputError(f"image_retries must be 0 or more, got {self.image_retries}")
 
 
 @dataclass(frozen=True)

@@ -55,32 +55,14 @@ from lverse.core.files import atomic_output, atomic_write_json, read_json, remov
 from lverse.core.images import centre_crop, decode, to_model_input
 from lverse.core.resources import resolve_device
 from lverse.core.shards import add_to_tar, check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name
+from lverse.pipeline.configs import EncodeConfig
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.model_cache import load_vae
-from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
+from lverse.runtime.stage import rate, run_shard_stage
 
 log = logging.getLogger(__name__)
 
 CROP_RATIO = 0.75  # a random crop's side over the image's shorter side (the paper's BiART augmentation)
-# Each crop costs a forward pass an image and 2 bytes x num_tokens a sample in the token index
-# (CC3M: about 6 GB a crop); a prefetched sample holds K + 1 decoded images (0.8 MB each at 256 px).
-MAX_CROPS = 16
-
-
-@dataclass(frozen=True, kw_only=True)
-class EncodeConfig(ModelExecution):
-    shards: str  # a folder, a glob ("raw/*.tar") or a range ("raw/{00000..00099}.tar")
-    vae: str  # AugVAE checkpoint: lverse .safetensors or the official .ckpt
-    output: str  # folder for token shards and _summary.json
-    batch_size: int = 32  # images per forward pass
-    decode_threads: int | None = None  # JPEG decode + resize threads per worker (None: its thread share)
-    crops: int = 0  # random crops (0.75 of the shorter side) encoded per image beside the centre crop
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 <= self.crops <= MAX_CROPS:
-            raise InputError(f"crops must be between 0 and {MAX_CROPS} (random crops encoded per image; each costs a "
-                             f"forward pass an image and 2 bytes x num_tokens a sample in the index), got {self.crops}")
 
 
 def crop_boxes(key: str, width: int, height: int, count: int) -> list[tuple[int, int, int, int]]:

@@ -19,7 +19,6 @@ import math
 import os
 import zlib
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
@@ -29,31 +28,12 @@ from lverse.core.files import atomic_write_json
 from lverse.core.resources import compute_dtype, resolve_device
 from lverse.model.biart import Direction, prompt_for
 from lverse.model.clip import to_pil
+from lverse.pipeline.configs import GenerateConfig
 from lverse.runtime.executors import TaskResult
 from lverse.runtime.model_cache import check_generator, load_generator
-from lverse.runtime.stage import ModelExecution, rate, run_shard_stage
+from lverse.runtime.stage import rate, run_shard_stage
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, kw_only=True)
-class GenerateConfig(ModelExecution):
-    prompts: str  # a text file, one prompt per line
-    checkpoint: str  # BiART .safetensors
-    vae: str  # the AugVAE the model was trained with
-    tokenizer: str  # the caption tokenizer's .model
-    output: str  # folder for one subfolder per prompt
-    candidates: int = 64  # images sampled per prompt, CLIP keeps one
-    temperature: float = 1.0  # sampling temperature (0: greedy)
-    top_k: int | None = 256  # sample from the k most likely tokens (None: off)
-    top_p: float | None = None  # nucleus sampling mass (None: off)
-    decode_batch: int = 16  # candidates decoded by the AugVAE at once
-    clip: str = "ViT-B-32"  # open_clip architecture
-    clip_checkpoint: str | None = None  # its weights, a local file (None: random weights, tests only)
-    seed: int = 0  # sampling seed (drawn per prompt)
-    prompts_per_item: int = 16  # prompts per work item: what a worker, Ray actor or array task takes at once
-    ignore_provenance: bool = False  # accept a --vae or --tokenizer other than the checkpoint's training run's
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # BiART's: auto is bf16 on CUDA, fp32 on a CPU
 
 
 def read_prompts(path: str) -> list[str]:

@@ -37,20 +37,21 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from lverse.core.config import at_least, load_config
+from lverse.core.config import load_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.shards import expand_shards, read_tar, token_shard_counts
 from lverse.core.storage import is_url
 from lverse.model.augvae import AugVAEConfig
-from lverse.model.biart import PRESETS, BiART, BiARTConfig, Direction, build_sequence, prompt_for
+from lverse.model.biart import PRESETS, BiART, BiARTConfig, Direction, prompt_for
 from lverse.model.checkpoint import check_provenance, provenance_of, read_config, save_model
+from lverse.pipeline.configs import TrainConfig
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, batch_loader, handover_chunk, micro_batches
 from lverse.runtime.deepspeed import (
@@ -60,6 +61,7 @@ from lverse.runtime.deepspeed import (
     load_ds_config,
     load_stage0_fp32,
     loss_scale,
+    micro_step,
     precision,
     to_universal,
     wrap,
@@ -92,82 +94,6 @@ from lverse.runtime.trainer import (
 )
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class ModelConfig:
-    preset: str = "debug"  # a BiART preset (model/biart.py PRESETS): biart-500m, biart-mini, debug
-    overrides: dict = field(default_factory=dict)  # BiARTConfig fields to change, e.g. {n_layer: 4}
-
-
-@dataclass
-class DataConfig:
-    shards: str = ""  # token shards: a folder, a glob or a {00000..00099} range
-    tokenizer: str = ""  # the caption tokenizer's .model file
-    vae: str = ""  # the AugVAE checkpoint the shards were encoded with (its hash is checked)
-    workers: int = 2  # DataLoader workers per rank (any number: they share one global order)
-    resampled: bool = False  # each epoch draws N samples with replacement instead of a permutation of all N
-    bpe_dropout: float = 0.1  # BPE-dropout on captions at load time
-    # the folder the token index (_index/) is in; None: beside the shards, or RUN_DIR/token_index for
-    # s3:// shards (the index is memory-mapped, so it lives on a file system; on several nodes a shared one)
-    index_dir: str | None = None
-
-
-@dataclass
-class OptimConfig:
-    lr: float | None = None  # peak lr; None: lr_per_sample x global batch (the paper's rule)
-    lr_per_sample: float = 4.5e-7  # the paper's lr per sample of global batch
-    weight_decay: float = 0.01  # AdamW, not on embeddings, biases, LayerNorms
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_steps: int = 0  # linear warmup from 0
-    # "cosine" to min_lr_ratio x lr at the last step, "constant", or "plateau" (the paper's): halved after
-    # `patience` log intervals without a `plateau_threshold` relative fall of the mean loss, to min_lr_ratio x lr
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.1
-    patience: int = 5  # plateau: log intervals without improvement before the lr halves
-    plateau_threshold: float = 0.01  # plateau: the relative fall of an interval's mean loss that counts
-    grad_clip: float = 1.0  # global grad-norm clip (0: off)
-    fused: bool = True  # FusedAdam on CUDA, DeepSpeedCPUAdam with offload (both compile on first use)
-
-
-@dataclass
-class TrainConfig:
-    run_dir: str = "runs/biart"  # checkpoints, logs, samples, the resolved config
-    steps: int = 1000  # optimizer steps in all
-    micro_batch_size: int = 8  # sequences per rank per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    deepspeed: str = "zero2_bf16"  # ZeRO stage, precision, offload: a shipped ds_configs/ name or a path
-    activation_checkpointing: bool = False  # recompute each block in the backward pass (BiARTConfig's flag)
-    # torch.compile each block's forward (not generation's cached steps); off: not measured on CUDA
-    # yet, and no faster on 2 CPU cores for a minute of compiling (benchmarks/README.md)
-    compile: bool = False
-    seed: int = 0  # initialisation, data order, dropout
-    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
-    checkpoint_every_minutes: float = 0.0  # also checkpoint when this many minutes passed since the last (0: off)
-    checkpoint_background: bool = True  # copy the state to host memory and write it while training goes on
-    keep_checkpoints: int = 3  # newest complete checkpoints kept
-    log_every: int = 10  # steps between log lines / TensorBoard points
-    sample_every: int = 0  # steps between sample captions and images (0: never)
-    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measured at start
-    tensorboard: bool = True
-    wandb: bool = False  # also log to Weights & Biases (needs `wandb` installed)
-    wandb_project: str = "lverse"
-    export: bool = True  # write run_dir/biart.safetensors at the end
-    ignore_provenance: bool = False  # resume although data.vae or data.tokenizer differ from the checkpoint's
-    master_port: int | None = None  # rendezvous port (None: from the launcher / SLURM job id)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def __post_init__(self):
-        at_least(self, 1, "steps", "micro_batch_size", "grad_accum", "checkpoint_every", "log_every")
-        at_least(self, 0, "keep_checkpoints", "sample_every", "checkpoint_every_minutes")
-        at_least(self.data, 0, "workers")
-        if self.optim.schedule == "plateau" and self.log_every % 2:
-            raise InputError(f"schedule plateau judges the mean loss of each log interval, and directions alternate "
-                             f"step by step: log_every must be even (got {self.log_every}) so every interval "
-                             "holds as many steps of each")
-
 
 def ds_config(cfg: TrainConfig, world_size: int) -> dict:
     """The run's DeepSpeed config: its ``deepspeed`` file with the batch sizes and clipping of ``cfg``."""
@@ -447,17 +373,6 @@ def _announce(run: Run, model, kernels: dict, peak_flops: float) -> None:
              run.peak_lr, cfg.steps)
     log.info("kernels: %s", "; ".join(f"{k}: {v}" for k, v in kernels.items()))
     log.info("MFU against %.3g FLOP/s per device (%s)", peak_flops, "configured" if cfg.peak_flops else "measured")
-
-
-def micro_step(engine, text: torch.Tensor, image: torch.Tensor, direction: Direction) -> torch.Tensor:
-    """Forward and backward of one micro-batch of (text, image) pairs (DeepSpeed steps the
-    optimizer at the last of the step's ``grad_accum``); returns (loss, ref, gen) detached. The
-    benchmarks time this same step."""
-    seq = build_sequence(text, image, direction, engine.module.cfg).to(engine.device, non_blocking=True)
-    _, losses = engine(seq[:, :-1], direction, targets=seq[:, 1:])
-    engine.backward(losses["loss"])
-    engine.step()
-    return torch.stack([losses["loss"].detach(), losses["ref"].detach(), losses["gen"].detach()])
 
 
 class Meter:

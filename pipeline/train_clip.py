@@ -19,7 +19,6 @@ import io
 import logging
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,23 +28,10 @@ from lverse.core.errors import InputError
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.model.checkpoint import save_state
 from lverse.model.clip import register_configs
+from lverse.pipeline.configs import ClipTrainConfig
 from lverse.runtime.trainer import Schedule, set_lr
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClipTrainConfig:
-    shards: str  # image shards (img2dataset: jpg + txt)
-    output: str  # .safetensors file for the weights
-    model: str = "lverse-tiny"  # open_clip architecture (model/clip_configs/ holds ours)
-    steps: int = 600  # optimizer steps
-    batch_size: int = 128  # image-caption pairs per step
-    lr: float = 1e-3  # peak learning rate (warmup, then cosine to 0)
-    weight_decay: float = 0.1
-    warmup_steps: int = 50  # steps of linear warmup
-    eval_shards: str | None = None  # held-out image shards, scored after training
-    seed: int = 0  # random seed
 
 
 def load_pairs(shards: str, preprocess) -> tuple[torch.Tensor, list[str]]:

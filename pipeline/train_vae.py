@@ -41,13 +41,12 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from lverse.core.config import at_least
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
 from lverse.core.images import decodable_images
@@ -56,6 +55,7 @@ from lverse.model.augvae import PRESETS, AugVAE, ml_to_sl
 from lverse.model.checkpoint import save_model
 from lverse.model.losses import ReconstructionLoss, psnr
 from lverse.model.quantizer import codebook_usage
+from lverse.pipeline.configs import VAETrainConfig
 from lverse.runtime.data import Batches, Stream
 from lverse.runtime.metrics import MetricsLogger
 from lverse.runtime.trainer import (
@@ -75,50 +75,6 @@ from lverse.runtime.trainer import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class VAETrainConfig:
-    run_dir: str = "runs/augvae"  # checkpoints, logs, reconstructions, the exported models
-    shards: str = ""  # image shards of `lverse download` (img2dataset webdataset tars)
-    preset: str = "debug-ml"  # an AugVAE ML preset (model/augvae.py PRESETS): augvae-ml, debug-ml
-    init: str | None = None  # an ML .safetensors to start from (ml_steps: 0 fine-tunes SL only)
-    ml_steps: int = 1000  # ML training steps
-    sl_steps: int = 1000  # SL fine-tuning steps after the conversion
-    batch_size: int = 8  # images per rank per step
-    lr: float | None = None  # None: lr_per_sample x global batch
-    lr_per_sample: float = 4.5e-6  # the paper's lr per image of global batch
-    warmup_steps: int = 0  # linear warmup at the start of each phase
-    # after warmup, per phase: "constant", "cosine" to min_lr_ratio x lr at its end, or "plateau": halved after
-    # `patience` log intervals without improvement, down to min_lr_ratio x lr
-    schedule: str = "constant"
-    min_lr_ratio: float = 0.1
-    patience: int = 5  # plateau: log intervals without improvement before the lr halves
-    plateau_threshold: float = 0.01  # plateau: the relative fall of the interval's mean loss that counts as one
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    weight_decay: float = 1e-5
-    crop_ratio: float = 0.75  # smallest random crop, as a fraction of the shorter side
-    perceptual_weight: float = 0.1  # LPIPS weight (0: MSE and commitment only)
-    vgg_checkpoint: str | None = None  # torchvision vgg16 weights for LPIPS (None: random VGG, tests only)
-    workers: int = 2  # DataLoader workers per rank
-    shuffle_shards: int = 4  # shards read and permuted together
-    resampled: bool = False  # draw shards with replacement instead of epochs
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    sample_every: int = 0  # steps between reconstruction grids (0: never)
-    eval_shards: str = ""  # held-out image shards: PSNR of their reconstructions is logged ("": none)
-    eval_every: int = 100  # steps between held-out evaluations
-    eval_images: int = 256  # held-out images evaluated (the first of eval_shards, centre crops)
-    target_psnr: float | None = None  # end SL once the held-out PSNR reaches this; sl_steps is then a ceiling
-    tensorboard: bool = True
-    master_port: int | None = None
-
-    def __post_init__(self):
-        at_least(self, 1, "batch_size", "checkpoint_every", "log_every", "eval_every", "eval_images",
-                 "shuffle_shards")
-        at_least(self, 0, "ml_steps", "sl_steps", "workers", "keep_checkpoints", "sample_every")
 
 
 class ImageBatch:

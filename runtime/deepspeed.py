@@ -1,5 +1,6 @@
 """DeepSpeed as lverse trains with it: its config (loaded, checked, what it says), the kernels and
-the optimizer a model trains with and the engine around them (``wrap``), and its checkpoints
+the optimizer a model trains with and the engine around them (``wrap``), one BiART micro-step
+through the engine (``micro_step``: the train stage's, which the benchmarks time), and its checkpoints
 (written through lverse's writer, read with weights only, regrouped for another number of ranks,
 read back as fp32 weights from stage 0).
 
@@ -31,6 +32,7 @@ from typing import Protocol
 import torch
 
 from lverse.core.errors import InputError
+from lverse.model.biart import Direction, build_sequence
 from lverse.model.checkpoint import weights_only_loads
 
 from .trainer import MARKER, FileWriter
@@ -385,3 +387,14 @@ def load_stage0_fp32(model, folder: str) -> None:
                     raise ValueError(f"{folder}: an fp32 master of {master.numel()} values for a parameter of "
                                      f"{p.numel()}")
                 p.copy_(master.view(p.shape))
+
+
+def micro_step(engine, text: torch.Tensor, image: torch.Tensor, direction: Direction) -> torch.Tensor:
+    """Forward and backward of one micro-batch of (text, image) pairs (DeepSpeed steps the
+    optimizer at the last of the step's ``grad_accum``); returns (loss, ref, gen) detached. The train
+    stage runs it, and the benchmarks time this same step."""
+    seq = build_sequence(text, image, direction, engine.module.cfg).to(engine.device, non_blocking=True)
+    _, losses = engine(seq[:, :-1], direction, targets=seq[:, 1:])
+    engine.backward(losses["loss"])
+    engine.step()
+    return torch.stack([losses["loss"].detach(), losses["ref"].detach(), losses["gen"].detach()])

@@ -46,6 +46,9 @@ class Execution:
     num_tasks: int = 1  # the number of array tasks
 
     def __post_init__(self):
+        if self.ray_address and self.executor != "ray":
+            raise InputError(f"ray_address {self.ray_address} is the Ray cluster of executor ray: add --executor ray "
+                             "(executor: ray in a YAML file)")
         if self.workers is not None and (self.workers < 0 or self.workers == 0 and self.executor != "local"):
             raise InputError(f"workers {self.workers}: give at least 1, or 0 to run the items in this process (on "
                              f"the local executor only)")

@@ -20,11 +20,14 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 from importlib import resources
+from typing import Literal
 
 from lverse.core.errors import InputError
 
-STAGES = ("download", "encode", "train", "caption", "generate", "ray")
+Stage = Literal["download", "encode", "train", "caption", "generate", "ray"]
+STAGES = typing.get_args(Stage)
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TIME = re.compile(r"(\d+-)?\d{1,3}(:\d{2}){0,2}")
 _ARRAY = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*(%\d+)?")
@@ -33,7 +36,7 @@ MAX_ARRAY_TASKS = 1000  # SLURM's default MaxArraySize is 1001
 
 @dataclasses.dataclass
 class SubmitOptions:
-    stage: str  # which template: one of STAGES
+    stage: Stage  # which template
     config: str | None = None  # the run config: pipeline YAML (download, encode), train YAML, caption YAML
     nodes: int = 1  # nodes (train, ray)
     gpus_per_node: int = 0  # GPUs per node: train starts one task per GPU; encode, caption, generate a worker per GPU

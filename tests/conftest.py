@@ -107,7 +107,8 @@ def data(tmp_path_factory, vae_path):
     import json
 
     from lverse.core.shards import iter_samples
-    from lverse.pipeline.encode import EncodeConfig, run_encode
+    from lverse.pipeline.configs import EncodeConfig
+    from lverse.pipeline.encode import run_encode
     from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 
     from .test_encode import raw_shards

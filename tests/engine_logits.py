@@ -13,7 +13,8 @@ import yaml
 
 from lverse.core.config import from_dict
 from lverse.model.biart import BiART, Direction
-from lverse.pipeline.train import TrainConfig, build_model_config, ds_config
+from lverse.pipeline.configs import TrainConfig
+from lverse.pipeline.train import build_model_config, ds_config
 from lverse.runtime.deepspeed import deepspeed_loads, wrap
 from lverse.runtime.distributed import setup_env
 from lverse.runtime.trainer import complete_checkpoints

@@ -22,7 +22,8 @@ from lverse.model.augvae import PRESETS as VAE_PRESETS
 from lverse.model.biart import PRESETS, BiARTConfig
 from lverse.model.checkpoint import provenance_of
 from lverse.model.clip import ClipScorer
-from lverse.pipeline.caption import CaptionConfig, run_caption
+from lverse.pipeline.caption import run_caption
+from lverse.pipeline.configs import CaptionConfig
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer, truncate_caption
 
 from .test_train import PER_SHARD, SHARDS
@@ -124,7 +125,8 @@ def test_an_augvae_or_tokenizer_other_than_the_training_runs_is_refused(data, bi
     """Files of the same shape and size load without complaint and give garbage: the hashes the
     checkpoint records catch them, before any work; --ignore-provenance goes on anyway."""
     from lverse.model.checkpoint import PROVENANCE
-    from lverse.pipeline.generate import GenerateConfig, run_generate
+    from lverse.pipeline.configs import GenerateConfig
+    from lverse.pipeline.generate import run_generate
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     images = os.path.join(data["raw"], "00000.tar")  # image shards: the AugVAE encodes them itself
 
@@ -146,7 +148,8 @@ def test_an_augvae_or_tokenizer_other_than_the_training_runs_is_refused(data, bi
 
 
 def test_generate_keeps_the_best_candidate_by_clip_and_resumes(data, biart, tmp_path):  # noqa: F811
-    from lverse.pipeline.generate import GenerateConfig, run_generate
+    from lverse.pipeline.configs import GenerateConfig
+    from lverse.pipeline.generate import run_generate
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle at the top on a blue background\n\nan orange square at the left\n")
     cfg = GenerateConfig(prompts=str(prompts), checkpoint=biart, vae=data["vae"], tokenizer=data["tokenizer"],
@@ -180,7 +183,8 @@ def test_ray_actors_write_the_same_captions(data, biart, tmp_path):  # noqa: F81
 
 @pytest.mark.slow
 def test_generate_on_ray_actors_writes_what_local_workers_write(data, biart, tmp_path):  # noqa: F811
-    from lverse.pipeline.generate import GenerateConfig, run_generate
+    from lverse.pipeline.configs import GenerateConfig
+    from lverse.pipeline.generate import run_generate
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"a blue square number {i}\n" for i in range(5)))
     common = dict(prompts=str(prompts), checkpoint=biart, vae=data["vae"], tokenizer=data["tokenizer"],

@@ -2,6 +2,7 @@ import argparse
 import os
 import subprocess
 import sys
+import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
@@ -9,23 +10,17 @@ import pytest
 import torch
 import yaml
 
-from lverse.cli import DemoBelowTarget, build_parser, main
+from lverse.cli import COMMANDS, Command, DemoBelowTarget, build_parser, main
 from lverse.core.config import add_options, field_help, flag, options_to_config
 from lverse.core.errors import InputError
-from lverse.demo import DemoConfig
 from lverse.model.augvae import PRESETS, AugVAE
 from lverse.model.biart import PRESETS as BIART_PRESETS
 from lverse.model.biart import BiART, BiARTConfig
 from lverse.model.checkpoint import save_model
-from lverse.pipeline.caption import CaptionConfig
-from lverse.pipeline.download import DownloadConfig
-from lverse.pipeline.encode import EncodeConfig, run_encode
-from lverse.pipeline.generate import GenerateConfig
-from lverse.pipeline.train_clip import ClipTrainConfig
+from lverse.pipeline.configs import EncodeConfig
+from lverse.pipeline.encode import run_encode
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
-from lverse.run import TokenizerStage
 from lverse.runtime.executors import StageFailed
-from lverse.slurm.render import SubmitOptions
 
 from .test_encode import raw_shards
 from .test_train import train_config
@@ -47,6 +42,17 @@ def test_every_subcommand_explains_itself(capsys):
 def test_console_entry_point():
     out = subprocess.run([sys.executable, "-m", "lverse.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "tokenizer" in out.stdout
+
+
+def test_help_imports_no_torch_deepspeed_or_ray():
+    """Every command's options come from light modules, so help answers at once (benchmarks/cli.py
+    times it)."""
+    code = ("import sys\nfrom lverse.cli import main\n"
+            "for argv in (['--help'], ['caption', '--help'], ['train', '--help'], ['evaluate', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('heavy:', sorted(m for m in ('torch', 'deepspeed', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("heavy: []"), out.stdout[-300:]
 
 
 def test_tokenizer_command(tmp_path):
@@ -82,7 +88,7 @@ def test_convert_vae_ml_to_sl(tmp_path):
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     # YAML 1.1 (PyYAML) reads 3e-4 as a string; the config loader turns it into the number
     from lverse.core.config import load_config
-    from lverse.pipeline.train import TrainConfig
+    from lverse.pipeline.configs import TrainConfig
     path = tmp_path / "run.yaml"
     path.write_text("steps: 1e3\npeak_flops: 989e12\noptim:\n  lr: 3e-4\n")
     cfg = load_config(str(path), TrainConfig)
@@ -100,39 +106,35 @@ def _file(tmp_path, name="f"):
     return str(path)
 
 
-def generated_commands(tmp_path):
-    """Each command whose options come from a config dataclass, with its required options and the
-    config they alone make (every other field at its dataclass default)."""
-    f = _file(tmp_path)
-    models = {"checkpoint": f, "vae": f, "tokenizer": f, "output": "out"}
-    return [
-        ("tokenizer", TokenizerStage, ["--captions", f, "--output", "tok"], {}),
-        ("download", DownloadConfig, [], {"input": f, "output": "out"}),
-        ("encode", EncodeConfig, [], {"shards": "s", "vae": f, "output": "out"}),
-        ("caption", CaptionConfig, [], {"shards": "s", **models}),
-        ("generate", GenerateConfig, [], {"prompts": f, **models}),
-        ("train-clip", ClipTrainConfig, [], {"shards": "s", "output": "clip.safetensors"}),
-        ("demo", DemoConfig, [], {}),
-        ("slurm", SubmitOptions, ["submit", "encode"], {"stage": "encode"}),
-    ]
+def required_arguments(cmd: Command, file: str, empty_yaml: str) -> tuple[list[str], dict]:
+    """The arguments a command cannot go without (a Literal's first choice, else an existing file)
+    and the fields they set."""
+    hints = typing.get_type_hints(cmd.options)
+    values = {f.name: (typing.get_args(hints[f.name]) or (file,))[0] for f in fields(cmd.options)
+              if f.default is MISSING and f.default_factory is MISSING}
+    argv = [values[name] for name in cmd.positional]
+    argv += [x for name, value in values.items() if name not in cmd.positional for x in (flag(name), value)]
+    return argv + (["--config", empty_yaml] if cmd.config_file == "required" else []), values
 
 
-def test_generated_options_default_to_the_dataclass_defaults(tmp_path):
+def test_every_option_comes_from_its_dataclass_which_alone_holds_the_defaults(tmp_path):
     parser = build_parser()
-    commands = parser._subparsers._group_actions[0].choices
-    for name, cls, argv, required in generated_commands(tmp_path):
-        flags = [x for k, v in required.items() if k != "stage" for x in (flag(k), v)]
-        args = parser.parse_args([name, *argv, *flags])
-        assert options_to_config(cls, args) == cls(**required), f"{name}: a default differs from {cls.__name__}'s"
-        names = {f.name for f in fields(cls)}
-        options = {a.dest: a for a in commands[name]._actions if a.option_strings and a.dest in names}
-        skipped = {"download": {"threads"}, "slurm": {"stage", "command"}}.get(name, set())
-        assert set(options) == names - skipped, f"{name}: a field has no option"
-        for f in fields(cls):
-            if f.name in options:
-                action = options[f.name]
+    subparsers = parser._subparsers._group_actions[0].choices
+    assert set(COMMANDS) == set(subparsers)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("{}\n")
+    for name, cmd in COMMANDS.items():
+        argv, values = required_arguments(cmd, _file(tmp_path), str(empty))
+        config = cmd.config(parser.parse_args([name, *argv]))
+        assert config == cmd.options(**values), f"{name}: a default differs from {cmd.options.__name__}'s"
+        names = {f.name for f in fields(cmd.options)} - set(cmd.skip)
+        actions = {a.dest: a for a in subparsers[name]._actions if a.dest in names}
+        assert set(actions) == names, f"{name}: a field has no option"
+        for f in fields(cmd.options):
+            if f.name in actions:
+                action = actions[f.name]
                 assert action.default is argparse.SUPPRESS  # the dataclass alone holds defaults
-                if f.default not in (MISSING, None, False):
+                if f.default not in (MISSING, None) and not isinstance(f.default, bool):
                     assert action.help.endswith(f"(default: {f.default})"), (name, f.name, action.help)
 
 

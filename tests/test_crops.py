@@ -21,8 +21,9 @@ from lverse.core.errors import InputError
 from lverse.core.shards import file_sha256, iter_samples
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
-from lverse.pipeline.encode import CROP_RATIO, MAX_CROPS, EncodeConfig, ShardEncoder, crop_boxes, run_encode
-from lverse.pipeline.train import DataConfig, TrainConfig, data_loader, plan_run
+from lverse.pipeline.configs import MAX_CROPS, DataConfig, EncodeConfig, TrainConfig
+from lverse.pipeline.encode import CROP_RATIO, ShardEncoder, crop_boxes, run_encode
+from lverse.pipeline.train import data_loader, plan_run
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed, view_pick
 from lverse.runtime.token_index import TokenIndex, build_index, ensure_index, index_folder, open_samples

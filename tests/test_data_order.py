@@ -26,8 +26,9 @@ import torch
 from lverse.cli import main
 from lverse.core.errors import InputError
 from lverse.core.shards import file_sha256, iter_samples
-from lverse.pipeline.encode import EncodeConfig, run_encode
-from lverse.pipeline.train import DataConfig, TrainConfig, data_loader, plan_run
+from lverse.pipeline.configs import DataConfig, EncodeConfig, TrainConfig
+from lverse.pipeline.encode import run_encode
+from lverse.pipeline.train import data_loader, plan_run
 from lverse.preprocessing import text_tokenizer
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer, normalize_caption
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed

@@ -18,7 +18,8 @@ from lverse.core.errors import InputError
 from lverse.model import BiART
 from lverse.model.biart import BiARTConfig
 from lverse.model.checkpoint import load_model
-from lverse.pipeline.train import TrainConfig, ds_config
+from lverse.pipeline.configs import TrainConfig
+from lverse.pipeline.train import ds_config
 from lverse.runtime.deepspeed import deepspeed_loads, layout_difference
 
 from .test_train import losses, metrics, run_job, train_config

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lverse.cli import main
-from lverse.pipeline.download import DownloadConfig, plan, run_download
+from lverse.pipeline.configs import DownloadConfig
+from lverse.pipeline.download import plan, run_download
 from lverse.preprocessing.synthetic_server import BAD_PATHS, SyntheticServer, SyntheticSet
 
 MALFORMED = (b"no tab on this line\n"

@@ -18,7 +18,8 @@ from lverse.core.images import preprocess
 from lverse.core.shards import file_sha256, iter_samples
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
-from lverse.pipeline.encode import EncodeConfig, ShardEncoder, run_encode
+from lverse.pipeline.configs import EncodeConfig
+from lverse.pipeline.encode import ShardEncoder, run_encode
 from lverse.preprocessing.synthetic import draw_sample
 from lverse.runtime.executors import StageFailed
 

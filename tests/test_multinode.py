@@ -242,7 +242,8 @@ def test_download_and_encode_arrays_spread_over_nodes_and_write_what_one_node_wr
     shards equal those one local run writes from the same image shards, byte for byte."""
     from lverse.model import AugVAE, save_model
     from lverse.model.augvae import PRESETS
-    from lverse.pipeline.encode import EncodeConfig, run_encode
+    from lverse.pipeline.configs import EncodeConfig
+    from lverse.pipeline.encode import run_encode
     from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
 
     torch.manual_seed(0)

@@ -19,7 +19,8 @@ CONFIG = os.path.join(REPO, "configs", "paper_coco.yaml")
 def test_paper_config_is_the_papers_biart_and_is_accepted_by_train_and_slurm(tmp_path, monkeypatch, capsys):
     from lverse.core.config import load_config
     from lverse.model.biart import PRESETS
-    from lverse.pipeline.train import TrainConfig, ds_config
+    from lverse.pipeline.configs import TrainConfig
+    from lverse.pipeline.train import ds_config
     from lverse.runtime.trainer import Schedule
     cfg = load_config(CONFIG, TrainConfig)
     model = PRESETS[cfg.model.preset]

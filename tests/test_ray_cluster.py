@@ -51,8 +51,9 @@ def test_ray_up_with_workers_runs_the_pipeline_across_nodes_and_ray_down_ends_it
         if not shutil.which(tool):
             message = f"{tool} is not installed (make test installs openssh-server, rsync)"
             pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
-    from lverse.pipeline.caption import CaptionConfig, run_caption
-    from lverse.pipeline.encode import EncodeConfig, run_encode
+    from lverse.pipeline.caption import run_caption
+    from lverse.pipeline.configs import CaptionConfig, EncodeConfig
+    from lverse.pipeline.encode import run_encode
 
     nodes = Nodes(str(tmp_path / "net"), 3).start()
     token = tmp_path / "ray_token"
@@ -183,9 +184,10 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
     the other nodes do not see refused before work; then caption with the other worker node
     killed mid-stage. Token shards and caption parquets equal a local run's byte for byte: nothing
     lost, duplicated or half-written."""
-    from lverse.pipeline.caption import CaptionConfig, run_caption
-    from lverse.pipeline.encode import EncodeConfig, run_encode
-    from lverse.run import TokenizerStage, fit_tokenizer_on_shards
+    from lverse.pipeline.caption import run_caption
+    from lverse.pipeline.configs import CaptionConfig, EncodeConfig, TokenizerConfig
+    from lverse.pipeline.encode import run_encode
+    from lverse.run import fit_tokenizer_on_shards
 
     from .test_encode import raw_shards
     raw = raw_shards(str(tmp_path / "raw"), count=16, n=16)
@@ -194,7 +196,7 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
     save_model(AugVAE(PRESETS["debug-sl"]), vae)
     run_encode(EncodeConfig(shards=raw, vae=vae, output=str(tmp_path / "reference"), batch_size=4, workers=0))
     tokenizer = fit_tokenizer_on_shards(str(tmp_path / "reference"), str(tmp_path / "tok"),
-                                        TokenizerStage(vocab_size=60))["model"]
+                                        TokenizerConfig(vocab_size=60))["model"]
     biart = debug_biart(tokenizer, str(tmp_path / "biart.safetensors"))
     run_caption(CaptionConfig(shards=str(tmp_path / "reference"), checkpoint=biart, vae=vae, tokenizer=tokenizer,
                               candidates=2, max_tokens=4, clip="lverse-tiny", output=str(tmp_path / "captions1"),

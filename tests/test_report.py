@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from lverse.pipeline.caption import run_caption
-from lverse.pipeline.generate import GenerateConfig, run_generate
+from lverse.pipeline.configs import GenerateConfig
+from lverse.pipeline.generate import run_generate
 from lverse.pipeline.report import svg_plot, write_report
 
 from .test_caption import config

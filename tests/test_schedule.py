@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lverse.core.errors import InputError
-from lverse.pipeline.train import OptimConfig, TrainConfig
+from lverse.pipeline.configs import OptimConfig, TrainConfig
 from lverse.runtime.trainer import Plateau, Schedule
 
 from .test_train import metrics, run_job, train_config, vae_config

@@ -14,7 +14,8 @@ from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_parquet
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.pipeline.caption import run_caption
-from lverse.pipeline.download import DownloadConfig, run_download
+from lverse.pipeline.configs import DownloadConfig
+from lverse.pipeline.download import run_download
 from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
 
 from .s3 import enforce_iam, make_bucket, s3_server
@@ -56,7 +57,8 @@ def outputs(prefix: str) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_download_encode_caption_on_s3_equal_local_and_a_rerun_skips_everything(s3, data, biart, tmp_path):  # noqa: F811
-    from lverse.pipeline.encode import EncodeConfig, run_encode
+    from lverse.pipeline.configs import EncodeConfig
+    from lverse.pipeline.encode import run_encode
     from lverse.pipeline.evaluate import load_predictions
     roots = {"local": str(tmp_path / "run"), "s3": "s3://lverse/run"}
 
@@ -174,7 +176,8 @@ def test_storage_options_reach_the_file_system_and_child_processes(s3, monkeypat
 
 
 def test_generate_writes_to_s3_what_it_writes_to_disk_and_resumes(s3, data, biart, tmp_path):  # noqa: F811
-    from lverse.pipeline.generate import GenerateConfig, run_generate
+    from lverse.pipeline.configs import GenerateConfig
+    from lverse.pipeline.generate import run_generate
     fs, _ = storage.filesystem("s3://lverse")
     fs.pipe_file("lverse/gen/prompts.txt", b"a red circle at the top on a blue background\nan orange square\n")
     runs = {"local": str(tmp_path / "gen"), "s3": "s3://lverse/gen/out"}
@@ -271,7 +274,8 @@ def test_a_transient_s3_error_fails_only_its_shard_which_the_stage_retries(s3, d
     import fsspec.config
     import s3fs
 
-    from lverse.pipeline.encode import EncodeConfig, run_encode
+    from lverse.pipeline.configs import EncodeConfig
+    from lverse.pipeline.encode import run_encode
 
     from .s3 import FlakyProxy
     faults = {("PUT", "/lverse/flaky/tokens/00001_stats.json"): s3fs.S3FileSystem.retries,

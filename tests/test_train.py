@@ -24,7 +24,8 @@ from lverse.core.shards import file_sha256, iter_samples, read_tar, token_shard_
 from lverse.model import AugVAE, BiART
 from lverse.model.biart import BiARTConfig, Direction
 from lverse.model.checkpoint import load_model
-from lverse.pipeline.train import TrainConfig, ds_config
+from lverse.pipeline.configs import TrainConfig
+from lverse.pipeline.train import ds_config
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.runtime.data import Batches, GlobalBatches, GlobalOrder, Stream, TokenBatch
 from lverse.runtime.distributed import world_info_from_env
@@ -364,7 +365,7 @@ def test_deepspeed_configs_are_found_by_name_from_any_folder(tmp_path, monkeypat
 
 def test_shipped_run_configs_parse():
     from lverse.core.config import load_config
-    from lverse.pipeline.train_vae import VAETrainConfig
+    from lverse.pipeline.configs import VAETrainConfig
     for name in ("train_debug.yaml", "train_cc3m.yaml"):
         assert load_config(os.path.join(REPO, "configs", name), TrainConfig).steps > 0
     assert load_config(os.path.join(REPO, "configs", "train_vae_debug.yaml"), VAETrainConfig).ml_steps > 0

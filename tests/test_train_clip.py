@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from lverse.model.clip import ClipScorer
-from lverse.pipeline.train_clip import ClipTrainConfig, train_clip
+from lverse.pipeline.configs import ClipTrainConfig
+from lverse.pipeline.train_clip import train_clip
 
 from .test_encode import raw_shards
 
