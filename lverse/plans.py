@@ -12,6 +12,7 @@ import os
 from lverse.core.config import load_config
 from lverse.core.errors import InputError
 from lverse.core.shards import expand_shards
+from lverse.pipeline.configs import CaptionConfig, GenerateConfig, TrainConfig
 from lverse.slurm.render import Plan
 
 
@@ -24,20 +25,17 @@ def _pipeline_stage(stage: str):
 
 
 def _caption(config: str) -> Plan:
-    from lverse.pipeline.configs import CaptionConfig
     cfg = load_config(config, CaptionConfig)
     return Plan(run_dir=cfg.output, items=len(expand_shards(cfg.shards)))
 
 
 def _generate(config: str) -> Plan:
-    from lverse.pipeline.configs import GenerateConfig
     from lverse.pipeline.generate import prompt_items, read_prompts
     cfg = load_config(config, GenerateConfig)
     return Plan(run_dir=cfg.output, items=len(prompt_items(len(read_prompts(cfg.prompts)), cfg.prompts_per_item)))
 
 
 def _train(config: str) -> Plan:
-    from lverse.pipeline.configs import TrainConfig
     return Plan(run_dir=load_config(config, TrainConfig).run_dir)
 
 
