@@ -6,6 +6,14 @@ and, in each field's trailing comment, the help text; the CLI's options are made
 refused with the list of known ones, so a typo never silently falls back to a default. PyYAML
 follows YAML 1.1, which reads ``3e-4`` (no dot) as a string: a number field takes such a string as
 the number it spells, and refuses any other string.
+
+Why not a library (tyro, jsonargparse, simple-parsing all make options from dataclasses, tyro
+with help from field comments too): lverse needs a YAML file under the options with the dataclass
+alone holding defaults (an option not given must not override the file), its own refusals
+(InputError naming the field, the unknown keys with the known ones, YAML 1.1's numbers), the
+command line's checks (existing files, positive counts) and help that loads no stage. Each of
+those would be an adapter around the library; this module is those rules and about 300 lines of
+argparse, with no dependency to pin.
 """
 
 from __future__ import annotations
