@@ -88,11 +88,15 @@ def iter_samples(path: str, skipped: Counter | None = None) -> Iterator[dict]:
     lower-cased (webdataset's rule); a leading ``./`` (``tar -C dir -cf x.tar .``) is dropped. A
     member without an extension belongs to no sample: it is passed over and counted in
     ``skipped["no_extension"]``. The tar is streamed, one sample in memory at a time; a truncated
-    tar is refused before the first sample (``check_complete_tar``).
+    tar is refused before the first sample (``check_complete_tar``). A sample's members must be
+    adjacent, as webdataset writers put them: a key that comes back after another sample (``tar
+    -cf`` of a folder stores files in the file system's order) would split the sample into parts,
+    an image without its caption and a caption without its image, so it is an InputError naming
+    the key; a stage that reads the shard fails it with that reason, and nothing of it is written.
     """
     check_complete_tar(path)
     with storage.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        sample = {}
+        sample, done = {}, set()
         for member in tar:
             if not member.isfile():
                 continue
@@ -104,8 +108,13 @@ def iter_samples(path: str, skipped: Counter | None = None) -> Iterator[dict]:
                 continue
             key = f"{folder}/{key}" if folder else key
             if sample and key != sample["__key__"]:
+                done.add(sample["__key__"])
                 yield sample
                 sample = {}
+            if key in done:
+                raise InputError(f"{path}: the members of sample {key!r} are not adjacent (another sample's come "
+                                 "between them), so its image and caption would be read apart: write the tar with "
+                                 "each sample's files together, e.g. tar --sort=name -cf")
             sample["__key__"] = key
             sample[ext.lower()] = tar.extractfile(member).read()
         if sample:

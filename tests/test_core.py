@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json, bad_path_message
 from lverse.core.images import MAX_ASPECT, preprocess
 from lverse.core.shards import iter_samples, sample_meta
@@ -60,6 +61,13 @@ def test_samples_are_grouped_as_webdataset_groups_them(tmp_path):
     assert [s["__key__"] for s in samples] == ["k1", "sub/k2"]
     assert sorted(samples[0]) == ["__key__", "jpg", "seg.png", "txt"] and "jpg" in samples[1]
     assert skipped == {"no_extension": 1}
+
+
+def test_a_sample_whose_members_are_apart_is_refused_not_split(tmp_path):
+    # what `tar -cf` of a folder can store: the file system's order, not the samples'
+    _tar(tmp_path / "a.tar", ["k1.jpg", "k2.jpg", "k1.txt", "k2.txt"])
+    with pytest.raises(InputError, match=r"a.tar: the members of sample 'k1' are not adjacent"):
+        list(iter_samples(str(tmp_path / "a.tar")))
 
 
 def test_sample_meta_keeps_the_sample_when_its_json_is_bad():

@@ -94,6 +94,20 @@ def test_token_shards_hold_the_models_codes(tmp_path, vae_path):
     assert os.path.getmtime(os.path.join(out, "00000.tar")) == mtime
 
 
+def test_a_shard_whose_samples_are_interleaved_fails_with_the_reason(tmp_path, vae_path):
+    raw = raw_shards(str(tmp_path / "raw"), count=1, n=3)
+    path = os.path.join(raw, "00000.tar")
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:  # every image first, then every caption and json
+        for member, data in sorted(members, key=lambda m: m[0].name.rpartition(".")[2] != "jpg"):
+            tar.addfile(member, io.BytesIO(data))
+    out = str(tmp_path / "tok")
+    with pytest.raises(StageFailed, match="00000.*members of sample .* are not adjacent"):
+        run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out, workers=0, retries=0))
+    assert not os.path.exists(os.path.join(out, "00000.tar")), "no shard of images without captions"
+
+
 def test_a_folder_of_another_vae_is_refused(tmp_path, vae_path):
     raw = raw_shards(str(tmp_path / "raw"), count=1, n=2)
     out = str(tmp_path / "tok")
