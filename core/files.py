@@ -93,7 +93,8 @@ def atomic_write_parquet(path: str, table) -> None:
 # expected or the other way round) is the user's to fix by choosing another path or changing its
 # permissions, at whatever point it surfaces. Any other errno (ENOSPC, EDQUOT, EIO, ESTALE, ...)
 # is the storage failing while work goes on, and keeps its traceback, as does an error naming no
-# path (a socket's, say). The one blur: a file system that remounts itself read-only after I/O
+# path (a socket's, say); but a full device or quota is one line too (``full_storage_message``),
+# with status 1 (work failed), not 2. The one blur: a file system that remounts itself read-only after I/O
 # errors lands here too, named in one line rather than shown with a traceback.
 _REFUSED = (errno.EACCES, errno.EPERM, errno.EROFS)
 _NOT_A_FOLDER = (errno.ENOTDIR, errno.EEXIST)
@@ -120,6 +121,17 @@ def bad_path_message(e: OSError) -> str | None:
     if e.errno == errno.EISDIR and os.path.isdir(path):
         return f"{path} is a folder, where a file is expected: give the path of a file (in it, say)"
     return None  # EEXIST of a folder that is there is no mix-up of kinds: a bug or a race
+
+
+def full_storage_message(e: OSError) -> str | None:
+    """One line for a write that found its storage full (no space left, or the user's quota used
+    up), naming the file when ``e`` does; None for any other error. Every stage resumes, so the
+    way on is the same command once there is room."""
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" writing {os.fsdecode(e.filename)}" if isinstance(e.filename, (str, bytes)) else ""
+    return (f"{e.strerror}{where}: make room there (or choose a folder that has it), then run the same command "
+            "again: it continues from what is finished")
 
 
 def _nearest_existing(path: str) -> str:

@@ -17,11 +17,13 @@ import faulthandler
 import inspect
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields
 from typing import Literal
@@ -29,7 +31,7 @@ from typing import Literal
 from lverse.core import storage
 from lverse.core.config import add_options, flag, given_options, load_config, options_to_config
 from lverse.core.errors import InputError
-from lverse.core.files import bad_path_message
+from lverse.core.files import bad_path_message, full_storage_message
 from lverse.demo import DemoConfig
 from lverse.pipeline.configs import (
     CaptionConfig,
@@ -653,10 +655,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a path that cannot serve is bad input too; the storage failing mid-work is not
         message = bad_path_message(e)
+        if message is not None:
+            log.error("%s", message)
+            return 2
+        message = full_storage_message(e)
         if message is None:
             raise
-        log.error("%s", message)
-        return 2
+        log.error("%s", message)  # what is finished is kept, as for a failed shard
+        return 1
     except (StageFailed, DemoBelowTarget) as e:  # the rest is done and kept; a rerun retries what failed
         log.error("%s", e)
         return 1
@@ -668,13 +674,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The ``lverse`` command (and ``python -m lverse.cli``): ``main``, then ``exit_now``."""
-    exit_now(main())
+    """The ``lverse`` command (and ``python -m lverse.cli``): ``main``, then ``exit_now``. A bug's
+    traceback is printed as the interpreter prints it, and the status is 1, as it would be."""
+    try:
+        code = main()
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    exit_now(code)
 
 
 def exit_now(code: int) -> None:
-    """End the process with ``code`` once the command is done, without the interpreter's teardown
-    of native libraries.
+    """End the process with ``code`` once the command is done or has failed, without the
+    interpreter's teardown of native libraries, and without waiting on a daemonic child.
 
     Python's exit first joins the threads and runs the atexit handlers (Ray's shutdown,
     multiprocessing ending its children, logging's flush), then tears down the modules and the
@@ -686,7 +698,20 @@ def exit_now(code: int) -> None:
     training run). So this does the first part as the interpreter would, flushes the standard
     streams and leaves with ``os._exit``. The price: objects still alive are not finalised, which
     lverse never relies on: every file it writes is closed (and renamed into place) before the
-    command returns. A command that fails with a traceback exits the usual way."""
+    command returns.
+
+    Daemonic children still alive (DataLoader workers, when training failed while they ran) are
+    killed first: multiprocessing's exit handler sends them SIGTERM and then waits for them, and a
+    DataLoader worker ignores SIGTERM (runtime/trainer.py ``ignore_stop_signals``: a scheduler
+    signals every process of a job step, and only the training process may act on it), so a run
+    that failed after its loader started waited forever (under SLURM, until its time limit). A
+    daemonic child is one its parent's exit ends by definition; none of lverse's cleans up on
+    SIGTERM."""
+    daemonic = [child for child in multiprocessing.active_children() if child.daemon]
+    if daemonic and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each as a failed worker
+    for child in daemonic:
+        child.kill()
     threading._shutdown()  # what the interpreter's exit does first: join the non-daemon threads
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):

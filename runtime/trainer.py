@@ -401,7 +401,12 @@ class FileWriter:
     def _write(self, state, path: str) -> None:
         start = time.perf_counter()
         with atomic_output(path) as tmp, open(tmp, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as e:  # torch's zip writer reports a failed write ("unexpected pos") so
+                if not isinstance(e.__context__, OSError):
+                    raise
+                raise OSError(e.__context__.errno, e.__context__.strerror, path) from e  # say which and where
             f.flush()
             os.fsync(f.fileno())
         self.bytes += os.path.getsize(path)

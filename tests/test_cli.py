@@ -2,6 +2,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
@@ -235,8 +236,8 @@ def test_a_bug_propagates_with_its_traceback(tmp_path, monkeypatch):
 def test_the_console_shows_a_traceback_only_for_bugs(error, status, traceback, tmp_path):
     code = ("import sys\nimport lverse.pipeline.report as r\nfrom lverse.core.errors import InputError\n"
             f"def broken(*a, **k): raise {error}('the message')\n"
-            "r.write_report = broken\nfrom lverse.cli import main\n"
-            f"sys.exit(main(['report', {str(tmp_path)!r}]))")
+            f"r.write_report = broken\nsys.argv = ['lverse', 'report', {str(tmp_path)!r}]\n"
+            "from lverse.cli import run\nrun()")  # as the `lverse` command runs
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == status and "the message" in out.stderr
     assert ("Traceback" in out.stderr) == traceback, out.stderr
@@ -356,3 +357,26 @@ def test_the_command_ends_after_joining_threads_and_running_exit_handlers_withou
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 3, out.stderr
     assert out.stdout.split("\n") == ["thread done", "atexit ran", ""]
+
+
+def test_the_command_ends_its_daemonic_children_even_one_that_ignores_sigterm():
+    """A DataLoader worker ignores SIGTERM, and Python's exit would wait for it forever after
+    sending one: a training run that failed hung (exit_now's doc)."""
+    script = ("import multiprocessing, signal, time\nfrom lverse.cli import exit_now\n"
+              "def deaf():\n    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n    time.sleep(600)\n"
+              "if __name__ == '__main__':\n"
+              "    child = multiprocessing.get_context('fork').Process(target=deaf, daemon=True)\n"
+              "    child.start()\n    time.sleep(0.5)\n    print(child.pid, flush=True)\n    exit_now(4)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 4, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    child, deadline = int(out.stdout), time.time() + 10
+    while time.time() < deadline:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # killed, not reaped yet
+                    break
+        except FileNotFoundError:  # killed and reaped
+            break
+        time.sleep(0.1)
+    assert time.time() < deadline, f"the daemonic child {child} outlived the command"

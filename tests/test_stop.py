@@ -340,3 +340,4 @@ def test_a_second_ctrl_c_stops_a_stage_at_once(tmp_path, request, sessions, stag
     assert time.time() - second < 3
     assert _wait_workers_gone(proc.pid, 5) == []
     assert _open_under(tmp_path / "out") == []
+

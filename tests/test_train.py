@@ -629,3 +629,34 @@ def test_compiled_blocks_give_the_eager_numbers():
     prompt = prompt_for(text, Direction.T2I, cfg)
     assert torch.equal(compiled.eval().generate(prompt, Direction.T2I, 4, temperature=0),
                        eager.eval().generate(prompt, Direction.T2I, 4, temperature=0))
+
+
+def test_a_training_run_that_fails_ends_at_once_with_one_line(tmp_path, data):
+    """A full disk during a checkpoint, with the DataLoader workers (which ignore SIGTERM) running:
+    status 1 within seconds, one line naming the file and what to do, nothing of the run left."""
+    room = tmp_path / "room"
+    room.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(room)], check=True)
+    try:  # a checkpoint of the debug model takes 2.4 MB: the one of step 2 fits, the one of step 4 does not
+        config = train_config(tmp_path / "run.yaml", data, room / "run", checkpoint_every=2)
+        start = time.time()
+        lverse = os.path.join(os.path.dirname(sys.executable), "lverse")
+        run = subprocess.Popen([lverse, "train", "--config", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+        try:
+            out, _ = run.communicate(timeout=180)
+        finally:
+            if run.poll() is None:  # hung: a failure of the test, and nothing left behind
+                kill_tree(run.pid)
+        seconds = time.time() - start
+    finally:
+        subprocess.run(["umount", "-l", str(room)], check=True)
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert run.returncode == 1 and len(errors) == 1, out[-3000:]
+    assert "No space left on device writing" in errors[0] and "step_00000004" in errors[0], errors
+    assert "run the same command again" in errors[0] and "Traceback" not in out
+    print(f"failed run ended {seconds:.1f} s after its start")
+    deadline = time.time() + 10
+    while _processes(5, run.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes(5, run.pid), "a process of the failed run outlived it"
