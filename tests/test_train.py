@@ -660,3 +660,34 @@ def test_a_training_run_that_fails_ends_at_once_with_one_line(tmp_path, data):
     while _processes(5, run.pid) and time.time() < deadline:
         time.sleep(0.2)
     assert not _processes(5, run.pid), "a process of the failed run outlived it"
+
+
+def _rank_of(pid: int) -> int:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return int(dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)[b"RANK"])
+
+
+def test_a_rank_that_dies_ends_the_job_within_seconds(data, tmp_path):
+    """SIGKILL one of two ranks mid-run: the other fails out of its collective, the launcher ends
+    the job with a non-zero status, and no process of the job is left."""
+    run = tmp_path / "run"
+    job = launch(2, "train", "--config", train_config(tmp_path / "run.yaml", data, run, steps=40, export=False),
+                 env={"LVERSE_HOLD_AT_STEP": "3"})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and logged_steps(run) < 3:
+            time.sleep(0.05)
+        ranks = {_rank_of(pid): pid for pid in _processes(3, job.pid)}  # torchrun's children
+        os.kill(ranks[1], signal.SIGKILL)
+        killed = time.time()
+        job.communicate(timeout=120)
+        seconds = time.time() - killed
+    finally:
+        kill_tree(job.pid)
+    assert job.returncode != 0
+    assert seconds < 30, f"the job ended {seconds:.1f} s after a rank died"
+    print(f"job ended {seconds:.1f} s after rank 1 was killed")
+    deadline = time.time() + 10
+    while _processes(5, job.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes(5, job.pid), "a process of the job outlived it"
