@@ -27,8 +27,9 @@ import pytest
 from .test_encode import raw_shards
 
 LVERSE = os.path.join(os.path.dirname(sys.executable), "lverse")
-ITEMS = {"download": 3, "encode": 16, "caption": 4}
-DONE = {"download": "*_stats.json", "encode": "*_stats.json", "caption": "*.parquet"}  # an item's done marker
+ITEMS = {"download": 3, "encode": 16, "caption": 4, "generate": 4}
+# an item's done marker
+DONE = {"download": "*_stats.json", "encode": "*_stats.json", "caption": "*.parquet", "generate": "*/result.json"}
 
 
 def _processes(field: int, value: int) -> list[int]:
@@ -98,11 +99,17 @@ def _command(stage: str, executor: str, tmp_path, request) -> list[str]:
     elif stage == "encode":
         args = ["--shards", raw_shards(str(tmp_path / "raw"), count=ITEMS["encode"], n=12),
                 "--vae", request.getfixturevalue("vae_path")]
-    else:
+    elif stage == "caption":
         files, checkpoint = request.getfixturevalue("data"), request.getfixturevalue("biart")
         args = ["--shards", raw_shards(str(tmp_path / "raw"), count=ITEMS["caption"], n=3), "--checkpoint", checkpoint,
                 "--vae", files["vae"], "--tokenizer", files["tokenizer"], "--candidates", "4", "--max-tokens", "8",
                 "--batch-size", "3", "--clip", "lverse-tiny"]
+    else:  # generate: one prompt an item
+        files, checkpoint = request.getfixturevalue("data"), request.getfixturevalue("biart")
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"a {c} circle\n" for c in ("red", "blue", "green", "yellow")[:ITEMS["generate"]]))
+        args = ["--prompts", str(prompts), "--checkpoint", checkpoint, "--vae", files["vae"], "--tokenizer",
+                files["tokenizer"], "--candidates", "4", "--prompts-per-item", "1", "--clip", "lverse-tiny"]
     return [LVERSE, stage, *args, "--output", str(tmp_path / "out"), "--workers", "1", "--executor", executor]
 
 
@@ -134,14 +141,15 @@ def _wait_gone(session: int, seconds: float) -> list[int]:
     return _processes(5, session)
 
 
-# Encode is stopped with each signal on each executor. Download and caption take two of those four
-# each, so that each meets both signals and both executors, and the two together all four: what the
-# driver does on either signal is the CLI's and the same for every stage (encode's four show it),
-# what happens to the workers is the executor's (a local pool, Ray tasks for download, Ray actors
-# for encode and caption) and the stage's (img2dataset's threads, a model in each worker).
+# Encode is stopped with each signal on each executor. Download, caption and generate take two of
+# those four each, so that each meets both signals and both executors: what the driver does on
+# either signal is the CLI's and the same for every stage (encode's four show it), what happens to
+# the workers is the executor's (a local pool, Ray tasks for download, Ray actors for the model
+# stages) and the stage's (img2dataset's threads, a model in each worker).
 STOPS = [("encode", "local", signal.SIGINT), ("encode", "local", signal.SIGTERM), ("encode", "ray", signal.SIGINT),
          ("encode", "ray", signal.SIGTERM), ("download", "local", signal.SIGINT), ("download", "ray", signal.SIGTERM),
-         ("caption", "local", signal.SIGTERM), ("caption", "ray", signal.SIGINT)]
+         ("caption", "local", signal.SIGTERM), ("caption", "ray", signal.SIGINT), ("generate", "local", signal.SIGINT),
+         ("generate", "ray", signal.SIGTERM)]
 
 
 @pytest.mark.slow
@@ -179,7 +187,7 @@ def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, executor", [("download", "local"), ("encode", "local"), ("caption", "local"),
-                                             ("encode", "ray")])
+                                             ("generate", "local"), ("encode", "ray")])
 def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage, executor):
     """Every worker, local process or Ray actor, dies with the driver, in the middle of an item (a
     download in the middle of a shard). Of the private local Ray the driver started, Ray's own node
