@@ -37,7 +37,7 @@ from lverse.pipeline.generate import GenerateConfig
 from lverse.pipeline.train_clip import ClipTrainConfig
 from lverse.preprocessing.coco import CocoConfig
 from lverse.run import TokenizerStage
-from lverse.runtime.executors import StageFailed
+from lverse.runtime.tasks import StageFailed
 from lverse.slurm.render import STAGES, SubmitOptions
 
 log = logging.getLogger("lverse")

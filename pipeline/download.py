@@ -40,8 +40,8 @@ from lverse.core.files import (
     read_json,
     remove_stale_temporaries,
 )
-from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import Execution, rate, run_shard_stage
+from lverse.runtime.tasks import TaskResult
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from lverse.pipeline.generate import GenerateConfig
 from lverse.pipeline.train_clip import ClipTrainConfig
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.run import TokenizerStage
-from lverse.runtime.executors import StageFailed
+from lverse.runtime.tasks import StageFailed
 from lverse.slurm.render import SubmitOptions
 
 from .test_encode import raw_shards
