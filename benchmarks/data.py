@@ -72,7 +72,8 @@ from lverse.runtime.data import (
     micro_batches,
     sample_seed,
 )
-from lverse.runtime.token_index import FILES, build_index, index_path, open_samples
+from lverse.runtime.token_index import FILES, index_path, open_samples
+from lverse.runtime.token_index_build import build_index
 from lverse.runtime.trainer import ignore_stop_signals
 
 

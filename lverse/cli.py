@@ -464,7 +464,7 @@ def _index(args: argparse.Namespace) -> None:
     finished shards is left as it is. Token shards in an object store (s3://) are indexed into
     --index-dir (INDEX_DIR/_index/). Prints a summary (samples, shards, bytes, seconds).
     """
-    from lverse.runtime.token_index import index_folder
+    from lverse.runtime.token_index_build import index_folder
     storage.check_input(args.tokens)
     if not storage.isdir(args.tokens):
         raise FileNotFoundError(f"--tokens {args.tokens} is not a folder")

@@ -16,8 +16,10 @@ Modules:
     data         training data: BiART's global sample order (any ranks and workers, resumable to
                  the sample; a sample's view and BPE-dropout from (seed, epoch, key): view_pick,
                  sample_seed), the AugVAE's shard streams per (rank, worker)
-    token_index  the memory-mapped index of a folder of token shards, their random crops too
-                 (build, check, read; for s3:// shards in a folder of its own)
+    token_index  the memory-mapped index of a folder of token shards, their random crops too: its
+                 format (one VERSION) and reading it (TokenIndex, TokenSamples, open_samples)
+    token_index_build  building it: by `lverse index` (index_folder), or by rank 0 of a training
+                 run that finds none while the other ranks wait (ensure_index); build_index
     metrics      MetricsLogger: metrics.jsonl, log lines, TensorBoard, W&B
     trainer      the training core of BiART, AugVAE and CLIP training: process setup, reseeding,
                  the stop signal, one lr Schedule, the checkpoint lifecycle, image grids
