@@ -79,7 +79,7 @@ from lverse.runtime.trainer import ignore_stop_signals
 
 def prepare(folder: str, samples: int, per_shard: int, vocab: int) -> tuple[list[str], str]:
     """(shards, tokenizer .model) in ``folder``, made unless it holds this set-up."""
-    setup = {"samples": samples, "per_shard": per_shard, "vocab": vocab, "version": 1}
+    setup = {"samples": samples, "per_shard": per_shard, "vocab": vocab, "version": 2}  # version: of the files made here
     marker, tokens = os.path.join(folder, "setup.json"), os.path.join(folder, "tokens")
     tokenizer = os.path.join(folder, "tokenizer.model")
     if os.path.isfile(marker) and read_json(marker) == setup:
