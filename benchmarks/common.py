@@ -140,7 +140,7 @@ def make_token_shards(folder: str, samples: int, per_shard: int, texts: list[str
                 add_to_tar(out, f"{key}.json", json.dumps({"key": key, "url": f"synthetic/{key}.jpg", "vae": VAE},
                                                      sort_keys=True).encode())
         atomic_write_json(os.path.join(folder, f"{s:05d}_stats.json"),
-                          {"samples": count, "corrupt": 0, "bad_json": 0, "no_extension": 0, "vae": VAE,
+                          {"samples": count, "corrupt": 0, "bad_json": 0, "no_extension": 0, "vae": VAE, "crops": 0,
                            "source": path, "seconds": 0.0, "node": "benchmark"})
         paths.append(path)
     return paths

@@ -72,13 +72,15 @@ from lverse.runtime.data import (
     micro_batches,
     sample_seed,
 )
-from lverse.runtime.token_index import FILES, build_index, index_path, open_samples
+from lverse.runtime.token_index import FILES, index_path, open_samples
+from lverse.runtime.token_index_build import build_index
 from lverse.runtime.trainer import ignore_stop_signals
 
 
 def prepare(folder: str, samples: int, per_shard: int, vocab: int) -> tuple[list[str], str]:
     """(shards, tokenizer .model) in ``folder``, made unless it holds this set-up."""
-    setup = {"samples": samples, "per_shard": per_shard, "vocab": vocab, "version": 1}
+    # version: of the files made here
+    setup = {"samples": samples, "per_shard": per_shard, "vocab": vocab, "version": 2}
     marker, tokens = os.path.join(folder, "setup.json"), os.path.join(folder, "tokens")
     tokenizer = os.path.join(folder, "tokenizer.model")
     if os.path.isfile(marker) and read_json(marker) == setup:

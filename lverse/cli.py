@@ -44,7 +44,7 @@ from lverse.pipeline.configs import (
     VAETrainConfig,
 )
 from lverse.preprocessing.coco import CocoConfig
-from lverse.runtime.executors import StageFailed
+from lverse.runtime.tasks import StageFailed
 from lverse.slurm.render import SubmitOptions
 
 log = logging.getLogger("lverse")
@@ -450,7 +450,7 @@ def _index(opts: IndexOptions) -> None:
     finished shards is left as it is. Token shards in an object store (s3://) are indexed into
     --index-dir (INDEX_DIR/_index/). Prints a summary (samples, shards, bytes, seconds).
     """
-    from lverse.runtime.token_index import index_folder
+    from lverse.runtime.token_index_build import index_folder
     storage.check_input(opts.tokens)
     if not storage.isdir(opts.tokens):
         raise FileNotFoundError(f"--tokens {opts.tokens} is not a folder")

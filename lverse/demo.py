@@ -47,7 +47,7 @@ import yaml
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json
-from lverse.runtime.executors import StageFailed
+from lverse.runtime.tasks import StageFailed
 
 log = logging.getLogger("lverse.demo")
 

@@ -39,8 +39,8 @@ from lverse.core.files import (
     remove_stale_temporaries,
 )
 from lverse.pipeline.configs import DownloadConfig
-from lverse.runtime.executors import TaskResult
 from lverse.runtime.stage import rate, run_shard_stage
+from lverse.runtime.tasks import TaskResult
 
 log = logging.getLogger(__name__)
 

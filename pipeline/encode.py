@@ -56,9 +56,9 @@ from lverse.core.images import centre_crop, decode, to_model_input
 from lverse.core.resources import resolve_device
 from lverse.core.shards import add_to_tar, check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name
 from lverse.pipeline.configs import EncodeConfig
-from lverse.runtime.executors import TaskResult
 from lverse.runtime.model_cache import load_vae
 from lverse.runtime.stage import rate, run_shard_stage
+from lverse.runtime.tasks import TaskResult
 
 log = logging.getLogger(__name__)
 

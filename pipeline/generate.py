@@ -29,9 +29,9 @@ from lverse.core.resources import compute_dtype, resolve_device
 from lverse.model.biart import Direction, prompt_for
 from lverse.model.clip import to_pil
 from lverse.pipeline.configs import GenerateConfig
-from lverse.runtime.executors import TaskResult
 from lverse.runtime.model_cache import check_generator, load_generator
 from lverse.runtime.stage import rate, run_shard_stage
+from lverse.runtime.tasks import TaskResult
 
 log = logging.getLogger(__name__)
 

@@ -69,7 +69,7 @@ from lverse.runtime.deepspeed import (
 )
 from lverse.runtime.metrics import MetricsLogger
 from lverse.runtime.model_cache import load_vae
-from lverse.runtime.token_index import ensure_index
+from lverse.runtime.token_index_build import ensure_index
 from lverse.runtime.trainer import (
     MARKER,
     Checkpoint,

@@ -22,8 +22,7 @@ epoch, the sample's key) only, so a sample's caption pieces do not depend on whi
 reads it. (In resampled mode a sample drawn twice in one epoch gets the same pieces both times.)
 So is the *view* of a sample whose token shards hold random crops (``lverse encode --crops K``):
 each visit reads one of its K + 1 views, the centre crop or a crop, uniformly, drawn from the
-same (seed, epoch, key) (``view_pick``); without crops every visit reads the centre crop, as
-before crops existed.
+same (seed, epoch, key) (``view_pick``); without crops every visit reads the centre crop.
 
 What it costs: each worker holds the current epoch's order (4 bytes a sample below 2^31 samples,
 13 MB for CC3M; drawn in well under a second at each epoch's start), and reading a sample is a

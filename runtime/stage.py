@@ -6,7 +6,8 @@ runner's part is the same for every stage:
 
 1. as SLURM array task ``task_index`` of ``num_tasks``, keep only the task's block of items
    (``array_block``); the task then writes its own ``_summary.taskNNNNN.json``;
-2. run the tasks on the executor (local processes, Ray tasks or Ray actors), retrying failures;
+2. run the tasks on the executor the stage's ``Execution`` config names (``executor_for``: in this
+   process, a local pool, Ray tasks or Ray actors), retrying failures;
 3. write the summary, one schema for every stage (``summarize``), atomically;
 4. raise StageFailed after writing it when items still fail: the rest stays done, a rerun
    retries only what failed.
@@ -28,7 +29,10 @@ from lverse.core.files import atomic_write_json
 from lverse.core.resources import default_workers, pick_device, worker_gpus
 from lverse.core.shards import SUMMARY
 
-from .executors import StageFailed, TaskResult, check_shared, cluster_resources, ray_pool, run_tasks
+from .local_pool import InProcess, LocalPool
+from .ray_cluster import check_shared, cluster_resources, ray_pool
+from .ray_tasks import RayActors, RayTasks
+from .tasks import Executor, StageFailed, Task, TaskResult, run_tasks
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class Execution:
     num_tasks: int = 1  # the number of array tasks
 
     def __post_init__(self):
+        if self.executor not in ("local", "ray"):
+            raise InputError(f"executor must be 'local' or 'ray', got {self.executor!r}")
         if self.ray_address and self.executor != "ray":
             raise InputError(f"ray_address {self.ray_address} is the Ray cluster of executor ray: add --executor ray "
                              "(executor: ray in a YAML file)")
@@ -74,16 +80,13 @@ def array_block(count: int, task_index: int, num_tasks: int) -> range:
     return range(start, start + size + (task_index < extra))
 
 
-def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequence[Any], names: Sequence[str],
-                    output: str, run: Execution, *, totals: Callable[[list[TaskResult], float], dict],
+def run_shard_stage(stage: str, task: Task, items: Sequence[Any], names: Sequence[str], output: str,
+                    run: Execution, *, totals: Callable[[list[TaskResult], float], dict],
                     rate_of: str | None = None) -> dict:
-    """Run ``task`` over ``items`` (or the array task's block of them) and write the summary.
+    """Run ``task`` over ``items`` (or the array task's block of them) on the executor ``run``
+    names (``executor_for``) and write the summary.
 
-    ``totals(results, seconds)`` adds the stage's own figures to the summary. A stage that keeps
-    a model (its config a ``ModelExecution``) runs on Ray actors (each loads its model once,
-    ``ray_pool`` sizes them and their resources), and locally on worker processes that each get
-    their own GPU (``worker_gpus``); the device this process would pick is logged. On Ray the
-    output folder must be one every node sees (``check_shared``).
+    ``totals(results, seconds)`` adds the stage's own figures to the summary.
     """
     summary_path = os.path.join(output, SUMMARY)
     if run.task_index is not None:
@@ -91,21 +94,9 @@ def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequen
         items, names = [items[i] for i in block], [names[i] for i in block]
         summary_path = os.path.join(output, f"_summary.task{run.task_index:05d}.json")
         log.info("array task %d of %d: %s", run.task_index, run.num_tasks, list(names))
-    kwargs, workers = {}, run.workers
-    if run.executor == "ray":
-        check_shared(run.ray_address, output)
-    if isinstance(run, ModelExecution) and run.executor == "ray":
-        pool = ray_pool(cluster_resources(run.ray_address), run.device, run.workers, run.gpus_per_worker,
-                        cpus_per_worker=run.threads or 1)
-        log.info("%s: %s", stage, pool.describe())
-        kwargs, workers = {"actors": pool.actors, "num_gpus": pool.num_gpus, "num_cpus": pool.num_cpus}, pool.actors
-    elif isinstance(run, ModelExecution):
-        log.info(pick_device(run.device).describe(stage))
-        workers = default_workers(run.device) if run.workers is None else run.workers
-        kwargs["gpus"] = worker_gpus(min(workers, len(items)), run.device) if workers else []
+    executor = executor_for(stage, run, output, len(items))
     start = time.time()
-    results = run_tasks(task, items, names, executor=run.executor, workers=workers, retries=run.retries,
-                        desc=stage, ray_address=run.ray_address, threads=run.threads, rate_of=rate_of, **kwargs)
+    results = run_tasks(task, items, names, executor, retries=run.retries, desc=stage, rate_of=rate_of)
     seconds = time.time() - start
     summary = summarize(stage, results, seconds) | totals(results, seconds)
     atomic_write_json(summary_path, summary)
@@ -115,6 +106,32 @@ def run_shard_stage(stage: str, task: Callable[[Any], TaskResult], items: Sequen
                           f"{summary_path}; a rerun retries them): " +
                           "; ".join(f"{f['shard']}: {f['reason']}" for f in summary["failed"][:5]))
     return summary
+
+
+def executor_for(stage: str, run: Execution, output: str, count: int) -> Executor:
+    """The executor of ``run``, for ``count`` items writing into ``output``.
+
+    On Ray the output folder must be one every node sees (``check_shared``); a stage that keeps a
+    model (its config a ``ModelExecution``) runs on actors that each load their model once
+    (``ray_pool`` sizes them and their resources), any other on one Ray task per item. On this
+    machine: with 0 workers in this process, else on a pool of processes, a model stage's each
+    with its own GPU (``worker_gpus``, one per GPU by default: ``default_workers``); the device
+    this process would pick is logged.
+    """
+    if run.executor == "ray":
+        check_shared(run.ray_address, output)
+        if not isinstance(run, ModelExecution):
+            return RayTasks(run.ray_address, threads=run.threads)
+        pool = ray_pool(cluster_resources(run.ray_address), run.device, run.workers, run.gpus_per_worker,
+                        cpus_per_worker=run.threads or 1)
+        log.info("%s: %s", stage, pool.describe())
+        return RayActors(run.ray_address, pool, run.threads)
+    workers, gpus = run.workers, []
+    if isinstance(run, ModelExecution):
+        log.info(pick_device(run.device).describe(stage))
+        workers = default_workers(run.device) if run.workers is None else run.workers
+        gpus = worker_gpus(min(workers, count), run.device) if workers else []
+    return LocalPool(workers, run.threads, tuple(gpus)) if workers else InProcess()
 
 
 def summarize(stage: str, results: list[TaskResult], seconds: float) -> dict:

@@ -21,7 +21,7 @@ from lverse.model.checkpoint import save_model
 from lverse.pipeline.configs import EncodeConfig
 from lverse.pipeline.encode import run_encode
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
-from lverse.runtime.executors import StageFailed
+from lverse.runtime.tasks import StageFailed
 
 from .test_encode import raw_shards
 from .test_train import train_config

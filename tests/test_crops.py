@@ -26,7 +26,8 @@ from lverse.pipeline.encode import CROP_RATIO, ShardEncoder, crop_boxes, run_enc
 from lverse.pipeline.train import data_loader, plan_run
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed, view_pick
-from lverse.runtime.token_index import TokenIndex, build_index, ensure_index, index_folder, open_samples
+from lverse.runtime.token_index import TokenIndex, open_samples
+from lverse.runtime.token_index_build import build_index, ensure_index, index_folder
 from lverse.runtime.trainer import Process
 
 from .test_encode import make_shard
@@ -205,46 +206,21 @@ def test_the_index_carries_the_crops_and_their_boxes(encoded, tmp_path):
     assert index_folder(tokens, progress=False)["up_to_date"] is True
 
 
-def tokens_from_before_crops(encoded, tmp_path) -> str:
-    """A copy of the K=0 token folder whose stats hold no ``crops``, as an lverse before crops wrote them."""
-    old = copy_tokens(encoded["tokens0"], tmp_path, "old")
-    for shard in shard_paths(old):
-        path = shard.removesuffix(".tar") + "_stats.json"
-        stats = json.load(open(path))
-        del stats["crops"]
-        json.dump(stats, open(path, "w"))
-    return old
-
-
-def test_an_index_or_shards_from_before_crops_still_serve(encoded, tmp_path):
-    """Shards whose stats hold no ``crops`` (lverse before crops) index as K = 0; so does an index
-    whose meta holds none. An index without the crops its shards hold is refused until rebuilt;
-    a folder of two crop counts cannot be indexed."""
-    old = tokens_from_before_crops(encoded, tmp_path)
-    build_index(old, progress=False)
-    meta_path = os.path.join(old, "_index", "meta.json")
-    meta = json.load(open(meta_path))
-    assert meta["crops"] == 0 and not os.path.exists(os.path.join(old, "_index", "crops.u16"))
-    del meta["crops"]  # an index as the lverse before crops wrote it
-    json.dump(meta, open(meta_path, "w"))
-    samples = open_samples(shard_paths(old), file_sha256(encoded["vae"]))
-    assert samples.views == 1 and samples.index.crops == 0 and len(samples) == SHARDS * PER_SHARD
-
+def test_a_folder_without_one_crop_count_is_not_indexed(encoded, tmp_path):
+    """The index holds one K: a folder of two crop counts is refused, and so is a shard whose stats
+    file records none (every stats file `lverse encode` writes records its crops)."""
     tokens = copy_tokens(encoded["tokens"], tmp_path)
-    build_index(tokens, progress=False)
-    meta_path = os.path.join(tokens, "_index", "meta.json")
-    meta = json.load(open(meta_path))
-    del meta["crops"]  # what an lverse before crops builds over shards with crops
-    json.dump(meta, open(meta_path, "w"))
-    with pytest.raises(InputError, match=r"holds 0 crops a sample, its shards 2: rebuild it with `lverse index"):
-        open_samples(shard_paths(tokens), None)
-    assert index_folder(tokens, progress=False)["crops"] == K  # not up to date: rebuilt
-    assert open_samples(shard_paths(tokens), None).views == K + 1
-
-    shutil.copy(os.path.join(old, "00000.tar"), os.path.join(tokens, "00007.tar"))
+    shutil.copy(os.path.join(encoded["tokens0"], "00000.tar"), os.path.join(tokens, "00007.tar"))
     shutil.copy(os.path.join(encoded["tokens0"], "00000_stats.json"), os.path.join(tokens, "00007_stats.json"))
     with pytest.raises(InputError, match=r"2 crop counts \(0 in 00007, 2 in 00000\): one folder, one `lverse encode"):
         build_index(tokens, progress=False)
+    path = os.path.join(tokens, "00007_stats.json")
+    stats = json.load(open(path))
+    del stats["crops"]
+    json.dump(stats, open(path, "w"))
+    with pytest.raises(InputError, match=r"the stats file of shard 00007 of .* records no crops, which `lverse enc"):
+        build_index(tokens, progress=False)
+    assert not os.path.exists(os.path.join(tokens, "_index"))
 
 
 # --- training's views -------------------------------------------------------------------------
@@ -317,12 +293,13 @@ def loader_images(encoded, tokens, steps, monkeypatch):
     return seen
 
 
-def test_training_reads_crops_and_shards_from_before_crops(encoded, tmp_path, monkeypatch):
+def test_training_reads_every_view_of_shards_with_crops_and_the_centre_of_shards_without(encoded, tmp_path,
+                                                                                        monkeypatch):
     """Through pipeline/train.py's data_loader: shards with crops give each sample's views (all of
-    them over a few epochs); shards and an index from before crops give the centre crops."""
-    old = tokens_from_before_crops(encoded, tmp_path)
-    centre = {s["__key__"]: np.load(io.BytesIO(s["codes.npy"])) for p in shard_paths(old) for s in iter_samples(p)}
-    for key, images in loader_images(encoded, old, 6, monkeypatch).items():
+    them over a few epochs); shards without crops give the centre crops."""
+    plain = copy_tokens(encoded["tokens0"], tmp_path, "plain")
+    centre = {s["__key__"]: np.load(io.BytesIO(s["codes.npy"])) for p in shard_paths(plain) for s in iter_samples(p)}
+    for key, images in loader_images(encoded, plain, 6, monkeypatch).items():
         assert all(np.array_equal(image, centre[key]) for image in images)
 
     tokens = copy_tokens(encoded["tokens"], tmp_path)

@@ -32,7 +32,8 @@ from lverse.pipeline.train import data_loader, plan_run
 from lverse.preprocessing import text_tokenizer
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer, normalize_caption
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed
-from lverse.runtime.token_index import TokenIndex, TokenSamples, build_index, ensure_index, index_path, open_samples
+from lverse.runtime.token_index import VERSION, TokenIndex, TokenSamples, index_path, open_samples
+from lverse.runtime.token_index_build import build_index, ensure_index
 from lverse.runtime.trainer import Checkpoint, Process
 
 from .test_train import PER_SHARD, SHARDS, losses, metrics, run_job, train_config
@@ -109,6 +110,29 @@ def test_a_stale_index_is_refused_until_it_is_rebuilt(tokens, data, capsys, tmp_
     os.truncate(os.path.join(index_path(tokens, elsewhere), "codes.u16"), 0)
     with pytest.raises(InputError, match=re.escape(f"`lverse index --tokens {tokens} --index-dir {elsewhere}`")):
         open_samples(shards_of(tokens), vae_hash, index_dir=elsewhere)
+
+
+def test_an_index_of_another_format_is_refused_naming_the_command_that_rebuilds_it(tokens, data, capsys):  # noqa: F811
+    """One format version: an index of another version, or whose meta.json lacks a field, is
+    refused, by training too (it builds only a missing index), with the command that rebuilds it."""
+    vae_hash, named = file_sha256(data["vae"]), shards_of(tokens)
+    build_index(tokens, progress=False)
+    meta_path = os.path.join(tokens, "_index", "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    other = VERSION + 1
+    for changed, why in (({**meta, "version": other}, f"is of version {other}, this lverse reads {VERSION}"),
+                         ({k: v for k, v in meta.items() if k != "crops"}, "has no crops in its meta.json")):
+        with open(meta_path, "w") as f:
+            json.dump(changed, f)
+        refusal = re.escape(f"{why}: rebuild it with `lverse index --tokens {tokens}`")
+        with pytest.raises(InputError, match=refusal):
+            open_samples(named, vae_hash)
+        with pytest.raises(InputError, match=refusal):
+            ensure_index(named, vae_hash)
+        assert main(["index", "--tokens", tokens, "--quiet"]) == 0  # the command named rebuilds it
+        assert "up_to_date" not in json.loads(capsys.readouterr().out)
+        assert len(open_samples(named, vae_hash)) == N
 
 
 # --- the order --------------------------------------------------------------------------------

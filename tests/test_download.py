@@ -137,7 +137,7 @@ def test_too_many_shards_is_refused_before_any_download(tmp_path, monkeypatch):
 
 
 def test_a_shard_that_keeps_failing_raises_after_the_summary(server, tmp_path):
-    from lverse.runtime.executors import StageFailed
+    from lverse.runtime.tasks import StageFailed
     tsv = tmp_path / "in.tsv"
     tsv.write_text("".join(f"{server.data.sample('train', i)[1]}\t{server.url}/img/train/{i}.jpg\n" for i in range(4)))
     cfg = config(str(tsv), tmp_path / "out", retries=0, workers=0)

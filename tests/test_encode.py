@@ -21,7 +21,7 @@ from lverse.model.augvae import PRESETS
 from lverse.pipeline.configs import EncodeConfig
 from lverse.pipeline.encode import ShardEncoder, run_encode
 from lverse.preprocessing.synthetic import draw_sample
-from lverse.runtime.executors import StageFailed
+from lverse.runtime.tasks import StageFailed
 
 
 def make_shard(path, shard, n, seed, corrupt=(), side=80, sizes=None, quality=75):

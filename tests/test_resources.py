@@ -10,7 +10,10 @@ import pytest
 
 from lverse.core.errors import InputError
 from lverse.core.resources import local_world_size, pick_device, plan_threads, worker_gpus
-from lverse.runtime.executors import RayPool, TaskResult, run_tasks
+from lverse.runtime.local_pool import InProcess, LocalPool
+from lverse.runtime.ray_cluster import RayPool, ray_pool
+from lverse.runtime.stage import Execution, ModelExecution, executor_for
+from lverse.runtime.tasks import TaskResult, run_tasks
 
 
 @pytest.mark.parametrize("cores, workers, threads", [(64, 4, 16), (64, 8, 8), (2, 2, 1), (2, 1, 2), (3, 2, 1),
@@ -45,9 +48,9 @@ def report_threads(item):
 def test_local_workers_run_with_their_share(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("lverse.core.resources.available_cores", lambda: 4)  # the driver plans for 4 cores
-    results = run_tasks(report_threads, [0, 1], ["a", "b"], workers=2, retries=0)
+    results = run_tasks(report_threads, [0, 1], ["a", "b"], LocalPool(2), retries=0)
     assert [r.stats for r in results] == [{"torch": 2, "omp": "2"}] * 2
-    results = run_tasks(report_threads, [0, 1], ["a", "b"], workers=2, retries=0, threads=1)
+    results = run_tasks(report_threads, [0, 1], ["a", "b"], LocalPool(2, threads=1), retries=0)
     assert [r.stats for r in results] == [{"torch": 1, "omp": "1"}] * 2
 
 
@@ -63,15 +66,30 @@ def torch_threads():
 def test_zero_workers_run_the_items_in_this_process_with_its_threads_and_retry_there():
     """``workers=0``: no process is started, the driver's threads are left as they are, and a
     failed item is retried in the process too."""
-    results = run_tasks(report_process, [0, 1, 2], ["a", "b", "c"], workers=0, retries=0)
+    results = run_tasks(report_process, [0, 1, 2], ["a", "b", "c"], InProcess(), retries=0)
     assert [r.stats for r in results] == [{"pid": os.getpid(), "threads": torch_threads()}] * 3
     tries = []
 
     def fails_once(item):
         tries.append(item)
         return TaskResult(str(item), ok=len(tries) > 1, reason="first try")
-    results = run_tasks(fails_once, [7], ["x"], workers=0, retries=1)
+    results = run_tasks(fails_once, [7], ["x"], InProcess(), retries=1)
     assert results[0].ok and tries == [7, 7]
+
+
+def test_a_stage_runs_on_the_executor_its_config_names(tmp_path):
+    """On this machine: 0 workers in this process, else a pool of processes; a model stage on a
+    CPU one worker by default (``default_workers``), with no GPU to hand out. An executor that is
+    neither local nor Ray is refused with the config, before any work."""
+    output = str(tmp_path)
+    assert isinstance(executor_for("s", Execution(workers=0), output, 3), InProcess)
+    assert executor_for("s", Execution(workers=2, threads=3), output, 3) == LocalPool(2, 3)
+    assert executor_for("s", ModelExecution(device="cpu"), output, 3) == LocalPool(1)
+    assert isinstance(executor_for("s", ModelExecution(device="cpu", workers=0), output, 3), InProcess)
+    with pytest.raises(InputError, match="executor must be 'local' or 'ray', got 'slurm'"):
+        Execution(executor="slurm")
+    with pytest.raises(InputError, match="0 to run the items in this process"):
+        Execution(executor="ray", workers=0)
 
 
 # What the rule sees: SLURM's or a launcher's variables, and the number of devices CUDA shows.
@@ -116,7 +134,8 @@ def report_gpu(item):
 
 
 def test_local_workers_run_with_their_own_cuda_visible_devices():
-    results = run_tasks(report_gpu, list(range(6)), [str(i) for i in range(6)], workers=2, retries=0, gpus=["3", "5"])
+    names = [str(i) for i in range(6)]
+    results = run_tasks(report_gpu, list(range(6)), names, LocalPool(2, gpus=("3", "5")), retries=0)
     by_pid = {}
     for r in results:
         by_pid.setdefault(r.stats["pid"], set()).add(r.stats["gpu"])
@@ -132,7 +151,6 @@ def test_ranks_given_the_same_gpu_are_named():
 
 
 def test_ray_actors_ask_for_one_gpu_each_and_no_more_than_the_cluster_has():
-    from lverse.runtime.executors import ray_pool
     gpus = {"CPU": 64.0, "GPU": 8.0, "memory": 5e11}
     assert ray_pool(gpus, "auto") == RayPool(8, 1.0, 1.0)  # one model per GPU, all of them
     assert ray_pool(gpus, "cuda", workers=4) == RayPool(4, 1.0, 1.0)

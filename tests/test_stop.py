@@ -203,9 +203,10 @@ def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage,
 # A driver whose one worker's task starts a process of its own (a library's pool, a tool) and waits for it.
 STARTS_A_PROCESS = textwrap.dedent("""
     import subprocess
-    from lverse.runtime import executors
+    from lverse.runtime.local_pool import LocalPool
+    from lverse.runtime.tasks import run_tasks
     print("running", flush=True)
-    executors.run_tasks(subprocess.call, [["sleep", "600"]], ["a"], workers=1, retries=0)
+    run_tasks(subprocess.call, [["sleep", "600"]], ["a"], LocalPool(1), retries=0)
 """)
 
 
@@ -257,7 +258,8 @@ def _commands(session: int) -> list[bytes]:
 # minute. Its SIGTERM is Ctrl-C, as in the CLI.
 SLOW_STOP = textwrap.dedent("""
     import signal, sys, time
-    from lverse.runtime import executors
+    from lverse.runtime import local_pool
+    from lverse.runtime.tasks import run_tasks
 
     def slow(pool, grace=3.0):
         print("stopping", flush=True)
@@ -267,10 +269,10 @@ SLOW_STOP = textwrap.dedent("""
     def terminate(signum, frame):
         raise KeyboardInterrupt
 
-    end, executors._end_pool = executors._end_pool, slow
+    end, local_pool.end_pool = local_pool.end_pool, slow
     signal.signal(signal.SIGTERM, terminate)
     print("running", flush=True)
-    executors.run_tasks(time.sleep, [60, 60], ["a", "b"], workers=1, retries=0)
+    run_tasks(time.sleep, [60, 60], ["a", "b"], local_pool.LocalPool(1), retries=0)
 """)
 
 
@@ -301,7 +303,7 @@ def test_a_sigterm_that_lands_in_a_wait_on_ray_stays_a_sigterm():
     """Ray turns what a signal handler raises while it waits (ray.wait, ray.get) into a plain
     KeyboardInterrupt; the driver's own exception (the CLI's for SIGTERM) is put back, so that the
     CLI still tells SIGTERM (exit status 143) from Ctrl-C (130)."""
-    from lverse.runtime.executors import _keeping, _ray_calls
+    from lverse.runtime.ray_cluster import keeping, ray_calls
 
     class Terminated(KeyboardInterrupt):
         pass
@@ -311,7 +313,7 @@ def test_a_sigterm_that_lands_in_a_wait_on_ray_stays_a_sigterm():
 
     def stopped_by(sig) -> type:  # what leaves a wait on Ray that the signal interrupted
         try:
-            with _ray_calls():
+            with ray_calls():
                 try:
                     signal.raise_signal(sig)
                 except KeyboardInterrupt:  # as Ray does
@@ -320,7 +322,7 @@ def test_a_sigterm_that_lands_in_a_wait_on_ray_stays_a_sigterm():
             return type(e)
         return type(None)
 
-    previous = signal.signal(signal.SIGTERM, _keeping(terminate))
+    previous = signal.signal(signal.SIGTERM, keeping(terminate))
     try:
         assert stopped_by(signal.SIGTERM) is Terminated
         assert stopped_by(signal.SIGINT) is KeyboardInterrupt

@@ -199,7 +199,8 @@ def test_generate_writes_to_s3_what_it_writes_to_disk_and_resumes(s3, data, biar
 def test_token_shards_on_s3_are_indexed_into_a_named_folder_and_a_rewrite_makes_it_stale(s3, data, tmp_path,  # noqa: F811
                                                                                          caplog):
     from lverse.core.shards import file_sha256
-    from lverse.runtime.token_index import ensure_index, open_samples
+    from lverse.runtime.token_index import open_samples
+    from lverse.runtime.token_index_build import ensure_index
     fs, _ = storage.filesystem("s3://lverse")
     fs.put(data["tokens"] + "/", "lverse/index/tokens/", recursive=True)
     remote = expand_shards("s3://lverse/index/tokens")

@@ -29,7 +29,7 @@ from lverse.pipeline.train import ds_config
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.runtime.data import Batches, GlobalBatches, GlobalOrder, Stream, TokenBatch
 from lverse.runtime.distributed import world_info_from_env
-from lverse.runtime.token_index import ensure_index
+from lverse.runtime.token_index_build import ensure_index
 
 from .conftest import free_port
 from .test_stop import _processes

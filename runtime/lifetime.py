@@ -1,0 +1,98 @@
+"""How long a worker process lives: no longer than the driver, and what it starts no longer than it.
+
+A local pool's workers (``local_pool.py``) call ``die_with_parent`` and ``guard_group`` first thing:
+a worker dies with the driver however the driver dies, SIGKILL included (Linux's parent-death
+signal), and whatever the worker starts (a library's processes, a tool) dies with the worker.
+``stopping`` is the driver's side: while it ends its workers after a Ctrl-C or SIGTERM, another one
+ends it at once. Ray keeps its own processes' lifetimes (``ray_tasks.py``). On other systems than
+Linux ``die_with_parent`` and ``guard_group`` do nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+
+def die_with_parent() -> None:
+    """Have Linux SIGKILL this process when its parent dies, however the parent dies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
+def guard_group() -> None:
+    """Lead a process group of its own, and fork a guard that SIGKILLs that group as soon as this
+    worker ends, however it ends.
+
+    Why: the parent-death signal is set by the worker for itself and is not inherited, and a
+    library's processes do not set theirs: a worker SIGKILLed (its parent-death signal after the
+    driver was SIGKILLed) or SIGTERMed (``local_pool.end_pool`` on Ctrl-C) would leave what its
+    task started running, writing into an output a rerun writes too. No stage's task starts
+    processes today (download runs img2dataset's downloader in the worker); the guard costs one
+    fork per worker and covers the one that will. Every process the worker starts, and every one
+    those start, inherits its process group (unless it leaves on purpose with setsid or setpgid;
+    torch and multiprocessing do not), so one kill of the group ends them all, however deep.
+    Someone has to outlive the worker to send it: the guard, a forked child that only waits for its
+    own parent-death signal. The simpler-looking ways fall short: a child subreaper keeps its
+    orphans but does not end them when it dies itself; a library's pool takes no initializer
+    through which its processes could set a parent-death signal; a PID namespace needs privileges.
+    (Ray already starts each of its workers in a process group of its own, and the Ray tests see
+    nothing of a cancelled task left.) tests/test_stop.py has a task start a process and SIGKILLs
+    the driver.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # a session leader (not started by our pool) cannot: nothing to guard
+        return
+    # In a group of its own the worker is a background job of a terminal the driver runs in; with
+    # `stty tostop` a background job that writes to the terminal (logs, progress bars) is stopped,
+    # unless it ignores SIGTTOU (an ignored signal stays ignored in the processes it starts).
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    worker, wake = os.getpid(), {signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, wake)  # before the fork: the guard cannot miss it
+    if os.fork() == 0:  # the guard; the worker is still single-threaded here, the fork is safe
+        try:
+            libc.prctl(1, signal.SIGUSR1)  # 1: PR_SET_PDEATHSIG
+            os.closerange(0, os.sysconf("SC_OPEN_MAX"))  # holds no pipe the driver waits on
+            if os.getppid() == worker:  # else the worker is gone already
+                signal.sigwait(wake)
+            os.killpg(0, signal.SIGKILL)  # the worker's group, the guard included
+        finally:  # never back into the worker's code (a failing guard leaves the worker be)
+            os._exit(1)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, wake)
+
+
+@contextlib.contextmanager
+def stopping() -> Iterator[None]:
+    """While the driver ends its workers after a Ctrl-C or SIGTERM, another Ctrl-C or SIGTERM ends
+    the driver at once: the signal's default action, the kernel's, which no busy Python code can
+    delay. Its workers die with it all the same (parent-death signal and ``guard_group``; Ray's
+    processes share the fate of the driver that started them, and a cluster ends a lost driver's
+    tasks). Without this, a second Ctrl-C landing in ``local_pool.end_pool`` before the workers
+    were ended would leave them running their shards, and the interpreter's exit would wait for
+    them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, signal.SIG_DFL)
+    try:
+        yield
+    finally:  # the stop goes on (the caller's own handlers again)
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)

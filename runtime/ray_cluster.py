@@ -1,0 +1,184 @@
+"""The Ray cluster a stage runs on: joining it, what it holds, and the driver's signals while it waits.
+
+``join`` joins (or starts) the cluster and keeps the driver's own SIGTERM handler, which
+``ray.init`` would replace; ``ray_calls`` puts back what that handler raised when Ray swallowed it.
+``cluster_resources`` and ``ray_pool`` size a model stage's actors from what the cluster holds;
+``check_shared`` refuses an output folder that not every node sees. The executors themselves are
+in ``ray_tasks.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from types import ModuleType
+
+from lverse.core import storage
+from lverse.core.errors import InputError
+
+
+def join(address: str | None) -> ModuleType:
+    """Join ``address`` ("auto": the running cluster), else RAY_ADDRESS, else a private local Ray;
+    returns the ``ray`` module.
+
+    ``ray.init()`` with no address would attach to whatever `ray start` left on this machine;
+    "local" always starts a fresh one.
+    """
+    import ray
+    if not ray.is_initialized():
+        _check_answers(address or os.environ.get("RAY_ADDRESS"))
+        # ray.init installs its own SIGTERM handler, which ends the driver without ending its
+        # workers; the driver's own (the CLI takes SIGTERM as Ctrl-C) is put back, kept (keeping).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main else None
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
+                 log_to_driver=False)
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, keeping(previous) if callable(previous) else previous)
+    return ray
+
+
+_kept: list[BaseException] = []  # what the driver's SIGTERM handler raised last, while Ray is in use
+
+
+def keeping(handler):
+    """``handler``, keeping what it raises for ``ray_calls`` to put back."""
+    if hasattr(handler, "keeps"):  # kept already (Ray started again in this process)
+        return handler
+
+    def on_signal(signum, frame):
+        try:
+            handler(signum, frame)
+        except BaseException as e:
+            _kept[:] = [e]
+            raise
+    on_signal.keeps = handler
+    return on_signal
+
+
+@contextlib.contextmanager
+def ray_calls() -> Iterator[None]:
+    """Around the driver's waits on Ray: put back the exception the driver's SIGTERM handler raised.
+
+    Ray checks for signals while it waits (ray.wait, ray.get) and turns any KeyboardInterrupt a
+    handler raises there, the CLI's ``Terminated`` (its SIGTERM) included, into a plain
+    KeyboardInterrupt: the CLI would take a SIGTERM that landed there for a Ctrl-C (exit status
+    130, not 143)."""
+    _kept.clear()
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if type(e) is KeyboardInterrupt and _kept and _kept[0] is not e:
+            raise _kept.pop() from None
+        raise
+
+
+def _check_answers(address: str | None, timeout: float = 10.0) -> None:
+    """A ``host:port`` Ray address answers within ``timeout`` seconds (ray.init would wait far
+    longer and then name no address); "auto", "local" and ray:// addresses are left to Ray."""
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as e:
+        raise InputError(f"the Ray cluster at {address} does not answer ({e}): check --ray-address (the head's "
+                         "GCS address, host:port) and that the head is running") from None
+
+
+def cluster_resources(address: str | None) -> dict[str, float]:
+    """The Ray cluster's resources ({"CPU": 48.0, "GPU": 8.0, ...}) at ``address`` (joined, or
+    started, as ``join`` does)."""
+    return dict(join(address).cluster_resources())
+
+
+@dataclass(frozen=True)
+class RayPool:
+    actors: int  # model replicas
+    num_cpus: float  # Ray resources each asks for
+    num_gpus: float
+
+    def describe(self) -> str:
+        return (f"{self.actors} Ray actors, each {self.num_gpus:g} GPU and {self.num_cpus:g} CPU" if self.num_gpus
+                else f"{self.actors} Ray actors, each {self.num_cpus:g} CPU")
+
+
+def ray_pool(resources: dict[str, float], device: str, workers: int | None = None, gpus_per_worker: float = 1.0,
+             cpus_per_worker: float = 1.0) -> RayPool:
+    """The actors a model stage starts on a Ray cluster with ``resources``, and what each asks for.
+
+    On CUDA (``device`` auto or cuda on a cluster with GPUs) each actor asks for
+    ``gpus_per_worker`` GPUs: 1, one model per GPU (Ray then gives it its own CUDA_VISIBLE_DEVICES),
+    or a share below 1 when the user asks to put several models on one GPU; by default as many
+    actors as the GPUs hold. On CPUs each asks for ``cpus_per_worker`` CPUs, and by default as many
+    as fit with one CPU left for the driver's and Ray's own tasks. Asking for more than the cluster
+    has is an error naming the resource, not a queue that never moves.
+    """
+    gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
+    if device == "cuda" and not gpus:
+        raise InputError(f"device cuda: the Ray cluster has no GPU (its resources: {_resources_text(resources)}); "
+                         "add GPU nodes or use device auto or cpu")
+    if not 0 < gpus_per_worker <= 1:
+        raise InputError(f"gpus_per_worker must be in (0, 1] (one model per GPU, or a share of one), "
+                         f"got {gpus_per_worker}")
+    if device in ("auto", "cuda") and gpus:
+        most = int(gpus / gpus_per_worker + 1e-9)
+        actors = workers or most
+        if actors > most:
+            raise InputError(f"{actors} workers x {gpus_per_worker:g} GPU need {actors * gpus_per_worker:g} GPUs; "
+                             f"the Ray cluster has {gpus:g}: use --workers {most} or a smaller gpus_per_worker")
+        return RayPool(actors, cpus_per_worker, gpus_per_worker)
+    most = int((cpus - 1) // cpus_per_worker) if cpus > cpus_per_worker else int(cpus // cpus_per_worker)
+    if most < 1:
+        raise InputError(f"each worker asks for {cpus_per_worker:g} CPU; the Ray cluster has {cpus:g}")
+    actors = workers or most
+    if actors * cpus_per_worker > cpus:
+        raise InputError(f"{actors} workers x {cpus_per_worker:g} CPU need {actors * cpus_per_worker:g} CPUs; "
+                         f"the Ray cluster has {cpus:g}: use --workers {most}")
+    return RayPool(actors, cpus_per_worker, 0.0)
+
+
+def _resources_text(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU", "memory")) or "none"
+
+
+def check_shared(address: str | None, folder: str) -> None:
+    """Every node of the Ray cluster sees ``folder``: a marker written here must be visible from a
+    task on each node, else outputs written there by one node would be lost to the rest (and to
+    this driver). Raises InputError naming the nodes that do not see it. An object store's URL
+    passes: every node reaches the same store (core/storage.py)."""
+    if storage.is_url(folder):
+        return
+    ray = join(address)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    os.makedirs(folder, exist_ok=True)
+    marker = os.path.join(folder, f".lverse-shared-{uuid.uuid4().hex}")
+    with open(marker, "w"):
+        pass
+    try:
+        look = ray.remote(num_cpus=0)(_sees)
+        refs = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(marker) for n in ray.nodes() if n.get("Alive")]
+        seen = []
+        with ray_calls():
+            for ref in refs:
+                try:
+                    seen.append(ray.get(ref, timeout=120))
+                except ray.exceptions.TaskUnschedulableError:  # a node that has just died: it will get no work
+                    pass
+    finally:
+        os.remove(marker)
+    blind = [host for host, sees in seen if not sees]
+    if blind:
+        raise InputError(f"{os.path.abspath(folder)} is not visible from node(s) {', '.join(sorted(blind))}: on a "
+                         "Ray cluster the output folder must be on storage every node shares (NFS, Lustre, ...)")
+
+
+def _sees(path: str) -> tuple[str, bool]:
+    return socket.gethostname(), os.path.exists(path)
