@@ -46,6 +46,11 @@ def atomic_output(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        # A write names no file (a full disk, say): name the output, for the one line of the CLI.
+        raise OSError(e.errno, e.strerror, path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

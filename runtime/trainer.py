@@ -403,10 +403,10 @@ class FileWriter:
         with atomic_output(path) as tmp, open(tmp, "wb") as f:
             try:
                 torch.save(state, f)
-            except RuntimeError as e:  # torch's zip writer reports a failed write ("unexpected pos") so
+            except RuntimeError as e:  # torch's zip writer reports a failed write as "unexpected pos"
                 if not isinstance(e.__context__, OSError):
                     raise
-                raise OSError(e.__context__.errno, e.__context__.strerror, path) from e  # say which and where
+                raise e.__context__ from None  # the OSError says what failed (atomic_output: and where)
             f.flush()
             os.fsync(f.fileno())
         self.bytes += os.path.getsize(path)
