@@ -18,12 +18,17 @@ import threading
 from collections.abc import Iterator
 
 
-def die_with_parent() -> None:
-    """Have Linux SIGKILL this process when its parent dies, however the parent dies."""
+def die_with_parent(parent: int) -> None:
+    """Have Linux SIGKILL this process when its parent, the process ``parent``, dies, however it
+    dies; end at once if it is gone already.
+
+    The parent passes its PID: a spawned worker gets here only after its interpreter started and
+    its imports ran, and a parent that died meanwhile has left it to a reaper, whose PID
+    ``os.getppid`` would give instead (the worker would then wait for the reaper's death, running
+    on). The check comes after the signal is set, so a death between the two is seen either way."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    parent = os.getppid()
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent died before the call
         os._exit(1)

@@ -71,7 +71,7 @@ class LocalPool:
                 for gpu in gpus:
                     slots.put(gpu)
             pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
-                                          initializer=_start_worker, initargs=(plan.threads, slots))
+                                          initializer=_start_worker, initargs=(os.getpid(), plan.threads, slots))
             try:
                 futures = {pool.submit(guarded, fn, item, name): (i, name) for i, item, name in batch}
                 for future in cf.as_completed(futures):
@@ -88,10 +88,11 @@ class LocalPool:
         return run_round
 
 
-def _start_worker(threads: int, slots=None) -> None:
-    """Every local worker process, first: die with the driver, take whatever it starts along when
-    it dies, leave Ctrl-C to the driver, take its threads and its GPU (before CUDA starts in it)."""
-    die_with_parent()
+def _start_worker(driver: int, threads: int, slots=None) -> None:
+    """Every local worker process, first: die with the driver (PID ``driver``), take whatever it
+    starts along when it dies, leave Ctrl-C to the driver, take its threads and its GPU (before
+    CUDA starts in it)."""
+    die_with_parent(driver)
     guard_group()
     if slots is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slots.get(timeout=60)

@@ -200,6 +200,44 @@ def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage,
     assert _open_under(tmp_path / "out") == []
 
 
+# A driver that starts a worker and dies while the worker is still starting (a spawned process
+# imports before its initializer runs): the worker, reparented by then, must still end.
+DIES_DURING_START = textwrap.dedent("""
+    import os, subprocess, sys
+    worker = ("import sys, time; time.sleep(1); from lverse.runtime.lifetime import die_with_parent; "
+              "die_with_parent(int(sys.argv[1])); print('worker running', flush=True); time.sleep(60)")
+    with open(sys.argv[1], "w") as out:
+        started = subprocess.Popen([sys.executable, "-c", worker, str(os.getpid())], stdout=out)
+    print(started.pid, flush=True)
+    os._exit(0)
+""")
+
+
+def test_a_worker_whose_driver_died_while_it_started_ends(tmp_path):
+    log = tmp_path / "worker.log"
+    out = subprocess.run([sys.executable, "-c", DIES_DURING_START, str(log)], capture_output=True, text=True,
+                         timeout=60, check=True)
+    worker = int(out.stdout)
+    try:
+        deadline = time.time() + 15
+        while _alive(worker) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not _alive(worker), "the worker outlived its driver"
+        assert log.read_text() == ""  # it never ran its work
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 # A driver whose one worker's task starts a process of its own (a library's pool, a tool) and waits for it.
 STARTS_A_PROCESS = textwrap.dedent("""
     import subprocess
