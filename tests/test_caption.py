@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lverse.core.errors import InputError
+from lverse.core.formats import TOKEN_SHARD_FORMAT
 from lverse.core.shards import iter_samples, read_tar
 from lverse.model import AugVAE, BiART, save_model
 from lverse.model.augvae import PRESETS as VAE_PRESETS
@@ -210,7 +211,7 @@ def _token_shard(folder, n, vae_hash, pad=50_000):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     with open(os.path.join(folder, "00000_stats.json"), "w") as f:
-        json.dump({"samples": n, "vae": vae_hash}, f)
+        json.dump({"samples": n, "format": TOKEN_SHARD_FORMAT, "vae": vae_hash, "crops": 0}, f)
     return path
 
 

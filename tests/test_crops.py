@@ -65,9 +65,9 @@ def copy_tokens(folder, tmp_path, name="tokens"):
 
 # --- the token shards -------------------------------------------------------------------------
 
-def pre_crops_shard(samples, vae_hash):
-    """A token shard as lverse wrote it before crops existed: per sample codes.npy, txt, json
-    ({key, url, vae}, sorted keys), every member with mtime 0 and mode 0644."""
+def plain_shard(samples, vae_hash):
+    """A token shard without crops, written out: per sample codes.npy, txt, json ({key, url, vae},
+    sorted keys), every member with mtime 0 and mode 0644."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as out:
         for key, codes, txt, url in samples:
@@ -81,8 +81,8 @@ def pre_crops_shard(samples, vae_hash):
     return buf.getvalue()
 
 
-def test_without_crops_a_shard_holds_the_bytes_it_held_before_crops(encoded):
-    """K = 0: the tar is byte for byte the pre-crops format of its codes (no model output is
+def test_without_crops_a_shard_holds_codes_caption_and_json_only(encoded):
+    """K = 0: the tar is byte for byte ``plain_shard`` of its codes (no model output is
     hard-coded: the codes are the shard's own, test_encode.py checks them against the model); and
     the centre codes of a K = 2 shard are those of the K = 0 one (crops do not disturb them)."""
     vae_hash = file_sha256(encoded["vae"])
@@ -90,7 +90,7 @@ def test_without_crops_a_shard_holds_the_bytes_it_held_before_crops(encoded):
         urls = {s["__key__"]: json.loads(s["json"])["url"] for s in iter_samples(raw)}
         samples = list(iter_samples(plain))
         assert [sorted(s) for s in samples] == [["__key__", "codes.npy", "json", "txt"]] * PER_SHARD
-        expected = pre_crops_shard([(s["__key__"], np.load(io.BytesIO(s["codes.npy"])), s["txt"], urls[s["__key__"]])
+        expected = plain_shard([(s["__key__"], np.load(io.BytesIO(s["codes.npy"])), s["txt"], urls[s["__key__"]])
                                     for s in samples], vae_hash)
         with open(plain, "rb") as f:
             assert f.read() == expected
@@ -204,43 +204,50 @@ def test_the_index_carries_the_crops_and_their_boxes(encoded, tmp_path):
     assert index_folder(tokens, progress=False)["up_to_date"] is True
 
 
-def tokens_from_before_crops(encoded, tmp_path) -> str:
-    """A copy of the K=0 token folder whose stats hold no ``crops``, as an lverse before crops wrote them."""
+def tokens_without_format(encoded, tmp_path) -> str:
+    """A copy of the K=0 token folder whose stats hold neither ``format`` nor ``crops``: token
+    shards of no format this lverse reads."""
     old = copy_tokens(encoded["tokens0"], tmp_path, "old")
     for shard in shard_paths(old):
         path = shard.removesuffix(".tar") + "_stats.json"
         stats = json.load(open(path))
-        del stats["crops"]
+        del stats["format"], stats["crops"]
         json.dump(stats, open(path, "w"))
     return old
 
 
-def test_an_index_or_shards_from_before_crops_still_serve(encoded, tmp_path):
-    """Shards whose stats hold no ``crops`` (lverse before crops) index as K = 0; so does an index
-    whose meta holds none. An index without the crops its shards hold is refused until rebuilt;
-    a folder of two crop counts cannot be indexed."""
-    old = tokens_from_before_crops(encoded, tmp_path)
-    build_index(old, progress=False)
-    meta_path = os.path.join(old, "_index", "meta.json")
+NO_FORMAT = r"records no format version; this lverse reads format 1 only: encode its image shards again with " \
+    r"`lverse encode` into a new --output folder"
+
+
+def test_shards_without_a_format_are_refused_and_an_index_without_crops_reads_as_none(encoded, tmp_path):
+    """Shards whose stats record no format cannot be indexed, with the command that rewrites them;
+    an index whose meta holds no crops reads as K = 0. An index without the crops its shards hold
+    is refused until rebuilt; a folder of two crop counts cannot be indexed."""
+    with pytest.raises(InputError, match=NO_FORMAT):
+        build_index(tokens_without_format(encoded, tmp_path), progress=False)
+    plain = copy_tokens(encoded["tokens0"], tmp_path, "plain")
+    build_index(plain, progress=False)
+    meta_path = os.path.join(plain, "_index", "meta.json")
     meta = json.load(open(meta_path))
-    assert meta["crops"] == 0 and not os.path.exists(os.path.join(old, "_index", "crops.u16"))
-    del meta["crops"]  # an index as the lverse before crops wrote it
+    assert meta["crops"] == 0 and not os.path.exists(os.path.join(plain, "_index", "crops.u16"))
+    del meta["crops"]
     json.dump(meta, open(meta_path, "w"))
-    samples = open_samples(shard_paths(old), file_sha256(encoded["vae"]))
+    samples = open_samples(shard_paths(plain), file_sha256(encoded["vae"]))
     assert samples.views == 1 and samples.index.crops == 0 and len(samples) == SHARDS * PER_SHARD
 
     tokens = copy_tokens(encoded["tokens"], tmp_path)
     build_index(tokens, progress=False)
     meta_path = os.path.join(tokens, "_index", "meta.json")
     meta = json.load(open(meta_path))
-    del meta["crops"]  # what an lverse before crops builds over shards with crops
+    del meta["crops"]
     json.dump(meta, open(meta_path, "w"))
     with pytest.raises(InputError, match=r"holds 0 crops a sample, its shards 2: rebuild it with `lverse index"):
         open_samples(shard_paths(tokens), None)
     assert index_folder(tokens, progress=False)["crops"] == K  # not up to date: rebuilt
     assert open_samples(shard_paths(tokens), None).views == K + 1
 
-    shutil.copy(os.path.join(old, "00000.tar"), os.path.join(tokens, "00007.tar"))
+    shutil.copy(os.path.join(plain, "00000.tar"), os.path.join(tokens, "00007.tar"))
     shutil.copy(os.path.join(encoded["tokens0"], "00000_stats.json"), os.path.join(tokens, "00007_stats.json"))
     with pytest.raises(InputError, match=r"2 crop counts \(0 in 00007, 2 in 00000\): one folder, one `lverse encode"):
         build_index(tokens, progress=False)
@@ -316,12 +323,15 @@ def loader_images(encoded, tokens, steps, monkeypatch):
     return seen
 
 
-def test_training_reads_crops_and_shards_from_before_crops(encoded, tmp_path, monkeypatch):
+def test_training_reads_crops_and_refuses_shards_without_a_format(encoded, tmp_path, monkeypatch):
     """Through pipeline/train.py's data_loader: shards with crops give each sample's views (all of
-    them over a few epochs); shards and an index from before crops give the centre crops."""
-    old = tokens_from_before_crops(encoded, tmp_path)
-    centre = {s["__key__"]: np.load(io.BytesIO(s["codes.npy"])) for p in shard_paths(old) for s in iter_samples(p)}
-    for key, images in loader_images(encoded, old, 6, monkeypatch).items():
+    them over a few epochs), shards without give the centre crops; shards whose stats record no
+    format are refused before any work."""
+    with pytest.raises(InputError, match=NO_FORMAT):
+        loader_images(encoded, tokens_without_format(encoded, tmp_path), 1, monkeypatch)
+    plain = copy_tokens(encoded["tokens0"], tmp_path, "plain")
+    centre = {s["__key__"]: np.load(io.BytesIO(s["codes.npy"])) for p in shard_paths(plain) for s in iter_samples(p)}
+    for key, images in loader_images(encoded, plain, 6, monkeypatch).items():
         assert all(np.array_equal(image, centre[key]) for image in images)
 
     tokens = copy_tokens(encoded["tokens"], tmp_path)
