@@ -113,6 +113,31 @@ def test_one_candidate_skips_clip_and_bad_images_get_a_row(data, biart, tmp_path
     assert all(c for i, c in enumerate(table["caption"]) if i != bad)
 
 
+def test_caption_output_of_another_format_is_refused_naming_lverse_caption(data, biart, tmp_path):  # noqa: F811
+    """The caption parquet records its format in its schema metadata; evaluate, the report and the
+    demo read it, and refuse one of another format or of none, saying to caption again."""
+    from lverse.core.formats import CAPTION_FORMAT, CAPTION_FORMAT_KEY
+    from lverse.demo import caption_accuracy
+    from lverse.pipeline.evaluate import load_predictions
+    from lverse.pipeline.report import write_report
+    out = tmp_path / "run" / "captions"
+    run_caption(config(data, biart, out, shards=os.path.join(data["tokens"], "00000.tar"), candidates=1))
+    path = out / "00000.parquet"
+    table = pq.read_table(path)
+    assert table.schema.metadata[CAPTION_FORMAT_KEY] == str(CAPTION_FORMAT).encode()
+    assert sorted(load_predictions(str(out))) == sorted(table.column("key").to_pylist())
+    others = {k: v for k, v in table.schema.metadata.items() if k != CAPTION_FORMAT_KEY}
+    for found, said in ((None, "records no format version"), (b"0", "is of format 0")):
+        pq.write_table(table.replace_schema_metadata(others | ({} if found is None else {CAPTION_FORMAT_KEY: found})),
+                       path)
+        message = re.escape(f"caption file {path} {said}; this lverse reads format 1 only: caption its shards again "
+                            "with `lverse caption` into a new --output folder")
+        for read in (lambda: load_predictions(str(out)), lambda: caption_accuracy(str(out), {}),
+                     lambda: write_report(str(tmp_path / "run"))):
+            with pytest.raises(InputError, match=message):
+                read()
+
+
 def test_token_shards_of_another_vae_are_refused(data, biart, others, tmp_path):  # noqa: F811
     with pytest.raises(InputError, match="another AugVAE"):
         run_caption(config(data, biart, tmp_path / "out", vae=others["vae"], ignore_provenance=True))
