@@ -28,10 +28,10 @@ CAPTION_FORMAT = 1  # a caption parquet: key, url, caption, caption_whole, clip_
 RUN_CONFIG_FORMAT = 1  # the resolved config a run writes into its folder
 
 CAPTION_FORMAT_KEY = b"lverse_caption_format"  # the caption parquet's schema-metadata key of its version
-REWRITE_CAPTIONS = "caption its shards again with `lverse caption` into a new --output folder"
+_REWRITE_CAPTIONS = "caption its shards again with `lverse caption` into a new --output folder"
 
 
-def check_format(found, expected: int, what: str, rewrite: str) -> None:
+def check_format(found: object, expected: int, what: str, rewrite: str) -> None:
     """Refuse ``what`` unless the format version it records, ``found`` (None: it records none), is
     ``expected``; ``rewrite`` is the command that writes it anew."""
     if found == expected:
@@ -58,7 +58,7 @@ def check_captions(table, path: str) -> None:
     found = (table.schema.metadata or {}).get(CAPTION_FORMAT_KEY)
     if found is not None:
         found = int(found) if found.isdigit() else found.decode(errors="replace")
-    check_format(found, CAPTION_FORMAT, f"caption file {path}", REWRITE_CAPTIONS)
+    check_format(found, CAPTION_FORMAT, f"caption file {path}", _REWRITE_CAPTIONS)
 
 
 def read_captions(path: str):
