@@ -7,6 +7,10 @@ refused with the list of known ones, so a typo never silently falls back to a de
 follows YAML 1.1, which reads ``3e-4`` (no dot) as a string: a number field takes such a string as
 the number it spells, and refuses any other string.
 
+The resolved config a run writes into its folder (``write_config``) records ``format``, the run
+config format (core/formats.py); ``load_run_config`` reads one back only of that format, and
+``load_config`` takes such a file as a config too (its ``format`` checked, not a field).
+
 Why not a library (tyro, jsonargparse, simple-parsing all make options from dataclasses, tyro
 with help from field comments too): lverse needs a YAML file under the options with the dataclass
 alone holding defaults (an option not given must not override the file), its own refusals
@@ -34,6 +38,7 @@ import yaml
 
 from .errors import InputError
 from .files import atomic_output
+from .formats import RUN_CONFIG_FORMAT, check_format
 
 
 def from_dict(cls: type, data: dict, where: str):
@@ -115,8 +120,7 @@ def _number(kind, value, where: str):
     return int(number)
 
 
-def load_config(path: str, cls: type, overrides: dict | None = None):
-    """``cls`` from a YAML file, with ``overrides`` (from the command line) on top."""
+def _read_yaml(path: str) -> dict:
     with open(path) as f:
         try:
             data = yaml.safe_load(f) or {}
@@ -124,7 +128,28 @@ def load_config(path: str, cls: type, overrides: dict | None = None):
             raise InputError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+# what to do with a run config of another format given back as a config
+_REWRITE_CONFIG = "write the config anew (configs/ holds examples) or take the one you started the run with"
+
+
+def load_config(path: str, cls: type, overrides: dict | None = None):
+    """``cls`` from a YAML file, with ``overrides`` (from the command line) on top. A run config
+    that ``write_config`` wrote may be given too: its ``format`` must be ``RUN_CONFIG_FORMAT``."""
+    data = _read_yaml(path)
+    if "format" in data:
+        check_format(data.pop("format"), RUN_CONFIG_FORMAT, f"run config {path}", _REWRITE_CONFIG)
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(cls, data, path)
+
+
+def load_run_config(path: str, cls: type, rewrite: str):
+    """``cls`` from the run config ``write_config`` wrote at ``path``, refused unless of
+    ``RUN_CONFIG_FORMAT``; ``rewrite`` says how to get one that is."""
+    data = _read_yaml(path)
+    check_format(data.pop("format", None), RUN_CONFIG_FORMAT, f"run config {path}", rewrite)
     return from_dict(cls, data, path)
 
 
@@ -133,9 +158,10 @@ def dump_config(cfg) -> str:
 
 
 def write_config(path: str, cfg) -> None:
-    """``cfg`` as YAML at ``path``, atomically: the resolved config a run was started with."""
+    """``cfg`` as YAML at ``path``, atomically, its first line the run config format: the resolved
+    config a run was started with."""
     with atomic_output(path) as tmp, open(tmp, "w") as f:
-        f.write(dump_config(cfg))
+        f.write(yaml.safe_dump({"format": RUN_CONFIG_FORMAT}) + dump_config(cfg))
 
 
 # -- command-line options from a config dataclass ------------------------------------------------

@@ -5,7 +5,8 @@ A shard is a tar of samples, members grouped by key (``{key}.jpg``, ``{key}.txt`
 stage that writes a shard writes ``{name}_stats.json`` beside it last: that file is the shard's
 done marker (img2dataset's convention, kept by lverse's token shards) and records how many
 samples it holds. Token shards' stats also record ``vae``, the sha256 of the AugVAE checkpoint
-that encoded them; ``check_vae`` is the one place that compares it.
+that encoded them, and ``format``, the token shard format (core/formats.py); ``check_vae`` is the
+one place that checks both.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Iterator
 
 from . import storage
 from .errors import InputError
+from .formats import TOKEN_SHARD_FORMAT, check_format
 
 SUMMARY = "_summary.json"  # a stage's summary in its output folder
 
@@ -149,7 +151,8 @@ def read_stats(shard: str, unfinished: str) -> dict:
 
 
 def check_vae(stats: Iterable[tuple[str, dict]], vae_hash: str | None, *, image_shards: str, other_vae: str) -> None:
-    """Refuse token shards of another AugVAE than ``vae_hash`` (None: any AugVAE).
+    """Refuse token shards of another format than ``TOKEN_SHARD_FORMAT``, or of another AugVAE
+    than ``vae_hash`` (None: any AugVAE).
 
     ``stats`` holds (shard, its stats) pairs. Stats without a ``vae`` are image shards': ``image_shards``
     is what to say about them ("" lets them pass); ``other_vae`` is what to do about a mismatch.
@@ -159,7 +162,10 @@ def check_vae(stats: Iterable[tuple[str, dict]], vae_hash: str | None, *, image_
         if other is None:
             if image_shards:
                 raise InputError(f"{shard} is not a token shard (no AugVAE hash in its stats): {image_shards}")
-        elif vae_hash is not None and other != vae_hash:
+            continue
+        check_format(values.get("format"), TOKEN_SHARD_FORMAT, f"token shard {shard}",
+                     "encode its image shards again with `lverse encode` into a new --output folder")
+        if vae_hash is not None and other != vae_hash:
             raise InputError(f"{shard} was encoded by another AugVAE ({other[:12]}...) than this one "
                              f"({vae_hash[:12]}...): {other_vae}")
 

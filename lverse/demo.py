@@ -44,9 +44,9 @@ from urllib.parse import urlparse
 
 import yaml
 
-from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json
+from lverse.core.formats import read_captions
 from lverse.runtime.tasks import StageFailed
 
 log = logging.getLogger("lverse.demo")
@@ -281,7 +281,7 @@ def caption_accuracy(folder: str, references: dict[str, str]) -> dict:
     """Share of held-out images whose caption names their colour and shape (module doc); of the
     reranked caption and of the first candidate."""
     rows = [r for path in sorted(glob.glob(os.path.join(folder, "*.parquet")))
-            for r in storage.read_parquet(path).to_pylist()]
+            for r in read_captions(path).to_pylist()]
     right = {"caption_accuracy": 0, "caption_accuracy_first_candidate": 0}
     judged = 0
     for r in rows:

@@ -4,7 +4,8 @@ One input shard (img2dataset's image shards, or lverse's token shards) in, one p
 ``{name}.parquet`` with a row per image: key, url, caption (cut after its first full stop),
 caption_whole (the same candidate as sampled: the untruncated rows of the paper's Table 2),
 clip_score (and, with ``keep_candidates``, every candidate, cut, and its score; an image that does
-not decode gets a row with its error). Written atomically; a rerun skips shards whose parquet exists.
+not decode gets a row with its error), and the caption format (``core/formats.CAPTION_FORMAT``) in
+its schema metadata. Written atomically; a rerun skips shards whose parquet exists.
 
 Per batch of images: image tokens (the AugVAE encodes raw images in FP32; token shards carry
 them), then BiART samples ``candidates`` captions per image of up to ``max_tokens`` text tokens
@@ -32,6 +33,7 @@ import torch
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_parquet, read_json, remove_stale_temporaries
+from lverse.core.formats import mark_captions
 from lverse.core.images import preprocess
 from lverse.core.resources import compute_dtype, resolve_device
 from lverse.core.shards import check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name, stats_path
@@ -154,7 +156,7 @@ def _table(rows: list[dict], keep_candidates: bool):
     import pyarrow as pa
     columns = ["key", "url", "caption", "caption_whole", "clip_score", "error"] + (
         ["candidates", "candidate_scores"] if keep_candidates else [])
-    return pa.table({c: [r[c] for r in rows] for c in columns})
+    return mark_captions(pa.table({c: [r[c] for r in rows] for c in columns}))
 
 
 def run_caption(cfg: CaptionConfig) -> dict:

@@ -17,11 +17,12 @@ is a square of ``CROP_RATIO`` of the source's shorter side, placed from the SHA-
 sample's key and the crop's number (``crop_boxes``), resized to the model's input size (bicubic,
 Pillow reading the pixels around the box that the filter needs) and encoded by the same AugVAE,
 ``batch_size`` crops a forward pass. Training reads one of a sample's K + 1 views per
-visit (``runtime/data.py``). With K = 0 a shard holds exactly what it held before crops existed.
+visit (``runtime/data.py``). With K = 0 a sample holds no ``crops.npy`` and its json no ``crops``.
 A folder holds one K (its stats files record it): a rerun with another ``--crops`` is refused.
 
 The tar is written under a temporary name and renamed into place, then ``{name}_stats.json``
-(the done marker) is written; a rerun skips shards that have one. Its bytes depend only on the
+(the done marker, with the token shard format ``core/formats.TOKEN_SHARD_FORMAT``: readers refuse
+shards of another) is written; a rerun skips shards that have one. Its bytes depend only on the
 input shard and the checkpoint (fixed member order, times and owners, and fixed batches: conv
 kernels round differently for other batch sizes, which can flip a near-tie code), so a shard
 encoded after a crash is byte-identical to one from an uninterrupted run; the crops are placed
@@ -52,6 +53,7 @@ import numpy as np
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json, read_json, remove_stale_temporaries
+from lverse.core.formats import TOKEN_SHARD_FORMAT
 from lverse.core.images import centre_crop, decode, to_model_input
 from lverse.core.resources import resolve_device
 from lverse.core.shards import add_to_tar, check_vae, expand_shards, file_sha256, iter_samples, sample_meta, shard_name
@@ -128,7 +130,7 @@ class ShardEncoder:
                 self._encode(shard, vae, device, out, stats)
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
             return TaskResult(name, ok=False, reason=f"{shard}: {type(e).__name__}: {e}")
-        stats.update(source=storage.absolute(shard), vae=self.vae_hash, crops=self.crops,
+        stats.update(format=TOKEN_SHARD_FORMAT, source=storage.absolute(shard), vae=self.vae_hash, crops=self.crops,
                      seconds=round(time.time() - start, 2), node=socket.gethostname())
         atomic_write_json(done, stats)  # last: the shard is done
         return TaskResult(name, ok=True, stats=stats)
@@ -235,9 +237,9 @@ def run_encode(cfg: EncodeConfig) -> dict:
 
 def _check_crops(done: list[tuple[str, dict]], crops: int) -> None:
     """Refuse to add shards of another ``--crops`` to a folder (one folder, one K: the token index
-    holds the same number of views for every sample). Stats from before crops existed hold none."""
+    holds the same number of views for every sample)."""
     for path, stats in done:
-        if stats.get("crops", 0) != crops:
-            raise InputError(f"{path}: that shard was encoded with --crops {stats.get('crops', 0)}, this run asks for "
-                             f"--crops {crops}: finish the folder with --crops {stats.get('crops', 0)}, or encode into "
+        if stats["crops"] != crops:
+            raise InputError(f"{path}: that shard was encoded with --crops {stats['crops']}, this run asks for "
+                             f"--crops {crops}: finish the folder with --crops {stats['crops']}, or encode into "
                              "a new --output folder")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 import math
 import os
 import subprocess
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import read_json
+from lverse.core.formats import read_captions
 from lverse.core.images import decodable_images
 from lverse.core.resources import resolve_device
 from lverse.core.shards import expand_shards, iter_samples, stats_path
@@ -42,9 +42,6 @@ from lverse.model.inception import frechet_distance, inception_features, load_in
 from lverse.model.losses import build_lpips, psnr
 from lverse.preprocessing.text_tokenizer import truncate_caption
 from lverse.runtime.model_cache import load_vae
-
-log = logging.getLogger(__name__)
-
 
 # --- captions ----------------------------------------------------------------------------------
 
@@ -60,19 +57,13 @@ def load_references(path: str) -> dict[str, list[str]]:
 
 
 def load_predictions(path: str) -> dict[str, str]:
-    """COCO results json, or a folder of caption-stage parquet files (their whole captions)."""
+    """COCO results json, or a folder of caption-stage parquet files (their whole captions, which
+    ``caption_metrics`` truncates for the truncated metrics)."""
     if storage.isdir(path):
         preds = {}
         for f in storage.glob(os.path.join(storage.escape(path), "*.parquet")):
-            # the whole caption (truncated here for the truncated metrics); an older caption
-            # stage's output has only the truncated one, so both ways score the same there
-            table = storage.read_parquet(f)
-            column = "caption_whole" if "caption_whole" in table.column_names else "caption"
-            if column == "caption":
-                log.warning("%s has no caption_whole column (an older lverse caption): the untruncated "
-                            "metrics score the truncated captions", f)
-            table = table.select(["key", column]).to_pydict()
-            preds.update({k: c for k, c in zip(table["key"], table[column]) if c is not None})
+            table = read_captions(f).select(["key", "caption_whole"]).to_pydict()
+            preds.update({k: c for k, c in zip(table["key"], table["caption_whole"]) if c is not None})
         if not preds:
             raise InputError(f"{path} holds no captions (*.parquet of `lverse caption`)")
         return preds

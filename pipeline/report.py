@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
+from lverse.core.formats import check_captions, is_caption_table
 from lverse.core.shards import expand_shards, iter_samples
 
 SKIP = ("report",)  # our own output is not input
@@ -237,8 +238,9 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
     caption_rows = []
     for path in _find(run_dir, "*.parquet"):
         table = storage.read_parquet(path)
-        if not {"key", "caption", "clip_score"} <= set(table.column_names):  # not `lverse caption` output
+        if not is_caption_table(table):  # img2dataset's parquet, say
             continue
+        check_captions(table, path)
         caption_rows += [r for r in table.to_pylist() if r.get("caption")]
     if caption_rows:
         caption_rows = caption_rows[:max_captions]

@@ -43,7 +43,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lverse.core.config import load_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_write_json
 from lverse.core.shards import expand_shards, read_tar, token_shard_counts
@@ -86,6 +85,7 @@ from lverse.runtime.trainer import (
     latest_checkpoint,
     measure_peak_flops,
     read_checkpoint_meta,
+    read_run_config,
     reseed,
     save_image,
     set_lr,
@@ -256,21 +256,17 @@ def _resume_point(run: Run) -> Checkpoint | None:
     ``stopped.json`` is removed: this is the restart of the job that stopped on its signal."""
     cfg, rank = run.cfg, run.proc.rank
     resume = latest_checkpoint(cfg.run_dir, rank)
-    recorded = resume.meta.get("model") if resume else None
-    differ = _model_differences(recorded, run.bcfg) if recorded is not None else []
+    differ = _model_differences(resume.meta["model"], run.bcfg) if resume else []
     if differ:
         raise InputError(f"checkpoint {resume.folder} is of another model ({'; '.join(differ)}): resume it with the "
                          "model config it was trained with (model.preset, model.overrides), or use a new run_dir")
-    if recorded is not None and "head" not in recorded and run.bcfg.head != "full" and rank == 0:
-        log.warning("checkpoint %s was trained before BiARTConfig.head existed (its loss: head 'full'); it goes on "
-                    "with head %r (model.overrides: {head: full} keeps the old loss)", resume.folder, run.bcfg.head)
     layout = layout_difference(resume.meta, run.ds) if resume else None
     if layout:
         raise InputError(f"checkpoint {resume.folder} {layout}; DeepSpeed keeps the optimizer state of the two in "
                          f"other forms and neither loads the other's: resume with a ds_config like the checkpoint's "
                          f"(deepspeed: {cfg.deepspeed} now), or use a new run_dir")
     if resume and not cfg.ignore_provenance:
-        check_provenance(resume.meta.get("provenance"), cfg.data.vae, cfg.data.tokenizer, f"checkpoint {resume.folder}",
+        check_provenance(resume.meta["provenance"], cfg.data.vae, cfg.data.tokenizer, f"checkpoint {resume.folder}",
                          "ignore_provenance: true in the run config")
     if rank == 0 and os.path.exists(_stopped_marker(cfg)):
         os.remove(_stopped_marker(cfg))
@@ -339,16 +335,12 @@ def data_loader(run: Run, samples, start_step: int, resume: Checkpoint | None):
     ``origin`` in the data key records it, so later resumes stay exact."""
     cfg, bcfg, key = run.cfg, run.bcfg, run.data_key
     if resume:
-        old = resume.meta.get("data") or {}
-        # checkpoints before ``origin`` was recorded: their step x global batch
-        done = old["origin"][1] + (resume.step - old["origin"][0]) * old["global_batch"] if "origin" in old \
-            else resume.meta["samples"]
-        changed = [k for k in ("seed", "resampled", "shards") if old.get(k) != key[k]]
-        changed += [] if "origin" in old else ["an older lverse's per-shard order"]
+        old, done = resume.meta["data"], resume.meta["samples"]  # the checkpoint's data key, samples consumed
+        changed = [k for k in ("seed", "resampled", "shards") if old[k] != key[k]]
         if changed and run.proc.rank == 0:
             log.warning("the checkpoint's data order differs (%s): this run's order goes on from sample %d",
                         ", ".join(changed), done)
-        if old.get("global_batch", run.global_batch) != run.global_batch and run.proc.rank == 0:
+        if old["global_batch"] != run.global_batch and run.proc.rank == 0:
             log.info("global batch %d, the checkpoint's %d: step %d starts at sample %d", run.global_batch,
                      old["global_batch"], resume.step, done)
         key["origin"] = [resume.step, done]
@@ -451,9 +443,6 @@ def save_checkpoint(engine, run: Run, step: int, checkpoints: Checkpoints, plate
 # BiARTConfig fields that change how the numbers are computed (memory, chunking), not the model: not
 # recorded, never compared.
 _HOW_COMPUTED = ("activation_checkpointing", "loss_chunk")
-# Fields newer than some checkpoints: what a checkpoint without one was trained with (None: not
-# compared; ``head`` changes the loss, not the weights, so a run from before it may go on with either).
-_BEFORE_THE_FIELD = {"head": None, "pad_vocab_to": 1}
 
 
 def _model_fields(bcfg) -> dict:
@@ -465,14 +454,9 @@ def _model_fields(bcfg) -> dict:
 
 
 def _model_differences(recorded: dict, bcfg) -> list[str]:
-    """How this run's model config differs from the one a checkpoint recorded, field by field; a
-    field the checkpoint predates counts as its ``_BEFORE_THE_FIELD`` value."""
-    differ = []
-    for k, v in _model_fields(bcfg).items():
-        there = recorded[k] if k in recorded else _BEFORE_THE_FIELD.get(k, "missing")
-        if there is not None and there != v:
-            differ.append(f"{k} {there!r} there, {v!r} here")
-    return differ
+    """How this run's model config differs from the one a checkpoint recorded, field by field."""
+    return [f"{k} {recorded.get(k)!r} there, {v!r} here" for k, v in _model_fields(bcfg).items()
+            if recorded.get(k) != v]
 
 
 def _log_checkpoints(cfg: TrainConfig, rank: int, completed: list[dict]) -> None:
@@ -558,18 +542,18 @@ def export_checkpoint(run_dir: str, output: str, step: int | None = None, rank: 
         raise FileNotFoundError(f"{run_dir} has no complete checkpoint of step {step}; it has {sorted(found)}")
     if rank:
         return output
-    cfg = load_config(os.path.join(run_dir, "config.yaml"), TrainConfig)
     folder = found[step]
     meta = read_checkpoint_meta(folder)
+    cfg = read_run_config(run_dir, TrainConfig)
     # the exported file describes the model; how it was trained (recomputing blocks) is not part of it
     model = BiART(dataclasses.replace(build_model_config(cfg), activation_checkpointing=False))
-    if meta.get("zero_stage", 1) == 0:
+    if meta["zero_stage"] == 0:
         load_stage0_fp32(model, folder)
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
         with deepspeed_loads(folder):
             state = get_fp32_state_dict_from_zero_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder))
         model.load_state_dict(state, strict=True)
-    save_model(model, output, meta.get("provenance"))
+    save_model(model, output, meta["provenance"])
     log.info("exported step %d of %s to %s", step, run_dir, output)
     return output

@@ -137,7 +137,7 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_sample * global_batch
     resume = latest_checkpoint(cfg.run_dir, proc.rank)
     step = resume.step if resume else 0
-    if resume and resume.meta.get("reached_target"):  # ended at target_psnr before: the SL model is written
+    if resume and resume.meta["reached_target"]:  # ended at target_psnr before: the SL model is written
         total = step
     torch.manual_seed(cfg.seed)  # LPIPS without a VGG checkpoint is random: the same one on every run
     loss_fn = ReconstructionLoss(cfg.perceptual_weight, cfg.vgg_checkpoint).to(proc.device)

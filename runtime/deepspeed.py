@@ -285,12 +285,11 @@ def layout_difference(meta: dict, ds: dict) -> str | None:
     optimizer in one file (``mp_rank_00_model_states.pt``), ZeRO keeps the optimizer in per-rank
     ``*_optim_states.pt`` files, and neither engine reads the other's; at stage 0 the optimizer's
     state is that of DeepSpeed's wrapper for the precision (fp32 masters under bf16, the bare
-    optimizer under fp32). A checkpoint without ``zero_stage`` is from before lverse trained at
-    stage 0, so it is ZeRO's."""
-    there, here = meta.get("zero_stage", 1), zero_stage(ds)
+    optimizer under fp32). ``meta`` is the checkpoint's marker (its ``zero_stage`` and ``precision``)."""
+    there, here = meta["zero_stage"], zero_stage(ds)
     if (there == 0) != (here == 0):
         return f"was trained at ZeRO stage {there}, this run's zero_optimization.stage is {here}"
-    if here == 0 and meta.get("precision", precision(ds)) != precision(ds):
+    if here == 0 and meta["precision"] != precision(ds):
         return (f"was trained at stage 0 in {meta['precision']}, this run's ds_config trains in {precision(ds)} "
                 "(its bf16.enabled / fp16.enabled)")
     return None

@@ -9,11 +9,13 @@ step). The data position is the stage's business (``runtime/data.py`` skips to a
 Checkpoints live in ``run_dir/checkpoints/step_NNNNNNNN/``. A folder counts once its marker
 ``lverse.json`` is written, atomically and last, after every rank's files are on disk
 (``write_checkpoint``): a folder without it is what a killed run left, is removed at the next start
-(``latest_checkpoint``) and is never counted among the ``keep`` newest.
+(``latest_checkpoint``) and is never counted among the ``keep`` newest. The marker records the
+checkpoint format (``core/formats.CHECKPOINT_FORMAT``); a checkpoint of another is refused.
 
 Also here: process and device setup on top of ``distributed.setup_env`` (``start_process``), the
 stop signal every rank agrees on (``StopFlag``), the resolved config written into the run folder
-(``write_run_config``), and the one image grid of sample and reconstruction images (``image_grid``).
+and read back (``write_run_config``, ``read_run_config``), and the one image grid of sample and
+reconstruction images (``image_grid``).
 """
 
 from __future__ import annotations
@@ -36,9 +38,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lverse.core.config import write_config
+from lverse.core.config import load_run_config, write_config
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output, atomic_write_json
+from lverse.core.formats import CHECKPOINT_FORMAT, check_format
 from lverse.core.resources import pick_device
 from lverse.core.storage import is_url
 
@@ -47,6 +50,8 @@ from .distributed import check_rendezvous, setup_env
 log = logging.getLogger(__name__)
 
 MARKER = "lverse.json"  # written last into a checkpoint folder: the folder is complete
+# what to do with a checkpoint or a run config of another format: they cannot be converted
+NEW_RUN_DIR = "train into a new run_dir with this lverse"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +330,11 @@ def remove_partial_checkpoints(run_dir: str) -> None:
 
 
 def read_checkpoint_meta(folder: str) -> dict:
+    """What a checkpoint's marker holds, refused unless of ``CHECKPOINT_FORMAT``."""
     with open(os.path.join(folder, MARKER)) as f:
-        return json.load(f)
+        meta = json.load(f)
+    check_format(meta.get("format"), CHECKPOINT_FORMAT, f"checkpoint {folder}", NEW_RUN_DIR)
+    return meta
 
 
 @dataclass(frozen=True)
@@ -369,7 +377,7 @@ def _commit_checkpoint(run_dir: str, folder: str, step: int, meta: dict, keep: i
     """Rank 0, once every rank's files of ``folder`` are on disk: the marker that makes it count,
     then the ``keep`` newest complete checkpoints are kept (``derived``: folders of run_dir holding
     per-checkpoint copies, pruned with them)."""
-    atomic_write_json(os.path.join(folder, MARKER), {**meta, "step": step})
+    atomic_write_json(os.path.join(folder, MARKER), {**meta, "format": CHECKPOINT_FORMAT, "step": step})
     for _, old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
         for root in derived:
@@ -510,6 +518,12 @@ def write_run_config(run_dir: str, cfg, rank: int) -> None:
     started with, and what ``export`` rebuilds the model from."""
     if rank == 0:
         write_config(os.path.join(run_dir, "config.yaml"), cfg)
+
+
+def read_run_config(run_dir: str, cls: type):
+    """``cls`` from ``run_dir/config.yaml`` as ``write_run_config`` wrote it (refused unless of the
+    run config format)."""
+    return load_run_config(os.path.join(run_dir, "config.yaml"), cls, NEW_RUN_DIR)
 
 
 # ---------------------------------------------------------------------------------------------

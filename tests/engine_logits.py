@@ -9,15 +9,13 @@ import os
 import sys
 
 import torch
-import yaml
 
-from lverse.core.config import from_dict
 from lverse.model.biart import BiART, Direction
 from lverse.pipeline.configs import TrainConfig
 from lverse.pipeline.train import build_model_config, ds_config
 from lverse.runtime.deepspeed import deepspeed_loads, wrap
 from lverse.runtime.distributed import setup_env
-from lverse.runtime.trainer import complete_checkpoints
+from lverse.runtime.trainer import complete_checkpoints, read_run_config
 
 
 def main(run_dir: str, out: str) -> None:
@@ -25,8 +23,7 @@ def main(run_dir: str, out: str) -> None:
     import deepspeed.comm as dist
     setup_env()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
-    with open(os.path.join(run_dir, "config.yaml")) as f:
-        cfg = from_dict(TrainConfig, yaml.safe_load(f), "config.yaml")
+    cfg = read_run_config(run_dir, TrainConfig)
     bcfg = build_model_config(cfg)
     engine, _ = wrap(BiART(bcfg), ds_config(cfg, dist.get_world_size()), 1e-3, torch.device("cpu"), cfg.optim)
     folder = complete_checkpoints(run_dir)[-1][1]

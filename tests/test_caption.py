@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from lverse.core.errors import InputError
+from lverse.core.formats import TOKEN_SHARD_FORMAT
 from lverse.core.shards import iter_samples, read_tar
 from lverse.model import AugVAE, BiART, save_model
 from lverse.model.augvae import PRESETS as VAE_PRESETS
@@ -111,6 +112,31 @@ def test_one_candidate_skips_clip_and_bad_images_get_a_row(data, biart, tmp_path
     assert table["error"][bad] == "image does not decode" and table["caption"][bad] is None
     assert all(s is None for s in table["clip_score"])
     assert all(c for i, c in enumerate(table["caption"]) if i != bad)
+
+
+def test_caption_output_of_another_format_is_refused_naming_lverse_caption(data, biart, tmp_path):  # noqa: F811
+    """The caption parquet records its format in its schema metadata; evaluate, the report and the
+    demo read it, and refuse one of another format or of none, saying to caption again."""
+    from lverse.core.formats import CAPTION_FORMAT, CAPTION_FORMAT_KEY
+    from lverse.demo import caption_accuracy
+    from lverse.pipeline.evaluate import load_predictions
+    from lverse.pipeline.report import write_report
+    out = tmp_path / "run" / "captions"
+    run_caption(config(data, biart, out, shards=os.path.join(data["tokens"], "00000.tar"), candidates=1))
+    path = out / "00000.parquet"
+    table = pq.read_table(path)
+    assert table.schema.metadata[CAPTION_FORMAT_KEY] == str(CAPTION_FORMAT).encode()
+    assert sorted(load_predictions(str(out))) == sorted(table.column("key").to_pylist())
+    others = {k: v for k, v in table.schema.metadata.items() if k != CAPTION_FORMAT_KEY}
+    for found, said in ((None, "records no format version"), (b"0", "is of format 0")):
+        pq.write_table(table.replace_schema_metadata(others | ({} if found is None else {CAPTION_FORMAT_KEY: found})),
+                       path)
+        message = re.escape(f"caption file {path} {said}; this lverse reads format 1 only: caption its shards again "
+                            "with `lverse caption` into a new --output folder")
+        for read in (lambda: load_predictions(str(out)), lambda: caption_accuracy(str(out), {}),
+                     lambda: write_report(str(tmp_path / "run"))):
+            with pytest.raises(InputError, match=message):
+                read()
 
 
 def test_token_shards_of_another_vae_are_refused(data, biart, others, tmp_path):  # noqa: F811
@@ -214,7 +240,7 @@ def _token_shard(folder, n, vae_hash, pad=50_000):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     with open(os.path.join(folder, "00000_stats.json"), "w") as f:
-        json.dump({"samples": n, "vae": vae_hash}, f)
+        json.dump({"samples": n, "format": TOKEN_SHARD_FORMAT, "vae": vae_hash, "crops": 0}, f)
     return path
 
 

@@ -67,9 +67,9 @@ def copy_tokens(folder, tmp_path, name="tokens"):
 
 # --- the token shards -------------------------------------------------------------------------
 
-def pre_crops_shard(samples, vae_hash):
-    """A token shard as lverse wrote it before crops existed: per sample codes.npy, txt, json
-    ({key, url, vae}, sorted keys), every member with mtime 0 and mode 0644."""
+def plain_shard(samples, vae_hash):
+    """A token shard without crops, written out: per sample codes.npy, txt, json ({key, url, vae},
+    sorted keys), every member with mtime 0 and mode 0644."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as out:
         for key, codes, txt, url in samples:
@@ -83,8 +83,8 @@ def pre_crops_shard(samples, vae_hash):
     return buf.getvalue()
 
 
-def test_without_crops_a_shard_holds_the_bytes_it_held_before_crops(encoded):
-    """K = 0: the tar is byte for byte the pre-crops format of its codes (no model output is
+def test_without_crops_a_shard_holds_codes_caption_and_json_only(encoded):
+    """K = 0: the tar is byte for byte ``plain_shard`` of its codes (no model output is
     hard-coded: the codes are the shard's own, test_encode.py checks them against the model); and
     the centre codes of a K = 2 shard are those of the K = 0 one (crops do not disturb them)."""
     vae_hash = file_sha256(encoded["vae"])
@@ -92,7 +92,7 @@ def test_without_crops_a_shard_holds_the_bytes_it_held_before_crops(encoded):
         urls = {s["__key__"]: json.loads(s["json"])["url"] for s in iter_samples(raw)}
         samples = list(iter_samples(plain))
         assert [sorted(s) for s in samples] == [["__key__", "codes.npy", "json", "txt"]] * PER_SHARD
-        expected = pre_crops_shard([(s["__key__"], np.load(io.BytesIO(s["codes.npy"])), s["txt"], urls[s["__key__"]])
+        expected = plain_shard([(s["__key__"], np.load(io.BytesIO(s["codes.npy"])), s["txt"], urls[s["__key__"]])
                                     for s in samples], vae_hash)
         with open(plain, "rb") as f:
             assert f.read() == expected
@@ -206,9 +206,28 @@ def test_the_index_carries_the_crops_and_their_boxes(encoded, tmp_path):
     assert index_folder(tokens, progress=False)["up_to_date"] is True
 
 
-def test_a_folder_without_one_crop_count_is_not_indexed(encoded, tmp_path):
-    """The index holds one K: a folder of two crop counts is refused, and so is a shard whose stats
+def tokens_without_format(encoded, tmp_path) -> str:
+    """A copy of the K=0 token folder whose stats hold neither ``format`` nor ``crops``: token
+    shards of no format this lverse reads."""
+    old = copy_tokens(encoded["tokens0"], tmp_path, "old")
+    for shard in shard_paths(old):
+        path = shard.removesuffix(".tar") + "_stats.json"
+        stats = json.load(open(path))
+        del stats["format"], stats["crops"]
+        json.dump(stats, open(path, "w"))
+    return old
+
+
+NO_FORMAT = r"records no format version; this lverse reads format 1 only: encode its image shards again with " \
+    r"`lverse encode` into a new --output folder"
+
+
+def test_a_folder_without_a_format_or_one_crop_count_is_not_indexed(encoded, tmp_path):
+    """Shards whose stats record no format cannot be indexed, with the command that rewrites them.
+    The index holds one K: a folder of two crop counts is refused, and so is a shard whose stats
     file records none (every stats file `lverse encode` writes records its crops)."""
+    with pytest.raises(InputError, match=NO_FORMAT):
+        build_index(tokens_without_format(encoded, tmp_path), progress=False)
     tokens = copy_tokens(encoded["tokens"], tmp_path)
     shutil.copy(os.path.join(encoded["tokens0"], "00000.tar"), os.path.join(tokens, "00007.tar"))
     shutil.copy(os.path.join(encoded["tokens0"], "00000_stats.json"), os.path.join(tokens, "00007_stats.json"))
@@ -293,10 +312,12 @@ def loader_images(encoded, tokens, steps, monkeypatch):
     return seen
 
 
-def test_training_reads_every_view_of_shards_with_crops_and_the_centre_of_shards_without(encoded, tmp_path,
-                                                                                        monkeypatch):
+def test_training_reads_crops_and_refuses_shards_without_a_format(encoded, tmp_path, monkeypatch):
     """Through pipeline/train.py's data_loader: shards with crops give each sample's views (all of
-    them over a few epochs); shards without crops give the centre crops."""
+    them over a few epochs), shards without give the centre crops; shards whose stats record no
+    format are refused before any work."""
+    with pytest.raises(InputError, match=NO_FORMAT):
+        loader_images(encoded, tokens_without_format(encoded, tmp_path), 1, monkeypatch)
     plain = copy_tokens(encoded["tokens0"], tmp_path, "plain")
     centre = {s["__key__"]: np.load(io.BytesIO(s["codes.npy"])) for p in shard_paths(plain) for s in iter_samples(p)}
     for key, images in loader_images(encoded, plain, 6, monkeypatch).items():

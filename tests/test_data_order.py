@@ -194,7 +194,8 @@ class KeyedTokenBatch(TokenBatch):
 def consume(paths, world, micro_batch, start, end, resume=None, grad_accum=1, workers=2):
     """What ``world`` ranks' data_loader gives for steps start..end-1, as one list of
     (key, direction, caption ids) in the order of the global batches, and the checkpoint its run
-    would write at ``end``."""
+    would write at ``end`` (its data key and samples consumed, as save_checkpoint records them)."""
+    from lverse.pipeline.train import samples_before
     cfg = TrainConfig(micro_batch_size=micro_batch, grad_accum=grad_accum, deepspeed="zero2_fp32",
                       data=DataConfig(shards=paths["tokens"], tokenizer=paths["tokenizer"], vae=paths["vae"],
                                       workers=workers))
@@ -207,7 +208,7 @@ def consume(paths, world, micro_batch, start, end, resume=None, grad_accum=1, wo
             for loader in loaders:
                 batch = next(loader)
                 consumed += [(key, step % 2, tuple(text.tolist())) for key, text in zip(batch["keys"], batch["text"])]
-    meta = {"data": copy.deepcopy(runs[0].data_key), "samples": end * runs[0].global_batch, "step": end}
+    meta = {"data": copy.deepcopy(runs[0].data_key), "samples": samples_before(runs[0], end), "step": end}
     return consumed, Checkpoint(end, "", meta)
 
 

@@ -85,6 +85,7 @@ def test_caption_accuracy_needs_colour_and_shape_together(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from lverse.core.formats import mark_captions
     from lverse.demo import caption_accuracy
 
     refs = {"a": "a red circle at the left on a blue background",
@@ -95,6 +96,6 @@ def test_caption_accuracy_needs_colour_and_shape_together(tmp_path):
             {"key": "b", "caption": "a green triangle at the top on a white background",
              "candidates": ["a green square at the top on a white background"]},
             {"key": "c", "caption": "a blacktriangle on a yellow background", "candidates": []}]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "00000.parquet")
+    pq.write_table(mark_captions(pa.Table.from_pylist(rows)), tmp_path / "00000.parquet")
     got = caption_accuracy(str(tmp_path), refs)
     assert got == {"caption_accuracy": 1 / 3, "caption_accuracy_first_candidate": 1 / 3, "captions_judged": 3}

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from lverse.core.errors import InputError
+from lverse.core.formats import TOKEN_SHARD_FORMAT
 from lverse.core.images import preprocess
-from lverse.core.shards import file_sha256, iter_samples
+from lverse.core.shards import file_sha256, iter_samples, token_shard_counts
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS
 from lverse.pipeline.configs import EncodeConfig
@@ -121,6 +123,30 @@ def test_a_folder_of_another_vae_is_refused(tmp_path, vae_path):
         json.dump({"count": 2, "successes": 2}, f)
     with pytest.raises(ValueError, match="did not write"):
         run_encode(EncodeConfig(shards=raw, vae=vae_path, output=raw, workers=0))
+
+
+def test_token_shards_of_another_format_are_refused_naming_lverse_encode(tmp_path, vae_path):
+    """A token shard's stats record the token shard format; one of another format or of none is
+    refused where token shards are read (training's counts, caption's and the index's check) and by
+    a rerun of encode into its folder, saying to encode the image shards again."""
+    raw = raw_shards(str(tmp_path / "raw"), count=1, n=2)
+    out = str(tmp_path / "tok")
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out, workers=0))
+    path, shard = os.path.join(out, "00000_stats.json"), os.path.join(out, "00000.tar")
+    with open(path) as f:
+        stats = json.load(f)
+    assert stats["format"] == TOKEN_SHARD_FORMAT and token_shard_counts([shard], file_sha256(vae_path)) == [2]
+    rewrite = "encode its image shards again with `lverse encode` into a new --output folder"
+    for found, said in ((None, "records no format version"), (0, "is of format 0")):
+        edited = {k: v for k, v in stats.items() if k != "format"} | ({} if found is None else {"format": found})
+        with open(path, "w") as f:
+            json.dump(edited, f)
+        with pytest.raises(InputError, match=re.escape(f"token shard {shard} {said}; this lverse reads format 1 only: "
+                                                       f"{rewrite}")):
+            token_shard_counts([shard], file_sha256(vae_path))
+        with pytest.raises(InputError, match=re.escape(f"token shard {path} {said}; this lverse reads format 1 only: "
+                                                       f"{rewrite}")):
+            run_encode(EncodeConfig(shards=raw, vae=vae_path, output=out, workers=0))
 
 
 @pytest.mark.slow

@@ -58,21 +58,16 @@ def test_a_perfect_caption_scores_one_truncated_and_less_with_its_second_sentenc
         caption_metrics({"7": "x"}, refs)
 
 
-def test_caption_output_is_read_whole_and_an_older_one_without_the_column_with_a_warning(tmp_path, caplog):
+def test_caption_output_is_read_whole(tmp_path):
     """The caption stage's parquet: ``caption_whole`` is what evaluate scores (it truncates for
-    itself); output of an older caption stage, ``caption`` only, is read with a warning."""
+    itself). One of another format: tests/test_caption.py."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    new, old = tmp_path / "new", tmp_path / "old"
-    new.mkdir()
-    old.mkdir()
-    pq.write_table(pa.table({"key": ["1", "2"], "caption": ["a dog.", None],
-                             "caption_whole": ["a dog. on grass", None]}), new / "00000.parquet")
-    pq.write_table(pa.table({"key": ["1"], "caption": ["a dog."]}), old / "00000.parquet")
-    assert load_predictions(str(new)) == {"1": "a dog. on grass"}
-    assert "no caption_whole column" not in caplog.text
-    assert load_predictions(str(old)) == {"1": "a dog."}
-    assert "no caption_whole column" in caplog.text
+
+    from lverse.core.formats import mark_captions
+    pq.write_table(mark_captions(pa.table({"key": ["1", "2"], "caption": ["a dog.", None],
+                                           "caption_whole": ["a dog. on grass", None]})), tmp_path / "00000.parquet")
+    assert load_predictions(str(tmp_path)) == {"1": "a dog. on grass"}
 
 
 def test_truncation_at_the_first_full_stop():

@@ -312,12 +312,21 @@ def test_two_rank_vae_training_keeps_the_codebooks_identical(data, tmp_path):
 
 @pytest.mark.slow
 def test_vae_training_resumes_with_the_same_losses(data, tmp_path):
-    """Across the ML -> SL switch: the checkpoint of step 3 (the last ML step) resumes into SL."""
+    """Across the ML -> SL switch: the checkpoint of step 3 (the last ML step) resumes into SL; a
+    marker of another checkpoint format is refused, saying to train into a new run_dir."""
     cfg = vae_config(tmp_path / "vae.yaml", data, tmp_path / "run", checkpoint_every=3)
     run_job(1, "train-vae", "--config", cfg)
     full = metrics(tmp_path / "run")
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000006")
     os.remove(tmp_path / "run" / "metrics.jsonl")
+    marker = tmp_path / "run" / "checkpoints" / "step_00000003" / "lverse.json"
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**meta, "format": 0}))
+    proc = subprocess.run([sys.executable, "-m", "lverse.cli", "train-vae", "--config", cfg], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and (f"checkpoint {marker.parent} is of format 0; this lverse reads format 1 only: "
+                                     "train into a new run_dir with this lverse") in proc.stderr, proc.stderr[-3000:]
+    marker.write_text(json.dumps(meta))
     run_job(1, "train-vae", "--config", cfg)
     resumed = metrics(tmp_path / "run")
     assert sorted(resumed) == [4, 5, 6]
@@ -503,6 +512,43 @@ def test_a_run_records_its_augvae_and_tokenizer_and_resumes_only_with_them(data,
 
 
 @pytest.mark.slow
+def test_a_checkpoint_or_run_config_of_another_format_is_refused_naming_a_new_run_dir(data, one_step_run, tmp_path):
+    """The checkpoint's marker and the run folder's config.yaml record their formats, as the run
+    wrote them. Export refuses either of another format or of none, resume such a marker, each
+    saying to train into a new run_dir; config.yaml given back as a config loads, its format checked."""
+    from lverse.core.config import load_config
+    from lverse.core.errors import InputError
+    from lverse.core.formats import CHECKPOINT_FORMAT, RUN_CONFIG_FORMAT
+    from lverse.pipeline.train import export_checkpoint
+    run = copy_of(one_step_run, tmp_path)
+    marker, config = run / "checkpoints" / "step_00000001" / "lverse.json", run / "config.yaml"
+    meta, written = json.loads(marker.read_text()), yaml.safe_load(config.read_text())
+    assert meta["format"] == CHECKPOINT_FORMAT and written["format"] == RUN_CONFIG_FORMAT
+    assert load_config(str(config), TrainConfig).steps == 1
+    files = ((marker, meta, json.dumps, f"checkpoint {marker.parent}"),
+             (config, written, yaml.safe_dump, f"run config {config}"))
+    for file, values, dump, what in files:
+        for found, said in ((None, "records no format version"), (0, "is of format 0")):
+            edited = {k: v for k, v in values.items() if k != "format"} | ({} if found is None else {"format": found})
+            file.write_text(dump(edited))
+            with pytest.raises(InputError, match=re.escape(f"{what} {said}; this lverse reads format 1 only: "
+                                                           "train into a new run_dir with this lverse")):
+                export_checkpoint(str(run), str(tmp_path / "biart.safetensors"))
+        if file == marker:  # resume (of format 0)
+            proc = subprocess.run([sys.executable, "-m", "lverse.cli", "train", "--config",
+                                   train_config(tmp_path / "run.yaml", data, run, steps=2)],
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 2, proc.stderr[-3000:]
+            assert f"{what} is of format 0;" in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+        file.write_text(dump(values))
+    assert not (tmp_path / "biart.safetensors").exists()
+    config.write_text(yaml.safe_dump({**written, "format": 0}))
+    with pytest.raises(InputError, match=re.escape(f"run config {config} is of format 0; this lverse reads format 1 "
+                                                   "only: write the config anew")):
+        load_config(str(config), TrainConfig)
+
+
+@pytest.mark.slow
 def test_ctrl_c_twice_checkpoints_once_and_exits_0(data, tmp_path):
     """Ctrl-C reaches the whole process group (DataLoader workers included, which leave it to the
     training process); the second one, while the checkpoint is written, does not interrupt it."""
@@ -580,22 +626,19 @@ def test_checkpoints_by_minutes(data, tmp_path):
 
 # --- output head, compiled blocks --------------------------------------------------------------
 
-def test_checkpoints_from_before_the_head_options_resume_and_other_shapes_are_refused():
-    """A checkpoint without head or pad_vocab_to (lverse before them) resumes under the new
-    defaults; one recording another head or another padding (other optimizer shapes) is refused."""
+def test_a_checkpoint_of_another_head_or_padding_is_refused_and_how_it_computed_is_not_compared():
+    """A checkpoint recording another head or another padding (other optimizer shapes) is refused;
+    activation checkpointing and the loss chunk (how the numbers are computed) are not recorded."""
     import dataclasses
 
     from lverse.model.biart import PRESETS
     from lverse.pipeline.train import _model_differences, _model_fields
     bcfg = PRESETS["debug"]
-    old = _model_fields(bcfg)
-    for name in ("head", "pad_vocab_to"):
-        del old[name]
-    assert "loss_chunk" not in _model_fields(bcfg) and "activation_checkpointing" not in _model_fields(bcfg)
-    assert _model_differences(old, bcfg) == []
-    assert _model_differences(old, dataclasses.replace(bcfg, loss_chunk=7, activation_checkpointing=True)) == []
-    assert _model_differences(old, dataclasses.replace(bcfg, pad_vocab_to=64)) == ["pad_vocab_to 1 there, 64 here"]
     recorded = _model_fields(bcfg)
+    assert "loss_chunk" not in recorded and "activation_checkpointing" not in recorded
+    assert _model_differences(recorded, bcfg) == []
+    assert _model_differences(recorded, dataclasses.replace(bcfg, loss_chunk=7, activation_checkpointing=True)) == []
+    assert _model_differences(recorded, dataclasses.replace(bcfg, pad_vocab_to=64)) == ["pad_vocab_to 1 there, 64 here"]
     assert _model_differences(recorded, dataclasses.replace(bcfg, head="full")) == \
         ["head 'restricted' there, 'full' here"]
 
