@@ -134,9 +134,11 @@ def test_coco_shards_are_what_encode_and_evaluate_read(karpathy, tmp_path):
     # a caption stage's parquet keys are the test shards' keys: the ids evaluate matches with the references
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from lverse.core.formats import mark_captions
     (tmp_path / "captions").mkdir()
     keys = [s["__key__"] for s in _samples(out / "test")]
-    pq.write_table(pa.table({"key": keys, "caption": ["a dog."] * 2, "caption_whole": ["a dog. more"] * 2}),
-                   tmp_path / "captions" / "00000.parquet")
+    table = pa.table({"key": keys, "caption": ["a dog."] * 2, "caption_whole": ["a dog. more"] * 2})
+    pq.write_table(mark_captions(table), tmp_path / "captions" / "00000.parquet")  # as lverse caption writes it
     assert set(load_predictions(str(tmp_path / "captions"))) == set(load_references(str(out / "references_test.json")))
 
