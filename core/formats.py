@@ -12,9 +12,12 @@ holds changes, its number here goes up (and its refusal still names the command 
 - a caption parquet: ``lverse_caption_format`` in its schema metadata; written by
   pipeline/caption.py, read by evaluate, report and the demo;
 - a run config: ``format`` in ``RUN_DIR/config.yaml``; written by core/config.py ``write_config``,
-  read by export, and by ``load_config`` when such a file is given back as a config.
-
-(The token index keeps its own ``VERSION``, beside its builder in runtime/token_index.py.)
+  read by export, and by ``load_config`` when such a file is given back as a config;
+- a model file (an exported BiART, an AugVAE, each a .safetensors): ``format`` in its metadata
+  beside its config; written by model/checkpoint.py ``save_model``, read by ``read_config`` (every
+  load of a model file);
+- the token index: ``version`` in ``_index/meta.json``; written by runtime/token_index_build.py,
+  read by runtime/token_index.py.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ CHECKPOINT_FORMAT = 1  # the marker of a training checkpoint (BiART, AugVAE): wh
 TOKEN_SHARD_FORMAT = 1  # a token shard and its stats file: members, and stats with ``vae`` and ``crops``
 CAPTION_FORMAT = 1  # a caption parquet: key, url, caption, caption_whole, clip_score, error[, candidates]
 RUN_CONFIG_FORMAT = 1  # the resolved config a run writes into its folder
+MODEL_FORMAT = 1  # a model file: the weights, the model's name, its whole config[, its provenance]
+TOKEN_INDEX_FORMAT = 1  # the token index: its files and its meta.json's fields
 
 CAPTION_FORMAT_KEY = b"lverse_caption_format"  # the caption parquet's schema-metadata key of its version
 _REWRITE_CAPTIONS = "caption its shards again with `lverse caption` into a new --output folder"

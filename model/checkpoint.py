@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
+from lverse.core.formats import MODEL_FORMAT, check_format
 from lverse.core.shards import file_sha256
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def save_model(model: nn.Module, path: str, provenance: dict[str, str] | None = 
     """Write ``model``'s state dict and config to ``path`` atomically (temporary file, rename); the
     same weights and config give the same bytes. ``provenance`` (``provenance_of``) records the
     files a BiART was trained with."""
-    meta = {"model": type(model).__name__, "config": json.dumps(dataclasses.asdict(model.cfg), sort_keys=True)}
+    meta = {"format": str(MODEL_FORMAT), "model": type(model).__name__,
+            "config": json.dumps(dataclasses.asdict(model.cfg), sort_keys=True)}
     if provenance:
         meta["provenance"] = json.dumps(provenance, sort_keys=True)
     save_state(model.state_dict(), path, meta)
@@ -62,8 +64,9 @@ def read_provenance(path: str) -> dict[str, str] | None:
 
 def check_provenance(recorded: dict[str, str] | None, vae: str, tokenizer: str, what: str, override: str) -> None:
     """Refuse an AugVAE or a tokenizer file other than those ``what`` was trained with, naming the
-    files and both hashes; ``override`` says how to go on anyway. Nothing recorded (a model from
-    before lverse recorded provenance) is let through with a warning."""
+    files and both hashes; ``override`` says how to go on anyway. Nothing recorded (a model saved
+    outside a training run: random weights for a benchmark or a test) is let through with a
+    warning."""
     if recorded is None:
         log.warning("%s records no AugVAE or tokenizer hash: %s and %s cannot be checked against its training run",
                     what, vae, tokenizer)
@@ -92,17 +95,23 @@ def save_state(state: dict[str, Tensor], path: str, metadata: dict[str, str]) ->
 
 
 def read_config(path: str, config_cls: type) -> Any:
-    """The config stored in a file written by ``save_model``."""
+    """The config stored in a file written by ``save_model``: of this lverse's model-file format
+    (core/formats.py), with every field of ``config_cls`` and no other."""
     with safe_open(path, framework="pt") as f:
         meta = f.metadata() or {}
     if "config" not in meta:
         raise InputError(f"{path} has no lverse config in its metadata; was it written by "
                          "lverse.model.checkpoint.save_model?")
-    fields = {f.name: f.type for f in dataclasses.fields(config_cls)}
+    found = meta.get("format")
+    check_format(int(found) if found and found.isdigit() else found, MODEL_FORMAT, f"model file {path}",
+                 "write it again with this lverse (`lverse export RUN_DIR` for a BiART, `lverse convert-vae` or "
+                 "`lverse train-vae` for an AugVAE)")
+    fields = {f.name for f in dataclasses.fields(config_cls)}
     values = json.loads(meta["config"])
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise InputError(f"{path}: config fields {unknown} are unknown to {config_cls.__name__}")
+    unknown, missing = sorted(set(values) - fields), sorted(fields - set(values))
+    if unknown or missing:
+        raise InputError(f"{path}: its config does not match {config_cls.__name__} (unknown fields {unknown}, "
+                         f"missing {missing})")
     # JSON has no tuples; the configs are frozen dataclasses whose sequences are tuples.
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return config_cls(**values)

@@ -20,8 +20,9 @@ into files that a sample can be read from in place, memory-mapped:
 This module holds the format and the reader (``TokenIndex``, ``TokenSamples``, ``open_samples``);
 building an index is ``token_index_build.py``, which imports this module and not the other way
 round: what only reads an index (a DataLoader worker, the data benchmark) loads no builder. The
-format has one version, ``VERSION``: an index of another version, or whose meta.json lacks one of
-its fields, is refused with the command that rebuilds it (``index_command``).
+format has one version (core/formats.py ``TOKEN_INDEX_FORMAT``): an index of another version, or
+whose meta.json lacks one of its fields, is refused with the command that rebuilds it
+(``index_command``).
 
 A sample has K + 1 *views*: 0 its centre crop (``codes.u16``), 1..K its crops. K is one number for
 the index: a folder whose shards were encoded with different ``--crops`` is refused (``lverse
@@ -70,10 +71,10 @@ import numpy as np
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import read_json
+from lverse.core.formats import TOKEN_INDEX_FORMAT
 from lverse.core.shards import shard_name, stats_path
 
 INDEX = "_index"
-VERSION = 1
 FILES = ("codes.u16", "captions.bin", "caption_offsets.i64", "keys.bin", "key_offsets.i64", "meta.json")
 CROP_FILES = ("crops.u16", "crop_boxes.i32")  # only in an index of shards with crops
 META = ("version", "samples", "image_len", "crops", "vae", "shards")  # the fields of meta.json
@@ -136,9 +137,9 @@ class TokenIndex:
             raise InputError(f"{path} holds no token index (no meta.json); "
                              f"build it with `{self.command}`")
         self.meta = read_json(meta_path)
-        if self.meta.get("version") != VERSION:
+        if self.meta.get("version") != TOKEN_INDEX_FORMAT:
             raise InputError(f"the token index {path} is of version {self.meta.get('version')}, this lverse reads "
-                             f"{VERSION}: {self.hint}")
+                             f"{TOKEN_INDEX_FORMAT}: {self.hint}")
         missing = [field for field in META if field not in self.meta]
         if missing:
             raise InputError(f"the token index {path} has no {', '.join(missing)} in its meta.json: {self.hint}")

@@ -38,12 +38,12 @@ from tqdm import tqdm
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.core.files import read_json, umask
+from lverse.core.formats import TOKEN_INDEX_FORMAT
 from lverse.core.resources import available_cores
 from lverse.core.shards import check_vae, iter_samples, stats_path
 
 from .token_index import (
     INDEX,
-    VERSION,
     TokenIndex,
     TokenSamples,
     index_command,
@@ -102,7 +102,7 @@ def build_index(tokens: str, progress: bool = True, workers: int | None = None, 
     try:
         workers = min(16, available_cores()) if workers is None else workers
         image_len = _write_arrays(tmp, shards, entries, crops, progress, min(workers, len(shards)))
-        meta = {"version": VERSION, "samples": sum(e["samples"] for e in entries), "image_len": image_len,
+        meta = {"version": TOKEN_INDEX_FORMAT, "samples": sum(e["samples"] for e in entries), "image_len": image_len,
                 "crops": crops, "vae": vae, "shards": entries}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1, sort_keys=True)

@@ -88,20 +88,6 @@ def test_activation_checkpointing_changes_memory_not_the_numbers(monkeypatch):
     assert len(calls) == CFG.n_layer, "no recomputation outside training"
 
 
-def test_a_saved_config_without_activation_checkpointing_loads(tmp_path):
-    """Files written before the flag existed have no such key in their config."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    from lverse.model.checkpoint import load_model, save_model
-    path = str(tmp_path / "biart.safetensors")
-    save_model(BiART(CFG), path)
-    config = dataclasses.asdict(CFG)
-    del config["activation_checkpointing"]
-    save_file(load_file(path), path, metadata={"model": "BiART", "config": json.dumps(config)})
-    assert load_model(path, BiART, BiARTConfig).cfg == CFG
-
 @pytest.mark.parametrize("direction", list(Direction))
 def test_text_after_the_first_pad_is_ignored(direction):
     model = BiART(CFG).eval()

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lverse.core.errors import InputError
@@ -38,9 +39,28 @@ def test_files_without_our_config_are_refused(tmp_path):
     save_file({"w": torch.zeros(1)}, str(path))
     with pytest.raises(ValueError, match="no lverse config"):
         AugVAE.from_pretrained(str(path))
-    save_file({"w": torch.zeros(1)}, str(path), metadata={"config": json.dumps({"bogus": 1})})
-    with pytest.raises(ValueError, match="unknown"):
+    save_file({"w": torch.zeros(1)}, str(path), metadata={"format": "1", "config": json.dumps({"bogus": 1})})
+    with pytest.raises(ValueError, match=r"unknown fields \['bogus'\]"):
         AugVAE.from_pretrained(str(path))
+
+
+def test_a_model_file_of_no_format_or_of_another_config_is_refused(tmp_path):
+    """A model file records its format (one version, core/formats.py) and its whole config: one that
+    records no format, or whose config lacks a field, is refused with what writes it again."""
+    from safetensors.torch import load_file
+    path = str(tmp_path / "biart.safetensors")
+    save_model(BiART(BIART_PRESETS["debug"]), path)
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "1"
+    save_file(load_file(path), path, metadata={k: v for k, v in meta.items() if k != "format"})
+    with pytest.raises(ValueError, match=r"records no format version; .*`lverse export RUN_DIR`"):
+        load_model(path, BiART, BiARTConfig)
+    config = json.loads(meta["config"])
+    del config["pad_vocab_to"]
+    save_file(load_file(path), path, metadata={**meta, "config": json.dumps(config)})
+    with pytest.raises(ValueError, match=r"not match BiARTConfig \(unknown fields \[\], missing \['pad_vocab_to'\]"):
+        load_model(path, BiART, BiARTConfig)
 
 
 def test_weights_of_another_model_are_refused(tmp_path):

@@ -25,6 +25,7 @@ import torch
 
 from lverse.cli import main
 from lverse.core.errors import InputError
+from lverse.core.formats import TOKEN_INDEX_FORMAT
 from lverse.core.shards import file_sha256, iter_samples
 from lverse.pipeline.configs import DataConfig, EncodeConfig, TrainConfig
 from lverse.pipeline.encode import run_encode
@@ -32,7 +33,7 @@ from lverse.pipeline.train import data_loader, plan_run
 from lverse.preprocessing import text_tokenizer
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer, normalize_caption
 from lverse.runtime.data import GlobalBatches, GlobalOrder, TokenBatch, micro_batches, sample_seed
-from lverse.runtime.token_index import VERSION, TokenIndex, TokenSamples, index_path, open_samples
+from lverse.runtime.token_index import TokenIndex, TokenSamples, index_path, open_samples
 from lverse.runtime.token_index_build import build_index, ensure_index
 from lverse.runtime.trainer import Checkpoint, Process
 
@@ -120,8 +121,8 @@ def test_an_index_of_another_format_is_refused_naming_the_command_that_rebuilds_
     meta_path = os.path.join(tokens, "_index", "meta.json")
     with open(meta_path) as f:
         meta = json.load(f)
-    other = VERSION + 1
-    for changed, why in (({**meta, "version": other}, f"is of version {other}, this lverse reads {VERSION}"),
+    other = TOKEN_INDEX_FORMAT + 1
+    for changed, why in (({**meta, "version": other}, f"is of version {other}, this lverse reads {TOKEN_INDEX_FORMAT}"),
                          ({k: v for k, v in meta.items() if k != "crops"}, "has no crops in its meta.json")):
         with open(meta_path, "w") as f:
             json.dump(changed, f)

@@ -3,7 +3,6 @@ softmax over each target's modality; the chunked loss equals the plain one, valu
 lm_head padding is never sampled nor scored, and files load across paddings."""
 
 import dataclasses
-import json
 
 import pytest
 import torch
@@ -115,23 +114,6 @@ def test_padding_rows_are_never_sampled_nor_scored_and_files_load_both_ways(tmp_
     back = BiART(CFG)
     back.load_state_dict(padded.state_dict())  # padded -> unpadded: the padding rows cut off
     assert torch.equal(back.lm_head.weight, plain.lm_head.weight)
-
-
-def test_a_saved_config_from_before_the_head_options_loads_with_the_same_weights(tmp_path):
-    """Files written before head, loss_chunk and pad_vocab_to existed load; their lm_head is the
-    vocabulary's rows, as pad_vocab_to 1 makes."""
-    from safetensors.torch import load_file, save_file
-
-    from lverse.model.checkpoint import load_model, save_model
-    path = str(tmp_path / "biart.safetensors")
-    model = BiART(CFG)
-    save_model(model, path)
-    config = dataclasses.asdict(CFG)
-    for name in ("head", "loss_chunk", "pad_vocab_to"):
-        del config[name]
-    save_file(load_file(path), path, metadata={"model": "BiART", "config": json.dumps(config)})
-    loaded = load_model(path, BiART, BiARTConfig)
-    assert loaded.cfg == CFG and torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
 def test_head_options_are_checked():
