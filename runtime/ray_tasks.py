@@ -83,7 +83,7 @@ def _threaded(threads: int, fn: Task, item, name: str) -> TaskResult:
 @dataclass
 class ActorLog:
     """Where a stage's actors ran: each placed or lost, with its node's Ray id and when (seconds
-    from the first round's start), and the node that did each item; for ``_summary.json``."""
+    from the stage's start), and the node that did each item; for ``_summary.json``."""
 
     events: list[dict] = field(default_factory=list)
     item_nodes: dict[str, str] = field(default_factory=dict)
