@@ -1,10 +1,23 @@
-"""The Ray cluster a stage runs on: joining it, what it holds, and the driver's signals while it waits.
+"""The Ray cluster a stage runs on: joining it, what it holds or can grow to, and the driver's
+signals while it waits.
 
 ``join`` joins (or starts) the cluster and keeps the driver's own SIGTERM handler, which
 ``ray.init`` would replace; ``ray_calls`` puts back what that handler raised when Ray swallowed it.
-``cluster_resources`` and ``ray_pool`` size a model stage's actors from what the cluster holds;
-``check_shared`` refuses an output folder that not every node sees. The executors themselves are
-in ``ray_tasks.py``.
+``ray_pool`` sizes a model stage's actors: from what the cluster holds (``cluster_resources``), or,
+on an autoscaling cluster, from what its node types can grow to (``node_types``, read from the
+cluster's autoscaling config); ``check_shared`` refuses an output folder that not every node sees.
+The executors themselves are in ``ray_tasks.py``.
+
+How a stage grows with an autoscaling cluster: it asks for all its actors at once, each with its
+resources (one GPU by default), and lets those that no node can hold yet wait in Ray's queue.
+Ray's autoscaler launches nodes for exactly such waiting requests and Ray places each actor as its
+node comes up, so the stage needs no call of its own to the autoscaler. Chosen over the
+alternatives: ``ray.autoscaler.sdk.request_resources`` keeps nodes up until it is called again,
+also after a driver that died; Ray Data's actor pools own retries, ordering and output files, and
+the shard stages need their own (a done marker per shard, atomic writes, a summary naming each
+failed shard). Ray cannot tell a driver which node types its autoscaler has (autoscaler v1 keeps
+them in its own process), hence the config file: it is also what turns a request no node type can
+meet into an error before work rather than a queue that never moves.
 """
 
 from __future__ import annotations
@@ -16,8 +29,10 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
+
+import yaml
 
 from lverse.core import storage
 from lverse.core.errors import InputError
@@ -99,18 +114,69 @@ def cluster_resources(address: str | None) -> dict[str, float]:
 
 
 @dataclass(frozen=True)
+class NodeType:
+    """A node type of an autoscaling Ray cluster: what each of its nodes holds, and how many there can be."""
+
+    name: str
+    resources: dict[str, float]  # each node's Ray resources ({"CPU": 8, "GPU": 1})
+    max_nodes: int  # nodes of this type at most (the head type: 1)
+
+    def describe(self) -> str:
+        nodes = f"{self.max_nodes} node{'s' * (self.max_nodes != 1)}"
+        return f"{self.name}: {_resources_text(self.resources)}, up to {nodes}"
+
+
+def node_types(path: str) -> list[NodeType]:
+    """The node types of the autoscaling config at ``path`` (the YAML given to `ray up`, or the
+    ``~/ray_bootstrap_config.yaml`` it leaves on the head, where cloud node types have their
+    resources filled in), the head's type first."""
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path} is not a Ray cluster config (YAML): {e}") from None
+    types = config.get("available_node_types") if isinstance(config, dict) else None
+    if not types:
+        raise InputError(f"{path} has no available_node_types: give the config of an autoscaling Ray cluster, or "
+                         "leave ray_node_types out to size the stage to the nodes that are up")
+    head, most = config.get("head_node_type"), config.get("max_workers")
+    found = []
+    for name, spec in types.items():
+        nodes = 1 if name == head else int(spec.get("max_workers", most or 0))
+        if most is not None and name != head:
+            nodes = min(nodes, int(most))
+        resources = {k: float(v) for k, v in (spec.get("resources") or {}).items()}
+        found.append(NodeType(name, resources, nodes))
+    if not any(t.resources for t in found):
+        raise InputError(f"the node types of {path} declare no resources (`resources: {{}}`): give the config `ray "
+                         "up` leaves on the head (~/ray_bootstrap_config.yaml), where Ray has filled them in, or "
+                         "write each type's CPU and GPU")
+    return sorted(found, key=lambda t: t.name != head)
+
+
+@dataclass(frozen=True)
 class RayPool:
     actors: int  # model replicas
     num_cpus: float  # Ray resources each asks for
     num_gpus: float
+    node_types: tuple[NodeType, ...] = field(default=(), compare=False)  # what it waits for (autoscaling)
 
     def describe(self) -> str:
-        return (f"{self.actors} Ray actors, each {self.num_gpus:g} GPU and {self.num_cpus:g} CPU" if self.num_gpus
-                else f"{self.actors} Ray actors, each {self.num_cpus:g} CPU")
+        each = (f"each {self.num_gpus:g} GPU and {self.num_cpus:g} CPU" if self.num_gpus
+                else f"each {self.num_cpus:g} CPU")
+        grow = (f", placed as the autoscaler adds nodes (node types {'; '.join(t.describe() for t in self.node_types)})"
+                if self.node_types else "")
+        return f"{self.actors} Ray actors, {each}{grow}"
+
+    def wants(self) -> str:
+        """What each actor asks for, and of which node types, for messages."""
+        each = f"{self.num_gpus:g} GPU and {self.num_cpus:g} CPU" if self.num_gpus else f"{self.num_cpus:g} CPU"
+        where = (" (node types " + "; ".join(t.describe() for t in self.node_types) + ")") if self.node_types else ""
+        return f"each actor asks for {each}{where}"
 
 
 def ray_pool(resources: dict[str, float], device: str, workers: int | None = None, gpus_per_worker: float = 1.0,
-             cpus_per_worker: float = 1.0) -> RayPool:
+             cpus_per_worker: float = 1.0, types: list[NodeType] | None = None) -> RayPool:
     """The actors a model stage starts on a Ray cluster with ``resources``, and what each asks for.
 
     On CUDA (``device`` auto or cuda on a cluster with GPUs) each actor asks for
@@ -119,14 +185,19 @@ def ray_pool(resources: dict[str, float], device: str, workers: int | None = Non
     actors as the GPUs hold. On CPUs each asks for ``cpus_per_worker`` CPUs, and by default as many
     as fit with one CPU left for the driver's and Ray's own tasks. Asking for more than the cluster
     has is an error naming the resource, not a queue that never moves.
+
+    With the node ``types`` of an autoscaling cluster, "the cluster" is every node it can grow to
+    (``elastic_pool``), whatever is up now.
     """
+    if not 0 < gpus_per_worker <= 1:
+        raise InputError(f"gpus_per_worker must be in (0, 1] (one model per GPU, or a share of one), "
+                         f"got {gpus_per_worker}")
+    if types:
+        return elastic_pool(types, device, workers, gpus_per_worker, cpus_per_worker)
     gpus, cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
     if device == "cuda" and not gpus:
         raise InputError(f"device cuda: the Ray cluster has no GPU (its resources: {_resources_text(resources)}); "
                          "add GPU nodes or use device auto or cpu")
-    if not 0 < gpus_per_worker <= 1:
-        raise InputError(f"gpus_per_worker must be in (0, 1] (one model per GPU, or a share of one), "
-                         f"got {gpus_per_worker}")
     if device in ("auto", "cuda") and gpus:
         most = int(gpus / gpus_per_worker + 1e-9)
         actors = workers or most
@@ -142,6 +213,35 @@ def ray_pool(resources: dict[str, float], device: str, workers: int | None = Non
         raise InputError(f"{actors} workers x {cpus_per_worker:g} CPU need {actors * cpus_per_worker:g} CPUs; "
                          f"the Ray cluster has {cpus:g}: use --workers {most}")
     return RayPool(actors, cpus_per_worker, 0.0)
+
+
+def elastic_pool(types: list[NodeType], device: str, workers: int | None, gpus_per_worker: float,
+                 cpus_per_worker: float) -> RayPool:
+    """``ray_pool`` on an autoscaling cluster of node ``types`` (the head's first): one GPU each by
+    default when a type offers GPUs, whether or not such a node is up; by default as many actors as
+    the types' nodes hold at most. A request no type can meet is an error naming the resource and
+    the types, before any work."""
+    gpu = device in ("auto", "cuda") and any(t.resources.get("GPU", 0) >= gpus_per_worker for t in types)
+    names = "; ".join(t.describe() for t in types)
+    if device == "cuda" and not gpu:
+        raise InputError(f"device cuda: no node type of the Ray cluster has a GPU (node types {names}); add a GPU "
+                         "node type or use device auto or cpu")
+    need = {"GPU": gpus_per_worker, "CPU": cpus_per_worker} if gpu else {"CPU": cpus_per_worker}
+
+    def fits(t: NodeType) -> int:  # actors one node of type t holds; the head keeps a CPU for the driver's tasks
+        cpus = t.resources.get("CPU", 0.0) - (1 if t is types[0] and not gpu else 0)
+        return int(min([cpus / cpus_per_worker] + ([t.resources.get("GPU", 0.0) / gpus_per_worker] if gpu else []))
+                   + 1e-9)
+    most = sum(fits(t) * t.max_nodes for t in types)
+    wanted = " and ".join(f"{v:g} {k}" for k, v in need.items())
+    if most < 1:
+        raise InputError(f"each actor asks for {wanted}; no node type of the Ray cluster has that (node types "
+                         f"{names}): use fewer threads, device cpu, or a node type that has it")
+    actors = workers or most
+    if actors > most:
+        raise InputError(f"{actors} workers x {wanted} need more than the Ray cluster's node types can ever hold "
+                         f"({most} such actors; node types {names}): use --workers {most} or raise their max_workers")
+    return RayPool(actors, cpus_per_worker, gpus_per_worker if gpu else 0.0, tuple(types))
 
 
 def _resources_text(resources: dict[str, float]) -> str:

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from lverse.core.resources import apply_threads, plan_threads
 
 from .lifetime import stopping
 from .ray_cluster import RayPool, join, ray_calls
-from .tasks import Round, Task, TaskResult, guarded
+from .tasks import Round, StageFailed, Task, TaskResult, Workers, guarded
 
 log = logging.getLogger(__name__)
 
@@ -80,72 +80,145 @@ def _threaded(threads: int, fn: Task, item, name: str) -> TaskResult:
     return guarded(fn, item, name)
 
 
+@dataclass
+class ActorLog:
+    """Where a stage's actors ran: each placed or lost, with its node's Ray id and when (seconds
+    from the stage's start), and the node that did each item; for ``_summary.json``."""
+
+    events: list[dict] = field(default_factory=list)
+    item_nodes: dict[str, str] = field(default_factory=dict)
+    began: float = field(default_factory=time.monotonic)
+
+    def note(self, event: str, node: str) -> None:
+        self.events.append({"seconds": round(time.monotonic() - self.began, 1), "event": event, "node": node})
+
+
 @dataclass(frozen=True)
 class RayActors:
     """Items on the actors of ``pool``, on the cluster at ``address`` (None: RAY_ADDRESS, else a
     private local Ray), each actor handed a whole item at a time.
 
-    The round's actors each get an item at once, so the work spreads over the nodes from the
-    start; after that an item goes to whichever actor is free. A lost actor's item is reported
-    failed (the driver retries it), and the actor is not replaced while others serve the queue, so
-    a cluster that lost a node does not wait for resources it no longer has; a replacement takes
-    work only once it has started. The round's actors end with it."""
+    The round asks for all its actors at once; each takes work as soon as Ray places it, so work
+    starts with the first and spreads as nodes join (on an autoscaling cluster the waiting actors
+    are what makes the autoscaler add nodes). A lost actor's item is reported failed (the driver
+    retries it) and another actor is asked for in its place, which waits for a node while the
+    others serve the queue. With no actor placed for ``wait`` seconds the stage gives up
+    (``ClusterUnavailable``), naming what the actors ask for. The round's actors end with it."""
 
     address: str | None
     pool: RayPool
     threads: int | None = None  # compute threads of each (None: its Ray CPUs)
+    wait: float = 900.0  # seconds with no actor placed before the stage gives up
+    actor_log: ActorLog = field(default_factory=ActorLog, compare=False)
 
     def start(self, fn: Task, count: int, desc: str) -> Round:
         threads = _threads_of(self.pool.num_cpus, self.threads)
         log.info("%s: %s threads in each Ray actor (%s CPUs each)", desc, threads, self.pool.num_cpus)
         ray = join(self.address)
         cls = ray.remote(num_cpus=self.pool.num_cpus, num_gpus=self.pool.num_gpus)(_Actor)
-        most = self.pool.actors
 
         def run_round(batch):
             with ray_calls():
-                yield from run(batch)
-
-        def run(batch):
-            queue, running, starting, stopped = list(batch), {}, {}, False
-            started = [cls.remote(fn, threads) for _ in range(min(most, len(batch)))]
-            idle = list(started)
-            try:
-                while queue or running:
-                    while queue and idle:
-                        actor = idle.pop()
-                        i, item, name = queue.pop(0)
-                        running[actor.run.remote(item, name)] = (i, name, actor)
-                    if queue and not (idle or running or starting):  # every actor lost: start one more
-                        started.append(cls.remote(fn, threads))
-                        starting[started[-1].ready.remote()] = started[-1]
-                    done, _ = ray.wait(list(running) + list(starting), num_returns=1)
-                    if done[0] in starting:
-                        actor = starting.pop(done[0])
-                        try:
-                            ray.get(done[0])
-                            idle.append(actor)
-                        except Exception as e:  # it never started (its node died): leave it
-                            log.warning("a Ray actor did not start: %s: %s", type(e).__name__, e)
-                        continue
-                    i, name, actor = running.pop(done[0])
-                    try:
-                        result = ray.get(done[0])
-                        idle.append(actor)
-                    except Exception as e:  # the actor died, or its node: the driver retries the item
-                        result = TaskResult(name=name, ok=False, reason=f"Ray actor lost: {type(e).__name__}: "
-                                            f"{str(e).splitlines()[0] if str(e) else ''}")
-                    yield i, result
-            except BaseException:  # interrupted: the items in flight are abandoned with their actors
-                stopped = True
-                raise
-            finally:  # done, or interrupted
-                with stopping() if stopped else contextlib.nullcontext():
-                    for actor in started:
-                        ray.kill(actor)
-                    if stopped:
-                        ray.shutdown()  # see RayTasks
+                yield from _Round(ray, lambda: cls.remote(fn, threads), self, len(batch)).run(batch)
         return run_round
+
+
+class ClusterUnavailable(StageFailed):
+    """No actor of a Ray stage could be placed in the time allowed: the cluster has, or made, no
+    node for what they ask."""
+
+
+class _Round:
+    """One round of ``RayActors``: its actors, placed or waiting, and the items they run."""
+
+    def __init__(self, ray, new_actor, owner: RayActors, count: int):
+        self.ray, self.new_actor, self.owner = ray, new_actor, owner
+        self.size = min(owner.pool.actors, count)
+        self.started, self.waiting, self.idle, self.running = [], {}, [], {}
+        self.node: dict = {}  # actor -> its node's Ray id
+        self.lost = self.failed_starts = 0  # actors lost in all; actors that failed to start since one started
+        self.since = time.monotonic()  # when the last actor was placed or lost, or the round began
+
+    def ask(self) -> None:
+        """Ask for actors until the round has ``size``, placed or waiting (replacing lost ones)."""
+        while len(self.waiting) + len(self.node) < self.size:
+            actor = self.new_actor()
+            self.started.append(actor)
+            self.waiting[actor.ready.remote()] = actor
+
+    def state(self) -> Workers:
+        return Workers(len(self.node), len(self.waiting), self.lost)
+
+    def run(self, batch):
+        queue, stopped = list(batch), False
+        try:
+            while queue or self.running:
+                if queue:
+                    self.ask()
+                    yield None, self.state()
+                while queue and self.idle:
+                    actor = self.idle.pop()
+                    i, item, name = queue.pop(0)
+                    self.running[actor.run.remote(item, name)] = (i, name, actor)
+                self.give_up_if_stuck()
+                done, _ = self.ray.wait(list(self.running) + list(self.waiting), num_returns=1, timeout=5)
+                if not done:
+                    continue
+                if done[0] in self.waiting:
+                    self.placed(done[0])
+                    yield None, self.state()
+                    continue
+                i, name, actor = self.running.pop(done[0])
+                try:
+                    result = self.ray.get(done[0])
+                    self.idle.append(actor)
+                    self.owner.actor_log.item_nodes[name] = self.node[actor]
+                except Exception as e:  # the actor died, or its node: the driver retries the item
+                    result = TaskResult(name=name, ok=False, reason=f"Ray actor lost: {type(e).__name__}: "
+                                        f"{str(e).splitlines()[0] if str(e) else ''}")
+                    self.gone(actor)
+                    yield None, self.state()
+                yield i, result
+        except BaseException:  # interrupted: the items in flight are abandoned with their actors
+            stopped = True
+            raise
+        finally:  # done, or interrupted
+            with stopping() if stopped else contextlib.nullcontext():
+                for actor in self.started:
+                    self.ray.kill(actor)
+                if stopped:
+                    self.ray.shutdown()  # see RayTasks
+
+    def placed(self, ref) -> None:
+        actor = self.waiting.pop(ref)
+        try:
+            node = self.ray.get(ref)
+        except Exception as e:  # it never started (its node died): another is asked for
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("a Ray actor did not start: %s", reason)
+            self.lost += 1
+            self.failed_starts += 1
+            if self.failed_starts > max(3, self.size):  # not a node lost now and then: the actor cannot start
+                raise StageFailed(f"{self.failed_starts} Ray actors in a row did not start; the last: {reason}") from e
+            return
+        self.failed_starts = 0
+        self.node[actor] = node
+        self.idle.append(actor)
+        self.since = time.monotonic()
+        self.owner.actor_log.note("placed", node)
+
+    def gone(self, actor) -> None:
+        self.lost += 1
+        self.since = time.monotonic()
+        self.owner.actor_log.note("lost", self.node.pop(actor))
+
+    def give_up_if_stuck(self) -> None:
+        if self.node or time.monotonic() - self.since < self.owner.wait:
+            return
+        raise ClusterUnavailable(
+            f"no Ray actor could be placed in {self.owner.wait:g} s ({self.owner.pool.wants()}): no node of the "
+            "cluster has that free, and none was added; check the autoscaler (`ray status`), the node types' "
+            "max_workers, or give more time (--ray-wait)")
 
 
 class _Actor:
@@ -154,7 +227,9 @@ class _Actor:
         self.fn = fn
 
     def ready(self) -> str:
-        return socket.gethostname()
+        """The Ray id of the node it was placed on."""
+        import ray
+        return ray.get_runtime_context().get_node_id()
 
     def run(self, item, name: str) -> TaskResult:
         return guarded(self.fn, item, name)

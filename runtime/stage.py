@@ -8,7 +8,9 @@ runner's part is the same for every stage:
    (``array_block``); the task then writes its own ``_summary.taskNNNNN.json``;
 2. run the tasks on the executor the stage's ``Execution`` config names (``executor_for``: in this
    process, a local pool, Ray tasks or Ray actors), retrying failures;
-3. write the summary, one schema for every stage (``summarize``), atomically;
+3. write the summary, one schema for every stage (``summarize``), atomically; on Ray actors also
+   where they ran (``ray_actors``: each placed or lost with its node's Ray id and time, and the
+   node of each shard);
 4. raise StageFailed after writing it when items still fail: the rest stays done, a rerun
    retries only what failed.
 """
@@ -30,7 +32,7 @@ from lverse.core.resources import default_workers, pick_device, worker_gpus
 from lverse.core.shards import SUMMARY
 
 from .local_pool import InProcess, LocalPool
-from .ray_cluster import check_shared, cluster_resources, ray_pool
+from .ray_cluster import check_shared, cluster_resources, node_types, ray_pool
 from .ray_tasks import RayActors, RayTasks
 from .tasks import Executor, StageFailed, Task, TaskResult, run_tasks
 
@@ -68,6 +70,17 @@ class ModelExecution(Execution):
     # holds); 0: one replica in this process (local)
     device: str = "auto"  # cuda when available, else cpu
     gpus_per_worker: float = 1.0  # Ray: GPUs per replica; below 1 shares a GPU (only when asked)
+    # Ray: the cluster's autoscaling config (`ray up`'s YAML, or ~/ray_bootstrap_config.yaml on its head): actors
+    # then ask for what its node types offer and wait for the nodes the autoscaler adds (None: size to the nodes up)
+    ray_node_types: str | None = None
+    ray_wait: float = 900.0  # Ray: seconds the stage waits with no actor placed (nodes starting) before it gives up
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ray_node_types and self.executor != "ray":
+            raise InputError(f"ray_node_types {self.ray_node_types} describes a Ray cluster: add --executor ray")
+        if self.ray_wait <= 0:
+            raise InputError(f"ray_wait must be positive (seconds), got {self.ray_wait}")
 
 
 def array_block(count: int, task_index: int, num_tasks: int) -> range:
@@ -99,6 +112,8 @@ def run_shard_stage(stage: str, task: Task, items: Sequence[Any], names: Sequenc
     results = run_tasks(task, items, names, executor, retries=run.retries, desc=stage, rate_of=rate_of)
     seconds = time.time() - start
     summary = summarize(stage, results, seconds) | totals(results, seconds)
+    if isinstance(executor, RayActors):  # where the actors ran, as the cluster grew and shrank
+        summary["ray_actors"] = {"events": executor.actor_log.events, "shard_node_ids": executor.actor_log.item_nodes}
     atomic_write_json(summary_path, summary)
     log.info("%s summary: %s", stage, json.dumps(summary))
     if summary["failed"]:
@@ -113,19 +128,26 @@ def executor_for(stage: str, run: Execution, output: str, count: int) -> Executo
 
     On Ray the output folder must be one every node sees (``check_shared``); a stage that keeps a
     model (its config a ``ModelExecution``) runs on actors that each load their model once
-    (``ray_pool`` sizes them and their resources), any other on one Ray task per item. On this
+    (``ray_pool`` sizes them and their resources: from the nodes that are up, or from the node
+    types of an autoscaling cluster's config), any other on one Ray task per item. On this
     machine: with 0 workers in this process, else on a pool of processes, a model stage's each
     with its own GPU (``worker_gpus``, one per GPU by default: ``default_workers``); the device
     this process would pick is logged.
     """
     if run.executor == "ray":
-        check_shared(run.ray_address, output)
         if not isinstance(run, ModelExecution):
+            check_shared(run.ray_address, output)
             return RayTasks(run.ray_address, threads=run.threads)
-        pool = ray_pool(cluster_resources(run.ray_address), run.device, run.workers, run.gpus_per_worker,
-                        cpus_per_worker=run.threads or 1)
+        if run.ray_node_types:  # checked against the node types before joining the cluster
+            pool = ray_pool({}, run.device, run.workers, run.gpus_per_worker, cpus_per_worker=run.threads or 1,
+                            types=node_types(run.ray_node_types))
+            check_shared(run.ray_address, output)
+        else:
+            check_shared(run.ray_address, output)
+            pool = ray_pool(cluster_resources(run.ray_address), run.device, run.workers, run.gpus_per_worker,
+                            cpus_per_worker=run.threads or 1)
         log.info("%s: %s", stage, pool.describe())
-        return RayActors(run.ray_address, pool, run.threads)
+        return RayActors(run.ray_address, pool, run.threads, wait=run.ray_wait)
     workers, gpus = run.workers, []
     if isinstance(run, ModelExecution):
         log.info(pick_device(run.device).describe(stage))

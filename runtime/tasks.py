@@ -51,9 +51,23 @@ class TaskResult:
     node: str = ""  # the host that ran it (empty when the worker was lost with it)
 
 
+@dataclass(frozen=True)
+class Workers:
+    """The workers of an executor whose pool changes with its cluster (Ray actors on an autoscaling
+    cluster): placed and serving, waiting for a node, lost with theirs."""
+
+    running: int
+    pending: int
+    lost: int
+
+    def __str__(self) -> str:
+        return f"{self.running} running, {self.pending} pending (waiting for nodes), {self.lost} lost"
+
+
 Task = Callable[[Any], TaskResult]
 Batch = list[tuple[int, Any, str]]  # (position, item, name) of each item of a round
-Round = Callable[[Batch], Iterator[tuple[int, TaskResult]]]  # yields (position, result) as they finish
+# yields (position, result) as they finish, and (None, Workers) when an executor's workers change
+Round = Callable[[Batch], Iterator[tuple[int | None, "TaskResult | Workers"]]]
 
 
 class Executor(Protocol):
@@ -96,6 +110,9 @@ def run_tasks(fn: Task, items: Sequence[Any], names: Sequence[str], executor: Ex
             # closing(): an interrupt that lands here, between results, still ends the workers at once
             with contextlib.closing(run_round([(i, items[i], names[i]) for i in pending])) as running:
                 for i, result in running:
+                    if i is None:
+                        progress.workers(result)
+                        continue
                     results[i] = result
                     progress.add(result)
             pending = [i for i in pending if not results[i].ok]
@@ -110,13 +127,21 @@ def run_tasks(fn: Task, items: Sequence[Any], names: Sequence[str], executor: Ex
 
 
 class _Progress:
-    """One bar per stage: items done of all, the rate of ``rate_of`` units, failures, and how many
-    items each node has done (on a cluster)."""
+    """One bar per stage: items done of all, the rate of ``rate_of`` units, failures, how many
+    items each node has done (on a cluster), and the workers running, pending and lost where they
+    change with the cluster (also logged at each change)."""
 
     def __init__(self, total: int, desc: str, rate_of: str | None):
         self.bar = tqdm(total=total, desc=desc, unit="shard")
-        self.rate_of, self.units, self.failed, self.started = rate_of, 0, 0, time.time()
+        self.desc, self.rate_of, self.units, self.failed, self.started = desc, rate_of, 0, 0, time.time()
         self.by_node: dict[str, int] = {}
+        self.pool: Workers | None = None
+
+    def workers(self, pool: Workers) -> None:
+        if pool != self.pool:
+            log.info("%s: actors %s", self.desc, pool)
+        self.pool = pool
+        self.show()
 
     def add(self, result: TaskResult) -> None:
         if not result.ok:
@@ -127,6 +152,9 @@ class _Progress:
                 self.by_node[result.node] = self.by_node.get(result.node, 0) + 1
                 if self.rate_of:
                     self.units += result.stats.get(self.rate_of, 0)
+        self.show()
+
+    def show(self) -> None:
         postfix = {}
         if self.rate_of:
             postfix[f"{self.rate_of}/s"] = f"{self.units / max(time.time() - self.started, 1e-9):.2f}"
@@ -134,4 +162,6 @@ class _Progress:
             postfix["failed"] = self.failed
         if len(self.by_node) > 1:
             postfix["nodes"] = " ".join(f"{node}:{n}" for node, n in sorted(self.by_node.items()))
+        if self.pool:
+            postfix["actors"] = f"{self.pool.running} running {self.pool.pending} pending {self.pool.lost} lost"
         self.bar.set_postfix(postfix)

@@ -532,3 +532,105 @@ class RayNodes:
 
     def stop(self) -> None:
         _end(self.procs, grace=15)
+
+
+class AutoscalingRay:
+    """An autoscaling Ray cluster on this machine: Ray's fake multi-node provider starts a worker
+    "node" (a raylet with its node type's resources, fake GPUs included) for each node the
+    autoscaler launches, and stops it when idle. The head and everything it starts live in a PID
+    namespace of their own, so killing the one ``unshare`` process ends them all, whatever the
+    test did; the state folder is the cluster's own (a short path: Ray's socket paths must fit in
+    108 bytes). The driver joins from outside through ``address``, with ``env`` (token
+    authentication off, as in tests/cluster.py's RayNodes).
+
+    ``config`` is the autoscaling config as a dict (``head_cpus`` and ``worker_types`` fill its
+    node types); ``config_path`` is the same file `ray up` would get, for ``--ray-node-types``."""
+
+    def __init__(self, worker_types: dict[str, dict], head_cpus: int = 2, idle_minutes: float = 1.0):
+        import tempfile
+        self.root = tempfile.mkdtemp(prefix="lvas")
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        self.config = {
+            "cluster_name": f"lverse-fake-{os.getpid()}", "max_workers": 8, "upscaling_speed": 1.0,
+            "idle_timeout_minutes": idle_minutes,
+            "provider": {"type": "fake_multinode", "gcs_address": self.address, "disable_launch_config_check": True,
+                         "use_node_id_as_ip": True},
+            "auth": {"ssh_user": "nobody"},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": head_cpus, "GPU": 0}, "node_config": {}, "max_workers": 0},
+                **{name: {"node_config": {}, **spec} for name, spec in worker_types.items()}},
+            "head_node_type": "ray.head.default",
+            **{k: [] for k in ("cluster_synced_files", "initialization_commands", "setup_commands",
+                               "head_setup_commands", "worker_setup_commands", "head_start_ray_commands",
+                               "worker_start_ray_commands")},
+            "file_mounts": {}, "file_mounts_sync_continuously": False}
+        self.config_path = os.path.join(self.root, "cluster.yaml")
+        self.head_cpus = head_cpus
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> AutoscalingRay:
+        import yaml
+        with open(self.config_path, "w") as f:
+            yaml.safe_dump(self.config, f)
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        self.proc = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", ray, "start", "--head", "--block",
+             f"--port={self.port}", "--node-ip-address=127.0.0.1", f"--num-cpus={self.head_cpus}", "--num-gpus=0",
+             f"--autoscaling-config={self.config_path}", f"--temp-dir={self.root}/ray", "--include-dashboard=false"],
+            env={**self.env, "RAY_FAKE_CLUSTER": "1"}, stdout=open(os.path.join(self.root, "head.log"), "wb"),
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + timeout
+        while not os.path.exists(os.path.join(self.root, "ray", "session_latest", "logs", "monitor.log")):
+            if self.proc.poll() is not None or time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"the fake autoscaling Ray head did not start: {self.log()[-3000:]}")
+            time.sleep(0.5)
+        return self
+
+    def _node_processes(self) -> dict[int, str]:
+        """Each process of a worker node (its raylet and what that started) with the node's id, which
+        the provider puts into the node's environment; only this cluster's PID namespace is read
+        (another test's fake nodes have the same ids)."""
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+            namespace = os.readlink(f"/proc/{f.read().split()[0]}/ns/pid")  # the one its first process made
+        found = {}
+        for pid in os.listdir("/proc"):
+            try:
+                if os.readlink(f"/proc/{pid}/ns/pid") != namespace:
+                    continue
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    for var in f.read().split(b"\0"):
+                        if var.startswith(b"RAY_OVERRIDE_NODE_ID_FOR_TESTING="):
+                            found[int(pid)] = var.split(b"=", 1)[1].decode()
+            except (OSError, ValueError):
+                continue
+        return found
+
+    HEAD = "f" * 51 + "00000"  # the provider's id of the head node (its processes carry it too)
+
+    def worker_nodes(self) -> list[str]:
+        """The ids of the worker nodes up now, oldest first."""
+        return sorted(set(self._node_processes().values()) - {self.HEAD})
+
+    def node_pids(self, node_id: str) -> list[int]:
+        return [pid for pid, node in self._node_processes().items() if node == node_id]
+
+    def kill_node(self, node_id: str) -> None:
+        """A worker node gone at once, as a spot node reclaimed: SIGKILL to each of its processes."""
+        for pid in self.node_pids(node_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def log(self) -> str:
+        with open(os.path.join(self.root, "head.log"), errors="replace") as f:
+            return f.read()
+
+    def stop(self) -> None:
+        """End the namespace (unshare ignores SIGTERM; its SIGKILL takes the namespace's first
+        process and so every other with it) and remove the state folder."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
