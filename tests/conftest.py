@@ -12,8 +12,11 @@ module's SLURM cluster, S3 server or training run) are kept on one worker
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
+import tempfile
+import time
 
 # Under pytest-xdist several test processes, and what each starts, share the cores: one thread of
 # torch's each, since OpenMP threads that outnumber the cores spin waiting for one another.
@@ -30,6 +33,10 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(sys.prefix, "induc
 
 
 def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the run itself (xdist's controller), before its workers start
+        os.environ[SESSION] = tempfile.mkdtemp(prefix="lverse-suite-")
+    with open(os.path.join(os.environ[SESSION], "pids"), "a") as f:  # every test process's PID
+        f.write(f"{os.getpid()}\n")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; the only tests allowed to skip in CI")
     config.addinivalue_line("markers", "slow: starts SLURM, sshd, Ray, a browser or several processes, or trains "
                             "for more than a few seconds; `make test-fast` leaves it out")
@@ -160,3 +167,60 @@ def reference_manifest(name: str) -> dict[str, list[int]]:
     import json
     with open(os.path.join(DATA, name)) as f:
         return json.load(f)
+
+
+# -- the suite leaves nothing behind -------------------------------------------------------------
+# Every process the suite starts, however deep (a Ray head, a slurmd, an sshd, a worker), inherits
+# SESSION in its environment; every namespace, bridge and veth of tests/cluster.py carries the PID of
+# the test process that made it; every mount a test makes is under the run's base temporary folder.
+# At the end of the run (in the controller, once the workers are gone) whatever of these is left
+# fails the run, so a leak shows where it starts, not as a busy machine later. What other users of
+# the machine run has another SESSION or none, and other PIDs: it is never counted.
+
+SESSION = "LVERSE_TEST_SESSION"  # a folder of the run: its test processes' PIDs
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):
+        return
+    folder = os.environ[SESSION]
+    with open(os.path.join(folder, "pids")) as f:
+        pids = {line.strip() for line in f if line.strip()}
+    base = str(session.config._tmp_path_factory.getbasetemp())
+    deadline = time.time() + 20  # the workers are ending: what they started gets a moment to go
+    while (left := _left_behind(folder, pids, base)) and time.time() < deadline:
+        time.sleep(0.5)
+    shutil.rmtree(folder, ignore_errors=True)
+    if left:
+        session.config.get_terminal_writer().line("\nthe suite left behind:\n  " + "\n  ".join(left), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _left_behind(folder: str, pids: set[str], base: str) -> list[str]:
+    import subprocess
+    found = []
+    mark = f"{SESSION}={folder}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                marked = mark in f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+        except OSError:  # gone meanwhile
+            continue
+        if marked and not zombie:
+            found.append(f"process {pid}: {command}")
+    names = ""
+    if shutil.which("ip"):  # without iproute2 (make test-fast) no test made a namespace
+        names = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        names += subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for pid in pids:  # tests/cluster.py: lv{pid}-N... namespaces, lvb{pid}-N bridges, lvh{pid}x... veths
+        found += [f"network device or namespace of test process {pid}: {word}" for word in names.split()
+                  if word.startswith((f"lv{pid}-", f"lvb{pid}-", f"lvh{pid}x"))]
+    with open("/proc/mounts") as f:
+        found += [f"mount {line.split()[1]}" for line in f if line.split()[1].startswith(base)]
+    return found
