@@ -136,7 +136,7 @@ class _Round:
         self.size = min(owner.pool.actors, count)
         self.started, self.waiting, self.idle, self.running = [], {}, [], {}
         self.node: dict = {}  # actor -> its node's Ray id
-        self.lost = self.failed_starts = 0  # actors lost in all; actors that failed to start since one started
+        self.lost = 0  # actors lost in all, placed or not
         self.since = time.monotonic()  # when the last actor was placed or lost, or the round began
 
     def ask(self) -> None:
@@ -193,15 +193,16 @@ class _Round:
         actor = self.waiting.pop(ref)
         try:
             node = self.ray.get(ref)
-        except Exception as e:  # it never started (its node died): another is asked for
+        except Exception as e:  # it never started
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if getattr(e, "actor_init_failed", False):  # its own start raised: another would too
+                raise StageFailed(f"a Ray actor could not start: {reason}") from e
+            # Its node died or was taken back (a spot node, the autoscaler removing one it found idle,
+            # which happens in bursts): another is asked for, and the stage gives up only when none
+            # has been placed for `wait` seconds (give_up_if_stuck).
             log.warning("a Ray actor did not start: %s", reason)
             self.lost += 1
-            self.failed_starts += 1
-            if self.failed_starts > max(3, self.size):  # not a node lost now and then: the actor cannot start
-                raise StageFailed(f"{self.failed_starts} Ray actors in a row did not start; the last: {reason}") from e
             return
-        self.failed_starts = 0
         self.node[actor] = node
         self.idle.append(actor)
         self.since = time.monotonic()
