@@ -200,6 +200,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.export:
         export_checkpoint(cfg.run_dir, os.path.join(cfg.run_dir, "biart.safetensors"), rank=rank)
     logger.close()
+    if rank == 0:  # the elastic job script's sign that training ended (slurm/train_elastic.sbatch)
+        atomic_write_json(_finished_marker(cfg), {"step": cfg.steps})
     return meter.last
 
 
@@ -289,7 +291,8 @@ def plan_batch(cfg: TrainConfig, world: int, resume: Checkpoint | None) -> tuple
 
 def _check_resume(run: Run, resume: Checkpoint | None) -> None:
     """Refuse a checkpoint of another model, ZeRO layout, AugVAE or tokenizer. A ``stopped.json``
-    is removed: this is the restart of the job that stopped on its signal."""
+    (or ``finished.json``) is removed: this is the restart of the job that stopped on its signal
+    (or a run given more steps)."""
     cfg, rank = run.cfg, run.proc.rank
     differ = _model_differences(resume.meta["model"], run.bcfg) if resume else []
     if differ:
@@ -303,8 +306,9 @@ def _check_resume(run: Run, resume: Checkpoint | None) -> None:
     if resume and not cfg.ignore_provenance:
         check_provenance(resume.meta["provenance"], cfg.data.vae, cfg.data.tokenizer, f"checkpoint {resume.folder}",
                          "ignore_provenance: true in the run config")
-    if rank == 0 and os.path.exists(_stopped_marker(cfg)):
-        os.remove(_stopped_marker(cfg))
+    for marker in (_stopped_marker(cfg), _finished_marker(cfg)):
+        if rank == 0 and os.path.exists(marker):
+            os.remove(marker)
 
 
 def build_engine(run: Run, resume: Checkpoint | None):
@@ -508,6 +512,10 @@ def _log_checkpoints(cfg: TrainConfig, rank: int, completed: list[dict]) -> None
 
 def _stopped_marker(cfg: TrainConfig) -> str:
     return os.path.join(cfg.run_dir, "stopped.json")
+
+
+def _finished_marker(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.run_dir, "finished.json")
 
 
 def _stopped(cfg: TrainConfig, rank: int, step: int, received: str | None) -> None:
