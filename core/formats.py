@@ -25,7 +25,7 @@ from __future__ import annotations
 from . import storage
 from .errors import InputError
 
-CHECKPOINT_FORMAT = 1  # the marker of a training checkpoint (BiART, AugVAE): what resume and export read
+CHECKPOINT_FORMAT = 2  # the marker of a training checkpoint (BiART, AugVAE): what resume and export read
 TOKEN_SHARD_FORMAT = 1  # a token shard and its stats file: members, and stats with ``vae`` and ``crops``
 CAPTION_FORMAT = 1  # a caption parquet: key, url, caption, caption_whole, clip_score, error[, candidates]
 RUN_CONFIG_FORMAT = 1  # the resolved config a run writes into its folder

@@ -22,8 +22,9 @@ DeepSpeed's universal format first (``universal/step_NNNNNNNN/``); one of stage 
 parallel, ``ds_configs/ddp_*.json``: every rank holds the whole state, rank 0 writes it into one
 file) loads on any number of ranks as it is. A resume across stage 0 and ZeRO is refused (their
 optimizer state lives in other files). The data order continues at the next sample whatever the
-number of ranks. SIGTERM, SIGUSR1 and SIGINT checkpoint and stop at the
-same step on every rank.
+number of ranks, and a run resumed with its config's batch settings on another number of ranks
+keeps the checkpoint's global batch (``plan_batch``: fewer ranks take more micro-steps).
+SIGTERM, SIGUSR1 and SIGINT checkpoint and stop at the same step on every rank.
 
 The model meets the hardware in one place, ``wrap`` (runtime/deepspeed.py: fused LayerNorm,
 compiled blocks, the optimizer, the engine); the choices are printed at start.
@@ -95,9 +96,11 @@ from lverse.runtime.trainer import (
 
 log = logging.getLogger(__name__)
 
-def ds_config(cfg: TrainConfig, world_size: int) -> dict:
-    """The run's DeepSpeed config: its ``deepspeed`` file with the batch sizes and clipping of ``cfg``."""
-    return load_ds_config(cfg.deepspeed, world_size, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+def ds_config(cfg: TrainConfig, world_size: int, batch: tuple[int, int] | None = None) -> dict:
+    """The run's DeepSpeed config: its ``deepspeed`` file with the batch sizes and clipping of ``cfg``
+    (``batch``: (micro_batch_size, grad_accum) instead of the config's, see ``plan_batch``)."""
+    micro_batch_size, grad_accum = batch or (cfg.micro_batch_size, cfg.grad_accum)
+    return load_ds_config(cfg.deepspeed, world_size, micro_batch_size=micro_batch_size, grad_accum=grad_accum,
                           grad_clip=cfg.optim.grad_clip)
 
 
@@ -132,11 +135,13 @@ def build_model_config(cfg: TrainConfig):
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training in this process; returns the last logged metrics."""
     check_run_dir(cfg.run_dir)
-    run = plan_run(cfg, _start_process(cfg))
+    proc = _start_process(cfg)
+    resume = latest_checkpoint(cfg.run_dir, proc.rank)
+    run = plan_run(cfg, proc, resume)
     rank = run.proc.rank
     # before the model: a stale index fails fast
     samples = ensure_index(run.shards, run.provenance["vae_sha256"], rank, index_dir=token_index_dir(cfg))
-    resume = _resume_point(run)
+    _check_resume(run, resume)
     engine, kernels, writer = build_engine(run, resume)
     start = resume.step if resume else 0
     loader = data_loader(run, samples, start, resume)
@@ -155,12 +160,12 @@ def train(cfg: TrainConfig) -> dict:
         reseed(cfg.seed, step, rank)
         direction = Direction(step % 2)  # text->image on even steps, image->text on odd: all ranks agree
         step_loss = 0.0
-        for _ in range(cfg.grad_accum):
+        for _ in range(run.grad_accum):
             batch = next(loader)
             losses = micro_step(engine, batch["text"], batch["image"], direction)
             meter.add(direction, losses)
             if plateau:
-                step_loss = step_loss + losses[0] / cfg.grad_accum
+                step_loss = step_loss + losses[0] / run.grad_accum
         done = step + 1
         if plateau:
             plateau.add(step_loss, done, run.proc.world)
@@ -195,6 +200,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.export:
         export_checkpoint(cfg.run_dir, os.path.join(cfg.run_dir, "biart.safetensors"), rank=rank)
     logger.close()
+    if rank == 0:  # the elastic job script's sign that training ended (slurm/train_elastic.sbatch)
+        atomic_write_json(_finished_marker(cfg), {"step": cfg.steps})
     return meter.last
 
 
@@ -209,6 +216,8 @@ class Run:
     counts: list[int]  # samples per shard
     schedule: Schedule
     peak_lr: float
+    micro_batch_size: int  # the config's, or what keeps a resumed run's global batch (``plan_batch``)
+    grad_accum: int  # likewise
     global_batch: int
     data_key: dict  # what the data order depends on, and where this run's steps start in it (``origin``)
     provenance: dict  # the AugVAE's and tokenizer's hashes (model/checkpoint.py), recorded in every checkpoint
@@ -229,33 +238,62 @@ def token_index_dir(cfg: TrainConfig) -> str | None:
     return os.path.join(cfg.run_dir, "token_index") if is_url(cfg.data.shards) else None
 
 
-def plan_run(cfg: TrainConfig, proc: Process) -> Run:
-    """Check the config against the data and the hardware; derive the model config, the batch and the lr."""
+def plan_run(cfg: TrainConfig, proc: Process, resume: Checkpoint | None = None) -> Run:
+    """Check the config against the data and the hardware; derive the model config, the batch (kept
+    from ``resume`` on another number of ranks, ``plan_batch``) and the lr."""
     bcfg = build_model_config(cfg)
     shards = expand_shards(cfg.data.shards)
     if not shards:
         raise FileNotFoundError(f"data.shards {cfg.data.shards!r} matches no token shard")
     provenance = provenance_of(cfg.data.vae, cfg.data.tokenizer)
     counts = token_shard_counts(shards, provenance["vae_sha256"])
-    ds = ds_config(cfg, proc.world)
+    micro_batch_size, grad_accum = plan_batch(cfg, proc.world, resume)
+    if (micro_batch_size, grad_accum) != (cfg.micro_batch_size, cfg.grad_accum) and proc.rank == 0:
+        log.info("global batch %d of checkpoint %s kept on %d ranks: micro_batch_size %d x grad_accum %d (the "
+                 "config's %d x %d on %d ranks)", resume.meta["data"]["global_batch"], resume.folder, proc.world,
+                 micro_batch_size, grad_accum, cfg.micro_batch_size, cfg.grad_accum, resume.meta["world_size"])
+    ds = ds_config(cfg, proc.world, (micro_batch_size, grad_accum))
     if precision(ds) == "fp16" and not torch.cuda.is_available():
         raise InputError(f"{cfg.deepspeed} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
                          "has no fp16); use a bf16 or fp32 config on a CPU")
-    global_batch = cfg.micro_batch_size * cfg.grad_accum * proc.world
+    global_batch = micro_batch_size * grad_accum * proc.world
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.lr_per_sample * global_batch
     # the order's inputs, and where the run's positions start: step ``origin[0]`` begins at sample
     # ``origin[1]`` and each step takes global_batch more (data_loader moves it on a resume)
     data_key = {"seed": cfg.seed, "resampled": cfg.data.resampled, "shards": [os.path.basename(s) for s in shards],
                 "global_batch": global_batch, "origin": [0, 0]}
-    return Run(cfg, proc, bcfg, ds, shards, counts, Schedule.of(cfg.optim, "optim."), peak_lr, global_batch,
-               data_key, provenance)
+    return Run(cfg, proc, bcfg, ds, shards, counts, Schedule.of(cfg.optim, "optim."), peak_lr, micro_batch_size,
+               grad_accum, global_batch, data_key, provenance)
 
 
-def _resume_point(run: Run) -> Checkpoint | None:
-    """The checkpoint to continue from, trained with this run's AugVAE and tokenizer. A
-    ``stopped.json`` is removed: this is the restart of the job that stopped on its signal."""
+def plan_batch(cfg: TrainConfig, world: int, resume: Checkpoint | None) -> tuple[int, int]:
+    """(micro_batch_size, grad_accum) of a run on ``world`` ranks: the config's, unless it resumes
+    ``resume`` with the batch settings that checkpoint was trained with on another number of ranks
+    (a job requeued on fewer nodes, an elastic job that lost one). Then the checkpoint's global
+    batch is kept, so every step holds the samples it would have held and the lr stays: the largest
+    micro-batch up to the config's that divides the global batch's share of a rank, with as many
+    micro-steps as make up the share. Another micro_batch_size or grad_accum in the config asks for
+    the global batch they give (``data_loader`` continues the order there)."""
+    asked = (cfg.micro_batch_size, cfg.grad_accum)
+    if resume is None or tuple(resume.meta["batch"]) != asked:
+        return asked
+    kept = resume.meta["data"]["global_batch"]
+    if kept % world:
+        fits = ", ".join(str(n) for n in range(1, kept + 1) if kept % n == 0)
+        raise InputError(f"checkpoint {resume.folder} was trained with global batch {kept}, which {world} ranks cannot "
+                         f"share evenly: run on a number of ranks that divides it ({fits}), or set "
+                         f"micro_batch_size and grad_accum in the config for a new global batch (micro_batch_size x "
+                         f"grad_accum x {world} ranks; the data order goes on at the next sample)")
+    share = kept // world
+    micro = max(m for m in range(1, cfg.micro_batch_size + 1) if share % m == 0)
+    return micro, share // micro
+
+
+def _check_resume(run: Run, resume: Checkpoint | None) -> None:
+    """Refuse a checkpoint of another model, ZeRO layout, AugVAE or tokenizer. A ``stopped.json``
+    (or ``finished.json``) is removed: this is the restart of the job that stopped on its signal
+    (or a run given more steps)."""
     cfg, rank = run.cfg, run.proc.rank
-    resume = latest_checkpoint(cfg.run_dir, rank)
     differ = _model_differences(resume.meta["model"], run.bcfg) if resume else []
     if differ:
         raise InputError(f"checkpoint {resume.folder} is of another model ({'; '.join(differ)}): resume it with the "
@@ -268,9 +306,9 @@ def _resume_point(run: Run) -> Checkpoint | None:
     if resume and not cfg.ignore_provenance:
         check_provenance(resume.meta["provenance"], cfg.data.vae, cfg.data.tokenizer, f"checkpoint {resume.folder}",
                          "ignore_provenance: true in the run config")
-    if rank == 0 and os.path.exists(_stopped_marker(cfg)):
-        os.remove(_stopped_marker(cfg))
-    return resume
+    for marker in (_stopped_marker(cfg), _finished_marker(cfg)):
+        if rank == 0 and os.path.exists(marker):
+            os.remove(marker)
 
 
 def build_engine(run: Run, resume: Checkpoint | None):
@@ -348,9 +386,9 @@ def data_loader(run: Run, samples, start_step: int, resume: Checkpoint | None):
     make_batch = TokenBatch(cfg.data.tokenizer, bcfg.text_offset, bcfg.text_len, bcfg.image_len,
                             bcfg.image_vocab, cfg.data.bpe_dropout)
     start = samples_before(run, start_step)
-    batches = GlobalBatches(samples, order, make_batch, cfg.micro_batch_size, run.proc.rank, run.proc.world,
-                            cfg.data.workers, start, handover_chunk(cfg.micro_batch_size, cfg.data.workers))
-    return micro_batches(batch_loader(batches, cfg.data.workers, ignore_stop_signals), cfg.micro_batch_size)
+    batches = GlobalBatches(samples, order, make_batch, run.micro_batch_size, run.proc.rank, run.proc.world,
+                            cfg.data.workers, start, handover_chunk(run.micro_batch_size, cfg.data.workers))
+    return micro_batches(batch_loader(batches, cfg.data.workers, ignore_stop_signals), run.micro_batch_size)
 
 
 def _announce(run: Run, model, kernels: dict, peak_flops: float) -> None:
@@ -386,7 +424,7 @@ class Meter:
 
     def add(self, direction, losses: torch.Tensor) -> None:
         one = torch.ones(1, device=losses.device)
-        self.sums[direction] += torch.cat([losses, one]) / self.run.cfg.grad_accum
+        self.sums[direction] += torch.cat([losses, one]) / self.run.grad_accum
 
     def metrics(self, step: int, lr: float, engine) -> dict:
         """The metrics of the steps since the last call, averaged over the ranks (collective)."""
@@ -432,6 +470,7 @@ def save_checkpoint(engine, run: Run, step: int, checkpoints: Checkpoints, plate
     the data order and a resume on another number of ranks need (and the plateau rule's state),
     follows once they are on disk."""
     meta = {"world_size": run.proc.world, "data": run.data_key, "samples": samples_before(run, step),
+            "batch": [run.cfg.micro_batch_size, run.cfg.grad_accum],  # as asked: plan_batch compares
             "model": _model_fields(run.bcfg), "zero_stage": zero_stage(run.ds), "precision": precision(run.ds),
             "provenance": run.provenance}
     if plateau is not None:
@@ -473,6 +512,10 @@ def _log_checkpoints(cfg: TrainConfig, rank: int, completed: list[dict]) -> None
 
 def _stopped_marker(cfg: TrainConfig) -> str:
     return os.path.join(cfg.run_dir, "stopped.json")
+
+
+def _finished_marker(cfg: TrainConfig) -> str:
+    return os.path.join(cfg.run_dir, "finished.json")
 
 
 def _stopped(cfg: TrainConfig, rank: int, step: int, received: str | None) -> None:

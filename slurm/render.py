@@ -1,7 +1,9 @@
 """`lverse slurm submit STAGE`: render a ``slurm/`` template with the run's values and sbatch it.
 
 One template per launch shape (``slurm/*.sbatch``): ``download`` and ``encode`` (job arrays over
-chunks / shard blocks), ``train`` (one task per GPU through ``srun``), ``ray`` (a Ray cluster in an
+chunks / shard blocks), ``train`` (one task per GPU through ``srun``; ``train_elastic`` with
+``--elastic MIN``: one torchrun elastic agent per node, which keeps training on the nodes left
+when one fails), ``ray`` (a Ray cluster in an
 allocation, then a command), ``caption`` and ``generate`` (job arrays over shard or prompt
 blocks, one worker process per GPU of the task). The rendered script is
 written into the run folder (``{run_dir}/slurm/{stage}-{time}.sbatch``) and kept: it is exactly what
@@ -41,6 +43,10 @@ class SubmitOptions:
     nodes: int = 1  # nodes (train, ray)
     gpus_per_node: int = 0  # GPUs per node: train starts one task per GPU; encode, caption, generate a worker per GPU
     ntasks_per_node: int | None = None  # train: processes per node (None: one per GPU; 1 without GPUs)
+    # train: when a node fails, go on with the nodes left down to this many (one torchrun elastic
+    # agent per node); None: the job requeues, as it does with fewer left or the first node lost
+    elastic: int | None = None
+    max_restarts: int = 3  # train --elastic: how many times the nodes may re-form the group in one job
     cpus_per_task: int = 2  # CPUs per task
     partition: str | None = None  # SLURM partition (None: the cluster's)
     time: str = "24:00:00"  # time limit, [days-]hours:minutes:seconds
@@ -75,6 +81,13 @@ def check(opts: SubmitOptions) -> None:
         raise InputError(f"train runs one task per GPU: --ntasks-per-node {opts.ntasks_per_node} with --gpus-per-node "
                          f"{opts.gpus_per_node} would leave GPUs idle or put two ranks on one; give "
                          f"--ntasks-per-node {opts.gpus_per_node} or leave it out")
+    if opts.elastic is not None:
+        if opts.stage != "train":
+            raise InputError(f"--elastic is for the train stage, not {opts.stage}")
+        if not 1 <= opts.elastic <= opts.nodes:
+            raise InputError(f"--elastic {opts.elastic}: the fewest nodes to go on with, 1 to --nodes ({opts.nodes})")
+    if opts.max_restarts < 0:
+        raise InputError("--max-restarts must be 0 or more")
     if opts.stage == "ray" and not opts.command:
         raise InputError('the ray stage runs a command on the cluster: lverse slurm submit ray --command "..."')
     if opts.stage != "ray" and not opts.config:
@@ -124,6 +137,16 @@ def render(opts: SubmitOptions, plan: Plan) -> tuple[str, str]:
         # (resources.pick_device), whatever its index on the node or the cluster's cgroup set-up.
         if opts.gpus_per_node:
             values["GPU_LINE"] = "#SBATCH --gpus-per-task=1"
+        if opts.elastic is not None:
+            # one agent per node holds the node's GPUs and starts a rank per GPU (pick_device:
+            # local rank r takes cuda:r of the node's devices)
+            ranks = int(values["TASKS_PER_NODE"])
+            values.update(MIN_NODES=str(opts.elastic), RANKS_PER_NODE=str(ranks), MAX_RESTARTS=str(opts.max_restarts),
+                          CPUS_PER_NODE=str(opts.cpus_per_task * ranks),
+                          TORCHRUN=shlex.quote(os.path.join(os.path.dirname(os.path.abspath(sys.executable)),
+                                                            "torchrun")),
+                          FINISHED=shlex.quote(os.path.join(os.path.abspath(plan.run_dir), "finished.json")))
+            values["GPU_LINE"] = f"#SBATCH --gpus-per-node={opts.gpus_per_node}" if opts.gpus_per_node else ""
     if opts.stage == "ray":
         values["RAY"] = shlex.quote(os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "ray"))
         values["COMMAND"] = shlex.join(opts.command)
@@ -131,7 +154,8 @@ def render(opts: SubmitOptions, plan: Plan) -> tuple[str, str]:
     run_dir = os.path.abspath(run_dir)
     values["JOB_NAME"] = opts.job_name or f"lverse-{opts.stage}"
     values["LOG_DIR"] = shlex.quote(os.path.join(run_dir, "slurm"))
-    template = resources.files("lverse.slurm").joinpath(f"{opts.stage}.sbatch").read_text()
+    name = "train_elastic" if opts.elastic is not None else opts.stage
+    template = resources.files("lverse.slurm").joinpath(f"{name}.sbatch").read_text()
     script = re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: values[m.group(1)], template)
     return "\n".join(line for line in script.splitlines() if line != "") + "\n", run_dir
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import yaml
 
 from .cluster import Nodes, SlurmCluster, missing_slurm
 from .conftest import free_port
-from .test_train import logged_steps, losses, metrics, run_job, train_config
+from .test_train import launch, logged_steps, losses, metrics, run_job, train_config
 
 pytestmark = pytest.mark.slow
 LVERSE = os.path.join(os.path.dirname(sys.executable), "lverse")
@@ -233,6 +234,73 @@ def test_a_node_that_dies_mid_run_costs_only_the_steps_since_the_last_checkpoint
     for step in range(resumed + 1, STEPS + 1):
         ours_, theirs = losses(ours[step][-1]), losses(reference[step][-1])
         assert all(abs(ours_[k] - theirs[k]) <= 1e-5 for k in theirs), step
+    cluster._wait_idle([victim], 60)
+
+
+ELASTIC_STEPS, ELASTIC_EVERY = 16, 4
+
+
+def elastic_config(data, path, run_dir):  # noqa: F811
+    """Global batch 12 on 3 ranks (2 x 2 micro-steps): 2 ranks keep it with 3 micro-steps each."""
+    path = train_config(path, data, run_dir, steps=ELASTIC_STEPS, checkpoint_every=ELASTIC_EVERY, log_every=1,
+                        export=False, micro_batch_size=2, grad_accum=2, keep_checkpoints=ELASTIC_STEPS // ELASTIC_EVERY)
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    cfg["data"]["workers"] = 1  # 3 ranks, 4 shards: one reader each
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return path
+
+
+def test_an_elastic_job_that_loses_a_node_goes_on_with_the_nodes_left_without_a_requeue(cluster, data,  # noqa: F811
+                                                                                         tmp_path):
+    """3 nodes x 1 rank, `--elastic 2`: every process of node 3 killed mid-run. The agents left
+    re-form the group on 2 nodes in the same job (Restarts=0), resume from the last complete
+    checkpoint with the global batch kept (3 x 2 x 2 = 12: 2 ranks x 2 x 3 micro-steps), finish
+    every step, and log from the resume on the losses of a 2-rank run resumed from the same
+    checkpoint on one machine (1e-5). The time from the kill to the first step after it is printed
+    (README, "SLURM")."""
+    run_dir = tmp_path / "run"
+    cfg = elastic_config(data, tmp_path / "train.yaml", run_dir)
+    job = submit(cluster, "train", "--config", cfg, "--nodes", "3", "--elastic", "2", "--gpus-per-node", "1",
+                 "--cpus-per-task", "1")
+    first = run_dir / "checkpoints" / f"step_{ELASTIC_EVERY:08d}" / "lverse.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (first.exists() and logged_steps(run_dir) >= ELASTIC_EVERY + 2):
+        time.sleep(0.1)
+    assert first.exists(), job_log(run_dir / "slurm")[-3000:]
+    victim = "node3"
+    lines, killed_at, at_step = logged_steps(run_dir), time.time(), max(metrics(run_dir))
+    cluster.nodes.kill(victim)
+    next_step = None
+    while time.time() < killed_at + 300 and next_step is None:
+        if logged_steps(run_dir) > lines:
+            next_step = time.time() - killed_at
+        time.sleep(0.1)
+    states = cluster.wait_job(job, timeout=400)
+    log = job_log(run_dir / "slurm")
+    fields = cluster.jobs(job)[job]
+    cluster.start_node(victim)  # the node comes back (ReturnToService=2) for the tests after this one
+    assert list(states.values()) == ["COMPLETED"] and fields["Restarts"] == "0", log[-4000:]
+    resumed = int(re.findall(r"resumed from \S+ at step (\d+)", log)[-1])
+    print(f"elastic_kill_to_next_step_seconds={next_step:.1f} killed_at_step={at_step} resumed_at_step={resumed}")
+    assert next_step is not None and ELASTIC_EVERY <= resumed <= at_step, (resumed, at_step)
+    assert "kept on 2 ranks: micro_batch_size 2 x grad_accum 3" in log, log[-4000:]
+    # the reference: the same checkpoint resumed by 2 ranks on one machine
+    ref = tmp_path / "ref"
+    shutil.copytree(run_dir / "checkpoints" / f"step_{resumed:08d}", ref / "checkpoints" / f"step_{resumed:08d}")
+    # as many threads per rank as on the nodes (one rank on each node's 2 cores), so that every sum
+    # is taken in the same order
+    proc = launch(2, "train", "--config", elastic_config(data, tmp_path / "ref.yaml", ref),
+                  env={"OMP_NUM_THREADS": "2"})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and "rank 1: 2 threads" in out, out[-4000:]
+    ours, reference = metrics(run_dir), metrics(ref)
+    assert sorted(ours) == list(range(1, ELASTIC_STEPS + 1)), sorted(ours)
+    assert sorted(reference) == list(range(resumed + 1, ELASTIC_STEPS + 1))
+    for step in reference:
+        ours_, theirs = losses(ours[step][-1]), losses(reference[step][-1])
+        assert ours_.keys() == theirs.keys() and all(abs(ours_[k] - theirs[k]) <= 1e-5 for k in theirs), step
     cluster._wait_idle([victim], 60)
 
 

@@ -8,6 +8,7 @@ pointing at the test cluster.
 import glob
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -234,6 +235,42 @@ def test_dry_run_keeps_the_script_and_quotes_every_value(data, tmp_path):  # noq
         render(SubmitOptions("train", config=cfg, gpus_per_node=8, ntasks_per_node=4))
     cpu, _ = render(SubmitOptions("train", config=cfg, nodes=2, ntasks_per_node=4))  # CPU nodes: no GPU line
     assert "#SBATCH --ntasks-per-node=4" in cpu and "#SBATCH --gpu" not in cpu and "--gres" not in cpu
+
+
+def test_an_elastic_train_script_starts_one_agent_per_node_and_quotes_every_value(data, tmp_path):  # noqa: F811
+    """`--elastic MIN`: one task per node (a torchrun elastic agent starting a rank per GPU), the
+    job and its step kept on a node failure (--no-kill), the rendezvous on the first node with
+    MIN:NODES nodes; every value quoted as in the other templates; wrong values refused."""
+    folder = tmp_path / HOSTILE
+    folder.mkdir()
+    cfg = train_config(folder / "train.yaml", data, folder / "run")
+    script, _ = render(SubmitOptions("train", config=cfg, nodes=4, gpus_per_node=8, cpus_per_task=2, elastic=2,
+                                     max_restarts=5))
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert header == ["#SBATCH --job-name=lverse-train", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1",
+                      "#SBATCH --cpus-per-task=16", "#SBATCH --time=24:00:00",
+                      f"#SBATCH --output={shlex.quote(str(folder / 'run' / 'slurm'))}/%x-%j.out",
+                      "#SBATCH --requeue", "#SBATCH --no-kill", "#SBATCH --open-mode=append",
+                      "#SBATCH --signal=USR1@300", "#SBATCH --gpus-per-node=8"]
+    bin_dir = os.path.dirname(os.path.abspath(sys.executable))
+    launch = script[script.index("srun "):script.index("\nrc=$?")]
+    words = shlex.split(launch.replace("\\\n", " "))
+    assert words[:4] == ["srun", "--no-kill", "--kill-on-bad-exit=0", os.path.join(bin_dir, "torchrun")]
+    assert {"--nnodes=2:4", "--nproc-per-node=8", "--rdzv-backend=c10d", "--max-restarts=5",
+            '--rdzv-endpoint=$RDZV_HOST:$RDZV_PORT', "--rdzv-id=$SLURM_JOB_ID"} <= set(words), words
+    assert words[-5:] == ["--no-python", os.path.join(bin_dir, "lverse"), "train", "--config", cfg]
+    assert f"--config {shlex.quote(cfg)}\n" in launch + "\n"  # the hostile folder single-quoted: inert
+    assert f"[ -f {shlex.quote(str(folder / 'run' / 'finished.json'))} ]" in script
+    assert f"[ -f {shlex.quote(str(folder / 'run' / 'stopped.json'))} ]" in script
+    assert "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1\n" in script
+    cpu, _ = render(SubmitOptions("train", config=cfg, nodes=3, elastic=3))
+    assert "--nnodes=3:3" in cpu and "--nproc-per-node=1" in cpu and "#SBATCH --gpu" not in cpu
+    for bad, message in ((dict(elastic=5), "--elastic 5: the fewest nodes to go on with, 1 to --nodes (4)"),
+                         (dict(elastic=0), "--elastic 0"), (dict(elastic=2, max_restarts=-1), "--max-restarts")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            render(SubmitOptions("train", config=cfg, nodes=4, **bad))
+    with pytest.raises(ValueError, match="--elastic is for the train stage"):
+        check(SubmitOptions("ray", command=["true"], nodes=2, elastic=1))
 
 
 def test_download_array_has_one_task_per_chunk(tmp_path):

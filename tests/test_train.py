@@ -324,7 +324,7 @@ def test_vae_training_resumes_with_the_same_losses(data, tmp_path):
     marker.write_text(json.dumps({**meta, "format": 0}))
     proc = subprocess.run([sys.executable, "-m", "lverse.cli", "train-vae", "--config", cfg], capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 2 and (f"checkpoint {marker.parent} is of format 0; this lverse reads format 1 only: "
+    assert proc.returncode == 2 and (f"checkpoint {marker.parent} is of format 0; this lverse reads format 2 only: "
                                      "train into a new run_dir with this lverse") in proc.stderr, proc.stderr[-3000:]
     marker.write_text(json.dumps(meta))
     run_job(1, "train-vae", "--config", cfg)
@@ -424,6 +424,39 @@ def test_deepspeed_config_mistakes_are_refused_before_any_work(tmp_path, change,
         ds_config(TrainConfig(deepspeed=str(path)), 1)
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     assert ds_config(TrainConfig(deepspeed=str(path)), 1)["zero_optimization"] == {"stage": 2}
+
+
+@pytest.mark.parametrize("asked, trained, world, planned", [
+    ((4, 1), None, 1, (4, 1)),  # a new run: the config's
+    ((4, 1), ((4, 1), 2, 8), 1, (4, 2)),  # 2 ranks x 4 resumed on 1: two micro-steps of 4
+    ((4, 1), ((4, 1), 2, 8), 4, (2, 1)),  # on 4: the micro-batch halves
+    ((1, 2), ((1, 2), 3, 6), 2, (1, 3)),  # an elastic job that lost one of 3 nodes
+    ((4, 1), ((4, 1), 3, 12), 2, (3, 2)),  # a share of 6: the largest micro-batch up to 4 that divides it
+    ((1, 2), ((1, 2), 2, 6), 3, (1, 2)),  # resumed again with the nodes back: the config's
+    ((8, 1), ((4, 1), 2, 8), 1, (8, 1)),  # another micro-batch in the config: the global batch it asks for
+    ((4, 3), ((4, 1), 2, 8), 1, (4, 3)),
+])
+def test_a_resume_on_another_number_of_ranks_keeps_the_global_batch(asked, trained, world, planned):
+    from lverse.pipeline.train import plan_batch
+    from lverse.runtime.trainer import Checkpoint
+    resume = None
+    if trained:
+        batch, ranks, global_batch = trained
+        resume = Checkpoint(4, "ckpt", {"batch": list(batch), "world_size": ranks,
+                                        "data": {"global_batch": global_batch}})
+    cfg = TrainConfig(micro_batch_size=asked[0], grad_accum=asked[1])
+    assert plan_batch(cfg, world, resume) == planned
+
+
+def test_a_global_batch_the_ranks_cannot_share_is_refused_saying_what_to_change():
+    from lverse.core.errors import InputError
+    from lverse.pipeline.train import plan_batch
+    from lverse.runtime.trainer import Checkpoint
+    resume = Checkpoint(4, "ckpt", {"batch": [4, 1], "world_size": 2, "data": {"global_batch": 8}})
+    with pytest.raises(InputError, match=re.escape(
+            "checkpoint ckpt was trained with global batch 8, which 3 ranks cannot share evenly: run on a number of "
+            "ranks that divides it (1, 2, 4, 8), or set micro_batch_size and grad_accum in the config")):
+        plan_batch(TrainConfig(micro_batch_size=4), 3, resume)
 
 
 class _Payload:
@@ -531,8 +564,9 @@ def test_a_checkpoint_or_run_config_of_another_format_is_refused_naming_a_new_ru
         for found, said in ((None, "records no format version"), (0, "is of format 0")):
             edited = {k: v for k, v in values.items() if k != "format"} | ({} if found is None else {"format": found})
             file.write_text(dump(edited))
-            with pytest.raises(InputError, match=re.escape(f"{what} {said}; this lverse reads format 1 only: "
-                                                           "train into a new run_dir with this lverse")):
+            expected = CHECKPOINT_FORMAT if file == marker else RUN_CONFIG_FORMAT
+            with pytest.raises(InputError, match=re.escape(f"{what} {said}; this lverse reads format {expected} "
+                                                           "only: train into a new run_dir with this lverse")):
                 export_checkpoint(str(run), str(tmp_path / "biart.safetensors"))
         if file == marker:  # resume (of format 0)
             proc = subprocess.run([sys.executable, "-m", "lverse.cli", "train", "--config",
