@@ -136,6 +136,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training in this process; returns the last logged metrics."""
     check_run_dir(cfg.run_dir)
     proc = _start_process(cfg)
+    _check_precision(cfg, proc.world)  # before the first collective: no rank waits on one that refused
     resume = latest_checkpoint(cfg.run_dir, proc.rank)
     run = plan_run(cfg, proc, resume)
     rank = run.proc.rank
@@ -253,9 +254,6 @@ def plan_run(cfg: TrainConfig, proc: Process, resume: Checkpoint | None = None) 
                  "config's %d x %d on %d ranks)", resume.meta["data"]["global_batch"], resume.folder, proc.world,
                  micro_batch_size, grad_accum, cfg.micro_batch_size, cfg.grad_accum, resume.meta["world_size"])
     ds = ds_config(cfg, proc.world, (micro_batch_size, grad_accum))
-    if precision(ds) == "fp16" and not torch.cuda.is_available():
-        raise InputError(f"{cfg.deepspeed} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
-                         "has no fp16); use a bf16 or fp32 config on a CPU")
     global_batch = micro_batch_size * grad_accum * proc.world
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else cfg.optim.lr_per_sample * global_batch
     # the order's inputs, and where the run's positions start: step ``origin[0]`` begins at sample
@@ -264,6 +262,13 @@ def plan_run(cfg: TrainConfig, proc: Process, resume: Checkpoint | None = None) 
                 "global_batch": global_batch, "origin": [0, 0]}
     return Run(cfg, proc, bcfg, ds, shards, counts, Schedule.of(cfg.optim, "optim."), peak_lr, micro_batch_size,
                grad_accum, global_batch, data_key, provenance)
+
+
+def _check_precision(cfg: TrainConfig, world: int) -> None:
+    if precision(ds_config(cfg, world, (cfg.micro_batch_size, cfg.grad_accum))) == "fp16" \
+            and not torch.cuda.is_available():
+        raise InputError(f"{cfg.deepspeed} trains in fp16, which needs a CUDA device (DeepSpeed's CPU accelerator "
+                         "has no fp16); use a bf16 or fp32 config on a CPU")
 
 
 def plan_batch(cfg: TrainConfig, world: int, resume: Checkpoint | None) -> tuple[int, int]:
