@@ -45,6 +45,14 @@ def check_format(found: object, expected: int, what: str, rewrite: str) -> None:
     raise InputError(f"{what} {held}; this lverse reads format {expected} only: {rewrite}")
 
 
+def metadata_format(value: str | bytes | None) -> int | str | None:
+    """The format version a file's metadata records, which holds strings (safetensors) or bytes
+    (parquet): the number it spells, else the text as it is (refused by ``check_format``)."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    return int(value) if value is not None and value.isdigit() else value
+
+
 def mark_captions(table):
     """A caption table (pyarrow) with ``CAPTION_FORMAT`` in its schema metadata, as it is written."""
     return table.replace_schema_metadata({**(table.schema.metadata or {}),
@@ -60,9 +68,7 @@ def is_caption_table(table) -> bool:
 
 def check_captions(table, path: str) -> None:
     """Refuse a caption table of another format than ``CAPTION_FORMAT`` (``path``: where it was read)."""
-    found = (table.schema.metadata or {}).get(CAPTION_FORMAT_KEY)
-    if found is not None:
-        found = int(found) if found.isdigit() else found.decode(errors="replace")
+    found = metadata_format((table.schema.metadata or {}).get(CAPTION_FORMAT_KEY))
     check_format(found, CAPTION_FORMAT, f"caption file {path}", _REWRITE_CAPTIONS)
 
 

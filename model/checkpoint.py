@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
-from lverse.core.formats import MODEL_FORMAT, check_format
+from lverse.core.formats import MODEL_FORMAT, check_format, metadata_format
 from lverse.core.shards import file_sha256
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ def read_config(path: str, config_cls: type) -> Any:
     if "config" not in meta:
         raise InputError(f"{path} has no lverse config in its metadata; was it written by "
                          "lverse.model.checkpoint.save_model?")
-    found = meta.get("format")
-    check_format(int(found) if found and found.isdigit() else found, MODEL_FORMAT, f"model file {path}",
+    check_format(metadata_format(meta.get("format")), MODEL_FORMAT, f"model file {path}",
                  "write it again with this lverse (`lverse export RUN_DIR` for a BiART, `lverse convert-vae` or "
                  "`lverse train-vae` for an AugVAE)")
     fields = {f.name for f in dataclasses.fields(config_cls)}
