@@ -555,8 +555,12 @@ class AutoscalingRay:
         self.config = {
             "cluster_name": f"lverse-fake-{os.getpid()}", "max_workers": 8, "upscaling_speed": 1.0,
             "idle_timeout_minutes": idle_minutes,
+            # No node updaters: a fake node has nothing to set up over SSH. With them, a node whose first
+            # heartbeat is late (a loaded machine) gets a "recovery" update, which fails, and the
+            # autoscaler then removes the node as "launch failed", actors and all. Without them, a node
+            # with no heartbeat for 30 s is removed, which is what a reclaimed spot node needs.
             "provider": {"type": "fake_multinode", "gcs_address": self.address, "disable_launch_config_check": True,
-                         "use_node_id_as_ip": True},
+                         "use_node_id_as_ip": True, "disable_node_updaters": True},
             "auth": {"ssh_user": "nobody"},
             "available_node_types": {
                 "ray.head.default": {"resources": {"CPU": head_cpus, "GPU": 0}, "node_config": {}, "max_workers": 0},
@@ -624,8 +628,14 @@ class AutoscalingRay:
                 os.kill(pid, signal.SIGKILL)
 
     def log(self) -> str:
-        with open(os.path.join(self.root, "head.log"), errors="replace") as f:
-            return f.read()
+        """The head's output, then the autoscaler's log (which says what it launched and removed,
+        and why)."""
+        text = ""
+        for path in (os.path.join(self.root, "head.log"),
+                     os.path.join(self.root, "ray", "session_latest", "logs", "monitor.log")):
+            with contextlib.suppress(OSError), open(path, errors="replace") as f:
+                text += f"==> {os.path.basename(path)}\n{f.read()}"
+        return text
 
     def stop(self) -> None:
         """End the namespace (unshare ignores SIGTERM; its SIGKILL takes the namespace's first

@@ -104,7 +104,7 @@ def test_encode_from_no_gpu_node_finishes_on_autoscaled_gpu_nodes_through_a_lost
             time.sleep(0.05)
         cluster.kill_node(cluster.worker_nodes()[0])
         _, lost_log = proc.communicate(timeout=300)
-        assert proc.returncode == 0, lost_log[-4000:]
+        assert proc.returncode == 0, lost_log[-3000:] + cluster.log()[-6000:]
         # (3)
         stale = tmp_path / "stale.yaml"
         config = dict(cluster.config)
