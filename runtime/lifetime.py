@@ -4,8 +4,9 @@ A local pool's workers (``local_pool.py``) call ``die_with_parent`` and ``guard_
 a worker dies with the driver however the driver dies, SIGKILL included (Linux's parent-death
 signal), and whatever the worker starts (a library's processes, a tool) dies with the worker.
 ``stopping`` is the driver's side: while it ends its workers after a Ctrl-C or SIGTERM, another one
-ends it at once. Ray keeps its own processes' lifetimes (``ray_tasks.py``). On other systems than
-Linux ``die_with_parent`` and ``guard_group`` do nothing.
+ends it at once. A private local Ray that the driver starts ends with it too
+(``guard_private_ray``); on a cluster, Ray ends a lost driver's work itself. On other systems than
+Linux these do nothing.
 """
 
 from __future__ import annotations
@@ -101,3 +102,52 @@ def stopping() -> Iterator[None]:
         for s, handler in previous.items():
             if handler is not None:
                 signal.signal(s, handler)
+
+
+PRIVATE_RAY_MARK = "LVERSE_PRIVATE_RAY"  # in the environment of every process of a driver's private Ray
+
+# The guard of a private Ray: waits for the end of its stdin (the driver alone holds the other end,
+# so the end comes when the driver does, however it ends), then SIGKILLs every process whose
+# environment carries the mark, again until none is found (Ray may be starting one meanwhile).
+_RAY_GUARD = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+mark = sys.argv[1].encode()
+sys.stdin.buffer.read()
+for _ in range(50):
+    found = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark in f.read().split(b"\\0"):
+                    os.kill(int(pid), signal.SIGKILL)
+                    found += 1
+        except OSError:
+            pass
+    if not found:
+        break
+    time.sleep(0.1)
+"""
+
+_ray_guard = None
+
+
+def guard_private_ray() -> None:
+    """Before this process starts a private local Ray: mark the environment that Ray's processes
+    inherit, and start a guard that ends every marked process once this one has ended.
+
+    Why: Ray's own reaper ends the head's processes when the driver dies, but the agents the raylet
+    starts (dashboard and runtime-env agents) outlive a SIGKILLed driver, and so would a worker
+    whose raylet was SIGKILLed mid-start. The guard sits in a session of its own, so a Ctrl-C at a
+    terminal or a kill of the driver's process group does not take it first; a driver that ends
+    normally has shut Ray down already, and the guard then finds nothing. One guard per process,
+    for every private Ray it starts. On other systems than Linux this does nothing."""
+    global _ray_guard
+    if not sys.platform.startswith("linux") or _ray_guard is not None:
+        return
+    import secrets
+    import subprocess
+    mark = f"{PRIVATE_RAY_MARK}={os.getpid()}-{secrets.token_hex(8)}"
+    _ray_guard = subprocess.Popen([sys.executable, "-c", _RAY_GUARD, mark], stdin=subprocess.PIPE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    os.environ[PRIVATE_RAY_MARK] = mark.split("=", 1)[1]

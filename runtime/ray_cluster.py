@@ -36,6 +36,7 @@ import yaml
 
 from lverse.core import storage
 from lverse.core.errors import InputError
+from lverse.runtime.lifetime import guard_private_ray
 
 
 def join(address: str | None) -> ModuleType:
@@ -52,8 +53,10 @@ def join(address: str | None) -> ModuleType:
         # workers; the driver's own (the CLI takes SIGTERM as Ctrl-C) is put back, kept (keeping).
         main = threading.current_thread() is threading.main_thread()
         previous = signal.getsignal(signal.SIGTERM) if main else None
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                 log_to_driver=False)
+        address = address or os.environ.get("RAY_ADDRESS") or "local"
+        if address == "local":  # a Ray of its own, which must end with this process
+            guard_private_ray()
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
         if main and previous is not None:
             signal.signal(signal.SIGTERM, keeping(previous) if callable(previous) else previous)
     return ray

@@ -190,13 +190,12 @@ def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path
                                              ("generate", "local"), ("encode", "ray")])
 def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage, executor):
     """Every worker, local process or Ray actor, dies with the driver, in the middle of an item (a
-    download in the middle of a shard). Of the private local Ray the driver started, Ray's own node
-    agents (dashboard and runtime-env agents, which run no lverse code) outlive it (Ray 2.x): the
-    test ends them itself."""
+    download in the middle of a shard), and so does every process of the private local Ray the
+    driver started, Ray's own node agents included."""
     proc = _start(_command(stage, executor, tmp_path, request), stage, tmp_path, sessions)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert _wait_workers_gone(proc.pid, 10) == []  # the agents are ended by the `sessions` fixture
+    assert _wait_workers_gone(proc.pid, 10) == []
     assert _open_under(tmp_path / "out") == []
 
 
@@ -265,7 +264,6 @@ def test_what_a_worker_started_dies_with_a_sigkilled_driver(sessions):
     assert _wait_gone(proc.pid, 10) == []
 
 
-RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
 
 
 def _wait_workers_gone(session: int, seconds: float) -> list[str]:
@@ -276,8 +274,7 @@ def _wait_workers_gone(session: int, seconds: float) -> list[str]:
 
 
 def _workers_left(session: int) -> list[str]:
-    return [command.decode(errors="replace")[:120] for command in _commands(session)
-            if not command.startswith(RAY_AGENTS)]
+    return [command.decode(errors="replace")[:120] for command in _commands(session)]
 
 
 def _commands(session: int) -> list[bytes]:
