@@ -704,7 +704,7 @@ def exit_now(code: int) -> None:
     killed first: multiprocessing's exit handler sends them SIGTERM and then waits for them, and a
     DataLoader worker ignores SIGTERM (runtime/trainer.py ``ignore_stop_signals``: a scheduler
     signals every process of a job step, and only the training process may act on it), so a run
-    that failed after its loader started waited forever (under SLURM, until its time limit). A
+    that failed after its loader started would wait forever (under SLURM, until its time limit). A
     daemonic child is one its parent's exit ends by definition; none of lverse's cleans up on
     SIGTERM."""
     daemonic = [child for child in multiprocessing.active_children() if child.daemon]

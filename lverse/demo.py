@@ -344,7 +344,7 @@ def check_vae_gate(quality: dict, vae: str, gate: dict = VAE_GATE) -> None:
         raise StageFailed(
             f"the AugVAE {vae} is too weak for text-to-image ({', '.join(short)} on the held-out images): "
             "BiART would learn colours its tokens do not keep. Run the demo with another --seed and another "
-            "--output (README, \"The demo\", says how often this was measured to happen)")
+            "--output (docs/demo.md says how often this was measured to happen)")
 
 
 def vae_quality(vae_path: str, shards: str) -> dict:
