@@ -565,7 +565,7 @@ class DevicesOptions:
 def _devices(opts: DevicesOptions) -> None:
     """print the device this process would use, and why
 
-    The rule every stage and training rank uses (lverse/core/resources.py pick_device): it follows
+    The rule every stage and training rank uses (core/resources.py pick_device): it follows
     what the process sees (CUDA_VISIBLE_DEVICES, the device count, LOCAL_RANK or SLURM_LOCALID).
     Run it as a job's tasks to check a binding before a long job, e.g.
     srun --ntasks-per-node=4 --gpus-per-task=1 lverse devices. On a machine without CUDA it
