@@ -1,6 +1,6 @@
 """How much the demo's outcome moves with the seed and the CPU's kernels, measured run by run.
 
-Two measurements (README, "The demo", reports both):
+Two measurements (docs/demo.md reports both):
 
 - ``--stage vae``: the demo's AugVAE stage alone (its own train-vae config, ``Demo.vae_values``)
   on one downloaded training set, once per (seed, thread count). Threads change the summation

@@ -7,7 +7,7 @@ that SLURM or cgroups bound to one GPU uses that one as ``cuda:0``. Workers: one
 each given its own GPU (``worker_gpus``); one on a CPU (``default_workers`` says why).
 
 torch starts as many intra-op threads as the machine has cores, in every process. N worker
-processes on C cores then run N x C busy threads that fight over C cores (README, "Workers and
+processes on C cores then run N x C busy threads that fight over C cores (docs/inference.md, "Workers and
 threads", has what that cost). So every process a stage
 starts gets ``cores // workers`` threads (at least 1), set in the process before torch does any
 work: the thread variables for libraries that read them once at start (OpenMP, MKL, OpenBLAS),

@@ -565,7 +565,7 @@ class DevicesOptions:
 def _devices(opts: DevicesOptions) -> None:
     """print the device this process would use, and why
 
-    The rule every stage and training rank uses (lverse/core/resources.py pick_device): it follows
+    The rule every stage and training rank uses (core/resources.py pick_device): it follows
     what the process sees (CUDA_VISIBLE_DEVICES, the device count, LOCAL_RANK or SLURM_LOCALID).
     Run it as a job's tasks to check a binding before a long job, e.g.
     srun --ntasks-per-node=4 --gpus-per-task=1 lverse devices. On a machine without CUDA it
@@ -704,7 +704,7 @@ def exit_now(code: int) -> None:
     killed first: multiprocessing's exit handler sends them SIGTERM and then waits for them, and a
     DataLoader worker ignores SIGTERM (runtime/trainer.py ``ignore_stop_signals``: a scheduler
     signals every process of a job step, and only the training process may act on it), so a run
-    that failed after its loader started waited forever (under SLURM, until its time limit). A
+    that failed after its loader started would wait forever (under SLURM, until its time limit). A
     daemonic child is one its parent's exit ends by definition; none of lverse's cleans up on
     SIGTERM."""
     daemonic = [child for child in multiprocessing.active_children() if child.daemon]

@@ -12,7 +12,7 @@ skips finished stages and resumes the others (each stage resumes by itself). A s
 with other options is refused: use another ``--output``.
 
 The sizes (``DemoConfig``) are meant for both directions to learn on 2 CPU cores in under 20
-minutes (the README says what was measured); the two accuracies below come out of the run:
+minutes (docs/demo.md says what was measured); the two accuracies below come out of the run:
 
 - ``caption_accuracy``: the share of held-out images whose caption (CLIP-reranked) contains
   "<colour> <shape>" of the image's true caption, e.g. "red circle".
@@ -54,7 +54,7 @@ log = logging.getLogger("lverse.demo")
 MIN_SHAPE_SHARE = 0.03  # of the pixels; the synthetic shapes cover 12-40%
 # The AugVAE gate, checked on the held-out images before BiART trains on its tokens (``vae_quality``).
 # Tokenizers that kept the colour of 79-81% of shapes (19.7-20.7 dB) led to t2i_color_accuracy 0.52;
-# those of the defaults keep 98-100% (24-27 dB). README, "The demo", has the measurements.
+# those of the defaults keep 98-100% (24-27 dB). docs/demo.md has the measurements.
 VAE_GATE = {"vae_color_kept": 0.95, "vae_psnr": 23.0}
 # SL training ends once the reconstructions of a training shard reach this PSNR (train-vae's
 # target_psnr; vae_sl_steps is the ceiling): the steps it takes differ between seeds and CPUs.
@@ -69,7 +69,7 @@ class DemoConfig:
     prompts: int = 50  # held-out captions to generate images for
     image_size: int = 64  # pixels of the served and downloaded images (the AugVAE resizes to its 32)
     vocab_size: int = 96  # caption tokenizer pieces (the synthetic captions use ~40 words)
-    vae_ml_steps: int = 100  # AugVAE-ML steps (SL starts over after the conversion: README, The demo)
+    vae_ml_steps: int = 100  # AugVAE-ML steps (SL starts over after the conversion: docs/demo.md)
     # AugVAE-SL steps at most: SL ends once the reconstructions of a training shard reach
     # VAE_TARGET_PSNR (lverse/demo.py).
     vae_sl_steps: int = 3000
@@ -210,7 +210,7 @@ class Demo:
             "batch_size": 16, "lr": 1e-3, "warmup_steps": 20, "crop_ratio": 0.9,
             # Cosine over the ceiling: at a constant 1e-3 the held-out PSNR jumped by up to 8 dB
             # between evaluations late in training, and the hardest seed took 2800 SL steps to reach
-            # the target; decaying, it rose steadily and took 1000-1200 (README, "The demo").
+            # the target; decaying, it rose steadily and took 1000-1200 (docs/demo.md).
             "schedule": "cosine", "min_lr_ratio": 0.05,
             # LPIPS needs VGG weights, which cannot be downloaded here; a random VGG's "perceptual"
             # loss is noise that costs a second a step. Flat synthetic shapes need only MSE.
@@ -344,7 +344,7 @@ def check_vae_gate(quality: dict, vae: str, gate: dict = VAE_GATE) -> None:
         raise StageFailed(
             f"the AugVAE {vae} is too weak for text-to-image ({', '.join(short)} on the held-out images): "
             "BiART would learn colours its tokens do not keep. Run the demo with another --seed and another "
-            "--output (README, \"The demo\", says how often this was measured to happen)")
+            "--output (docs/demo.md says how often this was measured to happen)")
 
 
 def vae_quality(vae_path: str, shards: str) -> dict:

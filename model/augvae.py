@@ -94,7 +94,7 @@ PRESETS: dict[str, AugVAEConfig] = {
     # fewest ML->SL conversion takes), 1 GroupNorm group (vae_blocks.normalize says why); SL makes
     # 8x8 = 64 tokens. 64 codes, and codes unused for ~300 steps restarted (EMA count below 0.05): with
     # 512 codes and no restarts, which of the 8 colours kept a code of their own depended on the seed
-    # and the CPU (README, "The demo").
+    # and the CPU (docs/demo.md).
     "tiny-ml": AugVAEConfig(variant="ml", num_levels=3, image_size=32, first_ch_mult=(1, 2), hidden=16,
                             z_channels=32, codebook_dim=32, codebook_size=64, enc_blocks=1, dec_blocks=1,
                             norm_groups=1, codebook_restart=0.05),

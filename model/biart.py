@@ -63,8 +63,8 @@ class BiARTConfig:
     # only): less memory, the same numbers. Set from the run config's activation_checkpointing.
     activation_checkpointing: bool = False
     # "restricted": each target's softmax over its own modality (image codes; text pieces + PAD), as
-    # generation samples; "full": over the whole vocabulary (lverse's loss before the option).
-    # Restricted is the faster step, and the demo still learns (benchmarks/README.md, README). A
+    # generation samples; "full": over the whole vocabulary (the plain language-model loss, kept to compare against).
+    # Restricted is the faster step, and the demo still learns (benchmarks/README.md, docs/demo.md). A
     # config saved without the field loads with this default (the weights are the same).
     head: str = "restricted"
     # Positions per chunk of the output layer and its cross-entropy in training (head.py); 0: the

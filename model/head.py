@@ -6,7 +6,8 @@ Heads (``BiARTConfig.head``):
     restricted   a target position's softmax is over its own modality only: image positions over
                  the image codes, text positions over the text pieces and PAD, which is what
                  generation samples from (``BiART.generate`` never draws the other modality)
-    full         the softmax over the whole vocabulary, start tokens included (lverse's loss before the option)
+    full         the softmax over the whole vocabulary, start tokens included (the plain language-model
+                 loss, kept to compare against)
 
 Loss (``nll_sum``): positions in chunks of ``BiARTConfig.loss_chunk``; each chunk's logits are
 computed in the compute dtype, their log-softmax in fp32, and the chunk's gradients with respect to

@@ -1,12 +1,17 @@
 """`lverse report RUN_DIR`: one static HTML page of a run, opened from disk with no server.
 
-It gathers what the stages left under RUN_DIR (any depth):
+It gathers what the stages left under RUN_DIR (any depth), and shows first what the run shows
+(the demo's two accuracies, the images and captions), then the figures:
 
+- the headline: the accuracies of a ``demo_results.json`` (``lverse demo``), CLIP-reranked and of
+  the first candidate;
 - training curves from every ``metrics.jsonl`` (BiART: loss per direction and segment; AugVAE:
   loss, perplexity), drawn as inline SVG (no plotting library);
 - metrics from ``evaluate*.json`` / ``metrics*.json`` files (``lverse evaluate --output``) and a
-  ``demo_results.json`` when present; those the paper reports (``PAPER``) also in a table beside
-  the paper's figures;
+  ``demo_results.json`` when present; a value that is a sentence (why a metric was not computed)
+  without its installation paths; those the paper reports (``PAPER``) also in a table beside the
+  paper's figures, headed as comparable only when each evaluation holds as many images as the
+  paper's set and the run is no demo (a synthetic run's BLEU beside the paper's reads as a claim);
 - reconstructions: the newest ``samples/recon_*.png`` of an AugVAE run;
 - generated images with their prompts: ``*/result.json`` of ``lverse generate`` (the chosen image,
   and its contact sheet);
@@ -25,6 +30,7 @@ import glob
 import html
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -45,27 +51,30 @@ class PaperFigure:
     key: str  # the key in ``lverse evaluate --output`` json
     model: str  # the paper's model (and data) the figure is of
     paper: float | None  # as the paper prints it; None: not recorded here
+    images: int  # the size of the paper's evaluation set: a run's figure on another set is not comparable
     scale: float = 1.0  # a run's value x scale is in the paper's units (pycocoevalcap's fractions x 100)
 
 
 def _table2(way: str, values: tuple[float, ...]) -> list[PaperFigure]:
-    return [PaperFigure("Table 2, image to text (Karpathy test)", f"{way}/{metric}", f"L-Verse, {way}", value, 100.0)
+    return [PaperFigure("Table 2, image to text (Karpathy test)", f"{way}/{metric}", f"L-Verse, {way}", value,
+                        KARPATHY_TEST, 100.0)
             for metric, value in zip(("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"), values)]
 
 
+KARPATHY_TEST, IMAGENET_VAL, T2I_PROMPTS = 5000, 50000, 30000
 _T3 = "Table 3, text to image (30,000 MS-COCO val2014 captions)"
-# The one place of the paper's figures in the code (README, "Reproducing the paper", lists them and
-# says where they come from). Table 2 as README's "Evaluating as the paper does" gives it; Tables 1
+# The one place of the paper's figures in the code (docs/paper.md lists them and says where they
+# come from). Table 2 as docs/paper.md gives it; Tables 1
 # and 3 as a public listing of the paper's results gives them, not checked against its PDF. The FIDs
 # of L-Verse trained on MS-COCO at blur radii 2, 4 and 8 were not found, so they are None, not a guess.
 PAPER: tuple[PaperFigure, ...] = (
-    PaperFigure("Table 1, reconstruction (ImageNet1K val, 256x256)", "FID", "AugVAE-ML", 1.04),
-    PaperFigure("Table 1, reconstruction (ImageNet1K val, 256x256)", "FID", "AugVAE-SL", 3.28),
+    PaperFigure("Table 1, reconstruction (ImageNet1K val, 256x256)", "FID", "AugVAE-ML", 1.04, IMAGENET_VAL),
+    PaperFigure("Table 1, reconstruction (ImageNet1K val, 256x256)", "FID", "AugVAE-SL", 3.28, IMAGENET_VAL),
     *_table2("truncated", (39.9, 31.4, 60.4, 102.2, 23.3)),
     *_table2("untruncated", (27.6, 23.6, 43.9, 181.6, 28.9)),
-    *(PaperFigure(_T3, f"FID-{r}", "L-Verse (trained on MS-COCO)", v) for r, v in
+    *(PaperFigure(_T3, f"FID-{r}", "L-Verse (trained on MS-COCO)", v, T2I_PROMPTS) for r, v in
       ((0, 45.8), (1, 41.9), (2, None), (4, None), (8, None))),
-    *(PaperFigure(_T3, f"FID-{r}", "L-Verse-CC (trained on CC3M)", v) for r, v in
+    *(PaperFigure(_T3, f"FID-{r}", "L-Verse-CC (trained on CC3M)", v, T2I_PROMPTS) for r, v in
       ((0, 37.2), (1, 31.6), (2, 25.7), (4, 21.4), (8, 21.1))),
 )
 
@@ -84,6 +93,20 @@ def paper_comparison(metrics: dict[str, dict]) -> list[tuple[PaperFigure, str, o
     return rows
 
 
+def not_comparable(metrics: dict[str, dict]) -> str | None:
+    """Why the paper's figures cannot be set beside this run's as a comparison, or None when each
+    evaluation the comparison draws on holds as many images as the paper's set: a demo run (its
+    ``demo_results.json``) is on synthetic shapes, and another number of images is another set."""
+    if any(os.path.basename(path) == "demo_results.json" for path in metrics):
+        return "this run is the synthetic demo (coloured shapes), not the paper's data"
+    for figure, path, _ in paper_comparison(metrics):
+        images = metrics[path].get("images")
+        if images != figure.images:
+            return (f"{path} holds {'an unknown number of' if images is None else images} images where the "
+                    f"paper's {figure.table.split(',')[0]} used {figure.images:,}")
+    return None
+
+
 def _paper_section(metrics: dict[str, dict]) -> str:
     rows = paper_comparison(metrics)
     if not rows:
@@ -92,12 +115,56 @@ def _paper_section(metrics: dict[str, dict]) -> str:
     cells = "".join(
         f"<tr><td>{esc(f.table)}</td><td>{esc(f.key)}</td><td>{esc(f.model)}</td>"
         f'<td class="paper">{"not recorded here" if f.paper is None else f"{f.paper:g}"}</td>'
-        f'<td class="run">{esc(f"{v:.4g}" if isinstance(v, float) else str(v))}</td><td>{esc(path)}</td></tr>'
+        f'<td class="run">{esc(f"{v:.4g}" if isinstance(v, float) else _short(v))}</td><td>{esc(path)}</td></tr>'
         for f, path, v in rows)
-    return ("<h2>Against the paper</h2><p>the paper's figures (Kim et al., CVPR 2022) beside this run's, in the "
-            "paper's units (caption metrics x 100); README, \"Reproducing the paper\", says how each was made</p>"
+    why = not_comparable(metrics)
+    heading = ("<h2>Against the paper</h2><p>the paper's figures (Kim et al., CVPR 2022) beside this run's"
+               if why is None else
+               "<h2>The paper's figures, not comparable with this run's</h2><p>not comparable: " + esc(why) +
+               "; shown for reference only: the paper's figures")
+    return (heading + " in the paper's units (caption metrics x 100); docs/paper.md says how each was made</p>"
             '<table class="paper-comparison"><tr><th>table</th><th>metric</th><th>paper model</th><th>paper</th>'
             f"<th>this run</th><th>file</th></tr>{cells}</table>")
+
+
+# An absolute path inside a message (not a URL's): the report names where, not which installation.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.])/[^\s,;()]+")
+
+
+def _short(value) -> str:
+    """A metric's value as the page shows it: a number to 4 digits; a sentence (why a metric was not
+    computed) with each absolute path cut to its installed package's path (or its last two parts),
+    so that it reads in one line on any machine."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+
+    def cut(match: re.Match) -> str:
+        path = match.group(0)
+        for marker in ("site-packages/", "dist-packages/"):
+            if marker in path:
+                return path.split(marker, 1)[1]
+        return "/".join(path.rstrip("/").split("/")[-2:])
+    return _ABSOLUTE_PATH.sub(cut, str(value))
+
+
+def _headline(metrics: dict[str, dict]) -> str:
+    """What a demo run shows, first: each accuracy of its ``demo_results.json``, CLIP-reranked and of
+    the first candidate, with what it judges."""
+    judged = {"caption_accuracy": "held-out images whose caption names the right colour and shape",
+              "t2i_color_accuracy": "held-out prompts whose generated image shows the prompted colour"}
+    esc, rows = html.escape, []
+    for path, data in metrics.items():
+        if os.path.basename(path) != "demo_results.json":
+            continue
+        for key, value in data.items():
+            if key.endswith("accuracy") and isinstance(value, (int, float)):
+                first = data.get(f"{key}_first_candidate")
+                rows.append(f"<tr><td>{esc(key)}</td><td>{esc(judged.get(key, ''))}</td><td>{value:.2f}</td>"
+                            f"<td>{'' if first is None else f'{first:.2f}'}</td></tr>")
+    if not rows:
+        return ""
+    return ('<h2>What this run shows</h2><table class="headline"><tr><th>accuracy</th><th>the share of</th>'
+            f"<th>CLIP-reranked</th><th>first candidate</th></tr>{''.join(rows)}</table>")
 
 
 def _find(run_dir: str, pattern: str) -> list[str]:
@@ -192,7 +259,7 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
     shutil.rmtree(os.path.join(out, "assets"), ignore_errors=True)
     assets = _Assets(os.path.join(out, "assets"))
     esc = html.escape
-    sections = []
+    sections: dict[str, str] = {}  # by name; the page puts them in PAGE_ORDER
 
     metrics, by_file = [], {}
     found = [p for pattern in ("demo_results.json", "evaluate*.json", "metrics*.json") for p in _find(run_dir, pattern)]
@@ -202,21 +269,18 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
         if not isinstance(data, dict):
             continue
         by_file[os.path.relpath(path, run_dir)] = data
-        rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(_fmt(v))}</td></tr>" for k, v in data.items()
+        rows = "".join(f"<tr><td>{esc(str(k))}</td><td>{esc(_short(v))}</td></tr>" for k, v in data.items()
                        if not isinstance(v, (dict, list)))
         metrics.append(f"<h3>{esc(os.path.relpath(path, run_dir))}</h3><table>{rows}</table>")
-    if metrics:
-        sections.append(_paper_section(by_file) + "<h2>Metrics</h2>" + "".join(metrics))
-
     curves = [(p, _curves(p)) for p in _find(run_dir, "metrics.jsonl")]
     if any(svg for _, svg in curves):
-        sections.append("<h2>Training curves</h2>" + "".join(
+        sections["curves"] = ("<h2>Training curves</h2>" + "".join(
             f"<h3>{esc(os.path.relpath(os.path.dirname(p), run_dir) or '.')}</h3>{svg}" for p, svg in curves if svg))
 
     recons = _find(run_dir, "recon_*.png")
     if recons:
-        sections.append("<h2>Reconstructions</h2><p>originals above, AugVAE reconstructions below</p>"
-                        f'<img src="{assets.copy(recons[-1])}" alt="reconstructions">')
+        sections["reconstructions"] = ("<h2>Reconstructions</h2><p>originals above, AugVAE reconstructions below</p>"
+                                       f'<img src="{assets.copy(recons[-1])}" alt="reconstructions">')
 
     generated = []
     for path in _find(run_dir, "result.json"):
@@ -232,8 +296,8 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
             pair = (f'<img src="{assets.copy(first)}" alt="first candidate" title="first candidate">' + pair)
         generated.append(f'<figure>{pair}<figcaption>{esc(result["prompt"])}{esc(score)}</figcaption></figure>')
     if generated:
-        sections.append("<h2>Text to image</h2><p>first candidate, then the one CLIP chose</p>"
-                        f'<div class="grid">{"".join(generated)}</div>')
+        sections["text to image"] = ("<h2>Text to image</h2><p>first candidate, then the one CLIP chose</p>"
+                                     f'<div class="grid">{"".join(generated)}</div>')
 
     caption_rows = []
     for path in _find(run_dir, "*.parquet"):
@@ -255,23 +319,28 @@ def write_report(run_dir: str, images: str | None = None, max_captions: int = 24
             if "txt" in files:
                 text += f"<br>truth: {esc(files['txt'].decode('utf-8', errors='replace'))}"
             figures.append(f"<figure>{img}<figcaption>{text}</figcaption></figure>")
-        sections.append("<h2>Image to text</h2><p>the caption CLIP chose (the first candidate below it when "
-                        f'that differs), and the image\'s own caption</p><div class="grid">{"".join(figures)}</div>')
+        sections["image to text"] = (
+            "<h2>Image to text</h2><p>the caption CLIP chose (the first candidate below it when "
+            f'that differs), and the image\'s own caption</p><div class="grid">{"".join(figures)}</div>')
+    if metrics:
+        sections["headline"] = _headline(by_file)
+        sections["metrics"] = "<h2>Metrics</h2>" + "".join(metrics)
+        sections["paper"] = _paper_section(by_file)
 
     if not sections:
         raise InputError(f"{run_dir} holds nothing to report (no metrics.jsonl, evaluation json, generations, "
                          "captions or reconstructions)")
     page = _PAGE.format(title=esc(title or f"lverse run {os.path.basename(os.path.abspath(run_dir))}"),
-                        body="\n".join(sections))
+                        body="\n".join(sections[name] for name in PAGE_ORDER if sections.get(name)))
     path = os.path.join(out, "index.html")
     with atomic_output(path) as tmp, open(tmp, "w") as f:
         f.write(page)
     return path
 
 
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
+# What a reader looks for first: what the run shows (its accuracies, images and captions), then how
+# it trained, then the figures, and the paper's last.
+PAGE_ORDER = ("headline", "text to image", "image to text", "reconstructions", "curves", "metrics", "paper")
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>

@@ -29,7 +29,7 @@ Held-out evaluation (``eval_shards``): every ``eval_every`` steps and at the end
 rank 0 reconstructs the first ``eval_images`` held-out images and logs their mean PSNR
 (``eval_psnr``). With ``target_psnr`` the SL phase ends at the first evaluation that reaches it,
 so ``sl_steps`` becomes a ceiling: small models train with a loss that still jumps about at the
-end, and how many steps one needs differs between seeds and machines (README, "The demo"). The
+end, and how many steps one needs differs between seeds and machines (docs/demo.md). The
 checkpoint written there records ``reached_target``, so a rerun does not train on.
 """
 

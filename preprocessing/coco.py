@@ -24,7 +24,7 @@ is img2dataset's layout (``{key}.jpg``, ``.txt``, ``.json``; no parquet), writte
 name, then ``NNNNN_stats.json`` last: a rerun skips finished shards. A missing or unreadable image
 is counted by reason in its shard's stats and left out, never fails the shard.
 
-``lverse download`` refuses ``file://`` URLs (README, "Measured"), so local images come in here.
+``lverse download`` refuses ``file://`` URLs (docs/paper.md), so local images come in here.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ def draw_sample(rng: np.random.Generator, size: int = 64) -> tuple[Image.Image, 
     cx, cy = (v * size for v in PLACES[place])
     # Radius a quarter to a third of the side: at the demo's 32px and 4x4 pixels per token a shape
     # is 4-5 tokens wide, so some tokens are all shape colour (smaller shapes lose their colour in
-    # the AugVAE's reconstructions far more often: README, "The demo").
+    # the AugVAE's reconstructions far more often: docs/demo.md).
     r = size * rng.uniform(0.25, 0.32)
     box = (cx - r, cy - r, cx + r, cy + r)
     draw = ImageDraw.Draw(image)

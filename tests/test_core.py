@@ -106,11 +106,11 @@ def test_atomic_output_refuses_a_folder_before_anything_is_written(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
-# -- preprocess: the old algorithm up to MAX_ASPECT, bounded work beyond ---------------------------
+# -- preprocess: the whole image resized up to MAX_ASPECT, bounded work beyond ------------------------
 
-def _old_preprocess(jpg: bytes, size: int) -> np.ndarray:
-    """preprocess as it was before shapes beyond MAX_ASPECT took their own path: the whole image
-    resized, then centre-cropped."""
+def _whole_image_preprocess(jpg: bytes, size: int) -> np.ndarray:
+    """The whole image resized, then centre-cropped: what preprocess must give up to MAX_ASPECT, so
+    that token shards encoded from such images stay what a rerun writes."""
     with Image.open(io.BytesIO(jpg)) as im:
         im = im.convert("RGB")
         scale = size / min(im.size)
@@ -133,9 +133,9 @@ def _image(width: int, height: int, blur: float = 0, fmt: str = "JPEG") -> bytes
 @pytest.mark.parametrize("width, height", [(400, 300), (100, 300), (341, 256), (256, 1000), (256 * MAX_ASPECT, 256)])
 def test_ordinary_images_preprocess_to_the_same_array_as_before(width, height):
     """Token shards already encoded stay what a rerun writes: 4:3, 1:3, img2dataset's shorter side
-    of 256, and the bound itself (16:1) take the old algorithm."""
+    of 256, and the bound itself (16:1) take the whole-image path."""
     jpg = _image(width, height)
-    assert np.array_equal(preprocess(jpg, 256), _old_preprocess(jpg, 256))
+    assert np.array_equal(preprocess(jpg, 256), _whole_image_preprocess(jpg, 256))
 
 
 @pytest.mark.parametrize("width, height", [(256 * MAX_ASPECT + 1, 256), (5000, 300), (100, 1700), (3, 4500)])
@@ -143,7 +143,7 @@ def test_beyond_the_bound_the_same_crop_is_taken(width, height):
     """Only the crop is resized, from the same place, no shift: within 3 levels of the old
     algorithm's pixels on blurred noise (2 today; its intermediate pass is rounded differently)."""
     jpg = _image(width, height, blur=3)
-    assert np.abs(preprocess(jpg, 256) - _old_preprocess(jpg, 256)).max() <= 3 / 127.5 + 1e-6
+    assert np.abs(preprocess(jpg, 256) - _whole_image_preprocess(jpg, 256)).max() <= 3 / 127.5 + 1e-6
 
 
 MEASURE = """

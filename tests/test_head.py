@@ -59,7 +59,7 @@ def test_chunked_loss_in_bf16_is_the_plain_path_within_bf16_rounding(head):
 @pytest.mark.parametrize("direction", list(Direction))
 def test_restricted_loss_is_the_likelihood_under_each_modalitys_softmax(direction):
     """From the full logits by hand: image targets over the image codes, text targets over the
-    pieces and PAD; the full head is lverse's old loss, the softmax over the whole vocabulary."""
+    pieces and PAD; the full head is the softmax over the whole vocabulary."""
     torch.manual_seed(0)
     full = BiART(dataclasses.replace(CFG, head="full")).eval()
     restricted = BiART(CFG).eval()

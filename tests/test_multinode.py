@@ -191,7 +191,7 @@ def test_a_node_that_dies_mid_run_costs_only_the_steps_since_the_last_checkpoint
                                                                                  tmp_path):
     """Every process of one node killed (its slurmd included) in the middle of a 2-node job: SLURM
     requeues the job, which resumes on the nodes left from the last complete checkpoint and
-    finishes with the uninterrupted run's losses. The timeline is printed (README, "SLURM")."""
+    finishes with the uninterrupted run's losses. The timeline is printed (docs/slurm.md)."""
     cfg = two_node_config(data, str(tmp_path))
     run_dir = tmp_path / "run"
     job = submit(cluster, "train", "--config", cfg, "--nodes", "2", "--gpus-per-node", "2", "--cpus-per-task", "1",
@@ -259,7 +259,7 @@ def test_an_elastic_job_that_loses_a_node_goes_on_with_the_nodes_left_without_a_
     checkpoint with the global batch kept (3 x 2 x 2 = 12: 2 ranks x 2 x 3 micro-steps), finish
     every step, and log from the resume on the losses of a 2-rank run resumed from the same
     checkpoint on one machine (1e-5). The time from the kill to the first step after it is printed
-    (README, "SLURM")."""
+    (docs/slurm.md)."""
     run_dir = tmp_path / "run"
     cfg = elastic_config(data, tmp_path / "train.yaml", run_dir)
     job = submit(cluster, "train", "--config", cfg, "--nodes", "3", "--elastic", "2", "--gpus-per-node", "1",

@@ -105,7 +105,8 @@ def _comparison_rows(page: str) -> list[list[str]]:
 
 def test_report_puts_the_papers_figures_beside_the_runs(tmp_path):
     # as `lverse evaluate captions --output` and `evaluate fid --output` write them
-    spice = "not computed: SPICE needs Stanford CoreNLP 3.6.0 (stanford-corenlp-3.6.0.jar) in /x/lib"
+    spice = ("not computed: SPICE needs Stanford CoreNLP 3.6.0 (stanford-corenlp-3.6.0.jar) in "
+             "/opt/venv/lib/python3.11/site-packages/pycocoevalcap/spice/lib, from http://nlp.example/corenlp.zip")
     captions = {"images": 5000, "images_without_prediction": 0, "captions_truncated": 812,
                 **{f"{way}/{m}": v for way in ("truncated", "untruncated")
                    for m, v in (("BLEU-1", 0.71), ("BLEU-2", 0.55), ("BLEU-3", 0.41), ("BLEU-4", 0.301),
@@ -114,13 +115,18 @@ def test_report_puts_the_papers_figures_beside_the_runs(tmp_path):
     (tmp_path / "eval").mkdir()
     (tmp_path / "eval" / "evaluate_captions.json").write_text(json.dumps(captions, indent=2))
     (tmp_path / "evaluate_fid.json").write_text(json.dumps({"images": 30000, "FID-0": 52.25, "FID-2": 30.5}))
-    rows = _comparison_rows(write_report(str(tmp_path)))
+    page = write_report(str(tmp_path))
+    rows = _comparison_rows(page)
+    assert "<h2>Against the paper</h2>" in open(page).read()  # the paper's sets: 5,000 and 30,000 images
     by = {(r[1], r[2]): r for r in rows}
     table, key, model, paper, run, source = by[("truncated/CIDEr", "L-Verse, truncated")]
     assert (paper, run, source) == ("102.2", "95.12", os.path.join("eval", "evaluate_captions.json"))
     assert table.startswith("Table 2")
     assert by[("untruncated/BLEU-4", "L-Verse, untruncated")][3:5] == ["27.6", "30.1"]
-    assert by[("truncated/SPICE", "L-Verse, truncated")][4] == spice  # why it is missing, not a number
+    # why it is missing, not a number, and where without the installation's path
+    assert by[("truncated/SPICE", "L-Verse, truncated")][4] == (
+        "not computed: SPICE needs Stanford CoreNLP 3.6.0 (stanford-corenlp-3.6.0.jar) in pycocoevalcap/spice/lib, "
+        "from http://nlp.example/corenlp.zip")
     assert by[("FID-0", "L-Verse (trained on MS-COCO)")][3:5] == ["45.8", "52.25"]  # FID is not scaled
     assert by[("FID-2", "L-Verse (trained on MS-COCO)")][3] == "not recorded here"
     assert by[("FID-2", "L-Verse-CC (trained on CC3M)")][3] == "25.7"
@@ -140,3 +146,32 @@ def test_a_run_without_evaluation_output_renders_without_the_comparison(tmp_path
                                                     for s in range(1, 6)))
     page = write_report(str(tmp_path))
     assert "<svg" in open(page).read() and _comparison_rows(page) == []
+
+
+def _headings(page: str) -> list[str]:
+    return re.findall(r"<h2>(.*?)</h2>", open(page).read())
+
+
+def test_a_demo_run_leads_with_what_it_shows_and_not_with_the_paper(tmp_path):
+    (tmp_path / "demo_results.json").write_text(json.dumps({
+        "caption_accuracy": 0.91, "caption_accuracy_first_candidate": 0.67, "t2i_color_accuracy": 0.98,
+        "t2i_color_accuracy_first_candidate": 0.8, "heldout_images": 100}))
+    (tmp_path / "evaluate_captions.json").write_text(json.dumps({"images": 100, "truncated/BLEU-4": 0.971}))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s / 10}) + "\n"
+                                                    for s in range(1, 6)))
+    page = write_report(str(tmp_path))
+    headings = _headings(page)
+    assert headings[0] == "What this run shows", headings
+    assert headings.index("Training curves") < headings.index("Metrics") < len(headings) - 1
+    assert headings[-1] == "The paper's figures, not comparable with this run's"  # the demo's BLEU is no claim
+    text = open(page).read()
+    assert "synthetic demo" in text and "Against the paper" not in text
+    headline = text[text.index("What this run shows"):text.index("Training curves")]
+    assert "<td>t2i_color_accuracy</td>" in headline and "<td>0.98</td><td>0.80</td>" in headline
+
+
+def test_figures_of_another_set_size_are_not_comparable(tmp_path):
+    (tmp_path / "evaluate_captions.json").write_text(json.dumps({"images": 100, "truncated/BLEU-4": 0.3}))
+    page = write_report(str(tmp_path))
+    assert _headings(page) == ["Metrics", "The paper's figures, not comparable with this run's"]
+    assert "evaluate_captions.json holds 100 images where the paper&#x27;s Table 2 used 5,000" in open(page).read()
