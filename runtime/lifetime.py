@@ -151,3 +151,16 @@ def guard_private_ray() -> None:
     _ray_guard = subprocess.Popen([sys.executable, "-c", _RAY_GUARD, mark], stdin=subprocess.PIPE,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     os.environ[PRIVATE_RAY_MARK] = mark.split("=", 1)[1]
+
+
+def end_private_ray() -> None:
+    """Do now what the guard does at this process's end: end every process of the private Rays it
+    started (shut down, they have none left). For a process that goes on after its Ray work and
+    must leave nothing running, such as a test session checking what its tests left."""
+    global _ray_guard
+    if _ray_guard is None:
+        return
+    _ray_guard.stdin.close()
+    _ray_guard.wait()
+    _ray_guard = None
+    del os.environ[PRIVATE_RAY_MARK]

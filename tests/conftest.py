@@ -183,6 +183,8 @@ SESSION = "LVERSE_TEST_SESSION"  # a folder of the run: its test processes' PIDs
 def pytest_sessionfinish(session, exitstatus):
     if hasattr(session.config, "workerinput"):
         return
+    from lverse.runtime.lifetime import end_private_ray
+    end_private_ray()  # a run without workers: a private Ray of this process's own tests
     folder = os.environ[SESSION]
     with open(os.path.join(folder, "pids")) as f:
         pids = {line.strip() for line in f if line.strip()}
