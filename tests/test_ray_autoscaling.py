@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 import yaml
 
 from lverse.core.errors import InputError
@@ -134,3 +135,131 @@ def test_encode_from_no_gpu_node_finishes_on_autoscaled_gpu_nodes_through_a_lost
     assert "no Ray actor could be placed in 8 s (each actor asks for 1 GPU and 4 CPU" in stuck.stderr, \
         stuck.stderr[-3000:]
     assert not glob.glob(str(tmp_path / "stuck" / "*.tar"))
+
+
+def _same_files(folder, reference) -> list[str]:
+    """The files under ``folder`` (its summary aside), asserted equal byte for byte to ``reference``'s."""
+    def files(root):
+        return sorted(os.path.relpath(p, root) for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                      if os.path.isfile(p) and not os.path.basename(p).startswith("_summary"))
+    names = files(folder)
+    assert names and names == files(reference), (names, files(reference))
+    for name in names:
+        with open(os.path.join(folder, name), "rb") as a, open(os.path.join(reference, name), "rb") as b:
+            assert a.read() == b.read(), name
+    return names
+
+
+def _write_atomically(path, config) -> None:
+    """The autoscaler and the stage each read the file whole, never half of an edit."""
+    with open(path + ".new", "w") as f:
+        yaml.safe_dump(config, f)
+    os.replace(path + ".new", path)
+
+
+@pytest.mark.slow
+def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that_joined_mid_stage(tmp_path, data,
+                                                                                                   biart):
+    """One fake autoscaling cluster, a head with 2 CPUs and no GPU, each worker type at min 0.
+    (1) download --executor ray: more chunks than the head holds, each slowed by an image that takes
+    seconds; the pending tasks make the autoscaler add CPU nodes, which do chunks. (2) caption and
+    generate with the node types: a GPU node is launched, every item is done by an actor on it, the
+    outputs equal a local run's byte for byte. (3) The GPU type's max_workers raised in the config
+    file once the first shard of a longer caption is done: the stage reads the file again, asks for
+    more actors, and a node launched after the change does shards."""
+    from lverse.pipeline.caption import run_caption
+    from lverse.pipeline.configs import CaptionConfig, GenerateConfig
+    from lverse.pipeline.generate import run_generate
+    from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
+
+    from .test_encode import raw_shards
+    cluster = AutoscalingRay({"cpu_worker": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 2},
+                              "gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "min_workers": 0, "max_workers": 1}})
+    on_ray = ["--executor", "ray", "--ray-address", cluster.address]
+    models = ["--checkpoint", biart, "--vae", data["vae"], "--tokenizer", data["tokenizer"]]
+    caption = [LVERSE, "caption", *models, "--candidates", "4", "--max-tokens", "8", "--batch-size", "3", "--clip",
+               "lverse-tiny", "--threads", "1"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a blue square number {i}\n" for i in range(5)))
+    generate = [LVERSE, "generate", *models, "--prompts", str(prompts), "--candidates", "2", "--clip", "lverse-tiny",
+                "--prompts-per-item", "2", "--threads", "1"]
+    many = raw_shards(str(tmp_path / "many"), count=24, n=16)  # for (3): work enough to outlast a node's start
+
+    def lverse(args, **kw):
+        out = subprocess.run(args, env=cluster.env, capture_output=True, text=True, timeout=600, **kw)
+        assert out.returncode == 0, out.stderr[-4000:] + cluster.log()[-3000:]
+        return out
+    # the local references, in this process, with one thread as each actor has
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_caption(CaptionConfig(shards=data["tokens"], checkpoint=biart, vae=data["vae"], tokenizer=data["tokenizer"],
+                                  output=str(tmp_path / "caption_local"), candidates=4, max_tokens=8, batch_size=3,
+                                  clip="lverse-tiny", workers=0))
+        run_generate(GenerateConfig(prompts=str(prompts), checkpoint=biart, vae=data["vae"],
+                                    tokenizer=data["tokenizer"], output=str(tmp_path / "generate_local"), candidates=2,
+                                    clip="lverse-tiny", prompts_per_item=2, workers=0))
+    finally:
+        torch.set_num_threads(threads)
+    figures = {}
+    with SyntheticServer(SyntheticSet(seed=1, train=8, heldout=1, image_size=64), slow_seconds=4) as server:
+        lines = "".join(f"{server.data.sample('train', i)[1]}\t{server.url}/img/train/{i}.jpg\n"
+                        f"slow {i}\t{server.url}/bad/slow.jpg\n" for i in range(8))
+        (tmp_path / "urls.tsv").write_text(lines)
+        download = [LVERSE, "download", "--input", str(tmp_path / "urls.tsv"), "--samples-per-shard", "2",
+                    "--image-size", "64", "--timeout", "20", "--output", str(tmp_path / "download"), *on_ray]
+        try:
+            cluster.start()
+            began = time.time()
+            lverse(download)
+            figures["download_seconds"] = time.time() - began
+            began = time.time()
+            grown = lverse([*caption, "--shards", data["tokens"], "--output", str(tmp_path / "caption_ray"), *on_ray,
+                            "--ray-node-types", cluster.config_path])
+            figures["caption_seconds"] = time.time() - began
+            began = time.time()
+            lverse([*generate, "--output", str(tmp_path / "generate_ray"), *on_ray, "--ray-node-types",
+                    cluster.config_path])
+            figures["generate_seconds"] = time.time() - began
+            # (3)
+            began = time.time()
+            out = tmp_path / "joined"
+            proc = subprocess.Popen([*caption, "--shards", many, "--output", str(out), *on_ray, "--ray-node-types",
+                                     cluster.config_path], env=cluster.env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+            while not glob.glob(str(out / "*.parquet")):
+                assert proc.poll() is None, proc.stderr.read()[-4000:]
+                time.sleep(0.05)
+            figures["first_shard_seconds"] = time.time() - began
+            before = set(cluster.worker_nodes())
+            config = dict(cluster.config)
+            config["available_node_types"] = {**config["available_node_types"], "gpu_worker": {
+                **config["available_node_types"]["gpu_worker"], "max_workers": 3}}
+            _write_atomically(cluster.config_path, config)
+            _, joined_log = proc.communicate(timeout=600)
+            figures["joined_seconds"] = time.time() - began
+            assert proc.returncode == 0, joined_log[-4000:] + cluster.log()[-3000:]
+        finally:
+            cluster.stop()
+    print(" ".join(f"{k}={v:.1f}" for k, v in figures.items()))
+    # (1)
+    tasks = json.loads((tmp_path / "download" / "_summary.json").read_text())
+    assert tasks["written"] == 16 and tasks["failed"] == [], tasks
+    chunk_nodes = tasks["ray_tasks"]["shard_node_ids"]
+    assert sorted(chunk_nodes) == sorted(tasks["done_shards"]) and len(chunk_nodes) == 8, tasks
+    assert set(chunk_nodes.values()) - {AutoscalingRay.HEAD}, f"no chunk on an added CPU node: {chunk_nodes}"
+    # (2)
+    for stage, count in (("caption", 4), ("generate", 3)):
+        summary = json.loads((tmp_path / f"{stage}_ray" / "_summary.json").read_text())
+        placed = [e["node"] for e in summary["ray_actors"]["events"] if e["event"] == "placed"]
+        assert placed and AutoscalingRay.HEAD not in placed, summary["ray_actors"]
+        assert len(summary["ray_actors"]["shard_node_ids"]) == summary["done"] == count, summary
+        assert set(summary["ray_actors"]["shard_node_ids"].values()) <= set(placed)
+        _same_files(tmp_path / f"{stage}_ray", tmp_path / f"{stage}_local")
+    assert "actors 0 running, 1 pending (waiting for nodes), 0 lost" in grown.stderr, grown.stderr[-3000:]
+    # (3)
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["done"] == 24 and len(glob.glob(str(out / "*.parquet"))) == 24, summary
+    assert "the node types changed: 3 actors now" in joined_log, joined_log[-3000:]
+    joined = set(summary["ray_actors"]["shard_node_ids"].values()) - before
+    assert joined, f"no shard done on a node launched after the change ({summary['ray_actors']})"
