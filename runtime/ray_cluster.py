@@ -266,12 +266,13 @@ class NodeTypesSizing:
         self.stamp = self._stamp()
         self.pool = size(node_types(path))  # errors here are the user's, before any work
 
-    def _stamp(self) -> tuple[int, int] | None:
+    def _stamp(self) -> tuple[int, int, int] | None:
+        """What tells an edited file: its time, size and inode (a file replaced, as editors and `ray up` do)."""
         try:
             st = os.stat(self.path)
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
     def changed(self) -> RayPool | None:
         """The pool of the file as it is now, when it changed since the last look; else None."""
