@@ -43,6 +43,7 @@ from lverse.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
+
 def join(address: str | None) -> ModuleType:
     """Join ``address`` ("auto": the running cluster), else RAY_ADDRESS, else a private local Ray;
     returns the ``ray`` module.

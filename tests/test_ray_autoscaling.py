@@ -204,7 +204,8 @@ def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that
 
     from .test_encode import make_shard
     cluster = AutoscalingRay({"cpu_worker": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 2},
-                              "gpu_worker": {"resources": {"CPU": 1, "GPU": 1}, "min_workers": 0, "max_workers": 1}})
+                              # 2 CPUs: a download task that lands on a GPU node leaves room for its actor
+                              "gpu_worker": {"resources": {"CPU": 2, "GPU": 1}, "min_workers": 0, "max_workers": 1}})
     on_ray = ["--executor", "ray", "--ray-address", cluster.address]
     models = ["--checkpoint", biart, "--vae", data["vae"], "--tokenizer", data["tokenizer"]]
     caption = [LVERSE, "caption", *models, "--candidates", "4", "--max-tokens", "8", "--batch-size", "3", "--clip",
@@ -271,6 +272,7 @@ def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that
         finally:
             cluster.stop()
     print(" ".join(f"{k}={v:.1f}" for k, v in figures.items()))
+    print("caption actors:", json.loads((out / "_summary.json").read_text())["ray_actors"]["events"])
     # (1)
     tasks = json.loads((tmp_path / "download" / "_summary.json").read_text())
     assert tasks["written"] == 16 and tasks["failed"] == [], tasks
