@@ -191,7 +191,7 @@ def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that
     min 0 (the GPU type's max_workers 1). At once: (1) download --executor ray, more chunks than the
     head holds, each slowed by an image that takes seconds: the pending tasks make the autoscaler
     add CPU nodes, which do chunks; (2) caption with the node types, started with no GPU node: a GPU
-    node is launched and its actor starts work; once the first shard is done the GPU type's
+    node is launched and its actor starts work; once it is placed the GPU type's
     max_workers is raised to 3 in the config file, the stage reads it again and asks for more
     actors, and a node launched after the change does shards; the token shards' captions equal a
     local run's byte for byte. Then (3) generate with the node types: every item done on a GPU node,
@@ -214,10 +214,10 @@ def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that
     prompts.write_text("".join(f"a blue square number {i}\n" for i in range(5)))
     generate = [LVERSE, "generate", *models, "--prompts", str(prompts), "--candidates", "2", "--clip", "lverse-tiny",
                 "--prompts-per-item", "2", "--threads", "1"]
-    # (2)'s input: the 4 token shards, and 20 image shards after them (work enough to outlast a node's start)
+    # (2)'s input: the 4 token shards, and 36 image shards after them (work enough to outlast a node's start)
     shards = tmp_path / "shards"
     shutil.copytree(data["tokens"], shards, ignore=shutil.ignore_patterns("_*"))
-    for i in range(4, 24):
+    for i in range(4, 40):
         make_shard(str(shards / f"{i:05d}.tar"), i, 16, seed=i)
     # the local references, in this process, with one thread as each actor has
     threads = torch.get_num_threads()
@@ -232,13 +232,15 @@ def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that
     finally:
         torch.set_num_threads(threads)
 
-    def start(args):
-        return subprocess.Popen(args, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def start(args):  # its log into a file: a pipe read only at the end could fill and stop it
+        log = tmp_path / f"{args[1]}.log"
+        return subprocess.Popen(args, env=cluster.env, stdout=subprocess.DEVNULL, stderr=open(log, "w")), log
 
-    def finish(proc):
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-4000:] + cluster.log()[-3000:]
-        return err
+    def finish(started):
+        proc, log = started
+        proc.wait(timeout=600)
+        assert proc.returncode == 0, log.read_text()[-4000:] + cluster.log()[-3000:]
+        return log.read_text()
     figures, out = {}, tmp_path / "caption_ray"
     with SyntheticServer(SyntheticSet(seed=1, train=8, heldout=1, image_size=64), slow_seconds=4) as server:
         (tmp_path / "urls.tsv").write_text("".join(
@@ -252,10 +254,10 @@ def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that
                               *on_ray])
             captioning = start([*caption, "--shards", str(shards), "--output", str(out), *on_ray, "--ray-node-types",
                                 cluster.config_path])
-            while not glob.glob(str(out / "*.parquet")):
-                assert captioning.poll() is None, captioning.stderr.read()[-4000:]
+            while "actors 1 running" not in captioning[1].read_text():  # the first actor placed: raise the max
+                assert captioning[0].poll() is None, captioning[1].read_text()[-4000:]
                 time.sleep(0.05)
-            figures["first_shard_seconds"] = time.time() - began
+            figures["first_actor_seconds"] = time.time() - began
             before = set(cluster.worker_nodes())
             config = dict(cluster.config)
             config["available_node_types"] = {**config["available_node_types"], "gpu_worker": {
@@ -280,7 +282,7 @@ def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that
     assert sorted(chunk_nodes) == sorted(tasks["done_shards"]) and len(chunk_nodes) == 8, tasks
     assert set(chunk_nodes.values()) - {AutoscalingRay.HEAD}, f"no chunk on an added CPU node: {chunk_nodes}"
     # (2) and (3)
-    for stage, count in (("caption", 24), ("generate", 3)):
+    for stage, count in (("caption", 40), ("generate", 3)):
         summary = json.loads((tmp_path / f"{stage}_ray" / "_summary.json").read_text())
         placed = [e["node"] for e in summary["ray_actors"]["events"] if e["event"] == "placed"]
         assert placed and AutoscalingRay.HEAD not in placed, summary["ray_actors"]
