@@ -191,10 +191,10 @@ def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that
     min 0 (the GPU type's max_workers 1). At once: (1) download --executor ray, more chunks than the
     head holds, each slowed by an image that takes seconds: the pending tasks make the autoscaler
     add CPU nodes, which do chunks; (2) caption with the node types, started with no GPU node: a GPU
-    node is launched and its actor starts work; once it is placed the GPU type's
-    max_workers is raised to 3 in the config file, the stage reads it again and asks for more
-    actors, and a node launched after the change does shards; the token shards' captions equal a
-    local run's byte for byte. Then (3) generate with the node types: every item done on a GPU node,
+    node is launched and its actor starts work; once it is placed the GPU type's max_workers is
+    raised to 3 in the config file, the stage reads it again and asks for more actors, and a node
+    launched after the change does shards; the token shards' captions equal a local run's byte for
+    byte. Then (3) generate with the node types: every item done on a GPU node,
     the files equal a local run's."""
     from lverse.core.shards import shard_name
     from lverse.pipeline.caption import run_caption
@@ -234,7 +234,8 @@ def test_download_caption_and_generate_grow_with_the_cluster_and_use_a_node_that
 
     def start(args):  # its log into a file: a pipe read only at the end could fill and stop it
         log = tmp_path / f"{args[1]}.log"
-        return subprocess.Popen(args, env=cluster.env, stdout=subprocess.DEVNULL, stderr=open(log, "w")), log
+        with open(log, "w") as f:
+            return subprocess.Popen(args, env=cluster.env, stdout=subprocess.DEVNULL, stderr=f), log
 
     def finish(started):
         proc, log = started
