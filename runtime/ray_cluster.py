@@ -5,7 +5,8 @@ signals while it waits.
 ``ray.init`` would replace; ``ray_calls`` puts back what that handler raised when Ray swallowed it.
 ``ray_pool`` sizes a model stage's actors: from what the cluster holds (``cluster_resources``), or,
 on an autoscaling cluster, from what its node types can grow to (``node_types``, read from the
-cluster's autoscaling config); ``check_shared`` refuses an output folder that not every node sees.
+cluster's autoscaling config, and read again when that file changes: ``NodeTypesSizing``);
+``check_shared`` refuses an output folder that not every node sees.
 The executors themselves are in ``ray_tasks.py``.
 
 How a stage grows with an autoscaling cluster: it asks for all its actors at once, each with its
@@ -17,18 +18,21 @@ also after a driver that died; Ray Data's actor pools own retries, ordering and 
 the shard stages need their own (a done marker per shard, atomic writes, a summary naming each
 failed shard). Ray cannot tell a driver which node types its autoscaler has (autoscaler v1 keeps
 them in its own process), hence the config file: it is also what turns a request no node type can
-meet into an error before work rather than a queue that never moves.
+meet into an error before work rather than a queue that never moves. The autoscaler reads that file
+again at each of its updates, so raising a type's max_workers (or adding a type) grows the cluster
+mid-run; the stage watches the same file and asks for the further actors the new nodes can hold.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -37,6 +41,8 @@ import yaml
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.runtime.lifetime import guard_private_ray
+
+log = logging.getLogger(__name__)
 
 
 def join(address: str | None) -> ModuleType:
@@ -139,6 +145,9 @@ def node_types(path: str) -> list[NodeType]:
     except yaml.YAMLError as e:
         raise InputError(f"{path} is not a Ray cluster config (YAML): {e}") from None
     types = config.get("available_node_types") if isinstance(config, dict) else None
+    if not types and isinstance(config, dict) and (config.get("provider") or {}).get("type") == "local":
+        raise InputError(f"{path} is a cluster of Ray's local provider, whose machines are all up from the start "
+                         "(worker_ips): leave ray_node_types out, and the stage sizes its actors to the nodes up")
     if not types:
         raise InputError(f"{path} has no available_node_types: give the config of an autoscaling Ray cluster, or "
                          "leave ray_node_types out to size the stage to the nodes that are up")
@@ -245,6 +254,47 @@ def elastic_pool(types: list[NodeType], device: str, workers: int | None, gpus_p
         raise InputError(f"{actors} workers x {wanted} need more than the Ray cluster's node types can ever hold "
                          f"({most} such actors; node types {names}): use --workers {most} or raise their max_workers")
     return RayPool(actors, cpus_per_worker, gpus_per_worker if gpu else 0.0, tuple(types))
+
+
+class NodeTypesSizing:
+    """A model stage's actors on an autoscaling cluster, sized from the node types of its config
+    file at ``path`` (``size``: node types -> ``RayPool``), and sized again whenever that file
+    changes: the autoscaler reads the same file at each update, so a type's max_workers raised (or a
+    type added) mid-stage brings nodes that the stage's further actors are placed on.
+
+    A file that no longer parses, or whose types can no longer hold the actors asked for, keeps
+    the stage's last size (logged): the stage never fails for an edit it cannot use."""
+
+    def __init__(self, path: str, size: Callable[[list[NodeType]], RayPool]):
+        self.path, self.size = path, size
+        self.stamp = self._stamp()
+        self.pool = size(node_types(path))  # errors here are the user's, before any work
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        """What tells an edited file: its time, size and inode (a file replaced, as editors and `ray up` do)."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def changed(self) -> RayPool | None:
+        """The pool of the file as it is now, when it changed since the last look; else None."""
+        stamp = self._stamp()
+        if stamp == self.stamp:
+            return None
+        self.stamp = stamp
+        try:
+            pool = self.size(node_types(self.path))
+        except (InputError, OSError) as e:
+            log.warning("%s changed, but the stage keeps its %d actors: %s", self.path, self.pool.actors, e)
+            return None
+        if (pool.num_cpus, pool.num_gpus) != (self.pool.num_cpus, self.pool.num_gpus):
+            log.warning("%s changed what an actor would ask for (%s); the running stage's actors keep asking for "
+                        "what they asked (%s): a new run uses the new types", self.path, pool.wants(),
+                        self.pool.wants())
+        self.pool = pool
+        return pool
 
 
 def _resources_text(resources: dict[str, float]) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from lverse.core.resources import apply_threads, plan_threads
 
 from .lifetime import stopping
-from .ray_cluster import RayPool, join, ray_calls
+from .ray_cluster import NodeTypesSizing, RayPool, join, ray_calls
 from .tasks import Round, StageFailed, Task, TaskResult, Workers, guarded
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,16 @@ def _threads_of(cpus: float, threads: int | None) -> int:
 
 @dataclass(frozen=True)
 class RayTasks:
-    """One Ray task per item, on the cluster at ``address`` (None: RAY_ADDRESS, else a private local Ray)."""
+    """One Ray task per item, on the cluster at ``address`` (None: RAY_ADDRESS, else a private local Ray).
+
+    Each task asks for ``num_cpus``; those no node has room for wait in Ray's queue, which is what
+    makes an autoscaling cluster add nodes (a CPU worker type at min_workers 0 included), and run
+    as nodes come. ``item_nodes`` records the Ray id of the node that did each item."""
 
     address: str | None = None
     num_cpus: float = 1  # Ray CPUs each task asks for
     threads: int | None = None  # compute threads of each (None: its Ray CPUs)
+    item_nodes: dict[str, str] = field(default_factory=dict, compare=False)
 
     def start(self, fn: Task, count: int, desc: str) -> Round:
         threads = _threads_of(self.num_cpus, self.threads)
@@ -58,7 +63,9 @@ class RayTasks:
                     done, waiting = ray.wait(waiting, num_returns=1)
                     i, name = refs[done[0]]
                     try:
-                        result = ray.get(done[0])
+                        result, node = ray.get(done[0])
+                        if result.ok and not result.skipped:
+                            self.item_nodes[name] = node
                     except Exception as e:  # worker or node lost after Ray's own retry
                         result = TaskResult(name=name, ok=False, reason=f"Ray task lost: {type(e).__name__}: {e}")
                     yield i, result
@@ -75,9 +82,11 @@ class RayTasks:
         return run_round
 
 
-def _threaded(threads: int, fn: Task, item, name: str) -> TaskResult:
+def _threaded(threads: int, fn: Task, item, name: str) -> tuple[TaskResult, str]:
+    """The item's result, and the Ray id of the node that ran it."""
+    import ray
     apply_threads(threads)
-    return guarded(fn, item, name)
+    return guarded(fn, item, name), ray.get_runtime_context().get_node_id()
 
 
 @dataclass
@@ -103,13 +112,16 @@ class RayActors:
     are what makes the autoscaler add nodes). A lost actor's item is reported failed (the driver
     retries it) and another actor is asked for in its place, which waits for a node while the
     others serve the queue. With no actor placed for ``wait`` seconds the stage gives up
-    (``ClusterUnavailable``), naming what the actors ask for. The round's actors end with it."""
+    (``ClusterUnavailable``), naming what the actors ask for. With ``sizing`` (an autoscaling
+    cluster's node types) the round asks for more actors when the config file grows the cluster
+    mid-stage, up to what the new types hold. The round's actors end with it."""
 
     address: str | None
     pool: RayPool
     threads: int | None = None  # compute threads of each (None: its Ray CPUs)
     wait: float = 900.0  # seconds with no actor placed before the stage gives up
     actor_log: ActorLog = field(default_factory=ActorLog, compare=False)
+    sizing: NodeTypesSizing | None = field(default=None, compare=False)  # re-sizes the pool when its file changes
 
     def start(self, fn: Task, count: int, desc: str) -> Round:
         threads = _threads_of(self.pool.num_cpus, self.threads)
@@ -133,11 +145,21 @@ class _Round:
 
     def __init__(self, ray, new_actor, owner: RayActors, count: int):
         self.ray, self.new_actor, self.owner = ray, new_actor, owner
-        self.size = min(owner.pool.actors, count)
+        self.count = count
+        self.size = min((owner.sizing.pool if owner.sizing else owner.pool).actors, count)
         self.started, self.waiting, self.idle, self.running = [], {}, [], {}
         self.node: dict = {}  # actor -> its node's Ray id
         self.lost = 0  # actors lost in all, placed or not
         self.since = time.monotonic()  # when the last actor was placed or lost, or the round began
+
+    def resize(self) -> None:
+        """Take a changed node types file's actor count (more nodes: more actors; fewer: no more
+        asked for, none ended)."""
+        pool = self.owner.sizing.changed() if self.owner.sizing else None
+        if pool is None or min(pool.actors, self.count) == self.size:
+            return
+        log.info("the node types changed: %d actors now (%s)", min(pool.actors, self.count), pool.describe())
+        self.size = min(pool.actors, self.count)
 
     def ask(self) -> None:
         """Ask for actors until the round has ``size``, placed or waiting (replacing lost ones)."""
@@ -154,6 +176,7 @@ class _Round:
         try:
             while queue or self.running:
                 if queue:
+                    self.resize()
                     self.ask()
                     yield None, self.state()
                 while queue and self.idle:

@@ -10,7 +10,7 @@ runner's part is the same for every stage:
    process, a local pool, Ray tasks or Ray actors), retrying failures;
 3. write the summary, one schema for every stage (``summarize``), atomically; on Ray actors also
    where they ran (``ray_actors``: each placed or lost with its node's Ray id and time, and the
-   node of each shard);
+   node of each shard), on Ray tasks the node of each shard (``ray_tasks``);
 4. raise StageFailed after writing it when items still fail: the rest stays done, a rerun
    retries only what failed.
 """
@@ -32,7 +32,7 @@ from lverse.core.resources import default_workers, pick_device, worker_gpus
 from lverse.core.shards import SUMMARY
 
 from .local_pool import InProcess, LocalPool
-from .ray_cluster import check_shared, cluster_resources, node_types, ray_pool
+from .ray_cluster import NodeTypesSizing, check_shared, cluster_resources, ray_pool
 from .ray_tasks import RayActors, RayTasks
 from .tasks import Executor, StageFailed, Task, TaskResult, run_tasks
 
@@ -114,6 +114,8 @@ def run_shard_stage(stage: str, task: Task, items: Sequence[Any], names: Sequenc
     summary = summarize(stage, results, seconds) | totals(results, seconds)
     if isinstance(executor, RayActors):  # where the actors ran, as the cluster grew and shrank
         summary["ray_actors"] = {"events": executor.actor_log.events, "shard_node_ids": executor.actor_log.item_nodes}
+    elif isinstance(executor, RayTasks):  # which node did each item
+        summary["ray_tasks"] = {"shard_node_ids": executor.item_nodes}
     atomic_write_json(summary_path, summary)
     log.info("%s summary: %s", stage, json.dumps(summary))
     if summary["failed"]:
@@ -138,16 +140,18 @@ def executor_for(stage: str, run: Execution, output: str, count: int) -> Executo
         if not isinstance(run, ModelExecution):
             check_shared(run.ray_address, output)
             return RayTasks(run.ray_address, threads=run.threads)
+        sizing = None
         if run.ray_node_types:  # checked against the node types before joining the cluster
-            pool = ray_pool({}, run.device, run.workers, run.gpus_per_worker, cpus_per_worker=run.threads or 1,
-                            types=node_types(run.ray_node_types))
+            sizing = NodeTypesSizing(run.ray_node_types, lambda types: ray_pool(
+                {}, run.device, run.workers, run.gpus_per_worker, cpus_per_worker=run.threads or 1, types=types))
+            pool = sizing.pool
             check_shared(run.ray_address, output)
         else:
             check_shared(run.ray_address, output)
             pool = ray_pool(cluster_resources(run.ray_address), run.device, run.workers, run.gpus_per_worker,
                             cpus_per_worker=run.threads or 1)
         log.info("%s: %s", stage, pool.describe())
-        return RayActors(run.ray_address, pool, run.threads, wait=run.ray_wait)
+        return RayActors(run.ray_address, pool, run.threads, wait=run.ray_wait, sizing=sizing)
     workers, gpus = run.workers, []
     if isinstance(run, ModelExecution):
         log.info(pick_device(run.device).describe(stage))
