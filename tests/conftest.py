@@ -185,6 +185,8 @@ def pytest_sessionfinish(session, exitstatus):
         return
     from lverse.runtime.lifetime import end_private_ray
     end_private_ray()  # a run without workers: a private Ray of this process's own tests
+    from multiprocessing import resource_tracker
+    resource_tracker._resource_tracker._stop()  # and the tracker its tests' processes started (it ends at exit)
     folder = os.environ[SESSION]
     with open(os.path.join(folder, "pids")) as f:
         pids = {line.strip() for line in f if line.strip()}

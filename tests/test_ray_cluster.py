@@ -182,11 +182,15 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
     """encode on a 3-node Ray cluster (tests/cluster.py): every process of one worker node killed
     mid-stage, then the driver killed mid-stage and the same command run again; an output folder
     the other nodes do not see refused before work; then caption with the other worker node
-    killed mid-stage. Token shards and caption parquets equal a local run's byte for byte: nothing
+    killed mid-stage, generate with the first one (back by then) killed mid-stage, and download
+    (Ray tasks, not actors) with a node killed mid-stage. Token shards, caption parquets and
+    generated images equal a local run's byte for byte, downloaded samples a local run's: nothing
     lost, duplicated or half-written."""
     from lverse.pipeline.caption import run_caption
-    from lverse.pipeline.configs import CaptionConfig, EncodeConfig, TokenizerConfig
+    from lverse.pipeline.configs import CaptionConfig, DownloadConfig, EncodeConfig, GenerateConfig, TokenizerConfig
+    from lverse.pipeline.download import run_download
     from lverse.pipeline.encode import run_encode
+    from lverse.pipeline.generate import run_generate
     from lverse.run import fit_tokenizer_on_shards
 
     from .test_encode import raw_shards
@@ -201,6 +205,11 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
     run_caption(CaptionConfig(shards=str(tmp_path / "reference"), checkpoint=biart, vae=vae, tokenizer=tokenizer,
                               candidates=2, max_tokens=4, clip="lverse-tiny", output=str(tmp_path / "captions1"),
                               workers=0))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"a {c} {s}\n" for c in ("red", "blue", "green") for s in ("circle", "square")))
+    generate = dict(prompts=str(prompts), checkpoint=biart, vae=vae, tokenizer=tokenizer, candidates=2,
+                    prompts_per_item=1, clip="lverse-tiny", retries=2)
+    run_generate(GenerateConfig(**generate, output=str(tmp_path / "generated1"), workers=0))
     nodes = Nodes(str(tmp_path / "net"), 3).start()
     ray = RayNodes(nodes, str(tmp_path / "ray"))
     encode = [os.path.join(VENV_BIN, "lverse"), "encode", "--shards", raw, "--vae", vae, "--batch-size", "4",
@@ -250,15 +259,49 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
         while not glob.glob(str(tmp_path / "captions" / "*.parquet")):
             assert proc.poll() is None, proc.stdout.read()[-3000:]
             time.sleep(0.05)
-        nodes.kill(({"node2", "node3"} - {victim}).pop())  # every node holds actors by now (5 on 3 nodes)
+        other = ({"node2", "node3"} - {victim}).pop()
+        nodes.kill(other)  # every node holds actors by now (5 on 3 nodes)
         caption_log, _ = proc.communicate(timeout=400)
         assert proc.returncode == 0, caption_log[-4000:]
+        # generate on node1 and the victim (3 actors on 2 nodes): the victim killed once a prompt is done
+        proc = ray.popen_on("node1", [os.path.join(VENV_BIN, "lverse"), "generate", *_flags(generate), "--output",
+                                      str(tmp_path / "generated"), "--executor", "ray", "--ray-address", "auto"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        while not glob.glob(str(tmp_path / "generated" / "*" / "result.json")):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.05)
+        nodes.kill(victim)
+        generate_log, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, generate_log[-4000:]
+        # download (Ray tasks) on node1 and the other worker node, back: that node killed once a chunk is
+        # done; each chunk waits on a slow image, so the node has one in flight then
+        ray.start_node(other)
+        ray.wait_nodes(2, 120)
+        with SyntheticServer(SyntheticSet(seed=5, train=16, heldout=1, image_size=64), host=nodes.addr("ctl"),
+                             slow_seconds=2) as srv:
+            lines = []
+            for i in range(0, 16, 2):
+                lines += [f"{srv.data.sample('train', j)[1]}\t{srv.url}/img/train/{j}.jpg" for j in (i, i + 1)]
+                lines.append(f"a picture that arrives too late\t{srv.url}/bad/slow.jpg")
+            tsv = tmp_path / "in.tsv"
+            tsv.write_text("\n".join(lines) + "\n")
+            download = dict(input=str(tsv), samples_per_shard=3, image_size=64, timeout=1.0, download_threads=4)
+            run_download(DownloadConfig(**download, output=str(tmp_path / "downloaded1"), workers=1))
+            proc = ray.popen_on("node1", [os.path.join(VENV_BIN, "lverse"), "download", *_flags(download),
+                                          "--output", str(tmp_path / "downloaded"), "--executor", "ray",
+                                          "--ray-address", "auto"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+            while not glob.glob(str(tmp_path / "downloaded" / "*_stats.json")):
+                assert proc.poll() is None, proc.stdout.read()[-3000:]
+                time.sleep(0.05)
+            nodes.kill(other)
+            download_log, _ = proc.communicate(timeout=400)
+            assert proc.returncode == 0, download_log[-4000:]
     finally:
         ray.stop()
         nodes.stop()
     print(f"lost_node_stage_end_seconds={recovered_in:.1f}")
     assert unshared.returncode == 2, unshared.stderr[-3000:]
-    other = ({"node2", "node3"} - {victim}).pop()  # the victim is gone
     assert f"/tmp/ray/lverse-tokens is not visible from node(s) {other}:" in unshared.stderr, unshared.stderr[-3000:]
     assert "Ray actor lost" in log and "retrying" in log, log[-3000:]  # which shards, and why
     summary = json.loads((lost / "_summary.json").read_text())
@@ -270,9 +313,37 @@ def test_a_lost_node_costs_only_its_shards_in_flight_and_a_lost_driver_nothing(t
     assert len(names) == 16 and names == sorted(p.name for p in (tmp_path / "captions").glob("*.parquet"))
     for name in names:
         assert (tmp_path / "captions" / name).read_bytes() == (tmp_path / "captions1" / name).read_bytes(), name
+    assert "Ray actor lost" in generate_log, generate_log[-3000:]
+    names = sorted(p.relative_to(tmp_path / "generated1") for p in (tmp_path / "generated1").rglob("*")
+                   if p.is_file() and not p.name.startswith("_"))
+    assert len(names) >= 12 and names == sorted(p.relative_to(tmp_path / "generated") for p in
+                                               (tmp_path / "generated").rglob("*")
+                                               if p.is_file() and not p.name.startswith("_"))
+    for name in names:
+        assert (tmp_path / "generated" / name).read_bytes() == (tmp_path / "generated1" / name).read_bytes(), name
+    summary = json.loads((tmp_path / "downloaded" / "_summary.json").read_text())
+    assert not summary["failed"], summary
+    assert _samples(tmp_path / "downloaded") == _samples(tmp_path / "downloaded1")
+    assert len(_samples(tmp_path / "downloaded1")) == 16
     for folder in (lost, lost_driver):
         names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("_"))
         assert names == sorted(p.name for p in (tmp_path / "reference").iterdir() if not p.name.startswith("_"))
         for name in names:
             if name.endswith(".tar"):
                 assert (folder / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def _flags(options: dict) -> list[str]:
+    return [arg for k, v in options.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+
+
+def _samples(folder) -> dict[str, tuple[bytes, bytes]]:
+    """Each downloaded sample's caption and image, by key, over the folder's shards."""
+    import tarfile
+    members: dict[str, dict[str, bytes]] = {}
+    for path in glob.glob(os.path.join(folder, "*.tar")):
+        with tarfile.open(path) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.rsplit(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return {key: (m["txt"], m["jpg"]) for key, m in members.items()}
