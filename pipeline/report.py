@@ -39,6 +39,7 @@ from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
 from lverse.core.formats import check_captions, is_caption_table
 from lverse.core.shards import expand_shards, iter_samples
+from lverse.runtime.metrics import events, read_records, step_records
 
 SKIP = ("report",)  # our own output is not input
 
@@ -172,8 +173,10 @@ def _find(run_dir: str, pattern: str) -> list[str]:
     return sorted(p for p in found if os.path.relpath(p, run_dir).split(os.sep)[0] not in SKIP)
 
 
-def svg_plot(series: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 220) -> str:
-    """Line plot of named (x, y) series as inline SVG, axes labelled with their ranges."""
+def svg_plot(series: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 220,
+             marks: list[tuple[float, str]] = ()) -> str:
+    """Line plot of named (x, y) series as inline SVG, axes labelled with their ranges; ``marks``:
+    (x, label) drawn as dashed vertical lines, the label as the line's tooltip."""
     points = [p for s in series.values() for p in s]
     if not points:
         return ""
@@ -196,23 +199,30 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], width: int = 420, hei
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
         parts.append(f'<text x="{width - pad - 4}" y="{pad + 14 + 13 * k}" font-size="11" fill="{color}" '
                      f'text-anchor="end">{html.escape(name)}</text>')
+    for x, label in marks:
+        if x0 <= x <= x1:
+            parts.append(f'<line class="mark" x1="{sx(x):.1f}" y1="{pad}" x2="{sx(x):.1f}" y2="{height - pad}" '
+                         f'stroke="#888" stroke-dasharray="4 3"><title>{html.escape(label)}</title></line>')
     parts.append("</svg>")
     return "".join(parts)
 
 
 def _curves(path: str) -> str:
+    """The plots of one ``metrics.jsonl``; its re-formations (a start on another number of ranks)
+    are marked on the loss curve."""
     series: dict[str, list[tuple[float, float]]] = {}
-    with open(path) as f:
-        for line in f:
-            m = json.loads(line)
-            for key, value in m.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and (
-                        key.endswith(("/ref", "/gen")) or key in ("loss", "perplexity")):
-                    series.setdefault(key, []).append((m["step"], float(value)))
+    records = read_records(path)
+    for m in step_records(records):
+        for key, value in m.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    key.endswith(("/ref", "/gen")) or key in ("loss", "perplexity")):
+                series.setdefault(key, []).append((m["step"], float(value)))
+    marks = [(e["step"], f"step {e['step']}: re-formed on {e['world_size']} ranks (from {e['world_size_before']}), "
+                         f"{e['seconds_lost']:.0f} s lost") for e in events(records, "reformed")]
     plots = []
     losses = {k: v for k, v in series.items() if k != "perplexity"}
     if losses:
-        plots.append(svg_plot(losses))
+        plots.append(svg_plot(losses, marks=marks))
     if "perplexity" in series:
         plots.append(svg_plot({"codebook perplexity": series["perplexity"]}))
     return "".join(plots)

@@ -148,7 +148,8 @@ def train(cfg: TrainConfig) -> dict:
     loader = data_loader(run, samples, start, resume)
     meter = Meter(run, engine.module.flops_per_token(), start)
     _announce(run, engine.module, kernels, meter.peak_flops)
-    logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project)
+    logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project,
+                           run.proc.world)
     sampler = Sampler(cfg, run.bcfg, run.shards[0], rank) if cfg.sample_every else None
     stop = StopFlag()
     plateau = Plateau.of(cfg.optim, cfg.log_every, run.proc.device, resume.meta.get("plateau") if resume else None,
@@ -168,6 +169,8 @@ def train(cfg: TrainConfig) -> dict:
             if plateau:
                 step_loss = step_loss + losses[0] / run.grad_accum
         done = step + 1
+        if step == start:  # a start on another number of ranks is recorded (runtime/metrics.py)
+            logger.first_step_done(done)
         if plateau:
             plateau.add(step_loss, done, run.proc.world)
         if done % cfg.log_every == 0 or done == cfg.steps:

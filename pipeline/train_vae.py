@@ -141,10 +141,10 @@ def train_vae(cfg: VAETrainConfig) -> dict:
         total = step
     torch.manual_seed(cfg.seed)  # LPIPS without a VGG checkpoint is random: the same one on every run
     loss_fn = ReconstructionLoss(cfg.perceptual_weight, cfg.vgg_checkpoint).to(proc.device)
-    logger = MetricsLogger(cfg.run_dir, proc.rank, cfg.tensorboard)
+    logger = MetricsLogger(cfg.run_dir, proc.rank, cfg.tensorboard, world_size=proc.world)
     write_run_config(cfg.run_dir, cfg, proc.rank)
     held_out = _eval_images(cfg, proc.device) if proc.rank == 0 and cfg.eval_shards else None
-    phase, meter, plateau = None, _Meter(cfg, proc, step), None
+    phase, meter, plateau, started = None, _Meter(cfg, proc, step), None, step
     while step < total:
         if phase is None or phase.name != _phase_name(cfg, step):  # start (or resume) a phase
             phase = _Phase.start(cfg, proc, step, total, phase, resume, stream, peak_lr)
@@ -163,6 +163,8 @@ def train_vae(cfg: VAETrainConfig) -> dict:
         phase.opt.step()
         meter.add(losses)
         step += 1
+        if step == started + 1:  # a start on another number of ranks is recorded (runtime/metrics.py)
+            logger.first_step_done(step)
         if plateau:
             plateau.add(losses["loss"], step - phase.first, proc.world)
         if step % cfg.log_every == 0 or step == phase.end:

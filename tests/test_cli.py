@@ -292,11 +292,8 @@ def assert_one_line_naming(out, path):
 
 
 def _train_yaml(path, inputs, run_dir):
-    train_config(path, inputs, run_dir)
-    cfg = yaml.safe_load(path.read_text())
-    cfg["data"]["workers"] = 0  # no loader processes to start before the run folder is made
-    path.write_text(yaml.safe_dump(cfg))
-    return str(path)
+    # no loader processes to start before the run folder is made
+    return train_config(path, inputs, run_dir, data={"workers": 0})
 
 
 @pytest.mark.parametrize("case", ["encode into a file", "encode under a file", "caption into a file",

@@ -147,14 +147,9 @@ STEPS, EVERY, HOLD = 30, 10, 15
 
 
 def two_node_config(data, folder):  # noqa: F811
-    path = train_config(os.path.join(folder, "train.yaml"), data, os.path.join(folder, "run"), steps=STEPS,
-                        checkpoint_every=EVERY, log_every=1, export=False)
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    cfg["data"]["workers"] = 1  # 4 ranks, 4 shards: one reader each
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    return path
+    return train_config(os.path.join(folder, "train.yaml"), data, os.path.join(folder, "run"), steps=STEPS,
+                        checkpoint_every=EVERY, log_every=1, export=False,
+                        data={"workers": 1})  # 4 ranks, 4 shards: one reader each
 
 
 @pytest.fixture(scope="module")
@@ -242,14 +237,9 @@ ELASTIC_STEPS, ELASTIC_EVERY = 16, 4
 
 def elastic_config(data, path, run_dir):  # noqa: F811
     """Global batch 12 on 3 ranks (2 x 2 micro-steps): 2 ranks keep it with 3 micro-steps each."""
-    path = train_config(path, data, run_dir, steps=ELASTIC_STEPS, checkpoint_every=ELASTIC_EVERY, log_every=1,
-                        export=False, micro_batch_size=2, grad_accum=2, keep_checkpoints=ELASTIC_STEPS // ELASTIC_EVERY)
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    cfg["data"]["workers"] = 1  # 3 ranks, 4 shards: one reader each
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    return path
+    return train_config(path, data, run_dir, steps=ELASTIC_STEPS, checkpoint_every=ELASTIC_EVERY, log_every=1,
+                        export=False, micro_batch_size=2, grad_accum=2, keep_checkpoints=ELASTIC_STEPS // ELASTIC_EVERY,
+                        data={"workers": 1})  # 3 ranks, 4 shards: one reader each
 
 
 def test_an_elastic_job_that_loses_a_node_goes_on_with_the_nodes_left_without_a_requeue(cluster, data,  # noqa: F811

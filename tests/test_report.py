@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -175,3 +176,30 @@ def test_figures_of_another_set_size_are_not_comparable(tmp_path):
     page = write_report(str(tmp_path))
     assert _headings(page) == ["Metrics", "The paper's figures, not comparable with this run's"]
     assert "evaluate_captions.json holds 100 images where the paper&#x27;s Table 2 used 5,000" in open(page).read()
+
+
+def test_a_start_on_fewer_ranks_is_recorded_once_and_marked_on_the_curve(tmp_path):
+    """Steps 1-6 logged on 3 ranks; the run resumes from step 4 on 2: the first step done after the
+    start records the re-formation (and only it), the readers of the curves skip the event, and the
+    report marks the step on the loss curve. A start on the same number of ranks records nothing."""
+    from lverse.runtime.metrics import MetricsLogger, events, read_records, step_records
+
+    first = MetricsLogger(str(tmp_path), 0, tensorboard=False, world_size=3)
+    for step in range(1, 7):
+        first.log({"step": step, "loss": 5.0 - step / 10})
+    last_logged = time.time()
+    again = MetricsLogger(str(tmp_path), 0, tensorboard=False, world_size=2)
+    again.first_step_done(5)
+    again.log({"step": 5, "loss": 4.5})
+    again.first_step_done(6)  # one record a start
+    records = read_records(str(tmp_path / "metrics.jsonl"))
+    (event,) = events(records, "reformed")
+    assert {k: event[k] for k in ("step", "last_step_before", "world_size_before", "world_size")} == \
+        {"step": 5, "last_step_before": 6, "world_size_before": 3, "world_size": 2}
+    assert 0 <= event["seconds_lost"] <= time.time() - last_logged + 1
+    assert [r["step"] for r in step_records(records)] == [1, 2, 3, 4, 5, 6, 5]
+    assert {r["world_size"] for r in step_records(records)} == {3, 2}
+    MetricsLogger(str(tmp_path), 0, tensorboard=False, world_size=2).first_step_done(6)
+    assert len(events(read_records(str(tmp_path / "metrics.jsonl")), "reformed")) == 1
+    page = open(write_report(str(tmp_path))).read()
+    assert page.count('class="mark"') == 1 and "re-formed on 2 ranks (from 3)" in page

@@ -29,6 +29,7 @@ from lverse.pipeline.train import ds_config
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
 from lverse.runtime.data import Batches, GlobalBatches, GlobalOrder, Stream, TokenBatch
 from lverse.runtime.distributed import world_info_from_env
+from lverse.runtime.metrics import read_records, step_records
 from lverse.runtime.token_index_build import ensure_index
 
 from .conftest import free_port
@@ -39,13 +40,14 @@ DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
 SHARDS, PER_SHARD = 4, 16
 
 
-def train_config(path, data, run_dir, **over):
-    """A debug BiART run on ``data``; ``over`` replaces fields (a dict is merged into the section).
-    The peak FLOP/s is given, so that no rank spends a second measuring it (two_rank_run does)."""
+def train_config(path, dataset, run_dir, **over):
+    """A debug BiART run on ``dataset`` (the ``data`` fixture); ``over`` replaces fields (a dict is
+    merged into the section: ``data={"workers": 1}``). The peak FLOP/s is given, so that no rank
+    spends a second measuring it (two_rank_run does)."""
     cfg = {"run_dir": str(run_dir), "steps": 8, "micro_batch_size": 4, "deepspeed": os.path.join(REPO, "ds_configs",
            "zero2_bf16.json"), "checkpoint_every": 4, "log_every": 1, "model": {"preset": "debug",
-           "overrides": {"text_len": 24}}, "data": {"shards": data["tokens"], "tokenizer": data["tokenizer"],
-           "vae": data["vae"], "workers": 2}, "optim": {"lr": 3e-3, "warmup_steps": 2}, "peak_flops": 1e12}
+           "overrides": {"text_len": 24}}, "data": {"shards": dataset["tokens"], "tokenizer": dataset["tokenizer"],
+           "vae": dataset["vae"], "workers": 2}, "optim": {"lr": 3e-3, "warmup_steps": 2}, "peak_flops": 1e12}
     for key, value in over.items():
         if isinstance(value, dict):
             cfg[key] = {**cfg[key], **value}
@@ -89,19 +91,21 @@ def run_job(nproc, *args, timeout=300, launcher="torchrun"):
 
 
 def metrics(run_dir):
-    """step -> every metrics line logged for it (a resumed run logs some steps twice)."""
+    """step -> every metrics line logged for it (a resumed run logs some steps twice); events
+    (re-formations) left out."""
     lines = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            m = json.loads(line)
-            lines.setdefault(m["step"], []).append(m)
+    for m in step_records(read_records(os.path.join(run_dir, "metrics.jsonl"))):
+        lines.setdefault(m["step"], []).append(m)
     return lines
 
 
 def logged_steps(run_dir) -> int:
     """How many steps' metrics lines a run that is still writing has finished (0 before the file)."""
     path = os.path.join(run_dir, "metrics.jsonl")
-    return open(path).read().count("\n") if os.path.exists(path) else 0
+    if not os.path.exists(path):
+        return 0
+    return sum(1 for line in open(path).read().splitlines(keepends=True)
+               if line.endswith("\n") and '"event"' not in line)
 
 
 def losses(entry):
