@@ -23,6 +23,8 @@ import pytest
 import torch
 import yaml
 
+from lverse.runtime.metrics import events, read_records
+
 from .cluster import Nodes, SlurmCluster, missing_slurm
 from .conftest import free_port
 from .test_train import launch, logged_steps, losses, metrics, run_job, train_config
@@ -273,9 +275,18 @@ def test_an_elastic_job_that_loses_a_node_goes_on_with_the_nodes_left_without_a_
     cluster.start_node(victim)  # the node comes back (ReturnToService=2) for the tests after this one
     assert list(states.values()) == ["COMPLETED"] and fields["Restarts"] == "0", log[-4000:]
     resumed = int(re.findall(r"resumed from \S+ at step (\d+)", log)[-1])
-    print(f"elastic_kill_to_next_step_seconds={next_step:.1f} killed_at_step={at_step} resumed_at_step={resumed}")
+    (event,) = events(read_records(run_dir / "metrics.jsonl"), "reformed")
+    print(f"elastic_kill_to_next_step_seconds={next_step:.1f} killed_at_step={at_step} resumed_at_step={resumed} "
+          f"elastic_seconds_lost={event['seconds_lost']:.1f}")
     assert next_step is not None and ELASTIC_EVERY <= resumed <= at_step, (resumed, at_step)
     assert "kept on 2 ranks: micro_batch_size 2 x grad_accum 3" in log, log[-4000:]
+    # the re-formation is recorded: the first step after it, from the last step logged before the
+    # kill (the wall time between them is the kill's delay after that step plus kill -> next step)
+    last_before = metrics(run_dir)[event["last_step_before"]][0]
+    assert (event["step"], event["world_size_before"], event["world_size"]) == (resumed + 1, 3, 2), event
+    assert event["last_step_before"] >= at_step and last_before["world_size"] == 3, event
+    assert abs(event["seconds_lost"] - (killed_at - last_before["time"] + next_step)) < 2, (event, next_step)
+    assert "the run's previous start trained on 3 ranks" in log and "re-formed on 2 ranks (from 3)" in log
     # the reference: the same checkpoint resumed by 2 ranks on one machine
     ref = tmp_path / "ref"
     shutil.copytree(run_dir / "checkpoints" / f"step_{resumed:08d}", ref / "checkpoints" / f"step_{resumed:08d}")
