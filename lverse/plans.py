@@ -36,7 +36,13 @@ def _generate(config: str) -> Plan:
 
 
 def _train(config: str) -> Plan:
-    return Plan(run_dir=load_config(config, TrainConfig).run_dir)
+    cfg = load_config(config, TrainConfig)
+
+    def elastic(nodes: int, min_nodes: int, ranks_per_node: int) -> None:
+        from lverse.pipeline.train import check_elastic  # torch and DeepSpeed: only for --elastic
+        check_elastic(cfg, nodes, min_nodes, ranks_per_node)
+
+    return Plan(run_dir=cfg.run_dir, check_elastic=elastic)
 
 
 PLANNERS = {"download": _pipeline_stage("download"), "encode": _pipeline_stage("encode"), "caption": _caption,

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -286,15 +288,45 @@ def plan_batch(cfg: TrainConfig, world: int, resume: Checkpoint | None) -> tuple
     if resume is None or tuple(resume.meta["batch"]) != asked:
         return asked
     kept = resume.meta["data"]["global_batch"]
-    if kept % world:
+    split = split_batch(kept, world, cfg.micro_batch_size)
+    if split is None:
         fits = ", ".join(str(n) for n in range(1, kept + 1) if kept % n == 0)
         raise InputError(f"checkpoint {resume.folder} was trained with global batch {kept}, which {world} ranks cannot "
                          f"share evenly: run on a number of ranks that divides it ({fits}), or set "
                          f"micro_batch_size and grad_accum in the config for a new global batch (micro_batch_size x "
                          f"grad_accum x {world} ranks; the data order goes on at the next sample)")
-    share = kept // world
-    micro = max(m for m in range(1, cfg.micro_batch_size + 1) if share % m == 0)
+    return split
+
+
+def split_batch(global_batch: int, world: int, micro_batch_size: int) -> tuple[int, int] | None:
+    """(micro_batch_size, grad_accum) that make up ``global_batch`` on ``world`` ranks: the largest
+    micro-batch up to ``micro_batch_size`` that divides a rank's share, and as many micro-steps as
+    make up the share; None when the ranks cannot share the batch evenly."""
+    if global_batch % world:
+        return None
+    share = global_batch // world
+    micro = max(m for m in range(1, micro_batch_size + 1) if share % m == 0)
     return micro, share // micro
+
+
+def check_elastic(cfg: TrainConfig, nodes: int, min_nodes: int, ranks_per_node: int) -> None:
+    """Before an elastic job is submitted (`lverse slurm submit train --elastic MIN`): the global
+    batch of the config on every node keeps when any number of nodes from ``min_nodes`` up is
+    left (``plan_batch``), or an error that says which node counts cannot keep it and what to
+    change. Checked here, not first when a node is lost: there the job could only requeue."""
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * nodes * ranks_per_node
+    left = range(min_nodes, nodes)
+    refused = [n for n in left if split_batch(global_batch, n * ranks_per_node, cfg.micro_batch_size) is None]
+    if not refused:
+        return
+    need = math.lcm(*(n * ranks_per_node for n in left))  # what the global batch must be a multiple of
+    accum = next(a for a in itertools.count(cfg.grad_accum)
+                 if cfg.micro_batch_size * a * nodes * ranks_per_node % need == 0)
+    raise InputError(f"--elastic {min_nodes} of --nodes {nodes}: the global batch {global_batch} (micro_batch_size "
+                     f"{cfg.micro_batch_size} x grad_accum {cfg.grad_accum} x {nodes * ranks_per_node} ranks) cannot "
+                     f"be shared evenly by the ranks of {' or '.join(map(str, refused))} nodes, so training could not "
+                     f"go on there; make it a multiple of {need} (e.g. grad_accum {accum}), or give --elastic "
+                     f"{max(refused) + 1}")
 
 
 def _check_resume(run: Run, resume: Checkpoint | None) -> None:

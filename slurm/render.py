@@ -113,6 +113,9 @@ class Plan:
 
     run_dir: str  # the config's run folder: the script is kept there unless --run-dir says otherwise
     items: int | None = None  # array stages: how many items (chunks, shards) the array tasks split
+    # train --elastic: (nodes, min_nodes, ranks_per_node) -> raises InputError when training could
+    # not go on with some of the node counts it may be left with
+    check_elastic: typing.Callable[[int, int, int], None] | None = None
 
 
 def render(opts: SubmitOptions, plan: Plan) -> tuple[str, str]:
@@ -141,6 +144,8 @@ def render(opts: SubmitOptions, plan: Plan) -> tuple[str, str]:
             # one agent per node holds the node's GPUs and starts a rank per GPU (pick_device:
             # local rank r takes cuda:r of the node's devices)
             ranks = int(values["TASKS_PER_NODE"])
+            if plan.check_elastic is not None:
+                plan.check_elastic(opts.nodes, opts.elastic, ranks)
             values.update(MIN_NODES=str(opts.elastic), RANKS_PER_NODE=str(ranks), MAX_RESTARTS=str(opts.max_restarts),
                           CPUS_PER_NODE=str(opts.cpus_per_task * ranks),
                           TORCHRUN=shlex.quote(os.path.join(os.path.dirname(os.path.abspath(sys.executable)),

@@ -5,6 +5,7 @@ Jobs are submitted with ``lverse slurm submit`` exactly as a user would, with ``
 pointing at the test cluster.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -243,7 +244,7 @@ def test_an_elastic_train_script_starts_one_agent_per_node_and_quotes_every_valu
     MIN:NODES nodes; every value quoted as in the other templates; wrong values refused."""
     folder = tmp_path / HOSTILE
     folder.mkdir()
-    cfg = train_config(folder / "train.yaml", data, folder / "run")
+    cfg = train_config(folder / "train.yaml", data, folder / "run", grad_accum=3)  # 384 samples: 16 ranks keep them
     script, _ = render(SubmitOptions("train", config=cfg, nodes=4, gpus_per_node=8, cpus_per_task=2, elastic=2,
                                      max_restarts=5))
     header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
@@ -271,6 +272,31 @@ def test_an_elastic_train_script_starts_one_agent_per_node_and_quotes_every_valu
             render(SubmitOptions("train", config=cfg, nodes=4, **bad))
     with pytest.raises(ValueError, match="--elastic is for the train stage"):
         check(SubmitOptions("ray", command=["true"], nodes=2, elastic=1))
+
+
+@pytest.mark.parametrize("nodes, elastic, gpus, batch, message", [
+    (3, 2, 0, (1, 1), "--elastic 2 of --nodes 3: the global batch 3 (micro_batch_size 1 x grad_accum 1 x 3 ranks) "
+                      "cannot be shared evenly by the ranks of 2 nodes, so training could not go on there; make it a "
+                      "multiple of 2 (e.g. grad_accum 2), or give --elastic 3"),
+    (4, 2, 2, (4, 1), "the global batch 32 (micro_batch_size 4 x grad_accum 1 x 8 ranks) cannot be shared evenly by "
+                      "the ranks of 3 nodes, so training could not go on there; make it a multiple of 12 (e.g. "
+                      "grad_accum 3), or give --elastic 4"),
+    (3, 2, 0, (2, 2), None),  # 12 samples: 6 a rank on 2 nodes (the node-loss test's)
+    (4, 2, 2, (4, 3), None),  # the first case's fix: 96 samples, 16 a rank on 3 nodes, 24 on 2
+])
+def test_an_elastic_job_whose_global_batch_the_nodes_left_cannot_keep_is_refused_at_submit(
+        data, tmp_path, nodes, elastic, gpus, batch, message):  # noqa: F811
+    """Training could not go on in place with a node count the job may be left with (the ranks
+    there cannot share the global batch evenly, ``plan_batch``): refused before the job is
+    submitted, saying what to change, rather than found out after a node is lost."""
+    cfg = train_config(tmp_path / "train.yaml", data, tmp_path / "run", micro_batch_size=batch[0], grad_accum=batch[1])
+    opts = SubmitOptions("train", config=cfg, nodes=nodes, gpus_per_node=gpus, elastic=elastic)
+    if message is None:
+        assert "--nnodes=2:" in render(opts)[0]
+    else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            render(opts)
+        assert f"--nnodes={nodes}:{nodes}" in render(dataclasses.replace(opts, elastic=nodes))[0]  # its fix
 
 
 def test_download_array_has_one_task_per_chunk(tmp_path):
