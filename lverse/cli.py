@@ -386,6 +386,11 @@ def _train_vae(cfg: VAETrainConfig) -> None:
     deepspeed launcher / srun, like train) with the EMA codebook all-reduced so every rank holds the
     same one. Writes augvae-ml.safetensors and augvae-sl.safetensors into the run folder; resumes
     from its newest checkpoint. The run YAML: see configs/train_vae_debug.yaml.
+
+    Not elastic (no `lverse slurm submit ... --elastic` for it): its data order and batch depend on
+    the number of ranks (shards split among the ranks' readers, global batch = batch_size x ranks,
+    no gradient accumulation), so a resume on other ranks would train on another sample order with
+    another batch and lr, not go on with the same run. Resume it on the same number of ranks.
     """
     from lverse.pipeline.train_vae import train_vae
     from lverse.runtime.trainer import end_process

@@ -93,6 +93,7 @@ from lverse.runtime.trainer import (
     save_image,
     set_lr,
     start_process,
+    wait_for_ranks,
     write_run_config,
 )
 
@@ -387,7 +388,7 @@ def _load(engine, run: Run, resume: Checkpoint) -> None:
             log.info("checkpoint of %d ranks, now %d: converting to a universal checkpoint",
                      resume.meta["world_size"], world)
             to_universal(folder, run.cfg.run_dir)
-        dist.barrier()
+        wait_for_ranks()
         folder = os.path.join(run.cfg.run_dir, "universal", os.path.basename(folder))
     with deepspeed_loads(folder):
         load_path, _ = engine.load_checkpoint(os.path.dirname(folder), tag=os.path.basename(folder),

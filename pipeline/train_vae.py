@@ -20,6 +20,15 @@ and ``Plateau``, whose state checkpoints carry, so resume stays exact). Images: 
 crop of 75-100% of the shorter side, resized to the model's size, in [-1, 1] (the paper's "random
 crop ratio 0.75").
 
+Not elastic, unlike BiART training (``lverse slurm submit train --elastic``): the data order is per
+reader slot (``runtime/data.Stream``: the shards split among ranks x workers, each slot read from
+``step`` micro-batches on), and the global batch is ``batch_size`` x ranks with no gradient
+accumulation to keep it, so a run resumed on another number of ranks reads another sample order
+with another global batch and lr: a different run, not the same one continued on the ranks left.
+Making it elastic needs BiART's global sample order (``runtime/data.GlobalOrder``) and
+``plan_batch``'s micro-steps here. A start on another number of ranks is recorded all the same
+(``runtime/metrics.py``, event ``reformed``).
+
 Resume, checkpoints and RNG are the training core's, as in BiART training (``runtime/trainer.py``):
 a checkpoint folder counts once its ``lverse.json`` is written, RNG reseeded from (seed, step,
 rank); the data position is ``step`` micro-batches. Codebook usage (perplexity, dead codes) is

@@ -16,6 +16,7 @@ count as the user's.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import socket
@@ -85,6 +86,26 @@ def setup_env(master_port: int | None = None) -> WorldInfo:
 
 
 RENDEZVOUS_TIMEOUT = "LVERSE_RENDEZVOUS_TIMEOUT"  # seconds a rank waits for rank 0's port (default 300)
+# Seconds a collective of the training's process group may wait for the other ranks before it
+# fails (default: torch's, 30 min for gloo, 10 min for NCCL). A node that dies without closing its
+# connections (power, kernel, network) is seen by the other ranks only this way: the elastic job
+# script sets it short (slurm/train_elastic.sbatch). Work one rank does alone for long (a
+# checkpoint conversion or write) is waited for on a group of its own (``trainer.wait_for_ranks``).
+COLLECTIVE_TIMEOUT = "LVERSE_COLLECTIVE_TIMEOUT"
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """``LVERSE_COLLECTIVE_TIMEOUT`` as a timedelta; None when unset (torch's default)."""
+    value = os.environ.get(COLLECTIVE_TIMEOUT)
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise InputError(f"{COLLECTIVE_TIMEOUT}={value!r}: give the seconds a collective may wait, e.g. 60")
+    return datetime.timedelta(seconds=seconds)
 
 
 def check_rendezvous(info: WorldInfo, timeout: float | None = None) -> None:

@@ -21,6 +21,7 @@ reconstruction images (``image_grid``).
 from __future__ import annotations
 
 import copy
+import datetime
 import glob
 import json
 import logging
@@ -45,7 +46,7 @@ from lverse.core.formats import CHECKPOINT_FORMAT, check_format
 from lverse.core.resources import pick_device
 from lverse.core.storage import is_url
 
-from .distributed import check_rendezvous, setup_env
+from .distributed import check_rendezvous, collective_timeout, setup_env
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ def start_process(master_port: int | None = None) -> Process:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
+    global _LONG_WAITS
+    _LONG_WAITS = dist.new_group(backend="gloo", timeout=LONG_WAIT)
     if device.type == "cuda":  # what the rule cannot see alone: two ranks given the same GPU
         mine = (socket.gethostname(), str(torch.cuda.get_device_properties(device).uuid))
         everyone = [None] * dist.get_world_size()
@@ -87,6 +90,20 @@ def start_process(master_port: int | None = None) -> Process:
         if shared:
             raise InputError(f"{shared[0]}: give each rank its own GPU (one task per GPU, --gpus-per-task=1)")
     return Process(dist.get_rank(), dist.get_world_size(), info.local_rank, device)
+
+
+# How long the ranks wait for one rank's work alone (converting a checkpoint to the universal
+# format, writing or removing checkpoint files) in ``wait_for_ranks``: far longer than the
+# collective timeout that tells a dead node (``distributed.COLLECTIVE_TIMEOUT``).
+LONG_WAIT = datetime.timedelta(hours=1)
+_LONG_WAITS = None  # the gloo group ``wait_for_ranks`` meets on (start_process makes it)
+
+
+def wait_for_ranks() -> None:
+    """A barrier after work that some rank may do alone for minutes (a checkpoint's conversion,
+    files, removal): on a group with the ``LONG_WAIT`` timeout, so that the short collective
+    timeout that spots a dead node does not fail a healthy run there."""
+    dist.barrier(group=_LONG_WAITS)
 
 
 def end_process() -> None:
@@ -348,7 +365,7 @@ def latest_checkpoint(run_dir: str, rank: int) -> Checkpoint | None:
     """The newest complete checkpoint, after rank 0 removed the partial ones (collective)."""
     if rank == 0:
         remove_partial_checkpoints(run_dir)
-    dist.barrier()
+    wait_for_ranks()
     found = complete_checkpoints(run_dir)
     if not found:
         return None
@@ -366,10 +383,10 @@ def write_checkpoint(run_dir: str, step: int, meta: dict, keep: int, rank: int, 
     if collective or rank == 0:
         write(folder)
     if collective:
-        dist.barrier()  # every rank's files are on disk before the marker says so
+        wait_for_ranks()  # every rank's files are on disk before the marker says so
     if rank == 0:
         _commit_checkpoint(run_dir, folder, step, meta, keep, derived)
-    dist.barrier()
+    wait_for_ranks()
     return folder
 
 
@@ -483,9 +500,9 @@ class Checkpoints:
         """Wait until the pending checkpoint is complete (collective)."""
         if self.pending is not None:
             self.writer.wait()
-            dist.barrier()  # every rank's files are durable before the marker says so
+            wait_for_ranks()  # every rank's files are durable before the marker says so
             self._commit()
-            dist.barrier()  # and the marker is there for every rank (export and resume read it next)
+            wait_for_ranks()  # and the marker is there for every rank (export and resume read it next)
 
     def completed(self) -> list[dict]:
         found, self._completed = self._completed, []

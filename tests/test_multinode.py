@@ -244,14 +244,9 @@ def elastic_config(data, path, run_dir):  # noqa: F811
                         data={"workers": 1})  # 3 ranks, 4 shards: one reader each
 
 
-def test_an_elastic_job_that_loses_a_node_goes_on_with_the_nodes_left_without_a_requeue(cluster, data,  # noqa: F811
-                                                                                         tmp_path):
-    """3 nodes x 1 rank, `--elastic 2`: every process of node 3 killed mid-run. The agents left
-    re-form the group on 2 nodes in the same job (Restarts=0), resume from the last complete
-    checkpoint with the global batch kept (3 x 2 x 2 = 12: 2 ranks x 2 x 3 micro-steps), finish
-    every step, and log from the resume on the losses of a 2-rank run resumed from the same
-    checkpoint on one machine (1e-5). The time from the kill to the first step after it is printed
-    (docs/slurm.md)."""
+def start_elastic_job(cluster, data, tmp_path):  # noqa: F811
+    """An elastic job of 3 nodes x 1 rank (`--elastic 2`) past its first checkpoint and two more
+    steps: (job id, run folder)."""
     run_dir = tmp_path / "run"
     cfg = elastic_config(data, tmp_path / "train.yaml", run_dir)
     job = submit(cluster, "train", "--config", cfg, "--nodes", "3", "--elastic", "2", "--gpus-per-node", "1",
@@ -261,6 +256,38 @@ def test_an_elastic_job_that_loses_a_node_goes_on_with_the_nodes_left_without_a_
     while time.time() < deadline and not (first.exists() and logged_steps(run_dir) >= ELASTIC_EVERY + 2):
         time.sleep(0.1)
     assert first.exists(), job_log(run_dir / "slurm")[-3000:]
+    return job, run_dir
+
+
+def assert_resumed_exactly(data, tmp_path, run_dir, log, resumed, ranks):  # noqa: F811
+    """Every step of the job from ``resumed`` on has the losses of the same checkpoint resumed by
+    ``ranks`` ranks on one machine (1e-5)."""
+    ref = tmp_path / "ref"
+    shutil.copytree(run_dir / "checkpoints" / f"step_{resumed:08d}", ref / "checkpoints" / f"step_{resumed:08d}")
+    # as many threads per rank as the job's ranks had (their log says; it differs under pytest-xdist),
+    # so that every sum is taken in the same order
+    threads = re.findall(r"rank \d+: (\d+) threads", log)[-1]
+    proc = launch(ranks, "train", "--config", elastic_config(data, tmp_path / "ref.yaml", ref),
+                  env={"OMP_NUM_THREADS": threads})
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0 and f"rank {ranks - 1}: {threads} threads" in out, out[-4000:]
+    ours, reference = metrics(run_dir), metrics(ref)
+    assert sorted(ours) == list(range(1, ELASTIC_STEPS + 1)), sorted(ours)
+    assert sorted(reference) == list(range(resumed + 1, ELASTIC_STEPS + 1))
+    for step in reference:
+        ours_, theirs = losses(ours[step][-1]), losses(reference[step][-1])
+        assert ours_.keys() == theirs.keys() and all(abs(ours_[k] - theirs[k]) <= 1e-5 for k in theirs), step
+
+
+def test_an_elastic_job_that_loses_a_node_goes_on_with_the_nodes_left_without_a_requeue(cluster, data,  # noqa: F811
+                                                                                         tmp_path):
+    """3 nodes x 1 rank, `--elastic 2`: every process of node 3 killed mid-run. The agents left
+    re-form the group on 2 nodes in the same job (Restarts=0), resume from the last complete
+    checkpoint with the global batch kept (3 x 2 x 2 = 12: 2 ranks x 2 x 3 micro-steps), finish
+    every step, record the re-formation in metrics.jsonl, and log from the resume on the losses of
+    a 2-rank run resumed from the same checkpoint on one machine (1e-5). The time from the kill to
+    the first step after it is printed (docs/slurm.md)."""
+    job, run_dir = start_elastic_job(cluster, data, tmp_path)
     victim = "node3"
     lines, killed_at, at_step = logged_steps(run_dir), time.time(), max(metrics(run_dir))
     cluster.nodes.kill(victim)
@@ -287,22 +314,42 @@ def test_an_elastic_job_that_loses_a_node_goes_on_with_the_nodes_left_without_a_
     assert event["last_step_before"] >= at_step and last_before["world_size"] == 3, event
     assert abs(event["seconds_lost"] - (killed_at - last_before["time"] + next_step)) < 2, (event, next_step)
     assert "the run's previous start trained on 3 ranks" in log and "re-formed on 2 ranks (from 3)" in log
-    # the reference: the same checkpoint resumed by 2 ranks on one machine
-    ref = tmp_path / "ref"
-    shutil.copytree(run_dir / "checkpoints" / f"step_{resumed:08d}", ref / "checkpoints" / f"step_{resumed:08d}")
-    # as many threads per rank as the job's ranks had (their log says; it differs under pytest-xdist),
-    # so that every sum is taken in the same order
-    threads = re.findall(r"rank \d+: (\d+) threads", log)[-1]
-    proc = launch(2, "train", "--config", elastic_config(data, tmp_path / "ref.yaml", ref),
-                  env={"OMP_NUM_THREADS": threads})
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0 and f"rank 1: {threads} threads" in out, out[-4000:]
-    ours, reference = metrics(run_dir), metrics(ref)
-    assert sorted(ours) == list(range(1, ELASTIC_STEPS + 1)), sorted(ours)
-    assert sorted(reference) == list(range(resumed + 1, ELASTIC_STEPS + 1))
-    for step in reference:
-        ours_, theirs = losses(ours[step][-1]), losses(reference[step][-1])
-        assert ours_.keys() == theirs.keys() and all(abs(ours_[k] - theirs[k]) <= 1e-5 for k in theirs), step
+    assert_resumed_exactly(data, tmp_path, run_dir, log, resumed, 2)
+    cluster._wait_idle([victim], 60)
+
+
+def test_an_elastic_job_that_loses_its_first_node_requeues_and_resumes_exactly(cluster, data, tmp_path):  # noqa: F811
+    """Node 1 holds the rendezvous (and runs the job script): its loss cannot be survived in place.
+    SLURM requeues the job (Restarts=1) once it marks the node down; the requeued job waits for its
+    3 nodes (node 1 comes back), resumes from the last complete checkpoint on 3 ranks, records no
+    re-formation, and logs the losses of the same checkpoint resumed by 3 ranks on one machine.
+    The time from the kill to the requeue and to the first step after it is printed."""
+    job, run_dir = start_elastic_job(cluster, data, tmp_path)
+    victim = "node1"
+    lines, killed_at, at_step = logged_steps(run_dir), time.time(), max(metrics(run_dir))
+    cluster.nodes.kill(victim)
+    timeline = {}
+    while time.time() < killed_at + 300 and "next_step" not in timeline:
+        if "requeued" not in timeline and cluster.jobs(job)[job].get("Restarts") == "1":
+            timeline["requeued"] = time.time() - killed_at
+            cluster.start_node(victim)  # the node comes back (ReturnToService=2): the job gets its 3 nodes
+            lines = logged_steps(run_dir)  # a step in flight at the kill may have been logged after it
+        elif "requeued" in timeline and logged_steps(run_dir) > lines:
+            timeline["next_step"] = time.time() - killed_at
+        time.sleep(0.2)
+    if "requeued" not in timeline:
+        cluster.start_node(victim)
+    states = cluster.wait_job(job, timeout=400)
+    log = job_log(run_dir / "slurm")
+    fields = cluster.jobs(job)[job]
+    print("elastic_first_node_" + " elastic_first_node_".join(f"{k}_seconds={v:.1f}" for k, v in timeline.items()),
+          f"killed_at_step={at_step}")
+    assert list(states.values()) == ["COMPLETED"] and fields["Restarts"] == "1", (timeline, log[-4000:])
+    assert timeline.keys() == {"requeued", "next_step"}, timeline
+    resumed = int(re.findall(r"resumed from \S+ at step (\d+)", log)[-1])
+    assert ELASTIC_EVERY <= resumed <= at_step, (resumed, at_step)
+    assert events(read_records(run_dir / "metrics.jsonl"), "reformed") == []
+    assert_resumed_exactly(data, tmp_path, run_dir, log, resumed, 3)
     cluster._wait_idle([victim], 60)
 
 

@@ -256,7 +256,8 @@ def test_an_elastic_train_script_starts_one_agent_per_node_and_quotes_every_valu
     bin_dir = os.path.dirname(os.path.abspath(sys.executable))
     launch = script[script.index("srun "):script.index("\nrc=$?")]
     words = shlex.split(launch.replace("\\\n", " "))
-    assert words[:4] == ["srun", "--no-kill", "--kill-on-bad-exit=0", os.path.join(bin_dir, "torchrun")]
+    assert words[:7] == ["srun", "--no-kill", "--kill-on-bad-exit=0", "bash", "-c", 'node_task "$@"', "node_task"]
+    assert words[7] == os.path.join(bin_dir, "torchrun")
     assert {"--nnodes=2:4", "--nproc-per-node=8", "--rdzv-backend=c10d", "--max-restarts=5",
             '--rdzv-endpoint=$RDZV_HOST:$RDZV_PORT', "--rdzv-id=$SLURM_JOB_ID"} <= set(words), words
     assert words[-5:] == ["--no-python", os.path.join(bin_dir, "lverse"), "train", "--config", cfg]
