@@ -10,10 +10,12 @@ the recovery, never speed.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from lverse.runtime.metrics import events, read_records
 
 from .cluster import Nodes, SlurmCluster, missing_slurm
 from .conftest import free_port
+from .test_stop import _processes
 from .test_train import launch, logged_steps, losses, metrics, run_job, train_config
 
 pytestmark = pytest.mark.slow
@@ -351,6 +354,64 @@ def test_an_elastic_job_that_loses_its_first_node_requeues_and_resumes_exactly(c
     assert events(read_records(run_dir / "metrics.jsonl"), "reformed") == []
     assert_resumed_exactly(data, tmp_path, run_dir, log, resumed, 3)
     cluster._wait_idle([victim], 60)
+
+
+SILENT_RANK = """
+import time
+import torch
+import torch.distributed as dist
+from lverse.runtime.trainer import start_process
+proc = start_process()
+dist.all_reduce(torch.ones(1))
+print(f"rank {proc.rank} ready", flush=True)
+open(f"ready{proc.rank}", "w").close()
+while True:
+    dist.all_reduce(torch.ones(1))
+    time.sleep(0.05)
+"""
+
+
+def test_a_rank_that_goes_silent_is_seen_within_the_collective_timeout(tmp_path):
+    """A node that dies without closing its connections (power, kernel, network; here one rank
+    frozen by SIGSTOP, its sockets open) is seen by the other ranks only when a collective times
+    out: with LVERSE_COLLECTIVE_TIMEOUT=5 (the elastic template sets 60) rank 0 fails within
+    seconds, not after torch's 30 minutes, and its agent can re-form the group."""
+    script = tmp_path / "ranks.py"
+    script.write_text(SILENT_RANK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            cwd=tmp_path, env={**os.environ, "LVERSE_COLLECTIVE_TIMEOUT": "5"})
+    ranks = {}
+    try:
+        deadline = time.time() + 120
+        while len(ranks) < 2 and time.time() < deadline:
+            for pid in _processes(3, proc.pid):
+                with contextlib.suppress(OSError):
+                    rank = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
+                    ranks[int(rank["RANK"])] = pid
+            time.sleep(0.2)
+        assert len(ranks) == 2, ranks
+        while not (tmp_path / "ready1").exists() and time.time() < deadline:  # both in their loop of collectives
+            time.sleep(0.1)
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped_at = time.time()
+        while os.path.exists(f"/proc/{ranks[0]}") and _state(ranks[0]) != "Z" and time.time() < stopped_at + 120:
+            time.sleep(0.2)
+        seen_in = time.time() - stopped_at
+    finally:  # torchrun starts each rank in a session of its own
+        for pid in [*_processes(5, proc.pid), *ranks.values()]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+    print(f"silent_rank_seen_seconds={seen_in:.1f}")
+    assert "rank 0 ready" in out and 5 <= seen_in < 30, (seen_in, out[-3000:])
+    assert re.search(r"[Tt]imed out", out), out[-3000:]
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_download_and_encode_arrays_spread_over_nodes_and_write_what_one_node_writes(cluster, tmp_path):
