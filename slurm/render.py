@@ -44,7 +44,8 @@ class SubmitOptions:
     gpus_per_node: int = 0  # GPUs per node: train starts one task per GPU; encode, caption, generate a worker per GPU
     ntasks_per_node: int | None = None  # train: processes per node (None: one per GPU; 1 without GPUs)
     # train: when a node fails, go on with the nodes left down to this many (one torchrun elastic
-    # agent per node); None: the job requeues, as it does with fewer left or the first node lost
+    # agent per node; the ranks of each such number of nodes must share the global batch evenly,
+    # checked at submit); None: the job requeues, as it does with fewer left or the first node lost
     elastic: int | None = None
     max_restarts: int = 3  # train --elastic: how many times the nodes may re-form the group in one job
     cpus_per_task: int = 2  # CPUs per task

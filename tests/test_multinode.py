@@ -238,20 +238,21 @@ def test_a_node_that_dies_mid_run_costs_only_the_steps_since_the_last_checkpoint
 
 
 ELASTIC_STEPS, ELASTIC_EVERY = 16, 4
+TWO_LOSSES_STEPS = 40
 
 
-def elastic_config(data, path, run_dir):  # noqa: F811
+def elastic_config(data, path, run_dir, steps=ELASTIC_STEPS):  # noqa: F811
     """Global batch 12 on 3 ranks (2 x 2 micro-steps): 2 ranks keep it with 3 micro-steps each."""
-    return train_config(path, data, run_dir, steps=ELASTIC_STEPS, checkpoint_every=ELASTIC_EVERY, log_every=1,
-                        export=False, micro_batch_size=2, grad_accum=2, keep_checkpoints=ELASTIC_STEPS // ELASTIC_EVERY,
+    return train_config(path, data, run_dir, steps=steps, checkpoint_every=ELASTIC_EVERY, log_every=1,
+                        export=False, micro_batch_size=2, grad_accum=2, keep_checkpoints=steps // ELASTIC_EVERY,
                         data={"workers": 1})  # 3 ranks, 4 shards: one reader each
 
 
-def start_elastic_job(cluster, data, tmp_path):  # noqa: F811
+def start_elastic_job(cluster, data, tmp_path, steps=ELASTIC_STEPS):  # noqa: F811
     """An elastic job of 3 nodes x 1 rank (`--elastic 2`) past its first checkpoint and two more
     steps: (job id, run folder)."""
     run_dir = tmp_path / "run"
-    cfg = elastic_config(data, tmp_path / "train.yaml", run_dir)
+    cfg = elastic_config(data, tmp_path / "train.yaml", run_dir, steps)
     job = submit(cluster, "train", "--config", cfg, "--nodes", "3", "--elastic", "2", "--gpus-per-node", "1",
                  "--cpus-per-task", "1")
     first = run_dir / "checkpoints" / f"step_{ELASTIC_EVERY:08d}" / "lverse.json"
@@ -262,7 +263,7 @@ def start_elastic_job(cluster, data, tmp_path):  # noqa: F811
     return job, run_dir
 
 
-def assert_resumed_exactly(data, tmp_path, run_dir, log, resumed, ranks):  # noqa: F811
+def assert_resumed_exactly(data, tmp_path, run_dir, log, resumed, ranks, steps=ELASTIC_STEPS):  # noqa: F811
     """Every step of the job from ``resumed`` on has the losses of the same checkpoint resumed by
     ``ranks`` ranks on one machine (1e-5)."""
     ref = tmp_path / "ref"
@@ -270,13 +271,13 @@ def assert_resumed_exactly(data, tmp_path, run_dir, log, resumed, ranks):  # noq
     # as many threads per rank as the job's ranks had (their log says; it differs under pytest-xdist),
     # so that every sum is taken in the same order
     threads = re.findall(r"rank \d+: (\d+) threads", log)[-1]
-    proc = launch(ranks, "train", "--config", elastic_config(data, tmp_path / "ref.yaml", ref),
+    proc = launch(ranks, "train", "--config", elastic_config(data, tmp_path / "ref.yaml", ref, steps),
                   env={"OMP_NUM_THREADS": threads})
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0 and f"rank {ranks - 1}: {threads} threads" in out, out[-4000:]
     ours, reference = metrics(run_dir), metrics(ref)
-    assert sorted(ours) == list(range(1, ELASTIC_STEPS + 1)), sorted(ours)
-    assert sorted(reference) == list(range(resumed + 1, ELASTIC_STEPS + 1))
+    assert sorted(ours) == list(range(1, steps + 1)), sorted(ours)
+    assert sorted(reference) == list(range(resumed + 1, steps + 1))
     for step in reference:
         ours_, theirs = losses(ours[step][-1]), losses(reference[step][-1])
         assert ours_.keys() == theirs.keys() and all(abs(ours_[k] - theirs[k]) <= 1e-5 for k in theirs), step
@@ -321,27 +322,37 @@ def test_an_elastic_job_that_loses_a_node_goes_on_with_the_nodes_left_without_a_
     cluster._wait_idle([victim], 60)
 
 
-def test_an_elastic_job_that_loses_its_first_node_requeues_and_resumes_exactly(cluster, data, tmp_path):  # noqa: F811
-    """Node 1 holds the rendezvous (and runs the job script): its loss cannot be survived in place.
-    SLURM requeues the job (Restarts=1) once it marks the node down; the requeued job waits for its
-    3 nodes (node 1 comes back), resumes from the last complete checkpoint on 3 ranks, records no
-    re-formation, and logs the losses of the same checkpoint resumed by 3 ranks on one machine.
-    The time from the kill to the requeue and to the first step after it is printed."""
-    job, run_dir = start_elastic_job(cluster, data, tmp_path)
-    victim = "node1"
+def test_an_elastic_job_that_loses_a_node_then_its_first_node_requeues_and_resumes_exactly(cluster, data,  # noqa: F811
+                                                                                          tmp_path):
+    """Two nodes lost one after the other: node 3 (the job goes on with 2, its MIN), then node 1,
+    which holds the rendezvous and runs the job script, leaving fewer than MIN. That cannot be
+    survived in place: the task of the node left requeues the job (Restarts=1) once SLURM marks
+    node 1 down; the requeued job waits for its 3 nodes (both come back), resumes from the last
+    complete checkpoint on 3 ranks, records both re-formations (3 -> 2 -> 3), and logs the losses
+    of the same checkpoint resumed by 3 ranks on one machine. The time from the second kill to the
+    requeue and to the first step after it is printed."""
+    # more steps: the run on 2 nodes must not end before the second kill lands
+    job, run_dir = start_elastic_job(cluster, data, tmp_path, steps=TWO_LOSSES_STEPS)
+    lines = logged_steps(run_dir)
+    cluster.nodes.kill("node3")
+    deadline = time.time() + 300
+    while time.time() < deadline and not events(read_records(run_dir / "metrics.jsonl"), "reformed"):
+        time.sleep(0.1)
+    assert logged_steps(run_dir) > lines, job_log(run_dir / "slurm")[-3000:]
+    cluster.start_node("node3")  # back, idle (ReturnToService=2): the requeued job will want it
     lines, killed_at, at_step = logged_steps(run_dir), time.time(), max(metrics(run_dir))
-    cluster.nodes.kill(victim)
+    cluster.nodes.kill("node1")
     timeline = {}
     while time.time() < killed_at + 300 and "next_step" not in timeline:
         if "requeued" not in timeline and cluster.jobs(job)[job].get("Restarts") == "1":
             timeline["requeued"] = time.time() - killed_at
-            cluster.start_node(victim)  # the node comes back (ReturnToService=2): the job gets its 3 nodes
+            cluster.start_node("node1")  # the job gets its 3 nodes again
             lines = logged_steps(run_dir)  # a step in flight at the kill may have been logged after it
         elif "requeued" in timeline and logged_steps(run_dir) > lines:
             timeline["next_step"] = time.time() - killed_at
         time.sleep(0.2)
     if "requeued" not in timeline:
-        cluster.start_node(victim)
+        cluster.start_node("node1")
     states = cluster.wait_job(job, timeout=400)
     log = job_log(run_dir / "slurm")
     fields = cluster.jobs(job)[job]
@@ -349,11 +360,15 @@ def test_an_elastic_job_that_loses_its_first_node_requeues_and_resumes_exactly(c
           f"killed_at_step={at_step}")
     assert list(states.values()) == ["COMPLETED"] and fields["Restarts"] == "1", (timeline, log[-4000:])
     assert timeline.keys() == {"requeued", "next_step"}, timeline
+    assert "node node2: the first node node1 (the rendezvous, the job script) is lost: requeueing job" in log, \
+        log[-4000:]
     resumed = int(re.findall(r"resumed from \S+ at step (\d+)", log)[-1])
     assert ELASTIC_EVERY <= resumed <= at_step, (resumed, at_step)
-    assert events(read_records(run_dir / "metrics.jsonl"), "reformed") == []
-    assert_resumed_exactly(data, tmp_path, run_dir, log, resumed, 3)
-    cluster._wait_idle([victim], 60)
+    reformed = events(read_records(run_dir / "metrics.jsonl"), "reformed")
+    assert [(e["world_size_before"], e["world_size"]) for e in reformed] == [(3, 2), (2, 3)], reformed
+    assert reformed[1]["step"] == resumed + 1 and reformed[1]["last_step_before"] >= at_step, reformed
+    assert_resumed_exactly(data, tmp_path, run_dir, log, resumed, 3, TWO_LOSSES_STEPS)
+    cluster._wait_idle(["node1", "node3"], 60)
 
 
 SILENT_RANK = """

@@ -186,6 +186,21 @@ def test_slurm_variables_give_rank_and_world():
     assert world_info_from_env({}).world_size == 1
 
 
+def test_the_collective_timeout_is_read_in_seconds_and_a_bad_value_is_named(monkeypatch):
+    import datetime
+
+    from lverse.core.errors import InputError
+    from lverse.runtime.distributed import collective_timeout
+    monkeypatch.delenv("LVERSE_COLLECTIVE_TIMEOUT", raising=False)
+    assert collective_timeout() is None  # torch's own
+    monkeypatch.setenv("LVERSE_COLLECTIVE_TIMEOUT", "60")
+    assert collective_timeout() == datetime.timedelta(seconds=60)
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("LVERSE_COLLECTIVE_TIMEOUT", bad)
+        with pytest.raises(InputError, match=re.escape(f"LVERSE_COLLECTIVE_TIMEOUT={bad!r}: give the seconds")):
+            collective_timeout()
+
+
 # --- BiART under DeepSpeed --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
