@@ -111,8 +111,10 @@ def end_process() -> None:
     exit, the group and its backend's threads are torn down among the static destructors, which is
     where a rank of a finished run was seen to abort ("terminate called without an active
     exception", a rank of 2 on gloo); PyTorch asks for this call before a process exits."""
+    global _LONG_WAITS
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the long waits' too
+    _LONG_WAITS = None
 
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
