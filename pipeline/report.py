@@ -174,9 +174,9 @@ def _find(run_dir: str, pattern: str) -> list[str]:
 
 
 def svg_plot(series: dict[str, list[tuple[float, float]]], width: int = 420, height: int = 220,
-             marks: list[tuple[float, str]] = ()) -> str:
+             marks: list[tuple[float, str, str]] = ()) -> str:
     """Line plot of named (x, y) series as inline SVG, axes labelled with their ranges; ``marks``:
-    (x, label) drawn as dashed vertical lines, the label as the line's tooltip."""
+    (x, label, tooltip) drawn as dashed vertical lines, the short label above the plot area."""
     points = [p for s in series.values() for p in s]
     if not points:
         return ""
@@ -199,10 +199,12 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], width: int = 420, hei
         parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="{line}"/>')
         parts.append(f'<text x="{width - pad - 4}" y="{pad + 14 + 13 * k}" font-size="11" fill="{color}" '
                      f'text-anchor="end">{html.escape(name)}</text>')
-    for x, label in marks:
+    for x, label, tooltip in marks:
         if x0 <= x <= x1:
-            parts.append(f'<line class="mark" x1="{sx(x):.1f}" y1="{pad}" x2="{sx(x):.1f}" y2="{height - pad}" '
-                         f'stroke="#888" stroke-dasharray="4 3"><title>{html.escape(label)}</title></line>')
+            parts.append(f'<g class="mark"><title>{html.escape(tooltip)}</title>'
+                         f'<line x1="{sx(x):.1f}" y1="{pad}" x2="{sx(x):.1f}" y2="{height - pad}" stroke="#888" '
+                         f'stroke-dasharray="4 3"/><text x="{sx(x):.1f}" y="{pad - 4}" font-size="10" '
+                         f'text-anchor="middle" fill="#666">{html.escape(label)}</text></g>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -217,8 +219,9 @@ def _curves(path: str) -> str:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and (
                     key.endswith(("/ref", "/gen")) or key in ("loss", "perplexity")):
                 series.setdefault(key, []).append((m["step"], float(value)))
-    marks = [(e["step"], f"step {e['step']}: re-formed on {e['world_size']} ranks (from {e['world_size_before']}), "
-                         f"{e['seconds_lost']:.0f} s lost") for e in events(records, "reformed")]
+    marks = [(e["step"], f"{e['world_size_before']}\u2192{e['world_size']} ranks",
+              f"step {e['step']}: re-formed on {e['world_size']} ranks (from {e['world_size_before']}), "
+              f"{e['seconds_lost']:.0f} s lost") for e in events(records, "reformed")]
     plots = []
     losses = {k: v for k, v in series.items() if k != "perplexity"}
     if losses:

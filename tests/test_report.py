@@ -202,4 +202,5 @@ def test_a_start_on_fewer_ranks_is_recorded_once_and_marked_on_the_curve(tmp_pat
     MetricsLogger(str(tmp_path), 0, tensorboard=False, world_size=2).first_step_done(6)
     assert len(events(read_records(str(tmp_path / "metrics.jsonl")), "reformed")) == 1
     page = open(write_report(str(tmp_path))).read()
-    assert page.count('class="mark"') == 1 and "re-formed on 2 ranks (from 3)" in page
+    assert page.count('class="mark"') == 1 and "step 5: re-formed on 2 ranks (from 3)" in page
+    assert "3\u21922 ranks</text>" in page
