@@ -56,7 +56,7 @@ from lverse.model.checkpoint import save_model
 from lverse.model.losses import ReconstructionLoss, psnr
 from lverse.model.quantizer import codebook_usage
 from lverse.pipeline.configs import VAETrainConfig
-from lverse.runtime.data import Batches, Stream
+from lverse.runtime.data import Batches, Stream, worker_errors
 from lverse.runtime.metrics import MetricsLogger
 from lverse.runtime.trainer import (
     Checkpoint,
@@ -226,8 +226,8 @@ class _Phase:
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         batches = Batches(stream, ImageBatch(model.cfg.image_size, cfg.crop_ratio), cfg.batch_size, proc.rank,
                           proc.world, cfg.workers, start_batches=step, read=read_tar)
-        loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.workers,
-                                                  prefetch_factor=4 if cfg.workers else None))
+        loader = worker_errors(iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.workers,
+                                                                prefetch_factor=4 if cfg.workers else None)))
         first, end = (0, cfg.ml_steps) if name == "ml" else (cfg.ml_steps, total)
         if proc.rank == 0:
             log.info("AugVAE-%s: %.1fM parameters, %d tokens per image, %d ranks, global batch %d, "
