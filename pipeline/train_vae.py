@@ -64,6 +64,7 @@ from lverse.runtime.trainer import (
     Process,
     Schedule,
     check_run_dir,
+    ignore_stop_signals,
     image_grid,
     latest_checkpoint,
     reseed,
@@ -227,7 +228,8 @@ class _Phase:
         batches = Batches(stream, ImageBatch(model.cfg.image_size, cfg.crop_ratio), cfg.batch_size, proc.rank,
                           proc.world, cfg.workers, start_batches=step, read=read_tar)
         loader = worker_errors(iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.workers,
-                                                                prefetch_factor=4 if cfg.workers else None)))
+                                                                prefetch_factor=4 if cfg.workers else None,
+                                                                worker_init_fn=ignore_stop_signals)))
         first, end = (0, cfg.ml_steps) if name == "ml" else (cfg.ml_steps, total)
         if proc.rank == 0:
             log.info("AugVAE-%s: %.1fM parameters, %d tokens per image, %d ranks, global batch %d, "
