@@ -3,15 +3,19 @@ finishes, and check that nothing outlived a killed run and that the outputs are 
 never killed.
 
 One *round* starts the stage's command (``lverse STAGE ...``, as a user runs it) in a session of
-its own, with a marker in its environment, and at moments drawn from the seed SIGKILLs a process
-drawn from those of the session then alive: the driver, a pool worker, a worker's guard,
-multiprocessing's resource tracker, a DataLoader worker, img2dataset's processes. A round ends
-when its driver has ended (killed, failed because a worker died, or finished). Then every process
-of the session, or carrying the marker, must be gone within ``GRACE`` seconds; one still there is
-an *orphan*, counted, named and killed. After the rounds the same command runs until it succeeds,
-and its outputs must equal, byte for byte, those of an uninterrupted run of the same command into
-another folder (training: the exported weights and every logged loss), and no temporary file may
-be left in them.
+its own, with a marker in its environment, and at moments drawn from the seed (within the
+duration of an uninterrupted run) SIGKILLs a process drawn from those of the session then alive:
+the driver, a pool worker, a worker's guard, multiprocessing's resource tracker, a DataLoader
+worker, img2dataset's processes. A moment that finds the driver alone (importing, loading) waits
+until it has started another process: a driver killed before it started anything leaves nothing
+to find. A round ends when its driver has ended (killed, failed because a worker died, or
+finished). Then every process of the session, or carrying the marker, must be gone within
+``GRACE`` seconds; one still there is an *orphan*, counted, named and killed. A round whose
+driver finished (the kills spared it, or it retried what they failed) is checked as the final run
+is, and the next round starts from an empty output folder. After the rounds the same command runs
+until it succeeds; its outputs must equal, byte for byte, those of an uninterrupted run of the
+same command into another folder (training: the exported weights and every logged loss), and no
+temporary file may be left in them.
 
 ``python benchmarks/chaos.py --stage S --rounds N --seed K`` runs it for longer hunts;
 tests/test_chaos.py runs a round or two per stage. Every kill is printed with its round, its
@@ -28,6 +32,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +68,7 @@ class Result:
     temporaries: list[str] = dataclasses.field(default_factory=list)
     differences: list[str] = dataclasses.field(default_factory=list)
     reruns: int = 0  # runs after the rounds until one succeeded
+    victims: dict[str, int] = dataclasses.field(default_factory=dict)  # kills by the victim's role
     seconds: float = 0.0
 
     @property
@@ -74,7 +80,8 @@ class Result:
         return [f"chaos_stage={self.stage}", f"chaos_seed={self.seed}", f"chaos_rounds={self.rounds}",
                 f"chaos_kills={self.kills}", f"chaos_orphans={len(self.orphans)}",
                 f"chaos_temporaries={len(self.temporaries)}", f"chaos_outputs_identical={self.identical}",
-                f"chaos_seconds={self.seconds:.0f}"]
+                f"chaos_seconds={self.seconds:.0f}",
+                "chaos_victims=" + ",".join(f"{role}:{n}" for role, n in sorted(self.victims.items()))]
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -118,19 +125,20 @@ def members(session: int, marker: str) -> list[int]:
 
 
 def role(pid: int, driver: int) -> str:
-    """What a process of a run is, for the kill schedule."""
+    """What a process of a run is, for the kill schedule and the tally of victims."""
     if pid == driver:
         return "driver"
-    command = _command_line(pid)
-    stat = _stat(pid)
+    command, stat = _command_line(pid), _stat(pid)
     parent = int(stat[1]) if stat else 0
     if "resource_tracker" in command:
         return "resource tracker"
     if parent == driver:
-        return "worker (spawned)" if "multiprocessing" in command else "child of the driver"
-    if stat and "multiprocessing" in _command_line(parent) and command == _command_line(parent):
-        return "a worker's fork (guard or its child)"
-    return f"child of {parent}"
+        if command == _command_line(driver):
+            return "driver's fork (DataLoader worker)"
+        return "pool worker" if "multiprocessing" in command else "driver's child"
+    if "multiprocessing" in command and command == _command_line(parent):
+        return "worker's fork (guard)"
+    return f"other ({os.path.basename(command.split(' ')[0])})"
 
 
 def _kill(pid: int) -> None:
@@ -168,29 +176,27 @@ def chaos(stage: Stage, folder: str, rounds: int, seed: int, kills_per_round: in
     if code != 0:
         raise RuntimeError(f"the uninterrupted run of {stage.name} failed ({code}): see {log}")
     stage.duration = time.time() - begin
+    expected = stage.outputs(reference)
+    if not expected:
+        raise RuntimeError(f"the uninterrupted run of {stage.name} left no outputs to compare: see {log}")
     for r in range(1, rounds + 1):
         result.rounds += 1
         moments = sorted(rng.uniform(0, stage.duration) for _ in range(kills_per_round))
         picks = [rng.random() for _ in moments]
-        result.kills += _round(stage, out, log, r, moments, picks, result, say, timeout)
+        kills, code = _round(stage, out, log, r, moments, picks, result, say, timeout)
+        result.kills += kills
+        if code == 0:  # the stage finished in spite of the kills: check it, and start the next round afresh
+            _check(stage, out, expected, f"round {r}", result)
+            shutil.rmtree(out)
     for attempt in range(5):
         result.reruns += 1
         code = run_once(stage.command(out), log, timeout)
         if code == 0:
+            _check(stage, out, expected, "the final run", result)
             break
         say(f"chaos {stage.name}: rerun {attempt + 1} after the rounds failed ({code}); again")
     else:
         result.differences.append(f"no rerun succeeded: see {log}")
-        result.seconds = time.time() - started
-        return result
-    result.temporaries = temporaries(out)
-    mine, theirs = stage.outputs(out), stage.outputs(reference)
-    if not theirs:
-        result.differences.append("the uninterrupted run has no outputs to compare")
-    for name in sorted(set(mine) | set(theirs)):
-        if mine.get(name) != theirs.get(name):
-            result.differences.append(f"{name}: {mine.get(name, 'missing')[:12]} after kills, "
-                                      f"{theirs.get(name, 'missing')[:12]} uninterrupted")
     result.seconds = time.time() - started
     for line in result.lines():
         say(line)
@@ -199,9 +205,19 @@ def chaos(stage: Stage, folder: str, rounds: int, seed: int, kills_per_round: in
     return result
 
 
+def _check(stage: Stage, out: str, expected: dict[str, str], when: str, result: Result) -> None:
+    """A finished output: no temporaries, and ``expected``'s contents."""
+    result.temporaries += [f"{when}: {path}" for path in temporaries(out)]
+    found = stage.outputs(out)
+    for name in sorted(set(found) | set(expected)):
+        if found.get(name) != expected.get(name):
+            result.differences.append(f"{when}: {name}: {found.get(name, 'missing')[:12]} after kills, "
+                                      f"{expected.get(name, 'missing')[:12]} uninterrupted")
+
+
 def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks: list[float], result: Result,
-           say: Callable[[str], None], timeout: float) -> int:
-    """One round; the number of kills sent."""
+           say: Callable[[str], None], timeout: float) -> tuple[int, int]:
+    """One round; the number of kills sent, and the driver's exit status."""
     marker = uuid.uuid4().hex
     with open(log, "ab") as f:
         f.write(f"\n=== round {r}\n".encode())
@@ -217,9 +233,16 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
                 say(f"round {r}: the driver ended ({proc.returncode}) before the kill at {moment:.2f} s")
                 break
             alive = members(driver, marker)
+            while alive == [driver] and proc.poll() is None:  # starting up: wait for what it starts
+                time.sleep(0.01)
+                alive = members(driver, marker)
+            if proc.poll() is not None:
+                break
             victim = alive[int(pick * len(alive))]
+            what = role(victim, driver)
+            result.victims[what] = result.victims.get(what, 0) + 1
             say(f"round {r}: at {time.time() - start:.2f} s (drawn {moment:.2f} s) SIGKILL {victim} "
-                f"[{role(victim, driver)}] {_command_line(victim)[:100]} ({len(alive)} alive)")
+                f"[{what}] {_command_line(victim)[:100]} ({len(alive)} alive)")
             _kill(victim)
             kills += 1
             if victim == driver:
@@ -237,7 +260,7 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
         for pid in left:
             result.orphans.append(f"round {r}: {pid} [{role(pid, driver)}] {_command_line(pid)}")
             _kill(pid)
-    return kills
+    return kills, proc.returncode
 
 
 def temporaries(folder: str) -> list[str]:
