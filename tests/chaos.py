@@ -150,15 +150,24 @@ def _kill(pid: int) -> None:
 
 # -- the harness ---------------------------------------------------------------------------------
 
-def run_once(command: list[str], log_path: str, timeout: float = 600) -> int:
-    """The command to its end, its output to ``log_path``; its exit status."""
+def run_once(command: list[str], log_path: str, timeout: float = 600) -> tuple[int, list[str]]:
+    """The command to its end, its output to ``log_path``; its exit status, and what of its
+    session was still alive ``GRACE`` seconds after it ended (killed then)."""
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            return proc.wait(timeout=timeout)
-        finally:
-            for pid in members(proc.pid, "-"):
-                _kill(pid)
+    try:
+        code = proc.wait(timeout=timeout)
+        ended = time.time()
+        while members(proc.pid, "-") and time.time() - ended < GRACE:
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            _kill(proc.pid)
+            proc.wait()
+        left = [f"{pid} [{role(pid, proc.pid)}] {_command_line(pid)}" for pid in members(proc.pid, "-")]
+        for pid in members(proc.pid, "-"):
+            _kill(pid)
+    return code, left
 
 
 def chaos(stage: Stage, folder: str, rounds: int, seed: int, kills_per_round: int = 3,
@@ -172,7 +181,8 @@ def chaos(stage: Stage, folder: str, rounds: int, seed: int, kills_per_round: in
     out, reference, log = (os.path.join(folder, name) for name in ("out", "reference", "log.txt"))
     say(f"chaos {stage.name}: seed {seed}, {rounds} rounds of {kills_per_round} kills; log {log}")
     begin = time.time()
-    code = run_once(stage.command(reference), log, timeout)
+    code, left = run_once(stage.command(reference), log, timeout)
+    result.orphans += [f"the uninterrupted run: {orphan}" for orphan in left]
     if code != 0:
         raise RuntimeError(f"the uninterrupted run of {stage.name} failed ({code}): see {log}")
     stage.duration = time.time() - begin
@@ -190,7 +200,8 @@ def chaos(stage: Stage, folder: str, rounds: int, seed: int, kills_per_round: in
             shutil.rmtree(out)
     for attempt in range(5):
         result.reruns += 1
-        code = run_once(stage.command(out), log, timeout)
+        code, left = run_once(stage.command(out), log, timeout)
+        result.orphans += [f"rerun {attempt + 1}: {orphan}" for orphan in left]
         if code == 0:
             _check(stage, out, expected, "the final run", result)
             break
