@@ -133,8 +133,8 @@ def role(pid: int, driver: int) -> str:
     if "resource_tracker" in command:
         return "resource tracker"
     if parent == driver:
-        if command == _command_line(driver):
-            return "driver's fork (DataLoader worker)"
+        if command == _command_line(driver):  # a DataLoader worker, or a child not yet at its exec
+            return "driver's fork"
         return "pool worker" if "multiprocessing" in command else "driver's child"
     if "multiprocessing" in command and command == _command_line(parent):
         return "worker's fork (guard)"
