@@ -235,7 +235,7 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
         f.flush()
         proc = subprocess.Popen(stage.command(out), start_new_session=True, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, MARK: marker})
-    driver, start, kills = proc.pid, time.time(), 0
+    driver, start, kills, killed = proc.pid, time.time(), 0, set()
     try:
         for moment, pick in zip(moments, picks):
             while time.time() - start < moment and proc.poll() is None:
@@ -243,10 +243,10 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
             if proc.poll() is not None:
                 say(f"round {r}: the driver ended ({proc.returncode}) before the kill at {moment:.2f} s")
                 break
-            alive = members(driver, marker)
+            alive = [pid for pid in members(driver, marker) if pid not in killed]  # the killed may still be dying
             while alive == [driver] and proc.poll() is None:  # starting up: wait for what it starts
                 time.sleep(0.01)
-                alive = members(driver, marker)
+                alive = [pid for pid in members(driver, marker) if pid not in killed]
             if proc.poll() is not None:
                 break
             victim = alive[int(pick * len(alive))]
@@ -255,6 +255,7 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
             say(f"round {r}: at {time.time() - start:.2f} s (drawn {moment:.2f} s) SIGKILL {victim} "
                 f"[{what}] {_command_line(victim)[:100]} ({len(alive)} alive)")
             _kill(victim)
+            killed.add(victim)
             kills += 1
             if victim == driver:
                 break
