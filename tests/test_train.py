@@ -799,6 +799,7 @@ def _errors(out: str) -> list[str]:
     return [line for line in out.splitlines() if " ERROR " in line]
 
 
+@pytest.mark.slow  # a training process and its DataLoader workers
 def test_bad_data_a_loader_worker_finds_ends_the_run_with_one_line(tmp_path, data):
     """A token index damaged in place (codes out of range; its sizes are right, so the run starts):
     a DataLoader worker finds it, and the run ends with status 2 and the worker's one line, not its
@@ -828,6 +829,7 @@ def _kill_a_loader_worker(run, run_dir):
     os.kill(workers[0], signal.SIGKILL)
 
 
+@pytest.mark.slow  # a training process and its DataLoader workers
 def test_a_loader_worker_that_dies_ends_the_run_with_one_line(tmp_path, data):
     """A DataLoader worker SIGKILLed (as the OOM killer kills) while the run waits at step 3:
     status 1 within seconds, one line naming the worker and what to do."""
@@ -840,6 +842,7 @@ def test_a_loader_worker_that_dies_ends_the_run_with_one_line(tmp_path, data):
     assert seconds < 10, f"the run ended {seconds:.1f} s after its DataLoader worker died"
 
 
+@pytest.mark.slow  # a training process and its DataLoader workers
 def test_a_step_that_raises_ends_the_run_at_once(tmp_path, data):
     """A micro-step that raises (LVERSE_TEST_RAISE_AT_MICRO_STEP) with the DataLoader workers
     running: status 1 within seconds of the start, the error's traceback (a bug's), its line last."""
