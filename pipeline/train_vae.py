@@ -175,11 +175,14 @@ def train_vae(cfg: VAETrainConfig) -> dict:
             reached = _evaluate(cfg, phase, step, held_out, proc, logger)
             if reached and step < phase.end:
                 phase.end = total = step
+        # The phase's model file before the checkpoint that ends the phase: a run that dies between
+        # the two resumes from the checkpoint before and writes the file again; the other way round
+        # it would resume past the phase's end and never write it.
+        if step == phase.end:
+            _export(cfg, phase, proc.rank)
         if step % cfg.checkpoint_every == 0 or step == phase.end:
             rule = {"plateau": plateau.state(proc.world)} if plateau else {}  # collective
             _save(cfg, phase.model, phase.opt, step, proc.rank, reached, rule)
-        if step == phase.end:
-            _export(cfg, phase, proc.rank)
     dist.barrier()
     logger.close()
     return meter.last
