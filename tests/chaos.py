@@ -3,10 +3,10 @@ finishes, and check that nothing outlived a killed run and that the outputs are 
 never killed.
 
 One *round* starts the stage's command (``lverse STAGE ...``, as a user runs it) in a session of
-its own, with a marker in its environment, and at moments drawn from the seed (within the
-duration of an uninterrupted run) SIGKILLs a process drawn from those of the session then alive:
-the driver, a pool worker, a worker's guard, multiprocessing's resource tracker, a DataLoader
-worker, img2dataset's processes. A moment that finds the driver alone (importing, loading) waits
+its own, with a marker in its environment, and at moments drawn from the seed (within the first
+``REACH`` of an uninterrupted run's duration) SIGKILLs a process drawn from those of the session
+then alive: the driver, a pool worker, a worker's guard, multiprocessing's resource tracker, a
+DataLoader worker, img2dataset's processes. A moment that finds the driver alone (importing, loading) waits
 until it has started another process: a driver killed before it started anything leaves nothing
 to find. A round ends when its driver has ended (killed, failed because a worker died, or
 finished). Then every process of the session, or carrying the marker, must be gone within
@@ -46,6 +46,9 @@ LVERSE = os.path.join(os.path.dirname(sys.executable), "lverse")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "LVERSE_CHAOS_RUN"  # in the environment of every process a round starts, however deep
 GRACE = 5.0  # seconds a process of a killed run may outlive its driver
+# Kills land within this share of an uninterrupted run's duration: a run from an empty output may
+# be faster than the first (warm caches), and a kill drawn past its end would land on nothing.
+REACH = 0.8
 STAGES = ("encode", "caption", "generate", "download", "train", "train-vae")
 
 
@@ -191,7 +194,7 @@ def chaos(stage: Stage, folder: str, rounds: int, seed: int, kills_per_round: in
         raise RuntimeError(f"the uninterrupted run of {stage.name} left no outputs to compare: see {log}")
     for r in range(1, rounds + 1):
         result.rounds += 1
-        moments = sorted(rng.uniform(0, stage.duration) for _ in range(kills_per_round))
+        moments = sorted(rng.uniform(0, REACH * stage.duration) for _ in range(kills_per_round))
         picks = [rng.random() for _ in moments]
         kills, code = _round(stage, out, log, r, moments, picks, result, say, timeout)
         result.kills += kills
