@@ -374,7 +374,7 @@ def _train(cfg: TrainConfig) -> None:
     """
     from lverse.pipeline.train import train
     from lverse.runtime.trainer import end_process
-    train(cfg)
+    _training(train, cfg)
     end_process()
 
 
@@ -394,8 +394,21 @@ def _train_vae(cfg: VAETrainConfig) -> None:
     """
     from lverse.pipeline.train_vae import train_vae
     from lverse.runtime.trainer import end_process
-    train_vae(cfg)
+    _training(train_vae, cfg)
     end_process()
+
+
+def _training(train: Callable, cfg) -> None:
+    """``train(cfg)``; a DataLoader worker that died fails the command with one line (status 1),
+    as a failed shard fails a stage, not with the traceback of a bug."""
+    from lverse.runtime.data import dead_worker_message
+    try:
+        train(cfg)
+    except RuntimeError as e:
+        message = dead_worker_message(e)
+        if message is None:
+            raise
+        raise StageFailed(message) from None
 
 
 @command("train-clip", ClipTrainConfig)

@@ -65,7 +65,7 @@ from lverse.model.checkpoint import save_model
 from lverse.model.losses import ReconstructionLoss, psnr
 from lverse.model.quantizer import codebook_usage
 from lverse.pipeline.configs import VAETrainConfig
-from lverse.runtime.data import Batches, Stream
+from lverse.runtime.data import Batches, Stream, worker_errors
 from lverse.runtime.metrics import MetricsLogger
 from lverse.runtime.trainer import (
     Checkpoint,
@@ -73,6 +73,7 @@ from lverse.runtime.trainer import (
     Process,
     Schedule,
     check_run_dir,
+    ignore_stop_signals,
     image_grid,
     latest_checkpoint,
     reseed,
@@ -185,11 +186,14 @@ def train_vae(cfg: VAETrainConfig) -> dict:
             reached = _evaluate(cfg, phase, step, held_out, proc, logger)
             if reached and step < phase.end:
                 phase.end = total = step
+        # The phase's model file before the checkpoint that ends the phase: a run that dies between
+        # the two resumes from the checkpoint before and writes the file again; the other way round
+        # it would resume past the phase's end and never write it.
+        if step == phase.end:
+            _export(cfg, phase, proc.rank)
         if step % cfg.checkpoint_every == 0 or step == phase.end:
             rule = {"plateau": plateau.state(proc.world)} if plateau else {}  # collective
             _save(cfg, phase.model, phase.opt, step, proc.rank, reached, rule)
-        if step == phase.end:
-            _export(cfg, phase, proc.rank)
     dist.barrier()
     logger.close()
     return meter.last
@@ -237,8 +241,9 @@ class _Phase:
         ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
         batches = Batches(stream, ImageBatch(model.cfg.image_size, cfg.crop_ratio), cfg.batch_size, proc.rank,
                           proc.world, cfg.workers, start_batches=step, read=read_tar)
-        loader = iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.workers,
-                                                  prefetch_factor=4 if cfg.workers else None))
+        loader = worker_errors(iter(torch.utils.data.DataLoader(batches, batch_size=None, num_workers=cfg.workers,
+                                                                prefetch_factor=4 if cfg.workers else None,
+                                                                worker_init_fn=ignore_stop_signals)))
         first, end = (0, cfg.ml_steps) if name == "ml" else (cfg.ml_steps, total)
         if proc.rank == 0:
             log.info("AugVAE-%s: %.1fM parameters, %d tokens per image, %d ranks, global batch %d, "

@@ -217,13 +217,44 @@ def batch_loader(batches: torch.utils.data.IterableDataset, workers: int,
 def micro_batches(loader: Iterator[dict], batch_size: int) -> Iterator[dict]:
     """The micro-batches of ``loader``'s items (``GlobalBatches`` with a ``chunk``), in order: views
     of each item's tensors (arrays made tensors) and slices of its other values, ``batch_size``
-    rows at a time."""
-    for item in loader:
+    rows at a time. Bad data a worker found is raised as ``worker_errors`` raises it."""
+    for item in worker_errors(loader):
         item = {name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
                 for name, value in item.items()}
         first = next(iter(item.values()))
         for a in range(0, len(first), batch_size):
             yield {name: value[a:a + batch_size] for name, value in item.items()}
+
+
+def worker_errors(loader: Iterator) -> Iterator:
+    """``loader``'s items; bad data that a DataLoader worker found (an ``InputError``: a damaged
+    index or shard) is raised here as the worker raised it, its one-line message alone.
+
+    Why: the DataLoader raises a worker's exception again in the training process as the same
+    class, but with the worker's whole traceback for its message ("Caught InputError in DataLoader
+    worker process 0. Original Traceback ..."), which the CLI would print as the one line it
+    prints for bad input. The traceback's last line holds the original message (torch keeps the
+    text only, not the exception); a bug (any other class) keeps the traceback."""
+    try:
+        yield from loader
+    except InputError as e:
+        head = f"\n{type(e).__module__}.{type(e).__qualname__}: "
+        text = str(e)
+        if text.startswith(f"Caught {type(e).__name__} in DataLoader worker") and head in text:
+            raise type(e)(text.rsplit(head, 1)[1].strip()) from None
+        raise
+
+
+def dead_worker_message(e: BaseException) -> str | None:
+    """One line for the error a DataLoader raises in the training process when one of its workers
+    died (the OOM killer's SIGKILL, a crash), saying what to do; None for any other error. The
+    worker's death is no bug of the run (a traceback would only show where the training process
+    happened to be when it noticed), and a rerun resumes from the last complete checkpoint."""
+    text = str(e).strip()
+    if not isinstance(e, RuntimeError) or not text.startswith("DataLoader worker (pid"):
+        return None
+    return (f"{text.rstrip('. ')}: a data loading process died (out of memory? see the kernel log, `dmesg`); "
+            "run the same command again: training continues from its last complete checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------

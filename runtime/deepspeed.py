@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections.abc
 import copy
 import difflib
+import itertools
 import json
 import logging
 import os
@@ -388,10 +389,18 @@ def load_stage0_fp32(model, folder: str) -> None:
                 p.copy_(master.view(p.shape))
 
 
+# A test's fault (tests/test_train.py): with LVERSE_TEST_RAISE_AT_MICRO_STEP=k in its environment, the
+# k-th micro-step of a process raises, as a step that fails (a kernel's error, a bug) does.
+_RAISE_AT_MICRO_STEP = int(os.environ.get("LVERSE_TEST_RAISE_AT_MICRO_STEP") or 0)
+_micro_steps = itertools.count(1)
+
+
 def micro_step(engine, text: torch.Tensor, image: torch.Tensor, direction: Direction) -> torch.Tensor:
     """Forward and backward of one micro-batch of (text, image) pairs (DeepSpeed steps the
     optimizer at the last of the step's ``grad_accum``); returns (loss, ref, gen) detached. The train
     stage runs it, and the benchmarks time this same step."""
+    if _RAISE_AT_MICRO_STEP and next(_micro_steps) == _RAISE_AT_MICRO_STEP:
+        raise RuntimeError(f"micro-step {_RAISE_AT_MICRO_STEP} failed: raised by LVERSE_TEST_RAISE_AT_MICRO_STEP")
     seq = build_sequence(text, image, direction, engine.module.cfg).to(engine.device, non_blocking=True)
     _, losses = engine(seq[:, :-1], direction, targets=seq[:, 1:])
     engine.backward(losses["loss"])

@@ -200,7 +200,19 @@ class StopFlag:
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """A helper process's (DataLoader worker's) start: schedulers signal every process of a job
     step, and a worker killed by a stop signal would end training before it can checkpoint; only
-    the training process acts on them (and a worker left alone ends with it)."""
+    the training process acts on them, and the worker ends with it, however it ends.
+
+    The parent-death signal (``lifetime.die_with_parent``) ends the worker at once when the
+    training process is SIGKILLed; torch's own check of the parent (every 5 s, while the worker
+    waits for work) would leave it running that long, into the next run's start, and a worker
+    that is busy longer. The parent's PID is the one multiprocessing recorded when it started the
+    worker, not ``os.getppid`` now: a parent that died meanwhile is not seen as alive."""
+    import multiprocessing
+
+    from .lifetime import die_with_parent
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        die_with_parent(parent.pid)
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 

@@ -99,18 +99,27 @@ def _no_ray_left():
 @pytest.fixture(scope="session")
 def vae_path(tmp_path_factory):
     """A debug-sl AugVAE with random weights (seed 0)."""
+    return make_vae(str(tmp_path_factory.mktemp("vae") / "vae.safetensors"))
+
+
+def make_vae(path: str) -> str:
+    """``vae_path``'s model at ``path`` (also for benchmarks/chaos.py, which runs without pytest)."""
     from lverse.model import AugVAE, save_model
     from lverse.model.augvae import PRESETS
-    path = tmp_path_factory.mktemp("vae") / "vae.safetensors"
     torch.manual_seed(0)
-    save_model(AugVAE(PRESETS["debug-sl"]), str(path))
-    return str(path)
+    save_model(AugVAE(PRESETS["debug-sl"]), path)
+    return path
 
 
 @pytest.fixture(scope="session")
 def data(tmp_path_factory, vae_path):
     """Image shards, their token shards through the debug AugVAE, and a caption tokenizer fitted
     on their captions (tests/test_train.py's SHARDS of PER_SHARD)."""
+    return make_data(str(tmp_path_factory.mktemp("train_data")), vae_path)
+
+
+def make_data(root: str, vae_path: str) -> dict:
+    """``data``'s files in the folder ``root``."""
     import json
 
     from lverse.core.shards import iter_samples
@@ -120,21 +129,26 @@ def data(tmp_path_factory, vae_path):
 
     from .test_encode import raw_shards
     from .test_train import PER_SHARD, SHARDS
-    root = tmp_path_factory.mktemp("train_data")
-    raw = raw_shards(str(root / "raw"), count=SHARDS, n=PER_SHARD)
+    raw = raw_shards(os.path.join(root, "raw"), count=SHARDS, n=PER_SHARD)
     for s in range(SHARDS):  # img2dataset's done marker, which train-vae counts samples from
         with open(os.path.join(raw, f"{s:05d}_stats.json"), "w") as f:
             json.dump({"successes": PER_SHARD}, f)
-    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=str(root / "tokens"), workers=0))
+    tokens = os.path.join(root, "tokens")
+    run_encode(EncodeConfig(shards=raw, vae=vae_path, output=tokens, workers=0))
     captions = [f["txt"].decode() for s in range(SHARDS) for f in iter_samples(os.path.join(raw, f"{s:05d}.tar"))]
-    CaptionTokenizer.fit(captions, str(root / "tok"), vocab_size=64, offset=512)
-    return {"raw": raw, "tokens": str(root / "tokens"), "vae": vae_path, "tokenizer": str(root / "tok.model")}
+    CaptionTokenizer.fit(captions, os.path.join(root, "tok"), vocab_size=64, offset=512)
+    return {"raw": raw, "tokens": tokens, "vae": vae_path, "tokenizer": os.path.join(root, "tok.model")}
 
 
 @pytest.fixture(scope="session")
 def biart(data, tmp_path_factory):
     """A debug BiART with random weights (seed 0) for ``data``'s tokenizer, its AugVAE and
     tokenizer recorded as `lverse export` records them."""
+    return make_biart(str(tmp_path_factory.mktemp("biart") / "biart.safetensors"), data)
+
+
+def make_biart(path: str, data: dict) -> str:
+    """``biart``'s model at ``path``, for ``data``."""
     from lverse.model import BiART, save_model
     from lverse.model.biart import PRESETS, BiARTConfig
     from lverse.model.checkpoint import provenance_of
@@ -142,7 +156,6 @@ def biart(data, tmp_path_factory):
     tok = CaptionTokenizer(data["tokenizer"], offset=512)
     cfg = BiARTConfig(**{**PRESETS["debug"].__dict__, "text_vocab": tok.vocab_size, "text_len": 24})
     torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("biart") / "biart.safetensors")
     save_model(BiART(cfg), path, provenance_of(data["vae"], data["tokenizer"]))
     return path
 

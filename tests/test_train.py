@@ -787,3 +787,88 @@ def test_a_rank_that_dies_ends_the_job_within_seconds(data, tmp_path):
     while _processes(5, job.pid) and time.time() < deadline:
         time.sleep(0.2)
     assert not _processes(5, job.pid), "a process of the job outlived it"
+
+
+# --- a failure ends the run at once ---------------------------------------------------------------
+
+def _train_until_it_ends(config, env=None, while_running=None, timeout=120):
+    """``lverse train`` in a session of its own, ``while_running(proc)`` once it runs; its status,
+    output and the seconds from the end of ``while_running`` (or the start) to its exit. Nothing of
+    it may outlive it by more than a few seconds."""
+    lverse = os.path.join(os.path.dirname(sys.executable), "lverse")
+    run = subprocess.Popen([lverse, "train", "--config", config], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        if while_running is not None:
+            while_running(run)
+        start = time.time()
+        out, _ = run.communicate(timeout=timeout)
+        seconds = time.time() - start
+    finally:
+        if run.poll() is None:  # hung: a failure of the test, and nothing left behind
+            kill_tree(run.pid)
+    deadline = time.time() + 10
+    while _processes(5, run.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes(5, run.pid), "a process of the failed run outlived it"
+    return run.returncode, out, seconds
+
+
+def _errors(out: str) -> list[str]:
+    return [line for line in out.splitlines() if " ERROR " in line]
+
+
+@pytest.mark.slow  # a training process and its DataLoader workers
+def test_bad_data_a_loader_worker_finds_ends_the_run_with_one_line(tmp_path, data):
+    """A token index damaged in place (codes out of range; its sizes are right, so the run starts):
+    a DataLoader worker finds it, and the run ends with status 2 and the worker's one line, not its
+    traceback."""
+    tokens = tmp_path / "tokens"
+    shutil.copytree(data["tokens"], tokens)
+    subprocess.run([sys.executable, "-m", "lverse.cli", "index", "--tokens", str(tokens)], check=True,
+                   capture_output=True, timeout=120)
+    codes = np.memmap(tokens / "_index" / "codes.u16", dtype="<u2", mode="r+")
+    codes[5] = 65535
+    codes.flush()
+    del codes
+    config = train_config(tmp_path / "run.yaml", {**data, "tokens": str(tokens)}, tmp_path / "run")
+    code, out, _ = _train_until_it_ends(config)
+    assert code == 2 and len(_errors(out)) == 1, out[-3000:]
+    assert "64 codes from 0 up to 65535, but the model takes 64 codes from 0 below 512" in _errors(out)[0]
+    assert "Traceback" not in out
+
+
+def _kill_a_loader_worker(run, run_dir):
+    deadline = time.time() + 120
+    while logged_steps(run_dir) < 3:
+        assert run.poll() is None and time.time() < deadline, run.stdout.read()[-3000:]
+        time.sleep(0.05)
+    workers = _processes(3, run.pid)  # the training process's children: its DataLoader workers
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+
+
+@pytest.mark.slow  # a training process and its DataLoader workers
+def test_a_loader_worker_that_dies_ends_the_run_with_one_line(tmp_path, data):
+    """A DataLoader worker SIGKILLed (as the OOM killer kills) while the run waits at step 3:
+    status 1 within seconds, one line naming the worker and what to do."""
+    config = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=20, export=False)
+    code, out, seconds = _train_until_it_ends(config, {"LVERSE_HOLD_AT_STEP": "3"},
+                                              lambda run: _kill_a_loader_worker(run, tmp_path / "run"))
+    assert code == 1 and len(_errors(out)) == 1, out[-3000:]
+    assert "is killed by signal: Killed: a data loading process died" in _errors(out)[0]
+    assert "run the same command again" in _errors(out)[0] and "Traceback" not in out
+    assert seconds < 10, f"the run ended {seconds:.1f} s after its DataLoader worker died"
+
+
+@pytest.mark.slow  # a training process and its DataLoader workers
+def test_a_step_that_raises_ends_the_run_at_once(tmp_path, data):
+    """A micro-step that raises (LVERSE_TEST_RAISE_AT_MICRO_STEP) with the DataLoader workers
+    running: status 1 within seconds of the start, the error's traceback (a bug's), its line last."""
+    config = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=20, export=False)
+    code, out, seconds = _train_until_it_ends(config, {"LVERSE_TEST_RAISE_AT_MICRO_STEP": "3"})
+    assert code == 1, out[-3000:]
+    assert out.rstrip().splitlines()[-1] == \
+        "RuntimeError: micro-step 3 failed: raised by LVERSE_TEST_RAISE_AT_MICRO_STEP", out[-3000:]
+    assert "step 2 |" in out and "step 3 |" not in out
+    print(f"failed run ended {seconds:.1f} s after its start")
