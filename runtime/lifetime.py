@@ -108,24 +108,23 @@ PRIVATE_RAY_MARK = "LVERSE_PRIVATE_RAY"  # in the environment of every process o
 
 # The guard of a private Ray: waits for the end of its stdin (the driver alone holds the other end,
 # so the end comes when the driver does, however it ends), then SIGKILLs every process whose
-# environment carries the mark, again until none is found (Ray may be starting one meanwhile).
+# environment carries the mark, and goes on looking until none has been seen for 3 s: a process
+# still starting one (a raylet restarting an agent it saw die) may not have died yet.
 _RAY_GUARD = """
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 mark = sys.argv[1].encode()
 sys.stdin.buffer.read()
-for _ in range(50):
-    found = 0
+quiet_since, began = time.monotonic(), time.monotonic()
+while time.monotonic() - quiet_since < 3 and time.monotonic() - began < 60:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if mark in f.read().split(b"\\0"):
                     os.kill(int(pid), signal.SIGKILL)
-                    found += 1
+                    quiet_since = time.monotonic()
         except OSError:
             pass
-    if not found:
-        break
     time.sleep(0.1)
 """
 
