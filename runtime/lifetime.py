@@ -106,15 +106,24 @@ def stopping() -> Iterator[None]:
 
 PRIVATE_RAY_MARK = "LVERSE_PRIVATE_RAY"  # in the environment of every process of a driver's private Ray
 
-# The guard of a private Ray: waits for the end of its stdin (the driver alone holds the other end,
-# so the end comes when the driver does, however it ends), then SIGKILLs every process whose
-# environment carries the mark, and goes on looking until none has been seen for 3 s: a process
-# still starting one (a raylet restarting an agent it saw die) may not have died yet.
+# The guard of a private Ray: waits for the driver's end (a pidfd turns readable when the process
+# exits, however it exits, whichever processes hold copies of its files) or for the end of its
+# stdin, whose other end the driver holds, then SIGKILLs every process whose environment carries
+# the mark, and goes on looking until none has been seen for 3 s: a process still starting one (a
+# raylet restarting an agent it saw die) may not have died yet.
 _RAY_GUARD = """
-import os, signal, sys, time
+import os, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-mark = sys.argv[1].encode()
-sys.stdin.buffer.read()
+driver, mark = int(sys.argv[1]), sys.argv[2].encode()
+ends = [sys.stdin]  # its end: the driver's end_private_ray, or its exit where there is no pidfd
+try:
+    ends.append(os.pidfd_open(driver))
+except ProcessLookupError:  # gone already
+    ends = []
+except (AttributeError, OSError):  # no pidfd (Linux before 5.3)
+    pass
+if ends:
+    select.select(ends, [], [])
 quiet_since, began = time.monotonic(), time.monotonic()
 while time.monotonic() - quiet_since < 3 and time.monotonic() - began < 60:
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -147,7 +156,7 @@ def guard_private_ray() -> None:
     import secrets
     import subprocess
     mark = f"{PRIVATE_RAY_MARK}={os.getpid()}-{secrets.token_hex(8)}"
-    _ray_guard = subprocess.Popen([sys.executable, "-c", _RAY_GUARD, mark], stdin=subprocess.PIPE,
+    _ray_guard = subprocess.Popen([sys.executable, "-c", _RAY_GUARD, str(os.getpid()), mark], stdin=subprocess.PIPE,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     os.environ[PRIVATE_RAY_MARK] = mark.split("=", 1)[1]
 
