@@ -339,11 +339,5 @@ def _flags(options: dict) -> list[str]:
 
 def _samples(folder) -> dict[str, tuple[bytes, bytes]]:
     """Each downloaded sample's caption and image, by key, over the folder's shards."""
-    import tarfile
-    members: dict[str, dict[str, bytes]] = {}
-    for path in glob.glob(os.path.join(folder, "*.tar")):
-        with tarfile.open(path) as tar:
-            for m in tar.getmembers():
-                key, ext = m.name.rsplit(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return {key: (m["txt"], m["jpg"]) for key, m in members.items()}
+    from .test_download import read_shards
+    return {key: (members["txt"], members["jpg"]) for key, members in read_shards(folder).items()}
