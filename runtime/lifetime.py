@@ -145,13 +145,18 @@ def guard_private_ray() -> None:
     inherit, and start a guard that ends every marked process once this one has ended.
 
     Why: Ray's own reaper ends the head's processes when the driver dies, but the agents the raylet
-    starts (dashboard and runtime-env agents) outlive a SIGKILLed driver, and so would a worker
-    whose raylet was SIGKILLed mid-start. The guard sits in a session of its own, so a Ctrl-C at a
-    terminal or a kill of the driver's process group does not take it first; a driver that ends
-    normally has shut Ray down already, and the guard then finds nothing. One guard per process,
-    for every private Ray it starts. On other systems than Linux this does nothing. Not yet
-    enough: in 2 of 3 runs of the whole test suite (tests/test_stop.py, a SIGKILLed driver), both
-    agents were still alive 10 s later, cause not found; alone, that test sees them end."""
+    starts (dashboard and runtime-env agents) outlive a SIGKILLed driver by a minute or more, and
+    so would a worker whose raylet was SIGKILLed mid-start. The guard sits in a session of its own,
+    so a Ctrl-C at a terminal or a kill of the driver's process group does not take it first; a
+    driver that ends normally has shut Ray down already, and the guard then finds nothing. One
+    guard per process, for every private Ray it starts. On other systems than Linux this does
+    nothing.
+
+    ``SPT_NOENV`` goes into the environment with the mark: Ray's agents set their process title
+    (``ray::DashboardAgent``) with setproctitle, which by default writes the title over the memory
+    that /proc/PID/environ reads, and the mark with it; with ``SPT_NOENV`` set it leaves the
+    environment alone (the title is then at most as long as the original command line, which an
+    agent's is)."""
     global _ray_guard
     if not sys.platform.startswith("linux") or _ray_guard is not None:
         return
@@ -161,6 +166,7 @@ def guard_private_ray() -> None:
     _ray_guard = subprocess.Popen([sys.executable, "-c", _RAY_GUARD, str(os.getpid()), mark], stdin=subprocess.PIPE,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     os.environ[PRIVATE_RAY_MARK] = mark.split("=", 1)[1]
+    os.environ["SPT_NOENV"] = "1"
 
 
 def end_private_ray() -> None:

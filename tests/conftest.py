@@ -35,6 +35,9 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(sys.prefix, "induc
 def pytest_configure(config):
     if not hasattr(config, "workerinput"):  # the run itself (xdist's controller), before its workers start
         os.environ[SESSION] = tempfile.mkdtemp(prefix="lverse-suite-")
+        # Ray's agents and workers set their process titles with setproctitle, which by default
+        # writes over the memory /proc/PID/environ reads, the session's mark with it
+        os.environ["SPT_NOENV"] = "1"
     with open(os.path.join(os.environ[SESSION], "pids"), "a") as f:  # every test process's PID
         f.write(f"{os.getpid()}\n")
     config.addinivalue_line("markers", "gpu: needs a CUDA device; the only tests allowed to skip in CI")

@@ -134,11 +134,12 @@ def _tail(log) -> str:
         return f.read().decode(errors="replace")[-3000:]
 
 
-def _wait_gone(session: int, seconds: float) -> list[int]:
+def _wait_gone(session: int, seconds: float) -> list[str]:
+    """The command lines of what is left of ``session`` after up to ``seconds``."""
     deadline = time.time() + seconds
     while _processes(5, session) and time.time() < deadline:
         time.sleep(0.1)
-    return _processes(5, session)
+    return [command.decode(errors="replace")[:120] for command in _commands(session)]
 
 
 # Encode is stopped with each signal on each executor. Download, caption and generate take two of
@@ -190,15 +191,13 @@ def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path
                                              ("generate", "local"), ("encode", "ray")])
 def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage, executor):
     """Every worker, local process or Ray actor, dies with the driver, in the middle of an item (a
-    download in the middle of a shard). Of the private local Ray the driver started, Ray's own node
-    agents (dashboard and runtime-env agents, which run no lverse code) are ended by lverse's guard
-    (runtime/lifetime.py) in runs of this test alone, but were seen alive 10 s after the driver in 2
-    of 3 full-suite runs, cause not found: they are not counted here, and the `sessions` fixture
-    ends them."""
+    download in the middle of a shard), the private local Ray's node agents (dashboard and
+    runtime-env, which run no lverse code) included: lverse's guard ends them
+    (runtime/lifetime.py)."""
     proc = _start(_command(stage, executor, tmp_path, request), stage, tmp_path, sessions)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert _wait_workers_gone(proc.pid, 10) == []
+    assert _wait_gone(proc.pid, 10) == []
     assert _open_under(tmp_path / "out") == []
 
 
@@ -265,23 +264,6 @@ def test_what_a_worker_started_dies_with_a_sigkilled_driver(sessions):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _wait_gone(proc.pid, 10) == []
-
-
-
-
-def _wait_workers_gone(session: int, seconds: float) -> list[str]:
-    deadline = time.time() + seconds
-    while _workers_left(session) and time.time() < deadline:
-        time.sleep(0.1)
-    return _workers_left(session)
-
-
-RAY_AGENTS = (b"ray::DashboardAgent", b"ray::RuntimeEnvAgent")
-
-
-def _workers_left(session: int) -> list[str]:
-    return [command.decode(errors="replace")[:120] for command in _commands(session)
-            if not command.startswith(RAY_AGENTS)]
 
 
 def _commands(session: int) -> list[bytes]:
@@ -390,6 +372,6 @@ def test_a_second_ctrl_c_stops_a_stage_at_once(tmp_path, request, sessions, stag
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=30) in (130, -signal.SIGINT), _tail(tmp_path / "stderr.log")
     assert time.time() - second < 3
-    assert _wait_workers_gone(proc.pid, 5) == []
+    assert _wait_gone(proc.pid, 5) == []
     assert _open_under(tmp_path / "out") == []
 
