@@ -44,6 +44,7 @@ from lverse.pipeline.configs import (
     VAETrainConfig,
 )
 from lverse.preprocessing.coco import CocoConfig
+from lverse.runtime.lifetime import end_temporary_folder, own_temporary_folder
 from lverse.runtime.tasks import StageFailed
 from lverse.slurm.render import SubmitOptions
 
@@ -693,16 +694,22 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> None:
     """The ``lverse`` command (and ``python -m lverse.cli``): ``main``, then ``exit_now``. A bug's
-    traceback is printed as the interpreter prints it, and the status is 1, as it would be."""
+    traceback is printed as the interpreter prints it, and the status is 1, as it would be. Every
+    temporary file of the command's processes is made in a folder of its own, removed at its end
+    (runtime/lifetime.py ``own_temporary_folder``)."""
+    temporary = own_temporary_folder()
     try:
         code = main()
+    except SystemExit:  # argparse's: --help answered, or a usage error
+        end_temporary_folder(temporary)
+        raise
     except Exception:
         traceback.print_exc()
         code = 1
-    exit_now(code)
+    exit_now(code, temporary)
 
 
-def exit_now(code: int) -> None:
+def exit_now(code: int, temporary: str | None = None) -> None:
     """End the process with ``code`` once the command is done or has failed, without the
     interpreter's teardown of native libraries, and without waiting on a daemonic child.
 
@@ -732,6 +739,8 @@ def exit_now(code: int) -> None:
         child.kill()
     threading._shutdown()  # what the interpreter's exit does first: join the non-daemon threads
     atexit._run_exitfuncs()
+    if temporary is not None:  # its processes have ended: the workers with the stage, Ray at its shutdown
+        end_temporary_folder(temporary)
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

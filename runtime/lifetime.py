@@ -180,3 +180,79 @@ def end_private_ray() -> None:
     _ray_guard.wait()
     _ray_guard = None
     del os.environ[PRIVATE_RAY_MARK]
+
+
+# -- a command's temporary folder ----------------------------------------------------------------
+
+OWNER = "lverse-owner"  # in a command's temporary folder: "PID-namespace PID start-time" of the command
+
+
+def own_temporary_folder() -> str:
+    """Give this command, and every process it starts, a temporary folder of their own inside the
+    system's (TMPDIR), and return it; ``end_temporary_folder`` removes it at the command's end.
+
+    Why: libraries make temporary files in every process that imports them and remove them only
+    at a normal interpreter exit (wandb, which img2dataset imports and timm tries, makes three
+    folders at import), and a stage ends its workers with signals: each run left a few empty
+    folders per worker in /tmp, and a SIGKILLed compiler its files. With one folder per command
+    the command's end takes them all. A command that was SIGKILLed cannot remove its own: the next
+    command on the machine removes every such folder whose owner is no longer running (a folder
+    records its owner's PID with the process's start time, so a reused PID is not taken for it,
+    and its PID namespace, so a container's process is never taken for one of ours).
+
+    What must outlive the command stays where it would be without this: a private local Ray's
+    session (RAY_TMPDIR: its logs are for reading afterwards, and its sockets' paths may be at
+    most 107 bytes long) and TorchInductor's compiled kernels (TORCHINDUCTOR_CACHE_DIR, whose
+    default is in the temporary folder: without it every run of a compiled model would compile
+    again). Other caches that a library keeps in the temporary folder last one command."""
+    import getpass
+    import tempfile
+    system = tempfile.gettempdir()
+    _remove_abandoned(system)
+    folder = tempfile.mkdtemp(prefix=f"lverse-{os.getpid()}-", dir=system)
+    with open(os.path.join(folder, OWNER), "w") as f:
+        f.write(_identity(os.getpid()) or "")
+    os.environ.setdefault("RAY_TMPDIR", os.environ.get("TMPDIR", "/tmp"))  # Ray's own choice of folder
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for the user (a container's): torch then names the uid
+        user = f"uid_{os.getuid()}"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(system, f"torchinductor_{user}"))  # its default
+    os.environ["TMPDIR"] = folder
+    tempfile.tempdir = folder
+    return folder
+
+
+def end_temporary_folder(folder: str) -> None:
+    """Remove the command's temporary folder (its processes have ended)."""
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _identity(pid: int) -> str | None:
+    """"PID-namespace PID start-time" of a running process, or None once it has ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            start = f.read().rsplit(")", 1)[1].split()[19]  # field 22: start time after boot
+        namespace = os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    return f"{namespace} {pid} {start}"
+
+
+def _remove_abandoned(system: str) -> None:
+    """Remove the temporary folders of commands of this PID namespace that are no longer running."""
+    import glob
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: owners cannot be checked
+        return
+    for owner in glob.glob(os.path.join(system, "lverse-*", OWNER)):
+        try:
+            with open(owner) as f:
+                recorded = f.read().split()
+        except OSError:  # removed meanwhile
+            continue
+        if len(recorded) == 3 and recorded[0] == namespace and recorded[1].isdigit() \
+                and _identity(int(recorded[1])) != " ".join(recorded):
+            end_temporary_folder(os.path.dirname(owner))

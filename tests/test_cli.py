@@ -21,6 +21,7 @@ from lverse.model.checkpoint import save_model
 from lverse.pipeline.configs import EncodeConfig
 from lverse.pipeline.encode import run_encode
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+from lverse.runtime.lifetime import OWNER, _identity
 from lverse.runtime.tasks import StageFailed
 
 from .test_encode import raw_shards
@@ -379,3 +380,33 @@ def test_the_command_ends_its_daemonic_children_even_one_that_ignores_sigterm():
             break
         time.sleep(0.1)
     assert time.time() < deadline, f"the daemonic child {child} outlived the command"
+
+
+def test_a_command_keeps_its_temporary_files_in_a_folder_it_removes_and_removes_those_of_killed_commands(tmp_path):
+    """Every temporary file of a command's processes goes into a folder of the command, removed at
+    its end (what a stage leaves there after a signal or at its end: tests/test_stop.py); the
+    folder of a command that was SIGKILLed is removed by the next command, unless its owner is
+    still running or in another PID namespace (runtime/lifetime.py ``own_temporary_folder``)."""
+    system = tmp_path / "tmp"
+    system.mkdir()
+    ended = subprocess.Popen(["sleep", "0.5"])
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        owners = {"ended": _identity(ended.pid), "alive": _identity(alive.pid),
+                  "elsewhere": "pid:[1] 1 1", "no owner": None}
+        ended.wait()
+        for name, owner in owners.items():
+            (system / f"lverse-{name}").mkdir()
+            if owner is not None:
+                (system / f"lverse-{name}" / OWNER).write_text(owner)
+        script = ("import atexit, sys, tempfile\nfrom lverse.cli import run\n"
+                  "atexit.register(lambda: print('temporary folder', tempfile.gettempdir()))\n"
+                  "sys.argv[1:] = ['index', '--help']\nrun()\n")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                             env=dict(os.environ, TMPDIR=str(system)))
+    finally:
+        alive.kill()
+        alive.wait()
+    assert out.returncode == 0, out.stderr
+    assert f"temporary folder {system}/lverse-" in out.stdout  # its own, inside TMPDIR
+    assert sorted(os.listdir(system)) == ["lverse-alive", "lverse-elsewhere", "lverse-no owner"]

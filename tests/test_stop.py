@@ -18,6 +18,7 @@ import os
 import select
 import signal
 import subprocess
+import tempfile
 import sys
 import textwrap
 import time
@@ -118,7 +119,8 @@ def _start(command: list[str], stage: str, tmp_path, sessions, in_flight: bool =
     download, unless not ``in_flight``: once img2dataset writes into the next chunk's shard)."""
     out, log = tmp_path / "out", tmp_path / "stderr.log"
     with open(log, "wb") as err:  # a file, not a pipe: a pipe nobody reads would block a chatty stage
-        proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err,
+                                env=_temporary_folder(tmp_path))
     sessions.append(proc.pid)
     deadline = time.time() + 240
     while not glob.glob(str(out / DONE[stage])) or (stage == "download" and in_flight and
@@ -127,6 +129,18 @@ def _start(command: list[str], stage: str, tmp_path, sessions, in_flight: bool =
         time.sleep(0.05)
     assert _processes(3, proc.pid), "the driver has no worker process"
     return proc
+
+
+def _temporary_folder(tmp_path) -> dict:
+    """The environment of a stage whose temporary folder (TMPDIR) is ``tmp_path/tmp``, empty. A
+    private local Ray's session stays where it is (RAY_TMPDIR): its sockets' paths may be at most
+    107 bytes long, and it keeps its logs."""
+    os.makedirs(tmp_path / "tmp", exist_ok=True)
+    return dict(os.environ, TMPDIR=str(tmp_path / "tmp"), RAY_TMPDIR=tempfile.gettempdir())
+
+
+def _temporaries_left(tmp_path) -> list[str]:
+    return sorted(os.listdir(tmp_path / "tmp"))
 
 
 def _tail(log) -> str:
@@ -175,10 +189,12 @@ def test_a_signal_stops_the_stage_and_its_workers_and_a_rerun_continues(tmp_path
     assert len(finished) < ITEMS[stage]  # the queue was cancelled, not worked off
 
     # The same command finishes the rest; what was done is not done again, nothing the stop left trips it.
-    rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=_temporary_folder(tmp_path))
     sessions.append(rerun.pid)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err.decode(errors="replace")[-3000:]
+    assert _temporaries_left(tmp_path) == []
     with open(out / "_summary.json") as f:
         summary = json.load(f)
     assert (summary["skipped"], summary["done"], summary["failed"]) == (len(finished), ITEMS[stage] - len(finished), [])
