@@ -184,7 +184,7 @@ def end_private_ray() -> None:
 
 # -- a command's temporary folder ----------------------------------------------------------------
 
-OWNER = "lverse-owner"  # in a command's temporary folder: "PID-namespace PID start-time" of the command
+OWNER = "lverse-owner"  # in a command's temporary folder: "boot PID-namespace PID start-time" of the command
 
 
 def own_temporary_folder() -> str:
@@ -196,9 +196,10 @@ def own_temporary_folder() -> str:
     folders at import), and a stage ends its workers with signals: each run left a few empty
     folders per worker in /tmp, and a SIGKILLed compiler its files. With one folder per command
     the command's end takes them all. A command that was SIGKILLed cannot remove its own: the next
-    command on the machine removes every such folder whose owner is no longer running (a folder
-    records its owner's PID with the process's start time, so a reused PID is not taken for it,
-    and its PID namespace, so a container's process is never taken for one of ours).
+    command on the machine removes every such folder whose owner is no longer running: a folder
+    records its owner's PID with the process's start time (a reused PID is not taken for it), its
+    PID namespace (a container's process is never taken for one of ours) and the machine's boot
+    (a TMPDIR on storage that other machines share holds their commands' folders too).
 
     What must outlive the command stays where it would be without this: a private local Ray's
     session (RAY_TMPDIR: its logs are for reading afterwards, and its sockets' paths may be at
@@ -230,22 +231,24 @@ def end_temporary_folder(folder: str) -> None:
 
 
 def _identity(pid: int) -> str | None:
-    """"PID-namespace PID start-time" of a running process, or None once it has ended."""
+    """"boot PID-namespace PID start-time" of a running process, or None once it has ended."""
     try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
         with open(f"/proc/{pid}/stat") as f:
             start = f.read().rsplit(")", 1)[1].split()[19]  # field 22: start time after boot
         namespace = os.readlink(f"/proc/{pid}/ns/pid")
     except OSError:
         return None
-    return f"{namespace} {pid} {start}"
+    return f"{boot} {namespace} {pid} {start}"
 
 
 def _remove_abandoned(system: str) -> None:
-    """Remove the temporary folders of commands of this PID namespace that are no longer running."""
+    """Remove the temporary folders of this machine's commands (this boot, this PID namespace)
+    that are no longer running."""
     import glob
-    try:
-        namespace = os.readlink("/proc/self/ns/pid")
-    except OSError:  # not Linux: owners cannot be checked
+    here = _identity(os.getpid())
+    if here is None:  # not Linux: owners cannot be checked
         return
     for owner in glob.glob(os.path.join(system, "lverse-*", OWNER)):
         try:
@@ -253,6 +256,6 @@ def _remove_abandoned(system: str) -> None:
                 recorded = f.read().split()
         except OSError:  # removed meanwhile
             continue
-        if len(recorded) == 3 and recorded[0] == namespace and recorded[1].isdigit() \
-                and _identity(int(recorded[1])) != " ".join(recorded):
+        if len(recorded) == 4 and recorded[:2] == here.split()[:2] and recorded[2].isdigit() \
+                and _identity(int(recorded[2])) != " ".join(recorded):
             end_temporary_folder(os.path.dirname(owner))

@@ -386,14 +386,17 @@ def test_a_command_keeps_its_temporary_files_in_a_folder_it_removes_and_removes_
     """Every temporary file of a command's processes goes into a folder of the command, removed at
     its end (what a stage leaves there after a signal or at its end: tests/test_stop.py); the
     folder of a command that was SIGKILLed is removed by the next command, unless its owner is
-    still running or in another PID namespace (runtime/lifetime.py ``own_temporary_folder``)."""
+    still running, on another machine or in another PID namespace (runtime/lifetime.py
+    ``own_temporary_folder``)."""
     system = tmp_path / "tmp"
     system.mkdir()
     ended = subprocess.Popen(["sleep", "0.5"])
     alive = subprocess.Popen(["sleep", "60"])
     try:
-        owners = {"ended": _identity(ended.pid), "alive": _identity(alive.pid),
-                  "elsewhere": "pid:[1] 1 1", "no owner": None}
+        boot, namespace, pid, start = _identity(ended.pid).split()
+        owners = {"ended": _identity(ended.pid), "alive": _identity(alive.pid), "no owner": None,
+                  "other machine": f"another-boot {namespace} {pid} {start}",
+                  "other namespace": f"{boot} pid:[1] {pid} {start}"}
         ended.wait()
         for name, owner in owners.items():
             (system / f"lverse-{name}").mkdir()
@@ -409,4 +412,5 @@ def test_a_command_keeps_its_temporary_files_in_a_folder_it_removes_and_removes_
         alive.wait()
     assert out.returncode == 0, out.stderr
     assert f"temporary folder {system}/lverse-" in out.stdout  # its own, inside TMPDIR
-    assert sorted(os.listdir(system)) == ["lverse-alive", "lverse-elsewhere", "lverse-no owner"]
+    assert sorted(os.listdir(system)) == ["lverse-alive", "lverse-no owner", "lverse-other machine",
+                                          "lverse-other namespace"]
