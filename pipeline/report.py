@@ -39,7 +39,7 @@ from lverse.core.errors import InputError
 from lverse.core.files import atomic_output
 from lverse.core.formats import check_captions, is_caption_table
 from lverse.core.shards import expand_shards, iter_samples
-from lverse.runtime.metrics import events, read_records, step_records
+from lverse.runtime.metrics import events, read_records, run_history
 
 SKIP = ("report",)  # our own output is not input
 
@@ -210,11 +210,11 @@ def svg_plot(series: dict[str, list[tuple[float, float]]], width: int = 420, hei
 
 
 def _curves(path: str) -> str:
-    """The plots of one ``metrics.jsonl``; its re-formations (a start on another number of ranks)
-    are marked on the loss curve."""
+    """The plots of one ``metrics.jsonl`` (each step as last logged: a resumed run redid some);
+    its re-formations (a start on another number of ranks) are marked on the loss curve."""
     series: dict[str, list[tuple[float, float]]] = {}
     records = read_records(path)
-    for m in step_records(records):
+    for m in run_history(records):
         for key, value in m.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and (
                     key.endswith(("/ref", "/gen")) or key in ("loss", "perplexity")):

@@ -122,6 +122,18 @@ def step_records(records: list[dict]) -> list[dict]:
     return [r for r in records if "event" not in r]
 
 
+def run_history(records: list[dict]) -> list[dict]:
+    """The logged steps of ``records`` as the run went on: a resumed run logs again the steps
+    after its checkpoint, and those lines replace the ones it had logged before it stopped (a
+    curve drawn from every line would go back and forth)."""
+    history: list[dict] = []
+    for record in step_records(records):
+        while history and history[-1]["step"] >= record["step"]:
+            history.pop()
+        history.append(record)
+    return history
+
+
 def events(records: list[dict], kind: str) -> list[dict]:
     """The events of one kind (e.g. ``"reformed"``) of ``records``."""
     return [r for r in records if r.get("event") == kind]

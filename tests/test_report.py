@@ -182,7 +182,7 @@ def test_a_start_on_fewer_ranks_is_recorded_once_and_marked_on_the_curve(tmp_pat
     """Steps 1-6 logged on 3 ranks; the run resumes from step 4 on 2: the first step done after the
     start records the re-formation (and only it), the readers of the curves skip the event, and the
     report marks the step on the loss curve. A start on the same number of ranks records nothing."""
-    from lverse.runtime.metrics import MetricsLogger, events, read_records, step_records
+    from lverse.runtime.metrics import MetricsLogger, events, read_records, run_history, step_records
 
     first = MetricsLogger(str(tmp_path), 0, tensorboard=False, world_size=3)
     for step in range(1, 7):
@@ -198,6 +198,8 @@ def test_a_start_on_fewer_ranks_is_recorded_once_and_marked_on_the_curve(tmp_pat
         {"step": 5, "last_step_before": 6, "world_size_before": 3, "world_size": 2}
     assert 0 <= event["seconds_lost"] <= time.time() - last_logged + 1
     assert [r["step"] for r in step_records(records)] == [1, 2, 3, 4, 5, 6, 5]
+    # the curves: each step as last logged, in order (the resumed run's step 5, not 5, 6, 5)
+    assert [(r["step"], r["world_size"]) for r in run_history(records)] == [(1, 3), (2, 3), (3, 3), (4, 3), (5, 2)]
     assert {r["world_size"] for r in step_records(records)} == {3, 2}
     MetricsLogger(str(tmp_path), 0, tensorboard=False, world_size=2).first_step_done(6)
     assert len(events(read_records(str(tmp_path / "metrics.jsonl")), "reformed")) == 1
