@@ -187,9 +187,11 @@ def end_private_ray() -> None:
 OWNER = "lverse-owner"  # in a command's temporary folder: "boot PID-namespace PID start-time" of the command
 
 
-def own_temporary_folder() -> str:
+def own_temporary_folder() -> str | None:
     """Give this command, and every process it starts, a temporary folder of their own inside the
     system's (TMPDIR), and return it; ``end_temporary_folder`` removes it at the command's end.
+    None where no folder can be made there (a full or read-only disk): the command then runs
+    with the system's, and the first file it writes there says what is wrong.
 
     Why: libraries make temporary files in every process that imports them and remove them only
     at a normal interpreter exit (wandb, which img2dataset imports and timm tries, makes three
@@ -210,9 +212,14 @@ def own_temporary_folder() -> str:
     import tempfile
     system = tempfile.gettempdir()
     _remove_abandoned(system)
-    folder = tempfile.mkdtemp(prefix=f"lverse-{os.getpid()}-", dir=system)
-    with open(os.path.join(folder, OWNER), "w") as f:
-        f.write(_identity(os.getpid()) or "")
+    folder = None
+    try:
+        folder = tempfile.mkdtemp(prefix=f"lverse-{os.getpid()}-", dir=system)
+        with open(os.path.join(folder, OWNER), "w") as f:
+            f.write(_identity(os.getpid()) or "")
+    except OSError:
+        end_temporary_folder(folder)
+        return None
     os.environ.setdefault("RAY_TMPDIR", os.environ.get("TMPDIR", "/tmp"))  # Ray's own choice of folder
     try:
         user = getpass.getuser()
@@ -224,10 +231,11 @@ def own_temporary_folder() -> str:
     return folder
 
 
-def end_temporary_folder(folder: str) -> None:
+def end_temporary_folder(folder: str | None) -> None:
     """Remove the command's temporary folder (its processes have ended)."""
     import shutil
-    shutil.rmtree(folder, ignore_errors=True)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _identity(pid: int) -> str | None:
