@@ -45,6 +45,21 @@ from lverse.runtime.lifetime import guard_private_ray
 log = logging.getLogger(__name__)
 
 
+# A private Ray's longest socket path below its temporary folder: "/ray/session_<date>_<time>_<pid>
+# /sockets/plasma_store"; a Unix socket's path is at most 107 bytes.
+_SOCKET_TAIL = len("/ray/session_2026-12-07_17-35-55_672671_4194304/sockets/plasma_store")
+
+
+def _check_session_folder() -> None:
+    """A private Ray puts its sockets under RAY_TMPDIR (else TMPDIR, else /tmp), and fails to start
+    with a bare OSError where that folder's path is too long for a socket's (a scheduler's TMPDIR
+    can be): refuse first, saying what to set."""
+    folder = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    if len(folder.encode()) + _SOCKET_TAIL > 107:
+        raise InputError(f"a local Ray cannot start under {folder}: its socket paths would pass the 107 bytes a "
+                         f"Unix socket allows; set RAY_TMPDIR to a shorter folder (e.g. RAY_TMPDIR=/tmp)")
+
+
 def join(address: str | None) -> ModuleType:
     """Join ``address`` ("auto": the running cluster), else RAY_ADDRESS, else a private local Ray;
     returns the ``ray`` module.
@@ -61,6 +76,7 @@ def join(address: str | None) -> ModuleType:
         previous = signal.getsignal(signal.SIGTERM) if main else None
         address = address or os.environ.get("RAY_ADDRESS") or "local"
         if address == "local":  # a Ray of its own, which must end with this process
+            _check_session_folder()
             guard_private_ray()
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         if main and previous is not None:

@@ -243,6 +243,20 @@ def test_a_ray_address_that_does_not_answer_is_an_error_naming_it(tmp_path, vae_
     assert time.time() - began < 60 and not os.path.exists(tmp_path / "tok" / "00000.tar")
 
 
+def test_a_temporary_folder_too_long_for_a_local_rays_sockets_is_an_error_saying_what_to_set(tmp_path, vae_path):
+    """A scheduler's TMPDIR can be too long for the socket paths of a private Ray, which then fails
+    with a bare OSError: the command says to set RAY_TMPDIR instead, before starting anything."""
+    raw = raw_shards(str(tmp_path / "raw"), count=1, n=2)
+    long = tmp_path / ("t" * 40)
+    long.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_TMPDIR", "RAY_ADDRESS")}
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lverse"), "encode", "--shards", raw,
+                          "--vae", vae_path, "--output", str(tmp_path / "tok"), "--executor", "ray"],
+                         capture_output=True, text=True, timeout=120, env=dict(env, TMPDIR=str(long)))
+    assert out.returncode == 2 and f"a local Ray cannot start under {long}" in out.stderr, out.stderr[-2000:]
+    assert "set RAY_TMPDIR" in out.stderr and os.listdir(long) == []
+
+
 def test_workers_0_is_for_the_local_executor_and_below_0_is_refused(tmp_path, vae_path, caplog):
     from lverse.cli import main
     raw = raw_shards(str(tmp_path / "raw"), count=1, n=2)
