@@ -31,7 +31,7 @@ the device machine's recipe (benchmarks/README.md, "GPU") carries the wheels.
 ``--smoke``: the same phases on the CPU with tiny presets (debug BiART and AugVAE, the lverse-tiny
 CLIP, fp32) and a few steps; every figure is still printed, its value from the tiny run, and the
 ``gpu`` tests are only collected (their bodies that run on a CPU are tests of the normal suite).
-The suite runs this (tests/test_gpu_smoke.py), so the command cannot rot between GPU loans.
+The suite runs this (tests/test_gpu.py, marked slow), so the command cannot rot between GPU loans.
 
 Only on a GPU: ``TORCH_CUDA_ARCH_LIST`` of an arch-specific form (``9.0a``, as the lent machines'
 image sets it) is set to the plain capability (``9.0``) for this run and its subprocesses:
@@ -283,14 +283,17 @@ def one_line(e: BaseException) -> str:
 
 # -- the driver ---------------------------------------------------------------------------------
 
-def run_tests(smoke: bool, until: float, env: dict) -> dict:
+def run_tests(smoke: bool, until: float, env: dict, cwd: str) -> dict:
     """The ``gpu`` tests in a pytest subprocess that ends by ``until``; in smoke mode only collected."""
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider",
-           "--import-mode=append"]  # the installed lverse, not the bare lverse/ folder of the checkout
+    # Run from another folder, the test modules imported by path (importlib): the checkout's
+    # bare lverse/ folder on sys.path would hide the installed lverse (a --target install on the
+    # GPU machine; setup.py maps core/, model/, ... into it).
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", os.path.join(REPO, "tests", "test_gpu.py"), "--rootdir", REPO,
+           "-p", "no:cacheprovider", "--import-mode=importlib"]
     cmd += ["--collect-only", "-q"] if smoke else ["-v", "-rfE", "--tb=short"]
     print("$ " + " ".join(cmd[1:]), flush=True)
     lines = []
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True) as proc:
         with Deadline(proc, until) as deadline:
             for line in proc.stdout:
@@ -422,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 record = {"status": "skipped", "reason": f"{until - t0:.0f} s left of its share, under the "
                                                          f"{MIN_PHASE_S[name]} s it needs at least"}
             elif name == "tests":
-                record = run_tests(args.smoke, until, env)
+                record = run_tests(args.smoke, until, env, work)
             else:
                 record = run_child(name, args.smoke, until, work, env)
             record["seconds"] = round(time.time() - t0, 1)

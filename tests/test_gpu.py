@@ -245,7 +245,9 @@ def test_fused_adam_falls_back_to_torch_fused_adamw_when_its_build_fails(tmp_pat
            "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
                                    if not os.path.exists(os.path.join(p, "nvcc")))}
     env.pop("CUDA_PATH", None)
-    run = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=600)
+    # (run from tmp_path: a checkout's bare lverse/ folder in the working folder would hide the installed one)
+    run = subprocess.run([sys.executable, "-c", FALLBACK], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "optimizer: torch AdamW fused=True (CUDA)" in run.stdout, run.stdout + run.stderr[-3000:]
     assert "FusedAdam unavailable" in run.stderr
@@ -274,7 +276,7 @@ def test_nccl_group_over_the_gpus_present(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
                                                               "MASTER_PORT") and not k.startswith("SLURM_")}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                          str(script)], env=env, capture_output=True, text=True, timeout=300)
+                          str(script)], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = sorted((json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")),
                    key=lambda r: r["rank"])
@@ -298,9 +300,12 @@ def report_device(item):
 
 @gpu
 @needs_cuda
-def test_each_local_worker_runs_on_its_own_gpu_by_uuid():
+def test_each_local_worker_runs_on_its_own_gpu_by_uuid(monkeypatch):
     """``worker_gpus`` names one GPU a worker; each worker sees just that one as cuda:0, and it
     is the device of that index here (compared by UUID)."""
+    # The workers import report_device from this module: its package's folder on their path, last
+    # (pytest's importlib mode, which benchmarks/gpu.py uses, puts it nowhere).
+    monkeypatch.setattr(sys, "path", [*sys.path, REPO])
     from lverse.core.resources import pick_device, visible_gpus, worker_gpus
     from lverse.runtime.local_pool import LocalPool
     from lverse.runtime.tasks import run_tasks
@@ -388,3 +393,39 @@ def test_encode_codes_on_cuda_equal_the_cpus(data, tmp_path):
                                   for s in iter_samples(str(out / name))])
     same = (codes["cpu"] == codes["cuda"]).mean()
     assert same == 1.0, f"{same:.4%} of the codes are equal on CUDA and the CPU"
+
+
+# -- the GPU command, in its CPU smoke mode (the normal suite) -------------------------------------
+
+def gpu_command_figures() -> dict[str, tuple[str, ...]]:
+    """benchmarks/gpu.py's FIGURES (the script is no package: loaded from its file)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("lverse_gpu_command", os.path.join(REPO, "benchmarks", "gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module.FIGURES
+
+
+@pytest.mark.slow
+def test_the_gpu_command_runs_on_the_cpu_in_smoke_mode(tmp_path):
+    """Every phase runs, every figure is printed as name=value and written to gpu.json, and the
+    gpu tests of this module are collected."""
+    import math
+    import re
+    run = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--out", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    printed = dict(line.split("=", 1) for line in run.stdout.splitlines() if re.fullmatch(r"\w+=\S.*", line))
+    with open(tmp_path / "gpu.json") as f:
+        report = json.load(f)
+    bad = {name: r for name, r in report["phases"].items() if r["status"] != "ok"}
+    assert not bad, bad
+    for names in gpu_command_figures().values():
+        for name in names:
+            assert name in printed and math.isfinite(float(printed[name])), (name, printed.get(name))
+            assert isinstance(report["figures"][name], (int, float)), (name, report["figures"].get(name))
+    gpu_tests = [name for name, f in globals().items() if name.startswith("test_")
+                 and any(m.name == "gpu" for m in getattr(f, "pytestmark", []))]
+    assert report["figures"]["gpu_tests_collected"] == len(gpu_tests) > 0
+    assert report["environment"]["smoke"] is True
