@@ -68,7 +68,7 @@ FIGURES = {
 }
 # Each phase's share of --minutes. A phase may use what those before it left; what the tests
 # need is mostly FusedAdam's JIT build (about 50 s), torch.compile and process starts.
-SHARES = {"tests": 0.30, "train": 0.34, "caption": 0.10, "generate": 0.09, "encode": 0.08, "kv": 0.06}
+SHARES = {"tests": 0.32, "train": 0.32, "caption": 0.11, "generate": 0.09, "encode": 0.07, "kv": 0.06}
 RESERVE = 0.03  # the last phase ends this share before the minutes are up: collecting, writing
 MIN_PHASE_S = {"tests": 30, "train": 40, "caption": 20, "generate": 20, "encode": 15, "kv": 10}
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 and H200 SXM alike
@@ -101,7 +101,7 @@ class Sizes:
 
 
 GPU = Sizes("cuda", "biart-500m", "augvae-sl", "ViT-B-32", "bf16", "zero2_bf16", (32, 16, 8), 3, 3, 5,
-            {"greedy": 128, "64": 32}, 2, 64, 4, 512, 256, 64, (64, 256), 2048, 32)
+            {"greedy": 64, "64": 16}, 1, 64, 4, 512, 256, 64, (64, 256), 2048, 32)
 SMOKE = Sizes("cpu", "debug", "debug-sl", "lverse-tiny", "fp32", "zero2_fp32", (2,), 1, 1, 2,
               {"greedy": 4, "64": 2}, 1, 4, 1, 4, 64, 4, (8, 24), 64, 8)
 
@@ -118,11 +118,9 @@ class Clock:
 
 # -- the phases (each in a subprocess: ``--phase NAME``) -------------------------------------------
 
-def phase_train(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
+def phase_train(s: Sizes, clock: Clock, work: str, notes: list[str], save) -> dict:
     import torch
-    from common import build_engine, deepspeed_config, random_batches, timed_rounds
 
-    from lverse.model.biart import PRESETS, BiART
     from lverse.runtime.distributed import setup_env
     from lverse.runtime.trainer import measure_peak_flops
     setup_env()
@@ -141,45 +139,11 @@ def phase_train(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
         head, mode = variant.split("_")
         # an even share of what is left for each variant still to come
         variant_until = time.time() + clock.left() / (len(TRAIN_VARIANTS) - k)
-        torch.manual_seed(0)
-        model = BiART(dataclasses.replace(PRESETS[s.preset], head=head))
-        fpt = model.flops_per_token()
-        out[f"flops_per_token_{head}"] = fpt
-        built = time.time()
-        engine, kernels = build_engine(model, deepspeed_config(s.deepspeed, s.batches[0]), 1e-4, device,
-                                       compile=mode == "compiled")
-        notes.append(f"{variant}: kernels {kernels}, engine built in {time.time() - built:.1f} s")
-        best, last, data = None, 0.0, None
-        for b in s.batches:
-            if best is not None and time.time() + last > variant_until:
-                notes.append(f"{variant}: micro-batch {b} skipped: its sweep would pass the phase's deadline")
-                continue
-            t0 = time.time()
-            try:
-                if cuda:
-                    torch.cuda.reset_peak_memory_stats(device)
-                data = random_batches(model.cfg, b, 2, device, seed=b)
-                step = min(timed_rounds(engine, data, s.warmup, s.rounds, s.steps))
-            except torch.OutOfMemoryError:
-                notes.append(f"{variant}: micro-batch {b} out of memory")
-                data = None
-                gc.collect()
-                torch.cuda.empty_cache()
-                continue
-            last = time.time() - t0
-            tokens = b * (model.cfg.seq_len - 1) / step
-            mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else rss_gib()
-            row = {"batch": b, "step_ms": round(step * 1e3, 1), "tokens_per_s": round(tokens),
-                   "mfu": round(fpt * tokens / peak, 4), "peak_memory_gib": round(mem, 2)}
-            out[f"sweep_{variant}_b{b}"] = row
-            print(f"[train] {variant} {row} ({last:.0f} s)", flush=True)
-            if best is None or row["mfu"] > best["mfu"]:
-                best = row
-        if best is not None:
-            out.update({f"mfu_{variant}": best["mfu"], f"tokens_per_s_{variant}": best["tokens_per_s"],
-                        f"peak_memory_gib_{variant}": best["peak_memory_gib"], f"batch_{variant}": best["batch"]})
-        engine.destroy()
-        del engine, model, data
+        try:
+            measure_variant(variant, head, mode, s, device, peak, variant_until, out, notes)
+        except Exception as e:  # the other variants still run
+            notes.append(f"{variant} failed: {one_line(e)}")
+        save(out)  # what is measured so far survives a kill at the deadline
         gc.collect()
         if cuda:
             torch.cuda.empty_cache()
@@ -187,12 +151,73 @@ def phase_train(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
     return out
 
 
+def measure_variant(variant: str, head: str, mode: str, s: Sizes, device, peak: float, variant_until: float,
+                    out: dict, notes: list[str]) -> None:
+    """One engine (``head``, compiled or eager) over the micro-batch sweep; its best into ``out``."""
+    import torch
+    from common import build_engine, deepspeed_config
+
+    from lverse.model.biart import PRESETS, BiART
+    torch.manual_seed(0)
+    with device:  # initialised where it trains: seconds, not a minute, for biart-500m
+        model = BiART(dataclasses.replace(PRESETS[s.preset], head=head))
+    fpt = model.flops_per_token()
+    out[f"flops_per_token_{head}"] = fpt
+    built = time.time()
+    engine, kernels = build_engine(model, deepspeed_config(s.deepspeed, s.batches[0]), 1e-4, device,
+                                   compile=mode == "compiled")
+    notes.append(f"{variant}: kernels {kernels}, engine built in {time.time() - built:.1f} s")
+    try:
+        sweep(variant, model, engine, fpt, s, device, peak, variant_until, out, notes)
+    finally:
+        engine.destroy()
+
+
+def sweep(variant: str, model, engine, fpt: float, s: Sizes, device, peak: float, variant_until: float,
+          out: dict, notes: list[str]) -> None:
+    """The micro-batch sweep of one engine, largest first, while it fits the variant's time."""
+    import statistics
+
+    import torch
+    from common import random_batches, timed_rounds
+    cuda = device.type == "cuda"
+    best, last = None, 0.0
+    for b in s.batches:
+        if best is not None and time.time() + last > variant_until:
+            notes.append(f"{variant}: micro-batch {b} skipped: its sweep would pass the phase's deadline")
+            continue
+        t0 = time.time()
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            data = random_batches(model.cfg, b, 2, device, seed=b)
+            step = statistics.median(timed_rounds(engine, data, s.warmup, s.rounds, s.steps))
+        except torch.OutOfMemoryError:
+            notes.append(f"{variant}: micro-batch {b} out of memory")
+            data = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            continue
+        last = time.time() - t0
+        tokens = b * (model.cfg.seq_len - 1) / step
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else rss_gib()
+        row = {"batch": b, "step_ms": round(step * 1e3, 1), "tokens_per_s": round(tokens),
+               "mfu": round(fpt * tokens / peak, 4), "peak_memory_gib": round(mem, 2)}
+        out[f"sweep_{variant}_b{b}"] = row
+        print(f"[train] {variant} {row} ({last:.0f} s)", flush=True)
+        if best is None or row["mfu"] > best["mfu"]:
+            best = row
+    if best is not None:
+        out.update({f"mfu_{variant}": best["mfu"], f"tokens_per_s_{variant}": best["tokens_per_s"],
+                    f"peak_memory_gib_{variant}": best["peak_memory_gib"], f"batch_{variant}": best["batch"]})
+
+
 def rss_gib() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def phase_caption(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
+def phase_caption(s: Sizes, clock: Clock, work: str, notes: list[str], save) -> dict:
     from caption import caption_throughput
     modes = {"greedy": dict(candidates=1, temperature=0.0, top_p=None), "64": dict(candidates=64, top_p=0.9)}
     if s.candidates != 64:
@@ -206,10 +231,11 @@ def phase_caption(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
         figures = caption_throughput(os.path.join(work, "models"), s.preset, s.device, s.precision, s.clip,
                                      s.caption_images[name], {name: mode}, max_tokens=s.caption_tokens)
         out.update(figures)
+        save(out)
     return out
 
 
-def phase_generate(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
+def phase_generate(s: Sizes, clock: Clock, work: str, notes: list[str], save) -> dict:
     from generate import generate_throughput
     figures = generate_throughput(os.path.join(work, "models"), s.preset, s.device, s.precision, s.clip,
                                   s.generate_prompts, candidates=s.candidates)
@@ -217,12 +243,12 @@ def phase_generate(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
             "generate_peak_memory_mib": figures["generate_peak_memory_mib"], "generate_candidates": s.candidates}
 
 
-def phase_encode(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
+def phase_encode(s: Sizes, clock: Clock, work: str, notes: list[str], save) -> dict:
     from encode import encode_throughput
     return encode_throughput(os.path.join(work, "encode"), s.vae, s.encode_shards, s.encode_per_shard, s.image_size)
 
 
-def phase_kv(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
+def phase_kv(s: Sizes, clock: Clock, work: str, notes: list[str], save) -> dict:
     import torch
     from sampling import cached_decode_step
 
@@ -231,7 +257,8 @@ def phase_kv(s: Sizes, clock: Clock, work: str, notes: list[str]) -> dict:
     copy = copy_bandwidth(device, s.copy_mib * 2**20)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if s.device == "cuda" else torch.float32
-    model = BiART(PRESETS[s.preset]).to(device=device, dtype=dtype).eval()
+    with device:
+        model = BiART(PRESETS[s.preset]).to(dtype=dtype).eval()
     step = cached_decode_step(model, s.decode_batch, *s.decode_steps)
     return {"kv_decode_bandwidth_fraction": round(step["kv_decode_bytes_per_s"] / copy, 4),
             "copy_bandwidth_gb_s": round(copy / 1e9, 1), "kv_decode_batch": s.decode_batch,
@@ -266,14 +293,21 @@ def run_phase(name: str, smoke: bool, until: float, work: str, result: str) -> N
     sys.path.insert(0, HERE)
     s = SMOKE if smoke else GPU
     notes: list[str] = []
-    record = {"status": "ok", "figures": {}, "notes": notes}
+    record = {"status": "running", "figures": {}, "notes": notes}
+
+    def save(figures: dict) -> None:
+        record["figures"] = dict(figures)
+        with open(result + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.replace(result + ".tmp", result)
     try:
-        record["figures"] = PHASES[name](s, Clock(until), work, notes)
+        figures = PHASES[name](s, Clock(until), work, notes, save)
+        record["status"] = "ok"
+        save(figures)
     except BaseException as e:  # a phase's any failure is its record; the others go on
         traceback.print_exc()
         record.update(status="failed", error=one_line(e))
-    with open(result, "w") as f:
-        json.dump(record, f)
+        save(record["figures"])
 
 
 def one_line(e: BaseException) -> str:
@@ -446,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         status = report["phases"].get(phase, {}).get("status")
         for key in names:
             value = report["figures"].get(key)
-            print(f"{key}={fmt(value) if value is not None else status or 'missing'}")
+            if value is None:  # a phase that failed or was skipped, or left this one out (its notes say why)
+                value = status if status != "ok" else "missing"
+            print(f"{key}={fmt(value)}")
     for key, value in report["figures"].items():
         if not any(key in names for names in FIGURES.values()) and not isinstance(value, dict):
             print(f"{key}={fmt(value)}")
@@ -468,12 +504,16 @@ def run_child(name: str, smoke: bool, until: float, work: str, env: dict) -> dic
     with subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True) as proc:
         with Deadline(proc, until + 5) as deadline:
             proc.wait()
+    record = {"status": "failed", "figures": {}}
+    if os.path.exists(result):
+        with open(result) as f:
+            record = json.load(f)  # what it measured before a kill, too
     if deadline.killed:
-        return {"status": "failed", "error": "ran past its deadline and was killed, with what it started"}
-    if not os.path.exists(result):
-        return {"status": "failed", "error": "the phase's process ended without a record (killed? see its output)"}
-    with open(result) as f:
-        return json.load(f)
+        record.update(status="failed", error="ran past its deadline and was killed, with what it started "
+                                             "(the figures it had saved are kept)")
+    elif record["status"] != "ok" and "error" not in record:
+        record["error"] = f"its process exited {proc.returncode} without a record (see its output above)"
+    return record
 
 
 if __name__ == "__main__":

@@ -120,10 +120,6 @@ def check_flash_attention_forced(device: str) -> None:
         model.eval()
         out = model.generate(prompt_for(text, Direction.T2I, cfg), Direction.T2I, cfg.image_len, temperature=0)
     assert out.shape == (text.shape[0], cfg.image_len) and int(out.max()) < cfg.image_vocab
-    eager = model.generate(prompt_for(text, Direction.T2I, cfg), Direction.T2I, cfg.image_len, temperature=0,
-                           use_cache=False)
-    # The same greedy tokens with whichever backend SDPA picks without the cache, bar bf16 near-ties.
-    assert (eager == out).float().mean() > 0.9
 
 
 def check_compile_equals_eager(device: str) -> None:
