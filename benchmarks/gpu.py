@@ -239,6 +239,8 @@ def phase_generate(s: Sizes, clock: Clock, work: str, notes: list[str], save) ->
     from generate import generate_throughput
     figures = generate_throughput(os.path.join(work, "models"), s.preset, s.device, s.precision, s.clip,
                                   s.generate_prompts, candidates=s.candidates)
+    if s.candidates != 64:
+        notes.append(f"generate_images_per_s_64: {s.candidates} candidates (smoke)")
     return {"generate_images_per_s_64": figures["generate_images_per_s"],
             "generate_peak_memory_mib": figures["generate_peak_memory_mib"], "generate_candidates": s.candidates}
 
@@ -318,14 +320,44 @@ def one_line(e: BaseException) -> str:
 # -- the driver ---------------------------------------------------------------------------------
 
 def run_tests(smoke: bool, until: float, env: dict, cwd: str) -> dict:
-    """The ``gpu`` tests in a pytest subprocess that ends by ``until``; in smoke mode only collected."""
-    # Run from another folder, the test modules imported by path (importlib): the checkout's
-    # bare lverse/ folder on sys.path would hide the installed lverse (a --target install on the
-    # GPU machine; setup.py maps core/, model/, ... into it).
+    """The ``gpu`` tests, collected, then run (not in smoke mode) in a pytest subprocess that ends
+    by ``until``; the tests it did not finish are named."""
+    collected, code, killed = pytest(["--collect-only", "-q"], until, env, cwd)
+    ids = sorted(set(re.findall(r"^(tests/test_gpu\.py::\S+)$", collected, re.M)))
+    record = {"status": "ok", "figures": {"gpu_tests_collected": len(ids)}}
+    if code != 0 or not ids:
+        why = "killed at the phase's deadline" if killed else f"exited {code}"
+        return {**record, "status": "failed", "error": f"collecting the gpu tests: pytest {why}: "
+                                                      f"{collected.strip().splitlines()[-1:]}"}
+    if smoke:
+        record["figures"].update(gpu_tests_passed=0, gpu_tests_failed=0, gpu_tests_skipped=0)
+        record["notes"] = ["collected only (--smoke): the CPU-capable bodies are tests of the normal suite"]
+        return record
+    text, code, killed = pytest(["-v", "-rfE", "--tb=short"], until, env, cwd)
+    # (-v names a test by its path from the working folder: ../repo/tests/test_gpu.py::...)
+    outcome = dict(re.findall(r"(tests/test_gpu\.py::\S+) (PASSED|FAILED|SKIPPED|ERROR)", text))
+    record["figures"].update(gpu_tests_passed=sum(v == "PASSED" for v in outcome.values()),
+                             gpu_tests_failed=sum(v in ("FAILED", "ERROR") for v in outcome.values()),
+                             gpu_tests_skipped=sum(v == "SKIPPED" for v in outcome.values()))
+    record.update(failed=sorted(k for k, v in outcome.items() if v in ("FAILED", "ERROR")),
+                  not_run=[i for i in ids if i not in outcome], returncode=code)
+    if killed:
+        record.update(status="failed", error=f"the gpu tests ran past their share of the time; not finished: "
+                                             f"{record['not_run']}")
+    elif code not in (0, 1):  # 1: some failed, which the figures say
+        record.update(status="failed", error=f"pytest exited {code}: {text.strip().splitlines()[-1:]}")
+    return record
+
+
+def pytest(args: list[str], until: float, env: dict, cwd: str) -> tuple[str, int, bool]:
+    """``pytest -m gpu tests/test_gpu.py ARGS``, its output echoed; (output, exit code, killed at ``until``).
+
+    Run from another folder, the test modules imported by path (importlib): the checkout's bare
+    lverse/ folder on sys.path would hide the installed lverse (a --target install on the GPU
+    machine; setup.py maps core/, model/, ... into it)."""
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", os.path.join(REPO, "tests", "test_gpu.py"), "--rootdir", REPO,
-           "-p", "no:cacheprovider", "--import-mode=importlib"]
-    cmd += ["--collect-only", "-q"] if smoke else ["-v", "-rfE", "--tb=short"]
-    print("$ " + " ".join(cmd[1:]), flush=True)
+           "-p", "no:cacheprovider", "--import-mode=importlib", *args]
+    print("$ pytest " + " ".join(cmd[3:]), flush=True)
     lines = []
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True) as proc:
@@ -334,25 +366,7 @@ def run_tests(smoke: bool, until: float, env: dict, cwd: str) -> dict:
                 print(line, end="", flush=True)
                 lines.append(line)
             proc.wait()
-    text = "".join(lines)
-    ids = sorted(set(re.findall(r"(tests/test_gpu\.py::\w+(?:\[[^\]]*\])?)", text)))
-    outcome = {i: m for i, m in re.findall(r"(tests/test_gpu\.py::\S+) (PASSED|FAILED|SKIPPED|ERROR)", text)}
-    figures = {"gpu_tests_collected": len(ids),
-               "gpu_tests_passed": sum(v == "PASSED" for v in outcome.values()),
-               "gpu_tests_failed": sum(v in ("FAILED", "ERROR") for v in outcome.values()),
-               "gpu_tests_skipped": sum(v == "SKIPPED" for v in outcome.values())}
-    record = {"status": "ok", "figures": figures, "returncode": proc.returncode,
-              "failed": sorted(k for k, v in outcome.items() if v in ("FAILED", "ERROR"))}
-    if smoke:
-        record["notes"] = ["collected only (--smoke): the CPU-capable bodies are tests of the normal suite"]
-    else:
-        record["not_run"] = [i for i in ids if i not in outcome]
-    if deadline.killed:
-        record.update(status="failed", error=f"the gpu tests ran past their share of the time; not finished: "
-                                             f"{record.get('not_run') or 'unknown'}")
-    elif proc.returncode not in (0, 1):  # 1: some failed, which the figures say
-        record.update(status="failed", error=f"pytest exited {proc.returncode}: {lines[-1].strip() if lines else ''}")
-    return record
+    return "".join(lines), proc.returncode, deadline.killed
 
 
 class Deadline:
@@ -379,8 +393,12 @@ class Deadline:
 def child_env(smoke: bool) -> dict:
     """This run's environment for itself and its subprocesses (see the module doc)."""
     env = dict(os.environ)
-    # compiled ops kept where the suite keeps them (tests/conftest.py): FusedAdam is built once a machine
-    env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    # compiled ops kept where the suite keeps them (tests/conftest.py), else in /tmp: FusedAdam is
+    # JIT-built once a machine, by the first test that needs it, and the training phase reuses it
+    ext = os.path.join(sys.prefix, "torch_extensions")
+    if not os.access(sys.prefix, os.W_OK):
+        ext = os.path.join(tempfile.gettempdir(), "lverse-torch-extensions")
+    env.setdefault("TORCH_EXTENSIONS_DIR", ext)
     env["PYTHONUNBUFFERED"] = "1"
     if not smoke:
         import torch
