@@ -15,7 +15,7 @@
 # venv's torch (its setup.py imports torch, so no build isolation).
 #
 # Then, on the GPU machine (carry .whl; one line):
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . && PYTHONPATH=/tmp/site python3 benchmarks/gpu.py --minutes 8 --out $OUT
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target /tmp/site . && PYTHONPATH=/tmp/site python3 benchmarks/gpu.py --minutes 8 --out $OUT 2>&1 | tee $OUT/gpu.log
 # (the second install builds lverse itself there, its C tokenizer extension for that Python).
 #
 # Usage: benchmarks/gpu_wheels.sh [PYTHON]   (PYTHON: one with pip, torch and setuptools; default .venv/bin/python)
