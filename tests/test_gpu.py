@@ -9,7 +9,8 @@ device differs.
 
 Tolerances, stated once here: fp32 on CUDA with TF32 off (``no_tf32``) agrees with the plain path to
 ``FP32_RTOL`` (losses) and ``FP32_GRAD`` of each gradient's largest entry; bf16 keeps 8 bits, so
-``BF16_RTOL`` and ``BF16_GRAD``.
+``BF16_RTOL`` and ``BF16_GRAD``; compiled blocks agree with eager to ``COMPILE_RTOL`` (inductor fuses
+and reorders the fp32 sums). Captions and encode's codes must be equal, not close.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .test_biart import batch
 
 FP32_RTOL, FP32_GRAD = 1e-5, 1e-4
 BF16_RTOL, BF16_GRAD = 2e-2, 5e-2
+COMPILE_RTOL = 1e-4
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu
@@ -132,7 +134,7 @@ def check_compile_equals_eager(device: str) -> None:
     for direction in Direction:
         seq = build_sequence(*batch(CFG), direction, CFG).to(device)
         assert_same(losses_and_grads(compiled, seq, direction), losses_and_grads(eager, seq, direction),
-                    FP32_RTOL * 10, FP32_GRAD, f"compiled against eager, {direction.name}, {device}")
+                    COMPILE_RTOL, FP32_GRAD, f"compiled against eager, {direction.name}, {device}")
 
 
 @pytest.mark.parametrize("check", [check_chunked_head_equals_all_logits, check_flash_attention_forced])
