@@ -285,25 +285,33 @@ def test_nccl_group_over_the_gpus_present(tmp_path):
     assert len({r["uuid"] for r in ranks}) == n, ranks
 
 
-def report_device(item):
-    """A pool worker's view: what ``pick_device`` gives it, and the UUID of that device."""
+# A pool worker's view: what ``pick_device`` gives it, and the UUID of that device. A module of its
+# own in the test's folder, which the spawned workers import: this module's package name, tests,
+# may be taken by another distribution's stray tests/ on a machine's path.
+REPORT_DEVICE = textwrap.dedent("""
+    import os
+    import torch
     from lverse.core.resources import pick_device
     from lverse.runtime.tasks import TaskResult
-    device = pick_device("auto").device
-    return TaskResult(str(item), ok=True, stats={"pid": os.getpid(), "device": device,
-                                                 "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                                                 "count": torch.cuda.device_count(),
-                                                 "uuid": str(torch.cuda.get_device_properties(device).uuid)})
+
+    def report_device(item):
+        device = pick_device("auto").device
+        return TaskResult(str(item), ok=True, stats={"pid": os.getpid(), "device": device,
+                                                     "visible": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                                                     "count": torch.cuda.device_count(),
+                                                     "uuid": str(torch.cuda.get_device_properties(device).uuid)})
+""")
 
 
 @gpu
 @needs_cuda
-def test_each_local_worker_runs_on_its_own_gpu_by_uuid(monkeypatch):
+def test_each_local_worker_runs_on_its_own_gpu_by_uuid(tmp_path, monkeypatch):
     """``worker_gpus`` names one GPU a worker; each worker sees just that one as cuda:0, and it
     is the device of that index here (compared by UUID)."""
-    # The workers import report_device from this module: its package's folder on their path, last
-    # (pytest's importlib mode, which benchmarks/gpu.py uses, puts it nowhere).
-    monkeypatch.setattr(sys, "path", [*sys.path, REPO])
+    import importlib
+    (tmp_path / "lverse_report_device.py").write_text(REPORT_DEVICE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned workers start with this path
+    report_device = importlib.import_module("lverse_report_device").report_device
     from lverse.core.resources import pick_device, visible_gpus, worker_gpus
     from lverse.runtime.local_pool import LocalPool
     from lverse.runtime.tasks import run_tasks
