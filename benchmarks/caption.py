@@ -123,33 +123,49 @@ def throughput(args) -> None:
     """Images/s of the captioning task, greedy and reranked, batched and one image at a time."""
     folder = args.dir or tempfile.mkdtemp(prefix="lverse-caption-bench-")
     try:
-        os.makedirs(folder, exist_ok=True)
-        files = model_files(folder, args.preset)
-        shard = token_shard(folder, args.preset, args.throughput_images)
-        warm = token_shard(os.path.join(folder, "warm"), args.preset, 2)
-        base = CaptionConfig(shards="", output="", **files, device=args.device, precision=args.precision,
-                             max_tokens=args.max_tokens, clip=args.clip)
-        modes = {"greedy": dict(candidates=1, temperature=0.0, top_p=None, batch_size=args.throughput_batch),
-                 "rerank": dict(candidates=args.rerank_candidates, top_p=0.9, batch_size=args.rerank_batch)}
+        greedy = dict(candidates=1, temperature=0.0, top_p=None, batch_size=args.throughput_batch)
+        rerank = dict(candidates=args.rerank_candidates, top_p=0.9, batch_size=args.rerank_batch)
+        modes = {"greedy": greedy, "greedy_one_image": {**greedy, "batch_size": 1},  # greedy first: on a CPU
+                 "rerank": rerank, "rerank_one_image": {**rerank, "batch_size": 1}}  # the resident set only grows
         print(f"throughput: {args.preset}, {args.device}, precision {args.precision}, {args.throughput_images} "
               f"images x {args.max_tokens} tokens, CLIP {args.clip}", flush=True)
-        for name, mode in modes.items():  # greedy first: on a CPU the resident set only grows
-            for suffix, batch in (("", mode["batch_size"]), ("_one_image", 1)):
-                cfg = dataclasses.replace(base, **{**mode, "batch_size": batch})
-                out = os.path.join(folder, f"out-{name}{suffix}")
-                for path in (out, out + "-warm"):
-                    shutil.rmtree(path, ignore_errors=True)
-                ShardCaptioner(dataclasses.replace(cfg, output=out + "-warm"))(warm)  # loads the models
-                with PeakMemory(args.device) as memory:
-                    result = ShardCaptioner(dataclasses.replace(cfg, output=out))(shard)
-                assert result.ok and result.stats["failed"] == 0, result
-                print(f"caption_images_per_s_{name}{suffix}={result.stats['images'] / result.stats['seconds']:.3f}"
-                      f"  # batch {batch}, {cfg.candidates} candidates", flush=True)
-                if not suffix:
-                    print(f"caption_peak_memory_mib_{name}={memory.mib:.0f}", flush=True)
+        figures = caption_throughput(folder, args.preset, args.device, args.precision, args.clip,
+                                     args.throughput_images, modes, max_tokens=args.max_tokens)
+        for name, mode in modes.items():
+            print(f"caption_images_per_s_{name}={figures[f'caption_images_per_s_{name}']:.3f}"
+                  f"  # batch {mode['batch_size']}, {mode['candidates']} candidates", flush=True)
+            if not name.endswith("_one_image"):
+                print(f"caption_peak_memory_mib_{name}={figures[f'caption_peak_memory_mib_{name}']:.0f}", flush=True)
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def caption_throughput(folder: str, preset: str, device: str, precision: str, clip: str, images: int,
+                       modes: dict[str, dict], **caption: object) -> dict[str, float]:
+    """The captioning task itself (``ShardCaptioner`` on a token shard of ``images``, in this
+    process) with random ``preset`` weights (model files kept in ``folder``), once per mode
+    (``CaptionConfig`` fields over ``caption``'s and the stage's defaults), each after a warm-up
+    shard that loads the models; returns ``caption_images_per_s_<mode>`` and
+    ``caption_peak_memory_mib_<mode>`` (``PeakMemory``: measure the smaller modes first on a CPU)."""
+    os.makedirs(folder, exist_ok=True)
+    files = model_files(folder, preset)
+    shard = token_shard(folder, preset, images)
+    warm = token_shard(os.path.join(folder, "warm"), preset, 2)
+    base = CaptionConfig(shards="", output="", **files, device=device, precision=precision, clip=clip, **caption)
+    figures = {}
+    for name, mode in modes.items():
+        cfg = dataclasses.replace(base, **mode)
+        out = os.path.join(folder, f"out-{name}")
+        for path in (out, out + "-warm"):
+            shutil.rmtree(path, ignore_errors=True)
+        ShardCaptioner(dataclasses.replace(cfg, output=out + "-warm"))(warm)  # loads the models
+        with PeakMemory(device) as memory:
+            result = ShardCaptioner(dataclasses.replace(cfg, output=out))(shard)
+        assert result.ok and result.stats["failed"] == 0, result
+        figures[f"caption_images_per_s_{name}"] = result.stats["images"] / result.stats["seconds"]
+        figures[f"caption_peak_memory_mib_{name}"] = memory.mib
+    return figures
 
 
 def workers_scaling(shards: int, per_shard: int, repeats: int) -> None:

@@ -26,6 +26,7 @@ import json
 import os
 import resource
 import tarfile
+import time
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from lverse.core.formats import TOKEN_SHARD_FORMAT
 from lverse.core.shards import add_to_tar
 from lverse.model import AugVAE, save_model
 from lverse.model.augvae import PRESETS as VAE_PRESETS
-from lverse.model.biart import PRESETS, BiART
+from lverse.model.biart import PRESETS, BiART, Direction
 from lverse.pipeline.configs import OptimConfig
 from lverse.preprocessing.synthetic import draw_sample
 from lverse.preprocessing.text_tokenizer import CaptionTokenizer
@@ -43,7 +44,7 @@ from lverse.runtime.deepspeed import load_ds_config, micro_step, wrap
 
 __all__ = ["BPE_DROPOUT", "IMAGE_LEN", "IMAGE_VOCAB", "TEXT_LEN", "VAE", "PeakMemory", "build_engine", "captions",
            "deepspeed_config", "make_raw_shards", "make_token_shards", "micro_step", "model_files", "random_batches",
-           "token_shard", "vocabulary"]
+           "timed_rounds", "token_shard", "vocabulary"]
 
 
 def deepspeed_config(name: str, batch: int, world_size: int = 1) -> dict:
@@ -52,14 +53,36 @@ def deepspeed_config(name: str, batch: int, world_size: int = 1) -> dict:
     return load_ds_config(name, world_size, micro_batch_size=batch, grad_accum=1, grad_clip=OptimConfig().grad_clip)
 
 
-def build_engine(model: BiART, ds: dict, lr: float, device: torch.device, fused: bool | None = None):
+def build_engine(model: BiART, ds: dict, lr: float, device: torch.device, fused: bool | None = None,
+                 compile: bool = False):
     """``model`` in a DeepSpeed engine as the train stage makes it (``wrap``) under the loaded
-    config ``ds`` (not changed); ``fused``: the optimizer's choice (None: the stage's default).
-    Returns (engine, kernel choices)."""
+    config ``ds`` (not changed); ``fused``: the optimizer's choice (None: the stage's default);
+    ``compile``: the blocks compiled (the run config's ``compile``). Returns (engine, kernel choices)."""
     optim = OptimConfig()
     if fused is not None:
         optim.fused = fused
-    return wrap(model, copy.deepcopy(ds), lr, device, optim)
+    return wrap(model, copy.deepcopy(ds), lr, device, optim, compile=compile)
+
+
+def timed_rounds(engine, data: list[tuple[torch.Tensor, torch.Tensor]], warmup: int, rounds: int,
+                 steps: int) -> list[float]:
+    """Seconds per training step (``micro_step``, directions alternating over ``data``) of each
+    of ``rounds`` rounds of ``steps``, after ``warmup`` steps; on CUDA each round ends
+    synchronised, so a round holds all its GPU work."""
+    def sync():
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize(engine.device)
+    for i in range(warmup):
+        micro_step(engine, *data[i % len(data)], Direction(i % 2))
+    sync()
+    out = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for i in range(steps):
+            micro_step(engine, *data[i % len(data)], Direction(i % 2))
+        sync()
+        out.append((time.perf_counter() - start) / steps)
+    return out
 
 
 def random_batches(cfg, batch: int, n: int, device: torch.device | str = "cpu",
@@ -123,14 +146,16 @@ def captions(rng: np.random.Generator, words: list[str], n: int) -> list[str]:
     return out
 
 
-def make_token_shards(folder: str, samples: int, per_shard: int, texts: list[str], seed: int = 0) -> list[str]:
-    """Token shards as ``lverse encode`` writes them (its tar writer, its stats file); returns their paths."""
+def make_token_shards(folder: str, samples: int, per_shard: int, texts: list[str], seed: int = 0,
+                      image_len: int = IMAGE_LEN, image_vocab: int = IMAGE_VOCAB) -> list[str]:
+    """Token shards as ``lverse encode`` writes them (its tar writer, its stats file), ``image_len``
+    random codes below ``image_vocab`` an image; returns their paths."""
     os.makedirs(folder, exist_ok=True)
     rng, paths = np.random.default_rng(seed), []
     for s, first in enumerate(range(0, samples, per_shard)):
         path = os.path.join(folder, f"{s:05d}.tar")
         count = min(per_shard, samples - first)
-        codes = rng.integers(IMAGE_VOCAB, size=(count, IMAGE_LEN), dtype=np.uint16)
+        codes = rng.integers(image_vocab, size=(count, image_len), dtype=np.uint16)
         with tarfile.open(path, "w") as out:
             for i in range(count):
                 key = f"{s:05d}{i:04d}"
@@ -196,11 +221,10 @@ def model_files(folder: str, preset: str) -> dict[str, str]:
 def token_shard(folder: str, preset: str, images: int) -> str:
     """One token shard of ``images`` samples of random codes in the preset's image block."""
     bcfg = PRESETS[preset]
-    if (bcfg.image_len, bcfg.image_vocab) != (1024, 8192):
-        raise SystemExit(f"{preset}: token shards here hold 1024 codes below 8192")
     rng = np.random.default_rng(1)
     texts = captions(rng, vocabulary(rng, 1000), images)
-    return make_token_shards(os.path.join(folder, "tokens"), images, images, texts)[0]
+    return make_token_shards(os.path.join(folder, "tokens"), images, images, texts, image_len=bcfg.image_len,
+                             image_vocab=bcfg.image_vocab)[0]
 
 
 class PeakMemory:

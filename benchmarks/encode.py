@@ -132,6 +132,26 @@ def run_stage(raw: str, vae_path: str, output: str, batch_size: int, workers: in
     return wall, seconds, codes
 
 
+def encode_throughput(folder: str, preset: str, shards: int, per_shard: int, image_size: int) -> dict[str, float]:
+    """The stage end to end from JPEG shards: ``shards`` raw shards of ``per_shard`` JPEGs of
+    ``image_size`` px written into ``folder``, an AugVAE ``preset`` with random weights, then
+    ``run_stage`` with the stage's own batch size and one worker (one model replica, on the GPU
+    when there is one). ``encode_images_per_s``: images over the done markers' seconds (reading,
+    decoding, the model, writing; the worker's first, cold batch included); ``..._end_to_end``:
+    over the wall clock, the start-up (loading, spawning the worker) included."""
+    raw = os.path.join(folder, "raw")
+    make_raw_shards(raw, shards, per_shard, image_size)
+    vae_path = os.path.join(folder, "vae.safetensors")
+    torch.manual_seed(0)
+    save_model(AugVAE(PRESETS[preset]), vae_path)
+    batch_size = EncodeConfig.__dataclass_fields__["batch_size"].default
+    wall, seconds, codes = run_stage(raw, vae_path, os.path.join(folder, "tokens"), batch_size)
+    images = sum(len(c) for c in codes)
+    assert images == shards * per_shard, f"{images} images encoded of {shards * per_shard}"
+    return {"encode_images_per_s": images / sum(seconds), "encode_images_per_s_end_to_end": images / wall,
+            "encode_batch_size": batch_size}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="augvae-sl", choices=sorted(PRESETS))

@@ -43,30 +43,40 @@ def main() -> None:
     args = parser.parse_args()
     folder = args.dir or tempfile.mkdtemp(prefix="lverse-generate-bench-")
     try:
-        os.makedirs(folder, exist_ok=True)
-        files = model_files(folder, args.preset)
-        rng = np.random.default_rng(2)
-        prompts = tuple(captions(rng, vocabulary(rng, 1000), args.prompts + 1))
-        out = os.path.join(folder, "out")
-        shutil.rmtree(out, ignore_errors=True)
-        cfg = GenerateConfig(prompts="", output=out, **files, device=args.device, precision=args.precision,
-                             candidates=args.candidates, decode_batch=args.decode_batch, clip=args.clip)
-        task = PromptGenerator(cfg, prompts)
         print(f"{args.preset}, {args.device}, precision {args.precision}, {args.candidates} candidates, "
               f"CLIP {args.clip}", flush=True)
-        assert task(range(0, 1)).ok  # loads the models, warms the kernels
-        with PeakMemory(args.device) as memory:
-            start = time.perf_counter()
-            result = task(range(1, 1 + args.prompts))
-            seconds = time.perf_counter() - start
-        assert result.ok and result.stats["generated"] == args.prompts, result
-        print(f"generate_prompts_per_s={args.prompts / seconds:.4f}")
-        print(f"generate_images_per_s={args.prompts * args.candidates / seconds:.3f}")
-        print(f"generate_peak_memory_mib={memory.mib:.0f}")
+        figures = generate_throughput(folder, args.preset, args.device, args.precision, args.clip, args.prompts,
+                                      candidates=args.candidates, decode_batch=args.decode_batch)
+        print(f"generate_prompts_per_s={figures['generate_prompts_per_s']:.4f}")
+        print(f"generate_images_per_s={figures['generate_images_per_s']:.3f}")
+        print(f"generate_peak_memory_mib={figures['generate_peak_memory_mib']:.0f}")
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
 
+
+def generate_throughput(folder: str, preset: str, device: str, precision: str, clip: str, prompts: int,
+                        **generate: object) -> dict[str, float]:
+    """The generate task (``PromptGenerator``, in this process) on ``prompts`` prompts after a
+    warm-up prompt, random ``preset`` weights (model files kept in ``folder``), ``generate``'s
+    ``GenerateConfig`` fields over the stage's defaults; returns ``generate_prompts_per_s``,
+    ``generate_images_per_s`` (candidates a second) and ``generate_peak_memory_mib``."""
+    os.makedirs(folder, exist_ok=True)
+    files = model_files(folder, preset)
+    rng = np.random.default_rng(2)
+    texts = tuple(captions(rng, vocabulary(rng, 1000), prompts + 1))
+    out = os.path.join(folder, "out")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = GenerateConfig(prompts="", output=out, **files, device=device, precision=precision, clip=clip, **generate)
+    task = PromptGenerator(cfg, texts)
+    assert task(range(0, 1)).ok  # loads the models, warms the kernels
+    with PeakMemory(device) as memory:
+        start = time.perf_counter()
+        result = task(range(1, 1 + prompts))
+        seconds = time.perf_counter() - start
+    assert result.ok and result.stats["generated"] == prompts, result
+    return {"generate_prompts_per_s": prompts / seconds, "generate_images_per_s": prompts * cfg.candidates / seconds,
+            "generate_peak_memory_mib": memory.mib}
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,39 @@ def timed_generate(model: BiART, prompt: torch.Tensor, direction: Direction, n: 
     return out, time.perf_counter() - start
 
 
+def cached_decode_step(model: BiART, batch: int, short: int = 64, long: int = 256) -> dict[str, float]:
+    """One cached text->image decode step of ``batch`` sequences (greedy, random prompts): its
+    seconds, the difference of generating ``long`` and ``short`` tokens over ``long - short`` (the
+    prompt's prefill cancels out; fastest of 2), and the bytes it moves: the weights a step reads
+    (blocks, final norm, the image rows of the head, in the model's dtype) and the KV cache at the
+    mean length of the steps timed (read), plus one position's keys and values (written)."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    prompt = prompt_for(torch.randint(cfg.text_offset, cfg.pad_id, (batch, cfg.text_len), device=device),
+                        Direction.T2I, cfg)
+
+    def seconds(n: int) -> float:
+        best = float("inf")
+        for _ in range(2):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            model.generate(prompt, Direction.T2I, n, temperature=0)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        return best
+    seconds(short)  # warm-up
+    step = (seconds(long) - seconds(short)) / (long - short)
+    size = next(model.parameters()).element_size()
+    weights = sum(p.numel() for name, p in model.named_parameters() if name.startswith(("blocks.", "ln_f.")))
+    weights += cfg.image_vocab * cfg.n_embd  # the head rows generation reads (BiART.generate)
+    mean_len = prompt.shape[1] + (short + long) / 2
+    kv = 2 * cfg.n_layer * batch * cfg.n_embd * (mean_len + 1)
+    return {"kv_decode_step_s": step, "kv_decode_bytes_per_step": (weights + kv) * size,
+            "kv_decode_bytes_per_s": (weights + kv) * size / step}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="biart-mini", choices=sorted(PRESETS))

@@ -48,7 +48,7 @@ import sys
 import time
 
 import torch
-from common import build_engine, deepspeed_config, micro_step, random_batches
+from common import build_engine, deepspeed_config, micro_step, random_batches, timed_rounds
 
 from lverse.model.biart import PRESETS, BiART, Direction, build_sequence, prompt_for
 from lverse.runtime.deepspeed import loss_scale
@@ -171,16 +171,7 @@ def sweep(preset: str, sizes: list[int], args, measured_peak: float, out: dict, 
         try:
             torch.cuda.reset_peak_memory_stats()
             data = random_batches(cfg, b, 2, "cuda", seed=b)
-            for i in range(args.warmup):
-                train_step(engine, data[i % 2], Direction(i % 2))
-            torch.cuda.synchronize()
-            rounds = []
-            for _ in range(args.rounds):
-                start = time.perf_counter()
-                for i in range(args.steps):
-                    train_step(engine, data[i % 2], Direction(i % 2))
-                torch.cuda.synchronize()
-                rounds.append((time.perf_counter() - start) / args.steps)
+            rounds = timed_rounds(engine, data, args.warmup, args.rounds, args.steps)
         except torch.OutOfMemoryError:
             print(f"[{preset}] batch {b}: out of memory; larger batches skipped", flush=True)
             out[f"{preset}_b{b}"] = "oom"
