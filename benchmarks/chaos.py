@@ -56,10 +56,10 @@ def inputs(folder: str, stages, stack: contextlib.ExitStack) -> dict:
     os.makedirs(folder, exist_ok=True)
     vae = make_vae(os.path.join(folder, "vae.safetensors"))
     files = {"vae": vae}
-    if set(stages) - {"encode", "download"}:
+    if set(stages) - {"encode", "download", "pipeline"}:
         files["data"] = make_data(os.path.join(folder, "data"), vae)
         files["biart"] = make_biart(os.path.join(folder, "biart.safetensors"), files["data"])
-    if "download" in stages:
+    if {"download", "pipeline"} & set(stages):
         from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
         files["server"] = stack.enter_context(SyntheticServer(SyntheticSet(seed=1, train=12, heldout=2,
                                                                            image_size=64)))

@@ -6,7 +6,8 @@ One *round* starts the stage's command (``lverse STAGE ...``, as a user runs it)
 its own, with a marker in its environment, and at moments drawn from the seed (within the first
 ``REACH`` of an uninterrupted run's duration) SIGKILLs a process drawn from those of the session
 then alive: the driver, a pool worker, a worker's guard, multiprocessing's resource tracker, a
-DataLoader worker, img2dataset's processes. A moment that finds the driver alone (importing, loading) waits
+DataLoader worker, img2dataset's processes, a private local Ray's (raylet, GCS, agents, workers,
+lverse's guard of it). A moment that finds the driver alone (importing, loading) waits
 until it has started another process: a driver killed before it started anything leaves nothing
 to find. A round ends when its driver has ended (killed, failed because a worker died, or
 finished). Then every process of the session, or carrying the marker, must be gone within
@@ -18,7 +19,7 @@ same command into another folder (training: the exported weights and every logge
 temporary file may be left in them.
 
 ``python benchmarks/chaos.py --stage S --rounds N --seed K`` runs it for longer hunts;
-tests/test_chaos.py runs a round or two per stage. Every kill is printed with its round, its
+tests/test_chaos.py runs one round of every stage. Every kill is printed with its round, its
 moment and its victim, and the seed with the stage, so that a failure can be replayed (the moment
 a kill lands and which processes exist then depend on the machine's speed: a replay draws the
 same moments and the same index into the list of live processes).
@@ -49,7 +50,7 @@ GRACE = 5.0  # seconds a process of a killed run may outlive its driver
 # Kills land within this share of an uninterrupted run's duration: a run from an empty output may
 # be faster than the first (warm caches), and a kill drawn past its end would land on nothing.
 REACH = 0.8
-STAGES = ("encode", "caption", "generate", "download", "train", "train-vae")
+STAGES = ("encode", "caption", "generate", "download", "train", "train-vae", "pipeline")
 
 
 @dataclasses.dataclass
@@ -339,11 +340,7 @@ def stage(name: str, folder: str, files: dict, workers: int = 2) -> Stage:
                                         "--prompts-per-item", "1", "--clip", "lverse-tiny", "--output", out, *local],
                      lambda out: files_of(out, "*/*.png", "*/*.jpg"))
     if name == "download":
-        srv = files["server"]
-        lines = [f"{srv.data.sample('train', i)[1]}\t{srv.url}/img/train/{i}.jpg" for i in range(9)]
-        tsv = os.path.join(folder, "in.tsv")
-        with open(tsv, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        tsv = _image_list(files["server"], folder, 9)
         return Stage(name, lambda out: [LVERSE, "download", "--input", tsv, "--samples-per-shard", "3",
                                         "--image-size", "64", "--timeout", "5", "--download-threads", "2",
                                         "--output", out, *local], _download_outputs)
@@ -355,6 +352,9 @@ def stage(name: str, folder: str, files: dict, workers: int = 2) -> Stage:
         return Stage(name, lambda out: [LVERSE, "train-vae", "--config",
                                         _vae_config(folder, out, files["data"], workers)],
                      lambda out: {**files_of(out, "augvae-*.safetensors"), **_losses(out)})
+    if name == "pipeline":
+        config = _pipeline_config(folder, _image_list(files["server"], folder, 9), files["vae"], workers)
+        return Stage(name, lambda out: [LVERSE, "pipeline", "run", config, "--run-dir", out], _pipeline_outputs)
     raise ValueError(f"no chaos stage {name!r}: one of {', '.join(STAGES)}")
 
 
@@ -370,11 +370,43 @@ def _train_config(folder: str, run_dir: str, data: dict, workers: int) -> str:
 
 
 def _vae_config(folder: str, run_dir: str, data: dict, workers: int) -> str:
-    """tests/test_train.py's debug AugVAE run, shorter: 2 ML steps, 2 SL steps, a checkpoint each."""
-    cfg = {"run_dir": run_dir, "shards": data["raw"], "preset": "debug-ml", "ml_steps": 2, "sl_steps": 2,
+    """The smallest AugVAE run that crosses every phase: the demo's tiny preset (32-pixel images),
+    2 ML steps, the conversion, 2 SL steps, a checkpoint each (the debug preset's 64-pixel steps
+    took 20-50 s each on the loaded 2-core machine, the tiny preset's a second or two)."""
+    cfg = {"run_dir": run_dir, "shards": data["raw"], "preset": "tiny-ml", "ml_steps": 2, "sl_steps": 2,
            "batch_size": 4, "lr": 1e-3, "log_every": 1, "checkpoint_every": 1, "workers": workers,
            "perceptual_weight": 0.0}
     return _yaml(os.path.join(folder, f"vae-{os.path.basename(run_dir)}.yaml"), cfg)
+
+
+def _image_list(server, folder: str, images: int) -> str:
+    """A caption<TAB>url list of the first ``images`` training images of the synthetic ``server``."""
+    lines = [f"{server.data.sample('train', i)[1]}\t{server.url}/img/train/{i}.jpg" for i in range(images)]
+    return _write(os.path.join(folder, "in.tsv"), "\n".join(lines) + "\n")
+
+
+def _pipeline_config(folder: str, tsv: str, vae: str, workers: int) -> str:
+    """`lverse pipeline run` on a private local Ray: the 9 images of ``tsv`` downloaded 3 a shard,
+    a tokenizer of 40 pieces fitted on their captions, the shards encoded by ``workers`` actors of
+    the debug AugVAE. The run folder comes from the command line (``--run-dir``)."""
+    cfg = {"run_dir": os.path.join(folder, "unused"), "tokenizer": {"vocab_size": 40},
+           "download": {"input": tsv, "samples_per_shard": 3, "image_size": 64, "timeout": 5, "download_threads": 2},
+           "encode": {"vae": vae, "batch_size": 4, "workers": workers}}
+    return _yaml(os.path.join(folder, "pipeline.yaml"), cfg)
+
+
+def _pipeline_outputs(out: str) -> dict[str, str]:
+    """What each stage of the pipeline made: the downloaded shards' samples, the tokenizer, the
+    token shards, and which stages are marked done (their markers hold timings, not compared)."""
+    return {**{f"shards/{name}": digest for name, digest in _download_outputs(os.path.join(out, "shards")).items()},
+            **files_of(out, "tokenizer.model", "tokens/*.tar"),
+            **{f"done: {name}": "yes" for name in sorted(os.listdir(os.path.join(out, "_done")))}}
+
+
+def _write(path: str, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 def _yaml(path: str, cfg: dict) -> str:
