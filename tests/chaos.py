@@ -248,7 +248,9 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
                 say(f"round {r}: the driver ended ({proc.returncode}) before the kill at {moment:.2f} s")
                 break
             alive = [pid for pid in members(driver, marker) if pid not in killed]  # the killed may still be dying
-            while alive == [driver] and proc.poll() is None:  # starting up: wait for what it starts
+            # Starting up: wait for what it starts. Or ending: every other process killed or gone,
+            # and the driver itself no longer listed (a zombie) before its status can be read.
+            while set(alive) <= {driver} and proc.poll() is None:
                 time.sleep(0.01)
                 alive = [pid for pid in members(driver, marker) if pid not in killed]
             if proc.poll() is not None:
