@@ -2,7 +2,8 @@
 the suite's).
 
 For each ``--stage``, makes the test suite's small inputs in a temporary folder (debug AugVAE and
-BiART with random weights, synthetic image shards, the synthetic image server for download), runs
+BiART with random weights, synthetic image shards, the synthetic image server for download and
+``pipeline``, which is `lverse pipeline run`: download, tokenizer and encode on a private local Ray), runs
 the stage once uninterrupted, then ``--rounds`` rounds of ``--kills`` SIGKILLs each of a random
 process of the stage's session at random moments, and the same command until it succeeds. Every
 kill is printed (round, moment, victim, its role); then, per stage:

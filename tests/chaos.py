@@ -136,6 +136,12 @@ def role(pid: int, driver: int) -> str:
     parent = int(stat[1]) if stat else 0
     if "resource_tracker" in command:
         return "resource tracker"
+    if _private_ray_guard(pid):
+        return "private Ray's guard"
+    if command.startswith("ray::"):  # a Ray worker or agent, by the name Ray gives its process
+        return f"Ray's {command.split(' ')[0].removeprefix('ray::')}"
+    if "/site-packages/ray/" in command:  # the head's own processes: gcs_server, raylet, dashboard, monitors
+        return "Ray's " + os.path.basename(next(word for word in command.split(" ") if "/site-packages/ray/" in word))
     if parent == driver:
         if command == _command_line(driver):  # a DataLoader worker, or a child not yet at its exec
             return "driver's fork"
@@ -143,6 +149,17 @@ def role(pid: int, driver: int) -> str:
     if "multiprocessing" in command and command == _command_line(parent):
         return "worker's fork (guard)"
     return f"other ({os.path.basename(command.split(' ')[0])})"
+
+
+def _private_ray_guard(pid: int) -> bool:
+    """Whether ``pid`` is lverse's guard of a private local Ray (runtime/lifetime.py), which has
+    the Ray's mark among its arguments."""
+    from lverse.runtime.lifetime import PRIVATE_RAY_MARK
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"{PRIVATE_RAY_MARK}=".encode() in f.read()
+    except OSError:
+        return False
 
 
 def _kill(pid: int) -> None:
