@@ -11,6 +11,7 @@ kill is printed (round, moment, victim, its role); then, per stage:
     chaos_kills=<SIGKILLs sent>
     chaos_orphans=<processes of a killed run still alive 5 s after its driver ended>
     chaos_temporaries=<temporary files left in the output after the final run>
+    chaos_hangs=<killed runs whose driver had not ended after --timeout seconds (then SIGKILLed)>
     chaos_outputs_identical=<True: the outputs equal the uninterrupted run's, byte for byte>
 
 Replay a failure with the same ``--stage`` and ``--seed``: the same moments and the same picks
@@ -39,6 +40,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs a round (a round ends when its driver dies)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds a run may take; a killed run's driver still running then is a hang, counted")
     parser.add_argument("--folder", help="keep the inputs, outputs and logs here (default: a temporary folder)")
     args = parser.parse_args()
     failed = False
@@ -47,8 +50,9 @@ def main() -> int:
         files = inputs(folder, args.stage or STAGES, stack)
         for name in args.stage or STAGES:
             result = chaos(stage(name, os.path.join(folder, name, "inputs"), files), os.path.join(folder, name),
-                           args.rounds, args.seed, args.kills, say=lambda line: print(line, flush=True))
-            failed |= bool(result.orphans or result.temporaries or result.differences)
+                           args.rounds, args.seed, args.kills, say=lambda line: print(line, flush=True),
+                           timeout=args.timeout)
+            failed |= bool(result.orphans or result.temporaries or result.hangs or result.differences)
     return 1 if failed else 0
 
 

@@ -70,6 +70,7 @@ class Result:
     kills: int = 0
     orphans: list[str] = dataclasses.field(default_factory=list)  # "round R: PID COMMAND"
     temporaries: list[str] = dataclasses.field(default_factory=list)
+    hangs: list[str] = dataclasses.field(default_factory=list)  # killed runs whose driver never ended
     differences: list[str] = dataclasses.field(default_factory=list)
     reruns: int = 0  # runs after the rounds until one succeeded
     victims: dict[str, int] = dataclasses.field(default_factory=dict)  # kills by the victim's role
@@ -83,7 +84,8 @@ class Result:
         """The benchmark's ``name=value`` lines."""
         return [f"chaos_stage={self.stage}", f"chaos_seed={self.seed}", f"chaos_rounds={self.rounds}",
                 f"chaos_kills={self.kills}", f"chaos_orphans={len(self.orphans)}",
-                f"chaos_temporaries={len(self.temporaries)}", f"chaos_outputs_identical={self.identical}",
+                f"chaos_temporaries={len(self.temporaries)}", f"chaos_hangs={len(self.hangs)}",
+                f"chaos_outputs_identical={self.identical}",
                 f"chaos_seconds={self.seconds:.0f}",
                 "chaos_victims=" + ",".join(f"{role}:{n}" for role, n in sorted(self.victims.items()))]
 
@@ -232,7 +234,7 @@ def chaos(stage: Stage, folder: str, rounds: int, seed: int, kills_per_round: in
     result.seconds = time.time() - started
     for line in result.lines():
         say(line)
-    for problem in result.orphans + result.temporaries + result.differences:
+    for problem in result.orphans + result.temporaries + result.hangs + result.differences:
         say(f"chaos {stage.name}: {problem}")
     return result
 
@@ -282,7 +284,13 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
             kills += 1
             if victim == driver:
                 break
-        code = proc.wait(timeout=timeout)
+        try:
+            code = proc.wait(timeout=max(1.0, timeout - (time.time() - start)))
+        except subprocess.TimeoutExpired:  # a hang: a finding, not the end of the hunt
+            result.hangs.append(f"round {r}: the driver ran past {timeout:g} s after its kills; SIGKILLed")
+            say(result.hangs[-1])
+            _kill(driver)
+            code = proc.wait()
         ended = time.time()
         say(f"round {r}: the driver ended with {code} after {ended - start:.1f} s")
         while members(driver, marker) and time.time() - ended < GRACE:

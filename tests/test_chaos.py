@@ -34,4 +34,5 @@ def test_a_stage_killed_at_random_leaves_nothing_and_finishes_with_the_same_outp
     assert result.kills >= 1
     assert result.orphans == []
     assert result.temporaries == []
+    assert result.hangs == []
     assert result.differences == []
