@@ -302,6 +302,7 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
         left = members(driver, marker)
         for pid in left:
             result.orphans.append(f"round {r}: {pid} [{role(pid, driver)}] {_command_line(pid)}")
+            say(f"orphan: {result.orphans[-1]}")  # now, so that a hunt cut short still shows it
             _kill(pid)
     return kills, proc.returncode
 
