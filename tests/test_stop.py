@@ -437,3 +437,37 @@ def test_a_signal_stops_train_vae_and_a_rerun_resumes(data, tmp_path, sessions, 
              if '"event"' not in line]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5] and steps.count(1) == steps.count(2) == 1  # resumed at step 2
     assert (run / "augvae-ml.safetensors").is_file() and (run / "augvae-sl.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_stage_whose_private_ray_lost_its_node_fails_at_once(tmp_path, request, sessions):
+    """The raylet of the private local Ray the driver started dies mid-stage (the OOM killer, a
+    kill): no node will ever come back, so the stage fails within seconds with one line saying to
+    run the same command again, rather than wait for one (actors for ``ray_wait``, 15 minutes;
+    tasks, download's, for ever: the same check covers them, untested here, since download's
+    tasks in flight finish without their raylet); and the rerun finishes. Found by the chaos hunt
+    of `lverse pipeline run`."""
+    stage = "encode"
+    command = _command(stage, "ray", tmp_path, request)
+    proc = _start(command, stage, tmp_path, sessions, in_flight=False)
+    raylets = [pid for pid in _processes(5, proc.pid) if b"/raylet/raylet " in _command_of(pid)]
+    assert len(raylets) == 1
+    os.kill(raylets[0], signal.SIGKILL)
+    killed = time.time()
+    assert proc.wait(timeout=120) == 1, _tail(tmp_path / "stderr.log")
+    assert time.time() - killed < 60
+    last = _tail(tmp_path / "stderr.log").strip().splitlines()[-1]
+    assert "run the same command again" in last, last
+    assert _wait_workers_gone(proc.pid, 10) == []
+    rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sessions.append(rerun.pid)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode(errors="replace")[-3000:]
+
+
+def _command_of(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ")
+    except OSError:
+        return b""
