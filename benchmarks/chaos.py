@@ -2,7 +2,8 @@
 the suite's).
 
 For each ``--stage``, makes the test suite's small inputs in a temporary folder (debug AugVAE and
-BiART with random weights, synthetic image shards, the synthetic image server for download), runs
+BiART with random weights, synthetic image shards, the synthetic image server for download and
+``pipeline``, which is `lverse pipeline run`: download, tokenizer and encode on a private local Ray), runs
 the stage once uninterrupted, then ``--rounds`` rounds of ``--kills`` SIGKILLs each of a random
 process of the stage's session at random moments, and the same command until it succeeds. Every
 kill is printed (round, moment, victim, its role); then, per stage:
@@ -10,6 +11,7 @@ kill is printed (round, moment, victim, its role); then, per stage:
     chaos_kills=<SIGKILLs sent>
     chaos_orphans=<processes of a killed run still alive 5 s after its driver ended>
     chaos_temporaries=<temporary files left in the output after the final run>
+    chaos_hangs=<killed runs whose driver had not ended after --timeout seconds (then SIGKILLed)>
     chaos_outputs_identical=<True: the outputs equal the uninterrupted run's, byte for byte>
 
 Replay a failure with the same ``--stage`` and ``--seed``: the same moments and the same picks
@@ -38,6 +40,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs a round (a round ends when its driver dies)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=600,
+                        help="seconds a run may take; a killed run's driver still running then is a hang, counted")
     parser.add_argument("--folder", help="keep the inputs, outputs and logs here (default: a temporary folder)")
     args = parser.parse_args()
     failed = False
@@ -46,8 +50,9 @@ def main() -> int:
         files = inputs(folder, args.stage or STAGES, stack)
         for name in args.stage or STAGES:
             result = chaos(stage(name, os.path.join(folder, name, "inputs"), files), os.path.join(folder, name),
-                           args.rounds, args.seed, args.kills, say=lambda line: print(line, flush=True))
-            failed |= bool(result.orphans or result.temporaries or result.differences)
+                           args.rounds, args.seed, args.kills, say=lambda line: print(line, flush=True),
+                           timeout=args.timeout)
+            failed |= bool(result.orphans or result.temporaries or result.hangs or result.differences)
     return 1 if failed else 0
 
 
@@ -56,10 +61,10 @@ def inputs(folder: str, stages, stack: contextlib.ExitStack) -> dict:
     os.makedirs(folder, exist_ok=True)
     vae = make_vae(os.path.join(folder, "vae.safetensors"))
     files = {"vae": vae}
-    if set(stages) - {"encode", "download"}:
+    if set(stages) - {"encode", "download", "pipeline"}:
         files["data"] = make_data(os.path.join(folder, "data"), vae)
         files["biart"] = make_biart(os.path.join(folder, "biart.safetensors"), files["data"])
-    if "download" in stages:
+    if {"download", "pipeline"} & set(stages):
         from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
         files["server"] = stack.enter_context(SyntheticServer(SyntheticSet(seed=1, train=12, heldout=2,
                                                                            image_size=64)))

@@ -11,10 +11,10 @@ Piece ids map into BiART's text range by an offset (the image vocabulary size): 
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 
 import ftfy
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lverse.core.errors import InputError
+from lverse.core.files import atomic_output
 from lverse.core.vocab import VOCAB_SIZE
 
 from . import _bpe
@@ -86,27 +87,31 @@ class CaptionTokenizer:
         """Fit a BPE model on ``captions`` and write ``{output_prefix}.model`` and ``.vocab``.
 
         No dropout while fitting. ``max_sentences`` caps the captions SentencePiece samples, so
-        CC12M-sized inputs fit in memory. Extra keyword arguments go to the tokenizer.
+        CC12M-sized inputs fit in memory. Extra keyword arguments go to the tokenizer. The same
+        captions give the same bytes: the model is taken from SentencePiece in memory, since a model
+        it writes to a file records that file's name (a temporary one would differ each time, and
+        so would the tokenizer's sha256, which models record as their provenance).
         """
-        folder = os.path.dirname(os.path.abspath(output_prefix))
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            prefix = os.path.join(tmp, "spm")
-            try:
-                spm.SentencePieceTrainer.train(
-                    sentence_iterator=(c for c in map(normalize_caption, captions) if c),
-                    model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-                    character_coverage=0.9995, input_sentence_size=max_sentences,
-                    shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
-                    # Only UNK is special: BiART adds its own PAD and start tokens.
-                    unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
-            except RuntimeError as e:
-                if "Vocabulary size" in str(e):
-                    raise InputError(f"{vocab_size} pieces is more than these captions support "
-                                     f"({e}); pass a smaller vocab_size or more captions") from e
-                raise
-            for ext in (".model", ".vocab"):  # rename into place: no half-written model
-                os.replace(prefix + ext, output_prefix + ext)
+        model = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=(c for c in map(normalize_caption, captions) if c),
+                model_writer=model, model_type="bpe", vocab_size=vocab_size,
+                character_coverage=0.9995, input_sentence_size=max_sentences,
+                shuffle_input_sentence=True, num_threads=os.cpu_count() or 1,
+                # Only UNK is special: BiART adds its own PAD and start tokens.
+                unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
+        except RuntimeError as e:
+            if "Vocabulary size" in str(e):
+                raise InputError(f"{vocab_size} pieces is more than these captions support "
+                                 f"({e}); pass a smaller vocab_size or more captions") from e
+            raise
+        sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+        # SentencePiece's own .vocab: each piece and its score, a line each, in id order
+        vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+        for ext, content in ((".vocab", vocab.encode()), (".model", model.getvalue())):  # the model last
+            with atomic_output(output_prefix + ext) as tmp, open(tmp, "wb") as f:
+                f.write(content)
         log.info("wrote %s.model (%d pieces)", output_prefix, vocab_size)
         return cls(output_prefix + ".model", **kwargs)
 

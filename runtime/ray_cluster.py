@@ -79,9 +79,28 @@ def join(address: str | None) -> ModuleType:
             _check_session_folder()
             guard_private_ray()
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        _private[:] = [address == "local"]
         if main and previous is not None:
             signal.signal(signal.SIGTERM, keeping(previous) if callable(previous) else previous)
     return ray
+
+
+_private: list[bool] = []  # [whether the Ray this process joined last is a private local one]
+
+
+def private_ray_lost(ray) -> str | None:
+    """Why nothing more can run, where this process's private local Ray has no live node left (its
+    raylet died, or the GCS that knows the nodes); else None. A cluster may get a node back (its
+    autoscaler, a restarted worker), so a stage waits for one there; a private Ray has one node,
+    and a stage waiting on it after its death would wait until its own time limit (``ray_wait``,
+    15 minutes; download's tasks, for ever)."""
+    if not _private or not _private[0]:
+        return None
+    try:
+        alive = any(node["Alive"] for node in ray.nodes())
+    except Exception as e:  # the GCS is gone
+        return f"the private local Ray's GCS is gone ({type(e).__name__})"
+    return None if alive else "the private local Ray's node died (its raylet ended)"
 
 
 _kept: list[BaseException] = []  # what the driver's SIGTERM handler raised last, while Ray is in use

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from lverse.core.resources import apply_threads, plan_threads
 
 from .lifetime import stopping
-from .ray_cluster import NodeTypesSizing, RayPool, join, ray_calls
+from .ray_cluster import NodeTypesSizing, RayPool, join, private_ray_lost, ray_calls
 from .tasks import Round, StageFailed, Task, TaskResult, Workers, guarded
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,10 @@ class RayTasks:
             waiting = list(refs)
             try:
                 while waiting:
-                    done, waiting = ray.wait(waiting, num_returns=1)
+                    done, waiting = ray.wait(waiting, num_returns=1, timeout=5)
+                    if not done:
+                        _fail_if_private_ray_lost(ray)
+                        continue
                     i, name = refs[done[0]]
                     try:
                         result, node = ray.get(done[0])
@@ -237,12 +240,23 @@ class _Round:
         self.owner.actor_log.note("lost", self.node.pop(actor))
 
     def give_up_if_stuck(self) -> None:
+        if not self.node:
+            _fail_if_private_ray_lost(self.ray)
         if self.node or time.monotonic() - self.since < self.owner.wait:
             return
         raise ClusterUnavailable(
             f"no Ray actor could be placed in {self.owner.wait:g} s ({self.owner.pool.wants()}): no node of the "
             "cluster has that free, and none was added; check the autoscaler (`ray status`), the node types' "
             "max_workers, or give more time (--ray-wait)")
+
+
+def _fail_if_private_ray_lost(ray) -> None:
+    """End the stage at once when its private local Ray can run nothing more; the same command
+    starts a new one and goes on from the finished items."""
+    lost = private_ray_lost(ray)
+    if lost:
+        raise StageFailed(f"{lost}: nothing more can run on it; run the same command again, which starts a new "
+                          "one and goes on from the finished items")
 
 
 class _Actor:

@@ -6,7 +6,8 @@ One *round* starts the stage's command (``lverse STAGE ...``, as a user runs it)
 its own, with a marker in its environment, and at moments drawn from the seed (within the first
 ``REACH`` of an uninterrupted run's duration) SIGKILLs a process drawn from those of the session
 then alive: the driver, a pool worker, a worker's guard, multiprocessing's resource tracker, a
-DataLoader worker, img2dataset's processes. A moment that finds the driver alone (importing, loading) waits
+DataLoader worker, img2dataset's processes, a private local Ray's (raylet, GCS, agents, workers,
+lverse's guard of it). A moment that finds the driver alone (importing, loading) waits
 until it has started another process: a driver killed before it started anything leaves nothing
 to find. A round ends when its driver has ended (killed, failed because a worker died, or
 finished). Then every process of the session, or carrying the marker, must be gone within
@@ -18,7 +19,7 @@ same command into another folder (training: the exported weights and every logge
 temporary file may be left in them.
 
 ``python benchmarks/chaos.py --stage S --rounds N --seed K`` runs it for longer hunts;
-tests/test_chaos.py runs a round or two per stage. Every kill is printed with its round, its
+tests/test_chaos.py runs one round of every stage. Every kill is printed with its round, its
 moment and its victim, and the seed with the stage, so that a failure can be replayed (the moment
 a kill lands and which processes exist then depend on the machine's speed: a replay draws the
 same moments and the same index into the list of live processes).
@@ -49,7 +50,7 @@ GRACE = 5.0  # seconds a process of a killed run may outlive its driver
 # Kills land within this share of an uninterrupted run's duration: a run from an empty output may
 # be faster than the first (warm caches), and a kill drawn past its end would land on nothing.
 REACH = 0.8
-STAGES = ("encode", "caption", "generate", "download", "train", "train-vae")
+STAGES = ("encode", "caption", "generate", "download", "train", "train-vae", "pipeline")
 
 
 @dataclasses.dataclass
@@ -69,6 +70,7 @@ class Result:
     kills: int = 0
     orphans: list[str] = dataclasses.field(default_factory=list)  # "round R: PID COMMAND"
     temporaries: list[str] = dataclasses.field(default_factory=list)
+    hangs: list[str] = dataclasses.field(default_factory=list)  # killed runs whose driver never ended
     differences: list[str] = dataclasses.field(default_factory=list)
     reruns: int = 0  # runs after the rounds until one succeeded
     victims: dict[str, int] = dataclasses.field(default_factory=dict)  # kills by the victim's role
@@ -82,7 +84,8 @@ class Result:
         """The benchmark's ``name=value`` lines."""
         return [f"chaos_stage={self.stage}", f"chaos_seed={self.seed}", f"chaos_rounds={self.rounds}",
                 f"chaos_kills={self.kills}", f"chaos_orphans={len(self.orphans)}",
-                f"chaos_temporaries={len(self.temporaries)}", f"chaos_outputs_identical={self.identical}",
+                f"chaos_temporaries={len(self.temporaries)}", f"chaos_hangs={len(self.hangs)}",
+                f"chaos_outputs_identical={self.identical}",
                 f"chaos_seconds={self.seconds:.0f}",
                 "chaos_victims=" + ",".join(f"{role}:{n}" for role, n in sorted(self.victims.items()))]
 
@@ -135,6 +138,12 @@ def role(pid: int, driver: int) -> str:
     parent = int(stat[1]) if stat else 0
     if "resource_tracker" in command:
         return "resource tracker"
+    if _private_ray_guard(pid):
+        return "private Ray's guard"
+    if command.startswith("ray::"):  # a Ray worker or agent, by the name Ray gives its process
+        return f"Ray's {command.split(' ')[0].removeprefix('ray::')}"
+    if "/site-packages/ray/" in command:  # the head's own processes: gcs_server, raylet, dashboard, monitors
+        return "Ray's " + os.path.basename(next(word for word in command.split(" ") if "/site-packages/ray/" in word))
     if parent == driver:
         if command == _command_line(driver):  # a DataLoader worker, or a child not yet at its exec
             return "driver's fork"
@@ -142,6 +151,17 @@ def role(pid: int, driver: int) -> str:
     if "multiprocessing" in command and command == _command_line(parent):
         return "worker's fork (guard)"
     return f"other ({os.path.basename(command.split(' ')[0])})"
+
+
+def _private_ray_guard(pid: int) -> bool:
+    """Whether ``pid`` is lverse's guard of a private local Ray (runtime/lifetime.py), which has
+    the Ray's mark among its arguments."""
+    from lverse.runtime.lifetime import PRIVATE_RAY_MARK
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f"{PRIVATE_RAY_MARK}=".encode() in f.read()
+    except OSError:
+        return False
 
 
 def _kill(pid: int) -> None:
@@ -214,7 +234,7 @@ def chaos(stage: Stage, folder: str, rounds: int, seed: int, kills_per_round: in
     result.seconds = time.time() - started
     for line in result.lines():
         say(line)
-    for problem in result.orphans + result.temporaries + result.differences:
+    for problem in result.orphans + result.temporaries + result.hangs + result.differences:
         say(f"chaos {stage.name}: {problem}")
     return result
 
@@ -247,7 +267,9 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
                 say(f"round {r}: the driver ended ({proc.returncode}) before the kill at {moment:.2f} s")
                 break
             alive = [pid for pid in members(driver, marker) if pid not in killed]  # the killed may still be dying
-            while alive == [driver] and proc.poll() is None:  # starting up: wait for what it starts
+            # Starting up: wait for what it starts. Or ending: every other process killed or gone,
+            # and the driver itself no longer listed (a zombie) before its status can be read.
+            while set(alive) <= {driver} and proc.poll() is None:
                 time.sleep(0.01)
                 alive = [pid for pid in members(driver, marker) if pid not in killed]
             if proc.poll() is not None:
@@ -262,7 +284,13 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
             kills += 1
             if victim == driver:
                 break
-        code = proc.wait(timeout=timeout)
+        try:
+            code = proc.wait(timeout=max(1.0, timeout - (time.time() - start)))
+        except subprocess.TimeoutExpired:  # a hang: a finding, not the end of the hunt
+            result.hangs.append(f"round {r}: the driver ran past {timeout:g} s after its kills; SIGKILLed")
+            say(result.hangs[-1])
+            _kill(driver)
+            code = proc.wait()
         ended = time.time()
         say(f"round {r}: the driver ended with {code} after {ended - start:.1f} s")
         while members(driver, marker) and time.time() - ended < GRACE:
@@ -274,6 +302,7 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
         left = members(driver, marker)
         for pid in left:
             result.orphans.append(f"round {r}: {pid} [{role(pid, driver)}] {_command_line(pid)}")
+            say(f"orphan: {result.orphans[-1]}")  # now, so that a hunt cut short still shows it
             _kill(pid)
     return kills, proc.returncode
 
@@ -339,11 +368,7 @@ def stage(name: str, folder: str, files: dict, workers: int = 2) -> Stage:
                                         "--prompts-per-item", "1", "--clip", "lverse-tiny", "--output", out, *local],
                      lambda out: files_of(out, "*/*.png", "*/*.jpg"))
     if name == "download":
-        srv = files["server"]
-        lines = [f"{srv.data.sample('train', i)[1]}\t{srv.url}/img/train/{i}.jpg" for i in range(9)]
-        tsv = os.path.join(folder, "in.tsv")
-        with open(tsv, "w") as f:
-            f.write("\n".join(lines) + "\n")
+        tsv = _image_list(files["server"], folder, 9)
         return Stage(name, lambda out: [LVERSE, "download", "--input", tsv, "--samples-per-shard", "3",
                                         "--image-size", "64", "--timeout", "5", "--download-threads", "2",
                                         "--output", out, *local], _download_outputs)
@@ -355,6 +380,9 @@ def stage(name: str, folder: str, files: dict, workers: int = 2) -> Stage:
         return Stage(name, lambda out: [LVERSE, "train-vae", "--config",
                                         _vae_config(folder, out, files["data"], workers)],
                      lambda out: {**files_of(out, "augvae-*.safetensors"), **_losses(out)})
+    if name == "pipeline":
+        config = _pipeline_config(folder, _image_list(files["server"], folder, 9), files["vae"], workers)
+        return Stage(name, lambda out: [LVERSE, "pipeline", "run", config, "--run-dir", out], _pipeline_outputs)
     raise ValueError(f"no chaos stage {name!r}: one of {', '.join(STAGES)}")
 
 
@@ -370,11 +398,43 @@ def _train_config(folder: str, run_dir: str, data: dict, workers: int) -> str:
 
 
 def _vae_config(folder: str, run_dir: str, data: dict, workers: int) -> str:
-    """tests/test_train.py's debug AugVAE run, shorter: 2 ML steps, 2 SL steps, a checkpoint each."""
-    cfg = {"run_dir": run_dir, "shards": data["raw"], "preset": "debug-ml", "ml_steps": 2, "sl_steps": 2,
+    """The smallest AugVAE run that crosses every phase: the demo's tiny preset (32-pixel images),
+    2 ML steps, the conversion, 2 SL steps, a checkpoint each (the debug preset's 64-pixel steps
+    took 20-50 s each on the loaded 2-core machine, the tiny preset's a second or two)."""
+    cfg = {"run_dir": run_dir, "shards": data["raw"], "preset": "tiny-ml", "ml_steps": 2, "sl_steps": 2,
            "batch_size": 4, "lr": 1e-3, "log_every": 1, "checkpoint_every": 1, "workers": workers,
            "perceptual_weight": 0.0}
     return _yaml(os.path.join(folder, f"vae-{os.path.basename(run_dir)}.yaml"), cfg)
+
+
+def _image_list(server, folder: str, images: int) -> str:
+    """A caption<TAB>url list of the first ``images`` training images of the synthetic ``server``."""
+    lines = [f"{server.data.sample('train', i)[1]}\t{server.url}/img/train/{i}.jpg" for i in range(images)]
+    return _write(os.path.join(folder, "in.tsv"), "\n".join(lines) + "\n")
+
+
+def _pipeline_config(folder: str, tsv: str, vae: str, workers: int) -> str:
+    """`lverse pipeline run` on a private local Ray: the 9 images of ``tsv`` downloaded 3 a shard,
+    a tokenizer of 40 pieces fitted on their captions, the shards encoded by ``workers`` actors of
+    the debug AugVAE. The run folder comes from the command line (``--run-dir``)."""
+    cfg = {"run_dir": os.path.join(folder, "unused"), "tokenizer": {"vocab_size": 40},
+           "download": {"input": tsv, "samples_per_shard": 3, "image_size": 64, "timeout": 5, "download_threads": 2},
+           "encode": {"vae": vae, "batch_size": 4, "workers": workers}}
+    return _yaml(os.path.join(folder, "pipeline.yaml"), cfg)
+
+
+def _pipeline_outputs(out: str) -> dict[str, str]:
+    """What each stage of the pipeline made: the downloaded shards' samples, the tokenizer, the
+    token shards, and which stages are marked done (their markers hold timings, not compared)."""
+    return {**{f"shards/{name}": digest for name, digest in _download_outputs(os.path.join(out, "shards")).items()},
+            **files_of(out, "tokenizer.model", "tokens/*.tar"),
+            **{f"done: {name}": "yes" for name in sorted(os.listdir(os.path.join(out, "_done")))}}
+
+
+def _write(path: str, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 def _yaml(path: str, cfg: dict) -> str:

@@ -391,3 +391,81 @@ def test_a_second_ctrl_c_stops_a_stage_at_once(tmp_path, request, sessions, stag
     assert _wait_gone(proc.pid, 5) == []
     assert _open_under(tmp_path / "out") == []
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_train_vae_and_a_rerun_resumes(data, tmp_path, sessions, sig):
+    """`lverse train-vae` (one process and its DataLoader workers, no executor: not a Ray stage,
+    nor is `lverse train`, whose stops are tests/test_train.py's and test_slurm.py's) stopped by
+    Ctrl-C at a terminal (the whole group: the workers ignore it) or SIGTERM to the driver alone:
+    the exit status of the signal within seconds, nothing of it left, and the same command resumes
+    from the last complete checkpoint (it does not checkpoint on the stop, as `lverse train` does:
+    what ran since is trained again) and writes both models."""
+    import yaml
+    run = tmp_path / "run"
+    config = tmp_path / "vae.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(run), "shards": data["raw"], "preset": "tiny-ml", "ml_steps": 4, "sl_steps": 1,
+        "batch_size": 4, "lr": 1e-3, "log_every": 1, "checkpoint_every": 2, "workers": 2, "perceptual_weight": 0.0}))
+    command = [LVERSE, "train-vae", "--config", str(config)]
+    with open(tmp_path / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+    sessions.append(proc.pid)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "step_00000002" / "lverse.json").exists():
+        assert proc.poll() is None and time.time() < deadline, _tail(tmp_path / "stderr.log")
+        time.sleep(0.05)
+    assert len(_processes(3, proc.pid)) >= 2, "no DataLoader workers running"
+    stopped = time.time()
+    if sig == signal.SIGINT:
+        os.killpg(proc.pid, sig)
+    else:
+        os.kill(proc.pid, sig)
+    assert proc.wait(timeout=60) == 128 + sig, _tail(tmp_path / "stderr.log")
+    assert time.time() - stopped < 15
+    assert _wait_gone(proc.pid, 5) == []
+    assert not (run / "augvae-sl.safetensors").exists()
+
+    rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sessions.append(rerun.pid)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode(errors="replace")[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if '"event"' not in line]
+    assert sorted(set(steps)) == [1, 2, 3, 4, 5] and steps.count(1) == steps.count(2) == 1  # resumed at step 2
+    assert (run / "augvae-ml.safetensors").is_file() and (run / "augvae-sl.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_stage_whose_private_ray_lost_its_node_fails_at_once(tmp_path, request, sessions):
+    """The raylet of the private local Ray the driver started dies mid-stage (the OOM killer, a
+    kill): no node will ever come back, so the stage fails within seconds with one line saying to
+    run the same command again, rather than wait for one (actors for ``ray_wait``, 15 minutes;
+    tasks, download's, for ever: the same check covers them, untested here, since download's
+    tasks in flight finish without their raylet); and the rerun finishes. Found by the chaos hunt
+    of `lverse pipeline run`."""
+    stage = "encode"
+    command = _command(stage, "ray", tmp_path, request)
+    proc = _start(command, stage, tmp_path, sessions, in_flight=False)
+    raylets = [pid for pid in _processes(5, proc.pid) if b"/raylet/raylet " in _command_of(pid)]
+    assert len(raylets) == 1
+    os.kill(raylets[0], signal.SIGKILL)
+    killed = time.time()
+    assert proc.wait(timeout=120) == 1, _tail(tmp_path / "stderr.log")
+    assert time.time() - killed < 60
+    last = _tail(tmp_path / "stderr.log").strip().splitlines()[-1]
+    assert "run the same command again" in last, last
+    assert _wait_workers_gone(proc.pid, 10) == []
+    rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sessions.append(rerun.pid)
+    _, err = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, err.decode(errors="replace")[-3000:]
+
+
+def _command_of(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ")
+    except OSError:
+        return b""

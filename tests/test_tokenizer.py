@@ -1,3 +1,4 @@
+import hashlib
 import subprocess
 import sys
 
@@ -62,6 +63,17 @@ def test_too_many_pieces_is_a_clear_error(captions, tmp_path):
     with pytest.raises(ValueError, match="smaller vocab_size"):
         CaptionTokenizer.fit(captions, str(tmp_path / "big"), vocab_size=50000)
     assert not list(tmp_path.glob("big*")), "nothing half-written"
+
+
+def test_the_same_captions_fit_the_same_bytes_wherever_written(tok, captions, tmp_path):
+    """Models record the tokenizer's sha256 as their provenance: a refit of the same captions (a
+    pipeline rerun after a kill mid-fit) must be the same file, whatever folder it was fitted in."""
+    again = CaptionTokenizer.fit(captions, str(tmp_path / "elsewhere" / "captions"), vocab_size=80, offset=512)
+    for ext in (".model", ".vocab"):  # compared by digest: pytest's diff of two long byte strings takes minutes
+        digests = [hashlib.sha256(open(model.model_path.removesuffix(".model") + ext, "rb").read()).hexdigest()
+                   for model in (tok, again)]
+        assert digests[0] == digests[1], ext
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["captions.model", "captions.vocab"]
 
 
 def test_missing_model_file(tmp_path):
