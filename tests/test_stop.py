@@ -18,8 +18,8 @@ import os
 import select
 import signal
 import subprocess
-import tempfile
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -284,14 +284,7 @@ def test_what_a_worker_started_dies_with_a_sigkilled_driver(sessions):
 
 def _commands(session: int) -> list[bytes]:
     """The command lines (arguments joined by spaces) of the processes in ``session``."""
-    commands = []
-    for pid in _processes(5, session):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                commands.append(f.read().replace(b"\0", b" ").strip())
-        except OSError:
-            continue
-    return commands
+    return [command for command in map(_command_of, _processes(5, session)) if command]
 
 
 # A driver whose stop is slow (its end of the workers delayed by 30 s), its one worker busy for a
@@ -456,7 +449,7 @@ def test_a_stage_whose_private_ray_lost_its_node_fails_at_once(tmp_path, request
     assert time.time() - killed < 60
     last = _tail(tmp_path / "stderr.log").strip().splitlines()[-1]
     assert "run the same command again" in last, last
-    assert _wait_workers_gone(proc.pid, 10) == []
+    assert _wait_gone(proc.pid, 10) == []
     rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sessions.append(rerun.pid)
     _, err = rerun.communicate(timeout=300)
@@ -464,8 +457,9 @@ def test_a_stage_whose_private_ray_lost_its_node_fails_at_once(tmp_path, request
 
 
 def _command_of(pid: int) -> bytes:
+    """The command line of ``pid`` (arguments joined by spaces); empty once it has ended."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ")
+            return f.read().replace(b"\0", b" ").strip()
     except OSError:
         return b""
