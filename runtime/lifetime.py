@@ -137,7 +137,37 @@ while time.monotonic() - quiet_since < 3 and time.monotonic() - began < 60:
     time.sleep(0.1)
 """
 
-_ray_guard = None
+
+class _Guard:
+    """The guard process of this process's private Rays, started again whenever it dies (a kill
+    meant for something else, the OOM killer) for as long as this process runs: without it, a
+    driver killed after its guard would leave its Ray's agents and workers running."""
+
+    def __init__(self, mark: str):
+        import subprocess
+        self.ending, self.lock = False, threading.Lock()
+        self.start = lambda: subprocess.Popen(
+            [sys.executable, "-c", _RAY_GUARD, str(os.getpid()), mark], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.process = self.start()
+        threading.Thread(target=self._keep, name="lverse-ray-guard", daemon=True).start()
+
+    def _keep(self) -> None:
+        while True:
+            self.process.wait()
+            with self.lock:
+                if self.ending:
+                    return
+                self.process = self.start()
+
+    def end(self) -> None:
+        with self.lock:
+            self.ending = True
+        self.process.stdin.close()
+        self.process.wait()
+
+
+_ray_guard: _Guard | None = None
 
 
 def guard_private_ray() -> None:
@@ -161,10 +191,8 @@ def guard_private_ray() -> None:
     if not sys.platform.startswith("linux") or _ray_guard is not None:
         return
     import secrets
-    import subprocess
     mark = f"{PRIVATE_RAY_MARK}={os.getpid()}-{secrets.token_hex(8)}"
-    _ray_guard = subprocess.Popen([sys.executable, "-c", _RAY_GUARD, str(os.getpid()), mark], stdin=subprocess.PIPE,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _ray_guard = _Guard(mark)
     os.environ[PRIVATE_RAY_MARK] = mark.split("=", 1)[1]
     os.environ["SPT_NOENV"] = "1"
 
@@ -176,8 +204,7 @@ def end_private_ray() -> None:
     global _ray_guard
     if _ray_guard is None:
         return
-    _ray_guard.stdin.close()
-    _ray_guard.wait()
+    _ray_guard.end()
     _ray_guard = None
     del os.environ[PRIVATE_RAY_MARK]
 

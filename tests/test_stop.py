@@ -209,8 +209,15 @@ def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage,
     """Every worker, local process or Ray actor, dies with the driver, in the middle of an item (a
     download in the middle of a shard), the private local Ray's node agents (dashboard and
     runtime-env, which run no lverse code) included: lverse's guard ends them
-    (runtime/lifetime.py)."""
+    (runtime/lifetime.py), and the guard is started again when it is killed first."""
     proc = _start(_command(stage, executor, tmp_path, request), stage, tmp_path, sessions)
+    if executor == "ray":
+        (guard,) = _ray_guards(proc.pid)
+        os.kill(guard, signal.SIGKILL)
+        deadline = time.time() + 10
+        while _ray_guards(proc.pid) in ([], [guard]):
+            assert time.time() < deadline, "the private Ray's guard was not started again"
+            time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _wait_gone(proc.pid, 10) == []
@@ -458,6 +465,13 @@ def test_a_stage_whose_private_ray_lost_its_node_fails_at_once(tmp_path, request
     sessions.append(rerun.pid)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err.decode(errors="replace")[-3000:]
+
+
+def _ray_guards(driver: int) -> list[int]:
+    """The live guards of the private Rays of ``driver`` (runtime/lifetime.py: a ``python -c``
+    script given the driver's PID and its mark; a dead one's command line is empty)."""
+    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
+            if f" {driver} LVERSE_PRIVATE_RAY={driver}-".encode() in _command_of(int(pid))]
 
 
 def _command_of(pid: int) -> bytes:
