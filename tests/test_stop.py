@@ -87,14 +87,7 @@ def sessions():
 def _command(stage: str, executor: str, tmp_path, request) -> list[str]:
     """``lverse STAGE`` on inputs of ``ITEMS[stage]`` items, writing to ``tmp_path/out``."""
     if stage == "download":
-        srv = request.getfixturevalue("server")
-        lines = []
-        for chunk in range(ITEMS["download"]):
-            lines += [f"{srv.data.sample('train', i)[1]}\t{srv.url}/img/train/{i}.jpg"
-                      for i in (2 * chunk, 2 * chunk + 1)]
-            lines.append(f"a picture that arrives too late\t{srv.url}/bad/slow.jpg")
-        tsv = tmp_path / "in.tsv"
-        tsv.write_text("\n".join(lines) + "\n")
+        tsv = _slow_chunks(request.getfixturevalue("server"), ITEMS["download"], tmp_path / "in.tsv")
         args = ["--input", str(tsv), "--samples-per-shard", "3", "--image-size", "64", "--timeout", "1.5",
                 "--download-threads", "4"]
     elif stage == "encode":
@@ -112,6 +105,17 @@ def _command(stage: str, executor: str, tmp_path, request) -> list[str]:
         args = ["--prompts", str(prompts), "--checkpoint", checkpoint, "--vae", files["vae"], "--tokenizer",
                 files["tokenizer"], "--candidates", "4", "--prompts-per-item", "1", "--clip", "lverse-tiny"]
     return [LVERSE, stage, *args, "--output", str(tmp_path / "out"), "--workers", "1", "--executor", executor]
+
+
+def _slow_chunks(srv, chunks: int, tsv):
+    """A download list at ``tsv`` of ``chunks`` chunks of 3 lines: two images of ``srv``, then one
+    that arrives past a timeout of a few seconds, so that each chunk takes that long."""
+    lines = []
+    for chunk in range(chunks):
+        lines += [f"{srv.data.sample('train', i)[1]}\t{srv.url}/img/train/{i}.jpg" for i in (2 * chunk, 2 * chunk + 1)]
+        lines.append(f"a picture that arrives too late\t{srv.url}/bad/slow.jpg")
+    tsv.write_text("\n".join(lines) + "\n")
+    return tsv
 
 
 def _start(command: list[str], stage: str, tmp_path, sessions, in_flight: bool = True) -> subprocess.Popen:
@@ -435,6 +439,59 @@ def test_a_signal_stops_train_vae_and_a_rerun_resumes(data, tmp_path, sessions, 
              if '"event"' not in line]
     assert sorted(set(steps)) == [1, 2, 3, 4, 5] and steps.count(1) == steps.count(2) == 1  # resumed at step 2
     assert (run / "augvae-ml.safetensors").is_file() and (run / "augvae-sl.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_signal_stops_pipeline_run_in_any_stage_and_the_same_command_finishes(tmp_path, server, vae_path, sessions):
+    """`lverse pipeline run` on a private local Ray, stopped twice: SIGTERM in its download stage
+    (a chunk done, the next in flight), Ctrl-C once its encode stage starts (the tokenizer fitted,
+    the encode actors starting). Each time it exits with the signal's status within seconds,
+    nothing of it is left, and the stopped stage has no done marker while the stages before it
+    keep theirs; the third run finishes from there, downloading only the chunks that were not
+    done and fitting no tokenizer again."""
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(json.dumps({
+        "run_dir": str(tmp_path / "out"), "tokenizer": {"vocab_size": 40},
+        "download": {"input": str(_slow_chunks(server, 4, tmp_path / "in.tsv")), "samples_per_shard": 3,
+                     "image_size": 64, "timeout": 1.5, "download_threads": 4, "workers": 1},
+        "encode": {"vae": vae_path, "batch_size": 4, "workers": 1}}))
+    command, out, log = [LVERSE, "pipeline", "run", str(config)], tmp_path / "out", tmp_path / "stderr.log"
+
+    def stop_when(ready, sig) -> None:
+        with open(log, "wb") as err:
+            proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err,
+                                    env=_temporary_folder(tmp_path))
+        sessions.append(proc.pid)
+        deadline = time.time() + 240
+        while not ready():
+            assert proc.poll() is None and time.time() < deadline, _tail(log)
+            time.sleep(0.02)
+        stopped = time.time()
+        os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
+        assert proc.wait(timeout=60) == 128 + sig, _tail(log)
+        assert time.time() - stopped < 15
+        assert _wait_gone(proc.pid, 5) == []
+        assert _open_under(out) == []
+
+    stop_when(lambda: glob.glob(str(out / "shards" / "*_stats.json")) and _open_under(out / "shards" / "_tmp"),
+              signal.SIGTERM)
+    assert not (out / "_done").exists()
+    downloaded = {path: os.stat(path).st_mtime_ns for path in glob.glob(str(out / "shards" / "*_stats.json"))}
+    assert 0 < len(downloaded) < 4
+    stop_when(lambda: (out / "_done" / "tokenizer.json").exists(), signal.SIGINT)
+    assert sorted(os.listdir(out / "_done")) == ["download.json", "tokenizer.json"]
+    tokenizer = (out / "tokenizer.model").stat().st_mtime_ns
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_temporary_folder(tmp_path))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert sorted(os.listdir(out / "_done")) == ["download.json", "encode.json", "tokenizer.json"]
+    with open(out / "shards" / "_summary.json") as f:
+        summary = json.load(f)
+    assert (summary["skipped"], summary["done"]) == (len(downloaded), 4 - len(downloaded)), summary
+    assert {path: os.stat(path).st_mtime_ns for path in downloaded} == downloaded
+    assert (out / "tokenizer.model").stat().st_mtime_ns == tokenizer
+    assert len(glob.glob(str(out / "tokens" / "*.tar"))) == 4
+    assert _temporaries_left(tmp_path) == [] and _temporaries(out) == []
 
 
 @pytest.mark.slow
