@@ -386,7 +386,8 @@ def _train_vae(cfg: VAETrainConfig) -> None:
     Train AugVAE-ML on image shards, convert it to SL and fine-tune it, data-parallel (torchrun /
     deepspeed launcher / srun, like train) with the EMA codebook all-reduced so every rank holds the
     same one. Writes augvae-ml.safetensors and augvae-sl.safetensors into the run folder; resumes
-    from its newest checkpoint. The run YAML: see configs/train_vae_debug.yaml.
+    from its newest checkpoint. SIGTERM, SIGUSR1 and SIGINT checkpoint at the next step and exit 0,
+    as in train. The run YAML: see configs/train_vae_debug.yaml.
 
     Not elastic (no `lverse slurm submit ... --elastic` for it): its data order and batch depend on
     the number of ranks (shards split among the ranks' readers, global batch = batch_size x ranks,

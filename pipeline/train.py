@@ -154,7 +154,7 @@ def train(cfg: TrainConfig) -> dict:
     logger = MetricsLogger(cfg.run_dir, rank, cfg.tensorboard, cfg.wandb and dataclasses.asdict(cfg), cfg.wandb_project,
                            run.proc.world)
     sampler = Sampler(cfg, run.bcfg, run.shards[0], rank) if cfg.sample_every else None
-    stop = StopFlag()
+    stop = StopFlag(cfg.run_dir, rank)
     plateau = Plateau.of(cfg.optim, cfg.log_every, run.proc.device, resume.meta.get("plateau") if resume else None,
                          rank)
     checkpoints = Checkpoints(cfg.run_dir, cfg.keep_checkpoints, rank, writer, derived=("universal",))
@@ -196,10 +196,7 @@ def train(cfg: TrainConfig) -> dict:
         if stopping:
             checkpoints.finish()
             _log_checkpoints(cfg, rank, checkpoints.completed())
-            _stopped(cfg, rank, done, stop.received)
-            # Stopped cleanly: another signal now (a second Ctrl-C, the scheduler's next TERM) must not
-            # turn exit 0 into a kill the job script takes for a failure, not even while Python exits.
-            ignore_stop_signals()
+            stop.finish(done)
             logger.close()
             return {**meter.last, "stopped_at": done}
     checkpoints.finish()
@@ -331,9 +328,8 @@ def check_elastic(cfg: TrainConfig, nodes: int, min_nodes: int, ranks_per_node: 
 
 
 def _check_resume(run: Run, resume: Checkpoint | None) -> None:
-    """Refuse a checkpoint of another model, ZeRO layout, AugVAE or tokenizer. A ``stopped.json``
-    (or ``finished.json``) is removed: this is the restart of the job that stopped on its signal
-    (or a run given more steps)."""
+    """Refuse a checkpoint of another model, ZeRO layout, AugVAE or tokenizer. A ``finished.json``
+    is removed: this is a run given more steps."""
     cfg, rank = run.cfg, run.proc.rank
     differ = _model_differences(resume.meta["model"], run.bcfg) if resume else []
     if differ:
@@ -347,9 +343,8 @@ def _check_resume(run: Run, resume: Checkpoint | None) -> None:
     if resume and not cfg.ignore_provenance:
         check_provenance(resume.meta["provenance"], cfg.data.vae, cfg.data.tokenizer, f"checkpoint {resume.folder}",
                          "ignore_provenance: true in the run config")
-    for marker in (_stopped_marker(cfg), _finished_marker(cfg)):
-        if rank == 0 and os.path.exists(marker):
-            os.remove(marker)
+    if rank == 0 and os.path.exists(_finished_marker(cfg)):
+        os.remove(_finished_marker(cfg))
 
 
 def build_engine(run: Run, resume: Checkpoint | None):
@@ -504,7 +499,7 @@ def _float(x) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# checkpoints, the stop signal
+# checkpoints
 
 def save_checkpoint(engine, run: Run, step: int, checkpoints: Checkpoints, plateau: Plateau | None = None) -> None:
     """DeepSpeed's files of every rank, handed to the writer (collective); the marker, with what
@@ -551,21 +546,8 @@ def _log_checkpoints(cfg: TrainConfig, rank: int, completed: list[dict]) -> None
             f.write(json.dumps(figures) + "\n")
 
 
-def _stopped_marker(cfg: TrainConfig) -> str:
-    return os.path.join(cfg.run_dir, "stopped.json")
-
-
 def _finished_marker(cfg: TrainConfig) -> str:
     return os.path.join(cfg.run_dir, "finished.json")
-
-
-def _stopped(cfg: TrainConfig, rank: int, step: int, received: str | None) -> None:
-    """Checkpointed at ``step`` on a stop signal (``received`` on this rank; None: another rank's):
-    say so for the job script (collective)."""
-    if rank == 0:  # the job script requeues the job when it finds this (slurm/train.sbatch)
-        atomic_write_json(_stopped_marker(cfg), {"step": step, "signal": received})
-        log.warning("%s received: checkpointed at step %d and stopping", received or "a stop signal", step)
-    dist.barrier()
 
 
 # ---------------------------------------------------------------------------------------------

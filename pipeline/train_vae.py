@@ -29,10 +29,11 @@ Making it elastic needs BiART's global sample order (``runtime/data.GlobalOrder`
 ``plan_batch``'s micro-steps here. A start on another number of ranks is recorded all the same
 (``runtime/metrics.py``, event ``reformed``).
 
-Resume, checkpoints and RNG are the training core's, as in BiART training (``runtime/trainer.py``):
-a checkpoint folder counts once its ``lverse.json`` is written, RNG reseeded from (seed, step,
-rank); the data position is ``step`` micro-batches. Codebook usage (perplexity, dead codes) is
-counted with ``bincount``, never a one-hot.
+Resume, checkpoints, RNG and stop signals are the training core's, as in BiART training
+(``runtime/trainer.py``): a checkpoint folder counts once its ``lverse.json`` is written, RNG
+reseeded from (seed, step, rank); the data position is ``step`` micro-batches. SIGTERM, SIGUSR1
+and SIGINT make every rank checkpoint at the same next step and exit 0 (``stopped.json``).
+Codebook usage (perplexity, dead codes) is counted with ``bincount``, never a one-hot.
 
 Held-out evaluation (``eval_shards``): every ``eval_every`` steps and at the end of each phase,
 rank 0 reconstructs the first ``eval_images`` held-out images and logs their mean PSNR
@@ -72,6 +73,7 @@ from lverse.runtime.trainer import (
     Plateau,
     Process,
     Schedule,
+    StopFlag,
     check_run_dir,
     ignore_stop_signals,
     image_grid,
@@ -155,6 +157,7 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     write_run_config(cfg.run_dir, cfg, proc.rank)
     held_out = _eval_images(cfg, proc.device) if proc.rank == 0 and cfg.eval_shards else None
     phase, meter, plateau, started = None, _Meter(cfg, proc, step), None, step
+    stop = StopFlag(cfg.run_dir, proc.rank)
     while step < total:
         if phase is None or phase.name != _phase_name(cfg, step):  # start (or resume) a phase
             phase = _Phase.start(cfg, proc, step, total, phase, resume, stream, peak_lr)
@@ -191,9 +194,16 @@ def train_vae(cfg: VAETrainConfig) -> dict:
         # it would resume past the phase's end and never write it.
         if step == phase.end:
             _export(cfg, phase, proc.rank)
-        if step % cfg.checkpoint_every == 0 or step == phase.end:
+        if stop.holding(step, started):  # a test's fixed point (LVERSE_HOLD_AT_STEP)
+            stop.wait()
+        (stopping,) = stop.agreed(proc.device)
+        if step % cfg.checkpoint_every == 0 or step == phase.end or stopping:
             rule = {"plateau": plateau.state(proc.world)} if plateau else {}  # collective
             _save(cfg, phase.model, phase.opt, step, proc.rank, reached, rule)
+        if stopping:
+            stop.finish(step)
+            logger.close()
+            return {**meter.last, "stopped_at": step}
     dist.barrier()
     logger.close()
     return meter.last

@@ -163,10 +163,16 @@ HOLD_SECONDS = 300  # the longest a run waits at LVERSE_HOLD_AT_STEP (StopFlag.h
 class StopFlag:
     """Set by any of ``STOP_SIGNALS``; every rank stops at the same step because the flag is
     all-reduced (a signal may reach the ranks at different steps). The handler only sets the flag,
-    so a second signal while the checkpoint is written changes nothing: the checkpoint completes."""
+    so a second signal while the checkpoint is written changes nothing: the checkpoint completes.
 
-    def __init__(self):
+    A run that stopped so says it in ``RUN_DIR/stopped.json`` (``finish``), on which the SLURM job
+    scripts requeue the job; the next start of the run removes it."""
+
+    def __init__(self, run_dir: str, rank: int):
         self.received: str | None = None
+        self.marker, self.rank = os.path.join(run_dir, "stopped.json"), rank
+        if rank == 0 and os.path.exists(self.marker):  # the restart of a run that stopped
+            os.remove(self.marker)
         for name in STOP_SIGNALS:
             signal.signal(getattr(signal, name), self._handler)
 
@@ -195,6 +201,17 @@ class StopFlag:
         values = torch.tensor([float(self.received is not None), *map(float, flags)], device=device)
         dist.all_reduce(values)
         return tuple(bool(v) for v in values.tolist())
+
+    def finish(self, step: int) -> None:
+        """Checkpointed at ``step`` on a stop signal (received on this rank, or on another: then
+        ``received`` is None): say so (collective), and ignore stop signals from now on: another
+        one (a second Ctrl-C, the scheduler's next TERM) must not turn the exit 0 that follows into
+        a kill the job script takes for a failure, not even while Python exits."""
+        if self.rank == 0:
+            atomic_write_json(self.marker, {"step": step, "signal": self.received})
+            log.warning("%s received: checkpointed at step %d and stopping", self.received or "a stop signal", step)
+        dist.barrier()
+        ignore_stop_signals()
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
