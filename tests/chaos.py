@@ -43,6 +43,8 @@ from collections.abc import Callable
 
 import yaml
 
+from .procs import alive, command_of, environ_of, pids, processes, stat
+
 LVERSE = os.path.join(os.path.dirname(sys.executable), "lverse")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = "LVERSE_CHAOS_RUN"  # in the environment of every process a round starts, however deep
@@ -94,50 +96,19 @@ class Result:
 
 # -- processes -----------------------------------------------------------------------------------
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def _command_line(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:160]
-    except OSError:
-        return "?"
-
-
-def _marked(pid: int, mark: bytes) -> bool:
-    try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            return mark in f.read().split(b"\0")
-    except OSError:
-        return False
-
-
 def members(session: int, marker: str) -> list[int]:
     """Live processes (not zombies) of ``session``, or carrying ``marker`` in their environment
     (one that left the session on purpose), sorted."""
-    mark = f"{MARK}={marker}".encode()
-    found = []
-    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
-        stat = _stat(pid)
-        if stat is None or stat[0] == "Z" or pid == os.getpid():
-            continue
-        if int(stat[3]) == session or _marked(pid, mark):
-            found.append(pid)
-    return sorted(found)
+    marked = [pid for pid in pids() if environ_of(pid).get(MARK) == marker and pid != os.getpid()]
+    return sorted(set(processes(session=session)) | set(filter(alive, marked)))
 
 
 def role(pid: int, driver: int) -> str:
     """What a process of a run is, for the kill schedule and the tally of victims."""
     if pid == driver:
         return "driver"
-    command, stat = _command_line(pid), _stat(pid)
-    parent = int(stat[1]) if stat else 0
+    command, fields = command_of(pid), stat(pid)
+    parent = int(fields[1]) if fields else 0
     if "resource_tracker" in command:
         return "resource tracker"
     if _private_ray_guard(pid):
@@ -147,10 +118,10 @@ def role(pid: int, driver: int) -> str:
     if "/site-packages/ray/" in command:  # the head's own processes: gcs_server, raylet, dashboard, monitors
         return "Ray's " + os.path.basename(next(word for word in command.split(" ") if "/site-packages/ray/" in word))
     if parent == driver:
-        if command == _command_line(driver):  # a DataLoader worker, or a child not yet at its exec
+        if command == command_of(driver):  # a DataLoader worker, or a child not yet at its exec
             return "driver's fork"
         return "pool worker" if "multiprocessing" in command else "driver's child"
-    if "multiprocessing" in command and command == _command_line(parent):
+    if "multiprocessing" in command and command == command_of(parent):
         return "worker's fork (guard)"
     return f"other ({os.path.basename(command.split(' ')[0])})"
 
@@ -159,11 +130,7 @@ def _private_ray_guard(pid: int) -> bool:
     """Whether ``pid`` is lverse's guard of a private local Ray (runtime/lifetime.py), which has
     the Ray's mark among its arguments."""
     from lverse.runtime.lifetime import PRIVATE_RAY_MARK
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f"{PRIVATE_RAY_MARK}=".encode() in f.read()
-    except OSError:
-        return False
+    return f"{PRIVATE_RAY_MARK}=" in command_of(pid)
 
 
 def _kill(pid: int) -> None:
@@ -189,7 +156,7 @@ def run_once(command: list[str], log_path: str, timeout: float = 600) -> tuple[i
         if proc.poll() is None:
             _kill(proc.pid)
             proc.wait()
-        left = [f"{pid} [{role(pid, proc.pid)}] {_command_line(pid)}" for pid in members(proc.pid, "-")]
+        left = [f"{pid} [{role(pid, proc.pid)}] {command_of(pid)}" for pid in members(proc.pid, "-")]
         for pid in members(proc.pid, "-"):
             _kill(pid)
     return code, left
@@ -283,7 +250,7 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
             what = role(victim, driver)
             result.victims[what] = result.victims.get(what, 0) + 1
             say(f"round {r}: at {time.time() - start:.2f} s (drawn {moment:.2f} s) SIGKILL {victim} "
-                f"[{what}] {_command_line(victim)[:100]} ({len(alive)} alive)")
+                f"[{what}] {command_of(victim)[:100]} ({len(alive)} alive)")
             _kill(victim)
             killed.add(victim)
             kills += 1
@@ -306,7 +273,7 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
             proc.wait()
         left = members(driver, marker)
         for pid in left:
-            result.orphans.append(f"round {r}: {pid} [{role(pid, driver)}] {_command_line(pid)}")
+            result.orphans.append(f"round {r}: {pid} [{role(pid, driver)}] {command_of(pid)}")
             say(f"orphan: {result.orphans[-1]}")  # now, so that a hunt cut short still shows it
             _kill(pid)
     return kills, proc.returncode

@@ -36,21 +36,13 @@ import subprocess
 import sys
 import time
 
+from .procs import alive, environ_of, pids
+
 SLURM_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scontrol", "squeue", "sinfo")
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["ip", *args], capture_output=True, text=True, check=check)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _namespaces() -> list[str]:
@@ -61,12 +53,12 @@ def _remove_stale() -> None:
     """Namespaces and bridges that a killed test run of ours left (named after its dead PID)."""
     for name in _namespaces():
         m = re.fullmatch(r"lv(\d+)-\d+n\d+", name)
-        if m and not _alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             _kill_namespace(name)
             _ip("netns", "del", name, check=False)
     for line in _ip("-o", "link", "show", "type", "bridge", check=False).stdout.splitlines():
         m = re.search(r"\d+: (lvb(\d+)-\d+):", line)
-        if m and not _alive(int(m.group(2))):
+        if m and not alive(int(m.group(2))):
             _ip("link", "del", m.group(1), check=False)
 
 
@@ -80,7 +72,7 @@ def _kill_namespace(name: str) -> None:
                 pass
         deadline = time.time() + 5
         while pids and time.time() < deadline:
-            pids = [p for p in pids if _alive(p)]
+            pids = [p for p in pids if alive(p)]
             time.sleep(0.05)
 
 
@@ -600,16 +592,15 @@ class AutoscalingRay:
         with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
             namespace = os.readlink(f"/proc/{f.read().split()[0]}/ns/pid")  # the one its first process made
         found = {}
-        for pid in os.listdir("/proc"):
+        for pid in pids():
             try:
                 if os.readlink(f"/proc/{pid}/ns/pid") != namespace:
                     continue
-                with open(f"/proc/{pid}/environ", "rb") as f:
-                    for var in f.read().split(b"\0"):
-                        if var.startswith(b"RAY_OVERRIDE_NODE_ID_FOR_TESTING="):
-                            found[int(pid)] = var.split(b"=", 1)[1].decode()
-            except (OSError, ValueError):
+            except OSError:
                 continue
+            node = environ_of(pid).get("RAY_OVERRIDE_NODE_ID_FOR_TESTING")
+            if node is not None:
+                found[pid] = node
         return found
 
     HEAD = "f" * 51 + "00000"  # the provider's id of the head node (its processes carry it too)

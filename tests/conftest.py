@@ -218,22 +218,10 @@ def pytest_sessionfinish(session, exitstatus):
 
 def _left_behind(folder: str, pids: set[str], base: str) -> list[str]:
     import subprocess
-    found = []
-    mark = f"{SESSION}={folder}".encode()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                marked = mark in f.read().split(b"\0")
-            with open(f"/proc/{pid}/stat") as f:
-                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
-        except OSError:  # gone meanwhile
-            continue
-        if marked and not zombie:
-            found.append(f"process {pid}: {command}")
+
+    from . import procs
+    found = [f"process {pid}: {procs.command_of(pid)[:200]}" for pid in procs.pids()
+             if pid != os.getpid() and procs.environ_of(pid).get(SESSION) == folder and procs.alive(pid)]
     names = ""
     if shutil.which("ip"):  # without iproute2 (make test-fast) no test made a namespace
         names = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout

@@ -29,7 +29,7 @@ from lverse.runtime.metrics import events, read_records, step_records
 
 from .cluster import Nodes, SlurmCluster, missing_slurm
 from .conftest import free_port
-from .test_stop import _processes
+from .procs import alive, environ_of, processes
 from .test_train import launch, logged_steps, losses, metrics, run_job, train_config
 
 pytestmark = pytest.mark.slow
@@ -402,33 +402,27 @@ def test_a_rank_that_goes_silent_is_seen_within_the_collective_timeout(tmp_path)
     try:
         deadline = time.time() + 120
         while len(ranks) < 2 and time.time() < deadline:
-            for pid in _processes(3, proc.pid):
-                with contextlib.suppress(OSError):
-                    rank = dict(v.split("=", 1) for v in open(f"/proc/{pid}/environ").read().split("\0") if "=" in v)
-                    if "RANK" in rank:  # not a child between its fork and its exec (the agent's environment)
-                        ranks[int(rank["RANK"])] = pid
+            for pid in processes(parent=proc.pid):
+                rank = environ_of(pid).get("RANK")
+                if rank is not None:  # not a child between its fork and its exec (the agent's environment)
+                    ranks[int(rank)] = pid
             time.sleep(0.2)
         assert len(ranks) == 2, ranks
         while not (tmp_path / "ready1").exists() and time.time() < deadline:  # both in their loop of collectives
             time.sleep(0.1)
         os.kill(ranks[1], signal.SIGSTOP)
         stopped_at = time.time()
-        while os.path.exists(f"/proc/{ranks[0]}") and _state(ranks[0]) != "Z" and time.time() < stopped_at + 120:
+        while alive(ranks[0]) and time.time() < stopped_at + 120:
             time.sleep(0.2)
         seen_in = time.time() - stopped_at
     finally:  # torchrun starts each rank in a session of its own
-        for pid in [*_processes(5, proc.pid), *ranks.values()]:
+        for pid in [*processes(session=proc.pid), *ranks.values()]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         out, _ = proc.communicate(timeout=60)
     print(f"silent_rank_seen_seconds={seen_in:.1f}")
     assert "rank 0 ready" in out and 5 <= seen_in < 30, (seen_in, out[-3000:])
     assert re.search(r"[Tt]imed out", out), out[-3000:]
-
-
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def test_download_and_encode_arrays_spread_over_nodes_and_write_what_one_node_writes(cluster, tmp_path):

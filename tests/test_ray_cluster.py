@@ -24,6 +24,7 @@ from lverse.model.augvae import PRESETS
 from lverse.preprocessing.synthetic_server import SyntheticServer, SyntheticSet
 
 from .cluster import Nodes, RayNodes, SshNodes
+from .procs import command_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLUSTERS = os.path.join(REPO, "pipeline", "clusters")
@@ -155,12 +156,7 @@ def test_ray_up_with_workers_runs_the_pipeline_across_nodes_and_ray_down_ends_it
 def ray_processes(nodes, node):
     """Ray's processes left on ``node`` (its sshd aside)."""
     found = []
-    for pid in nodes.pids(node):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                command = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
+    for command in map(command_of, nodes.pids(node)):
         if "ray" in command.split("/")[-1] or "raylet" in command or "gcs_server" in command or "ray::" in command:
             found.append(command[:120])
     return found

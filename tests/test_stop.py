@@ -25,6 +25,7 @@ import time
 
 import pytest
 
+from .procs import alive, command_of, pids, processes
 from .test_encode import raw_shards
 
 LVERSE = os.path.join(os.path.dirname(sys.executable), "lverse")
@@ -33,24 +34,10 @@ ITEMS = {"download": 3, "encode": 16, "caption": 4, "generate": 4}
 DONE = {"download": "*_stats.json", "encode": "*_stats.json", "caption": "*.parquet", "generate": "*/result.json"}
 
 
-def _processes(field: int, value: int) -> list[int]:
-    """PIDs whose /proc stat ``field`` (3: parent, 5: session) is ``value``."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(stat[field - 2]) == value and stat[0] != "Z":
-            found.append(int(pid))
-    return found
-
-
 def _open_under(folder) -> list[str]:
     """Files under ``folder`` that any process (of any session) has open: what is still being written."""
     folder, found = os.path.realpath(folder) + os.sep, []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
+    for pid in pids():
         try:
             fds = os.listdir(f"/proc/{pid}/fd")
         except OSError:
@@ -77,7 +64,7 @@ def sessions():
     started: list[int] = []
     yield started
     for session in started:
-        for pid in _processes(5, session):
+        for pid in processes(session=session):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -131,7 +118,7 @@ def _start(command: list[str], stage: str, tmp_path, sessions, in_flight: bool =
                                                      not _open_under(out / "_tmp")):
         assert proc.poll() is None and time.time() < deadline, _tail(log)
         time.sleep(0.05)
-    assert _processes(3, proc.pid), "the driver has no worker process"
+    assert processes(parent=proc.pid), "the driver has no worker process"
     return proc
 
 
@@ -155,9 +142,9 @@ def _tail(log) -> str:
 def _wait_gone(session: int, seconds: float) -> list[str]:
     """The command lines of what is left of ``session`` after up to ``seconds``."""
     deadline = time.time() + seconds
-    while _processes(5, session) and time.time() < deadline:
+    while processes(session=session) and time.time() < deadline:
         time.sleep(0.1)
-    return [command.decode(errors="replace")[:120] for command in _commands(session)]
+    return [command[:120] for command in _commands(session)]
 
 
 # Encode is stopped with each signal on each executor. Download, caption and generate take two of
@@ -248,22 +235,13 @@ def test_a_worker_whose_driver_died_while_it_started_ends(tmp_path):
     worker = int(out.stdout)
     try:
         deadline = time.time() + 15
-        while _alive(worker) and time.time() < deadline:
+        while alive(worker) and time.time() < deadline:
             time.sleep(0.1)
-        assert not _alive(worker), "the worker outlived its driver"
+        assert not alive(worker), "the worker outlived its driver"
         assert log.read_text() == ""  # it never ran its work
     finally:
-        if _alive(worker):
+        if alive(worker):
             os.kill(worker, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 # A driver whose one worker's task starts a process of its own (a library's pool, a tool) and waits for it.
@@ -285,7 +263,7 @@ def test_what_a_worker_started_dies_with_a_sigkilled_driver(sessions):
     sessions.append(proc.pid)
     assert _line(proc) == "running"
     deadline = time.time() + 60
-    while b"sleep 600" not in _commands(proc.pid):
+    while "sleep 600" not in _commands(proc.pid):
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -293,9 +271,9 @@ def test_what_a_worker_started_dies_with_a_sigkilled_driver(sessions):
     assert _wait_gone(proc.pid, 10) == []
 
 
-def _commands(session: int) -> list[bytes]:
+def _commands(session: int) -> list[str]:
     """The command lines (arguments joined by spaces) of the processes in ``session``."""
-    return [command for command in map(_command_of, _processes(5, session)) if command]
+    return [command for command in map(command_of, processes(session=session)) if command]
 
 
 # A driver whose stop is slow (its end of the workers delayed by 30 s), its one worker busy for a
@@ -331,7 +309,7 @@ def test_a_second_signal_ends_the_driver_at_once_and_its_workers_with_it(session
     sessions.append(proc.pid)
     assert _line(proc) == "running"
     deadline = time.time() + 60
-    while not [pid for pid in _processes(3, proc.pid) if _processes(3, pid)]:  # a worker, and its guard
+    while not [pid for pid in processes(parent=proc.pid) if processes(parent=pid)]:  # a worker, and its guard
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()[-3000:]
         time.sleep(0.05)
     os.killpg(proc.pid, sig)
@@ -427,7 +405,7 @@ def test_a_signal_stops_train_vae_at_a_checkpoint_and_a_rerun_goes_on_from_it(da
     while 3 not in steps():  # then it holds after step 3, until the signal
         assert proc.poll() is None and time.time() < deadline, _tail(tmp_path / "stderr.log")
         time.sleep(0.05)
-    assert len(_processes(3, proc.pid)) >= 2, "no DataLoader workers running"
+    assert len(processes(parent=proc.pid)) >= 2, "no DataLoader workers running"
     stopped = time.time()
     if sig == signal.SIGINT:
         os.killpg(proc.pid, sig)
@@ -516,9 +494,9 @@ def test_a_stage_whose_private_ray_lost_its_node_fails_at_once(tmp_path, request
     proc = _start(command, stage, tmp_path, sessions, in_flight=False)
     # the node's death: its raylet and the workers on it (an actor alone would go on with the
     # shards it was given, which need no raylet, and the stage could finish: no test of the check)
-    node = [pid for pid in _processes(5, proc.pid) if _command_of(pid).startswith(b"ray::")
-            or b"/raylet/raylet " in _command_of(pid)]
-    assert sum(b"/raylet/raylet " in _command_of(pid) for pid in node) == 1
+    node = [pid for pid in processes(session=proc.pid) if command_of(pid).startswith("ray::")
+            or "/raylet/raylet " in command_of(pid)]
+    assert sum("/raylet/raylet " in command_of(pid) for pid in node) == 1
     for pid in node:
         os.kill(pid, signal.SIGKILL)
     killed = time.time()
@@ -536,14 +514,4 @@ def test_a_stage_whose_private_ray_lost_its_node_fails_at_once(tmp_path, request
 def _ray_guards(driver: int) -> list[int]:
     """The live guards of the private Rays of ``driver`` (runtime/lifetime.py: a ``python -c``
     script given the driver's PID and its mark; a dead one's command line is empty)."""
-    return [int(pid) for pid in filter(str.isdigit, os.listdir("/proc"))
-            if f" {driver} LVERSE_PRIVATE_RAY={driver}-".encode() in _command_of(int(pid))]
-
-
-def _command_of(pid: int) -> bytes:
-    """The command line of ``pid`` (arguments joined by spaces); empty once it has ended."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").strip()
-    except OSError:
-        return b""
+    return [pid for pid in pids() if f" {driver} LVERSE_PRIVATE_RAY={driver}-" in command_of(pid)]

@@ -33,7 +33,7 @@ from lverse.runtime.metrics import read_records, step_records
 from lverse.runtime.token_index_build import ensure_index
 
 from .conftest import free_port
-from .test_stop import _processes
+from .procs import environ_of, processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS_CONFIGS = sorted(glob.glob(os.path.join(REPO, "ds_configs", "*.json")))
@@ -77,7 +77,7 @@ def kill_tree(pid: int) -> None:
     tree, todo = [], [pid]
     while todo:
         tree.append(todo.pop())
-        todo += _processes(3, tree[-1])  # its children
+        todo += processes(parent=tree[-1])  # its children
     for member in tree:
         with contextlib.suppress(ProcessLookupError):
             os.kill(member, signal.SIGKILL)
@@ -753,14 +753,9 @@ def test_a_training_run_that_fails_ends_at_once_with_one_line(tmp_path, data):
     assert "run the same command again" in errors[0] and "Traceback" not in out
     print(f"failed run ended {seconds:.1f} s after its start")
     deadline = time.time() + 10
-    while _processes(5, run.pid) and time.time() < deadline:
+    while processes(session=run.pid) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _processes(5, run.pid), "a process of the failed run outlived it"
-
-
-def _rank_of(pid: int) -> int:
-    with open(f"/proc/{pid}/environ", "rb") as f:
-        return int(dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)[b"RANK"])
+    assert not processes(session=run.pid), "a process of the failed run outlived it"
 
 
 def test_a_rank_that_dies_ends_the_job_within_seconds(data, tmp_path):
@@ -773,7 +768,7 @@ def test_a_rank_that_dies_ends_the_job_within_seconds(data, tmp_path):
         deadline = time.time() + 240
         while time.time() < deadline and logged_steps(run) < 3:
             time.sleep(0.05)
-        ranks = {_rank_of(pid): pid for pid in _processes(3, job.pid)}  # torchrun's children
+        ranks = {int(environ_of(pid)["RANK"]): pid for pid in processes(parent=job.pid)}  # torchrun's children
         os.kill(ranks[1], signal.SIGKILL)
         killed = time.time()
         job.communicate(timeout=120)
@@ -784,9 +779,9 @@ def test_a_rank_that_dies_ends_the_job_within_seconds(data, tmp_path):
     assert seconds < 30, f"the job ended {seconds:.1f} s after a rank died"
     print(f"job ended {seconds:.1f} s after rank 1 was killed")
     deadline = time.time() + 10
-    while _processes(5, job.pid) and time.time() < deadline:
+    while processes(session=job.pid) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _processes(5, job.pid), "a process of the job outlived it"
+    assert not processes(session=job.pid), "a process of the job outlived it"
 
 
 # --- a failure ends the run at once ---------------------------------------------------------------
@@ -808,9 +803,9 @@ def _train_until_it_ends(config, env=None, while_running=None, timeout=120):
         if run.poll() is None:  # hung: a failure of the test, and nothing left behind
             kill_tree(run.pid)
     deadline = time.time() + 10
-    while _processes(5, run.pid) and time.time() < deadline:
+    while processes(session=run.pid) and time.time() < deadline:
         time.sleep(0.2)
-    assert not _processes(5, run.pid), "a process of the failed run outlived it"
+    assert not processes(session=run.pid), "a process of the failed run outlived it"
     return run.returncode, out, seconds
 
 
@@ -843,7 +838,7 @@ def _kill_a_loader_worker(run, run_dir):
     while logged_steps(run_dir) < 3:
         assert run.poll() is None and time.time() < deadline, run.stdout.read()[-3000:]
         time.sleep(0.05)
-    workers = _processes(3, run.pid)  # the training process's children: its DataLoader workers
+    workers = processes(parent=run.pid)  # the training process's children: its DataLoader workers
     assert len(workers) == 2, workers
     os.kill(workers[0], signal.SIGKILL)
 
