@@ -67,6 +67,7 @@ def join(address: str | None) -> ModuleType:
     ``ray.init()`` with no address would attach to whatever `ray start` left on this machine;
     "local" always starts a fresh one.
     """
+    global _joined_private
     import ray
     if not ray.is_initialized():
         _check_answers(address or os.environ.get("RAY_ADDRESS"))
@@ -79,13 +80,13 @@ def join(address: str | None) -> ModuleType:
             _check_session_folder()
             guard_private_ray()
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        _private[:] = [address == "local"]
+        _joined_private = address == "local"
         if main and previous is not None:
             signal.signal(signal.SIGTERM, keeping(previous) if callable(previous) else previous)
     return ray
 
 
-_private: list[bool] = []  # [whether the Ray this process joined last is a private local one]
+_joined_private = False  # whether the Ray this process joined last is a private local one
 
 
 def private_ray_lost(ray) -> str | None:
@@ -94,7 +95,7 @@ def private_ray_lost(ray) -> str | None:
     autoscaler, a restarted worker), so a stage waits for one there; a private Ray has one node,
     and a stage waiting on it after its death would wait until its own time limit (``ray_wait``,
     15 minutes; download's tasks, for ever)."""
-    if not _private or not _private[0]:
+    if not _joined_private:
         return None
     try:
         alive = any(node["Alive"] for node in ray.nodes())
