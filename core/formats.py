@@ -15,7 +15,9 @@ holds changes, its number here goes up (and its refusal still names the command 
   read by export, and by ``load_config`` when such a file is given back as a config;
 - a model file (an exported BiART, an AugVAE, each a .safetensors): ``format`` in its metadata
   beside its config; written by model/checkpoint.py ``save_model``, read by ``read_config`` (every
-  load of a model file);
+  load of a model file); a CLIP file of `lverse train-clip` the same, beside its architecture's
+  name, read by model/clip.py ``check_clip_file`` (open_clip's own checkpoints record none and are
+  taken as they are);
 - the token index: ``version`` in ``_index/meta.json``; written by runtime/token_index_build.py,
   read by runtime/token_index.py.
 """
@@ -29,7 +31,7 @@ CHECKPOINT_FORMAT = 2  # the marker of a training checkpoint (BiART, AugVAE): wh
 TOKEN_SHARD_FORMAT = 1  # a token shard and its stats file: members, and stats with ``vae`` and ``crops``
 CAPTION_FORMAT = 1  # a caption parquet: key, url, caption, caption_whole, clip_score, error[, candidates]
 RUN_CONFIG_FORMAT = 1  # the resolved config a run writes into its folder
-MODEL_FORMAT = 1  # a model file: the weights, the model's name, its whole config[, its provenance]
+MODEL_FORMAT = 1  # a model file: the weights, the model's name, its whole config[, its provenance]; a CLIP file
 TOKEN_INDEX_FORMAT = 1  # the token index: its files and its meta.json's fields
 
 CAPTION_FORMAT_KEY = b"lverse_caption_format"  # the caption parquet's schema-metadata key of its version

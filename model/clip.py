@@ -18,6 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lverse.core.errors import InputError
+from lverse.core.formats import MODEL_FORMAT, check_format, metadata_format
+
 log = logging.getLogger(__name__)
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "clip_configs")
@@ -30,10 +33,31 @@ def register_configs() -> None:
         open_clip.add_model_config(CONFIGS)
 
 
+def check_clip_file(path: str, model: str) -> None:
+    """Refuse a CLIP file that `lverse train-clip` wrote (a .safetensors whose metadata names its
+    architecture) of another model-file format than this lverse's, or of another architecture than
+    ``model``, which open_clip would refuse with a list of every mismatched tensor. open_clip's own
+    checkpoints record neither and load as they are."""
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return  # open_clip's own (.pt, .bin), or a missing file, which open_clip names
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "model" not in meta:
+        return
+    check_format(metadata_format(meta.get("format")), MODEL_FORMAT, f"CLIP file {path}",
+                 "train it again with `lverse train-clip`")
+    if meta["model"] != model:
+        raise InputError(f"CLIP file {path} holds the weights of {meta['model']}, not of {model}: "
+                         f"give --clip {meta['model']}")
+
+
 class ClipScorer:
     def __init__(self, model: str = "ViT-B-32", checkpoint: str | None = None, device: str | torch.device = "cpu"):
         import open_clip
         register_configs()
+        if checkpoint is not None:
+            check_clip_file(checkpoint, model)
         if checkpoint is None:
             log.warning("CLIP %s has random weights (no --clip-checkpoint): reranking is meaningless "
                         "except in tests", model)

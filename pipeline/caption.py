@@ -166,7 +166,8 @@ def run_caption(cfg: CaptionConfig) -> dict:
         raise FileNotFoundError(f"no shards match {cfg.shards}")
     if cfg.candidates < 1 or cfg.max_tokens < 1:
         raise InputError("--candidates and --max-tokens must be at least 1")
-    check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance)
+    check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance,
+                    cfg.clip if cfg.candidates > 1 else None, cfg.clip_checkpoint)
     compute_dtype(cfg.precision, resolve_device(cfg.device))  # a precision the device lacks: refused once, here
     token_shards = [(s, read_json(stats_path(s))) for s in shards if storage.isfile(stats_path(s))]
     check_vae(token_shards, file_sha256(cfg.vae), image_shards="",

@@ -50,7 +50,8 @@ def run_generate(cfg: GenerateConfig) -> dict:
     if cfg.prompts_per_item < 1:
         raise InputError("--prompts-per-item must be at least 1")
     prompts = read_prompts(cfg.prompts)
-    check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance)
+    check_generator(cfg.checkpoint, cfg.vae, cfg.tokenizer, cfg.ignore_provenance,
+                    cfg.clip if cfg.candidates > 1 else None, cfg.clip_checkpoint)
     compute_dtype(cfg.precision, resolve_device(cfg.device))  # a precision the device lacks: refused once, here
     storage.check_output(cfg.output)
     items = prompt_items(len(prompts), cfg.prompts_per_item)

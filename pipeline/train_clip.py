@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from lverse.core.errors import InputError
+from lverse.core.formats import MODEL_FORMAT
 from lverse.core.shards import expand_shards, iter_samples
 from lverse.model.checkpoint import save_state
 from lverse.model.clip import register_configs
@@ -114,7 +115,7 @@ def train_clip(cfg: ClipTrainConfig) -> dict:
     if cfg.eval_shards:
         held_images, held_captions = load_pairs(cfg.eval_shards, preprocess)
         result["heldout"] = retrieval_accuracy(model, tokenizer, held_images, held_captions)
-    save_state(model.state_dict(), cfg.output, {"model": cfg.model})
+    save_state(model.state_dict(), cfg.output, {"format": str(MODEL_FORMAT), "model": cfg.model})
     log.info("CLIP loss %.3f -> %.3f in %.0f s; weights in %s%s", result["first_loss"], result["last_loss"],
              result["seconds"], cfg.output, f"; held-out {result['heldout']}" if cfg.eval_shards else "")
     return result

@@ -70,15 +70,20 @@ def load_generator(checkpoint: str, vae: str, tokenizer: str, device: str, clip:
     return found
 
 
-def check_generator(checkpoint: str, vae: str, tokenizer: str, ignore_provenance: bool = False) -> None:
+def check_generator(checkpoint: str, vae: str, tokenizer: str, ignore_provenance: bool = False,
+                    clip: str | None = None, clip_checkpoint: str | None = None) -> None:
     """Once, before any worker starts: the three files exist, fit each other (sizes), and the AugVAE
-    and tokenizer are those the BiART was trained with (their hashes), unless ``ignore_provenance``.
-    Reads the BiART's config, not its weights."""
+    and tokenizer are those the BiART was trained with (their hashes), unless ``ignore_provenance``;
+    a CLIP file of `lverse train-clip` is of the architecture ``clip``. Reads the BiART's config,
+    not its weights."""
     import os
 
     from lverse.model.biart import BiARTConfig
     from lverse.model.checkpoint import check_provenance, read_config, read_provenance
+    from lverse.model.clip import check_clip_file
     from lverse.preprocessing.text_tokenizer import CaptionTokenizer
+    if clip and clip_checkpoint:
+        check_clip_file(clip_checkpoint, clip)
     for name, path in (("checkpoint", checkpoint), ("vae", vae), ("tokenizer", tokenizer)):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--{name} {path} does not exist")

@@ -173,6 +173,21 @@ def test_an_augvae_or_tokenizer_other_than_the_training_runs_is_refused(data, bi
     assert run(**{kind: others[kind]}, ignore_provenance=True)["failed"] == []
 
 
+def test_a_clip_file_of_another_architecture_is_refused_before_work(data, biart, tmp_path):  # noqa: F811
+    import open_clip
+
+    from lverse.core.formats import MODEL_FORMAT
+    from lverse.model.checkpoint import save_state
+    from lverse.model.clip import register_configs
+    register_configs()
+    clip = str(tmp_path / "clip.safetensors")
+    save_state(open_clip.create_model("lverse-tiny").state_dict(), clip,
+               {"format": str(MODEL_FORMAT), "model": "lverse-tiny"})
+    with pytest.raises(InputError, match="holds the weights of lverse-tiny, not of ViT-B-32: give --clip lverse-tiny"):
+        run_caption(config(data, biart, tmp_path / "out", candidates=2, clip="ViT-B-32", clip_checkpoint=clip))
+    assert not (tmp_path / "out").exists()
+
+
 def test_generate_keeps_the_best_candidate_by_clip_and_resumes(data, biart, tmp_path):  # noqa: F811
     from lverse.pipeline.configs import GenerateConfig
     from lverse.pipeline.generate import run_generate
