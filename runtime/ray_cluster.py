@@ -41,6 +41,7 @@ import yaml
 from lverse.core import storage
 from lverse.core.errors import InputError
 from lverse.runtime.lifetime import guard_private_ray
+from lverse.runtime.tasks import StageFailed
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,15 @@ log = logging.getLogger(__name__)
 _SOCKET_TAIL = len("/ray/session_2026-12-07_17-35-55_672671_4194304/sockets/plasma_store")
 
 
+def _session_folder() -> str:
+    """Where a private Ray puts its session (sockets, logs): under RAY_TMPDIR, else TMPDIR, else /tmp."""
+    return os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+
+
 def _check_session_folder() -> None:
-    """A private Ray puts its sockets under RAY_TMPDIR (else TMPDIR, else /tmp), and fails to start
-    with a bare OSError where that folder's path is too long for a socket's (a scheduler's TMPDIR
-    can be): refuse first, saying what to set."""
-    folder = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    """A private Ray fails to start with a bare OSError where its session folder's path is too long
+    for a socket's (a scheduler's TMPDIR can be): refuse first, saying what to set."""
+    folder = _session_folder()
     if len(folder.encode()) + _SOCKET_TAIL > 107:
         raise InputError(f"a local Ray cannot start under {folder}: its socket paths would pass the 107 bytes a "
                          f"Unix socket allows; set RAY_TMPDIR to a shorter folder (e.g. RAY_TMPDIR=/tmp)")
@@ -79,7 +84,18 @@ def join(address: str | None) -> ModuleType:
         if address == "local":  # a Ray of its own, which must end with this process
             _check_session_folder()
             guard_private_ray()
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except Exception as e:
+            if address != "local":
+                raise
+            # A process of its own killed while it starts (the OOM killer), or a machine too loaded for
+            # Ray's start-up timeouts: Ray raises a bare Exception after waiting for its GCS. What it
+            # started dies with this process (its guard).
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise StageFailed(f"the private local Ray did not start ({reason}); run the same command again, and if "
+                              f"it fails the same way, read Ray's logs in "
+                              f"{os.path.join(_session_folder(), 'ray', 'session_latest', 'logs')}") from e
         _joined_private = address == "local"
         if main and previous is not None:
             signal.signal(signal.SIGTERM, keeping(previous) if callable(previous) else previous)
@@ -89,19 +105,27 @@ def join(address: str | None) -> ModuleType:
 _joined_private = False  # whether the Ray this process joined last is a private local one
 
 
-def private_ray_lost(ray) -> str | None:
-    """Why nothing more can run, where this process's private local Ray has no live node left (its
-    raylet died, or the GCS that knows the nodes); else None. A cluster may get a node back (its
-    autoscaler, a restarted worker), so a stage waits for one there; a private Ray has one node,
-    and a stage waiting on it after its death would wait until its own time limit (``ray_wait``,
-    15 minutes; download's tasks, for ever)."""
+def private_ray_lost() -> str | None:
+    """Why nothing more can run, where this process's private local Ray lost its raylet or its GCS;
+    else None. A cluster may get a node back (its autoscaler, a restarted worker), so a stage waits
+    for one there; a private Ray has one node, and a stage waiting on it after its death would wait
+    until its own time limit (``ray_wait``, 15 minutes; download's tasks, for ever), or, with its
+    GCS gone, until Ray ends the driver 60 s later with a message of its own.
+
+    The driver started the private Ray's processes itself, so it asks them, through Ray's record of
+    what it started (its node object, internal to Ray, there since Ray 1): a question to the GCS
+    would wait on a dead GCS until Ray's own 60 s timeout. Where that record is missing (a Ray that
+    has moved it), nothing is known to be lost: the stage waits, as on a cluster."""
     if not _joined_private:
         return None
     try:
-        alive = any(node["Alive"] for node in ray.nodes())
-    except Exception as e:  # the GCS is gone
-        return f"the private local Ray's GCS is gone ({type(e).__name__})"
-    return None if alive else "the private local Ray's node died (its raylet ended)"
+        from ray._private import worker
+        dead = {kind for kind, _ in worker._global_node.dead_processes()}
+    except (ImportError, AttributeError):
+        return None
+    if "gcs_server" in dead:
+        return "the private local Ray's GCS died"
+    return "the private local Ray's node died (its raylet ended)" if "raylet" in dead else None
 
 
 _kept: list[BaseException] = []  # what the driver's SIGTERM handler raised last, while Ray is in use

@@ -60,9 +60,9 @@ class RayTasks:
             waiting = list(refs)
             try:
                 while waiting:
+                    _fail_if_private_ray_lost()  # no call to the GCS: the driver asks the processes it started
                     done, waiting = ray.wait(waiting, num_returns=1, timeout=5)
                     if not done:
-                        _fail_if_private_ray_lost(ray)
                         continue
                     i, name = refs[done[0]]
                     try:
@@ -241,7 +241,7 @@ class _Round:
 
     def give_up_if_stuck(self) -> None:
         if not self.node:
-            _fail_if_private_ray_lost(self.ray)
+            _fail_if_private_ray_lost()
         if self.node or time.monotonic() - self.since < self.owner.wait:
             return
         raise ClusterUnavailable(
@@ -250,10 +250,10 @@ class _Round:
             "max_workers, or give more time (--ray-wait)")
 
 
-def _fail_if_private_ray_lost(ray) -> None:
+def _fail_if_private_ray_lost() -> None:
     """End the stage at once when its private local Ray can run nothing more; the same command
     starts a new one and goes on from the finished items."""
-    lost = private_ray_lost(ray)
+    lost = private_ray_lost()
     if lost:
         raise StageFailed(f"{lost}: nothing more can run on it; run the same command again, which starts a new "
                           "one and goes on from the finished items")

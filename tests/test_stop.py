@@ -481,34 +481,70 @@ def test_a_signal_stops_pipeline_run_in_any_stage_and_the_same_command_finishes(
     assert _temporaries_left(tmp_path) == [] and _temporaries(out) == []
 
 
+# What of the private local Ray is killed mid-stage, and what the stage then says. Encode: the
+# node (its raylet, and the workers on it: an actor alone would go on with the shards it was given,
+# which need no raylet, and the stage could finish); download: its GCS and raylet (its tasks in
+# flight finish without either, the next ones can never start).
+LOST = {"encode": (("ray::", "/raylet/raylet "), "the private local Ray's node died (its raylet ended)"),
+        "download": (("/gcs_server ", "/raylet/raylet "), "the private local Ray's GCS died")}
+
+
 @pytest.mark.slow
-def test_a_stage_whose_private_ray_lost_its_node_fails_at_once(tmp_path, request, sessions):
-    """The node of the private local Ray the driver started dies mid-stage (its raylet and workers:
-    the OOM killer, a kill): no node will ever come back, so the stage fails within seconds with one line saying to
-    run the same command again, rather than wait for one (actors for ``ray_wait``, 15 minutes;
-    tasks, download's, for ever: the same check covers them, untested here, since download's
-    tasks in flight finish without their raylet); and the rerun finishes. Found by the chaos hunt
-    of `lverse pipeline run`."""
-    stage = "encode"
+@pytest.mark.parametrize("stage", sorted(LOST))
+def test_a_stage_whose_private_ray_lost_its_node_fails_at_once(tmp_path, request, sessions, stage):
+    """Processes of the private local Ray the driver started die mid-stage (the OOM killer, a
+    kill): no node will ever come back, so the stage fails within seconds with one line saying so
+    and to run the same command again, rather than wait for one (actors for ``ray_wait``, 15
+    minutes; download's tasks for ever; with its GCS gone, until Ray ends the driver itself 60 s
+    later); nothing of it is left, and the rerun finishes. Found by the chaos hunts of `lverse
+    pipeline run`."""
     command = _command(stage, "ray", tmp_path, request)
     proc = _start(command, stage, tmp_path, sessions, in_flight=False)
-    # the node's death: its raylet and the workers on it (an actor alone would go on with the
-    # shards it was given, which need no raylet, and the stage could finish: no test of the check)
-    node = [pid for pid in processes(session=proc.pid) if command_of(pid).startswith("ray::")
-            or "/raylet/raylet " in command_of(pid)]
-    assert sum("/raylet/raylet " in command_of(pid) for pid in node) == 1
-    for pid in node:
+    marks, said = LOST[stage]
+    victims = [pid for pid in processes(session=proc.pid) if any(mark in command_of(pid) for mark in marks)]
+    assert sum("/raylet/raylet " in command_of(pid) for pid in victims) == 1
+    for pid in victims:
         os.kill(pid, signal.SIGKILL)
     killed = time.time()
     assert proc.wait(timeout=120) == 1, _tail(tmp_path / "stderr.log")
-    assert time.time() - killed < 60
+    assert time.time() - killed < 40
     last = _tail(tmp_path / "stderr.log").strip().splitlines()[-1]
-    assert "run the same command again" in last, last
+    assert f"{said}: nothing more can run on it; run the same command again" in last, last
     assert _wait_gone(proc.pid, 10) == []
-    rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env=_temporary_folder(tmp_path))
     sessions.append(rerun.pid)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err.decode(errors="replace")[-3000:]
+
+
+@pytest.mark.slow
+def test_a_private_ray_that_does_not_start_fails_the_stage_on_one_line(tmp_path, request, sessions):
+    """The private local Ray's GCS killed while Ray starts (the OOM killer, a chaos hunt's kill):
+    Ray raises a bare Exception with its traceback after waiting for the GCS's port (30 s; 3 s
+    here); the stage fails with status 1 on one line saying to run it again and where Ray's logs
+    are, and nothing that Ray started is left. Found by the chaos hunt of `lverse pipeline run`."""
+    command = _command("encode", "ray", tmp_path, request)
+    env = dict(_temporary_folder(tmp_path), RAY_gcs_server_port_wait_time_s="3")
+    with open(tmp_path / "stderr.log", "wb") as err:
+        proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    sessions.append(proc.pid)
+    deadline, killed = time.time() + 120, False
+    while not killed:
+        assert proc.poll() is None and time.time() < deadline, _tail(tmp_path / "stderr.log")
+        for pid in processes(session=proc.pid):
+            if "/gcs_server " in command_of(pid):
+                os.kill(pid, signal.SIGKILL)
+                killed = True
+        time.sleep(0.01)
+    assert proc.wait(timeout=60) == 1, _tail(tmp_path / "stderr.log")
+    err = _tail(tmp_path / "stderr.log")
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert "the private local Ray did not start (" in last and "run the same command again" in last, last
+    assert "session_latest/logs" in last, last
+    assert _wait_gone(proc.pid, 10) == []
+    assert _temporaries_left(tmp_path) == []
 
 
 def _ray_guards(driver: int) -> list[int]:
