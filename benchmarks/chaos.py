@@ -12,6 +12,8 @@ kill is printed (round, moment, victim, its role); then, per stage:
     chaos_orphans=<processes of a killed run still alive 5 s after its driver ended>
     chaos_temporaries=<temporary files left in the output after the final run>
     chaos_hangs=<killed runs whose driver had not ended after --timeout seconds (then SIGKILLed)>
+    chaos_unexplained_failures=<runs that failed (not killed) without lverse's one line last: a
+                                traceback, or Ray ending the driver itself; each is printed>
     chaos_outputs_identical=<True: the outputs equal the uninterrupted run's, byte for byte>
 
 Replay a failure with the same ``--stage`` and ``--seed``: the same moments and the same picks

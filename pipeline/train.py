@@ -82,6 +82,7 @@ from lverse.runtime.trainer import (
     Schedule,
     StopFlag,
     check_run_dir,
+    clear_stop_record,
     complete_checkpoints,
     ignore_stop_signals,
     image_grid,
@@ -139,6 +140,7 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training in this process; returns the last logged metrics."""
     check_run_dir(cfg.run_dir)
     proc = _start_process(cfg)
+    clear_stop_record(cfg.run_dir, proc.rank)
     _check_precision(cfg, proc.world)  # before the first collective: no rank waits on one that refused
     resume = latest_checkpoint(cfg.run_dir, proc.rank)
     run = plan_run(cfg, proc, resume)

@@ -75,6 +75,7 @@ from lverse.runtime.trainer import (
     Schedule,
     StopFlag,
     check_run_dir,
+    clear_stop_record,
     ignore_stop_signals,
     image_grid,
     latest_checkpoint,
@@ -144,6 +145,7 @@ def train_vae(cfg: VAETrainConfig) -> dict:
     """Run (or resume) AugVAE training in this process; returns the last logged metrics."""
     check_run_dir(cfg.run_dir)
     proc = start_process(cfg.master_port)
+    clear_stop_record(cfg.run_dir, proc.rank)
     stream, total = _stream(cfg), cfg.ml_steps + cfg.sl_steps
     schedule, global_batch = Schedule.of(cfg), cfg.batch_size * proc.world
     peak_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_sample * global_batch

@@ -166,13 +166,11 @@ class StopFlag:
     so a second signal while the checkpoint is written changes nothing: the checkpoint completes.
 
     A run that stopped so says it in ``RUN_DIR/stopped.json`` (``finish``), on which the SLURM job
-    scripts requeue the job; the next start of the run removes it."""
+    scripts requeue the job; the next start of the run removes it first (``clear_stop_record``)."""
 
     def __init__(self, run_dir: str, rank: int):
         self.received: str | None = None
-        self.marker, self.rank = os.path.join(run_dir, "stopped.json"), rank
-        if rank == 0 and os.path.exists(self.marker):  # the restart of a run that stopped
-            os.remove(self.marker)
+        self.marker, self.rank = _stopped_marker(run_dir), rank
         for name in STOP_SIGNALS:
             signal.signal(getattr(signal, name), self._handler)
 
@@ -212,6 +210,18 @@ class StopFlag:
             log.warning("%s received: checkpointed at step %d and stopping", self.received or "a stop signal", step)
         dist.barrier()
         ignore_stop_signals()
+
+
+def _stopped_marker(run_dir: str) -> str:
+    return os.path.join(run_dir, "stopped.json")
+
+
+def clear_stop_record(run_dir: str, rank: int) -> None:
+    """A run's start removes the record of its last stop (rank 0), before anything of the start can
+    fail: a job script that found it after a failed restart would take the failure for a stop and
+    requeue the job again and again."""
+    if rank == 0 and os.path.exists(_stopped_marker(run_dir)):
+        os.remove(_stopped_marker(run_dir))
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:

@@ -75,6 +75,9 @@ class Result:
     orphans: list[str] = dataclasses.field(default_factory=list)  # "round R: PID COMMAND"
     temporaries: list[str] = dataclasses.field(default_factory=list)
     hangs: list[str] = dataclasses.field(default_factory=list)  # killed runs whose driver never ended
+    # rounds whose driver failed (not killed) without lverse's one line last: a traceback, or Ray's
+    # own exit; a finding to read, not a failure (some of Ray's are out of lverse's reach)
+    unexplained: list[str] = dataclasses.field(default_factory=list)
     differences: list[str] = dataclasses.field(default_factory=list)
     reruns: int = 0  # runs after the rounds until one succeeded
     victims: dict[str, int] = dataclasses.field(default_factory=dict)  # kills by the victim's role
@@ -89,6 +92,7 @@ class Result:
         return [f"chaos_stage={self.stage}", f"chaos_seed={self.seed}", f"chaos_rounds={self.rounds}",
                 f"chaos_kills={self.kills}", f"chaos_orphans={len(self.orphans)}",
                 f"chaos_temporaries={len(self.temporaries)}", f"chaos_hangs={len(self.hangs)}",
+                f"chaos_unexplained_failures={len(self.unexplained)}",
                 f"chaos_outputs_identical={self.identical}",
                 f"chaos_seconds={self.seconds:.0f}",
                 "chaos_victims=" + ",".join(f"{role}:{n}" for role, n in sorted(self.victims.items()))]
@@ -206,7 +210,7 @@ def chaos(stage: Stage, folder: str, rounds: int, seed: int, kills_per_round: in
     result.seconds = time.time() - started
     for line in result.lines():
         say(line)
-    for problem in result.orphans + result.temporaries + result.hangs + result.differences:
+    for problem in result.orphans + result.temporaries + result.hangs + result.differences + result.unexplained:
         say(f"chaos {stage.name}: {problem}")
     return result
 
@@ -228,6 +232,7 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
     with open(log, "ab") as f:
         f.write(f"\n=== round {r}\n".encode())
         f.flush()
+        began_at = f.tell()
         proc = subprocess.Popen(stage.command(out), start_new_session=True, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, MARK: marker})
     driver, start, kills, killed = proc.pid, time.time(), 0, set()
@@ -265,6 +270,11 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
             code = proc.wait()
         ended = time.time()
         say(f"round {r}: the driver ended with {code} after {ended - start:.1f} s")
+        if code not in (0, -signal.SIGKILL):
+            why = _failure(log, began_at)
+            if why:
+                result.unexplained.append(f"round {r}: status {code}: {why}")
+                say(result.unexplained[-1])
         while members(driver, marker) and time.time() - ended < GRACE:
             time.sleep(0.1)
     finally:
@@ -277,6 +287,19 @@ def _round(stage: Stage, out: str, log: str, r: int, moments: list[float], picks
             say(f"orphan: {result.orphans[-1]}")  # now, so that a hunt cut short still shows it
             _kill(pid)
     return kills, proc.returncode
+
+
+def _failure(log: str, offset: int) -> str | None:
+    """Why a failed run's output, from ``offset`` of ``log``, is not lverse's failure as a user
+    should see it (one line, last, from the CLI): its last line, or None when it is that."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
+    last = lines[-1] if lines else "(no output)"
+    if "Traceback (most recent call last)" in text or " ERROR lverse: " not in last:
+        return last[:200]
+    return None
 
 
 def temporaries(folder: str) -> list[str]:

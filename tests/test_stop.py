@@ -419,12 +419,20 @@ def test_a_signal_stops_train_vae_at_a_checkpoint_and_a_rerun_goes_on_from_it(da
     assert (run / "checkpoints" / "step_00000003" / "lverse.json").is_file()
     assert not (run / "augvae-ml.safetensors").exists()
 
+    # A restart that fails removes the record of the stop all the same: a job script finding it
+    # would take the failure for another stop and requeue the job for ever.
+    good = config.read_text()
+    config.write_text(good.replace(data["raw"], str(tmp_path / "missing")))
+    failed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2 and "matches no image shard" in failed.stderr, failed.stderr[-3000:]
+    assert not (run / "stopped.json").exists()
+    config.write_text(good)
+
     rerun = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     sessions.append(rerun.pid)
     _, err = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, err.decode(errors="replace")[-3000:]
     assert steps() == [1, 2, 3, 4, 5]
-    assert not (run / "stopped.json").exists()
     assert (run / "augvae-ml.safetensors").is_file() and (run / "augvae-sl.safetensors").is_file()
 
 
