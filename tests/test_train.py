@@ -307,7 +307,7 @@ def test_activation_checkpointing_gives_the_same_step(data, tmp_path):
 # --- AugVAE -----------------------------------------------------------------------------------
 
 def vae_config(path, data, run_dir, **over):
-    cfg = {"run_dir": str(run_dir), "shards": data["raw"], "preset": "debug-ml", "ml_steps": 3, "sl_steps": 3,
+    cfg = {"run_dir": str(run_dir), "shards": data["raw"], "preset": "tiny-ml", "ml_steps": 3, "sl_steps": 3,
            "batch_size": 4, "lr": 1e-3, "log_every": 1, "checkpoint_every": 2, "workers": 1, **over}
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)
