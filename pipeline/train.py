@@ -71,6 +71,7 @@ from lverse.runtime.deepspeed import (
 )
 from lverse.runtime.metrics import MetricsLogger
 from lverse.runtime.model_cache import load_vae
+from lverse.runtime.tasks import StageFailed
 from lverse.runtime.token_index_build import ensure_index
 from lverse.runtime.trainer import (
     MARKER,
@@ -233,7 +234,20 @@ def _start_process(cfg: TrainConfig) -> Process:
     import deepspeed
     proc = start_process(cfg.master_port)
     # DeepSpeed's communication adopts the process group (no MPI discovery: the launcher's variables are set)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False)
+    try:
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False)
+    except RuntimeError as e:
+        # On CPU ranks DeepSpeed builds a communication op the first time (seconds of C++): a build
+        # killed midway, or no C++ compiler, fails here. No bug of the run: one line, status 1.
+        if not str(e).startswith("Error building extension"):
+            raise
+        log.error("%s", e)  # the compiler's output
+        raise StageFailed(f"{str(e).splitlines()[0].rstrip(': ')}: DeepSpeed could not build its op (the compiler's "
+                          "output is above); run the "
+                          "same command again, and if it fails the same way, remove that op's folder under "
+                          "TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) or install a C++ compiler"
+                          ) from None
     return proc
 
 

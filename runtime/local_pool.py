@@ -65,21 +65,38 @@ class LocalPool:
             # _start_worker runs in each fresh process before the task (and torch) is unpickled there;
             # each takes one GPU from the queue (a pool starts each of its processes once).
             context = mp.get_context("spawn")
-            slots = None
-            if gpus:
-                slots = context.Queue()
-                for gpu in gpus:
-                    slots.put(gpu)
-            pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
-                                          initializer=_start_worker, initargs=(os.getpid(), plan.threads, slots))
+            # A pool that cannot start, or a worker that dies while the pool still starts the others
+            # (the pool is then broken), fails this round's items that it did not take, on one line
+            # each; a retry gets a new pool. Seen in chaos hunts: multiprocessing's resource tracker
+            # killed as the pool's queues register with it (BrokenPipeError), a worker killed while
+            # it was spawned (BrokenProcessPool, or OSError for the spawn's closed pipe).
             try:
-                futures = {pool.submit(guarded, fn, item, name): (i, name) for i, item, name in batch}
+                slots = None
+                if gpus:
+                    slots = context.Queue()
+                    for gpu in gpus:
+                        slots.put(gpu)
+                pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                              initializer=_start_worker, initargs=(os.getpid(), plan.threads, slots))
+            except OSError as e:
+                for i, _, name in batch:
+                    yield i, TaskResult(name=name, ok=False, reason=f"no worker pool: {type(e).__name__}: {e}")
+                return
+            try:
+                futures, unsent = {}, []
+                for i, item, name in batch:
+                    try:
+                        futures[pool.submit(guarded, fn, item, name)] = (i, name)
+                    except (cf.BrokenExecutor, OSError) as e:
+                        unsent.append((i, name, e))
                 for future in cf.as_completed(futures):
                     i, name = futures[future]
                     try:
                         yield i, future.result()
                     except Exception as e:  # the worker process died
                         yield i, TaskResult(name=name, ok=False, reason=f"worker died: {e}")
+                for i, name, e in unsent:
+                    yield i, TaskResult(name=name, ok=False, reason=f"no worker to run it: {type(e).__name__}: {e}")
             except BaseException:  # interrupted (or closed early): cancel the queue, end the workers now
                 with stopping():
                     end_pool(pool)

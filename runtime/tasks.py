@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 
 class StageFailed(Exception):
-    """Some items of a stage still failed after every retry (the rest are done and kept)."""
+    """A failure that is no bug, told on one line with what to do (status 1): some items of a stage
+    still failed after every retry (the rest are done and kept), a private Ray lost, a training
+    run's DataLoader worker died or its DeepSpeed op did not build."""
 
 
 @dataclass

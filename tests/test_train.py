@@ -727,6 +727,25 @@ def test_compiled_blocks_give_the_eager_numbers():
                        eager.eval().generate(prompt, Direction.T2I, 4, temperature=0))
 
 
+@pytest.mark.slow
+def test_a_deepspeed_op_that_does_not_build_fails_the_run_on_one_line(tmp_path, data):
+    """DeepSpeed builds its communication op for CPU ranks on a run's first start: a build that
+    fails (here the compiler answers for its version and compiles nothing; in a chaos hunt, it was
+    killed midway) ends the run with status 1 and one line saying what to do, not DeepSpeed's
+    traceback."""
+    compiler = tmp_path / "c++"
+    compiler.write_text('#!/bin/sh\ncase "$1" in --version|-v|-dumpversion|-dumpfullversion) exec c++ "$@";; esac\n'
+                        'exit 1\n')
+    compiler.chmod(0o755)
+    config = train_config(tmp_path / "run.yaml", data, tmp_path / "run", steps=2)
+    env = dict(os.environ, CXX=str(compiler), TORCH_EXTENSIONS_DIR=str(tmp_path / "extensions"))
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "lverse"), "train", "--config", config],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "Error building extension 'deepspeed_shm_comm'" in last and "run the same command again" in last, last
+
+
 def test_a_training_run_that_fails_ends_at_once_with_one_line(tmp_path, data):
     """A full disk during a checkpoint, with the DataLoader workers (which ignore SIGTERM) running:
     status 1 within seconds, one line naming the file and what to do, nothing of the run left."""
