@@ -127,6 +127,8 @@ if ends:
 quiet_since, began = time.monotonic(), time.monotonic()
 while time.monotonic() - quiet_since < 3 and time.monotonic() - began < 60:
     for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
                 if mark in f.read().split(b"\\0"):
@@ -146,9 +148,13 @@ class _Guard:
     def __init__(self, mark: str):
         import subprocess
         self.ending, self.lock = False, threading.Lock()
+        # Never marked itself: one started again after the mark went into this process's environment
+        # would otherwise inherit it, and kill itself among the marked before the Ray processes
+        # started after it (a chaos round left two of Ray's agents so).
         self.start = lambda: subprocess.Popen(
             [sys.executable, "-c", _RAY_GUARD, str(os.getpid()), mark], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={k: v for k, v in os.environ.items() if k != PRIVATE_RAY_MARK})
         self.process = self.start()
         threading.Thread(target=self._keep, name="lverse-ray-guard", daemon=True).start()
 

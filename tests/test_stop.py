@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from .procs import alive, command_of, pids, processes
+from .procs import alive, command_of, environ_of, pids, processes
 from .test_encode import raw_shards
 
 LVERSE = os.path.join(os.path.dirname(sys.executable), "lverse")
@@ -209,6 +209,8 @@ def test_workers_die_with_a_sigkilled_driver(tmp_path, request, sessions, stage,
         while _ray_guards(proc.pid) in ([], [guard]):
             assert time.time() < deadline, "the private Ray's guard was not started again"
             time.sleep(0.05)
+        (again,) = _ray_guards(proc.pid)
+        assert "LVERSE_PRIVATE_RAY" not in environ_of(again)  # else it would end itself among the marked
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _wait_gone(proc.pid, 10) == []
