@@ -56,12 +56,12 @@ class ClipScorer:
     def __init__(self, model: str = "ViT-B-32", checkpoint: str | None = None, device: str | torch.device = "cpu"):
         import open_clip
         register_configs()
-        if checkpoint is not None:
-            check_clip_file(checkpoint, model)
         if checkpoint is None:
             log.warning("CLIP %s has random weights (no --clip-checkpoint): reranking is meaningless "
                         "except in tests", model)
             torch.manual_seed(0)  # at least the same random CLIP in every process
+        else:
+            check_clip_file(checkpoint, model)
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=checkpoint,
                                                                                device=device)
         self.model.eval()

@@ -243,8 +243,8 @@ def _start_process(cfg: TrainConfig) -> Process:
         if not str(e).startswith("Error building extension"):
             raise
         log.error("%s", e)  # the compiler's output
-        raise StageFailed(f"{str(e).splitlines()[0].rstrip(': ')}: DeepSpeed could not build its op (the compiler's "
-                          "output is above); run the "
+        first = str(e).splitlines()[0].rstrip(": ")
+        raise StageFailed(f"{first}: DeepSpeed could not build its op (the compiler's output is above); run the "
                           "same command again, and if it fails the same way, remove that op's folder under "
                           "TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions) or install a C++ compiler"
                           ) from None
